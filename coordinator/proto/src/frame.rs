@@ -1,0 +1,350 @@
+//! Framing: how messages are laid out on a control stream.
+//!
+//! ```text
+//! +----------------+-----------------+---------------------------+
+//! | length: u32 BE | version: u16 BE | body: postcard(message)   |
+//! +----------------+-----------------+---------------------------+
+//! ```
+//!
+//! `length` counts the version and the body. Every frame carries the protocol
+//! version, so a decoder refuses a message from an incompatible peer instead of
+//! misreading it. The decoder is incremental: feed it bytes as they arrive and
+//! take whole messages out.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// The control protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The largest frame accepted, header excluded: 16 MiB holds a netmap of well
+/// over 50,000 peers.
+pub const MAX_FRAME_LEN: usize = 16 << 20;
+
+const LEN_BYTES: usize = 4;
+const VERSION_BYTES: usize = 2;
+
+/// Why bytes from the peer could not be decoded. The stream cannot be trusted
+/// after any of these; the session must end.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The length prefix is beyond [`MAX_FRAME_LEN`] (or too short to hold a version).
+    #[error("control frame length {len} is outside 2..={MAX_FRAME_LEN} bytes; the peer is not speaking weft's control protocol")]
+    BadLength {
+        /// The length the peer announced.
+        len: usize,
+    },
+    /// The frame is from another protocol version.
+    #[error("peer speaks control protocol version {got}, this build speaks {PROTOCOL_VERSION}; upgrade the older of node and coordinator")]
+    Version {
+        /// The version the peer sent.
+        got: u16,
+    },
+    /// The body is not a valid message.
+    #[error("malformed control message: {reason}")]
+    Malformed {
+        /// What the decoder found wrong.
+        reason: String,
+    },
+    /// The stream ended inside a frame.
+    #[error("control stream ended in the middle of a frame ({have} of {want} bytes)")]
+    Truncated {
+        /// Bytes received.
+        have: usize,
+        /// Bytes the frame needed.
+        want: usize,
+    },
+}
+
+/// A message that cannot be sent as one frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot encode control message: {reason}")]
+pub struct EncodeError {
+    reason: String,
+}
+
+/// Encodes one message as a frame.
+pub fn encode_frame<M: Serialize>(message: &M) -> Result<Vec<u8>, EncodeError> {
+    let mut out = vec![0u8; LEN_BYTES];
+    out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    let mut out = postcard::to_extend(message, out).map_err(|e| EncodeError {
+        reason: e.to_string(),
+    })?;
+    let len = out.len() - LEN_BYTES;
+    if len > MAX_FRAME_LEN {
+        return Err(EncodeError {
+            reason: format!("{len} bytes exceeds the {MAX_FRAME_LEN}-byte frame limit"),
+        });
+    }
+    out[..LEN_BYTES].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out)
+}
+
+/// Decodes a stream of frames incrementally.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends bytes received from the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Takes the next whole message out, if one has arrived.
+    ///
+    /// A length prefix is checked as soon as it arrives, so an oversized frame
+    /// is refused before its body is buffered.
+    pub fn next_message<M: DeserializeOwned>(&mut self) -> Result<Option<M>, DecodeError> {
+        let Some(len_bytes) = self.buf.get(..LEN_BYTES) else {
+            return Ok(None);
+        };
+        let mut len = [0u8; LEN_BYTES];
+        len.copy_from_slice(len_bytes);
+        let len = u32::from_be_bytes(len) as usize;
+        if !(VERSION_BYTES..=MAX_FRAME_LEN).contains(&len) {
+            return Err(DecodeError::BadLength { len });
+        }
+        let Some(frame) = self.buf.get(LEN_BYTES..LEN_BYTES + len) else {
+            return Ok(None);
+        };
+        let version = u16::from_be_bytes([frame[0], frame[1]]);
+        if version != PROTOCOL_VERSION {
+            return Err(DecodeError::Version { got: version });
+        }
+        let message = postcard::from_bytes(&frame[VERSION_BYTES..]).map_err(|e| {
+            DecodeError::Malformed {
+                reason: e.to_string(),
+            }
+        });
+        self.buf.drain(..LEN_BYTES + len);
+        message.map(Some)
+    }
+
+    /// Call when the stream has ended: an error if a frame was cut off.
+    pub fn finish(&self) -> Result<(), DecodeError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let want = match self.buf.get(..LEN_BYTES) {
+            Some(l) => LEN_BYTES + u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize,
+            None => LEN_BYTES,
+        };
+        Err(DecodeError::Truncated {
+            have: self.buf.len(),
+            want,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::keys::{AuthKey, PublicKey};
+    use crate::messages::*;
+
+    fn arb_key() -> impl Strategy<Value = PublicKey> {
+        any::<[u8; 32]>().prop_map(PublicKey::from_bytes)
+    }
+
+    fn arb_identity() -> impl Strategy<Value = Identity> {
+        (
+            proptest::option::of("[a-z]{1,8}@[a-z]{1,8}\\.com"),
+            proptest::collection::vec("tag:[a-z]{1,10}", 0..3),
+        )
+            .prop_map(|(user, tags)| Identity { user, tags })
+    }
+
+    fn arb_self_node() -> impl Strategy<Value = SelfNode> {
+        (any::<u64>(), "[a-z0-9-]{1,20}", any::<u32>(), any::<u128>(), arb_identity()).prop_map(
+            |(id, name, v4, v6, identity)| SelfNode {
+                id: NodeId(id),
+                name,
+                ipv4: Ipv4Addr::from(v4),
+                ipv6: Ipv6Addr::from(v6),
+                identity,
+            },
+        )
+    }
+
+    fn arb_peer() -> impl Strategy<Value = Peer> {
+        (
+            arb_self_node(),
+            arb_key(),
+            proptest::collection::vec((any::<u32>(), any::<u16>()), 0..3),
+        )
+            .prop_map(|(node, node_key, endpoints)| Peer {
+                id: node.id,
+                addresses: node.addresses().to_vec(),
+                name: node.name,
+                node_key,
+                endpoints: endpoints
+                    .into_iter()
+                    .map(|(ip, port)| SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), port))
+                    .collect(),
+                identity: node.identity,
+            })
+    }
+
+    fn arb_rule() -> impl Strategy<Value = FilterRule> {
+        (any::<u32>(), 0u8..=32, any::<u16>(), any::<u16>(), any::<u8>(), any::<u32>()).prop_map(
+            |(ip, prefix, a, b, proto, line)| FilterRule {
+                src: vec![ipnet::Ipv4Net::new(Ipv4Addr::from(ip), prefix)
+                    .expect("prefix <= 32")
+                    .into()],
+                dst: vec![],
+                ports: vec![PortRange { first: a.min(b), last: a.max(b) }],
+                protocols: vec![Protocol::from_number(proto)],
+                policy_line: line,
+            },
+        )
+    }
+
+    fn arb_server_message() -> impl Strategy<Value = ServerMessage> {
+        prop_oneof![
+            arb_self_node().prop_map(ServerMessage::Registered),
+            "[ -~]{0,80}".prop_map(|message| ServerMessage::Refused(Refusal {
+                code: RefusalCode::AuthKeyUsed,
+                message
+            })),
+            (
+                any::<u64>(),
+                arb_self_node(),
+                proptest::collection::vec(arb_peer(), 0..5),
+                proptest::collection::vec(arb_rule(), 0..5)
+            )
+                .prop_map(|(revision, self_node, peers, filter)| ServerMessage::NetMap(
+                    NetMap { revision, self_node, peers, filter }
+                )),
+            (
+                any::<u64>(),
+                proptest::collection::vec(arb_peer(), 0..3),
+                proptest::collection::vec(any::<u64>().prop_map(NodeId), 0..3),
+                proptest::option::of(proptest::collection::vec(arb_rule(), 0..3)),
+            )
+                .prop_map(|(revision, upsert_peers, remove_peers, filter)| {
+                    ServerMessage::Delta(NetMapDelta {
+                        revision,
+                        upsert_peers,
+                        remove_peers,
+                        filter,
+                        self_node: None,
+                    })
+                }),
+        ]
+    }
+
+    fn register() -> ClientMessage {
+        ClientMessage::Register(Register {
+            auth_key: Some(AuthKey::new("weft-auth-0123456789ab-secret")),
+            hostname: "web-1".into(),
+            node_key: PublicKey::from_bytes([7; 32]),
+            endpoints: vec!["192.0.2.10:51820".parse().unwrap()],
+            attributes: BTreeMap::from([("node:os".into(), "linux".into())]),
+        })
+    }
+
+    #[test]
+    fn a_message_round_trips() {
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&encode_frame(&register()).unwrap());
+        assert_eq!(decoder.next_message::<ClientMessage>().unwrap(), Some(register()));
+        assert_eq!(decoder.next_message::<ClientMessage>().unwrap(), None);
+        decoder.finish().unwrap();
+    }
+
+    #[test]
+    fn a_frame_split_across_reads_is_reassembled() {
+        let frame = encode_frame(&register()).unwrap();
+        let mut decoder = FrameDecoder::new();
+        for byte in &frame[..frame.len() - 1] {
+            decoder.push(std::slice::from_ref(byte));
+            assert_eq!(decoder.next_message::<ClientMessage>().unwrap(), None);
+        }
+        assert!(matches!(decoder.finish(), Err(DecodeError::Truncated { .. })));
+        decoder.push(&frame[frame.len() - 1..]);
+        assert_eq!(decoder.next_message::<ClientMessage>().unwrap(), Some(register()));
+    }
+
+    #[test]
+    fn another_version_is_refused_with_advice() {
+        let mut frame = encode_frame(&register()).unwrap();
+        frame[4..6].copy_from_slice(&9u16.to_be_bytes());
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&frame);
+        let err = decoder.next_message::<ClientMessage>().unwrap_err();
+        assert_eq!(err, DecodeError::Version { got: 9 });
+        assert!(err.to_string().contains("upgrade"));
+    }
+
+    #[test]
+    fn an_oversized_length_is_refused_before_buffering() {
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            decoder.next_message::<ServerMessage>(),
+            Err(DecodeError::BadLength { .. })
+        ));
+    }
+
+    #[test]
+    fn a_truncated_body_is_malformed() {
+        let frame = encode_frame(&register()).unwrap();
+        let mut cut = frame[..frame.len() - 5].to_vec();
+        let len = (cut.len() - 4) as u32;
+        cut[..4].copy_from_slice(&len.to_be_bytes());
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&cut);
+        assert!(matches!(
+            decoder.next_message::<ClientMessage>(),
+            Err(DecodeError::Malformed { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn server_messages_round_trip(message in arb_server_message()) {
+            let mut decoder = FrameDecoder::new();
+            decoder.push(&encode_frame(&message).unwrap());
+            prop_assert_eq!(decoder.next_message::<ServerMessage>().unwrap(), Some(message));
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut decoder = FrameDecoder::new();
+            decoder.push(&bytes);
+            for _ in 0..4 {
+                match decoder.next_message::<ServerMessage>() {
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let mut decoder = FrameDecoder::new();
+            decoder.push(&bytes);
+            let _ = decoder.next_message::<ClientMessage>();
+        }
+
+        #[test]
+        fn corrupted_frames_never_panic(message in arb_server_message(), flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+            let mut frame = encode_frame(&message).unwrap();
+            for (at, byte) in flips {
+                let at = at % frame.len();
+                frame[at] ^= byte;
+            }
+            let mut decoder = FrameDecoder::new();
+            decoder.push(&frame);
+            let _ = decoder.next_message::<ServerMessage>();
+        }
+    }
+}

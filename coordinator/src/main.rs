@@ -1,0 +1,2 @@
+//! Placeholder until the coordinator lands.
+fn main() {}
