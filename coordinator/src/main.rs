@@ -1,2 +1,314 @@
-//! Placeholder until the coordinator lands.
-fn main() {}
+//! `weft-coordinator`: serve the overlay's control plane, or administer a running one.
+
+use std::io::IsTerminal as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use weft_coordinator::{AdminClient, AuthKeyRequest, Coordinator, NodeView, ServeOptions};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "weft-coordinator",
+    version,
+    about = "weft's coordinator: admits nodes and streams their netmaps"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the coordinator.
+    Serve {
+        #[command(flatten)]
+        dir: DataDir,
+        /// The policy file. It is followed: a valid new version is installed within a second,
+        /// an invalid one is logged and ignored. Without it every node is denied all traffic.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// UDP address of the QUIC control listener.
+        #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:7443")]
+        listen: SocketAddr,
+    },
+    /// Print the coordinator's public key (nodes pin it); creates the key if absent.
+    Key {
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Manage pre-auth keys.
+    Authkey {
+        #[command(subcommand)]
+        command: AuthkeyCommand,
+    },
+    /// Manage nodes.
+    Nodes {
+        #[command(subcommand)]
+        command: NodesCommand,
+    },
+    /// Manage the policy in force.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+struct DataDir {
+    /// The coordinator's data directory (key, database, admin socket).
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuthkeyCommand {
+    /// Create a key; its secret is the last line printed.
+    Create {
+        #[command(flatten)]
+        dir: DataDir,
+        /// A tag for every node the key admits (`tag:NAME`); repeatable.
+        #[arg(long = "tag", value_name = "tag:NAME")]
+        tags: Vec<String>,
+        /// Admit any number of nodes instead of one.
+        #[arg(long)]
+        reusable: bool,
+        /// Delete the admitted nodes once they have been offline for a while.
+        #[arg(long)]
+        ephemeral: bool,
+        /// How long the key stays valid (e.g. `30m`, `1h`, `7d`).
+        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+        expiry: Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodesCommand {
+    /// List the nodes.
+    List {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a node; its session ends and its peers forget it.
+    Delete {
+        #[command(flatten)]
+        dir: DataDir,
+        /// The node's name, as `nodes list` shows it.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy (syntax and its tests) and install it on the running coordinator.
+    ///
+    /// The installed policy stays in force until the file given to `serve --policy` changes
+    /// again; the coordinator does not write FILE's content into that file.
+    Set {
+        #[command(flatten)]
+        dir: DataDir,
+        /// The policy file to install.
+        file: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Serve {
+            dir,
+            policy,
+            listen,
+        } => {
+            serve(ServeOptions {
+                data_dir: dir.data_dir,
+                policy,
+                listen,
+            })
+            .await
+        }
+        Command::Key { dir } => {
+            let key = weft_coordinator::load_or_create_key(&dir.data_dir)?;
+            println!("{}", key.public_key());
+            Ok(())
+        }
+        Command::Authkey {
+            command:
+                AuthkeyCommand::Create {
+                    dir,
+                    tags,
+                    reusable,
+                    ephemeral,
+                    expiry,
+                },
+        } => {
+            let request = AuthKeyRequest {
+                tags,
+                reusable,
+                ephemeral,
+                expiry_secs: expiry.as_secs().max(1),
+            };
+            let created = AdminClient::new(&dir.data_dir)
+                .create_auth_key(&request)
+                .await?;
+            let tags = if created.tags.is_empty() {
+                "(none)".to_owned()
+            } else {
+                created.tags.join(",")
+            };
+            let uses = if created.reusable {
+                "reusable"
+            } else {
+                "single-use"
+            };
+            let ephemeral = if created.ephemeral {
+                ", ephemeral nodes"
+            } else {
+                ""
+            };
+            println!(
+                "auth key {} ({uses}{ephemeral}), tags {tags}, expires {}",
+                created.id, created.expires
+            );
+            println!("{}", created.key);
+            Ok(())
+        }
+        Command::Nodes {
+            command: NodesCommand::List { dir, json },
+        } => {
+            let nodes = AdminClient::new(&dir.data_dir).nodes().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                print_table(&nodes);
+            }
+            Ok(())
+        }
+        Command::Nodes {
+            command: NodesCommand::Delete { dir, name },
+        } => {
+            let node = AdminClient::new(&dir.data_dir).delete_node(&name).await?;
+            println!("deleted node {} ({}, {})", node.name, node.id, node.ipv4);
+            Ok(())
+        }
+        Command::Policy {
+            command: PolicyCommand::Set { dir, file },
+        } => set_policy(&dir.data_dir, &file).await,
+    }
+}
+
+async fn serve(options: ServeOptions) -> Result<()> {
+    init_logging();
+    let coordinator = Coordinator::start(options).await?;
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    coordinator.shutdown().await;
+    Ok(())
+}
+
+async fn set_policy(data_dir: &Path, file: &Path) -> Result<()> {
+    let source = std::fs::read(file)
+        .with_context(|| format!("cannot read policy file {}", file.display()))?;
+    let Ok(source) = String::from_utf8(source) else {
+        bail!("policy file {} is not UTF-8 text", file.display());
+    };
+    let installed = AdminClient::new(data_dir)
+        .set_policy(&file.display().to_string(), &source)
+        .await?;
+    for warning in &installed.warnings {
+        eprintln!("{warning}");
+    }
+    println!(
+        "policy from {} installed ({} test checks passed)",
+        file.display(),
+        installed.tests_passed
+    );
+    Ok(())
+}
+
+fn print_table(nodes: &[NodeView]) {
+    let rows: Vec<[String; 7]> = nodes
+        .iter()
+        .map(|n| {
+            [
+                n.id.to_string(),
+                n.name.clone(),
+                n.ipv4.to_string(),
+                n.ipv6.to_string(),
+                n.identity.to_string(),
+                if n.online { "online" } else { "offline" }.to_owned(),
+                n.endpoints
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ]
+        })
+        .collect();
+    let header = [
+        "ID",
+        "NAME",
+        "IPV4",
+        "IPV6",
+        "IDENTITY",
+        "STATUS",
+        "ENDPOINTS",
+    ]
+    .map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("cannot handle Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -1,1 +1,17 @@
-//! weft node.
+//! weft's node: the `weftd` daemon and the `weft` CLI.
+//!
+//! [`core`] and [`filter`] are the sans-IO data plane; the other modules are
+//! the tokio shell around it: the TUN device, the UDP socket, the control
+//! client, the local API and the command line.
+
+pub mod api;
+pub mod cli;
+pub mod control;
+pub mod core;
+pub mod daemon;
+pub mod endpoints;
+pub mod filter;
+mod key_text;
+pub mod state;
+pub mod tun_device;
+pub mod underlay;

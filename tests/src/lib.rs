@@ -1,1 +1,59 @@
-//! weft end-to-end harness.
+//! weft's end-to-end harness: real binaries, real TUN devices and real UDP
+//! between network namespaces.
+//!
+//! A [`Lab`] is a small simulated network: one hub namespace with a bridge,
+//! and one namespace per host joined to it by a veth pair, with underlay
+//! addresses from 192.0.2.0/24. An [`Overlay`] runs `weft-coordinator` in one
+//! host and `weftd` in others and drives them through their CLIs, exactly as
+//! an operator would.
+//!
+//! Everything is torn down on drop — processes first (by the PIDs this
+//! harness started), then namespaces — including when a check panics. Leftovers
+//! of a harness process that was killed outright are swept by the next run.
+
+mod lab;
+mod netns;
+mod overlay;
+mod probe;
+mod process;
+
+pub use lab::{Host, Lab};
+pub use netns::in_netns;
+pub use overlay::{Coordinator, NodeHandle, Overlay};
+pub use probe::{ping, tcp_echo, wait_until, EchoServer};
+pub use process::Process;
+
+use std::path::PathBuf;
+
+/// Where the workspace's binaries were built: next to this executable
+/// (`target/<profile>/`), or one level up for test executables in `deps/`.
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("test executable has no parent directory"))?
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    for bin in ["weft-coordinator", "weftd", "weft"] {
+        if !dir.join(bin).exists() {
+            anyhow::bail!(
+                "{bin} is not built in {}: run `cargo build --workspace --bins` first (tests/run does)",
+                dir.display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// Fails unless the harness can create namespaces and TUN devices.
+pub fn require_root() -> anyhow::Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        anyhow::bail!(
+            "the end-to-end tests create network namespaces and TUN devices and must run as root \
+             (run `sudo tests/run`)"
+        );
+    }
+    Ok(())
+}

@@ -118,11 +118,10 @@ impl FrameDecoder {
         if version != PROTOCOL_VERSION {
             return Err(DecodeError::Version { got: version });
         }
-        let message = postcard::from_bytes(&frame[VERSION_BYTES..]).map_err(|e| {
-            DecodeError::Malformed {
+        let message =
+            postcard::from_bytes(&frame[VERSION_BYTES..]).map_err(|e| DecodeError::Malformed {
                 reason: e.to_string(),
-            }
-        });
+            });
         self.buf.drain(..LEN_BYTES + len);
         message.map(Some)
     }
@@ -167,15 +166,20 @@ mod tests {
     }
 
     fn arb_self_node() -> impl Strategy<Value = SelfNode> {
-        (any::<u64>(), "[a-z0-9-]{1,20}", any::<u32>(), any::<u128>(), arb_identity()).prop_map(
-            |(id, name, v4, v6, identity)| SelfNode {
+        (
+            any::<u64>(),
+            "[a-z0-9-]{1,20}",
+            any::<u32>(),
+            any::<u128>(),
+            arb_identity(),
+        )
+            .prop_map(|(id, name, v4, v6, identity)| SelfNode {
                 id: NodeId(id),
                 name,
                 ipv4: Ipv4Addr::from(v4),
                 ipv6: Ipv6Addr::from(v6),
                 identity,
-            },
-        )
+            })
     }
 
     fn arb_peer() -> impl Strategy<Value = Peer> {
@@ -198,17 +202,26 @@ mod tests {
     }
 
     fn arb_rule() -> impl Strategy<Value = FilterRule> {
-        (any::<u32>(), 0u8..=32, any::<u16>(), any::<u16>(), any::<u8>(), any::<u32>()).prop_map(
-            |(ip, prefix, a, b, proto, line)| FilterRule {
+        (
+            any::<u32>(),
+            0u8..=32,
+            any::<u16>(),
+            any::<u16>(),
+            any::<u8>(),
+            any::<u32>(),
+        )
+            .prop_map(|(ip, prefix, a, b, proto, line)| FilterRule {
                 src: vec![ipnet::Ipv4Net::new(Ipv4Addr::from(ip), prefix)
                     .expect("prefix <= 32")
                     .into()],
                 dst: vec![],
-                ports: vec![PortRange { first: a.min(b), last: a.max(b) }],
+                ports: vec![PortRange {
+                    first: a.min(b),
+                    last: a.max(b),
+                }],
                 protocols: vec![Protocol::from_number(proto)],
                 policy_line: line,
-            },
-        )
+            })
     }
 
     fn arb_server_message() -> impl Strategy<Value = ServerMessage> {
@@ -224,9 +237,14 @@ mod tests {
                 proptest::collection::vec(arb_peer(), 0..5),
                 proptest::collection::vec(arb_rule(), 0..5)
             )
-                .prop_map(|(revision, self_node, peers, filter)| ServerMessage::NetMap(
-                    NetMap { revision, self_node, peers, filter }
-                )),
+                .prop_map(
+                    |(revision, self_node, peers, filter)| ServerMessage::NetMap(NetMap {
+                        revision,
+                        self_node,
+                        peers,
+                        filter
+                    })
+                ),
             (
                 any::<u64>(),
                 proptest::collection::vec(arb_peer(), 0..3),
@@ -259,7 +277,10 @@ mod tests {
     fn a_message_round_trips() {
         let mut decoder = FrameDecoder::new();
         decoder.push(&encode_frame(&register()).unwrap());
-        assert_eq!(decoder.next_message::<ClientMessage>().unwrap(), Some(register()));
+        assert_eq!(
+            decoder.next_message::<ClientMessage>().unwrap(),
+            Some(register())
+        );
         assert_eq!(decoder.next_message::<ClientMessage>().unwrap(), None);
         decoder.finish().unwrap();
     }
@@ -272,9 +293,15 @@ mod tests {
             decoder.push(std::slice::from_ref(byte));
             assert_eq!(decoder.next_message::<ClientMessage>().unwrap(), None);
         }
-        assert!(matches!(decoder.finish(), Err(DecodeError::Truncated { .. })));
+        assert!(matches!(
+            decoder.finish(),
+            Err(DecodeError::Truncated { .. })
+        ));
         decoder.push(&frame[frame.len() - 1..]);
-        assert_eq!(decoder.next_message::<ClientMessage>().unwrap(), Some(register()));
+        assert_eq!(
+            decoder.next_message::<ClientMessage>().unwrap(),
+            Some(register())
+        );
     }
 
     #[test]

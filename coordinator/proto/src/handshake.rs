@@ -194,7 +194,10 @@ mod tests {
         let (_, forged_first) =
             Initiator::start(&PrivateKey::generate(), &impostor.public_key(), b"b").unwrap();
         let (_, forged_answer) = respond(&impostor, b"b", &forged_first).unwrap();
-        assert_eq!(initiator.finish(&forged_answer), Err(HandshakeError::Authentication));
+        assert_eq!(
+            initiator.finish(&forged_answer),
+            Err(HandshakeError::Authentication)
+        );
     }
 
     #[test]

@@ -205,7 +205,10 @@ mod tests {
 
     #[test]
     fn auth_key_ids_are_recognised_only_in_weft_format() {
-        assert_eq!(AuthKey::new("weft-auth-0123456789ab-xyz").id(), Some("0123456789ab"));
+        assert_eq!(
+            AuthKey::new("weft-auth-0123456789ab-xyz").id(),
+            Some("0123456789ab")
+        );
         assert_eq!(AuthKey::new("weft-auth-short-xyz").id(), None);
         assert_eq!(AuthKey::new("tskey-whatever").id(), None);
     }

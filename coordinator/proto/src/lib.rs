@@ -24,7 +24,9 @@ pub mod handshake;
 pub mod keys;
 pub mod messages;
 
-pub use frame::{encode_frame, DecodeError, EncodeError, FrameDecoder, MAX_FRAME_LEN, PROTOCOL_VERSION};
+pub use frame::{
+    encode_frame, DecodeError, EncodeError, FrameDecoder, MAX_FRAME_LEN, PROTOCOL_VERSION,
+};
 pub use keys::{AuthKey, KeyParseError, PrivateKey, PublicKey};
 pub use messages::{
     ClientMessage, FilterRule, Identity, NetMap, NetMapDelta, NodeId, Peer, PortRange, Protocol,

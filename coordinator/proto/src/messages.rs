@@ -216,7 +216,10 @@ pub struct PortRange {
 
 impl PortRange {
     /// Every port.
-    pub const ANY: PortRange = PortRange { first: 0, last: u16::MAX };
+    pub const ANY: PortRange = PortRange {
+        first: 0,
+        last: u16::MAX,
+    };
 
     /// Whether `port` is in the range.
     pub fn contains(&self, port: u16) -> bool {

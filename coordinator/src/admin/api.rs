@@ -1,0 +1,128 @@
+//! The admin API's routes and handlers.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get, post, put};
+use axum::{Json, Router};
+
+use super::error::ApiError;
+use super::{AuthKeyRequest, CreatedAuthKey, NodeView, PolicyInstalled, PolicyRequest};
+use crate::authkey::{self, AuthKeySpec};
+use crate::netmap::NetmapHandle;
+use crate::nodes::{NodeRecord, Registry};
+use crate::policy_watch;
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub(crate) struct AdminState {
+    pub(crate) registry: Registry,
+    pub(crate) netmaps: NetmapHandle,
+}
+
+/// The admin API's routes.
+pub(crate) fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/v1/authkeys", post(create_auth_key))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{name}", delete(delete_node))
+        .route("/v1/policy", put(set_policy))
+        .with_state(Arc::new(state))
+}
+
+type Shared = State<Arc<AdminState>>;
+
+async fn create_auth_key(
+    State(state): Shared,
+    Json(request): Json<AuthKeyRequest>,
+) -> Result<(StatusCode, Json<CreatedAuthKey>), ApiError> {
+    if request.expiry_secs == 0 {
+        return Err(ApiError::BadRequest(
+            "an auth key's expiry must be positive (e.g. `--expiry 1h`)".into(),
+        ));
+    }
+    let spec = AuthKeySpec {
+        tags: request.tags,
+        reusable: request.reusable,
+        ephemeral: request.ephemeral,
+        expiry: Duration::from_secs(request.expiry_secs),
+    };
+    let (key, record) = authkey::create(&**state.registry.store(), &spec, SystemTime::now())?;
+    tracing::info!(id = %record.id, tags = ?record.tags, reusable = record.reusable, "auth key created");
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedAuthKey {
+            id: record.id,
+            key: key.expose_secret().to_owned(),
+            tags: record.tags,
+            reusable: record.reusable,
+            ephemeral: record.ephemeral,
+            expires: rfc3339(record.expires),
+        }),
+    ))
+}
+
+async fn list_nodes(State(state): Shared) -> Result<Json<Vec<NodeView>>, ApiError> {
+    let online = state.netmaps.online().await;
+    let nodes = state.registry.nodes()?;
+    Ok(Json(
+        nodes
+            .into_iter()
+            .map(|(record, _)| {
+                let online = online.contains(&record.id);
+                view(record, online)
+            })
+            .collect(),
+    ))
+}
+
+async fn delete_node(
+    State(state): Shared,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
+    let record = state.registry.delete_by_name(&name)?;
+    tracing::info!(node = %record.id, "node deleted by an administrator");
+    Ok(Json(view(record, false)))
+}
+
+async fn set_policy(
+    State(state): Shared,
+    Json(request): Json<PolicyRequest>,
+) -> Result<Json<PolicyInstalled>, ApiError> {
+    let validated = policy_watch::validate(&request.source, &request.file_name)
+        .map_err(|diagnostics| ApiError::PolicyRejected(diagnostics.to_string()))?;
+    let stored = policy_watch::StoredPolicy {
+        file_name: request.file_name,
+        source: request.source,
+    };
+    policy_watch::remember(&**state.registry.store(), &stored)?;
+    state
+        .netmaps
+        .set_policy(Some(Arc::new(validated.policy)))
+        .await;
+    tracing::info!("installed a policy through the admin API");
+    Ok(Json(PolicyInstalled {
+        tests_passed: validated.tests_passed,
+        warnings: validated.warnings,
+    }))
+}
+
+fn view(record: NodeRecord, online: bool) -> NodeView {
+    NodeView {
+        id: record.id,
+        name: record.name,
+        ipv4: record.ipv4,
+        ipv6: record.ipv6,
+        identity: record.identity,
+        endpoints: record.endpoints,
+        online,
+        created: rfc3339(record.created),
+        ephemeral: record.ephemeral,
+    }
+}
+
+fn rfc3339(unix_secs: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix_secs)).to_string()
+}

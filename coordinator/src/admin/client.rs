@@ -1,0 +1,184 @@
+//! A client of the admin API, as the `weft-coordinator` admin commands use it.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{header, Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{AuthKeyRequest, CreatedAuthKey, ErrorBody, NodeView, PolicyInstalled, PolicyRequest};
+
+/// Talks to a running coordinator over its admin socket.
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    socket: PathBuf,
+    data_dir: PathBuf,
+}
+
+/// Why an admin request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No coordinator is serving the data directory.
+    #[error("cannot reach the coordinator's admin socket at {}: is `weft-coordinator serve --data-dir {}` running?", socket.display(), data_dir.display())]
+    Unreachable {
+        /// The socket tried.
+        socket: PathBuf,
+        /// The data directory it belongs to.
+        data_dir: PathBuf,
+    },
+    /// The connection failed mid-request.
+    #[error("admin request to the coordinator failed: {0}")]
+    Http(String),
+    /// The coordinator refused the request.
+    #[error("{message}")]
+    Api {
+        /// The HTTP status.
+        status: u16,
+        /// The coordinator's explanation.
+        message: String,
+    },
+    /// The coordinator's answer was not what this client expects.
+    #[error("unexpected answer from the coordinator (is it the same weft version?): {0}")]
+    Decode(String),
+}
+
+impl AdminClient {
+    /// A client for the coordinator serving `data_dir`.
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            socket: super::socket_path(data_dir),
+            data_dir: data_dir.to_owned(),
+        }
+    }
+
+    /// Creates an auth key.
+    pub async fn create_auth_key(
+        &self,
+        request: &AuthKeyRequest,
+    ) -> Result<CreatedAuthKey, ClientError> {
+        self.call(Method::POST, "/v1/authkeys", Some(request)).await
+    }
+
+    /// Lists every node.
+    pub async fn nodes(&self) -> Result<Vec<NodeView>, ClientError> {
+        self.call(Method::GET, "/v1/nodes", None::<&()>).await
+    }
+
+    /// Deletes the node called `name`.
+    pub async fn delete_node(&self, name: &str) -> Result<NodeView, ClientError> {
+        let path = format!("/v1/nodes/{}", percent_encode(name));
+        self.call(Method::DELETE, &path, None::<&()>).await
+    }
+
+    /// Validates and installs a policy.
+    pub async fn set_policy(
+        &self,
+        file_name: &str,
+        source: &str,
+    ) -> Result<PolicyInstalled, ClientError> {
+        let request = PolicyRequest {
+            file_name: file_name.to_owned(),
+            source: source.to_owned(),
+        };
+        self.call(Method::PUT, "/v1/policy", Some(&request)).await
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|_| ClientError::Unreachable {
+                socket: self.socket.clone(),
+                data_dir: self.data_dir.clone(),
+            })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let driver = tokio::spawn(connection);
+        let body = match body {
+            Some(body) => serde_json::to_vec(body).map_err(|e| ClientError::Http(e.to_string()))?,
+            None => Vec::new(),
+        };
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "weft-coordinator")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
+        driver.abort();
+        if status.is_success() {
+            return serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()));
+        }
+        Err(api_error(status, &bytes))
+    }
+}
+
+fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+    let message = match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(body) => body.error,
+        Err(_) => format!("{status}: {}", String::from_utf8_lossy(body).trim()),
+    };
+    ClientError::Api {
+        status: status.as_u16(),
+        message,
+    }
+}
+
+/// Escapes everything but RFC 3986 unreserved characters, for a path segment.
+fn percent_encode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_segments_are_escaped() {
+        assert_eq!(percent_encode("web-1"), "web-1");
+        assert_eq!(percent_encode("a/b c"), "a%2Fb%20c");
+        assert_eq!(percent_encode(".."), "..");
+    }
+
+    #[tokio::test]
+    async fn an_absent_server_is_reported_with_the_command_to_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = AdminClient::new(dir.path()).nodes().await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("admin.sock"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "weft-coordinator serve --data-dir {}",
+                dir.path().display()
+            )),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,98 @@
+//! The control listener: QUIC on UDP, one task per node connection.
+
+mod session;
+mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+use weft_proto::PrivateKey;
+
+pub(crate) use self::tls::TlsError;
+use crate::netmap::NetmapHandle;
+use crate::nodes::Registry;
+
+/// What every session needs.
+#[derive(Debug)]
+pub(crate) struct Context {
+    /// The coordinator's Noise static key.
+    pub(crate) key: PrivateKey,
+    pub(crate) registry: Registry,
+    pub(crate) netmaps: NetmapHandle,
+}
+
+/// Why the control listener could not start.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ListenError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on UDP {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Binds the QUIC endpoint on `addr`.
+///
+/// The endpoint's stateless-reset key and connection-ID key are derived from
+/// the coordinator's static key, so they are the same across restarts: a
+/// coordinator that crashed and came back recognises its old connections' IDs
+/// and answers their next packets with a valid stateless reset, and nodes
+/// reconnect within a keep-alive interval instead of waiting for their idle
+/// timeout.
+pub(crate) fn bind(addr: SocketAddr, key: &PrivateKey) -> Result<quinn::Endpoint, ListenError> {
+    let server = tls::server_config()?;
+    let derived = derive(key, b"weft coordinator QUIC stateless reset v1");
+    let mut endpoint = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &derived,
+    )));
+    let cid_key = derive(key, b"weft coordinator QUIC connection IDs v1");
+    let cid_key = u64::from_le_bytes([
+        cid_key[0], cid_key[1], cid_key[2], cid_key[3], cid_key[4], cid_key[5], cid_key[6],
+        cid_key[7],
+    ]);
+    endpoint.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let socket =
+        std::net::UdpSocket::bind(addr).map_err(|source| ListenError::Bind { addr, source })?;
+    quinn::Endpoint::new(
+        endpoint,
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| ListenError::Bind { addr, source })
+}
+
+/// A secret bound to the coordinator's identity, domain-separated from every
+/// other use of its static key.
+fn derive(key: &PrivateKey, purpose: &[u8]) -> [u8; 32] {
+    use sha2::{Digest as _, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(purpose);
+    hasher.update(key.as_bytes());
+    hasher.finalize().into()
+}
+
+/// Accepts connections until the endpoint closes, then waits for the
+/// sessions to end.
+pub(crate) async fn accept(endpoint: quinn::Endpoint, ctx: Arc<Context>) {
+    let mut sessions = JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => {
+                    sessions.spawn(session::serve(incoming, Arc::clone(&ctx)));
+                }
+                None => break,
+            },
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+        }
+    }
+    drop(ctx);
+    while sessions.join_next().await.is_some() {}
+}

@@ -1,0 +1,312 @@
+//! One node's control session over one QUIC connection.
+//!
+//! Handshake (Noise IK bound to the TLS exporter), then `Register`, then the
+//! netmap stream. Any failure ends the connection with a close code that
+//! tells the node why: [`CLOSE_HANDSHAKE_FAILED`], [`CLOSE_PROTOCOL_ERROR`]
+//! or [`CLOSE_BY_COORDINATOR`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::{timeout, timeout_at, Instant};
+use weft_proto::handshake::{self, HandshakeError, INITIATION_LEN};
+use weft_proto::{
+    encode_frame, ClientMessage, DecodeError, FrameDecoder, PublicKey, Refusal, RefusalCode,
+    ServerMessage, CLOSE_BY_COORDINATOR, CLOSE_HANDSHAKE_FAILED, CLOSE_PROTOCOL_ERROR,
+    EXPORTER_LABEL,
+};
+
+use super::Context;
+use crate::authkey::AdmitError;
+use crate::netmap::{Attached, SessionEvent};
+use crate::nodes::NodeRecord;
+
+/// Time allowed from the first packet to a completed Noise handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed after the handshake for the node's `Register`.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for a refusal to reach the node before the connection closes.
+const LINGER: Duration = Duration::from_secs(2);
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Runs one control session to its end.
+pub(crate) async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
+    let remote = incoming.remote_address();
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let conn = match timeout_at(deadline, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, "QUIC handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "QUIC handshake timed out");
+            return;
+        }
+    };
+    let (send, recv, machine_key) = match timeout_at(deadline, authenticate(&conn, &ctx)).await {
+        Ok(Ok(done)) => done,
+        Ok(Err(e)) => {
+            tracing::info!(%remote, "control handshake failed: {e}");
+            conn.close(CLOSE_HANDSHAKE_FAILED.into(), b"handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%remote, "control handshake timed out after {HANDSHAKE_TIMEOUT:?}");
+            conn.close(CLOSE_HANDSHAKE_FAILED.into(), b"handshake timed out");
+            return;
+        }
+    };
+    let mut session = Session {
+        conn,
+        send,
+        reader: FrameReader::new(recv),
+        remote,
+        ctx,
+    };
+    session.run(machine_key).await;
+}
+
+/// Why the handshake failed.
+#[derive(Debug, thiserror::Error)]
+enum AuthError {
+    #[error("no control stream: {0}")]
+    Stream(#[from] quinn::ConnectionError),
+    #[error("cannot read the handshake: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("cannot write the handshake: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("cannot derive the TLS binding")]
+    Binding,
+    #[error(transparent)]
+    Noise(#[from] HandshakeError),
+}
+
+async fn authenticate(
+    conn: &quinn::Connection,
+    ctx: &Context,
+) -> Result<(quinn::SendStream, quinn::RecvStream, PublicKey), AuthError> {
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    let mut initiation = [0u8; INITIATION_LEN];
+    recv.read_exact(&mut initiation).await?;
+    let mut binding = [0u8; 32];
+    conn.export_keying_material(&mut binding, EXPORTER_LABEL, b"")
+        .map_err(|_| AuthError::Binding)?;
+    let (accepted, response) = handshake::respond(&ctx.key, &binding, &initiation)?;
+    send.write_all(&response).await?;
+    Ok((send, recv, accepted.machine_key))
+}
+
+struct Session {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    reader: FrameReader,
+    remote: SocketAddr,
+    ctx: Arc<Context>,
+}
+
+/// How a session ended, for the log.
+#[derive(Debug, thiserror::Error)]
+enum End {
+    #[error("the node closed the session")]
+    Closed,
+    #[error("connection lost: {0}")]
+    Lost(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl Session {
+    async fn run(&mut self, machine_key: PublicKey) {
+        let register = match timeout(REGISTER_TIMEOUT, self.reader.next()).await {
+            Ok(Ok(Some(ClientMessage::Register(register)))) => register,
+            Ok(Ok(Some(other))) => {
+                let kind = match other {
+                    ClientMessage::Register(_) => "Register",
+                    ClientMessage::UpdateEndpoints(_) => "UpdateEndpoints",
+                };
+                return self.fail(End::Protocol(format!(
+                    "expected Register first, got {kind}"
+                )));
+            }
+            Ok(Ok(None)) => return self.fail(End::Closed),
+            Ok(Err(end)) => return self.fail(end),
+            Err(_) => {
+                return self.fail(End::Protocol(format!(
+                    "no Register within {REGISTER_TIMEOUT:?}"
+                )))
+            }
+        };
+        tracing::debug!(remote = %self.remote, machine = %machine_key.short(), auth_key = ?register.auth_key, "registration");
+        let registry = self.ctx.registry.clone();
+        let registered = tokio::task::spawn_blocking(move || {
+            registry.register(machine_key, &register, SystemTime::now())
+        })
+        .await;
+        let (record, revision) = match registered {
+            Ok(Ok(done)) => done,
+            Ok(Err(AdmitError::Refused(refusal))) => return self.refuse(refusal).await,
+            Ok(Err(AdmitError::Store(e))) => {
+                tracing::error!("cannot register a node: {e}");
+                return self.refuse(unavailable()).await;
+            }
+            Err(e) => {
+                tracing::error!("registration task failed: {e}");
+                return self.refuse(unavailable()).await;
+            }
+        };
+        tracing::info!(node = %record.id, ipv4 = %record.ipv4, machine = %machine_key.short(), "node registered");
+        tracing::debug!(node = %record.id, name = %record.name, identity = %record.identity, "node details");
+        let attached = match self.ctx.netmaps.attach(record.clone(), revision).await {
+            Ok(attached) => attached,
+            Err(refusal) => return self.refuse(refusal).await,
+        };
+        let session = attached.id;
+        let end = self.stream(&record, attached).await;
+        self.ctx.netmaps.detach(session);
+        if let Some(end) = end {
+            self.fail(end);
+        }
+    }
+
+    /// Sends the first messages, then relays updates until the session ends.
+    /// `None` when the session already closed the connection itself.
+    async fn stream(&mut self, record: &NodeRecord, attached: Attached) -> Option<End> {
+        let Attached {
+            netmap, mut events, ..
+        } = attached;
+        let hello = [
+            ServerMessage::Registered(record.self_node()),
+            ServerMessage::NetMap(netmap),
+        ];
+        for message in &hello {
+            if let Err(end) = self.write(message).await {
+                return Some(end);
+            }
+        }
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(SessionEvent::Message(message)) => {
+                        if let Err(end) = self.write(&message).await {
+                            return Some(end);
+                        }
+                    }
+                    Some(SessionEvent::Close(refusal)) => {
+                        tracing::info!(node = %record.id, "ending the session of a deleted node");
+                        self.refuse(refusal).await;
+                        return None;
+                    }
+                    Some(SessionEvent::Replaced) => {
+                        tracing::debug!(node = %record.id, "session replaced by a newer one");
+                        self.conn.close(CLOSE_BY_COORDINATOR.into(), b"replaced by a newer session");
+                        return None;
+                    }
+                    None => {
+                        self.conn.close(CLOSE_BY_COORDINATOR.into(), b"coordinator shutting down");
+                        return None;
+                    }
+                },
+                message = self.reader.next() => match message {
+                    Ok(Some(ClientMessage::UpdateEndpoints(endpoints))) => {
+                        let registry = self.ctx.registry.clone();
+                        let id = record.id;
+                        let updated = tokio::task::spawn_blocking(move || registry.update_endpoints(id, &endpoints)).await;
+                        match updated {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(AdmitError::Refused(refusal))) => {
+                                self.refuse(refusal).await;
+                                return None;
+                            }
+                            Ok(Err(AdmitError::Store(e))) => tracing::error!(node = %id, "cannot store endpoints: {e}"),
+                            Err(e) => tracing::error!(node = %id, "endpoint update task failed: {e}"),
+                        }
+                    }
+                    Ok(Some(ClientMessage::Register(_))) => {
+                        return Some(End::Protocol("Register sent twice in one session".into()));
+                    }
+                    Ok(None) => return Some(End::Closed),
+                    Err(end) => return Some(end),
+                },
+            }
+        }
+    }
+
+    async fn write(&mut self, message: &ServerMessage) -> Result<(), End> {
+        let frame = encode_frame(message).map_err(|e| End::Protocol(e.to_string()))?;
+        self.send
+            .write_all(&frame)
+            .await
+            .map_err(|e| End::Lost(e.to_string()))
+    }
+
+    /// Sends `refusal`, waits briefly for it to arrive, and closes.
+    async fn refuse(&mut self, refusal: Refusal) {
+        tracing::info!(remote = %self.remote, code = ?refusal.code, "refusing node: {}", refusal.message);
+        if self.write(&ServerMessage::Refused(refusal)).await.is_ok() {
+            let _ = self.send.finish();
+            let _ = timeout(LINGER, self.send.stopped()).await;
+        }
+        self.conn.close(CLOSE_BY_COORDINATOR.into(), b"refused");
+    }
+
+    fn fail(&self, end: End) {
+        match &end {
+            End::Protocol(_) => {
+                tracing::info!(remote = %self.remote, "closing control session: {end}");
+                self.conn
+                    .close(CLOSE_PROTOCOL_ERROR.into(), b"protocol error");
+            }
+            End::Closed | End::Lost(_) => {
+                tracing::debug!(remote = %self.remote, "control session ended: {end}");
+                self.conn.close(0u32.into(), b"");
+            }
+        }
+    }
+}
+
+fn unavailable() -> Refusal {
+    Refusal {
+        code: RefusalCode::Unavailable,
+        message: "the coordinator cannot reach its database right now; retry later".into(),
+    }
+}
+
+/// Reads whole client messages from the control stream.
+struct FrameReader {
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    fn new(recv: quinn::RecvStream) -> Self {
+        Self {
+            recv,
+            decoder: FrameDecoder::new(),
+            buf: vec![0; READ_CHUNK],
+        }
+    }
+
+    /// The next message; `None` when the node finished the stream cleanly.
+    /// Cancel-safe: bytes are only consumed once a read completes.
+    async fn next(&mut self) -> Result<Option<ClientMessage>, End> {
+        loop {
+            match self.decoder.next_message::<ClientMessage>() {
+                Ok(Some(message)) => return Ok(Some(message)),
+                Ok(None) => {}
+                Err(e) => return Err(decode_end(e)),
+            }
+            match self.recv.read(&mut self.buf).await {
+                Ok(Some(n)) => self.decoder.push(&self.buf[..n]),
+                Ok(None) => return self.decoder.finish().map(|()| None).map_err(decode_end),
+                Err(e) => return Err(End::Lost(e.to_string())),
+            }
+        }
+    }
+}
+
+fn decode_end(e: DecodeError) -> End {
+    End::Protocol(e.to_string())
+}

@@ -1,0 +1,23 @@
+//! weft's coordinator: it admits nodes with auth keys, gives them stable
+//! overlay addresses and names, compiles the access policy into per-node
+//! views and streams those views to every connected node.
+//!
+//! The binary `weft-coordinator` is a thin CLI over [`Coordinator`] (the
+//! server) and [`AdminClient`] (the admin commands).
+
+mod admin;
+mod authkey;
+mod control;
+mod keyfile;
+mod netmap;
+mod nodes;
+mod policy_watch;
+mod server;
+mod store;
+
+pub use admin::{
+    AdminClient, AuthKeyRequest, ClientError, CreatedAuthKey, NodeView, PolicyInstalled,
+    PolicyRequest,
+};
+pub use keyfile::{ensure_data_dir, load_or_create_key, KeyFileError};
+pub use server::{Coordinator, ServeOptions, StartError};

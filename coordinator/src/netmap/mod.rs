@@ -1,0 +1,557 @@
+//! Per-node views of the overlay, and the deltas that keep connected nodes
+//! up to date.
+//!
+//! [`Netmaps`] is the sans-IO core: it holds every node and the policy in
+//! force, and tracks what each connected session was last sent. Drive it with
+//! [`Netmaps::apply`], [`Netmaps::resync`] and [`Netmaps::set_policy`] for
+//! changes, [`Netmaps::attach`] and [`Netmaps::detach`] for sessions, then
+//! call [`Netmaps::flush`] once per batch of inputs to take the messages to
+//! send. A batch of many changes costs one policy compilation.
+//!
+//! The view of a node holds only the peers the compiled policy names for it,
+//! so a node learns nothing about nodes it may neither reach nor be reached by.
+//! Every view is recomputed from scratch on each change; the module boundary
+//! is where an incremental computation would go.
+
+mod service;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use weft_policy::{NodeAccess, Policy};
+use weft_proto::{
+    FilterRule, NetMap, NetMapDelta, NodeId, Peer, Refusal, RefusalCode, SelfNode, ServerMessage,
+};
+
+pub(crate) use self::service::{Attached, NetmapHandle, SessionEvent};
+use crate::nodes::NodeRecord;
+
+/// Identifies one control session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct SessionId(pub(crate) u64);
+
+/// A change to the stored nodes, at the store revision that made it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum NodeUpdate {
+    Put {
+        record: Box<NodeRecord>,
+        revision: u64,
+    },
+    Delete {
+        id: NodeId,
+        revision: u64,
+    },
+}
+
+/// What the core asks its shell to do.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Output {
+    /// Send this message to the session.
+    Send(SessionId, ServerMessage),
+    /// The session's node was deleted: send the refusal and end the session.
+    Close(SessionId, Refusal),
+    /// A newer session of the same node took over: end this one.
+    Replaced(SessionId),
+}
+
+/// The sans-IO netmap core. See the module documentation for how to drive it.
+#[derive(Debug, Default)]
+pub(crate) struct Netmaps {
+    nodes: BTreeMap<NodeId, (NodeRecord, u64)>,
+    /// Revision at which each known node was deleted, so late updates do not revive it.
+    tombstones: BTreeMap<NodeId, u64>,
+    policy: Option<Arc<Policy>>,
+    access: BTreeMap<NodeId, NodeAccess>,
+    /// `access` must be recompiled.
+    stale: bool,
+    /// Sessions' views must be recomputed and diffed.
+    views_dirty: bool,
+    sessions: BTreeMap<SessionId, Session>,
+    outputs: VecDeque<Output>,
+}
+
+#[derive(Debug)]
+struct Session {
+    node: NodeId,
+    revision: u64,
+    view: View,
+}
+
+/// What a node was told: its own details, its peers and its filter.
+#[derive(Debug, Clone, PartialEq)]
+struct View {
+    self_node: SelfNode,
+    peers: BTreeMap<NodeId, Peer>,
+    filter: Vec<FilterRule>,
+}
+
+impl Netmaps {
+    /// An empty overlay under `policy` (`None`: deny all).
+    pub(crate) fn new(policy: Option<Arc<Policy>>) -> Self {
+        Self {
+            policy,
+            stale: true,
+            views_dirty: true,
+            ..Self::default()
+        }
+    }
+
+    /// Applies a stored change. Updates older than what is known are ignored.
+    pub(crate) fn apply(&mut self, update: NodeUpdate) {
+        match update {
+            NodeUpdate::Put { record, revision } => {
+                let id = record.id;
+                let newer_known = self.nodes.get(&id).is_some_and(|(_, r)| *r >= revision)
+                    || self.tombstones.get(&id).is_some_and(|r| *r >= revision);
+                if newer_known {
+                    return;
+                }
+                self.nodes.insert(id, (*record, revision));
+                self.mark_changed();
+            }
+            NodeUpdate::Delete { id, revision } => {
+                if self.nodes.get(&id).is_some_and(|(_, r)| *r > revision) {
+                    return;
+                }
+                self.tombstones.insert(id, revision);
+                if self.nodes.remove(&id).is_some() {
+                    self.mark_changed();
+                }
+                self.close_sessions_of(id);
+            }
+        }
+    }
+
+    /// Replaces every node with `nodes`, read from the store at `revision`:
+    /// after a watcher fell behind, or at start.
+    pub(crate) fn resync(&mut self, nodes: Vec<(NodeRecord, u64)>, revision: u64) {
+        let present: BTreeSet<NodeId> = nodes.iter().map(|(n, _)| n.id).collect();
+        let gone: Vec<NodeId> = self
+            .nodes
+            .keys()
+            .filter(|id| !present.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.apply(NodeUpdate::Delete { id, revision });
+        }
+        for (record, revision) in nodes {
+            self.apply(NodeUpdate::Put {
+                record: Box::new(record),
+                revision,
+            });
+        }
+    }
+
+    /// Installs a new policy (`None`: deny all).
+    pub(crate) fn set_policy(&mut self, policy: Option<Arc<Policy>>) {
+        self.policy = policy;
+        self.mark_changed();
+    }
+
+    /// Starts a session for the node in `record` (just written at
+    /// `revision`) and returns its full netmap. A newer session replaces
+    /// older ones of the same node.
+    pub(crate) fn attach(
+        &mut self,
+        session: SessionId,
+        record: NodeRecord,
+        revision: u64,
+    ) -> Result<NetMap, Refusal> {
+        let id = record.id;
+        self.apply(NodeUpdate::Put {
+            record: Box::new(record),
+            revision,
+        });
+        if !self.nodes.contains_key(&id) {
+            return Err(node_deleted());
+        }
+        let replaced: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.node == id)
+            .map(|(sid, _)| *sid)
+            .collect();
+        for old in replaced {
+            self.sessions.remove(&old);
+            self.outputs.push_back(Output::Replaced(old));
+        }
+        self.recompile_if_stale();
+        let Some(view) = self.view_of(id) else {
+            return Err(node_deleted());
+        };
+        let netmap = NetMap {
+            revision: 1,
+            self_node: view.self_node.clone(),
+            peers: view.peers.values().cloned().collect(),
+            filter: view.filter.clone(),
+        };
+        self.sessions.insert(
+            session,
+            Session {
+                node: id,
+                revision: 1,
+                view,
+            },
+        );
+        Ok(netmap)
+    }
+
+    /// Forgets a session that ended.
+    pub(crate) fn detach(&mut self, session: SessionId) {
+        self.sessions.remove(&session);
+    }
+
+    /// The node a session belongs to.
+    pub(crate) fn node_of(&self, session: SessionId) -> Option<NodeId> {
+        self.sessions.get(&session).map(|s| s.node)
+    }
+
+    /// Whether any session of node `id` is connected.
+    pub(crate) fn is_online(&self, id: NodeId) -> bool {
+        self.sessions.values().any(|s| s.node == id)
+    }
+
+    /// Every node with a connected session.
+    pub(crate) fn online(&self) -> BTreeSet<NodeId> {
+        self.sessions.values().map(|s| s.node).collect()
+    }
+
+    /// The stored record of node `id`.
+    pub(crate) fn node(&self, id: NodeId) -> Option<&NodeRecord> {
+        self.nodes.get(&id).map(|(n, _)| n)
+    }
+
+    /// Brings every session's view up to date and returns what to send.
+    pub(crate) fn flush(&mut self) -> Vec<Output> {
+        if std::mem::take(&mut self.views_dirty) {
+            self.recompile_if_stale();
+            let ids: Vec<(SessionId, NodeId)> =
+                self.sessions.iter().map(|(s, v)| (*s, v.node)).collect();
+            for (sid, node) in ids {
+                let Some(view) = self.view_of(node) else {
+                    continue;
+                };
+                let Some(session) = self.sessions.get_mut(&sid) else {
+                    continue;
+                };
+                if let Some(delta) = diff(&session.view, &view, session.revision + 1) {
+                    session.revision += 1;
+                    session.view = view;
+                    self.outputs
+                        .push_back(Output::Send(sid, ServerMessage::Delta(delta)));
+                }
+            }
+        }
+        self.outputs.drain(..).collect()
+    }
+
+    /// Nodes or policy changed: the compiled access and every session's view
+    /// must be brought up to date. Two flags, because attaching a session
+    /// recompiles early and the other sessions must still be re-diffed.
+    fn mark_changed(&mut self) {
+        self.stale = true;
+        self.views_dirty = true;
+    }
+
+    fn recompile_if_stale(&mut self) {
+        if !self.stale {
+            return;
+        }
+        self.stale = false;
+        self.access = match &self.policy {
+            Some(policy) => {
+                let infos: Vec<_> = self.nodes.values().map(|(n, _)| n.info()).collect();
+                policy.compile(&infos).nodes
+            }
+            None => BTreeMap::new(),
+        };
+    }
+
+    fn view_of(&self, id: NodeId) -> Option<View> {
+        let (record, _) = self.nodes.get(&id)?;
+        let (peers, filter) = match self.access.get(&id) {
+            Some(access) => (
+                access
+                    .peers
+                    .iter()
+                    .filter(|p| **p != id)
+                    .filter_map(|p| self.nodes.get(p))
+                    .map(|(n, _)| (n.id, n.peer()))
+                    .collect(),
+                access.filter.clone(),
+            ),
+            None => (BTreeMap::new(), Vec::new()),
+        };
+        Some(View {
+            self_node: record.self_node(),
+            peers,
+            filter,
+        })
+    }
+
+    fn close_sessions_of(&mut self, id: NodeId) {
+        let closing: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.node == id)
+            .map(|(sid, _)| *sid)
+            .collect();
+        for sid in closing {
+            self.sessions.remove(&sid);
+            self.outputs.push_back(Output::Close(sid, node_deleted()));
+        }
+    }
+}
+
+/// The delta from `old` to `new`, or `None` when nothing changed.
+fn diff(old: &View, new: &View, revision: u64) -> Option<NetMapDelta> {
+    let upsert_peers: Vec<Peer> = new
+        .peers
+        .iter()
+        .filter(|(id, peer)| old.peers.get(id) != Some(peer))
+        .map(|(_, peer)| peer.clone())
+        .collect();
+    let remove_peers: Vec<NodeId> = old
+        .peers
+        .keys()
+        .filter(|id| !new.peers.contains_key(id))
+        .copied()
+        .collect();
+    let filter = (old.filter != new.filter).then(|| new.filter.clone());
+    let self_node = (old.self_node != new.self_node).then(|| new.self_node.clone());
+    if upsert_peers.is_empty() && remove_peers.is_empty() && filter.is_none() && self_node.is_none()
+    {
+        return None;
+    }
+    Some(NetMapDelta {
+        revision,
+        upsert_peers,
+        remove_peers,
+        filter,
+        self_node,
+    })
+}
+
+fn node_deleted() -> Refusal {
+    Refusal {
+        code: RefusalCode::NodeDeleted,
+        message: "this node was deleted by an administrator; join again with `weft up --auth-key`"
+            .into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use weft_proto::{Identity, PrivateKey};
+
+    use super::*;
+
+    const POLICY: &str = r#"{
+        "tagOwners": {"tag:web": [], "tag:db": [], "tag:lonely": []},
+        "acls": [
+            {"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"], "proto": "tcp"},
+        ],
+    }"#;
+
+    const OPEN_LONELY: &str = r#"{
+        "tagOwners": {"tag:web": [], "tag:db": [], "tag:lonely": []},
+        "acls": [
+            {"action": "accept", "src": ["tag:lonely"], "dst": ["tag:db:*"]},
+        ],
+    }"#;
+
+    fn policy(source: &str) -> Option<Arc<Policy>> {
+        Some(Arc::new(Policy::parse(source, "test.hujson").unwrap()))
+    }
+
+    fn node(id: u64, tag: &str) -> NodeRecord {
+        let ipv4 = Ipv4Addr::new(100, 64, 0, id as u8);
+        NodeRecord {
+            id: NodeId(id),
+            name: format!("{}-{id}", tag.trim_start_matches("tag:")),
+            machine_key: PrivateKey::generate().public_key(),
+            node_key: PrivateKey::generate().public_key(),
+            ipv4,
+            ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0x6440, id as u16),
+            identity: Identity {
+                user: None,
+                tags: vec![tag.into()],
+            },
+            endpoints: vec![format!("192.0.2.{id}:51820").parse().unwrap()],
+            attributes: BTreeMap::new(),
+            created: 0,
+            ephemeral: false,
+        }
+    }
+
+    fn put(record: NodeRecord, revision: u64) -> NodeUpdate {
+        NodeUpdate::Put {
+            record: Box::new(record),
+            revision,
+        }
+    }
+
+    /// web (1), db (2) and lonely (3), each with a session (10 + id).
+    fn overlay(source: &str) -> (Netmaps, BTreeMap<u64, NetMap>) {
+        let mut netmaps = Netmaps::new(policy(source));
+        let nodes = [node(1, "tag:web"), node(2, "tag:db"), node(3, "tag:lonely")];
+        for (rev, n) in nodes.iter().enumerate() {
+            netmaps.apply(put(n.clone(), rev as u64 + 1));
+        }
+        let mut maps = BTreeMap::new();
+        for n in nodes {
+            let id = n.id.0;
+            maps.insert(id, netmaps.attach(SessionId(10 + id), n, 1).unwrap());
+        }
+        netmaps.flush();
+        (netmaps, maps)
+    }
+
+    fn peer_ids(map: &NetMap) -> Vec<u64> {
+        map.peers.iter().map(|p| p.id.0).collect()
+    }
+
+    fn deltas(outputs: Vec<Output>) -> BTreeMap<u64, NetMapDelta> {
+        outputs
+            .into_iter()
+            .map(|o| match o {
+                Output::Send(SessionId(s), ServerMessage::Delta(d)) => (s - 10, d),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_node_attaching_before_its_watch_event_still_reaches_its_peers() {
+        let mut netmaps = Netmaps::new(policy(POLICY));
+        let web = node(1, "tag:web");
+        netmaps.apply(put(web.clone(), 1));
+        netmaps.attach(SessionId(11), web, 1).unwrap();
+        netmaps.flush();
+        // db's session attaches first; its store watch event arrives after.
+        let db = node(2, "tag:db");
+        netmaps.attach(SessionId(12), db.clone(), 2).unwrap();
+        let sent = deltas(netmaps.flush());
+        assert_eq!(
+            sent[&1].upsert_peers.len(),
+            1,
+            "web must learn about db: {sent:?}"
+        );
+        netmaps.apply(put(db, 2));
+        assert!(
+            netmaps.flush().is_empty(),
+            "the late watch event changes nothing"
+        );
+    }
+
+    #[test]
+    fn netmaps_hold_only_what_the_policy_allows() {
+        let (_, maps) = overlay(POLICY);
+        assert_eq!(peer_ids(&maps[&1]), [2], "web reaches db");
+        assert_eq!(peer_ids(&maps[&2]), [1], "db is reached by web");
+        assert_eq!(
+            peer_ids(&maps[&3]),
+            Vec::<u64>::new(),
+            "lonely learns of nobody"
+        );
+        assert!(maps[&1].filter.is_empty(), "nothing may reach web");
+        assert!(!maps[&2].filter.is_empty(), "db admits web");
+        assert!(maps[&3].filter.is_empty());
+        assert!(maps.values().all(|m| m.revision == 1));
+    }
+
+    #[test]
+    fn without_a_policy_everything_is_denied() {
+        let mut netmaps = Netmaps::new(None);
+        netmaps.apply(put(node(1, "tag:web"), 1));
+        let map = netmaps.attach(SessionId(1), node(2, "tag:db"), 2).unwrap();
+        assert!(map.peers.is_empty() && map.filter.is_empty());
+    }
+
+    #[test]
+    fn a_policy_change_sends_deltas_to_the_affected_nodes_only() {
+        let (mut netmaps, _) = overlay(POLICY);
+        netmaps.set_policy(policy(OPEN_LONELY));
+        let deltas = deltas(netmaps.flush());
+        assert_eq!(deltas[&1].remove_peers, [NodeId(2)]);
+        assert_eq!(
+            deltas[&1].filter, None,
+            "web's filter was empty and stays so"
+        );
+        let db = &deltas[&2];
+        assert_eq!(db.remove_peers, [NodeId(1)]);
+        assert_eq!(
+            db.upsert_peers.iter().map(|p| p.id).collect::<Vec<_>>(),
+            [NodeId(3)]
+        );
+        assert!(db.filter.is_some());
+        assert_eq!(deltas[&3].upsert_peers[0].id, NodeId(2));
+        assert!(deltas.values().all(|d| d.revision == 2));
+        assert!(netmaps.flush().is_empty(), "nothing changed since");
+    }
+
+    #[test]
+    fn a_deleted_node_is_removed_from_its_peers_and_its_session_closed() {
+        let (mut netmaps, _) = overlay(POLICY);
+        netmaps.apply(NodeUpdate::Delete {
+            id: NodeId(2),
+            revision: 10,
+        });
+        let outputs = netmaps.flush();
+        assert!(outputs.contains(&Output::Close(SessionId(12), node_deleted())));
+        let removal = outputs.iter().find_map(|o| match o {
+            Output::Send(SessionId(11), ServerMessage::Delta(d)) => Some(d),
+            _ => None,
+        });
+        assert_eq!(removal.unwrap().remove_peers, [NodeId(2)]);
+        assert_eq!(outputs.len(), 2, "lonely never knew db: {outputs:?}");
+        assert!(!netmaps.is_online(NodeId(2)));
+        let late = netmaps.attach(SessionId(99), node(2, "tag:db"), 9);
+        assert_eq!(late.unwrap_err().code, RefusalCode::NodeDeleted);
+    }
+
+    #[test]
+    fn changed_endpoints_reach_peers_and_stale_updates_are_ignored() {
+        let (mut netmaps, _) = overlay(POLICY);
+        let mut db = node(2, "tag:db");
+        db.node_key = netmaps.node(NodeId(2)).unwrap().node_key;
+        db.machine_key = netmaps.node(NodeId(2)).unwrap().machine_key;
+        db.endpoints = vec!["198.51.100.7:4000".parse().unwrap()];
+        netmaps.apply(put(db.clone(), 20));
+        let deltas = deltas(netmaps.flush());
+        assert_eq!(deltas.keys().copied().collect::<Vec<_>>(), [1]);
+        assert_eq!(deltas[&1].upsert_peers, [db.peer()]);
+        let mut older = db.clone();
+        older.endpoints.clear();
+        netmaps.apply(put(older, 19));
+        assert!(netmaps.flush().is_empty());
+    }
+
+    #[test]
+    fn a_new_session_replaces_the_old_one_of_the_same_node() {
+        let (mut netmaps, _) = overlay(POLICY);
+        let web = netmaps.node(NodeId(1)).unwrap().clone();
+        netmaps.attach(SessionId(50), web, 30).unwrap();
+        assert_eq!(netmaps.flush(), [Output::Replaced(SessionId(11))]);
+        assert!(netmaps.is_online(NodeId(1)));
+        netmaps.detach(SessionId(50));
+        assert!(!netmaps.is_online(NodeId(1)));
+        assert_eq!(netmaps.online(), [NodeId(2), NodeId(3)].into());
+    }
+
+    #[test]
+    fn resync_drops_nodes_missing_from_the_store() {
+        let (mut netmaps, _) = overlay(POLICY);
+        let keep: Vec<_> = [1, 3]
+            .map(|id| (netmaps.node(NodeId(id)).unwrap().clone(), 1))
+            .into();
+        netmaps.resync(keep, 40);
+        let outputs = netmaps.flush();
+        assert!(outputs.contains(&Output::Close(SessionId(12), node_deleted())));
+        assert!(netmaps.node(NodeId(2)).is_none());
+    }
+}

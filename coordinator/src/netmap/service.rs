@@ -1,0 +1,302 @@
+//! The tokio shell around [`Netmaps`]: one task that owns the core, follows
+//! the store's node records, takes commands from sessions and the admin API,
+//! and delivers each session's messages over its own channel.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use weft_policy::Policy;
+use weft_proto::{NetMap, NodeId, Refusal, RefusalCode, ServerMessage};
+
+use super::{Netmaps, NodeUpdate, Output, SessionId};
+use crate::nodes::{self, NodeRecord, Registry};
+use crate::store::{self, StoreError, Watch, WatchError};
+
+/// How long an ephemeral node may stay offline before it is deleted.
+const EPHEMERAL_GRACE: Duration = Duration::from_secs(30);
+
+/// What the netmap task tells a session.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum SessionEvent {
+    /// Send this message to the node.
+    Message(ServerMessage),
+    /// Send this refusal and end the session.
+    Close(Refusal),
+    /// A newer session of the same node took over; end this one quietly.
+    Replaced,
+}
+
+/// A cheap handle to the netmap task.
+#[derive(Debug, Clone)]
+pub(crate) struct NetmapHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    next_session: Arc<AtomicU64>,
+}
+
+/// A session attached to the netmap task: its first netmap, then its events.
+#[derive(Debug)]
+pub(crate) struct Attached {
+    pub(crate) id: SessionId,
+    pub(crate) netmap: NetMap,
+    pub(crate) events: mpsc::UnboundedReceiver<SessionEvent>,
+}
+
+#[derive(Debug)]
+enum Command {
+    Attach {
+        session: SessionId,
+        record: Box<NodeRecord>,
+        revision: u64,
+        events: mpsc::UnboundedSender<SessionEvent>,
+        reply: oneshot::Sender<Result<NetMap, Refusal>>,
+    },
+    Detach(SessionId),
+    SetPolicy(Option<Arc<Policy>>, oneshot::Sender<()>),
+    Online(oneshot::Sender<BTreeSet<NodeId>>),
+    ReapIfOffline(NodeId),
+}
+
+impl NetmapHandle {
+    /// Loads every node from the registry and starts the task.
+    /// The task ends once every handle is dropped.
+    pub(crate) fn spawn(
+        registry: Registry,
+        policy: Option<Arc<Policy>>,
+    ) -> Result<(Self, JoinHandle<()>), StoreError> {
+        // Subscribe before reading, so no change falls between the two.
+        let watch = registry.store().watch(nodes::NODES_PREFIX);
+        let revision = registry.store().revision()?;
+        let mut core = Netmaps::new(policy);
+        core.resync(registry.nodes()?, revision);
+        let (commands, rx) = mpsc::unbounded_channel();
+        let handle = Self {
+            commands,
+            next_session: Arc::new(AtomicU64::new(1)),
+        };
+        let task = Task {
+            core,
+            registry,
+            watch,
+            rx,
+            sessions: BTreeMap::new(),
+            commands: handle.commands.downgrade(),
+        };
+        Ok((handle, tokio::spawn(task.run())))
+    }
+
+    /// Attaches a session for the node in `record`, written at `revision`.
+    pub(crate) async fn attach(
+        &self,
+        record: NodeRecord,
+        revision: u64,
+    ) -> Result<Attached, Refusal> {
+        let id = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed));
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let (reply, reply_rx) = oneshot::channel();
+        self.send(Command::Attach {
+            session: id,
+            record: Box::new(record),
+            revision,
+            events,
+            reply,
+        });
+        let netmap = reply_rx.await.map_err(|_| shutting_down())??;
+        Ok(Attached {
+            id,
+            netmap,
+            events: events_rx,
+        })
+    }
+
+    /// Ends a session.
+    pub(crate) fn detach(&self, session: SessionId) {
+        self.send(Command::Detach(session));
+    }
+
+    /// Installs a policy and waits until every session was sent its update.
+    pub(crate) async fn set_policy(&self, policy: Option<Arc<Policy>>) {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::SetPolicy(policy, reply));
+        // An error means the task is gone, and with it every session.
+        let _ = rx.await;
+    }
+
+    /// The nodes with a connected session.
+    pub(crate) async fn online(&self) -> BTreeSet<NodeId> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Online(reply));
+        rx.await.unwrap_or_default()
+    }
+
+    fn send(&self, command: Command) {
+        // The task only ends when the runtime shuts down; commands are moot then.
+        let _ = self.commands.send(command);
+    }
+}
+
+struct Task {
+    core: Netmaps,
+    registry: Registry,
+    watch: Watch,
+    rx: mpsc::UnboundedReceiver<Command>,
+    sessions: BTreeMap<SessionId, mpsc::UnboundedSender<SessionEvent>>,
+    /// Weak, so that the task ends when the last handle is dropped.
+    commands: mpsc::WeakUnboundedSender<Command>,
+}
+
+impl Task {
+    async fn run(mut self) {
+        loop {
+            tokio::select! {
+                command = self.rx.recv() => match command {
+                    Some(command) => self.handle_command(command),
+                    None => return,
+                },
+                event = self.watch.next() => self.handle_watch(event),
+            }
+            // Take everything already queued before computing views once.
+            loop {
+                if let Ok(command) = self.rx.try_recv() {
+                    self.handle_command(command);
+                } else if let Some(event) = self.watch.try_next() {
+                    self.handle_watch(event);
+                } else {
+                    break;
+                }
+            }
+            self.deliver();
+        }
+    }
+
+    fn handle_command(&mut self, command: Command) {
+        match command {
+            Command::Attach {
+                session,
+                record,
+                revision,
+                events,
+                reply,
+            } => {
+                let result = self.core.attach(session, *record, revision);
+                if result.is_ok() {
+                    self.sessions.insert(session, events);
+                }
+                // The session may have given up waiting; it detaches itself then.
+                let _ = reply.send(result);
+            }
+            Command::Detach(session) => {
+                self.sessions.remove(&session);
+                let node = self.core.node_of(session);
+                self.core.detach(session);
+                if let Some(node) = node {
+                    self.schedule_reap(node);
+                }
+            }
+            Command::SetPolicy(policy, reply) => {
+                self.core.set_policy(policy);
+                self.deliver();
+                let _ = reply.send(());
+            }
+            Command::Online(reply) => {
+                let _ = reply.send(self.core.online());
+            }
+            Command::ReapIfOffline(node) => {
+                if self.core.is_online(node) || !self.core.node(node).is_some_and(|n| n.ephemeral) {
+                    return;
+                }
+                match self.registry.delete(node) {
+                    Ok(Some(record)) => {
+                        tracing::info!(node = %record.id, "deleted ephemeral node after it went offline")
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(node = %node, "cannot delete offline ephemeral node: {e}")
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle_watch(&mut self, event: Result<store::WatchEvent, WatchError>) {
+        match event {
+            Ok(event) => {
+                let Some(id) = nodes::node_id_of(&event.key) else {
+                    return;
+                };
+                let update = match event.value {
+                    None => NodeUpdate::Delete {
+                        id,
+                        revision: event.revision,
+                    },
+                    Some(value) => match store::decode::<NodeRecord>(&event.key, &value) {
+                        Ok(record) => NodeUpdate::Put {
+                            record: Box::new(record),
+                            revision: event.revision,
+                        },
+                        Err(e) => {
+                            tracing::error!("ignoring a node update: {e}");
+                            return;
+                        }
+                    },
+                };
+                self.core.apply(update);
+            }
+            Err(WatchError::Lagged(missed)) => {
+                tracing::warn!(missed, "node watcher fell behind; reloading every node");
+                let reloaded = self
+                    .registry
+                    .store()
+                    .revision()
+                    .and_then(|rev| Ok((self.registry.nodes()?, rev)));
+                match reloaded {
+                    Ok((nodes, revision)) => self.core.resync(nodes, revision),
+                    Err(e) => tracing::error!("cannot reload nodes: {e}"),
+                }
+            }
+            Err(WatchError::Closed) => {}
+        }
+    }
+
+    fn deliver(&mut self) {
+        for output in self.core.flush() {
+            let (session, event) = match output {
+                Output::Send(session, message) => (session, SessionEvent::Message(message)),
+                Output::Close(session, refusal) => (session, SessionEvent::Close(refusal)),
+                Output::Replaced(session) => (session, SessionEvent::Replaced),
+            };
+            let ends = !matches!(event, SessionEvent::Message(_));
+            let delivered = self
+                .sessions
+                .get(&session)
+                .is_some_and(|tx| tx.send(event).is_ok());
+            if ends || !delivered {
+                self.sessions.remove(&session);
+                self.core.detach(session);
+            }
+        }
+    }
+
+    fn schedule_reap(&self, node: NodeId) {
+        if self.core.is_online(node) || !self.core.node(node).is_some_and(|n| n.ephemeral) {
+            return;
+        }
+        let commands = self.commands.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(EPHEMERAL_GRACE).await;
+            if let Some(commands) = commands.upgrade() {
+                let _ = commands.send(Command::ReapIfOffline(node));
+            }
+        });
+    }
+}
+
+fn shutting_down() -> Refusal {
+    Refusal {
+        code: RefusalCode::Unavailable,
+        message: "the coordinator is shutting down; retry in a moment".into(),
+    }
+}

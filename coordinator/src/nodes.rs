@@ -1,0 +1,732 @@
+//! The node registry: registration, rejoin, endpoint updates and deletion,
+//! with overlay addresses and unique hostnames.
+//!
+//! Every change is one store transaction guarded by compares on the keys it
+//! claims (`machines/`, `names/`, `ipv4/`, the node id counter and, for
+//! single-use keys, the auth key), so concurrent registrations never share a
+//! name, an address or a key; a loser of a race simply retries.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use ipnet::Ipv6Net;
+use serde::{Deserialize, Serialize};
+use weft_policy::NodeInfo;
+use weft_proto::{Identity, NodeId, Peer, PublicKey, Refusal, RefusalCode, Register, SelfNode};
+
+use crate::authkey::{self, AdmitError};
+use crate::store::{self, Compare, Op, Store, StoreError};
+
+/// Key prefix of node records.
+pub(crate) const NODES_PREFIX: &str = "nodes/";
+const OVERLAY_KEY: &str = "config/overlay";
+const NEXT_ID_KEY: &str = "config/next-node-id";
+const SCHEMA_KEY: &str = "config/schema";
+const SCHEMA_VERSION: u32 = 1;
+const MAX_ATTEMPTS: usize = 64;
+const MAX_ENDPOINTS: usize = 32;
+const MAX_ATTRIBUTES: usize = 64;
+const MAX_ATTRIBUTE_LEN: usize = 256;
+const MAX_HOSTNAME: usize = 63;
+
+/// A node as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct NodeRecord {
+    pub(crate) id: NodeId,
+    pub(crate) name: String,
+    pub(crate) machine_key: PublicKey,
+    pub(crate) node_key: PublicKey,
+    pub(crate) ipv4: Ipv4Addr,
+    pub(crate) ipv6: Ipv6Addr,
+    pub(crate) identity: Identity,
+    pub(crate) endpoints: Vec<SocketAddr>,
+    pub(crate) attributes: BTreeMap<String, String>,
+    /// Unix seconds.
+    pub(crate) created: u64,
+    pub(crate) ephemeral: bool,
+}
+
+impl NodeRecord {
+    pub(crate) fn self_node(&self) -> SelfNode {
+        SelfNode {
+            id: self.id,
+            name: self.name.clone(),
+            ipv4: self.ipv4,
+            ipv6: self.ipv6,
+            identity: self.identity.clone(),
+        }
+    }
+
+    pub(crate) fn peer(&self) -> Peer {
+        Peer {
+            id: self.id,
+            name: self.name.clone(),
+            node_key: self.node_key,
+            addresses: self.addresses(),
+            endpoints: self.endpoints.clone(),
+            identity: self.identity.clone(),
+        }
+    }
+
+    pub(crate) fn info(&self) -> NodeInfo {
+        NodeInfo {
+            id: self.id,
+            name: self.name.clone(),
+            addresses: self.addresses(),
+            identity: self.identity.clone(),
+        }
+    }
+
+    fn addresses(&self) -> Vec<IpAddr> {
+        vec![IpAddr::V4(self.ipv4), IpAddr::V6(self.ipv6)]
+    }
+}
+
+/// Overlay-wide settings chosen once, at the first start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct OverlayConfig {
+    /// The RFC 4193 ULA /48 node IPv6 addresses come from.
+    ula: Ipv6Net,
+}
+
+/// Why a node could not be deleted.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DeleteError {
+    #[error("there is no node named {0:?}; `weft-coordinator nodes list` shows the nodes")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The nodes of the overlay, kept in a [`Store`].
+#[derive(Clone)]
+pub(crate) struct Registry {
+    store: Arc<dyn Store>,
+    ula: Ipv6Net,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("ula", &self.ula)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// Opens the registry, choosing the overlay's ULA prefix on first use.
+    pub(crate) fn open(store: Arc<dyn Store>) -> Result<Self, StoreError> {
+        match store::get_json::<u32>(&*store, SCHEMA_KEY)? {
+            Some((v, _)) if v > SCHEMA_VERSION => {
+                return Err(StoreError::Backend(format!(
+                    "the database has schema version {v} but this coordinator understands up to {SCHEMA_VERSION}; run a newer weft-coordinator"
+                )))
+            }
+            Some(_) => {}
+            None => {
+                let op = Op::Put(SCHEMA_KEY.into(), store::encode(&SCHEMA_VERSION)?);
+                match store.txn(&[Compare::Absent(SCHEMA_KEY.into())], &[op]) {
+                    Ok(_) | Err(StoreError::Conflict) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let config = loop {
+            if let Some((config, _)) = store::get_json::<OverlayConfig>(&*store, OVERLAY_KEY)? {
+                break config;
+            }
+            let config = OverlayConfig { ula: random_ula() };
+            let op = Op::Put(OVERLAY_KEY.into(), store::encode(&config)?);
+            match store.txn(&[Compare::Absent(OVERLAY_KEY.into())], &[op]) {
+                Ok(_) => break config,
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        Ok(Self {
+            store,
+            ula: config.ula,
+        })
+    }
+
+    /// The store the registry writes to.
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Registers the machine that proved `machine_key`: rejoins it as its
+    /// existing node, or creates a node if its auth key admits one.
+    pub(crate) fn register(
+        &self,
+        machine_key: PublicKey,
+        request: &Register,
+        now: SystemTime,
+    ) -> Result<(NodeRecord, u64), AdmitError> {
+        validate(request)?;
+        for _ in 0..MAX_ATTEMPTS {
+            let attempt =
+                match store::get_json::<NodeId>(&*self.store, &machine_path(&machine_key))? {
+                    Some((id, _)) => self.rejoin(id, request),
+                    None => self.join(machine_key, request, now),
+                };
+            match attempt {
+                Err(AdmitError::Store(StoreError::Conflict)) => continue,
+                other => return other,
+            }
+        }
+        Err(AdmitError::Refused(Refusal {
+            code: RefusalCode::Unavailable,
+            message: "the coordinator is busy with concurrent registrations; retry in a moment"
+                .into(),
+        }))
+    }
+
+    /// Records a node's new underlay endpoints.
+    pub(crate) fn update_endpoints(
+        &self,
+        id: NodeId,
+        endpoints: &[SocketAddr],
+    ) -> Result<Option<u64>, AdmitError> {
+        if endpoints.len() > MAX_ENDPOINTS {
+            return Err(bad_request(format!(
+                "{} endpoints is more than the {MAX_ENDPOINTS} allowed",
+                endpoints.len()
+            )));
+        }
+        for _ in 0..MAX_ATTEMPTS {
+            let path = node_path(id);
+            let Some((mut record, rev)) = store::get_json::<NodeRecord>(&*self.store, &path)?
+            else {
+                return Ok(None);
+            };
+            if record.endpoints == endpoints {
+                return Ok(Some(rev));
+            }
+            record.endpoints = endpoints.to_vec();
+            let op = Op::Put(path.clone(), store::encode(&record)?);
+            match self.store.txn(&[Compare::ModRevision(path, rev)], &[op]) {
+                Ok(rev) => return Ok(Some(rev)),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Conflict.into())
+    }
+
+    /// Deletes the node called `name`.
+    pub(crate) fn delete_by_name(&self, name: &str) -> Result<NodeRecord, DeleteError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let Some((id, _)) = store::get_json::<NodeId>(&*self.store, &name_path(name))? else {
+                return Err(DeleteError::NotFound(name.to_owned()));
+            };
+            match self.delete(id) {
+                Ok(Some(record)) => return Ok(record),
+                Ok(None) | Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Conflict.into())
+    }
+
+    /// Deletes node `id` and frees its name, address and machine key.
+    /// `Ok(None)` when it does not exist.
+    pub(crate) fn delete(&self, id: NodeId) -> Result<Option<NodeRecord>, StoreError> {
+        let path = node_path(id);
+        let Some((record, rev)) = store::get_json::<NodeRecord>(&*self.store, &path)? else {
+            return Ok(None);
+        };
+        let ops = [
+            Op::Delete(path.clone()),
+            Op::Delete(machine_path(&record.machine_key)),
+            Op::Delete(name_path(&record.name)),
+            Op::Delete(ipv4_path(record.ipv4)),
+        ];
+        self.store.txn(&[Compare::ModRevision(path, rev)], &ops)?;
+        Ok(Some(record))
+    }
+
+    /// Every node, with the revision of its record.
+    pub(crate) fn nodes(&self) -> Result<Vec<(NodeRecord, u64)>, StoreError> {
+        self.store
+            .list(NODES_PREFIX)?
+            .into_iter()
+            .map(|(key, v)| store::decode(&key, &v.value).map(|r| (r, v.mod_revision)))
+            .collect()
+    }
+
+    fn rejoin(&self, id: NodeId, request: &Register) -> Result<(NodeRecord, u64), AdmitError> {
+        let path = node_path(id);
+        let Some((mut record, rev)) = store::get_json::<NodeRecord>(&*self.store, &path)? else {
+            // The machine key points at a node being deleted right now.
+            return Err(StoreError::Conflict.into());
+        };
+        record.node_key = request.node_key;
+        record.endpoints = request.endpoints.clone();
+        record.attributes = request.attributes.clone();
+        let op = Op::Put(path.clone(), store::encode(&record)?);
+        let rev_now = self.store.txn(&[Compare::ModRevision(path, rev)], &[op])?;
+        Ok((record, rev_now))
+    }
+
+    fn join(
+        &self,
+        machine_key: PublicKey,
+        request: &Register,
+        now: SystemTime,
+    ) -> Result<(NodeRecord, u64), AdmitError> {
+        let Some(auth_key) = &request.auth_key else {
+            return Err(AdmitError::Refused(Refusal {
+                code: RefusalCode::AuthKeyRequired,
+                message: "this machine is not a node of the overlay yet; join with `weft up --auth-key KEY` (create a key with `weft-coordinator authkey create`)".into(),
+            }));
+        };
+        let admission = authkey::admit(&*self.store, auth_key, now)?;
+
+        let (next_id, id_compare) = match store::get_json::<u64>(&*self.store, NEXT_ID_KEY)? {
+            Some((next, rev)) => (next, Compare::ModRevision(NEXT_ID_KEY.into(), rev)),
+            None => (1, Compare::Absent(NEXT_ID_KEY.into())),
+        };
+        let id = NodeId(next_id);
+        let held_names: BTreeSet<String> = self
+            .store
+            .list("names/")?
+            .into_iter()
+            .filter_map(|(k, _)| k.strip_prefix("names/").map(str::to_owned))
+            .collect();
+        let name = unique_hostname(
+            &sanitize_hostname(&request.hostname)
+                .ok_or_else(|| empty_hostname(&request.hostname))?,
+            &held_names,
+        );
+        let held_ips: BTreeSet<Ipv4Addr> = self
+            .store
+            .list("ipv4/")?
+            .into_iter()
+            .filter_map(|(k, _)| k.strip_prefix("ipv4/").and_then(|a| a.parse().ok()))
+            .collect();
+        let Some(ipv4) = first_free_ipv4(&held_ips) else {
+            return Err(AdmitError::Refused(Refusal {
+                code: RefusalCode::Unavailable,
+                message: "the overlay's IPv4 range 100.64.0.0/10 is full; delete unused nodes with `weft-coordinator nodes delete`".into(),
+            }));
+        };
+        let record = NodeRecord {
+            id,
+            name: name.clone(),
+            machine_key,
+            node_key: request.node_key,
+            ipv4,
+            ipv6: ipv6_for(self.ula, ipv4),
+            identity: Identity {
+                user: None,
+                tags: admission.record.tags.clone(),
+            },
+            endpoints: request.endpoints.clone(),
+            attributes: request.attributes.clone(),
+            created: authkey::unix_secs(now),
+            ephemeral: admission.record.ephemeral,
+        };
+        let (mut compares, mut ops) = admission.consume(id)?;
+        compares.extend([
+            id_compare,
+            Compare::Absent(machine_path(&machine_key)),
+            Compare::Absent(name_path(&name)),
+            Compare::Absent(ipv4_path(ipv4)),
+        ]);
+        ops.extend([
+            Op::Put(NEXT_ID_KEY.into(), store::encode(&(next_id + 1))?),
+            Op::Put(machine_path(&machine_key), store::encode(&id)?),
+            Op::Put(name_path(&name), store::encode(&id)?),
+            Op::Put(ipv4_path(ipv4), store::encode(&id)?),
+            Op::Put(node_path(id), store::encode(&record)?),
+        ]);
+        let rev = self.store.txn(&compares, &ops)?;
+        Ok((record, rev))
+    }
+}
+
+/// Lowercases `raw`, keeps its first DNS label, turns anything outside
+/// `[a-z0-9-]` into `-` and cuts it to 63 characters. `None` when nothing is left.
+pub(crate) fn sanitize_hostname(raw: &str) -> Option<String> {
+    let label = raw.trim().split('.').next().unwrap_or_default();
+    let mut out = String::with_capacity(label.len());
+    for c in label.chars().flat_map(char::to_lowercase) {
+        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            c
+        } else {
+            '-'
+        };
+        if !(c == '-' && (out.is_empty() || out.ends_with('-'))) {
+            out.push(c);
+        }
+    }
+    out.truncate(MAX_HOSTNAME);
+    let out = out.trim_end_matches('-').to_owned();
+    (!out.is_empty()).then_some(out)
+}
+
+/// `base`, or `base-1`, `base-2`, … — the first that no other node holds.
+pub(crate) fn unique_hostname(base: &str, held: &BTreeSet<String>) -> String {
+    if !held.contains(base) {
+        return base.to_owned();
+    }
+    (1u64..)
+        .map(|n| {
+            let suffix = format!("-{n}");
+            let mut stem: String = base.chars().take(MAX_HOSTNAME - suffix.len()).collect();
+            while stem.ends_with('-') {
+                stem.pop();
+            }
+            format!("{stem}{suffix}")
+        })
+        .find(|candidate| !held.contains(candidate))
+        .unwrap_or_else(|| base.to_owned())
+}
+
+/// The lowest address of 100.64.0.0/10 that is not held, skipping addresses
+/// ending in `.0` or `.255` (some stacks treat them as broadcast).
+pub(crate) fn first_free_ipv4(held: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+    let first = u32::from(Ipv4Addr::new(100, 64, 0, 1));
+    let last = u32::from(Ipv4Addr::new(100, 127, 255, 254));
+    (first..=last)
+        .map(Ipv4Addr::from)
+        .filter(|a| !matches!(a.octets()[3], 0 | 255))
+        .find(|a| !held.contains(a))
+}
+
+/// A node's IPv6 address: the overlay's ULA /48 with its IPv4 address as the last 32 bits.
+pub(crate) fn ipv6_for(ula: Ipv6Net, ipv4: Ipv4Addr) -> Ipv6Addr {
+    let prefix = u128::from(ula.network()) & !u128::from(u32::MAX);
+    Ipv6Addr::from(prefix | u128::from(u32::from(ipv4)))
+}
+
+/// A random RFC 4193 ULA /48: `fd` and 40 random bits.
+fn random_ula() -> Ipv6Net {
+    use rand::RngCore as _;
+    let mut bytes = [0u8; 16];
+    bytes[0] = 0xfd;
+    rand::rngs::OsRng.fill_bytes(&mut bytes[1..6]);
+    Ipv6Net::new(Ipv6Addr::from(bytes), 48).unwrap_or_default()
+}
+
+fn validate(request: &Register) -> Result<(), AdmitError> {
+    if request.endpoints.len() > MAX_ENDPOINTS {
+        return Err(bad_request(format!(
+            "{} endpoints is more than the {MAX_ENDPOINTS} allowed",
+            request.endpoints.len()
+        )));
+    }
+    if request.attributes.len() > MAX_ATTRIBUTES
+        || request
+            .attributes
+            .iter()
+            .any(|(k, v)| k.len() > MAX_ATTRIBUTE_LEN || v.len() > MAX_ATTRIBUTE_LEN)
+    {
+        return Err(bad_request(format!(
+            "at most {MAX_ATTRIBUTES} attributes of up to {MAX_ATTRIBUTE_LEN} bytes each are allowed"
+        )));
+    }
+    Ok(())
+}
+
+fn empty_hostname(raw: &str) -> AdmitError {
+    bad_request(format!(
+        "hostname {raw:?} has no usable characters; give the node a name of letters, digits and `-` (e.g. `weft up --hostname web`)"
+    ))
+}
+
+fn bad_request(message: String) -> AdmitError {
+    AdmitError::Refused(Refusal {
+        code: RefusalCode::BadRequest,
+        message,
+    })
+}
+
+/// The store key of node `id`'s record; zero-padded so keys sort by id.
+pub(crate) fn node_path(id: NodeId) -> String {
+    format!("{NODES_PREFIX}{:020}", id.0)
+}
+
+/// The node id in a `nodes/` key.
+pub(crate) fn node_id_of(key: &str) -> Option<NodeId> {
+    key.strip_prefix(NODES_PREFIX)?.parse().ok().map(NodeId)
+}
+
+fn machine_path(key: &PublicKey) -> String {
+    let hex: String = key.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    format!("machines/{hex}")
+}
+
+fn name_path(name: &str) -> String {
+    format!("names/{name}")
+}
+
+fn ipv4_path(addr: Ipv4Addr) -> String {
+    format!("ipv4/{addr}")
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use weft_proto::{AuthKey, PrivateKey};
+
+    use super::*;
+    use crate::authkey::AuthKeySpec;
+    use crate::store::RedbStore;
+
+    fn open() -> (tempfile::TempDir, Registry) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(&dir.path().join("weft.redb")).unwrap());
+        (dir, Registry::open(store).unwrap())
+    }
+
+    fn key(registry: &Registry, reusable: bool) -> AuthKey {
+        let spec = AuthKeySpec {
+            tags: vec!["tag:web".into()],
+            reusable,
+            ephemeral: false,
+            expiry: std::time::Duration::from_secs(60),
+        };
+        authkey::create(&**registry.store(), &spec, SystemTime::now())
+            .unwrap()
+            .0
+    }
+
+    fn request(hostname: &str, auth_key: Option<AuthKey>) -> Register {
+        Register {
+            auth_key,
+            hostname: hostname.into(),
+            node_key: PrivateKey::generate().public_key(),
+            endpoints: vec!["192.0.2.1:51820".parse().unwrap()],
+            attributes: BTreeMap::new(),
+        }
+    }
+
+    fn refusal(err: AdmitError) -> RefusalCode {
+        match err {
+            AdmitError::Refused(r) => r.code,
+            AdmitError::Store(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn hostnames_are_sanitized() {
+        assert_eq!(
+            sanitize_hostname("Web_Server 01.example.com").as_deref(),
+            Some("web-server-01")
+        );
+        assert_eq!(sanitize_hostname("--db--").as_deref(), Some("db"));
+        assert_eq!(sanitize_hostname("Ünïcode").as_deref(), Some("n-code"));
+        assert_eq!(
+            sanitize_hostname(&"x".repeat(100)).map(|s| s.len()),
+            Some(63)
+        );
+        assert_eq!(sanitize_hostname("!!!"), None);
+        assert_eq!(sanitize_hostname(""), None);
+    }
+
+    #[test]
+    fn hostnames_are_made_unique() {
+        let held: BTreeSet<String> = ["web", "web-1"].map(String::from).into();
+        assert_eq!(unique_hostname("db", &held), "db");
+        assert_eq!(unique_hostname("web", &held), "web-2");
+        let long = "a".repeat(63);
+        let held: BTreeSet<String> = [long.clone()].into();
+        let unique = unique_hostname(&long, &held);
+        assert_eq!(unique.len(), 63);
+        assert!(unique.ends_with("-1"));
+    }
+
+    #[test]
+    fn ipv6_carries_the_ipv4_in_the_ula() {
+        let ula: Ipv6Net = "fd12:3456:789a::/48".parse().unwrap();
+        assert_eq!(
+            ipv6_for(ula, Ipv4Addr::new(100, 64, 0, 7)),
+            "fd12:3456:789a::6440:7".parse::<Ipv6Addr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn registration_assigns_unique_names_and_addresses() {
+        let (_dir, registry) = open();
+        let key = key(&registry, true);
+        let mut seen = BTreeSet::new();
+        for expect in ["web", "web-1", "web-2"] {
+            let machine = PrivateKey::generate().public_key();
+            let (node, _) = registry
+                .register(
+                    machine,
+                    &request("web", Some(key.clone())),
+                    SystemTime::now(),
+                )
+                .unwrap();
+            assert_eq!(node.name, expect);
+            assert_eq!(node.identity.tags, ["tag:web"]);
+            assert!(seen.insert(node.ipv4));
+            assert!(registry.ula.contains(&node.ipv6));
+        }
+        assert_eq!(seen.first(), Some(&Ipv4Addr::new(100, 64, 0, 1)));
+    }
+
+    #[test]
+    fn a_known_machine_rejoins_as_the_same_node_without_a_key() {
+        let (_dir, registry) = open();
+        let machine = PrivateKey::generate().public_key();
+        let (first, _) = registry
+            .register(
+                machine,
+                &request("db", Some(key(&registry, false))),
+                SystemTime::now(),
+            )
+            .unwrap();
+        let again = request("other-name", None);
+        let (second, _) = registry
+            .register(machine, &again, SystemTime::now())
+            .unwrap();
+        assert_eq!(
+            (second.id, &second.name, second.ipv4, second.ipv6),
+            (first.id, &first.name, first.ipv4, first.ipv6)
+        );
+        assert_eq!(second.node_key, again.node_key);
+        let stranger = PrivateKey::generate().public_key();
+        assert_eq!(
+            refusal(
+                registry
+                    .register(stranger, &request("x", None), SystemTime::now())
+                    .unwrap_err()
+            ),
+            RefusalCode::AuthKeyRequired
+        );
+    }
+
+    #[test]
+    fn addresses_are_not_reused_while_held_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weft.redb");
+        let machine = PrivateKey::generate().public_key();
+        let (kept, deleted) = {
+            let registry = Registry::open(Arc::new(RedbStore::open(&path).unwrap())).unwrap();
+            let key = key(&registry, true);
+            let (a, _) = registry
+                .register(
+                    PrivateKey::generate().public_key(),
+                    &request("a", Some(key.clone())),
+                    SystemTime::now(),
+                )
+                .unwrap();
+            let (b, _) = registry
+                .register(machine, &request("b", Some(key.clone())), SystemTime::now())
+                .unwrap();
+            registry.delete_by_name("a").unwrap();
+            (b, a)
+        };
+        let registry = Registry::open(Arc::new(RedbStore::open(&path).unwrap())).unwrap();
+        let (rejoined, _) = registry
+            .register(machine, &request("b", None), SystemTime::now())
+            .unwrap();
+        assert_eq!(
+            (rejoined.ipv4, rejoined.ipv6, rejoined.id),
+            (kept.ipv4, kept.ipv6, kept.id)
+        );
+        let key = key(&registry, true);
+        let (c, _) = registry
+            .register(
+                PrivateKey::generate().public_key(),
+                &request("c", Some(key)),
+                SystemTime::now(),
+            )
+            .unwrap();
+        assert_ne!(c.ipv4, kept.ipv4);
+        assert_eq!(
+            c.ipv4, deleted.ipv4,
+            "a freed address is the first free one"
+        );
+        assert!(c.id.0 > kept.id.0, "node ids are never reused");
+    }
+
+    #[test]
+    fn deleting_an_unknown_node_names_it() {
+        let (_dir, registry) = open();
+        let err = registry.delete_by_name("ghost").unwrap_err();
+        assert!(matches!(err, DeleteError::NotFound(_)));
+        assert!(err.to_string().contains("ghost"));
+    }
+
+    #[test]
+    fn concurrent_registrations_with_one_single_use_key_admit_exactly_one() {
+        let (_dir, registry) = open();
+        let key = key(&registry, false);
+        let outcomes: Vec<Result<NodeRecord, RefusalCode>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..12)
+                .map(|i| {
+                    let registry = registry.clone();
+                    let key = key.clone();
+                    s.spawn(move || {
+                        let machine = PrivateKey::generate().public_key();
+                        registry
+                            .register(
+                                machine,
+                                &request(&format!("n{i}"), Some(key)),
+                                SystemTime::now(),
+                            )
+                            .map(|(n, _)| n)
+                            .map_err(refusal)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 1);
+        assert!(outcomes
+            .iter()
+            .all(|o| matches!(o, Ok(_) | Err(RefusalCode::AuthKeyUsed))));
+        assert_eq!(registry.nodes().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn oversized_requests_are_refused() {
+        let (_dir, registry) = open();
+        let mut req = request("x", Some(key(&registry, true)));
+        req.endpoints = vec!["192.0.2.1:1".parse().unwrap(); MAX_ENDPOINTS + 1];
+        let machine = PrivateKey::generate().public_key();
+        assert_eq!(
+            refusal(
+                registry
+                    .register(machine, &req, SystemTime::now())
+                    .unwrap_err()
+            ),
+            RefusalCode::BadRequest
+        );
+        let req = request("***", Some(key(&registry, true)));
+        assert_eq!(
+            refusal(
+                registry
+                    .register(machine, &req, SystemTime::now())
+                    .unwrap_err()
+            ),
+            RefusalCode::BadRequest
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn sanitized_hostnames_are_valid_dns_labels(raw in ".{0,100}") {
+            if let Some(name) = sanitize_hostname(&raw) {
+                prop_assert!(!name.is_empty() && name.len() <= 63);
+                prop_assert!(name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+                prop_assert!(!name.starts_with('-') && !name.ends_with('-'));
+            }
+        }
+
+        #[test]
+        fn allocated_addresses_are_free_and_in_range(held in proptest::collection::btree_set(0u32..600, 0..200)) {
+            let held: BTreeSet<Ipv4Addr> = held.into_iter().map(|n| Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + n)).collect();
+            let addr = first_free_ipv4(&held).unwrap();
+            prop_assert!(!held.contains(&addr));
+            prop_assert!("100.64.0.0/10".parse::<ipnet::Ipv4Net>().unwrap().contains(&addr));
+            prop_assert!(!matches!(addr.octets()[3], 0 | 255));
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Loading the policy file, and following its changes.
+//!
+//! The file is polled by path, so a change is seen however an editor writes
+//! it (in place, or by renaming a new file over it). An invalid file never
+//! replaces a valid policy: its diagnostics go to the log and the policy in
+//! force stays.
+//!
+//! Every installed policy is also written to the store, so the policy in
+//! force survives a restart: a coordinator that restarts while the file holds
+//! a broken edit keeps serving the last good policy instead of refusing to
+//! start.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use weft_policy::{Diagnostics, Policy};
+
+use crate::netmap::NetmapHandle;
+use crate::store::{self, Op, Store, StoreError};
+
+/// Where the policy in force is kept.
+const CURRENT_KEY: &str = "policy/current";
+
+/// The policy in force, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StoredPolicy {
+    /// The name diagnostics use (the file it came from).
+    pub(crate) file_name: String,
+    /// The policy text.
+    pub(crate) source: String,
+}
+
+/// Records `policy` as the policy in force.
+pub(crate) fn remember(store: &dyn Store, policy: &StoredPolicy) -> Result<(), StoreError> {
+    store
+        .txn(&[], &[Op::Put(CURRENT_KEY.into(), store::encode(policy)?)])
+        .map(drop)
+}
+
+/// The policy last put in force, if any.
+pub(crate) fn last_good(store: &dyn Store) -> Result<Option<StoredPolicy>, StoreError> {
+    store
+        .get(CURRENT_KEY)?
+        .map(|v| store::decode(CURRENT_KEY, &v.value))
+        .transpose()
+}
+
+/// Reads the policy file at start. When the file is invalid but a policy was
+/// in force before, that one stays in force (loudly); only a coordinator that
+/// never had a valid policy refuses to start.
+pub(crate) fn load_at_start(
+    path: &Path,
+    store: &dyn Store,
+) -> Result<(Validated, Vec<u8>), LoadError> {
+    let error = match load(path) {
+        Ok((validated, content)) => {
+            let stored = StoredPolicy {
+                file_name: path.display().to_string(),
+                source: String::from_utf8_lossy(&content).into_owned(),
+            };
+            remember(store, &stored).map_err(LoadError::Store)?;
+            return Ok((validated, content));
+        }
+        Err(error) => error,
+    };
+    let Some(stored) = last_good(store).map_err(LoadError::Store)? else {
+        return Err(error);
+    };
+    let validated = validate(&stored.source, &stored.file_name)?;
+    tracing::error!(
+        "{error}\nkeeping the policy that was in force before the restart until {} is fixed",
+        path.display()
+    );
+    // Follow from the file's current (invalid) bytes: only a change is retried.
+    let content = std::fs::read(path).unwrap_or_default();
+    Ok((validated, content))
+}
+
+/// How often the policy file is checked for changes.
+const POLL: Duration = Duration::from_millis(250);
+
+/// A policy that parsed and passed its own tests.
+#[derive(Debug)]
+pub(crate) struct Validated {
+    pub(crate) policy: Policy,
+    /// How many of the policy's test checks passed.
+    pub(crate) tests_passed: usize,
+    /// Non-fatal diagnostics, rendered.
+    pub(crate) warnings: Vec<String>,
+}
+
+/// Why a policy file was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LoadError {
+    #[error("cannot read policy file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("policy file {path} is not UTF-8 text")]
+    NotUtf8 { path: PathBuf },
+    #[error("{0}")]
+    Invalid(#[from] Diagnostics),
+    #[error("cannot record the policy in force: {0}")]
+    Store(StoreError),
+}
+
+/// Parses `source` and runs the policy's tests.
+pub(crate) fn validate(source: &str, file_name: &str) -> Result<Validated, Diagnostics> {
+    let policy = Policy::parse(source, file_name)?;
+    let report = policy.run_tests()?;
+    let warnings = policy.warnings().iter().map(ToString::to_string).collect();
+    Ok(Validated {
+        policy,
+        tests_passed: report.passed,
+        warnings,
+    })
+}
+
+/// Reads and validates the policy file; also returns the bytes read.
+pub(crate) fn load(path: &Path) -> Result<(Validated, Vec<u8>), LoadError> {
+    let content = std::fs::read(path).map_err(|source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let validated = validate_bytes(path, &content)?;
+    Ok((validated, content))
+}
+
+/// Follows the policy file at `path`, whose last installed content was
+/// `last`, and installs every valid new version.
+pub(crate) async fn follow(
+    path: PathBuf,
+    mut last: Vec<u8>,
+    netmaps: NetmapHandle,
+    store: Arc<dyn Store>,
+) {
+    let mut interval = tokio::time::interval(POLL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut unreadable = false;
+    loop {
+        interval.tick().await;
+        let content = match tokio::fs::read(&path).await {
+            Ok(content) => content,
+            Err(e) => {
+                if !unreadable {
+                    tracing::warn!(
+                        "cannot read policy file {}: {e}; keeping the policy in force",
+                        path.display()
+                    );
+                    unreadable = true;
+                }
+                continue;
+            }
+        };
+        unreadable = false;
+        if content == last {
+            continue;
+        }
+        match validate_bytes(&path, &content) {
+            Ok(validated) => {
+                for warning in &validated.warnings {
+                    tracing::warn!("{warning}");
+                }
+                let stored = StoredPolicy {
+                    file_name: path.display().to_string(),
+                    source: String::from_utf8_lossy(&content).into_owned(),
+                };
+                if let Err(e) = remember(&*store, &stored) {
+                    tracing::error!("{e}; the changed policy is not installed, retrying");
+                    continue;
+                }
+                netmaps.set_policy(Some(Arc::new(validated.policy))).await;
+                tracing::info!("installed the changed policy from {}", path.display());
+            }
+            Err(e) => tracing::warn!(
+                "the changed policy file {} is invalid; keeping the policy in force:\n{e}",
+                path.display()
+            ),
+        }
+        last = content;
+    }
+}
+
+fn validate_bytes(path: &Path, content: &[u8]) -> Result<Validated, LoadError> {
+    let source = std::str::from_utf8(content).map_err(|_| LoadError::NotUtf8 {
+        path: path.to_owned(),
+    })?;
+    Ok(validate(source, &path.display().to_string())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RedbStore;
+
+    const GOOD: &str = r#"{"tagOwners": {"tag:a": []}, "acls": [{"action": "accept", "src": ["tag:a"], "dst": ["tag:a:*"]}]}"#;
+    const BROKEN: &str =
+        r#"{"acls": [{"action": "accept", "src": ["group:nobody"], "dst": ["*:*"]}]}"#;
+
+    #[test]
+    fn a_restart_with_a_broken_file_keeps_the_last_good_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("weft.redb")).unwrap();
+        let file = dir.path().join("policy.hujson");
+
+        std::fs::write(&file, GOOD).unwrap();
+        load_at_start(&file, &store).unwrap();
+        assert_eq!(last_good(&store).unwrap().unwrap().source, GOOD);
+
+        std::fs::write(&file, BROKEN).unwrap();
+        let (_, content) = load_at_start(&file, &store).unwrap();
+        assert_eq!(
+            content,
+            BROKEN.as_bytes(),
+            "follows from the broken bytes on disk"
+        );
+        assert_eq!(last_good(&store).unwrap().unwrap().source, GOOD);
+    }
+
+    #[test]
+    fn a_first_start_with_a_broken_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("weft.redb")).unwrap();
+        let file = dir.path().join("policy.hujson");
+        std::fs::write(&file, BROKEN).unwrap();
+        let error = load_at_start(&file, &store).unwrap_err().to_string();
+        assert!(error.contains("group:nobody"), "{error}");
+        assert!(last_good(&store).unwrap().is_none());
+    }
+}

@@ -1,0 +1,245 @@
+//! The local API client the `weft` CLI uses.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use tokio::net::UnixStream;
+
+use super::{ErrorBody, SelfStatus, Status, UpRequest};
+
+/// Why a call to weftd failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens on the socket.
+    #[error("cannot reach weftd at {}: is weftd running? (start it with `weftd`, or pass --socket)", socket.display())]
+    Unreachable {
+        /// The socket tried.
+        socket: PathBuf,
+    },
+    /// The socket is there but this user may not use it.
+    #[error("cannot reach weftd at {}: permission denied (the socket is root-only; run weft as root)", socket.display())]
+    PermissionDenied {
+        /// The socket tried.
+        socket: PathBuf,
+    },
+    /// weftd answered with an error; the message is weftd's.
+    #[error("{message}")]
+    Api {
+        /// The HTTP status.
+        status: u16,
+        /// weftd's explanation.
+        message: String,
+    },
+    /// weftd's answer could not be understood.
+    #[error("weftd sent an unexpected reply ({0}); are weft and weftd the same version?")]
+    Protocol(String),
+}
+
+/// A client for one weftd socket.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    socket: PathBuf,
+}
+
+impl ApiClient {
+    /// A client for the daemon listening on `socket`.
+    pub fn new(socket: &Path) -> Self {
+        Self {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    /// `POST /v1/up`.
+    pub async fn up(&self, request: &UpRequest) -> Result<SelfStatus, ClientError> {
+        let body = serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.call(Method::POST, "/v1/up", body).await
+    }
+
+    /// `POST /v1/down`.
+    pub async fn down(&self) -> Result<Status, ClientError> {
+        self.call(Method::POST, "/v1/down", Vec::new()).await
+    }
+
+    /// `GET /v1/status`.
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        self.call(Method::GET, "/v1/status", Vec::new()).await
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<T, ClientError> {
+        let stream = UnixStream::connect(&self.socket).await.map_err(|e| {
+            let socket = self.socket.clone();
+            match e.kind() {
+                std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied { socket },
+                _ => ClientError::Unreachable { socket },
+            }
+        })?;
+        let protocol = |e: &dyn std::fmt::Display| ClientError::Protocol(e.to_string());
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| protocol(&e))?;
+        let connection = tokio::spawn(connection);
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(HOST, "weftd")
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| protocol(&e))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| protocol(&e))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| protocol(&e))?
+            .to_bytes();
+        connection.abort();
+        if status.is_success() {
+            return serde_json::from_slice(&bytes).map_err(|e| protocol(&e));
+        }
+        let message = match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => body.error,
+            Err(_) => format!(
+                "weftd answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            ),
+        };
+        Err(ClientError::Api {
+            status: status.as_u16(),
+            message,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::api::{bind, serve, ApiError, Command, CoordinatorStatus, FilterStatus, RunState};
+
+    fn status(state: RunState) -> Status {
+        Status {
+            state,
+            message: None,
+            self_node: None,
+            coordinator: CoordinatorStatus {
+                address: None,
+                connected: false,
+            },
+            peers: vec![],
+            filter: FilterStatus::default(),
+        }
+    }
+
+    /// Stands in for the daemon's main loop: answers commands from a fixed script.
+    async fn answer(mut commands: mpsc::Receiver<Command>) {
+        while let Some(command) = commands.recv().await {
+            match command {
+                Command::Status(reply) => {
+                    let _ = reply.send(status(RunState::Running));
+                }
+                Command::Down(reply) => {
+                    let _ = reply.send(status(RunState::Stopped));
+                }
+                Command::Up(request, reply) => {
+                    let answer = match request.auth_key {
+                        Some(_) => Ok(SelfStatus {
+                            hostname: request.hostname.unwrap_or_default(),
+                            addresses: vec!["100.64.0.1".parse().unwrap()],
+                            identity: "tag:web".into(),
+                            id: 7,
+                        }),
+                        None => Err(ApiError::Refused("auth key required".into())),
+                    };
+                    let _ = reply.send(answer);
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_client_drives_the_server_over_a_unix_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("run/weftd.sock");
+        let listener = bind(&socket).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(serve(listener, tx));
+        tokio::spawn(answer(rx));
+
+        let client = ApiClient::new(&socket);
+        assert_eq!(client.status().await.unwrap().state, RunState::Running);
+        assert_eq!(client.down().await.unwrap().state, RunState::Stopped);
+
+        let mut request = UpRequest {
+            coordinator: "198.51.100.1:7443".into(),
+            coordinator_key: weft_proto::PrivateKey::generate().public_key(),
+            auth_key: Some(weft_proto::AuthKey::new("weft-auth-0123456789ab-s")),
+            hostname: Some("web-1".into()),
+        };
+        let me = client.up(&request).await.unwrap();
+        assert_eq!((me.hostname.as_str(), me.id), ("web-1", 7));
+
+        request.auth_key = None;
+        match client.up(&request).await.unwrap_err() {
+            ClientError::Api { status, message } => {
+                assert_eq!(status, 403);
+                assert_eq!(message, "auth key required");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_daemon_is_reported_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = ApiClient::new(&dir.path().join("none.sock"))
+            .status()
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("is weftd running?"), "{text}");
+        assert!(text.contains("none.sock"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn malformed_requests_are_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s");
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(serve(bind(&socket).unwrap(), tx));
+        tokio::spawn(answer(rx));
+        let client = ApiClient::new(&socket);
+        let err = client
+            .call::<SelfStatus>(Method::POST, "/v1/up", b"{\"coordinator\": 1}".to_vec())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::Api {
+                    status: 400 | 422,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+}

@@ -1,0 +1,211 @@
+//! The JSON bodies of the local API.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+use weft_proto::{AuthKey, PublicKey};
+
+/// `POST /v1/up`: join (or rejoin) an overlay.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpRequest {
+    /// The coordinator's `HOST:PORT`.
+    pub coordinator: String,
+    /// The coordinator's public key, base64, as `weft-coordinator key` prints it.
+    #[serde(with = "crate::key_text")]
+    pub coordinator_key: PublicKey,
+    /// A pre-auth key; not needed when this machine is already a node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_key: Option<AuthKey>,
+    /// The name to ask for; defaults to the host's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+/// The daemon's connection state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunState {
+    /// Registered, with a netmap in force (the coordinator may be briefly away).
+    Running,
+    /// Not connected, by the operator's choice.
+    Stopped,
+    /// Trying to reach or register with the coordinator.
+    Connecting,
+    /// The coordinator wants an auth key (missing, invalid, used or expired).
+    NeedsAuth,
+    /// An administrator deleted this node.
+    Deleted,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The connection state.
+    pub state: RunState,
+    /// Why the state is what it is, when that needs saying (a refusal, a connection error).
+    #[serde(default)]
+    pub message: Option<String>,
+    /// This node, once registered.
+    #[serde(rename = "self")]
+    pub self_node: Option<SelfStatus>,
+    /// The coordinator.
+    pub coordinator: CoordinatorStatus,
+    /// The peers in the netmap.
+    pub peers: Vec<PeerSummary>,
+    /// Packet-filter counters.
+    pub filter: FilterStatus,
+}
+
+/// This node as the coordinator registered it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelfStatus {
+    /// The node's unique name.
+    pub hostname: String,
+    /// Overlay addresses: IPv4 then IPv6.
+    pub addresses: Vec<IpAddr>,
+    /// Tags, or the owning user.
+    pub identity: String,
+    /// The coordinator's id for the node.
+    pub id: u64,
+}
+
+/// The coordinator the node is configured for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorStatus {
+    /// `HOST:PORT`, once `weft up` has named one.
+    pub address: Option<String>,
+    /// Whether a control session is established.
+    pub connected: bool,
+}
+
+/// One peer's tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerSummary {
+    /// The peer's unique name.
+    pub hostname: String,
+    /// Its overlay addresses.
+    pub addresses: Vec<IpAddr>,
+    /// Its tags, or its owning user.
+    pub identity: String,
+    /// The underlay endpoint its packets come from or go to.
+    pub endpoint: Option<SocketAddr>,
+    /// When the last WireGuard handshake completed, RFC 3339 (UTC).
+    pub last_handshake: Option<String>,
+    /// Bytes received through the tunnel.
+    pub rx_bytes: u64,
+    /// Bytes sent through the tunnel.
+    pub tx_bytes: u64,
+}
+
+/// Packet-filter counters for traffic arriving from the tunnel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilterStatus {
+    /// Packets admitted.
+    pub accepted: u64,
+    /// Packets dropped.
+    pub dropped: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn sample() -> Status {
+        Status {
+            state: RunState::Running,
+            message: None,
+            self_node: Some(SelfStatus {
+                hostname: "web-1".into(),
+                addresses: vec![
+                    "100.64.0.1".parse().unwrap(),
+                    "fd7a:115c:a1e0::1".parse().unwrap(),
+                ],
+                identity: "tag:web".into(),
+                id: 1,
+            }),
+            coordinator: CoordinatorStatus {
+                address: Some("198.51.100.1:7443".into()),
+                connected: true,
+            },
+            peers: vec![PeerSummary {
+                hostname: "db-1".into(),
+                addresses: vec!["100.64.0.2".parse().unwrap()],
+                identity: "tag:db".into(),
+                endpoint: Some("192.0.2.20:51820".parse().unwrap()),
+                last_handshake: Some("2026-01-01T00:00:00Z".into()),
+                rx_bytes: 10,
+                tx_bytes: 20,
+            }],
+            filter: FilterStatus {
+                accepted: 3,
+                dropped: 4,
+            },
+        }
+    }
+
+    #[test]
+    fn status_json_has_the_documented_shape() {
+        let value = serde_json::to_value(sample()).unwrap();
+        assert_eq!(
+            value,
+            json!({
+                "state": "running",
+                "message": null,
+                "self": {
+                    "hostname": "web-1",
+                    "addresses": ["100.64.0.1", "fd7a:115c:a1e0::1"],
+                    "identity": "tag:web",
+                    "id": 1
+                },
+                "coordinator": {"address": "198.51.100.1:7443", "connected": true},
+                "peers": [{
+                    "hostname": "db-1",
+                    "addresses": ["100.64.0.2"],
+                    "identity": "tag:db",
+                    "endpoint": "192.0.2.20:51820",
+                    "last_handshake": "2026-01-01T00:00:00Z",
+                    "rx_bytes": 10,
+                    "tx_bytes": 20
+                }],
+                "filter": {"accepted": 3, "dropped": 4}
+            })
+        );
+        let back: Status = serde_json::from_value(value).unwrap();
+        assert_eq!(back, sample());
+    }
+
+    #[test]
+    fn states_are_kebab_case() {
+        assert_eq!(
+            serde_json::to_value(RunState::NeedsAuth).unwrap(),
+            json!("needs-auth")
+        );
+        assert_eq!(
+            serde_json::to_value(RunState::Deleted).unwrap(),
+            json!("deleted")
+        );
+    }
+
+    #[test]
+    fn an_up_request_carries_the_key_as_text_and_hides_the_auth_key_in_debug() {
+        let key = weft_proto::PrivateKey::generate().public_key();
+        let request = UpRequest {
+            coordinator: "198.51.100.1:7443".into(),
+            coordinator_key: key,
+            auth_key: Some(AuthKey::new("weft-auth-0123456789ab-secretsecret")),
+            hostname: None,
+        };
+        let value = serde_json::to_value(&request).unwrap();
+        assert_eq!(value["coordinator_key"], json!(key.to_string()));
+        assert_eq!(
+            value["auth_key"],
+            json!("weft-auth-0123456789ab-secretsecret")
+        );
+        assert!(!format!("{request:?}").contains("secretsecret"));
+        let bad = json!({"coordinator": "x:1", "coordinator_key": "nope"});
+        let err = serde_json::from_value::<UpRequest>(bad).unwrap_err();
+        assert!(err.to_string().contains("invalid key"), "{err}");
+    }
+}

@@ -1,0 +1,235 @@
+//! The `weft` command line: drives weftd over its local API, and checks
+//! policy files offline.
+
+mod policy;
+mod render;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use weft_proto::{AuthKey, PublicKey};
+
+use crate::api::{ApiClient, UpRequest};
+
+/// Where weftd listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/weft/weftd.sock";
+
+/// Control the weft node daemon (weftd) and check access policies.
+#[derive(Debug, Parser)]
+#[command(name = "weft", version)]
+pub struct Cli {
+    /// The weftd API socket.
+    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Join an overlay (or rejoin it) and wait until connected.
+    Up(UpArgs),
+    /// Disconnect from the overlay and remove the overlay addresses.
+    Down,
+    /// Show this node, the coordinator connection and the peers' tunnels.
+    Status {
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Work with policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+/// Arguments of `weft up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// The coordinator's control address.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub coordinator: String,
+    /// The coordinator's public key, as `weft-coordinator key` prints it.
+    #[arg(long, value_name = "KEY")]
+    pub coordinator_key: PublicKey,
+    /// A pre-auth key, or `file:PATH` to read it from a file. Only needed the
+    /// first time this machine joins.
+    #[arg(long, value_name = "KEY", env = "WEFT_AUTH_KEY", hide_env_values = true, value_parser = parse_auth_key)]
+    pub auth_key: Option<AuthKey>,
+    /// The name to ask for (default: the host's name).
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
+}
+
+/// `weft policy` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Check a policy file and run its tests; exits 1 on any error. Needs no daemon.
+    Check {
+        /// The policy file.
+        file: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let client = ApiClient::new(&cli.socket);
+    match cli.command {
+        Command::Up(args) => {
+            let request = UpRequest {
+                coordinator: args.coordinator,
+                coordinator_key: args.coordinator_key,
+                auth_key: args.auth_key,
+                hostname: args.hostname,
+            };
+            let me = client.up(&request).await?;
+            println!("{}", render::connected(&me));
+        }
+        Command::Down => {
+            client.down().await?;
+            println!("disconnected");
+        }
+        Command::Status { json } => {
+            let status = client.status().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", render::status(&status, std::time::SystemTime::now()));
+            }
+        }
+        Command::Policy(PolicyCommand::Check { file, json }) => return policy::check(&file, json),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Takes an auth key as given, or from a file with `file:PATH`, so it need
+/// not appear in the process list.
+fn parse_auth_key(value: &str) -> Result<AuthKey, String> {
+    let key = match value.strip_prefix("file:") {
+        Some(path) => read_key_file(Path::new(path)).map_err(|e| format!("{e:#}"))?,
+        None => value.trim().to_owned(),
+    };
+    if key.is_empty() {
+        return Err(
+            "the auth key is empty; pass the key printed by `weft-coordinator authkey create`"
+                .into(),
+        );
+    }
+    Ok(AuthKey::new(key))
+}
+
+fn read_key_file(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the auth key file {}", path.display()))?;
+    Ok(text.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn up_parses_its_flags_and_defaults_the_socket() {
+        let cli = Cli::try_parse_from([
+            "weft",
+            "up",
+            "--coordinator",
+            "198.51.100.1:7443",
+            "--coordinator-key",
+            KEY,
+            "--auth-key",
+            "weft-auth-0123456789ab-secret",
+            "--hostname",
+            "web-1",
+        ])
+        .unwrap();
+        assert_eq!(cli.socket, Path::new(DEFAULT_SOCKET));
+        let Command::Up(up) = cli.command else {
+            panic!("not up: {:?}", cli.command)
+        };
+        assert_eq!(up.coordinator, "198.51.100.1:7443");
+        assert_eq!(up.coordinator_key.to_string(), KEY);
+        assert_eq!(
+            up.auth_key.unwrap().expose_secret(),
+            "weft-auth-0123456789ab-secret"
+        );
+        assert_eq!(up.hostname.as_deref(), Some("web-1"));
+    }
+
+    #[test]
+    fn a_bad_coordinator_key_is_rejected_with_the_expected_form() {
+        let err = Cli::try_parse_from([
+            "weft",
+            "up",
+            "--coordinator",
+            "h:1",
+            "--coordinator-key",
+            "nope",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("44 characters"), "{err}");
+    }
+
+    #[test]
+    fn the_auth_key_can_come_from_a_file_and_is_never_echoed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, "weft-auth-0123456789ab-fromfile\n").unwrap();
+        let arg = format!("file:{}", path.display());
+        let cli = Cli::try_parse_from([
+            "weft",
+            "--socket",
+            "/tmp/s",
+            "up",
+            "--coordinator",
+            "h:1",
+            "--coordinator-key",
+            KEY,
+            "--auth-key",
+            &arg,
+        ])
+        .unwrap();
+        assert_eq!(cli.socket, Path::new("/tmp/s"));
+        assert!(!format!("{cli:?}").contains("fromfile"));
+        let Command::Up(up) = cli.command else {
+            panic!("not up")
+        };
+        assert_eq!(
+            up.auth_key.unwrap().expose_secret(),
+            "weft-auth-0123456789ab-fromfile"
+        );
+
+        let err = parse_auth_key("file:/nonexistent/weft-key").unwrap_err();
+        assert!(err.contains("/nonexistent/weft-key"), "{err}");
+        assert!(parse_auth_key("  ").is_err());
+    }
+
+    #[test]
+    fn status_policy_and_global_socket_parse() {
+        let cli = Cli::try_parse_from(["weft", "status", "--json", "--socket", "/x"]).unwrap();
+        assert!(matches!(cli.command, Command::Status { json: true }));
+        assert_eq!(cli.socket, Path::new("/x"));
+        let cli = Cli::try_parse_from(["weft", "policy", "check", "p.hujson"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Policy(PolicyCommand::Check { ref file, json: false }) if file == Path::new("p.hujson")
+        ));
+        assert!(Cli::try_parse_from(["weft", "up"]).is_err());
+        assert!(Cli::try_parse_from(["weft", "frobnicate"]).is_err());
+    }
+}

@@ -1,0 +1,230 @@
+//! Human-readable output of `weft up` and `weft status`.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use crate::api::{RunState, SelfStatus, Status};
+
+/// `connected as web-1 (100.64.0.1, fd7a:115c:a1e0::1) identity tag:web`.
+pub(super) fn connected(me: &SelfStatus) -> String {
+    format!(
+        "connected as {} ({}) identity {}",
+        me.hostname,
+        join(&me.addresses),
+        me.identity
+    )
+}
+
+/// The status as a short header and a table of peers.
+pub(super) fn status(status: &Status, now: SystemTime) -> String {
+    let mut out = String::new();
+    let state = match status.state {
+        RunState::Running => "running",
+        RunState::Stopped => "stopped",
+        RunState::Connecting => "connecting",
+        RunState::NeedsAuth => "needs-auth",
+        RunState::Deleted => "deleted",
+    };
+    let _ = writeln!(out, "state:       {state}");
+    if let Some(message) = &status.message {
+        let _ = writeln!(out, "message:     {message}");
+    }
+    if let Some(address) = &status.coordinator.address {
+        let link = if status.coordinator.connected {
+            "connected"
+        } else {
+            "not connected"
+        };
+        let _ = writeln!(out, "coordinator: {address} ({link})");
+    }
+    if let Some(me) = &status.self_node {
+        let _ = writeln!(
+            out,
+            "self:        {}",
+            connected(me).trim_start_matches("connected as ")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "filter:      {} accepted, {} dropped",
+        status.filter.accepted, status.filter.dropped
+    );
+    if status.peers.is_empty() {
+        let _ = writeln!(out, "no peers");
+        return out;
+    }
+    let mut rows = vec![[
+        "HOSTNAME".to_owned(),
+        "ADDRESSES".to_owned(),
+        "IDENTITY".to_owned(),
+        "ENDPOINT".to_owned(),
+        "HANDSHAKE".to_owned(),
+        "RX".to_owned(),
+        "TX".to_owned(),
+    ]];
+    for peer in &status.peers {
+        rows.push([
+            peer.hostname.clone(),
+            join(&peer.addresses),
+            peer.identity.clone(),
+            peer.endpoint
+                .map_or_else(|| "-".to_owned(), |e| e.to_string()),
+            handshake_age(peer.last_handshake.as_deref(), now),
+            bytes(peer.rx_bytes),
+            bytes(peer.tx_bytes),
+        ]);
+    }
+    let mut widths = [0usize; 7];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    out.push('\n');
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
+
+fn join(addresses: &[IpAddr]) -> String {
+    let text: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+    text.join(", ")
+}
+
+/// "12s ago", "3m ago", "never".
+fn handshake_age(at: Option<&str>, now: SystemTime) -> String {
+    let Some(at) = at else {
+        return "never".to_owned();
+    };
+    let Ok(at) = humantime::parse_rfc3339(at) else {
+        return at.to_owned();
+    };
+    ago(now.duration_since(at).unwrap_or(Duration::ZERO))
+}
+
+fn ago(elapsed: Duration) -> String {
+    let secs = elapsed.as_secs();
+    match secs {
+        0..=59 => format!("{secs}s ago"),
+        60..=3599 => format!("{}m ago", secs / 60),
+        3600..=86_399 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86_400),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{CoordinatorStatus, FilterStatus, PeerSummary};
+
+    #[test]
+    fn the_status_table_shows_each_peer() {
+        let now = humantime::parse_rfc3339("2026-01-01T00:01:00Z").unwrap();
+        let status = Status {
+            state: RunState::Running,
+            message: None,
+            self_node: Some(SelfStatus {
+                hostname: "web-1".into(),
+                addresses: vec!["100.64.0.1".parse().unwrap()],
+                identity: "tag:web".into(),
+                id: 1,
+            }),
+            coordinator: CoordinatorStatus {
+                address: Some("198.51.100.1:7443".into()),
+                connected: false,
+            },
+            peers: vec![
+                PeerSummary {
+                    hostname: "db-1".into(),
+                    addresses: vec!["100.64.0.2".parse().unwrap()],
+                    identity: "tag:db".into(),
+                    endpoint: Some("192.0.2.20:51820".parse().unwrap()),
+                    last_handshake: Some("2026-01-01T00:00:48Z".into()),
+                    rx_bytes: 2048,
+                    tx_bytes: 10,
+                },
+                PeerSummary {
+                    hostname: "laptop".into(),
+                    addresses: vec![],
+                    identity: "alice@example.com".into(),
+                    endpoint: None,
+                    last_handshake: None,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                },
+            ],
+            filter: FilterStatus {
+                accepted: 1,
+                dropped: 2,
+            },
+        };
+        let text = super::status(&status, now);
+        assert!(
+            text.contains("coordinator: 198.51.100.1:7443 (not connected)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("self:        web-1 (100.64.0.1) identity tag:web"),
+            "{text}"
+        );
+        let db = text.lines().find(|l| l.starts_with("db-1")).unwrap();
+        for part in [
+            "100.64.0.2",
+            "tag:db",
+            "192.0.2.20:51820",
+            "12s ago",
+            "2.0 KiB",
+            "10 B",
+        ] {
+            assert!(db.contains(part), "{part} missing from {db:?}");
+        }
+        let laptop = text.lines().find(|l| l.starts_with("laptop")).unwrap();
+        assert!(laptop.contains("never"), "{laptop}");
+    }
+
+    #[test]
+    fn ages_are_rounded_to_one_unit() {
+        assert_eq!(ago(Duration::from_secs(12)), "12s ago");
+        assert_eq!(ago(Duration::from_secs(125)), "2m ago");
+        assert_eq!(ago(Duration::from_secs(7200)), "2h ago");
+        assert_eq!(ago(Duration::from_secs(3 * 86_400)), "3d ago");
+    }
+
+    #[test]
+    fn connected_line_matches_the_documented_form() {
+        let me = SelfStatus {
+            hostname: "web-1".into(),
+            addresses: vec![
+                "100.64.0.1".parse().unwrap(),
+                "fd7a:115c:a1e0::1".parse().unwrap(),
+            ],
+            identity: "tag:web".into(),
+            id: 1,
+        };
+        assert_eq!(
+            connected(&me),
+            "connected as web-1 (100.64.0.1, fd7a:115c:a1e0::1) identity tag:web"
+        );
+    }
+}

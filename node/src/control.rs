@@ -1,0 +1,800 @@
+//! The control client: one task that keeps a session with the coordinator and
+//! reports what it learns to the daemon's main loop.
+//!
+//! A session is a QUIC connection, a Noise `IK` handshake bound to it, a
+//! registration and then a stream of netmaps. When the connection drops the
+//! task reconnects with jittered exponential backoff; the daemon keeps the
+//! last netmap in force meanwhile, so tunnels keep working while the
+//! coordinator is away. A refusal that retrying cannot fix (deleted node,
+//! missing or spent auth key) ends the task.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use quinn::{ConnectionError, ReadError, ReadExactError};
+use rand::Rng as _;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use weft_proto::handshake::{HandshakeError, Initiator, RESPONSE_LEN};
+use weft_proto::{
+    AuthKey, ClientMessage, DecodeError, FrameDecoder, NetMap, NetMapDelta, PrivateKey, PublicKey,
+    Refusal, RefusalCode, Register, SelfNode, ServerMessage,
+};
+
+use crate::endpoints::local_endpoints;
+
+/// What the control task needs to register the node.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// The coordinator's `HOST:PORT`.
+    pub coordinator: String,
+    /// The coordinator's pinned static key.
+    pub coordinator_key: PublicKey,
+    /// This machine's Noise key.
+    pub machine_key: PrivateKey,
+    /// A pre-auth key for the first registration; dropped once registered,
+    /// since a known machine rejoins with its machine key alone.
+    pub auth_key: Option<AuthKey>,
+    /// The name the node asks for.
+    pub hostname: String,
+    /// The node's WireGuard public key.
+    pub node_key: PublicKey,
+    /// The local WireGuard UDP port, advertised with every host address.
+    pub wireguard_port: u16,
+    /// The overlay interface, whose addresses are never advertised as endpoints.
+    pub overlay_interface: String,
+}
+
+/// Something the control task learned, tagged with the session that learned it.
+#[derive(Debug)]
+pub struct ControlUpdate {
+    /// The [`ControlTask::session`] this came from; stale updates are ignored.
+    pub session: u64,
+    /// What happened.
+    pub event: ControlEvent,
+}
+
+/// What the control task reports.
+#[derive(Debug)]
+pub enum ControlEvent {
+    /// The coordinator accepted the node.
+    Registered(SelfNode),
+    /// The coordinator refused the node. [`ControlEvent::is_final`] says whether the task gave up.
+    Refused(Refusal),
+    /// A complete netmap.
+    NetMap(NetMap),
+    /// A change to the netmap.
+    Delta(NetMapDelta),
+    /// The session ended; the task retries after a backoff.
+    Disconnected(ControlError),
+}
+
+/// Why a control session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The coordinator address does not resolve.
+    #[error("cannot resolve coordinator address {address}: {reason} (expected HOST:PORT)")]
+    Resolve {
+        /// The address given.
+        address: String,
+        /// Why it did not resolve.
+        reason: String,
+    },
+    /// No QUIC connection could be made.
+    #[error("cannot connect to the coordinator at {address}: {reason}")]
+    Connect {
+        /// The address given.
+        address: String,
+        /// The transport's reason.
+        reason: String,
+    },
+    /// The Noise handshake failed.
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    /// The connection dropped after the handshake.
+    #[error("lost the connection to the coordinator: {0}")]
+    Lost(String),
+    /// The coordinator sent something undecodable.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// The coordinator sent messages out of order.
+    #[error("the coordinator broke the control protocol: {0}")]
+    Protocol(&'static str),
+}
+
+/// The running control task; dropping it ends the session.
+#[derive(Debug)]
+pub struct ControlTask {
+    session: u64,
+    handle: JoinHandle<()>,
+}
+
+impl ControlTask {
+    /// Starts a task that connects, registers and reports to `updates`.
+    pub fn spawn(
+        config: ControlConfig,
+        session: u64,
+        updates: mpsc::Sender<ControlUpdate>,
+    ) -> Self {
+        let handle = tokio::spawn(run(config, Emitter { session, updates }));
+        Self { session, handle }
+    }
+
+    /// The tag on this task's updates.
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+}
+
+impl Drop for ControlTask {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
+
+impl ControlEvent {
+    /// Whether the control task stopped after this event.
+    pub fn is_final(&self) -> bool {
+        matches!(self, ControlEvent::Refused(refusal) if is_final_refusal(refusal.code))
+    }
+}
+
+/// Refusals that reconnecting cannot cure; only the operator can.
+fn is_final_refusal(code: RefusalCode) -> bool {
+    !matches!(code, RefusalCode::Unavailable)
+}
+
+/// Reconnect delays: 0.5 s doubling to 30 s, each scaled by a jitter factor
+/// so a fleet of nodes does not reconnect in lockstep after an outage.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(30);
+
+    pub(crate) fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    /// The next delay; `jitter` in `[0, 1)` picks a point in 80–120 % of the base.
+    pub(crate) fn next_delay(&mut self, jitter: f64) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        base.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+/// Sends updates to the daemon; `Err` means the daemon is gone.
+struct Emitter {
+    session: u64,
+    updates: mpsc::Sender<ControlUpdate>,
+}
+
+impl Emitter {
+    async fn emit(&self, event: ControlEvent) -> Result<(), DaemonGone> {
+        let update = ControlUpdate {
+            session: self.session,
+            event,
+        };
+        self.updates.send(update).await.map_err(|_| DaemonGone)
+    }
+}
+
+struct DaemonGone;
+
+/// How a session ended other than by a transport failure.
+enum Ended {
+    Refused(Refusal),
+    DaemonGone,
+}
+
+async fn run(mut config: ControlConfig, emitter: Emitter) {
+    let mut backoff = Backoff::new();
+    loop {
+        let mut registered = false;
+        let outcome = session(&mut config, &emitter, &mut registered).await;
+        if registered {
+            backoff.reset();
+        }
+        let event = match outcome {
+            Ok(Ended::DaemonGone) => return,
+            Ok(Ended::Refused(refusal)) => ControlEvent::Refused(refusal),
+            Err(error) => ControlEvent::Disconnected(error),
+        };
+        let stop = event.is_final();
+        match &event {
+            ControlEvent::Refused(r) => {
+                tracing::warn!(code = ?r.code, "coordinator refused the node: {}", r.message);
+            }
+            ControlEvent::Disconnected(e) => tracing::warn!("control session ended: {e}"),
+            _ => {}
+        }
+        if emitter.emit(event).await.is_err() || stop {
+            return;
+        }
+        let delay = backoff.next_delay(rand::thread_rng().gen());
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            "reconnecting to the coordinator"
+        );
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn session(
+    config: &mut ControlConfig,
+    emitter: &Emitter,
+    registered: &mut bool,
+) -> Result<Ended, ControlError> {
+    let (endpoint, connection) = connect(&config.coordinator).await?;
+    let result = exchange(config, &connection, emitter, registered).await;
+    connection.close(0u32.into(), b"node closing");
+    endpoint.close(0u32.into(), b"");
+    result
+}
+
+async fn exchange(
+    config: &mut ControlConfig,
+    connection: &quinn::Connection,
+    emitter: &Emitter,
+    registered: &mut bool,
+) -> Result<Ended, ControlError> {
+    let (mut send, mut recv) = connection
+        .open_bi()
+        .await
+        .map_err(|e| ControlError::Lost(e.to_string()))?;
+    handshake(config, connection, &mut send, &mut recv).await?;
+    tracing::debug!("control handshake complete");
+
+    let register = ClientMessage::Register(register_message(config));
+    let frame = weft_proto::encode_frame(&register)
+        .map_err(|_| ControlError::Protocol("registration too large to send"))?;
+    send.write_all(&frame)
+        .await
+        .map_err(|e| ControlError::Lost(e.to_string()))?;
+
+    let mut decoder = FrameDecoder::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        while let Some(message) = decoder.next_message::<ServerMessage>()? {
+            let event = match message {
+                ServerMessage::Refused(refusal) => return Ok(Ended::Refused(refusal)),
+                ServerMessage::Registered(node) => {
+                    *registered = true;
+                    config.auth_key = None;
+                    ControlEvent::Registered(node)
+                }
+                _ if !*registered => {
+                    return Err(ControlError::Protocol(
+                        "a netmap arrived before registration",
+                    ));
+                }
+                ServerMessage::NetMap(netmap) => ControlEvent::NetMap(netmap),
+                ServerMessage::Delta(delta) => ControlEvent::Delta(delta),
+            };
+            if emitter.emit(event).await.is_err() {
+                return Ok(Ended::DaemonGone);
+            }
+        }
+        match recv.read(&mut buf).await {
+            Ok(Some(n)) => decoder.push(&buf[..n]),
+            Ok(None) => {
+                decoder.finish()?;
+                return Err(ControlError::Lost(
+                    "the coordinator closed the control stream".into(),
+                ));
+            }
+            Err(e) => return Err(ControlError::Lost(describe_read_error(&e))),
+        }
+    }
+}
+
+async fn handshake(
+    config: &ControlConfig,
+    connection: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<(), ControlError> {
+    let mut binding = [0u8; 32];
+    connection
+        .export_keying_material(&mut binding, weft_proto::EXPORTER_LABEL, b"")
+        .map_err(|_| ControlError::Protocol("the TLS session cannot export a channel binding"))?;
+    let (initiator, initiation) =
+        Initiator::start(&config.machine_key, &config.coordinator_key, &binding)?;
+    send.write_all(&initiation)
+        .await
+        .map_err(|e| ControlError::Lost(e.to_string()))?;
+    let mut response = [0u8; RESPONSE_LEN];
+    recv.read_exact(&mut response)
+        .await
+        .map_err(handshake_read_error)?;
+    initiator.finish(&response)?;
+    Ok(())
+}
+
+/// A coordinator that cannot authenticate us closes the connection (with
+/// `CLOSE_HANDSHAKE_FAILED`) instead of answering, so any end of the stream
+/// during the handshake means the pinned key is wrong — except a plain
+/// transport failure, which is reported as such.
+fn handshake_read_error(error: ReadExactError) -> ControlError {
+    match error {
+        ReadExactError::ReadError(ReadError::ConnectionLost(
+            e @ (ConnectionError::TimedOut
+            | ConnectionError::LocallyClosed
+            | ConnectionError::CidsExhausted),
+        )) => ControlError::Lost(e.to_string()),
+        _ => ControlError::Handshake(HandshakeError::Authentication),
+    }
+}
+
+fn describe_read_error(error: &ReadError) -> String {
+    match error {
+        ReadError::ConnectionLost(ConnectionError::ApplicationClosed(close))
+            if close.error_code == weft_proto::CLOSE_BY_COORDINATOR.into() =>
+        {
+            format!(
+                "the coordinator ended the session ({})",
+                String::from_utf8_lossy(&close.reason)
+            )
+        }
+        other => other.to_string(),
+    }
+}
+
+fn register_message(config: &ControlConfig) -> Register {
+    let endpoints = local_endpoints(config.wireguard_port, &config.overlay_interface)
+        .unwrap_or_else(|e| {
+            tracing::warn!("cannot list the host's addresses, advertising no endpoints: {e}");
+            Vec::new()
+        });
+    tracing::debug!(?endpoints, "registering");
+    Register {
+        auth_key: config.auth_key.clone(),
+        hostname: config.hostname.clone(),
+        node_key: config.node_key,
+        endpoints,
+        attributes: attributes(&config.hostname),
+    }
+}
+
+pub(crate) fn attributes(hostname: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("node:os".to_owned(), "linux".to_owned()),
+        (
+            "node:clientVersion".to_owned(),
+            env!("CARGO_PKG_VERSION").to_owned(),
+        ),
+        ("node:hostname".to_owned(), hostname.to_owned()),
+    ])
+}
+
+async fn connect(address: &str) -> Result<(quinn::Endpoint, quinn::Connection), ControlError> {
+    let resolve_error = |reason: String| ControlError::Resolve {
+        address: address.to_owned(),
+        reason,
+    };
+    let remote = tokio::net::lookup_host(address)
+        .await
+        .map_err(|e| resolve_error(e.to_string()))?
+        .next()
+        .ok_or_else(|| resolve_error("no addresses found".into()))?;
+    let connect_error = |reason: String| ControlError::Connect {
+        address: address.to_owned(),
+        reason,
+    };
+    let bind: SocketAddr = if remote.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_error(e.to_string()))?;
+    endpoint.set_default_client_config(tls::client_config().map_err(connect_error)?);
+    let connection = endpoint
+        .connect(remote, tls::SERVER_NAME)
+        .map_err(|e| connect_error(e.to_string()))?
+        .await
+        .map_err(|e| connect_error(e.to_string()))?;
+    Ok((endpoint, connection))
+}
+
+mod tls {
+    //! TLS for the control connection.
+    //!
+    //! The coordinator's certificate is self-signed and is not checked: the
+    //! Noise handshake authenticates the coordinator by its pinned static key,
+    //! and its prologue carries a TLS exporter value, so a machine-in-the-middle
+    //! terminating TLS with its own certificate sees a different exporter value
+    //! and cannot complete the handshake. The certificate's signature over the
+    //! TLS handshake is still verified, so the peer does hold the certificate's key.
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::{ring, CryptoProvider};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    /// The TLS server name sent; the coordinator's certificate is not checked against it.
+    pub(super) const SERVER_NAME: &str = "weft-coordinator";
+    const KEEP_ALIVE: Duration = Duration::from_secs(1);
+    const IDLE_TIMEOUT_MS: u32 = 3_000;
+
+    pub(super) fn client_config() -> Result<quinn::ClientConfig, String> {
+        let provider = Arc::new(ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoiseBoundVerifier { provider }))
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![weft_proto::ALPN.to_vec()];
+        let crypto =
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        // A coordinator that dies without closing the connection (crash,
+        // kill -9, restart) is noticed within the idle timeout, so the node
+        // reconnects and takes netmap changes again within seconds. The
+        // keep-alives cost one small packet a second; a spurious timeout
+        // costs only a reconnect, since tunnels do not depend on the session.
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(KEEP_ALIVE));
+        transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+            IDLE_TIMEOUT_MS,
+        ))));
+        config.transport_config(Arc::new(transport));
+        Ok(config)
+    }
+
+    /// Accepts any certificate; see the module documentation for why that is safe here.
+    #[derive(Debug)]
+    struct NoiseBoundVerifier {
+        provider: Arc<CryptoProvider>,
+    }
+
+    impl ServerCertVerifier for NoiseBoundVerifier {
+        fn verify_server_cert(
+            &self,
+            _end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp_response: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_thirty_seconds_with_jitter() {
+        let mut backoff = Backoff::new();
+        let delays: Vec<Duration> = (0..10).map(|_| backoff.next_delay(0.5)).collect();
+        assert_eq!(delays[0], Duration::from_millis(500));
+        assert_eq!(delays[1], Duration::from_secs(1));
+        assert_eq!(delays[6], Duration::from_secs(30));
+        assert_eq!(delays[9], Duration::from_secs(30));
+
+        let mut low = Backoff::new();
+        let mut high = Backoff::new();
+        assert_eq!(low.next_delay(0.0), Duration::from_millis(400));
+        assert_eq!(high.next_delay(0.999_999).as_millis(), 599);
+
+        backoff.reset();
+        assert_eq!(backoff.next_delay(0.5), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn only_an_unavailable_coordinator_is_retried() {
+        let refused = |code| {
+            ControlEvent::Refused(Refusal {
+                code,
+                message: String::new(),
+            })
+        };
+        assert!(!refused(RefusalCode::Unavailable).is_final());
+        for code in [
+            RefusalCode::NodeDeleted,
+            RefusalCode::AuthKeyUsed,
+            RefusalCode::AuthKeyRequired,
+            RefusalCode::AuthKeyExpired,
+            RefusalCode::AuthKeyInvalid,
+        ] {
+            assert!(refused(code).is_final(), "{code:?}");
+        }
+        assert!(!ControlEvent::Disconnected(ControlError::Lost("x".into())).is_final());
+    }
+
+    #[test]
+    fn registration_reports_the_platform_and_version() {
+        let attrs = attributes("web-1");
+        assert_eq!(attrs["node:os"], "linux");
+        assert_eq!(attrs["node:hostname"], "web-1");
+        assert_eq!(attrs["node:clientVersion"], env!("CARGO_PKG_VERSION"));
+    }
+
+    #[test]
+    fn an_early_close_in_the_handshake_blames_the_pinned_key() {
+        let err = handshake_read_error(ReadExactError::FinishedEarly(0));
+        assert!(err.to_string().contains("--coordinator-key"), "{err}");
+        let err = handshake_read_error(ReadExactError::ReadError(ReadError::ConnectionLost(
+            ConnectionError::TimedOut,
+        )));
+        assert!(matches!(err, ControlError::Lost(_)));
+    }
+
+    #[test]
+    fn the_tls_config_builds() {
+        tls::client_config().unwrap();
+    }
+
+    /// The coordinator's side of a session, over real QUIC on loopback.
+    mod fake_coordinator {
+        use std::net::SocketAddr;
+        use std::sync::Arc;
+
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        use tokio::sync::mpsc;
+        use weft_proto::handshake::{respond, INITIATION_LEN};
+        use weft_proto::{
+            encode_frame, ClientMessage, FrameDecoder, PrivateKey, Register, ServerMessage,
+        };
+
+        /// Starts a coordinator that answers each registration with `answers`
+        /// and reports what it received.
+        pub(super) fn start(
+            key: PrivateKey,
+            answers: Vec<ServerMessage>,
+            close_after_answers: bool,
+        ) -> (SocketAddr, mpsc::UnboundedReceiver<Register>) {
+            let cert = rcgen::generate_simple_self_signed(vec!["weft-coordinator".into()]).unwrap();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![cert.cert.der().clone()],
+                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der())),
+                )
+                .unwrap();
+            tls.alpn_protocols = vec![weft_proto::ALPN.to_vec()];
+            let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+            let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+            let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = endpoint.local_addr().unwrap();
+            let (seen_tx, seen) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                while let Some(incoming) = endpoint.accept().await {
+                    let connection = incoming.await.unwrap();
+                    let (mut send, mut recv) = connection.accept_bi().await.unwrap();
+                    let mut initiation = [0u8; INITIATION_LEN];
+                    recv.read_exact(&mut initiation).await.unwrap();
+                    let mut binding = [0u8; 32];
+                    connection
+                        .export_keying_material(&mut binding, weft_proto::EXPORTER_LABEL, b"")
+                        .unwrap();
+                    let Ok((_, response)) = respond(&key, &binding, &initiation) else {
+                        connection.close(
+                            weft_proto::CLOSE_HANDSHAKE_FAILED.into(),
+                            b"handshake failed",
+                        );
+                        continue;
+                    };
+                    send.write_all(&response).await.unwrap();
+                    let mut decoder = FrameDecoder::new();
+                    let mut buf = [0u8; 4096];
+                    let register = loop {
+                        if let Some(ClientMessage::Register(r)) = decoder.next_message().unwrap() {
+                            break r;
+                        }
+                        let n = recv.read(&mut buf).await.unwrap().unwrap();
+                        decoder.push(&buf[..n]);
+                    };
+                    seen_tx.send(register).unwrap();
+                    for answer in &answers {
+                        send.write_all(&encode_frame(answer).unwrap())
+                            .await
+                            .unwrap();
+                    }
+                    if close_after_answers {
+                        // Closing discards unacknowledged stream data; let it arrive first.
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        connection.close(weft_proto::CLOSE_BY_COORDINATOR.into(), b"restarting");
+                    } else {
+                        let _ = connection.closed().await;
+                    }
+                }
+            });
+            (addr, seen)
+        }
+    }
+
+    fn self_node() -> SelfNode {
+        SelfNode {
+            id: weft_proto::NodeId(4),
+            name: "web-1".into(),
+            ipv4: "100.64.0.4".parse().unwrap(),
+            ipv6: "fd7a:115c:a1e0::4".parse().unwrap(),
+            identity: weft_proto::Identity {
+                user: None,
+                tags: vec!["tag:web".into()],
+            },
+        }
+    }
+
+    fn config(coordinator: SocketAddr, coordinator_key: PublicKey) -> ControlConfig {
+        ControlConfig {
+            coordinator: coordinator.to_string(),
+            coordinator_key,
+            machine_key: PrivateKey::generate(),
+            auth_key: Some(AuthKey::new("weft-auth-0123456789ab-secret")),
+            hostname: "web-1".into(),
+            node_key: PrivateKey::generate().public_key(),
+            wireguard_port: 51820,
+            overlay_interface: "weft-test-none".into(),
+        }
+    }
+
+    async fn next(updates: &mut mpsc::Receiver<ControlUpdate>) -> ControlUpdate {
+        tokio::time::timeout(Duration::from_secs(10), updates.recv())
+            .await
+            .expect("no control update within 10 s")
+            .expect("control task ended")
+    }
+
+    #[tokio::test]
+    async fn a_node_registers_and_receives_its_netmap() {
+        let key = PrivateKey::generate();
+        let netmap = NetMap {
+            revision: 1,
+            self_node: self_node(),
+            peers: vec![],
+            filter: vec![],
+        };
+        let (addr, mut seen) = fake_coordinator::start(
+            key.clone(),
+            vec![
+                ServerMessage::Registered(self_node()),
+                ServerMessage::NetMap(netmap.clone()),
+            ],
+            false,
+        );
+        let config = config(addr, key.public_key());
+        let node_key = config.node_key;
+        let (tx, mut updates) = mpsc::channel(8);
+        let _task = ControlTask::spawn(config, 9, tx);
+
+        let update = next(&mut updates).await;
+        assert_eq!(update.session, 9);
+        assert!(
+            matches!(update.event, ControlEvent::Registered(ref n) if *n == self_node()),
+            "{update:?}"
+        );
+        assert!(
+            matches!(next(&mut updates).await.event, ControlEvent::NetMap(ref m) if *m == netmap)
+        );
+
+        let register = seen.recv().await.unwrap();
+        assert_eq!(register.hostname, "web-1");
+        assert_eq!(register.node_key, node_key);
+        assert_eq!(
+            register.auth_key.unwrap().expose_secret(),
+            "weft-auth-0123456789ab-secret"
+        );
+        assert_eq!(register.attributes["node:os"], "linux");
+        assert!(register
+            .endpoints
+            .iter()
+            .all(|e| e.port() == 51820 && !e.ip().is_loopback()));
+    }
+
+    #[tokio::test]
+    async fn a_wrong_pinned_key_is_reported_as_such() {
+        let (addr, _seen) = fake_coordinator::start(PrivateKey::generate(), vec![], false);
+        let (tx, mut updates) = mpsc::channel(8);
+        let _task = ControlTask::spawn(config(addr, PrivateKey::generate().public_key()), 1, tx);
+        match next(&mut updates).await.event {
+            ControlEvent::Disconnected(ControlError::Handshake(HandshakeError::Authentication)) => {
+            }
+            other => panic!("expected a handshake failure, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_final_refusal_ends_the_task() {
+        let key = PrivateKey::generate();
+        let refusal = Refusal {
+            code: RefusalCode::AuthKeyUsed,
+            message: "auth key 0123456789ab was already used; create a new one".into(),
+        };
+        let (addr, _seen) = fake_coordinator::start(
+            key.clone(),
+            vec![ServerMessage::Refused(refusal.clone())],
+            false,
+        );
+        let (tx, mut updates) = mpsc::channel(8);
+        let _task = ControlTask::spawn(config(addr, key.public_key()), 1, tx);
+        assert!(
+            matches!(next(&mut updates).await.event, ControlEvent::Refused(ref r) if *r == refusal)
+        );
+        let end = tokio::time::timeout(Duration::from_secs(5), updates.recv())
+            .await
+            .unwrap();
+        assert!(end.is_none(), "the task kept running: {end:?}");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_session_reconnects_without_the_auth_key() {
+        let key = PrivateKey::generate();
+        let (addr, mut seen) = fake_coordinator::start(
+            key.clone(),
+            vec![ServerMessage::Registered(self_node())],
+            true,
+        );
+        let (tx, mut updates) = mpsc::channel(8);
+        let _task = ControlTask::spawn(config(addr, key.public_key()), 1, tx);
+        assert!(matches!(
+            next(&mut updates).await.event,
+            ControlEvent::Registered(_)
+        ));
+        match next(&mut updates).await.event {
+            ControlEvent::Disconnected(ControlError::Lost(reason)) => {
+                assert!(reason.contains("restarting"), "{reason}");
+            }
+            other => panic!("expected a lost session, got {other:?}"),
+        }
+        assert!(matches!(
+            next(&mut updates).await.event,
+            ControlEvent::Registered(_)
+        ));
+        assert!(seen.recv().await.unwrap().auth_key.is_some());
+        assert!(seen.recv().await.unwrap().auth_key.is_none());
+    }
+}

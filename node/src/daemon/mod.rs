@@ -1,0 +1,351 @@
+//! `weftd`: owns the TUN device, the WireGuard socket, the data-plane core,
+//! the control session and the local API, and connects them.
+//!
+//! All state lives in [`Daemon`], driven by one loop ([`main_loop`]); the API
+//! server and the control client are tasks that talk to it over channels.
+
+mod main_loop;
+mod status;
+
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime};
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, oneshot};
+use weft_proto::{NetMap, NetMapDelta, PrivateKey, Refusal, RefusalCode, SelfNode};
+
+use crate::api::{self, ApiError, CoordinatorStatus, RunState, SelfStatus, Status, UpRequest};
+use crate::control::{ControlConfig, ControlError, ControlEvent, ControlTask, ControlUpdate};
+use crate::core::Node;
+use crate::state::{Prefs, StateDir};
+use crate::tun_device::TunDevice;
+use crate::underlay::Underlay;
+
+/// Where weftd keeps its keys and preferences unless told otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/weft";
+/// The default WireGuard UDP port.
+pub const DEFAULT_PORT: u16 = 51820;
+/// The default TUN device name.
+pub const DEFAULT_TUN: &str = "weft0";
+
+/// How weftd was started.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// The local API socket.
+    pub socket: PathBuf,
+    /// The WireGuard UDP port; 0 picks a free one.
+    pub port: u16,
+    /// The TUN device name.
+    pub tun_name: String,
+}
+
+/// Runs weftd until SIGTERM or SIGINT.
+pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
+    let state = StateDir::open(&config.state_dir)?;
+    let machine_key = state.machine_key()?;
+    let node_key = state.node_key()?;
+    let prefs = state.load_prefs()?;
+
+    let tun = TunDevice::create(&config.tun_name).await?;
+    let underlay = Underlay::bind(config.port).with_context(|| {
+        format!(
+            "cannot bind the WireGuard UDP port {} (in use? pass --port)",
+            config.port
+        )
+    })?;
+    let wireguard_port = underlay.port()?;
+    tracing::info!(port = wireguard_port, "WireGuard socket bound");
+
+    let listener = api::bind(&config.socket).with_context(|| {
+        format!(
+            "cannot listen on {} (pass --socket to use another path)",
+            config.socket.display()
+        )
+    })?;
+    let (commands_tx, commands) = mpsc::channel(16);
+    let server = tokio::spawn(api::serve(listener, commands_tx));
+    tracing::info!(socket = %config.socket.display(), "local API listening");
+
+    let (updates_tx, updates) = mpsc::channel(64);
+    let mut daemon = Daemon {
+        core: Node::new(node_key.clone(), Instant::now()),
+        node_key,
+        machine_key,
+        state,
+        tun,
+        underlay,
+        wireguard_port,
+        updates: updates_tx,
+        control: None,
+        sessions: 0,
+        prefs: None,
+        pending_prefs: None,
+        pending_up: None,
+        run_state: RunState::Stopped,
+        message: None,
+        self_node: None,
+        connected: false,
+    };
+    if let Some(prefs) = prefs.filter(|p| p.want_running) {
+        tracing::info!(coordinator = %prefs.coordinator, "rejoining the overlay");
+        daemon.start_control(prefs, None);
+    }
+
+    let result = daemon.run(commands, updates).await;
+    server.abort();
+    if let Err(e) = std::fs::remove_file(&config.socket) {
+        tracing::warn!("cannot remove {}: {e}", config.socket.display());
+    }
+    daemon.stop_control().await;
+    result
+}
+
+/// The daemon's state.
+struct Daemon {
+    core: Node,
+    node_key: PrivateKey,
+    machine_key: PrivateKey,
+    state: StateDir,
+    tun: TunDevice,
+    underlay: Underlay,
+    wireguard_port: u16,
+    updates: mpsc::Sender<ControlUpdate>,
+    control: Option<ControlTask>,
+    /// Counts control sessions, so updates from a replaced session are ignored.
+    sessions: u64,
+    /// The preferences of the running session.
+    prefs: Option<Prefs>,
+    /// Preferences from `weft up`, saved once the coordinator accepts them.
+    pending_prefs: Option<Prefs>,
+    pending_up: Option<oneshot::Sender<Result<SelfStatus, ApiError>>>,
+    run_state: RunState,
+    message: Option<String>,
+    self_node: Option<SelfNode>,
+    connected: bool,
+}
+
+impl Daemon {
+    fn on_up(&mut self, request: UpRequest, reply: oneshot::Sender<Result<SelfStatus, ApiError>>) {
+        let hostname = match request.hostname {
+            Some(name) => name,
+            None => host_name(),
+        };
+        if hostname.trim().is_empty() {
+            let _ = reply.send(Err(ApiError::BadRequest(
+                "the hostname is empty; pass --hostname NAME".into(),
+            )));
+            return;
+        }
+        if request.coordinator.trim().is_empty() {
+            let _ = reply.send(Err(ApiError::BadRequest(
+                "the coordinator address is empty; pass --coordinator HOST:PORT".into(),
+            )));
+            return;
+        }
+        if let Some(previous) = self.pending_up.take() {
+            let _ = previous.send(Err(ApiError::BadRequest(
+                "superseded by a newer `weft up`".into(),
+            )));
+        }
+        let prefs = Prefs {
+            coordinator: request.coordinator,
+            coordinator_key: request.coordinator_key,
+            hostname,
+            want_running: true,
+        };
+        self.pending_prefs = Some(prefs.clone());
+        self.pending_up = Some(reply);
+        self.start_control(prefs, request.auth_key);
+    }
+
+    fn start_control(&mut self, prefs: Prefs, auth_key: Option<weft_proto::AuthKey>) {
+        self.sessions += 1;
+        let config = ControlConfig {
+            coordinator: prefs.coordinator.clone(),
+            coordinator_key: prefs.coordinator_key,
+            machine_key: self.machine_key.clone(),
+            auth_key,
+            hostname: prefs.hostname.clone(),
+            node_key: self.node_key.public_key(),
+            wireguard_port: self.wireguard_port,
+            overlay_interface: self.tun.name().to_owned(),
+        };
+        self.control = Some(ControlTask::spawn(
+            config,
+            self.sessions,
+            self.updates.clone(),
+        ));
+        self.prefs = Some(prefs);
+        self.connected = false;
+        if self.run_state != RunState::Running {
+            self.run_state = RunState::Connecting;
+        }
+    }
+
+    async fn on_down(&mut self) -> Status {
+        if let Some(pending) = self.pending_up.take() {
+            let _ = pending.send(Err(ApiError::BadRequest("cancelled by `weft down`".into())));
+        }
+        self.pending_prefs = None;
+        self.stop_control().await;
+        if let Some(prefs) = self.prefs.as_mut() {
+            prefs.want_running = false;
+            if let Err(e) = self.state.save_prefs(prefs) {
+                tracing::error!("{e}");
+            }
+        }
+        self.run_state = RunState::Stopped;
+        self.message = None;
+        tracing::info!("stopped by `weft down`");
+        self.status()
+    }
+
+    /// Ends the control session and withdraws the overlay: no tunnels, no addresses.
+    async fn stop_control(&mut self) {
+        self.control = None;
+        self.connected = false;
+        self.self_node = None;
+        self.core.clear();
+        if let Err(e) = self.tun.unassign().await {
+            tracing::warn!("{e}");
+        }
+    }
+
+    async fn on_control(&mut self, update: ControlUpdate) {
+        if self.control.as_ref().map(ControlTask::session) != Some(update.session) {
+            return;
+        }
+        match update.event {
+            ControlEvent::Registered(node) => self.on_registered(node),
+            ControlEvent::NetMap(netmap) => self.on_netmap(&netmap).await,
+            ControlEvent::Delta(delta) => self.on_delta(&delta).await,
+            ControlEvent::Refused(refusal) => self.on_refused(refusal).await,
+            ControlEvent::Disconnected(error) => self.on_disconnected(error).await,
+        }
+    }
+
+    fn on_registered(&mut self, node: SelfNode) {
+        tracing::info!(id = %node.id, "registered with the coordinator");
+        tracing::debug!(name = %node.name, identity = %node.identity, "registered as");
+        self.connected = true;
+        self.message = None;
+        self.self_node = Some(node);
+        if let Some(prefs) = self.pending_prefs.take() {
+            if let Err(e) = self.state.save_prefs(&prefs) {
+                tracing::error!("{e}");
+            }
+        }
+    }
+
+    async fn on_netmap(&mut self, netmap: &NetMap) {
+        tracing::info!(
+            revision = netmap.revision,
+            peers = netmap.peers.len(),
+            "netmap received"
+        );
+        self.core.set_netmap(netmap, Instant::now());
+        self.apply_self(netmap.self_node.clone()).await;
+    }
+
+    async fn on_delta(&mut self, delta: &NetMapDelta) {
+        tracing::debug!(
+            revision = delta.revision,
+            upserts = delta.upsert_peers.len(),
+            removals = delta.remove_peers.len(),
+            "netmap delta received"
+        );
+        self.core.apply_delta(delta, Instant::now());
+        if let Some(node) = &delta.self_node {
+            self.apply_self(node.clone()).await;
+        }
+    }
+
+    /// Puts the node's own addresses on the TUN device and answers a waiting `weft up`.
+    async fn apply_self(&mut self, node: SelfNode) {
+        let result = self.tun.assign(node.ipv4, node.ipv6).await;
+        let me = status::self_status(&node);
+        self.self_node = Some(node);
+        match result {
+            Ok(()) => {
+                self.run_state = RunState::Running;
+                if let Some(pending) = self.pending_up.take() {
+                    let _ = pending.send(Ok(me));
+                }
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                self.message = Some(e.to_string());
+                if let Some(pending) = self.pending_up.take() {
+                    let _ = pending.send(Err(ApiError::Internal(e.to_string())));
+                }
+            }
+        }
+    }
+
+    async fn on_refused(&mut self, refusal: Refusal) {
+        if let Some(pending) = self.pending_up.take() {
+            let _ = pending.send(Err(ApiError::Refused(refusal.message.clone())));
+        }
+        self.message = Some(refusal.message);
+        self.connected = false;
+        if refusal.code == RefusalCode::Unavailable {
+            return;
+        }
+        // Fail closed: a node the coordinator no longer admits keeps no tunnels.
+        self.pending_prefs = None;
+        self.stop_control().await;
+        self.run_state = match refusal.code {
+            RefusalCode::NodeDeleted => RunState::Deleted,
+            RefusalCode::BadRequest => RunState::Stopped,
+            _ => RunState::NeedsAuth,
+        };
+        if let Some(prefs) = self.prefs.as_mut().filter(|p| p.want_running) {
+            prefs.want_running = false;
+            if let Err(e) = self.state.save_prefs(prefs) {
+                tracing::error!("{e}");
+            }
+        }
+    }
+
+    async fn on_disconnected(&mut self, error: ControlError) {
+        self.connected = false;
+        self.message = Some(error.to_string());
+        let handshake_failed = matches!(error, ControlError::Handshake(_));
+        if let (true, Some(pending)) = (handshake_failed, self.pending_up.take()) {
+            // A wrong pinned key will not fix itself: give the operator the answer now.
+            let _ = pending.send(Err(ApiError::Handshake(error.to_string())));
+            self.pending_prefs = None;
+            self.stop_control().await;
+            self.run_state = RunState::Stopped;
+        }
+    }
+
+    fn status(&self) -> Status {
+        let now = SystemTime::now();
+        Status {
+            state: self.run_state,
+            message: self.message.clone(),
+            self_node: self.self_node.as_ref().map(status::self_status),
+            coordinator: CoordinatorStatus {
+                address: self.prefs.as_ref().map(|p| p.coordinator.clone()),
+                connected: self.connected,
+            },
+            peers: self
+                .core
+                .peers()
+                .iter()
+                .map(|peer| status::peer_summary(peer, now))
+                .collect(),
+            filter: status::filter_status(&self.core.filter_stats()),
+        }
+    }
+}
+
+fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .unwrap_or_default()
+}

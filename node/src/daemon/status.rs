@@ -1,0 +1,80 @@
+//! Builds the API's status values from the daemon's and the core's state.
+
+use std::time::{Duration, SystemTime};
+
+use weft_proto::SelfNode;
+
+use crate::api::{FilterStatus, PeerSummary, SelfStatus};
+use crate::core::{FilterStats, PeerStatus};
+
+pub(crate) fn self_status(node: &SelfNode) -> SelfStatus {
+    SelfStatus {
+        hostname: node.name.clone(),
+        addresses: node.addresses().to_vec(),
+        identity: node.identity.to_string(),
+        id: node.id.0,
+    }
+}
+
+pub(crate) fn peer_summary(peer: &PeerStatus, now: SystemTime) -> PeerSummary {
+    PeerSummary {
+        hostname: peer.name.clone(),
+        addresses: peer.addresses.clone(),
+        identity: peer.identity.to_string(),
+        endpoint: peer.endpoint,
+        last_handshake: peer.last_handshake.map(|ago| rfc3339_ago(now, ago)),
+        rx_bytes: peer.rx_bytes,
+        tx_bytes: peer.tx_bytes,
+    }
+}
+
+pub(crate) fn filter_status(stats: &FilterStats) -> FilterStatus {
+    FilterStatus {
+        accepted: stats.accepted,
+        dropped: stats.dropped,
+    }
+}
+
+fn rfc3339_ago(now: SystemTime, ago: Duration) -> String {
+    let at = now.checked_sub(ago).unwrap_or(SystemTime::UNIX_EPOCH);
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_proto::{Identity, NodeId};
+
+    use super::*;
+
+    #[test]
+    fn a_handshake_age_becomes_a_timestamp() {
+        let now = humantime::parse_rfc3339("2026-01-01T00:01:00Z").unwrap();
+        let peer = PeerStatus {
+            id: NodeId(2),
+            name: "db-1".into(),
+            addresses: vec!["100.64.0.2".parse().unwrap()],
+            identity: Identity {
+                user: None,
+                tags: vec!["tag:db".into()],
+            },
+            endpoint: None,
+            last_handshake: Some(Duration::from_secs(12)),
+            rx_bytes: 1,
+            tx_bytes: 2,
+        };
+        let summary = peer_summary(&peer, now);
+        assert_eq!(
+            summary.last_handshake.as_deref(),
+            Some("2026-01-01T00:00:48Z")
+        );
+        assert_eq!(summary.identity, "tag:db");
+        let never = peer_summary(
+            &PeerStatus {
+                last_handshake: None,
+                ..peer
+            },
+            now,
+        );
+        assert_eq!(never.last_handshake, None);
+    }
+}

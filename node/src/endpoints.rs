@@ -1,0 +1,99 @@
+//! The underlay endpoints a node advertises: where peers can send its
+//! WireGuard packets.
+
+use std::net::{IpAddr, SocketAddr};
+
+/// Every usable address of the host's interfaces with the WireGuard port,
+/// skipping the overlay interface itself.
+pub fn local_endpoints(port: u16, overlay_interface: &str) -> std::io::Result<Vec<SocketAddr>> {
+    let addrs = nix::ifaddrs::getifaddrs()?.filter_map(|ifaddr| {
+        if ifaddr.interface_name == overlay_interface {
+            return None;
+        }
+        let address = ifaddr.address?;
+        if let Some(v4) = address.as_sockaddr_in() {
+            Some(IpAddr::V4(v4.ip()))
+        } else {
+            address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        }
+    });
+    Ok(usable_endpoints(addrs, port))
+}
+
+/// Keeps the addresses a peer elsewhere could reach, deduplicated in order.
+///
+/// Loopback, unspecified, multicast and IPv6 link-local addresses are dropped:
+/// the last need a scope that means nothing on another host. Overlay
+/// addresses are dropped too, so a tunnel is never routed through itself.
+pub(crate) fn usable_endpoints(
+    addrs: impl IntoIterator<Item = IpAddr>,
+    port: u16,
+) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for ip in addrs {
+        if !is_usable(ip) {
+            continue;
+        }
+        let endpoint = SocketAddr::new(ip, port);
+        if !out.contains(&endpoint) {
+            out.push(endpoint);
+        }
+    }
+    out
+}
+
+fn is_usable(ip: IpAddr) -> bool {
+    if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+        return false;
+    }
+    match ip {
+        IpAddr::V4(v4) => {
+            let overlay = u32::from(v4) & 0xffc0_0000 == 0x6440_0000;
+            !overlay && !v4.is_link_local() && !v4.is_broadcast()
+        }
+        IpAddr::V6(v6) => {
+            let link_local = v6.segments()[0] & 0xffc0 == 0xfe80;
+            !link_local && v6.to_ipv4_mapped().is_none()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn loopback_link_local_and_overlay_are_skipped() {
+        let found = usable_endpoints(
+            ips(&[
+                "127.0.0.1",
+                "::1",
+                "192.0.2.10",
+                "fe80::1",
+                "100.64.0.7",
+                "169.254.1.1",
+                "2001:db8::5",
+                "192.0.2.10",
+                "0.0.0.0",
+            ]),
+            51820,
+        );
+        let want: Vec<SocketAddr> = vec![
+            "192.0.2.10:51820".parse().unwrap(),
+            "[2001:db8::5]:51820".parse().unwrap(),
+        ];
+        assert_eq!(found, want);
+    }
+
+    #[test]
+    fn the_host_never_advertises_loopback() {
+        let found = local_endpoints(51820, "weft-test-none").unwrap();
+        assert!(found
+            .iter()
+            .all(|e| !e.ip().is_loopback() && e.port() == 51820));
+    }
+}

@@ -1,0 +1,917 @@
+//! From the HuJSON value tree to the policy [`ast`](crate::ast): keys, types and the syntax of every string.
+//!
+//! Problems are collected rather than returned at the first one, so a single
+//! `weft policy check` run shows everything that needs fixing.
+
+use weft_proto::{PortRange, Protocol};
+
+use crate::ast::{Acl, Dst, File, GroupDef, HostDef, Spanned, TagOwnerDef, TestDst, TestEntry};
+use crate::diagnostic::{suggest, Diagnostic, SourceMap, Span};
+use crate::hujson::{Kind, Member, Value};
+use crate::ports;
+use crate::selector::{self, Selector, SelectorError};
+
+/// Top-level keys weft understands.
+const SUPPORTED_KEYS: &[&str] = &["groups", "tagOwners", "hosts", "acls", "tests"];
+
+/// Top-level keys of Tailscale policy files that weft ignores with a warning.
+/// None of them grants access on its own, so ignoring one never widens access.
+const IGNORED_KEYS: &[&str] = &[
+    "ssh",
+    "sshTests",
+    "nodeAttrs",
+    "autoApprovers",
+    "derpMap",
+    "postures",
+    "defaultSrcPosture",
+    "grants",
+    "ipsets",
+    "randomizeClientPort",
+    "disableIPv4",
+    "OneCSIDRoutes",
+    "attrs",
+];
+
+/// Parses the policy structure, appending problems to `diags`.
+pub(crate) fn file(root: &Value, map: &SourceMap<'_>, diags: &mut Vec<Diagnostic>) -> File {
+    let mut walker = Walker { map, diags };
+    let mut file = File::default();
+    let Some(members) = walker.object(
+        root,
+        "the policy",
+        "a policy file is one object: { \"acls\": [ … ] }",
+    ) else {
+        return file;
+    };
+    for member in members {
+        let key = member.key.as_str();
+        match key {
+            "groups" => file.groups = walker.groups(&member.value),
+            "tagOwners" => file.tag_owners = walker.tag_owners(&member.value),
+            "hosts" => file.hosts = walker.hosts(&member.value),
+            "acls" => file.acls = walker.acls(&member.value),
+            "tests" => file.tests = walker.tests(&member.value),
+            _ if IGNORED_KEYS.contains(&key) => walker.diags.push(map.warning(
+                member.key_span,
+                format!("\"{key}\" is not supported by weft and is ignored"),
+                Some("the rest of the policy still applies; remove the key to silence this warning".into()),
+            )),
+            _ => {
+                let hint = suggest(key, SUPPORTED_KEYS.iter().copied())
+                    .or_else(|| suggest(key, IGNORED_KEYS.iter().copied()))
+                    .map_or_else(
+                        || format!("top-level keys are {}", SUPPORTED_KEYS.join(", ")),
+                        |near| format!("did you mean \"{near}\"?"),
+                    );
+                walker.error(member.key_span, format!("unknown top-level key \"{key}\""), hint);
+            }
+        }
+    }
+    file
+}
+
+struct Walker<'m, 'd> {
+    map: &'m SourceMap<'m>,
+    diags: &'d mut Vec<Diagnostic>,
+}
+
+impl Walker<'_, '_> {
+    fn groups(&mut self, value: &Value) -> Vec<GroupDef> {
+        const SHAPE: &str = "write \"groups\": { \"group:NAME\": [\"user@example.com\", …] }";
+        let Some(members) = self.object(value, "\"groups\"", SHAPE) else {
+            return Vec::new();
+        };
+        let mut groups = Vec::new();
+        for member in members {
+            let Some(name) = self.prefixed_name(member, "group") else {
+                continue;
+            };
+            let what = format!("group \"{}\"", member.key);
+            let Some(items) = self.array(&member.value, &what, SHAPE) else {
+                continue;
+            };
+            let mut users = Vec::new();
+            for item in items {
+                let Some(text) = self.string(
+                    item,
+                    &format!("a member of {what}"),
+                    "members are user logins",
+                ) else {
+                    continue;
+                };
+                match selector::parse(text) {
+                    Ok(Selector::User(user)) => users.push(Spanned { value: user, span: item.span }),
+                    Ok(Selector::Group(_)) => self.error(
+                        item.span,
+                        format!("{what} contains the group \"{text}\"; groups cannot contain other groups"),
+                        "list that group's users directly".into(),
+                    ),
+                    Ok(_) => self.error(
+                        item.span,
+                        format!("{what} contains \"{text}\", which is not a user"),
+                        "group members are user logins such as alice@example.com".into(),
+                    ),
+                    Err(err) => self.selector_error(item.span, err),
+                }
+            }
+            groups.push(GroupDef {
+                name,
+                members: users,
+            });
+        }
+        groups
+    }
+
+    fn tag_owners(&mut self, value: &Value) -> Vec<TagOwnerDef> {
+        const SHAPE: &str =
+            "write \"tagOwners\": { \"tag:NAME\": [\"group:NAME\", \"user@example.com\", …] }";
+        let Some(members) = self.object(value, "\"tagOwners\"", SHAPE) else {
+            return Vec::new();
+        };
+        let mut defs = Vec::new();
+        for member in members {
+            let Some(tag) = self.prefixed_name(member, "tag") else {
+                continue;
+            };
+            let what = format!("the owners of \"{}\"", member.key);
+            let Some(items) = self.array(&member.value, &what, SHAPE) else {
+                continue;
+            };
+            let mut owners = Vec::new();
+            for item in items {
+                let Some(text) = self.string(
+                    item,
+                    &format!("one of {what}"),
+                    "owners are users, groups or tags",
+                ) else {
+                    continue;
+                };
+                if text.starts_with("autogroup:") {
+                    continue;
+                }
+                match selector::parse(text) {
+                    Ok(owner @ (Selector::User(_) | Selector::Group(_) | Selector::Tag(_))) => {
+                        owners.push(Spanned {
+                            value: owner,
+                            span: item.span,
+                        });
+                    }
+                    Ok(_) => self.error(
+                        item.span,
+                        format!("\"{text}\" cannot own a tag"),
+                        "tag owners are users, group:NAME or tag:NAME".into(),
+                    ),
+                    Err(err) => self.selector_error(item.span, err),
+                }
+            }
+            defs.push(TagOwnerDef { tag, owners });
+        }
+        defs
+    }
+
+    fn hosts(&mut self, value: &Value) -> Vec<HostDef> {
+        const SHAPE: &str = "write \"hosts\": { \"NAME\": \"100.64.0.0/24\" }";
+        let Some(members) = self.object(value, "\"hosts\"", SHAPE) else {
+            return Vec::new();
+        };
+        let mut hosts = Vec::new();
+        for member in members {
+            let name = member.key.as_str();
+            let name_problem = selector::check_host_name(name).err().or_else(|| {
+                (selector::parse_prefix(name) != Ok(None)).then(|| SelectorError {
+                    message: format!("host name \"{name}\" looks like an IP address"),
+                    hint: Some(
+                        "host names are words such as db-net; the address goes in the value".into(),
+                    ),
+                })
+            });
+            if let Some(err) = name_problem {
+                self.selector_error(member.key_span, err);
+                continue;
+            }
+            let Some(text) = self.string(&member.value, &format!("host \"{name}\""), SHAPE) else {
+                continue;
+            };
+            match selector::parse_prefix(text) {
+                Ok(Some(prefix)) => hosts.push(HostDef {
+                    name: Spanned {
+                        value: name.to_owned(),
+                        span: member.key_span,
+                    },
+                    prefix,
+                }),
+                Ok(None) => self.error(
+                    member.value.span,
+                    format!("host \"{name}\" is \"{text}\", which is not an IP address or CIDR"),
+                    "write an address like 100.64.0.1 or a CIDR like 100.64.0.0/24".into(),
+                ),
+                Err(err) => self.selector_error(member.value.span, err),
+            }
+        }
+        hosts
+    }
+
+    fn acls(&mut self, value: &Value) -> Vec<Acl> {
+        const SHAPE: &str = "write \"acls\": [ { \"action\": \"accept\", \"src\": [ … ], \"dst\": [ \"SELECTOR:PORTS\" ] } ]";
+        let Some(items) = self.array(value, "\"acls\"", SHAPE) else {
+            return Vec::new();
+        };
+        items.iter().filter_map(|item| self.acl(item)).collect()
+    }
+
+    fn acl(&mut self, value: &Value) -> Option<Acl> {
+        const FIELDS: &[&str] = &["action", "src", "dst", "proto"];
+        let members = self.object(
+            value,
+            "an acls entry",
+            "an acls entry is { \"action\": \"accept\", \"src\": [ … ], \"dst\": [ … ] }",
+        )?;
+        let (mut action, mut src, mut dst, mut proto) = (None, None, None, None);
+        for member in members {
+            match member.key.as_str() {
+                "action" => action = Some(&member.value),
+                "src" => src = Some(&member.value),
+                "dst" => dst = Some(&member.value),
+                "proto" => proto = Some(&member.value),
+                "srcPosture" => self.error(
+                    member.key_span,
+                    "\"srcPosture\" is not supported by weft".into(),
+                    "remove it; weft refuses the rule rather than ignore a restriction".into(),
+                ),
+                "users" | "ports" => self.error(
+                    member.key_span,
+                    format!(
+                        "\"{}\" is the old acl syntax, which weft does not accept",
+                        member.key
+                    ),
+                    "write sources in \"src\" and destinations with ports in \"dst\"".into(),
+                ),
+                other => self.unknown_field(member, other, "acls entry", FIELDS),
+            }
+        }
+        match action {
+            None => self.error(
+                value.span,
+                "acls entry has no \"action\"".into(),
+                "add \"action\": \"accept\"".into(),
+            ),
+            Some(action) => self.action(action),
+        }
+        // `None` when the proto was invalid (and reported), `Some(None)` when absent.
+        let proto = match proto {
+            None => Some(None),
+            Some(p) => self.proto(p).map(Some),
+        };
+        let src = self.required_list(value, src, "src", "add \"src\": [\"group:NAME\", …]");
+        let dst = self.required_list(value, dst, "dst", "add \"dst\": [\"tag:NAME:PORTS\", …]");
+        let src: Vec<_> = src
+            .iter()
+            .filter_map(|item| self.src_selector(item))
+            .collect();
+        let dst: Vec<_> = dst
+            .iter()
+            .filter_map(|item| self.dst(item, proto))
+            .collect();
+        // An entry with errors is still resolved, so its names get checked
+        // too; the errors already reported keep the policy from loading.
+        Some(Acl {
+            span: value.span,
+            src,
+            dst,
+            proto: proto.flatten(),
+        })
+    }
+
+    fn action(&mut self, value: &Value) {
+        let Some(action) = self.string(value, "\"action\"", "write \"action\": \"accept\"") else {
+            return;
+        };
+        if action != "accept" {
+            self.error(
+                value.span,
+                format!("invalid action \"{action}\""),
+                "only \"accept\" is supported; anything not accepted is denied".into(),
+            );
+        }
+    }
+
+    /// `None` means an error was reported.
+    fn proto(&mut self, value: &Value) -> Option<Protocol> {
+        let text = match &value.kind {
+            Kind::String(text) => text.as_str(),
+            Kind::Number(text) => text.as_str(),
+            other => {
+                self.error(
+                    value.span,
+                    format!(
+                        "\"proto\" must be a string or a number, found {}",
+                        other.describe()
+                    ),
+                    "write \"proto\": \"tcp\", \"udp\", \"icmp\" or an IANA protocol number".into(),
+                );
+                return None;
+            }
+        };
+        match ports::parse_proto(text) {
+            Ok(protocol) => Some(protocol),
+            Err(err) => {
+                self.error(value.span, err.message, err.hint);
+                None
+            }
+        }
+    }
+
+    fn src_selector(&mut self, item: &Value) -> Option<Spanned<Selector>> {
+        let text = self.string(
+            item,
+            "a \"src\" entry",
+            "src entries are selectors such as \"group:eng\"",
+        )?;
+        match selector::parse(text) {
+            Ok(value) => Some(Spanned {
+                value,
+                span: item.span,
+            }),
+            Err(err) => {
+                self.selector_error(item.span, err);
+                None
+            }
+        }
+    }
+
+    /// `proto` is `None` when the rule's proto was invalid (then port checks against it are skipped).
+    fn dst(&mut self, item: &Value, proto: Option<Option<Protocol>>) -> Option<Spanned<Dst>> {
+        let text = self.string(
+            item,
+            "a \"dst\" entry",
+            "dst entries are SELECTOR:PORTS, e.g. \"tag:db:5432\"",
+        )?;
+        let parsed =
+            selector::split_dst(text).and_then(|(sel, ports)| Ok((selector::parse(sel)?, ports)));
+        let (selector, port_text) = match parsed {
+            Ok(parsed) => parsed,
+            Err(err) => {
+                self.selector_error(item.span, err);
+                return None;
+            }
+        };
+        let ports = match ports::parse_ports(port_text) {
+            Ok(ports) => ports,
+            Err(err) => {
+                self.error(item.span, err.message, err.hint);
+                return None;
+            }
+        };
+        if let Some(Some(protocol)) = proto {
+            if !ports::has_ports(protocol) && ports != [PortRange::ANY] {
+                let (sel, _) = text.rsplit_once(':').unwrap_or((text, ""));
+                self.error(
+                    item.span,
+                    format!(
+                        "proto \"{}\" has no ports, but dst \"{text}\" names some",
+                        ports::proto_name(protocol)
+                    ),
+                    format!("write \"{sel}:*\""),
+                );
+                return None;
+            }
+        }
+        Some(Spanned {
+            value: Dst { selector, ports },
+            span: item.span,
+        })
+    }
+
+    fn tests(&mut self, value: &Value) -> Vec<TestEntry> {
+        const SHAPE: &str = "write \"tests\": [ { \"src\": \"tag:web\", \"accept\": [\"tag:db:5432\"], \"deny\": [\"tag:db:22\"] } ]";
+        let Some(items) = self.array(value, "\"tests\"", SHAPE) else {
+            return Vec::new();
+        };
+        items.iter().filter_map(|item| self.test(item)).collect()
+    }
+
+    fn test(&mut self, value: &Value) -> Option<TestEntry> {
+        const FIELDS: &[&str] = &["src", "accept", "deny", "proto"];
+        let members = self.object(
+            value,
+            "a tests entry",
+            "a tests entry is { \"src\": …, \"accept\": [ … ], \"deny\": [ … ] }",
+        )?;
+        let (mut src, mut accept, mut deny, mut proto) = (None, None, None, None);
+        for member in members {
+            match member.key.as_str() {
+                "src" => src = Some(&member.value),
+                "accept" => accept = Some(&member.value),
+                "deny" => deny = Some(&member.value),
+                "proto" => proto = Some(&member.value),
+                "srcPostureAttrs" => self.error(
+                    member.key_span,
+                    "\"srcPostureAttrs\" is not supported by weft".into(),
+                    "remove it from the test".into(),
+                ),
+                other => self.unknown_field(member, other, "tests entry", FIELDS),
+            }
+        }
+        let proto = match proto {
+            Some(p) => Some(self.proto(p)?),
+            None => None,
+        };
+        if accept.is_none() && deny.is_none() {
+            self.error(
+                value.span,
+                "tests entry has no \"accept\" or \"deny\"".into(),
+                "list what src should reach in \"accept\" and what it must not in \"deny\"".into(),
+            );
+        }
+        let Some(src_value) = src else {
+            self.error(
+                value.span,
+                "tests entry has no \"src\"".into(),
+                "add \"src\": \"tag:NAME\" (or a user, group, host or IP)".into(),
+            );
+            return None;
+        };
+        let src_text = self.string(
+            src_value,
+            "a test's \"src\"",
+            "write one principal, e.g. \"src\": \"tag:web\"",
+        )?;
+        let src = self.principal(src_text, src_value.span)?;
+        let accept = self.test_dsts(accept, "accept");
+        let deny = self.test_dsts(deny, "deny");
+        Some(TestEntry {
+            span: value.span,
+            src: Spanned {
+                value: src,
+                span: src_value.span,
+            },
+            src_text: src_text.to_owned(),
+            proto,
+            accept,
+            deny,
+        })
+    }
+
+    fn test_dsts(&mut self, list: Option<&Value>, key: &str) -> Vec<Spanned<TestDst>> {
+        let Some(list) = list else {
+            return Vec::new();
+        };
+        let shape = format!("write \"{key}\": [\"tag:db:5432\", …]");
+        let Some(items) = self.array(list, &format!("\"{key}\""), &shape) else {
+            return Vec::new();
+        };
+        let mut dsts = Vec::new();
+        for item in items {
+            let Some(text) = self.string(item, &format!("a \"{key}\" entry"), &shape) else {
+                continue;
+            };
+            let (sel, port) = match selector::split_dst(text) {
+                Ok(split) => split,
+                Err(err) => {
+                    self.selector_error(item.span, err);
+                    continue;
+                }
+            };
+            let Some(selector) = self.principal(sel, item.span) else {
+                continue;
+            };
+            match ports::parse_single_port(port) {
+                Ok(port) => dsts.push(Spanned {
+                    value: TestDst {
+                        text: text.to_owned(),
+                        selector,
+                        port,
+                    },
+                    span: item.span,
+                }),
+                Err(err) => self.error(item.span, err.message, err.hint),
+            }
+        }
+        dsts
+    }
+
+    /// A test's src or dst: one concrete principal, not `*`.
+    fn principal(&mut self, text: &str, span: Span) -> Option<Selector> {
+        match selector::parse(text) {
+            Ok(Selector::Any) => {
+                self.error(
+                    span,
+                    "tests need a concrete principal, not \"*\"".into(),
+                    "name a user, group, tag, host or IP".into(),
+                );
+                None
+            }
+            Ok(selector) => Some(selector),
+            Err(err) => {
+                self.selector_error(span, err);
+                None
+            }
+        }
+    }
+
+    fn required_list<'v>(
+        &mut self,
+        entry: &Value,
+        list: Option<&'v Value>,
+        key: &str,
+        hint: &str,
+    ) -> &'v [Value] {
+        let Some(list) = list else {
+            self.error(
+                entry.span,
+                format!("acls entry has no \"{key}\""),
+                hint.into(),
+            );
+            return &[];
+        };
+        let Some(items) = self.array(list, &format!("\"{key}\""), hint) else {
+            return &[];
+        };
+        if items.is_empty() {
+            self.error(
+                list.span,
+                format!("\"{key}\" is empty, so the rule can never match"),
+                format!("{hint}, or remove the rule"),
+            );
+        }
+        items
+    }
+
+    /// Checks that a `groups`/`tagOwners` key carries its prefix.
+    fn prefixed_name(&mut self, member: &Member, kind: &str) -> Option<Spanned<String>> {
+        let key = member.key.as_str();
+        let prefix = format!("{kind}:");
+        let Some(name) = key.strip_prefix(&prefix) else {
+            self.error(
+                member.key_span,
+                format!("{kind} name \"{key}\" must start with \"{prefix}\""),
+                format!("write \"{prefix}{key}\""),
+            );
+            return None;
+        };
+        if let Err(err) = selector::check_name(kind, name, key) {
+            self.selector_error(member.key_span, err);
+            return None;
+        }
+        Some(Spanned {
+            value: key.to_owned(),
+            span: member.key_span,
+        })
+    }
+
+    fn unknown_field(&mut self, member: &Member, key: &str, entry: &str, fields: &[&str]) {
+        let hint = suggest(key, fields.iter().copied()).map_or_else(
+            || format!("an {entry} has the keys {}", fields.join(", ")),
+            |near| format!("did you mean \"{near}\"?"),
+        );
+        self.error(
+            member.key_span,
+            format!("unknown key \"{key}\" in {entry}"),
+            hint,
+        );
+    }
+
+    fn object<'v>(&mut self, value: &'v Value, what: &str, hint: &str) -> Option<&'v [Member]> {
+        match &value.kind {
+            Kind::Object(members) => Some(members),
+            other => {
+                self.type_error(value, what, "an object", other, hint);
+                None
+            }
+        }
+    }
+
+    fn array<'v>(&mut self, value: &'v Value, what: &str, hint: &str) -> Option<&'v [Value]> {
+        match &value.kind {
+            Kind::Array(items) => Some(items),
+            other => {
+                self.type_error(value, what, "an array", other, hint);
+                None
+            }
+        }
+    }
+
+    fn string<'v>(&mut self, value: &'v Value, what: &str, hint: &str) -> Option<&'v str> {
+        match &value.kind {
+            Kind::String(text) => Some(text),
+            other => {
+                self.type_error(value, what, "a string", other, hint);
+                None
+            }
+        }
+    }
+
+    fn type_error(&mut self, value: &Value, what: &str, expected: &str, found: &Kind, hint: &str) {
+        self.error(
+            value.span,
+            format!("{what} must be {expected}, found {}", found.describe()),
+            hint.into(),
+        );
+    }
+
+    fn selector_error(&mut self, span: Span, err: SelectorError) {
+        self.diags.push(self.map.error(span, err.message, err.hint));
+    }
+
+    fn error(&mut self, span: Span, message: String, hint: String) {
+        self.diags.push(self.map.error(span, message, Some(hint)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Diagnostic, Policy, Severity};
+
+    /// The single error of `source`, as (line, column, message, hint).
+    fn error(source: &str) -> (u32, u32, String, String) {
+        let diags = Policy::parse(source, "p.hujson").unwrap_err().0;
+        let errors: Vec<&Diagnostic> = diags
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .collect();
+        assert_eq!(errors.len(), 1, "expected one error, got {diags:#?}");
+        let d = errors[0];
+        (
+            d.line,
+            d.column,
+            d.message.clone(),
+            d.hint.clone().unwrap_or_default(),
+        )
+    }
+
+    fn acl(rule: &str) -> String {
+        format!(
+            "{{\n  \"tagOwners\": {{\"tag:web\": [], \"tag:db\": []}},\n  \"acls\": [\n    {rule},\n  ],\n}}"
+        )
+    }
+
+    #[test]
+    fn unknown_top_level_key_suggests_the_near_miss() {
+        let (line, col, message, hint) = error("{\n  \"acl\": []\n}");
+        assert_eq!((line, col), (2, 3));
+        assert_eq!(message, "unknown top-level key \"acl\"");
+        assert_eq!(hint, "did you mean \"acls\"?");
+        let (_, _, message, hint) = error("{\"tagowners\": {}}");
+        assert_eq!(message, "unknown top-level key \"tagowners\"");
+        assert_eq!(hint, "did you mean \"tagOwners\"?");
+        let (_, _, _, hint) = error("{\"whatever\": {}}");
+        assert_eq!(
+            hint,
+            "top-level keys are groups, tagOwners, hosts, acls, tests"
+        );
+    }
+
+    #[test]
+    fn tailscale_only_keys_warn_and_load() {
+        let source = "{\n  \"ssh\": [],\n  \"nodeAttrs\": [],\n  \"acls\": [],\n  \"randomizeClientPort\": true,\n}";
+        let policy = Policy::parse(source, "p.hujson").unwrap();
+        let warnings: Vec<(u32, &str)> = policy
+            .warnings()
+            .iter()
+            .map(|w| (w.line, w.message.as_str()))
+            .collect();
+        assert_eq!(
+            warnings,
+            [
+                (2, "\"ssh\" is not supported by weft and is ignored"),
+                (3, "\"nodeAttrs\" is not supported by weft and is ignored"),
+                (
+                    5,
+                    "\"randomizeClientPort\" is not supported by weft and is ignored"
+                ),
+            ]
+        );
+        assert!(policy
+            .warnings()
+            .iter()
+            .all(|w| w.severity == Severity::Warning));
+    }
+
+    #[test]
+    fn wrong_json_types() {
+        let (line, col, message, _) = error("{\n  \"groups\": []\n}");
+        assert_eq!(
+            (line, col, message.as_str()),
+            (2, 13, "\"groups\" must be an object, found an array")
+        );
+        let (_, _, message, _) = error("[]");
+        assert_eq!(message, "the policy must be an object, found an array");
+        let (line, col, message, _) = error(&acl(
+            "{\"action\": \"accept\", \"src\": \"tag:web\", \"dst\": [\"tag:db:*\"]}",
+        ));
+        assert_eq!(
+            (line, col, message.as_str()),
+            (4, 33, "\"src\" must be an array, found a string")
+        );
+        let (_, _, message, _) = error(&acl(
+            "{\"action\": \"accept\", \"src\": [1], \"dst\": [\"tag:db:*\"]}",
+        ));
+        assert_eq!(message, "a \"src\" entry must be a string, found a number");
+        let (_, _, message, _) = error("{\"groups\": {\"group:a\": [\"a@x\", null]}}");
+        assert_eq!(
+            message,
+            "a member of group \"group:a\" must be a string, found null"
+        );
+        let (_, _, message, _) = error("{\"hosts\": {\"h\": 3}}");
+        assert_eq!(message, "host \"h\" must be a string, found a number");
+    }
+
+    #[test]
+    fn duplicate_keys_are_errors() {
+        let (line, col, message, _) = error("{\n  \"acls\": [],\n  \"acls\": []\n}");
+        assert_eq!(
+            (line, col, message.as_str()),
+            (3, 3, "duplicate key \"acls\"")
+        );
+        let (line, col, message, _) = error("{\"groups\": {\"group:a\": [], \n\"group:a\": []}}");
+        assert_eq!(
+            (line, col, message.as_str()),
+            (2, 1, "duplicate key \"group:a\"")
+        );
+    }
+
+    #[test]
+    fn syntax_errors_name_the_offending_character() {
+        let (line, col, message, _) =
+            error("{\n  \"acls\": [\n    {\"action\" \"accept\"}\n  ]\n}");
+        assert_eq!((line, col), (3, 15));
+        assert_eq!(message, "expected ':' after key \"action\", found '\"'");
+    }
+
+    #[test]
+    fn group_and_tag_names_need_their_prefix() {
+        let (line, col, message, hint) = error("{\n  \"groups\": {\"eng\": [\"a@x\"]}\n}");
+        assert_eq!((line, col), (2, 14));
+        assert_eq!(message, "group name \"eng\" must start with \"group:\"");
+        assert_eq!(hint, "write \"group:eng\"");
+        let (line, col, message, hint) = error("{\n  \"tagOwners\": {\n    \"web\": []\n  }\n}");
+        assert_eq!((line, col), (3, 5));
+        assert_eq!(message, "tag name \"web\" must start with \"tag:\"");
+        assert_eq!(hint, "write \"tag:web\"");
+    }
+
+    #[test]
+    fn group_members_are_users() {
+        let (_, _, message, _) =
+            error("{\"groups\": {\"group:a\": [\"a@x\"], \"group:b\": [\"group:a\"]}}");
+        assert_eq!(
+            message,
+            "group \"group:b\" contains the group \"group:a\"; groups cannot contain other groups"
+        );
+        let (_, _, message, _) =
+            error("{\"tagOwners\": {\"tag:t\": []}, \"groups\": {\"group:b\": [\"tag:t\"]}}");
+        assert_eq!(
+            message,
+            "group \"group:b\" contains \"tag:t\", which is not a user"
+        );
+    }
+
+    #[test]
+    fn actions_other_than_accept_are_rejected() {
+        let (line, col, message, hint) = error(&acl(
+            "{\"action\": \"deny\", \"src\": [\"*\"], \"dst\": [\"*:*\"]}",
+        ));
+        assert_eq!((line, col), (4, 16));
+        assert_eq!(message, "invalid action \"deny\"");
+        assert!(hint.starts_with("only \"accept\" is supported"), "{hint}");
+        let (line, col, message, _) = error(&acl("{\"src\": [\"*\"], \"dst\": [\"*:*\"]}"));
+        assert_eq!(
+            (line, col, message.as_str()),
+            (4, 5, "acls entry has no \"action\"")
+        );
+    }
+
+    #[test]
+    fn invalid_ports_cidrs_and_protos() {
+        let (line, col, message, _) = error(&acl(
+            "{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"tag:db:70000\"]}",
+        ));
+        assert_eq!(
+            (line, col, message.as_str()),
+            (4, 48, "invalid ports \"70000\"")
+        );
+        let (_, _, message, hint) = error(&acl(
+            "{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"tag:db\"]}",
+        ));
+        assert_eq!(message, "dst \"tag:db\" has no ports");
+        assert_eq!(
+            hint,
+            "write \"tag:db:*\" for every port, or \"tag:db:PORT\""
+        );
+        let (line, col, message, _) = error(&acl(
+            "{\"action\": \"accept\", \"src\": [\"10.0.0.0/33\"], \"dst\": [\"*:*\"]}",
+        ));
+        assert_eq!(
+            (line, col, message.as_str()),
+            (4, 34, "invalid IP address or CIDR \"10.0.0.0/33\"")
+        );
+        let (_, _, message, hint) = error(&acl(
+            "{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"10.1.2.3/8:22\"]}",
+        ));
+        assert_eq!(
+            message,
+            "CIDR \"10.1.2.3/8\" has bits set after the prefix length"
+        );
+        assert_eq!(hint, "did you mean \"10.0.0.0/8\"?");
+        let (line, col, message, _) = error(&acl(
+            "{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"], \"proto\": \"tcpp\"}",
+        ));
+        assert_eq!(
+            (line, col, message.as_str()),
+            (4, 65, "invalid proto \"tcpp\"")
+        );
+        let (_, _, message, hint) = error(&acl("{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"tag:db:22\"], \"proto\": \"icmp\"}"));
+        assert_eq!(
+            message,
+            "proto \"icmp\" has no ports, but dst \"tag:db:22\" names some"
+        );
+        assert_eq!(hint, "write \"tag:db:*\"");
+        let (_, _, message, _) = error("{\"hosts\": {\"h\": \"not-an-ip\"}}");
+        assert_eq!(
+            message,
+            "host \"h\" is \"not-an-ip\", which is not an IP address or CIDR"
+        );
+        let (_, _, message, _) = error("{\"hosts\": {\"10.0.0.1\": \"10.0.0.1\"}}");
+        assert_eq!(message, "host name \"10.0.0.1\" looks like an IP address");
+    }
+
+    #[test]
+    fn numeric_protos_are_accepted() {
+        let policy = Policy::parse(
+            &acl("{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"], \"proto\": 17}"),
+            "p",
+        );
+        assert!(policy.is_ok(), "{policy:?}");
+        let policy = Policy::parse(&acl("{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"], \"proto\": \"132\"}"), "p");
+        assert!(policy.is_ok(), "{policy:?}");
+    }
+
+    #[test]
+    fn unknown_and_unsupported_entry_keys() {
+        let (line, col, message, hint) = error(&acl(
+            "{\"action\": \"accept\", \"src\": [\"*\"], \"dts\": [\"*:*\"], \"dst\": [\"*:*\"]}",
+        ));
+        assert_eq!((line, col), (4, 40));
+        assert_eq!(message, "unknown key \"dts\" in acls entry");
+        assert_eq!(hint, "did you mean \"dst\"?");
+        let (_, _, message, _) = error(&acl("{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"], \"srcPosture\": [\"posture:x\"]}"));
+        assert_eq!(message, "\"srcPosture\" is not supported by weft");
+        let (_, _, message, _) = error(&acl(
+            "{\"action\": \"accept\", \"users\": [\"*\"], \"src\": [\"*\"], \"dst\": [\"*:*\"]}",
+        ));
+        assert_eq!(
+            message,
+            "\"users\" is the old acl syntax, which weft does not accept"
+        );
+        let (_, _, message, _) = error(&acl(
+            "{\"action\": \"accept\", \"src\": [], \"dst\": [\"*:*\"]}",
+        ));
+        assert_eq!(message, "\"src\" is empty, so the rule can never match");
+    }
+
+    #[test]
+    fn test_entries_are_checked() {
+        let base = |test: &str| {
+            format!(
+                "{{\"tagOwners\": {{\"tag:db\": []}}, \"acls\": [],\n\"tests\": [\n  {test}\n]}}"
+            )
+        };
+        let (line, col, message, _) = error(&base("{\"src\": \"*\", \"accept\": [\"tag:db:22\"]}"));
+        assert_eq!(
+            (line, col, message.as_str()),
+            (3, 11, "tests need a concrete principal, not \"*\"")
+        );
+        let (_, _, message, _) = error(&base("{\"src\": \"a@x\", \"accept\": [\"tag:db:22-23\"]}"));
+        assert_eq!(message, "invalid test port \"22-23\"");
+        let (line, col, message, _) = error(&base("{\"accept\": [\"tag:db:22\"]}"));
+        assert_eq!(
+            (line, col, message.as_str()),
+            (3, 3, "tests entry has no \"src\"")
+        );
+        let (_, _, message, _) = error(&base("{\"src\": \"a@x\"}"));
+        assert_eq!(message, "tests entry has no \"accept\" or \"deny\"");
+        let (_, _, message, hint) = error(&base(
+            "{\"src\": \"a@x\", \"acept\": [\"tag:db:22\"], \"deny\": []}",
+        ));
+        assert_eq!(message, "unknown key \"acept\" in tests entry");
+        assert_eq!(hint, "did you mean \"accept\"?");
+    }
+
+    #[test]
+    fn every_error_is_reported_in_file_order() {
+        let source =
+            "{\n  \"acl\": [],\n  \"groups\": {\"eng\": []},\n  \"hosts\": {\"h\": \"x\"},\n}";
+        let diags = Policy::parse(source, "p.hujson").unwrap_err();
+        let lines: Vec<u32> = diags.0.iter().map(|d| d.line).collect();
+        assert_eq!(lines, [2, 3, 4]);
+    }
+
+    #[test]
+    fn empty_policy_is_valid() {
+        let policy = Policy::parse("{}", "p").unwrap();
+        assert!(policy.warnings().is_empty());
+        assert_eq!(policy.run_tests().unwrap().passed, 0);
+        let policy = Policy::parse("// nothing allowed\n{ /* yet */ }\n", "p").unwrap();
+        assert!(policy.rules.is_empty());
+    }
+}

@@ -1,0 +1,307 @@
+//! The syntax of `src` and `dst` entries: `*`, users, `group:`, `tag:`, host names, IPs and CIDRs.
+//!
+//! This module only decides what a string *says*; whether a named group, tag
+//! or host exists is the resolver's business.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+/// What a selector string names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Selector {
+    /// `*`: every node and every address.
+    Any,
+    /// `alice@example.com`.
+    User(String),
+    /// `group:NAME` (the full string, prefix included).
+    Group(String),
+    /// `tag:NAME` (the full string, prefix included).
+    Tag(String),
+    /// A name from the `hosts` section.
+    Host(String),
+    /// An IP (as a host prefix) or a CIDR.
+    Prefix(IpNet),
+}
+
+/// Why a string is not a valid selector, and what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SelectorError {
+    pub(crate) message: String,
+    pub(crate) hint: Option<String>,
+}
+
+impl SelectorError {
+    fn new(message: String, hint: impl Into<Option<String>>) -> Self {
+        SelectorError {
+            message,
+            hint: hint.into(),
+        }
+    }
+}
+
+const SELECTOR_FORMS: &str =
+    "a selector is *, user@domain, group:NAME, tag:NAME, a name from \"hosts\", an IP or a CIDR";
+
+/// Parses a `src` selector (or the part of a `dst` before the ports).
+pub(crate) fn parse(text: &str) -> Result<Selector, SelectorError> {
+    if text == "*" {
+        return Ok(Selector::Any);
+    }
+    if text.is_empty() {
+        return Err(SelectorError::new(
+            "empty selector".into(),
+            SELECTOR_FORMS.to_owned(),
+        ));
+    }
+    if text.chars().any(char::is_whitespace) {
+        return Err(SelectorError::new(
+            format!("selector \"{text}\" contains whitespace"),
+            "remove the spaces; each list element is one selector".to_owned(),
+        ));
+    }
+    if let Some(name) = text.strip_prefix("group:") {
+        check_name("group", name, text)?;
+        return Ok(Selector::Group(text.to_owned()));
+    }
+    if let Some(name) = text.strip_prefix("tag:") {
+        check_name("tag", name, text)?;
+        return Ok(Selector::Tag(text.to_owned()));
+    }
+    if text.starts_with("autogroup:") {
+        return Err(SelectorError::new(
+            format!("\"{text}\": autogroups are not supported in this version of weft"),
+            "name the users with a group:NAME or the nodes with a tag:NAME instead".to_owned(),
+        ));
+    }
+    if text.contains('@') {
+        if text.starts_with('@') {
+            return Err(SelectorError::new(
+                format!("invalid user \"{text}\""),
+                "users are written as their login, e.g. alice@example.com".to_owned(),
+            ));
+        }
+        return Ok(Selector::User(text.to_owned()));
+    }
+    if let Some(prefix) = parse_prefix(text)? {
+        return Ok(Selector::Prefix(prefix));
+    }
+    if let Some((prefix, _)) = text.split_once(':') {
+        return Err(SelectorError::new(
+            format!("unknown selector \"{text}\" (unknown prefix \"{prefix}:\")"),
+            SELECTOR_FORMS.to_owned(),
+        ));
+    }
+    check_host_name(text)?;
+    Ok(Selector::Host(text.to_owned()))
+}
+
+/// Parses an IP address or CIDR; `Ok(None)` when `text` does not look like one at all.
+pub(crate) fn parse_prefix(text: &str) -> Result<Option<IpNet>, SelectorError> {
+    if let Ok(addr) = text.parse::<IpAddr>() {
+        return Ok(Some(IpNet::from(addr)));
+    }
+    if let Ok(net) = text.parse::<IpNet>() {
+        if net.trunc() != net {
+            return Err(SelectorError::new(
+                format!("CIDR \"{text}\" has bits set after the prefix length"),
+                format!("did you mean \"{}\"?", net.trunc()),
+            ));
+        }
+        return Ok(Some(net));
+    }
+    let looks_v4 = text.starts_with(|c: char| c.is_ascii_digit())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_digit() || c == '.' || c == '/');
+    let looks_v6 = text.contains("::") || (text.contains(':') && text.contains('/'));
+    if looks_v4 || looks_v6 {
+        return Err(SelectorError::new(
+            format!("invalid IP address or CIDR \"{text}\""),
+            "write an address like 100.64.0.1 or fd7a::1, or a CIDR like 100.64.0.0/24".to_owned(),
+        ));
+    }
+    Ok(None)
+}
+
+/// Splits a `dst` entry into its selector and ports at the last colon.
+///
+/// IPv6 literals may be bracketed (`[fd00::1]:80`); a bare one (`fd00::/64:80`)
+/// splits at the last colon as well.
+pub(crate) fn split_dst(text: &str) -> Result<(&str, &str), SelectorError> {
+    if let Some(rest) = text.strip_prefix('[') {
+        let Some((addr, ports)) = rest.split_once("]:") else {
+            return Err(SelectorError::new(
+                format!("invalid dst \"{text}\""),
+                "write a bracketed IPv6 dst as [ADDR]:PORTS, e.g. [fd7a::1]:443".to_owned(),
+            ));
+        };
+        return Ok((addr, ports));
+    }
+    let no_port = || {
+        SelectorError::new(
+            format!("dst \"{text}\" has no ports"),
+            format!("write \"{text}:*\" for every port, or \"{text}:PORT\""),
+        )
+    };
+    if parse_prefix(text).ok().flatten().is_some() && text.contains(':') {
+        return Err(SelectorError::new(
+            format!("dst \"{text}\" reads as an IPv6 address or CIDR with no ports"),
+            format!("bracket IPv6 addresses: \"[{text}]:*\" for every port, or \"[{text}]:PORT\""),
+        ));
+    }
+    let Some((selector, ports)) = text.rsplit_once(':') else {
+        return Err(no_port());
+    };
+    if matches!(selector, "tag" | "group" | "autogroup") {
+        return Err(no_port());
+    }
+    Ok((selector, ports))
+}
+
+/// Checks the NAME of `group:NAME` or `tag:NAME`.
+pub(crate) fn check_name(kind: &str, name: &str, full: &str) -> Result<(), SelectorError> {
+    if name.is_empty() {
+        return Err(SelectorError::new(
+            format!("{kind} name \"{full}\" is empty"),
+            format!("write {kind}:NAME"),
+        ));
+    }
+    if !name.chars().all(is_name_char) {
+        return Err(SelectorError::new(
+            format!("invalid {kind} name \"{full}\""),
+            "names use letters, digits, '-', '_' and '.'".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a `hosts` name.
+pub(crate) fn check_host_name(name: &str) -> Result<(), SelectorError> {
+    if name.is_empty() || !name.chars().all(is_name_char) {
+        return Err(SelectorError::new(
+            format!("invalid host name \"{name}\""),
+            "host names use letters, digits, '-', '_' and '.'".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn net(text: &str) -> IpNet {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn selector_forms() {
+        assert_eq!(parse("*"), Ok(Selector::Any));
+        assert_eq!(
+            parse("alice@example.com"),
+            Ok(Selector::User("alice@example.com".into()))
+        );
+        assert_eq!(parse("group:eng"), Ok(Selector::Group("group:eng".into())));
+        assert_eq!(parse("tag:web"), Ok(Selector::Tag("tag:web".into())));
+        assert_eq!(parse("db-net"), Ok(Selector::Host("db-net".into())));
+        assert_eq!(
+            parse("100.64.0.1"),
+            Ok(Selector::Prefix(net("100.64.0.1/32")))
+        );
+        assert_eq!(
+            parse("100.64.0.0/10"),
+            Ok(Selector::Prefix(net("100.64.0.0/10")))
+        );
+        assert_eq!(parse("fd7a::1"), Ok(Selector::Prefix(net("fd7a::1/128"))));
+        assert_eq!(parse("fd7a::/48"), Ok(Selector::Prefix(net("fd7a::/48"))));
+    }
+
+    #[test]
+    fn selector_errors_explain_the_fix() {
+        let err = parse("100.64.0.1/24").unwrap_err();
+        assert!(err.message.contains("bits set"), "{err:?}");
+        assert_eq!(err.hint.as_deref(), Some("did you mean \"100.64.0.0/24\"?"));
+        assert!(parse("100.64.0.300")
+            .unwrap_err()
+            .message
+            .contains("invalid IP"));
+        assert!(parse("fd7a::zz")
+            .unwrap_err()
+            .message
+            .contains("invalid IP"));
+        assert!(parse("autogroup:member")
+            .unwrap_err()
+            .message
+            .contains("autogroups"));
+        assert!(parse("user:bob")
+            .unwrap_err()
+            .message
+            .contains("unknown prefix \"user:\""));
+        assert!(parse("group:").unwrap_err().message.contains("empty"));
+        assert!(parse("tag:a b").unwrap_err().message.contains("whitespace"));
+        assert!(parse("tag:a/b")
+            .unwrap_err()
+            .message
+            .contains("invalid tag name"));
+        assert!(parse("").unwrap_err().message.contains("empty selector"));
+        assert!(parse("@example.com")
+            .unwrap_err()
+            .message
+            .contains("invalid user"));
+    }
+
+    #[test]
+    fn dst_splits_at_the_last_colon() {
+        assert_eq!(split_dst("tag:db:5432"), Ok(("tag:db", "5432")));
+        assert_eq!(split_dst("*:*"), Ok(("*", "*")));
+        assert_eq!(split_dst("db-net:1000-2000"), Ok(("db-net", "1000-2000")));
+        assert_eq!(split_dst("100.64.0.0/24:22"), Ok(("100.64.0.0/24", "22")));
+        assert_eq!(split_dst("[fd00::1]:80"), Ok(("fd00::1", "80")));
+        assert_eq!(split_dst("fd00::/64:80,443"), Ok(("fd00::/64", "80,443")));
+        assert_eq!(
+            split_dst("alice@example.com:22"),
+            Ok(("alice@example.com", "22"))
+        );
+    }
+
+    #[test]
+    fn dst_without_ports_is_explained() {
+        let err = split_dst("tag:db").unwrap_err();
+        assert_eq!(err.message, "dst \"tag:db\" has no ports");
+        assert_eq!(
+            err.hint.as_deref(),
+            Some("write \"tag:db:*\" for every port, or \"tag:db:PORT\"")
+        );
+        assert!(split_dst("printer")
+            .unwrap_err()
+            .message
+            .contains("no ports"));
+        assert!(split_dst("fd00::1")
+            .unwrap_err()
+            .hint
+            .unwrap()
+            .contains("[fd00::1]:*"));
+        assert!(split_dst("[fd00::1]")
+            .unwrap_err()
+            .hint
+            .unwrap()
+            .contains("[ADDR]:PORTS"));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_selectors_never_panic(text in "\\PC{0,24}") {
+            let _ = parse(&text);
+            if let Ok((selector, _)) = split_dst(&text) {
+                let _ = parse(selector);
+            }
+        }
+    }
+}

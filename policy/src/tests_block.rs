@@ -1,0 +1,245 @@
+//! Runs a policy file's `tests` entries against its rules.
+//!
+//! Without a `proto`, an `accept` check asks for TCP and a `deny` check asks
+//! that neither TCP nor UDP gets through (ICMP carries no port, so a port
+//! test cannot speak for it). A group stands for each of its members: an
+//! accept must hold for all of them, and so must a deny.
+
+use serde::Serialize;
+use weft_proto::Protocol;
+
+use crate::diagnostic::{Diagnostic, Diagnostics, Severity};
+use crate::eval::{first_accepting, Principal};
+use crate::ports::proto_name;
+use crate::rules::{Check, Expect, Rule, Target, TestCase};
+
+/// The outcome of a policy's `tests` when all of them pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TestReport {
+    /// How many `accept` and `deny` destinations were checked and held.
+    pub passed: usize,
+}
+
+/// Runs every test; the error lists each failing `accept`/`deny` destination.
+pub(crate) fn run(
+    tests: &[TestCase],
+    rules: &[Rule],
+    file: &str,
+) -> Result<TestReport, Diagnostics> {
+    let mut passed = 0;
+    let mut failures = Vec::new();
+    for test in tests {
+        for check in &test.checks {
+            match failure(test, check, rules) {
+                None => passed += 1,
+                Some((message, hint)) => failures.push(Diagnostic {
+                    severity: Severity::Error,
+                    file: file.to_owned(),
+                    line: test.location.line,
+                    column: test.location.column,
+                    message,
+                    hint: Some(hint),
+                }),
+            }
+        }
+    }
+    if failures.is_empty() {
+        Ok(TestReport { passed })
+    } else {
+        Err(Diagnostics(failures))
+    }
+}
+
+/// Why one check fails (message and hint), or `None` when it holds.
+fn failure(test: &TestCase, check: &Check, rules: &[Rule]) -> Option<(String, String)> {
+    let protocols: &[Protocol] = match (test.proto.as_ref(), check.expect) {
+        (Some(protocol), _) => std::slice::from_ref(protocol),
+        (None, Expect::Accept) => &[Protocol::Tcp],
+        (None, Expect::Deny) => &[Protocol::Tcp, Protocol::Udp],
+    };
+    let srcs = test.src.principals();
+    let dsts = check.dst.principals();
+    let title = |src: Option<Principal<'_>>, protocol: Option<Protocol>| {
+        let member = match (&test.src, src) {
+            (Target::Group { .. }, Some(Principal::User(user))) => format!(" (member {user})"),
+            _ => String::new(),
+        };
+        let over = match (test.proto, protocol) {
+            (None, Some(p)) if p != Protocol::Tcp => format!(" over {}", proto_name(p)),
+            _ => String::new(),
+        };
+        format!(
+            "test src {}{member} → {}{over}",
+            test.src_text, check.dst_text
+        )
+    };
+    match check.expect {
+        Expect::Accept => {
+            if srcs.is_empty() || dsts.is_empty() {
+                let empty = if srcs.is_empty() {
+                    &test.src_text
+                } else {
+                    &check.dst_text
+                };
+                return Some((
+                    format!(
+                        "{}: expected accept, but {empty} has no members",
+                        title(None, None)
+                    ),
+                    "add members to the group, or fix the test".into(),
+                ));
+            }
+            for &src in &srcs {
+                for &dst in &dsts {
+                    for &protocol in protocols {
+                        if first_accepting(rules, src, dst, protocol, check.port).is_none() {
+                            return Some((
+                                format!("{}: expected accept, but no acls rule accepts it", title(Some(src), Some(protocol))),
+                                format!("add an acls rule whose src covers {} and whose dst covers {}, or fix the test", test.src_text, check.dst_text),
+                            ));
+                        }
+                    }
+                }
+            }
+            None
+        }
+        Expect::Deny => {
+            for &src in &srcs {
+                for &dst in &dsts {
+                    for &protocol in protocols {
+                        if let Some(rule) = first_accepting(rules, src, dst, protocol, check.port) {
+                            return Some((
+                                format!(
+                                    "{}: expected deny, but acls line {} accepts it",
+                                    title(Some(src), Some(protocol)),
+                                    rule.line
+                                ),
+                                format!("narrow the rule at line {}, or fix the test", rule.line),
+                            ));
+                        }
+                    }
+                }
+            }
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Policy, Severity};
+
+    const POLICY: &str = r#"{
+  "groups": {"group:eng": ["alice@example.com", "bob@example.com"]},
+  "tagOwners": {"tag:web": ["group:eng"], "tag:db": ["group:eng"], "tag:admin": []},
+  "hosts": {"db-net": "100.64.0.0/24", "printer": "100.64.9.9"},
+  "acls": [
+    {"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"], "proto": "tcp"},
+    {"action": "accept", "src": ["group:eng", "tag:admin"], "dst": ["tag:db:*", "tag:web:*"]},
+    {"action": "accept", "src": ["tag:web"], "dst": ["tag:web:80,443", "db-net:1000-2000"]},
+    {"action": "accept", "src": ["alice@example.com"], "dst": ["printer:631"], "proto": "udp"},
+    {"action": "accept", "src": ["100.64.0.0/16"], "dst": ["tag:web:8080"]},
+  ],
+  "tests": [TESTS],
+}"#;
+
+    fn run(tests: &str) -> Result<usize, Vec<(u32, String)>> {
+        let policy = Policy::parse(&POLICY.replace("TESTS", tests), "p.hujson").unwrap();
+        policy.run_tests().map(|report| report.passed).map_err(|d| {
+            d.0.into_iter()
+                .map(|d| {
+                    assert_eq!(d.severity, Severity::Error);
+                    (d.line, d.message)
+                })
+                .collect()
+        })
+    }
+
+    #[test]
+    fn passing_tests_are_counted() {
+        let tests = r#"
+    {"src": "tag:web", "accept": ["tag:db:5432", "tag:web:443", "db-net:1500"], "deny": ["tag:db:22", "tag:admin:22"]},
+    {"src": "group:eng", "accept": ["tag:db:22", "tag:web:80"]},
+    {"src": "bob@example.com", "deny": ["printer:631"], "proto": "udp"},
+    {"src": "alice@example.com", "accept": ["printer:631"], "proto": "udp"},
+    {"src": "100.64.1.1", "accept": ["tag:web:8080"], "deny": ["tag:web:80", "tag:db:5432"]},
+    {"src": "tag:db", "deny": ["tag:web:80", "db-net:1500"]},
+"#;
+        assert_eq!(run(tests), Ok(14));
+    }
+
+    #[test]
+    fn ports_and_protocols_matter() {
+        let tests = r#"{"src": "tag:web", "accept": ["tag:db:5432"], "deny": ["tag:db:5433", "db-net:999", "db-net:2001"]},
+    {"src": "tag:web", "proto": "udp", "deny": ["tag:db:5432"]},
+    {"src": "tag:web", "proto": "icmp", "accept": ["tag:web:1"], "deny": ["tag:db:5432"]}"#;
+        assert_eq!(run(tests), Ok(7));
+    }
+
+    #[test]
+    fn a_deny_failure_names_the_accepting_rule() {
+        let failures = run(r#"
+    {"src": "tag:web", "deny": ["tag:db:22", "tag:db:5432"]}"#)
+        .unwrap_err();
+        assert_eq!(
+            failures,
+            [(
+                13,
+                "test src tag:web → tag:db:5432: expected deny, but acls line 6 accepts it"
+                    .to_owned()
+            )]
+        );
+    }
+
+    #[test]
+    fn an_accept_failure_says_nothing_accepts() {
+        let failures = run(r#"
+    {"src": "tag:db", "accept": ["tag:web:80"]},
+    {"src": "alice@example.com", "accept": ["printer:631"]}"#)
+        .unwrap_err();
+        assert_eq!(
+            failures,
+            [
+                (13, "test src tag:db → tag:web:80: expected accept, but no acls rule accepts it".to_owned()),
+                (14, "test src alice@example.com → printer:631: expected accept, but no acls rule accepts it".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn deny_without_proto_checks_udp_too() {
+        let failures = run(r#"{"src": "alice@example.com", "deny": ["printer:631"]}"#).unwrap_err();
+        assert_eq!(failures[0].1, "test src alice@example.com → printer:631 over udp: expected deny, but acls line 9 accepts it");
+    }
+
+    #[test]
+    fn groups_must_hold_for_every_member() {
+        let failures =
+            run(r#"{"src": "group:eng", "deny": ["printer:631"], "proto": "udp"}"#).unwrap_err();
+        assert_eq!(failures[0].1, "test src group:eng (member alice@example.com) → printer:631: expected deny, but acls line 9 accepts it");
+    }
+
+    #[test]
+    fn empty_groups_cannot_satisfy_accept() {
+        let source = r#"{"groups": {"group:none": []}, "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+            "tests": [{"src": "group:none", "accept": ["1.2.3.4:80"], "deny": []}]}"#;
+        let failures = Policy::parse(source, "p").unwrap().run_tests().unwrap_err();
+        assert_eq!(
+            failures.0[0].message,
+            "test src group:none → 1.2.3.4:80: expected accept, but group:none has no members"
+        );
+    }
+
+    #[test]
+    fn everything_is_denied_without_rules() {
+        let source = r#"{"tagOwners": {"tag:a": []}, "tests": [{"src": "tag:a", "deny": ["tag:a:1", "1.2.3.4:80"]}]}"#;
+        assert_eq!(
+            Policy::parse(source, "p")
+                .unwrap()
+                .run_tests()
+                .unwrap()
+                .passed,
+            2
+        );
+    }
+}

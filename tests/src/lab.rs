@@ -1,0 +1,109 @@
+//! A simulated underlay: hosts in their own namespaces on one bridged LAN.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Context as _, Result};
+
+use crate::netns::{self, Netns};
+
+const PREFIX: &str = "weft";
+/// The underlay network: TEST-NET-1, reserved for documentation and tests.
+const UNDERLAY: [u8; 3] = [192, 0, 2];
+
+/// One host of a [`Lab`].
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// Short name, as given to [`Lab::add_host`].
+    pub name: String,
+    /// The namespace the host lives in.
+    pub netns: String,
+    /// Its underlay address.
+    pub addr: Ipv4Addr,
+}
+
+/// Hosts in network namespaces, joined by a bridge in a hub namespace.
+/// Dropping it deletes every namespace it made.
+#[derive(Debug)]
+pub struct Lab {
+    id: String,
+    dir: tempfile::TempDir,
+    hosts: BTreeMap<String, Host>,
+    // Host namespaces drop before the hub, so their veth pairs go first.
+    host_ns: Vec<Netns>,
+    hub: Netns,
+}
+
+impl Lab {
+    /// Creates the hub namespace and its bridge.
+    pub fn new() -> Result<Self> {
+        crate::require_root()?;
+        netns::sweep_stale(PREFIX);
+        static LABS: AtomicUsize = AtomicUsize::new(0);
+        let seq = LABS.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{PREFIX}{}-{seq}-", std::process::id());
+        let hub = Netns::create(&format!("{id}hub"))?;
+        hub.ip(&["link", "add", "br0", "type", "bridge"])?;
+        hub.ip(&["link", "set", "br0", "up"])?;
+        let dir = tempfile::Builder::new().prefix("weft-lab-").tempdir()?;
+        Ok(Self {
+            id,
+            dir,
+            hosts: BTreeMap::new(),
+            host_ns: Vec::new(),
+            hub,
+        })
+    }
+
+    /// Adds a host with underlay address 192.0.2.`octet`.
+    pub fn add_host(&mut self, name: &str, octet: u8) -> Result<Host> {
+        let ns = Netns::create(&format!("{}{name}", self.id))?;
+        let hub_end = format!("v{}", self.host_ns.len());
+        let addr = Ipv4Addr::new(UNDERLAY[0], UNDERLAY[1], UNDERLAY[2], octet);
+        self.hub.ip(&[
+            "link",
+            "add",
+            &hub_end,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        self.hub
+            .ip(&["link", "set", &hub_end, "master", "br0", "up"])?;
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])
+            .with_context(|| format!("bring up {name}'s underlay link"))?;
+        let host = Host {
+            name: name.to_owned(),
+            netns: ns.name().to_owned(),
+            addr,
+        };
+        std::fs::create_dir_all(self.host_dir(name))?;
+        self.host_ns.push(ns);
+        self.hosts.insert(name.to_owned(), host.clone());
+        Ok(host)
+    }
+
+    /// A host by name.
+    pub fn host(&self, name: &str) -> Result<&Host> {
+        self.hosts
+            .get(name)
+            .ok_or_else(|| anyhow::anyhow!("no host {name} in the lab"))
+    }
+
+    /// A scratch directory for one host's state and logs.
+    pub fn host_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The lab's scratch directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}

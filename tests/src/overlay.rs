@@ -1,0 +1,393 @@
+//! A weft overlay on a [`Lab`]: a coordinator and nodes, driven through
+//! their command-line interfaces.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use serde_json::Value;
+
+use crate::lab::{Host, Lab};
+use crate::probe::wait_until;
+use crate::process::Process;
+
+const CONTROL_PORT: u16 = 7443;
+const WIREGUARD_PORT: u16 = 51820;
+const LOG_FILTER: &str = "info,weft=debug";
+
+/// A coordinator and nodes on a lab network. Dropping it stops every process
+/// (nodes, then the coordinator) and then deletes the namespaces.
+#[derive(Debug)]
+pub struct Overlay {
+    nodes: BTreeMap<String, NodeHandle>,
+    coordinator: Option<Coordinator>,
+    bins: PathBuf,
+    lab: Lab,
+}
+
+impl Overlay {
+    /// An overlay on `lab`, using the workspace's built binaries.
+    pub fn new(lab: Lab) -> Result<Self> {
+        Ok(Self {
+            nodes: BTreeMap::new(),
+            coordinator: None,
+            bins: crate::bin_dir()?,
+            lab,
+        })
+    }
+
+    /// The underlying lab.
+    pub fn lab(&self) -> &Lab {
+        &self.lab
+    }
+
+    /// Starts `weft-coordinator serve` on `host` with `policy`.
+    pub fn start_coordinator(&mut self, host: &str, policy: &Path) -> Result<&Coordinator> {
+        let host = self.lab.host(host)?.clone();
+        let data_dir = self.lab.host_dir(&host.name).join("coordinator");
+        std::fs::create_dir_all(&data_dir)?;
+        let coordinator = Coordinator {
+            bin: self.bins.join("weft-coordinator"),
+            data_dir,
+            policy: policy.to_path_buf(),
+            address: format!("{}:{CONTROL_PORT}", host.addr),
+            host,
+            process: None,
+        };
+        self.coordinator = Some(coordinator);
+        let coordinator = self.coordinator_mut()?;
+        coordinator.start()?;
+        Ok(coordinator)
+    }
+
+    /// The running coordinator.
+    pub fn coordinator(&self) -> Result<&Coordinator> {
+        self.coordinator
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no coordinator started"))
+    }
+
+    /// The running coordinator, mutably (to restart it).
+    pub fn coordinator_mut(&mut self) -> Result<&mut Coordinator> {
+        self.coordinator
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("no coordinator started"))
+    }
+
+    /// Starts `weftd` on `host`.
+    pub fn start_node(&mut self, host: &str) -> Result<&mut NodeHandle> {
+        let host = self.lab.host(host)?.clone();
+        let state_dir = self.lab.host_dir(&host.name).join("weftd");
+        std::fs::create_dir_all(&state_dir)?;
+        let mut node = NodeHandle {
+            weftd: self.bins.join("weftd"),
+            weft: self.bins.join("weft"),
+            socket: state_dir.join("weftd.sock"),
+            state_dir,
+            host,
+            process: None,
+        };
+        node.start()?;
+        let name = node.host.name.clone();
+        Ok(self.nodes.entry(name).or_insert(node))
+    }
+
+    /// A started node by host name.
+    pub fn node(&self, host: &str) -> Result<&NodeHandle> {
+        self.nodes
+            .get(host)
+            .ok_or_else(|| anyhow::anyhow!("no node started on {host}"))
+    }
+
+    /// A started node by host name, mutably (to restart it).
+    pub fn node_mut(&mut self, host: &str) -> Result<&mut NodeHandle> {
+        self.nodes
+            .get_mut(host)
+            .ok_or_else(|| anyhow::anyhow!("no node started on {host}"))
+    }
+
+    /// Every process's log, for a failure report.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Some(c) = &self.coordinator {
+            out += &format!("===== coordinator on {} =====\n{}\n", c.host.name, c.log());
+        }
+        for (name, node) in &self.nodes {
+            out += &format!("===== weftd on {name} =====\n{}\n", node.log());
+        }
+        out
+    }
+}
+
+/// A running `weft-coordinator serve`.
+#[derive(Debug)]
+pub struct Coordinator {
+    bin: PathBuf,
+    data_dir: PathBuf,
+    policy: PathBuf,
+    address: String,
+    host: Host,
+    process: Option<Process>,
+}
+
+impl Coordinator {
+    fn start(&mut self) -> Result<()> {
+        let data_dir = self.data_dir.to_string_lossy().into_owned();
+        let policy = self.policy.to_string_lossy().into_owned();
+        let process = Process::spawn(
+            "weft-coordinator",
+            &self.host.netns,
+            &self.bin,
+            &[
+                "serve",
+                "--data-dir",
+                &data_dir,
+                "--policy",
+                &policy,
+                "--listen",
+                &self.address,
+            ],
+            self.data_dir.join("coordinator.log"),
+            &[("RUST_LOG", LOG_FILTER)],
+        )?;
+        self.process = Some(process);
+        let ready = wait_until(Duration::from_secs(15), || {
+            self.admin(&["nodes", "list"]).is_ok()
+        });
+        if ready.is_none() {
+            anyhow::bail!("coordinator did not come up:\n{}", self.log());
+        }
+        Ok(())
+    }
+
+    /// Stops the coordinator (SIGKILL when `hard`) and starts it again on the same data dir.
+    pub fn restart(&mut self, hard: bool) -> Result<()> {
+        if let Some(mut p) = self.process.take() {
+            p.stop_with(if hard {
+                nix::sys::signal::Signal::SIGKILL
+            } else {
+                nix::sys::signal::Signal::SIGTERM
+            });
+        }
+        self.start()
+    }
+
+    /// `HOST:PORT` nodes connect to.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The coordinator's public key, from `weft-coordinator key`.
+    pub fn public_key(&self) -> Result<String> {
+        last_line(&self.admin(&["key"])?)
+    }
+
+    /// Creates an auth key with `tags`; returns the secret.
+    pub fn authkey(&self, tags: &[&str], reusable: bool) -> Result<String> {
+        let mut args = vec!["authkey", "create"];
+        for tag in tags {
+            args.extend(["--tag", tag]);
+        }
+        if reusable {
+            args.push("--reusable");
+        }
+        last_line(&self.admin(&args)?)
+    }
+
+    /// `weft-coordinator nodes list --json`.
+    pub fn nodes(&self) -> Result<Value> {
+        let out = self.admin(&["nodes", "list", "--json"])?;
+        serde_json::from_str(&out).context("nodes list --json is not JSON")
+    }
+
+    /// `weft-coordinator nodes delete NAME`.
+    pub fn delete_node(&self, name: &str) -> Result<()> {
+        self.admin(&["nodes", "delete", name]).map(drop)
+    }
+
+    /// `weft-coordinator policy set FILE`, with its full output.
+    pub fn policy_set(&self, file: &Path) -> Result<Output> {
+        let file = file.to_string_lossy().into_owned();
+        self.command(&["policy", "set", &file])
+    }
+
+    /// Runs an admin subcommand; its stdout, or an error with its stderr.
+    pub fn admin(&self, args: &[&str]) -> Result<String> {
+        let out = self.command(args)?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "`weft-coordinator {}` failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn command(&self, args: &[&str]) -> Result<Output> {
+        Command::new(&self.bin)
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .output()
+            .context("run weft-coordinator")
+    }
+
+    /// The PID of the running server.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().and_then(Process::pid)
+    }
+
+    /// The coordinator's log.
+    pub fn log(&self) -> String {
+        self.process.as_ref().map(Process::log).unwrap_or_default()
+    }
+}
+
+/// A running `weftd` and the `weft` CLI that talks to it.
+#[derive(Debug)]
+pub struct NodeHandle {
+    weftd: PathBuf,
+    weft: PathBuf,
+    state_dir: PathBuf,
+    socket: PathBuf,
+    host: Host,
+    process: Option<Process>,
+}
+
+impl NodeHandle {
+    fn start(&mut self) -> Result<()> {
+        let state_dir = self.state_dir.to_string_lossy().into_owned();
+        let socket = self.socket.to_string_lossy().into_owned();
+        let port = WIREGUARD_PORT.to_string();
+        let process = Process::spawn(
+            &format!("weftd@{}", self.host.name),
+            &self.host.netns,
+            &self.weftd,
+            &[
+                "--state-dir",
+                &state_dir,
+                "--socket",
+                &socket,
+                "--port",
+                &port,
+            ],
+            self.state_dir.join("weftd.log"),
+            &[("RUST_LOG", LOG_FILTER)],
+        )?;
+        self.process = Some(process);
+        let ready = wait_until(Duration::from_secs(10), || {
+            self.weft(&["status", "--json"])
+                .is_ok_and(|o| o.status.success())
+        });
+        if ready.is_none() {
+            anyhow::bail!(
+                "weftd on {} did not come up:\n{}",
+                self.host.name,
+                self.log()
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops weftd (SIGKILL when `hard`) and starts it again on the same state dir.
+    pub fn restart(&mut self, hard: bool) -> Result<()> {
+        if let Some(mut p) = self.process.take() {
+            p.stop_with(if hard {
+                nix::sys::signal::Signal::SIGKILL
+            } else {
+                nix::sys::signal::Signal::SIGTERM
+            });
+        }
+        self.start()
+    }
+
+    /// The host this node runs on.
+    pub fn host(&self) -> &Host {
+        &self.host
+    }
+
+    /// `weft up`, with its full output.
+    pub fn up(
+        &self,
+        coordinator: &str,
+        coordinator_key: &str,
+        auth_key: Option<&str>,
+        hostname: &str,
+    ) -> Result<Output> {
+        let mut args = vec![
+            "up",
+            "--coordinator",
+            coordinator,
+            "--coordinator-key",
+            coordinator_key,
+            "--hostname",
+            hostname,
+        ];
+        if let Some(key) = auth_key {
+            args.extend(["--auth-key", key]);
+        }
+        self.weft(&args)
+    }
+
+    /// `weft status --json`.
+    pub fn status(&self) -> Result<Value> {
+        let out = self.weft(&["status", "--json"])?;
+        anyhow::ensure!(
+            out.status.success(),
+            "weft status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).context("weft status --json is not JSON")
+    }
+
+    /// The node's overlay IPv4 address, from its status.
+    pub fn overlay_ipv4(&self) -> Result<IpAddr> {
+        let status = self.status()?;
+        status["self"]["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str()?.parse::<IpAddr>().ok())
+            .find(IpAddr::is_ipv4)
+            .ok_or_else(|| anyhow::anyhow!("no overlay IPv4 in status: {status}"))
+    }
+
+    /// Hostnames of the peers the node currently has.
+    pub fn peer_names(&self) -> Result<Vec<String>> {
+        let status = self.status()?;
+        Ok(status["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["hostname"].as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// Runs `weft --socket SOCKET ARGS…`.
+    pub fn weft(&self, args: &[&str]) -> Result<Output> {
+        Command::new(&self.weft)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .context("run weft")
+    }
+
+    /// weftd's log.
+    pub fn log(&self) -> String {
+        self.process.as_ref().map(Process::log).unwrap_or_default()
+    }
+}
+
+fn last_line(out: &str) -> Result<String> {
+    out.lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("command printed nothing"))
+}
