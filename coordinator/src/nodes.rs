@@ -14,7 +14,9 @@ use std::time::SystemTime;
 use ipnet::Ipv6Net;
 use serde::{Deserialize, Serialize};
 use weft_policy::NodeInfo;
-use weft_proto::{Identity, NodeId, Peer, PublicKey, Refusal, RefusalCode, Register, SelfNode};
+use weft_proto::{
+    Credential, Identity, NodeId, Peer, PublicKey, Refusal, RefusalCode, Register, SelfNode,
+};
 
 use crate::authkey::{self, AdmitError};
 use crate::store::{self, Compare, Op, Store, StoreError};
@@ -56,6 +58,7 @@ impl NodeRecord {
             ipv4: self.ipv4,
             ipv6: self.ipv6,
             identity: self.identity.clone(),
+            key_expiry: None,
         }
     }
 
@@ -195,16 +198,45 @@ impl Registry {
                 endpoints.len()
             )));
         }
+        self.update(id, |record| {
+            let changed = record.endpoints != endpoints;
+            record.endpoints = endpoints.to_vec();
+            changed
+        })
+    }
+
+    /// Records the attributes node `id` reports (OS, client version, posture),
+    /// which posture rules are evaluated against.
+    pub(crate) fn update_attributes(
+        &self,
+        id: NodeId,
+        attributes: &BTreeMap<String, String>,
+    ) -> Result<Option<u64>, AdmitError> {
+        check_attributes(attributes)?;
+        self.update(id, |record| {
+            let changed = record.attributes != *attributes;
+            record.attributes = attributes.clone();
+            changed
+        })
+    }
+
+    /// Applies `change` to node `id`'s record with compare-and-swap, retrying
+    /// on conflicts. `change` returns whether it changed anything. The node's
+    /// current revision, or `None` if it no longer exists.
+    fn update(
+        &self,
+        id: NodeId,
+        change: impl Fn(&mut NodeRecord) -> bool,
+    ) -> Result<Option<u64>, AdmitError> {
         for _ in 0..MAX_ATTEMPTS {
             let path = node_path(id);
             let Some((mut record, rev)) = store::get_json::<NodeRecord>(&*self.store, &path)?
             else {
                 return Ok(None);
             };
-            if record.endpoints == endpoints {
+            if !change(&mut record) {
                 return Ok(Some(rev));
             }
-            record.endpoints = endpoints.to_vec();
             let op = Op::Put(path.clone(), store::encode(&record)?);
             match self.store.txn(&[Compare::ModRevision(path, rev)], &[op]) {
                 Ok(rev) => return Ok(Some(rev)),
@@ -276,7 +308,7 @@ impl Registry {
         request: &Register,
         now: SystemTime,
     ) -> Result<(NodeRecord, u64), AdmitError> {
-        let Some(auth_key) = &request.auth_key else {
+        let Some(Credential::AuthKey(auth_key)) = &request.credential else {
             return Err(AdmitError::Refused(Refusal {
                 code: RefusalCode::AuthKeyRequired,
                 message: "this machine is not a node of the overlay yet; join with `weft up --auth-key KEY` (create a key with `weft-coordinator authkey create`)".into(),
@@ -319,10 +351,7 @@ impl Registry {
             node_key: request.node_key,
             ipv4,
             ipv6: ipv6_for(self.ula, ipv4),
-            identity: Identity {
-                user: None,
-                tags: admission.record.tags.clone(),
-            },
+            identity: Identity::tagged(admission.record.tags.clone()),
             endpoints: request.endpoints.clone(),
             attributes: request.attributes.clone(),
             created: authkey::unix_secs(now),
@@ -418,17 +447,7 @@ fn validate(request: &Register) -> Result<(), AdmitError> {
             request.endpoints.len()
         )));
     }
-    if request.attributes.len() > MAX_ATTRIBUTES
-        || request
-            .attributes
-            .iter()
-            .any(|(k, v)| k.len() > MAX_ATTRIBUTE_LEN || v.len() > MAX_ATTRIBUTE_LEN)
-    {
-        return Err(bad_request(format!(
-            "at most {MAX_ATTRIBUTES} attributes of up to {MAX_ATTRIBUTE_LEN} bytes each are allowed"
-        )));
-    }
-    Ok(())
+    check_attributes(&request.attributes)
 }
 
 fn empty_hostname(raw: &str) -> AdmitError {
@@ -467,6 +486,26 @@ fn ipv4_path(addr: Ipv4Addr) -> String {
     format!("ipv4/{addr}")
 }
 
+/// Refuses attribute sets that are too large to store or evaluate.
+fn check_attributes(attributes: &BTreeMap<String, String>) -> Result<(), AdmitError> {
+    if attributes.len() > MAX_ATTRIBUTES {
+        return Err(bad_request(format!(
+            "{} attributes is more than the {MAX_ATTRIBUTES} allowed",
+            attributes.len()
+        )));
+    }
+    if let Some((key, _)) = attributes
+        .iter()
+        .find(|(k, v)| k.is_empty() || k.len() > MAX_ATTRIBUTE_LEN || v.len() > MAX_ATTRIBUTE_LEN)
+    {
+        let shown: String = key.chars().take(40).collect();
+        return Err(bad_request(format!(
+            "attribute {shown:?} has an empty or over-long key or value (at most {MAX_ATTRIBUTE_LEN} bytes each)"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -496,7 +535,7 @@ mod tests {
 
     fn request(hostname: &str, auth_key: Option<AuthKey>) -> Register {
         Register {
-            auth_key,
+            credential: auth_key.map(Credential::AuthKey),
             hostname: hostname.into(),
             node_key: PrivateKey::generate().public_key(),
             endpoints: vec!["192.0.2.1:51820".parse().unwrap()],

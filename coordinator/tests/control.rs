@@ -18,9 +18,9 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use weft_coordinator::{AdminClient, AuthKeyRequest, ClientError, Coordinator, ServeOptions};
 use weft_proto::handshake::{Initiator, RESPONSE_LEN};
 use weft_proto::{
-    encode_frame, AuthKey, ClientMessage, FilterRule, FrameDecoder, NodeId, Peer, PrivateKey,
-    PublicKey, Refusal, RefusalCode, Register, SelfNode, ServerMessage, ALPN, CLOSE_BY_COORDINATOR,
-    CLOSE_HANDSHAKE_FAILED, CLOSE_PROTOCOL_ERROR, EXPORTER_LABEL,
+    encode_frame, AuthKey, ClientMessage, Credential, FrameDecoder, NodeId, PacketFilter, Peer,
+    PrivateKey, PublicKey, Refusal, RefusalCode, Register, SelfNode, ServerMessage, ALPN,
+    CLOSE_BY_COORDINATOR, CLOSE_HANDSHAKE_FAILED, CLOSE_PROTOCOL_ERROR, EXPORTER_LABEL,
 };
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -144,7 +144,7 @@ impl Harness {
         let mut control = self.connect(machine, &pinned).await.unwrap();
         control
             .send(&ClientMessage::Register(Register {
-                auth_key: key,
+                credential: key.map(Credential::AuthKey),
                 hostname: hostname.into(),
                 node_key: PrivateKey::generate().public_key(),
                 endpoints: vec!["192.0.2.10:51820".parse().unwrap()],
@@ -225,7 +225,7 @@ impl Control {
 struct Node {
     me: SelfNode,
     peers: BTreeMap<NodeId, Peer>,
-    filter: Vec<FilterRule>,
+    filter: PacketFilter,
     revision: u64,
     control: Control,
 }
@@ -315,7 +315,7 @@ async fn nodes_see_what_the_policy_allows_and_follow_every_change() {
         "lonely must learn nothing: {:?}",
         lonely.peers
     );
-    assert!(!db.filter.is_empty() && web.filter.is_empty());
+    assert!(!db.filter.rules.is_empty() && web.filter.rules.is_empty());
     assert_eq!(db.peers[&web.me.id].addresses, web.me.addresses().to_vec());
 
     // A used single-use key is refused, naming the key and the fix.

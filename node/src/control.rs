@@ -18,8 +18,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use weft_proto::handshake::{HandshakeError, Initiator, RESPONSE_LEN};
 use weft_proto::{
-    AuthKey, ClientMessage, DecodeError, FrameDecoder, NetMap, NetMapDelta, PrivateKey, PublicKey,
-    Refusal, RefusalCode, Register, SelfNode, ServerMessage,
+    AuthKey, ClientMessage, Credential, DecodeError, FrameDecoder, NetMap, NetMapDelta, PrivateKey,
+    PublicKey, Refusal, RefusalCode, Register, SelfNode, ServerMessage,
 };
 
 use crate::endpoints::local_endpoints;
@@ -267,6 +267,11 @@ async fn exchange(
         while let Some(message) = decoder.next_message::<ServerMessage>()? {
             let event = match message {
                 ServerMessage::Refused(refusal) => return Ok(Ended::Refused(refusal)),
+                ServerMessage::LoginRequired(_) => {
+                    return Err(ControlError::Protocol(
+                        "the coordinator asked for an interactive login, which this node did not request",
+                    ));
+                }
                 ServerMessage::Registered(node) => {
                     *registered = true;
                     config.auth_key = None;
@@ -357,7 +362,7 @@ fn register_message(config: &ControlConfig) -> Register {
         });
     tracing::debug!(?endpoints, "registering");
     Register {
-        auth_key: config.auth_key.clone(),
+        credential: config.auth_key.clone().map(Credential::AuthKey),
         hostname: config.hostname.clone(),
         node_key: config.node_key,
         endpoints,
@@ -662,10 +667,8 @@ mod tests {
             name: "web-1".into(),
             ipv4: "100.64.0.4".parse().unwrap(),
             ipv6: "fd7a:115c:a1e0::4".parse().unwrap(),
-            identity: weft_proto::Identity {
-                user: None,
-                tags: vec!["tag:web".into()],
-            },
+            identity: weft_proto::Identity::tagged(vec!["tag:web".into()]),
+            key_expiry: None,
         }
     }
 
@@ -696,7 +699,8 @@ mod tests {
             revision: 1,
             self_node: self_node(),
             peers: vec![],
-            filter: vec![],
+            filter: weft_proto::PacketFilter::default(),
+            capabilities: Vec::new(),
         };
         let (addr, mut seen) = fake_coordinator::start(
             key.clone(),
@@ -724,10 +728,10 @@ mod tests {
         let register = seen.recv().await.unwrap();
         assert_eq!(register.hostname, "web-1");
         assert_eq!(register.node_key, node_key);
-        assert_eq!(
-            register.auth_key.unwrap().expose_secret(),
-            "weft-auth-0123456789ab-secret"
-        );
+        assert!(matches!(
+            register.credential,
+            Some(Credential::AuthKey(ref key)) if key.expose_secret() == "weft-auth-0123456789ab-secret"
+        ));
         assert_eq!(register.attributes["node:os"], "linux");
         assert!(register
             .endpoints
@@ -794,7 +798,7 @@ mod tests {
             next(&mut updates).await.event,
             ControlEvent::Registered(_)
         ));
-        assert!(seen.recv().await.unwrap().auth_key.is_some());
-        assert!(seen.recv().await.unwrap().auth_key.is_none());
+        assert!(seen.recv().await.unwrap().credential.is_some());
+        assert!(seen.recv().await.unwrap().credential.is_none());
     }
 }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
-use weft_proto::{FilterRule, Identity, NodeId, PortRange};
+use weft_proto::{FilterRule, Identity, NodeId, PortRange, RuleAction};
 
 use crate::ports::normalize;
 use crate::rules::{Rule, Target};
@@ -61,6 +61,7 @@ pub(crate) fn compile(rules: &[Rule], nodes: &[NodeInfo]) -> Compiled {
                     dst: dst.clone(),
                     ports: normalize(ports.clone()),
                     protocols: rule.protocols.clone(),
+                    action: RuleAction::Accept,
                     policy_line: rule.line,
                 });
             }
@@ -232,6 +233,7 @@ mod tests {
             Identity {
                 user: Some("owner@example.com".into()),
                 tags: tags.iter().map(|t| t.to_string()).collect(),
+                ..Default::default()
             },
         )
     }
@@ -242,6 +244,7 @@ mod tests {
             Identity {
                 user: Some(login.into()),
                 tags: Vec::new(),
+                ..Default::default()
             },
         )
     }
@@ -322,6 +325,7 @@ mod tests {
                 }],
                 protocols: vec![Protocol::Tcp],
                 policy_line: 5,
+                action: RuleAction::Accept,
             }]
         );
         assert_eq!(
@@ -345,6 +349,7 @@ mod tests {
                 ],
                 protocols: vec![],
                 policy_line: 6,
+                action: RuleAction::Accept,
             }]
         );
         assert!(alice.filter.is_empty(), "nothing may reach alice");
@@ -361,6 +366,7 @@ mod tests {
                 Identity {
                     user: Some("alice@example.com".into()),
                     tags: vec!["tag:ci".into()],
+                    ..Default::default()
                 },
             ),
             user(3, "alice@example.com"),
@@ -495,6 +501,7 @@ mod tests {
                     identity: Identity {
                         user: None,
                         tags: vec![format!("tag:svc{}", i / 100)],
+                        ..Default::default()
                     },
                 }
             })

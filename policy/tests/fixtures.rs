@@ -42,6 +42,7 @@ fn the_realistic_policy_passes_its_tests() {
             identity: Identity {
                 user: user.map(str::to_owned),
                 tags: tags.into_iter().map(str::to_owned).collect(),
+                ..Default::default()
             },
         },
     );

@@ -160,9 +160,51 @@ mod tests {
     fn arb_identity() -> impl Strategy<Value = Identity> {
         (
             proptest::option::of("[a-z]{1,8}@[a-z]{1,8}\\.com"),
+            proptest::collection::vec("group:idp:[a-z]{1,10}", 0..3),
+            proptest::option::of("spiffe://[a-z.]{1,10}/ns/[a-z]{1,8}/sa/[a-z]{1,8}"),
             proptest::collection::vec("tag:[a-z]{1,10}", 0..3),
         )
-            .prop_map(|(user, tags)| Identity { user, tags })
+            .prop_map(|(user, groups, workload, tags)| Identity {
+                user,
+                groups,
+                workload,
+                tags,
+            })
+    }
+
+    fn arb_action() -> impl Strategy<Value = RuleAction> {
+        prop_oneof![
+            Just(RuleAction::Accept),
+            Just(RuleAction::Deny),
+            Just(RuleAction::AuditDeny)
+        ]
+    }
+
+    fn arb_filter() -> impl Strategy<Value = PacketFilter> {
+        (proptest::collection::vec(arb_rule(), 0..5), any::<bool>()).prop_map(|(rules, audit)| {
+            PacketFilter {
+                rules,
+                default: if audit {
+                    DefaultAction::AuditDeny
+                } else {
+                    DefaultAction::Deny
+                },
+            }
+        })
+    }
+
+    fn arb_grant() -> impl Strategy<Value = AppGrant> {
+        (
+            "[a-z./]{1,30}",
+            proptest::collection::vec("\\{\"[a-z]{1,5}\": [0-9]{1,3}\\}", 0..3),
+            any::<u32>(),
+        )
+            .prop_map(|(name, values, policy_line)| AppGrant {
+                src: vec!["100.64.0.0/10".parse().unwrap()],
+                name,
+                values,
+                policy_line,
+            })
     }
 
     fn arb_self_node() -> impl Strategy<Value = SelfNode> {
@@ -179,6 +221,7 @@ mod tests {
                 ipv4: Ipv4Addr::from(v4),
                 ipv6: Ipv6Addr::from(v6),
                 identity,
+                key_expiry: None,
             })
     }
 
@@ -209,8 +252,9 @@ mod tests {
             any::<u16>(),
             any::<u8>(),
             any::<u32>(),
+            arb_action(),
         )
-            .prop_map(|(ip, prefix, a, b, proto, line)| FilterRule {
+            .prop_map(|(ip, prefix, a, b, proto, line, action)| FilterRule {
                 src: vec![ipnet::Ipv4Net::new(Ipv4Addr::from(ip), prefix)
                     .expect("prefix <= 32")
                     .into()],
@@ -220,6 +264,7 @@ mod tests {
                     last: a.max(b),
                 }],
                 protocols: vec![Protocol::from_number(proto)],
+                action,
                 policy_line: line,
             })
     }
@@ -235,29 +280,47 @@ mod tests {
                 any::<u64>(),
                 arb_self_node(),
                 proptest::collection::vec(arb_peer(), 0..5),
-                proptest::collection::vec(arb_rule(), 0..5)
+                arb_filter(),
+                proptest::collection::vec(arb_grant(), 0..3),
             )
-                .prop_map(
-                    |(revision, self_node, peers, filter)| ServerMessage::NetMap(NetMap {
+                .prop_map(|(revision, self_node, peers, filter, capabilities)| {
+                    ServerMessage::NetMap(NetMap {
                         revision,
                         self_node,
                         peers,
-                        filter
+                        filter,
+                        capabilities,
                     })
-                ),
+                }),
             (
                 any::<u64>(),
                 proptest::collection::vec(arb_peer(), 0..3),
                 proptest::collection::vec(any::<u64>().prop_map(NodeId), 0..3),
-                proptest::option::of(proptest::collection::vec(arb_rule(), 0..3)),
+                proptest::option::of(arb_filter()),
+                proptest::option::of(proptest::collection::vec(arb_grant(), 0..3)),
             )
-                .prop_map(|(revision, upsert_peers, remove_peers, filter)| {
-                    ServerMessage::Delta(NetMapDelta {
-                        revision,
-                        upsert_peers,
-                        remove_peers,
-                        filter,
-                        self_node: None,
+                .prop_map(
+                    |(revision, upsert_peers, remove_peers, filter, capabilities)| {
+                        ServerMessage::Delta(NetMapDelta {
+                            revision,
+                            upsert_peers,
+                            remove_peers,
+                            filter,
+                            capabilities,
+                            self_node: None,
+                        })
+                    },
+                ),
+            (
+                "[ -~]{0,80}",
+                proptest::option::of("[A-Z]{4}-[A-Z]{4}"),
+                any::<u64>()
+            )
+                .prop_map(|(url, user_code, expires_in_secs)| {
+                    ServerMessage::LoginRequired(LoginPrompt {
+                        url,
+                        user_code,
+                        expires_in_secs,
                     })
                 }),
         ]
@@ -265,7 +328,9 @@ mod tests {
 
     fn register() -> ClientMessage {
         ClientMessage::Register(Register {
-            auth_key: Some(AuthKey::new("weft-auth-0123456789ab-secret")),
+            credential: Some(Credential::AuthKey(AuthKey::new(
+                "weft-auth-0123456789ab-secret",
+            ))),
             hostname: "web-1".into(),
             node_key: PublicKey::from_bytes([7; 32]),
             endpoints: vec!["192.0.2.10:51820".parse().unwrap()],

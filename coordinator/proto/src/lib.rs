@@ -29,8 +29,9 @@ pub use frame::{
 };
 pub use keys::{AuthKey, KeyParseError, PrivateKey, PublicKey};
 pub use messages::{
-    ClientMessage, FilterRule, Identity, NetMap, NetMapDelta, NodeId, Peer, PortRange, Protocol,
-    Refusal, RefusalCode, Register, SelfNode, ServerMessage,
+    AppGrant, ClientMessage, Credential, DefaultAction, FilterRule, Identity, IdentityToken,
+    LoginFlow, LoginPrompt, NetMap, NetMapDelta, NodeId, PacketFilter, Peer, PortRange, Protocol,
+    Refusal, RefusalCode, Register, RuleAction, SelfNode, ServerMessage,
 };
 
 /// The UDP port the coordinator's control listener uses unless told otherwise.

@@ -42,13 +42,17 @@ pub enum ClientMessage {
     Register(Register),
     /// The node's underlay endpoints changed.
     UpdateEndpoints(Vec<SocketAddr>),
+    /// The node's attributes (OS, posture) changed.
+    UpdateAttributes(BTreeMap<String, String>),
 }
 
 /// A registration request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Register {
-    /// A pre-auth key. Needed to join; a machine that is already a node rejoins without one.
-    pub auth_key: Option<AuthKey>,
+    /// What admits the node. Needed to join, and to log in again after the
+    /// node's key expired; a machine that is already a node in good standing
+    /// rejoins without one.
+    pub credential: Option<Credential>,
     /// The name the node asks for; the coordinator makes it unique.
     pub hostname: String,
     /// The node's WireGuard public key.
@@ -59,6 +63,62 @@ pub struct Register {
     pub attributes: BTreeMap<String, String>,
 }
 
+/// What a node presents to be admitted.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Credential {
+    /// A pre-auth key.
+    AuthKey(AuthKey),
+    /// Log a person in through the identity provider; the coordinator answers
+    /// with [`ServerMessage::LoginRequired`].
+    Interactive(LoginFlow),
+    /// A platform-issued workload token (a JWT), e.g. a Kubernetes
+    /// service-account token.
+    IdentityToken(IdentityToken),
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credential::AuthKey(key) => write!(f, "AuthKey({key:?})"),
+            Credential::Interactive(flow) => write!(f, "Interactive({flow:?})"),
+            Credential::IdentityToken(_) => f.write_str("IdentityToken(<redacted>)"),
+        }
+    }
+}
+
+/// How a person logs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LoginFlow {
+    /// Authorization code with PKCE in a browser, on this or another device.
+    Browser,
+    /// The device authorization grant (RFC 8628), for machines without a browser.
+    DeviceCode,
+}
+
+/// A workload token. Redacted in `Debug`; never logged.
+#[derive(
+    Clone, PartialEq, Eq, Serialize, Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop,
+)]
+pub struct IdentityToken(String);
+
+impl IdentityToken {
+    /// Wraps a token read from the platform's token file.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The token, for validation.
+    pub fn expose_secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for IdentityToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IdentityToken(<redacted>)")
+    }
+}
+
 /// A message from the coordinator to a node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ServerMessage {
@@ -66,10 +126,24 @@ pub enum ServerMessage {
     Registered(SelfNode),
     /// Registration was refused; the coordinator closes the session after this.
     Refused(Refusal),
+    /// A person must log in; the session stays open and continues with
+    /// [`ServerMessage::Registered`] once they have.
+    LoginRequired(LoginPrompt),
     /// The node's complete view, sent first and after any resynchronisation.
     NetMap(NetMap),
     /// A change to the view, relative to the previous revision.
     Delta(NetMapDelta),
+}
+
+/// Where and how a person completes an interactive login.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginPrompt {
+    /// The URL to open in a browser.
+    pub url: String,
+    /// For the device flow: the code to enter at `url`.
+    pub user_code: Option<String>,
+    /// How long the URL stays valid.
+    pub expires_in_secs: u64,
 }
 
 /// Why the coordinator refused a node, and what to do about it.
@@ -94,6 +168,16 @@ pub enum RefusalCode {
     AuthKeyExpired,
     /// An administrator deleted this node; it must join again with a new auth key.
     NodeDeleted,
+    /// The node's key expired; a person must log in again (`weft login`).
+    KeyExpired,
+    /// The node's user was disabled by an administrator.
+    UserDisabled,
+    /// The interactive login failed or expired.
+    LoginFailed,
+    /// The identity provider cannot be reached; retry later.
+    IdentityProviderUnavailable,
+    /// A workload token was refused (signature, issuer, audience, age).
+    TokenInvalid,
     /// The request itself is invalid (e.g. an empty hostname).
     BadRequest,
     /// The coordinator could not serve the request (e.g. storage unavailable); retry later.
@@ -113,6 +197,9 @@ pub struct SelfNode {
     pub ipv6: Ipv6Addr,
     /// Who the node is, for policy.
     pub identity: Identity,
+    /// When the node's key expires (Unix seconds); `None` for keys that
+    /// live until deleted.
+    pub key_expiry: Option<u64>,
 }
 
 impl SelfNode {
@@ -122,21 +209,38 @@ impl SelfNode {
     }
 }
 
-/// Who a node is: the tags of a workload or server, or the user of a person's device.
+/// Who a node is: a person's device (user and their identity-provider
+/// groups), a workload (SPIFFE ID), or a server named by tags.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Identity {
     /// The user who owns the node, for nodes logged in as a person.
     pub user: Option<String>,
+    /// Groups the identity provider asserted for the user at login, as policy
+    /// principals (`group:idp:NAME`).
+    pub groups: Vec<String>,
+    /// The workload's SPIFFE ID, for nodes admitted by a platform token.
+    pub workload: Option<String>,
     /// `tag:NAME` tags, for nodes that are services rather than people.
     pub tags: Vec<String>,
 }
 
+impl Identity {
+    /// A node named by tags alone (admitted with a tagged auth key).
+    pub fn tagged(tags: Vec<String>) -> Self {
+        Self {
+            tags,
+            ..Self::default()
+        }
+    }
+}
+
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (&self.user, self.tags.is_empty()) {
-            (_, false) => f.write_str(&self.tags.join(",")),
-            (Some(user), true) => f.write_str(user),
-            (None, true) => f.write_str("(untagged)"),
+        match (&self.workload, &self.user, self.tags.is_empty()) {
+            (Some(workload), _, _) => f.write_str(workload),
+            (None, _, false) => f.write_str(&self.tags.join(",")),
+            (None, Some(user), true) => f.write_str(user),
+            (None, None, true) => f.write_str("(untagged)"),
         }
     }
 }
@@ -150,8 +254,10 @@ pub struct NetMap {
     pub self_node: SelfNode,
     /// Every peer this node may reach or be reached by.
     pub peers: Vec<Peer>,
-    /// Inbound packet-filter rules for this node's addresses. Empty means deny all.
-    pub filter: Vec<FilterRule>,
+    /// The inbound packet filter for this node's addresses.
+    pub filter: PacketFilter,
+    /// Application capabilities that grants give sources on this node.
+    pub capabilities: Vec<AppGrant>,
 }
 
 /// A change to a [`NetMap`].
@@ -164,7 +270,9 @@ pub struct NetMapDelta {
     /// Peers that are gone from this node's view.
     pub remove_peers: Vec<NodeId>,
     /// The new filter, when it changed.
-    pub filter: Option<Vec<FilterRule>>,
+    pub filter: Option<PacketFilter>,
+    /// The new capabilities, when they changed.
+    pub capabilities: Option<Vec<AppGrant>>,
     /// The node itself, when its own details changed.
     pub self_node: Option<SelfNode>,
 }
@@ -186,7 +294,58 @@ pub struct Peer {
     pub identity: Identity,
 }
 
-/// One inbound allow rule of a node's stateful packet filter.
+/// A node's inbound packet filter: its rules and what happens to a packet
+/// no rule matches.
+///
+/// Precedence: return traffic of a flow this node opened passes; then a
+/// matching [`RuleAction::Deny`] drops; then a matching
+/// [`RuleAction::AuditDeny`] passes and is logged as a would-be denial; then
+/// a matching [`RuleAction::Accept`] passes; otherwise `default` decides.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PacketFilter {
+    /// The rules, in any order (precedence is by action, not position).
+    pub rules: Vec<FilterRule>,
+    /// What happens to a packet no rule matches.
+    pub default: DefaultAction,
+}
+
+/// What a filter does with a packet no rule matches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DefaultAction {
+    /// Drop it (default deny).
+    #[default]
+    Deny,
+    /// Pass it and log a would-be denial: the whole policy is in audit mode.
+    AuditDeny,
+}
+
+/// What a matching rule does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RuleAction {
+    /// Admit the packet.
+    #[default]
+    Accept,
+    /// Drop the packet, whatever accept rules say.
+    Deny,
+    /// A deny rule in audit mode: admit the packet, log a would-be denial.
+    AuditDeny,
+}
+
+/// An application capability a grant gives sources on this node. weft does
+/// not enforce it in the tunnel; applications ask the node's local API.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AppGrant {
+    /// Sources the capability is granted to.
+    pub src: Vec<IpNet>,
+    /// The capability's name, e.g. `example.com/cap/admin`.
+    pub name: String,
+    /// The capability's values, each a JSON document.
+    pub values: Vec<String>,
+    /// The policy line of the grant.
+    pub policy_line: u32,
+}
+
+/// One rule of a node's stateful inbound packet filter.
 ///
 /// A packet arriving from the tunnel matches when its source is in `src`, its
 /// destination in `dst`, its protocol in `protocols` and — for TCP and UDP —
@@ -201,6 +360,8 @@ pub struct FilterRule {
     pub ports: Vec<PortRange>,
     /// Protocols admitted; empty means TCP, UDP and ICMP.
     pub protocols: Vec<Protocol>,
+    /// What a match does.
+    pub action: RuleAction,
     /// The policy line the rule came from, for audit logs.
     pub policy_line: u32,
 }

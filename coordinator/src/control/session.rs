@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 use tokio::time::{timeout, timeout_at, Instant};
 use weft_proto::handshake::{self, HandshakeError, INITIATION_LEN};
 use weft_proto::{
-    encode_frame, ClientMessage, DecodeError, FrameDecoder, PublicKey, Refusal, RefusalCode,
-    ServerMessage, CLOSE_BY_COORDINATOR, CLOSE_HANDSHAKE_FAILED, CLOSE_PROTOCOL_ERROR,
+    encode_frame, ClientMessage, DecodeError, FrameDecoder, NodeId, PublicKey, Refusal,
+    RefusalCode, ServerMessage, CLOSE_BY_COORDINATOR, CLOSE_HANDSHAKE_FAILED, CLOSE_PROTOCOL_ERROR,
     EXPORTER_LABEL,
 };
 
@@ -21,6 +21,7 @@ use super::Context;
 use crate::authkey::AdmitError;
 use crate::netmap::{Attached, SessionEvent};
 use crate::nodes::NodeRecord;
+use crate::nodes::Registry;
 
 /// Time allowed from the first packet to a completed Noise handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -125,6 +126,7 @@ impl Session {
                 let kind = match other {
                     ClientMessage::Register(_) => "Register",
                     ClientMessage::UpdateEndpoints(_) => "UpdateEndpoints",
+                    ClientMessage::UpdateAttributes(_) => "UpdateAttributes",
                 };
                 return self.fail(End::Protocol(format!(
                     "expected Register first, got {kind}"
@@ -138,7 +140,7 @@ impl Session {
                 )))
             }
         };
-        tracing::debug!(remote = %self.remote, machine = %machine_key.short(), auth_key = ?register.auth_key, "registration");
+        tracing::debug!(remote = %self.remote, machine = %machine_key.short(), credential = ?register.credential, "registration");
         let registry = self.ctx.registry.clone();
         let registered = tokio::task::spawn_blocking(move || {
             registry.register(machine_key, &register, SystemTime::now())
@@ -210,17 +212,15 @@ impl Session {
                 },
                 message = self.reader.next() => match message {
                     Ok(Some(ClientMessage::UpdateEndpoints(endpoints))) => {
-                        let registry = self.ctx.registry.clone();
-                        let id = record.id;
-                        let updated = tokio::task::spawn_blocking(move || registry.update_endpoints(id, &endpoints)).await;
-                        match updated {
-                            Ok(Ok(_)) => {}
-                            Ok(Err(AdmitError::Refused(refusal))) => {
-                                self.refuse(refusal).await;
-                                return None;
-                            }
-                            Ok(Err(AdmitError::Store(e))) => tracing::error!(node = %id, "cannot store endpoints: {e}"),
-                            Err(e) => tracing::error!(node = %id, "endpoint update task failed: {e}"),
+                        let update = move |registry: Registry, id| registry.update_endpoints(id, &endpoints);
+                        if let Some(end) = self.update_node(record.id, update).await {
+                            return Some(end);
+                        }
+                    }
+                    Ok(Some(ClientMessage::UpdateAttributes(attributes))) => {
+                        let update = move |registry: Registry, id| registry.update_attributes(id, &attributes);
+                        if let Some(end) = self.update_node(record.id, update).await {
+                            return Some(end);
                         }
                     }
                     Ok(Some(ClientMessage::Register(_))) => {
@@ -229,6 +229,31 @@ impl Session {
                     Ok(None) => return Some(End::Closed),
                     Err(end) => return Some(end),
                 },
+            }
+        }
+    }
+
+    /// Stores a change the node reported about itself, off the async runtime.
+    /// A refusal ends the session.
+    async fn update_node(
+        &mut self,
+        id: NodeId,
+        update: impl FnOnce(Registry, NodeId) -> Result<Option<u64>, AdmitError> + Send + 'static,
+    ) -> Option<End> {
+        let registry = self.ctx.registry.clone();
+        match tokio::task::spawn_blocking(move || update(registry, id)).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(AdmitError::Refused(refusal))) => {
+                self.refuse(refusal).await;
+                Some(End::Closed)
+            }
+            Ok(Err(AdmitError::Store(e))) => {
+                tracing::error!(node = %id, "cannot store the node's update: {e}");
+                None
+            }
+            Err(e) => {
+                tracing::error!(node = %id, "node update task failed: {e}");
+                None
             }
         }
     }

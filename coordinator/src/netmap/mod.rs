@@ -20,7 +20,8 @@ use std::sync::Arc;
 
 use weft_policy::{NodeAccess, Policy};
 use weft_proto::{
-    FilterRule, NetMap, NetMapDelta, NodeId, Peer, Refusal, RefusalCode, SelfNode, ServerMessage,
+    AppGrant, DefaultAction, NetMap, NetMapDelta, NodeId, PacketFilter, Peer, Refusal, RefusalCode,
+    SelfNode, ServerMessage,
 };
 
 pub(crate) use self::service::{Attached, NetmapHandle, SessionEvent};
@@ -47,7 +48,7 @@ pub(crate) enum NodeUpdate {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Output {
     /// Send this message to the session.
-    Send(SessionId, ServerMessage),
+    Send(SessionId, Box<ServerMessage>),
     /// The session's node was deleted: send the refusal and end the session.
     Close(SessionId, Refusal),
     /// A newer session of the same node took over: end this one.
@@ -82,7 +83,8 @@ struct Session {
 struct View {
     self_node: SelfNode,
     peers: BTreeMap<NodeId, Peer>,
-    filter: Vec<FilterRule>,
+    filter: PacketFilter,
+    capabilities: Vec<AppGrant>,
 }
 
 impl Netmaps {
@@ -185,6 +187,7 @@ impl Netmaps {
             self_node: view.self_node.clone(),
             peers: view.peers.values().cloned().collect(),
             filter: view.filter.clone(),
+            capabilities: view.capabilities.clone(),
         };
         self.sessions.insert(
             session,
@@ -239,7 +242,7 @@ impl Netmaps {
                     session.revision += 1;
                     session.view = view;
                     self.outputs
-                        .push_back(Output::Send(sid, ServerMessage::Delta(delta)));
+                        .push_back(Output::Send(sid, Box::new(ServerMessage::Delta(delta))));
                 }
             }
         }
@@ -279,14 +282,18 @@ impl Netmaps {
                     .filter_map(|p| self.nodes.get(p))
                     .map(|(n, _)| (n.id, n.peer()))
                     .collect(),
-                access.filter.clone(),
+                PacketFilter {
+                    rules: access.filter.clone(),
+                    default: DefaultAction::Deny,
+                },
             ),
-            None => (BTreeMap::new(), Vec::new()),
+            None => (BTreeMap::new(), PacketFilter::default()),
         };
         Some(View {
             self_node: record.self_node(),
             peers,
             filter,
+            capabilities: Vec::new(),
         })
     }
 
@@ -319,8 +326,13 @@ fn diff(old: &View, new: &View, revision: u64) -> Option<NetMapDelta> {
         .copied()
         .collect();
     let filter = (old.filter != new.filter).then(|| new.filter.clone());
+    let capabilities = (old.capabilities != new.capabilities).then(|| new.capabilities.clone());
     let self_node = (old.self_node != new.self_node).then(|| new.self_node.clone());
-    if upsert_peers.is_empty() && remove_peers.is_empty() && filter.is_none() && self_node.is_none()
+    if upsert_peers.is_empty()
+        && remove_peers.is_empty()
+        && filter.is_none()
+        && capabilities.is_none()
+        && self_node.is_none()
     {
         return None;
     }
@@ -329,6 +341,7 @@ fn diff(old: &View, new: &View, revision: u64) -> Option<NetMapDelta> {
         upsert_peers,
         remove_peers,
         filter,
+        capabilities,
         self_node,
     })
 }
@@ -380,6 +393,7 @@ mod tests {
             identity: Identity {
                 user: None,
                 tags: vec![tag.into()],
+                ..Default::default()
             },
             endpoints: vec![format!("192.0.2.{id}:51820").parse().unwrap()],
             attributes: BTreeMap::new(),
@@ -419,7 +433,10 @@ mod tests {
         outputs
             .into_iter()
             .map(|o| match o {
-                Output::Send(SessionId(s), ServerMessage::Delta(d)) => (s - 10, d),
+                Output::Send(SessionId(s), message) => match *message {
+                    ServerMessage::Delta(d) => (s - 10, d),
+                    other => panic!("unexpected {other:?}"),
+                },
                 other => panic!("unexpected {other:?}"),
             })
             .collect()
@@ -458,9 +475,9 @@ mod tests {
             Vec::<u64>::new(),
             "lonely learns of nobody"
         );
-        assert!(maps[&1].filter.is_empty(), "nothing may reach web");
-        assert!(!maps[&2].filter.is_empty(), "db admits web");
-        assert!(maps[&3].filter.is_empty());
+        assert!(maps[&1].filter.rules.is_empty(), "nothing may reach web");
+        assert!(!maps[&2].filter.rules.is_empty(), "db admits web");
+        assert!(maps[&3].filter.rules.is_empty());
         assert!(maps.values().all(|m| m.revision == 1));
     }
 
@@ -469,7 +486,7 @@ mod tests {
         let mut netmaps = Netmaps::new(None);
         netmaps.apply(put(node(1, "tag:web"), 1));
         let map = netmaps.attach(SessionId(1), node(2, "tag:db"), 2).unwrap();
-        assert!(map.peers.is_empty() && map.filter.is_empty());
+        assert!(map.peers.is_empty() && map.filter.rules.is_empty());
     }
 
     #[test]
@@ -504,7 +521,10 @@ mod tests {
         let outputs = netmaps.flush();
         assert!(outputs.contains(&Output::Close(SessionId(12), node_deleted())));
         let removal = outputs.iter().find_map(|o| match o {
-            Output::Send(SessionId(11), ServerMessage::Delta(d)) => Some(d),
+            Output::Send(SessionId(11), message) => match message.as_ref() {
+                ServerMessage::Delta(d) => Some(d),
+                _ => None,
+            },
             _ => None,
         });
         assert_eq!(removal.unwrap().remove_peers, [NodeId(2)]);

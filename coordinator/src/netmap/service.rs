@@ -23,7 +23,7 @@ const EPHEMERAL_GRACE: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum SessionEvent {
     /// Send this message to the node.
-    Message(ServerMessage),
+    Message(Box<ServerMessage>),
     /// Send this refusal and end the session.
     Close(Refusal),
     /// A newer session of the same node took over; end this one quietly.

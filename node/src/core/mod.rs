@@ -184,7 +184,7 @@ impl Node {
         for peer in &netmap.peers {
             self.upsert_peer(peer);
         }
-        self.firewall.set_rules(&netmap.filter);
+        self.firewall.set_rules(&netmap.filter.rules);
         self.reindex(now);
     }
 
@@ -198,8 +198,8 @@ impl Node {
         for id in &delta.remove_peers {
             self.remove_peer(*id);
         }
-        if let Some(rules) = &delta.filter {
-            self.firewall.set_rules(rules);
+        if let Some(filter) = &delta.filter {
+            self.firewall.set_rules(&filter.rules);
         }
         self.reindex(now);
     }

@@ -8,7 +8,9 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
-use weft_proto::{FilterRule, PortRange, Protocol, SelfNode};
+use weft_proto::{
+    DefaultAction, FilterRule, PacketFilter, PortRange, Protocol, RuleAction, SelfNode,
+};
 
 use super::*;
 use crate::filter::test_packets::{self, ACK, SYN};
@@ -36,6 +38,7 @@ impl SimNode {
             identity: Identity {
                 user: Some(format!("{}@example.com", self.name)),
                 tags: Vec::new(),
+                ..Default::default()
             },
         }
     }
@@ -50,6 +53,7 @@ impl SimNode {
             ipv4,
             ipv6,
             identity: Identity::default(),
+            key_expiry: None,
         }
     }
 }
@@ -116,7 +120,11 @@ impl Sim {
             revision: 1,
             self_node: self.nodes[me].self_node(),
             peers: peers.iter().map(|&p| self.nodes[p].peer()).collect(),
-            filter,
+            filter: PacketFilter {
+                rules: filter,
+                default: DefaultAction::Deny,
+            },
+            capabilities: Vec::new(),
         };
         let now = self.now;
         self.nodes[me].node.set_netmap(&netmap, now);
@@ -228,6 +236,7 @@ impl Sim {
             ],
             ports: ports.to_vec(),
             protocols: protocols.to_vec(),
+            action: RuleAction::Accept,
             policy_line: 7,
         }
     }
@@ -258,6 +267,7 @@ fn delta() -> NetMapDelta {
         remove_peers: Vec::new(),
         filter: None,
         self_node: None,
+        capabilities: None,
     }
 }
 
@@ -483,7 +493,7 @@ fn removing_an_allow_cuts_the_flows_it_admitted() {
     sim.apply_delta(
         B,
         NetMapDelta {
-            filter: Some(vec![]),
+            filter: Some(PacketFilter::default()),
             ..delta()
         },
     );
@@ -556,7 +566,8 @@ fn packets_to_a_peer_without_an_endpoint_are_dropped() {
         revision: 1,
         self_node: sim.nodes[A].self_node(),
         peers: vec![b],
-        filter: vec![],
+        filter: PacketFilter::default(),
+        capabilities: Vec::new(),
     };
     let now = sim.now;
     sim.nodes[A].node.set_netmap(&netmap, now);

@@ -56,6 +56,7 @@ mod tests {
             identity: Identity {
                 user: None,
                 tags: vec!["tag:db".into()],
+                ..Default::default()
             },
             endpoint: None,
             last_handshake: Some(Duration::from_secs(12)),

@@ -197,7 +197,7 @@ mod tests {
 
     use ipnet::IpNet;
     use proptest::prelude::*;
-    use weft_proto::{PortRange, Protocol};
+    use weft_proto::{PortRange, Protocol, RuleAction};
 
     use super::test_packets::{self, ACK, SYN};
     use super::*;
@@ -219,6 +219,7 @@ mod tests {
                 .collect(),
             protocols: protocols.to_vec(),
             policy_line: 1,
+            action: RuleAction::Accept,
         }
     }
 
@@ -481,6 +482,7 @@ mod tests {
                 ports,
                 protocols,
                 policy_line,
+                action: RuleAction::Accept,
             })
     }
 

@@ -156,6 +156,7 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
+    use weft_proto::RuleAction;
 
     const PEER: IpAddr = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2));
     const OTHER: IpAddr = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 3));
@@ -178,6 +179,7 @@ mod tests {
                 .collect(),
             protocols: protocols.to_vec(),
             policy_line: line,
+            action: RuleAction::Accept,
         }
     }
 
