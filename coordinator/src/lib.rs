@@ -7,17 +7,24 @@
 
 mod admin;
 mod authkey;
+mod config;
 mod control;
+mod http;
 mod keyfile;
 mod netmap;
 mod nodes;
+mod oidc;
 mod policy_watch;
 mod server;
 mod store;
+mod users;
 
 pub use admin::{
     AdminClient, AuthKeyRequest, ClientError, CreatedAuthKey, NodeView, PolicyInstalled,
     PolicyRequest,
+};
+pub use config::{
+    check_public_url, load as load_config, ConfigError, FileConfig, OidcFileConfig, OidcSettings,
 };
 pub use keyfile::{ensure_data_dir, load_or_create_key, KeyFileError};
 pub use server::{Coordinator, ServeOptions, StartError};

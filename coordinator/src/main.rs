@@ -7,7 +7,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
-use weft_coordinator::{AdminClient, AuthKeyRequest, Coordinator, NodeView, ServeOptions};
+use weft_coordinator::{
+    AdminClient, AuthKeyRequest, Coordinator, FileConfig, NodeView, ServeOptions,
+};
+
+/// The control listener's address unless flags or the configuration file say otherwise.
+const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 7443);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -30,9 +36,23 @@ enum Command {
         /// an invalid one is logged and ignored. Without it every node is denied all traffic.
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
-        /// UDP address of the QUIC control listener.
-        #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:7443")]
-        listen: SocketAddr,
+        /// UDP address of the QUIC control listener [default: 0.0.0.0:7443].
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<SocketAddr>,
+        /// TCP address of the HTTP endpoints (login, callback) [default: the --listen address].
+        #[arg(long, value_name = "ADDR:PORT")]
+        http_listen: Option<SocketAddr>,
+        /// The configuration file (TOML); flags override its values.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The base URL browsers reach the HTTP endpoints at (overrides `public_url`).
+        #[arg(long, value_name = "URL")]
+        public_url: Option<String>,
+        /// An administrator principal (e.g. `tag:admin`, `alice@example.com`); repeatable.
+        /// A new policy under which an administrator who reached other nodes reaches none
+        /// is refused (override with `policy set --force`).
+        #[arg(long = "admin", value_name = "PRINCIPAL")]
+        admins: Vec<String>,
     },
     /// Print the coordinator's public key (nodes pin it); creates the key if absent.
     Key {
@@ -48,6 +68,11 @@ enum Command {
     Nodes {
         #[command(subcommand)]
         command: NodesCommand,
+    },
+    /// Manage the people who log in through the identity provider.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
     },
     /// Manage the policy in force.
     Policy {
@@ -94,12 +119,30 @@ enum NodesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// End a node's login now: its peers drop it until someone runs `weft login` on it.
+    Expire {
+        #[command(flatten)]
+        dir: DataDir,
+        /// The node's name, as `nodes list` shows it.
+        name: String,
+    },
     /// Delete a node; its session ends and its peers forget it.
     Delete {
         #[command(flatten)]
         dir: DataDir,
         /// The node's name, as `nodes list` shows it.
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UsersCommand {
+    /// Disable a user: every node of theirs is cut off and none can log in again.
+    Disable {
+        #[command(flatten)]
+        dir: DataDir,
+        /// The user's email address.
+        email: String,
     },
 }
 
@@ -114,6 +157,9 @@ enum PolicyCommand {
         dir: DataDir,
         /// The policy file to install.
         file: PathBuf,
+        /// Install it even if it would lock out an administrator declared with `serve --admin`.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -141,11 +187,24 @@ async fn run(command: Command) -> Result<()> {
             dir,
             policy,
             listen,
+            http_listen,
+            config,
+            public_url,
+            admins,
         } => {
+            let file = match &config {
+                Some(path) => weft_coordinator::load_config(path)?,
+                None => FileConfig::default(),
+            };
+            let oidc = file.oidc.as_ref().map(|o| o.resolve()).transpose()?;
             serve(ServeOptions {
                 data_dir: dir.data_dir,
-                policy,
-                listen,
+                policy: policy.or(file.policy),
+                listen: listen.or(file.listen).unwrap_or(DEFAULT_LISTEN),
+                http_listen: http_listen.or(file.http_listen),
+                public_url: public_url.or(file.public_url),
+                oidc,
+                admins,
             })
             .await
         }
@@ -213,9 +272,26 @@ async fn run(command: Command) -> Result<()> {
             println!("deleted node {} ({}, {})", node.name, node.id, node.ipv4);
             Ok(())
         }
+        Command::Nodes {
+            command: NodesCommand::Expire { dir, name },
+        } => {
+            let node = AdminClient::new(&dir.data_dir).expire_node(&name).await?;
+            println!(
+                "expired the login of node {} ({}, {})",
+                node.name, node.id, node.ipv4
+            );
+            Ok(())
+        }
+        Command::Users {
+            command: UsersCommand::Disable { dir, email },
+        } => {
+            let cut = AdminClient::new(&dir.data_dir).disable_user(&email).await?;
+            println!("disabled user {email}; cut off {} node(s)", cut.len());
+            Ok(())
+        }
         Command::Policy {
-            command: PolicyCommand::Set { dir, file },
-        } => set_policy(&dir.data_dir, &file).await,
+            command: PolicyCommand::Set { dir, file, force },
+        } => set_policy(&dir.data_dir, &file, force).await,
     }
 }
 
@@ -228,14 +304,14 @@ async fn serve(options: ServeOptions) -> Result<()> {
     Ok(())
 }
 
-async fn set_policy(data_dir: &Path, file: &Path) -> Result<()> {
+async fn set_policy(data_dir: &Path, file: &Path, force: bool) -> Result<()> {
     let source = std::fs::read(file)
         .with_context(|| format!("cannot read policy file {}", file.display()))?;
     let Ok(source) = String::from_utf8(source) else {
         bail!("policy file {} is not UTF-8 text", file.display());
     };
     let installed = AdminClient::new(data_dir)
-        .set_policy(&file.display().to_string(), &source)
+        .set_policy(&file.display().to_string(), &source, force)
         .await?;
     for warning in &installed.warnings {
         eprintln!("{warning}");

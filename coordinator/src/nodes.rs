@@ -20,6 +20,7 @@ use weft_proto::{
 
 use crate::authkey::{self, AdmitError};
 use crate::store::{self, Compare, Op, Store, StoreError};
+use crate::users;
 
 /// Key prefix of node records.
 pub(crate) const NODES_PREFIX: &str = "nodes/";
@@ -29,6 +30,9 @@ const SCHEMA_KEY: &str = "config/schema";
 const SCHEMA_VERSION: u32 = 1;
 const MAX_ATTEMPTS: usize = 64;
 const MAX_ENDPOINTS: usize = 32;
+/// The longest hostname a node may ask for (a DNS name); the name it gets is
+/// one label of at most `MAX_HOSTNAME`.
+const MAX_REQUESTED_HOSTNAME: usize = 253;
 const MAX_ATTRIBUTES: usize = 64;
 const MAX_ATTRIBUTE_LEN: usize = 256;
 const MAX_HOSTNAME: usize = 63;
@@ -48,9 +52,18 @@ pub(crate) struct NodeRecord {
     /// Unix seconds.
     pub(crate) created: u64,
     pub(crate) ephemeral: bool,
+    /// When a person's login stops admitting the node (Unix seconds);
+    /// `None` for nodes admitted by keys, which live until deleted.
+    #[serde(default)]
+    pub(crate) key_expiry: Option<u64>,
 }
 
 impl NodeRecord {
+    /// Whether a person's login for this node has run out at `now` (Unix seconds).
+    pub(crate) fn is_expired(&self, now: u64) -> bool {
+        self.key_expiry.is_some_and(|expiry| expiry <= now)
+    }
+
     pub(crate) fn self_node(&self) -> SelfNode {
         SelfNode {
             id: self.id,
@@ -58,7 +71,7 @@ impl NodeRecord {
             ipv4: self.ipv4,
             ipv6: self.ipv6,
             identity: self.identity.clone(),
-            key_expiry: None,
+            key_expiry: self.key_expiry,
         }
     }
 
@@ -79,11 +92,41 @@ impl NodeRecord {
             name: self.name.clone(),
             addresses: self.addresses(),
             identity: self.identity.clone(),
+            attributes: self.attributes.clone(),
         }
     }
 
     fn addresses(&self) -> Vec<IpAddr> {
         vec![IpAddr::V4(self.ipv4), IpAddr::V6(self.ipv6)]
+    }
+}
+
+/// A person who just logged a device in through the identity provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UserLogin {
+    /// Their email address.
+    pub(crate) user: String,
+    /// Their identity-provider groups, as `group:idp:NAME` principals.
+    pub(crate) groups: Vec<String>,
+    /// When the login stops admitting the device (Unix seconds).
+    pub(crate) key_expiry: u64,
+}
+
+impl UserLogin {
+    fn identity(&self) -> Identity {
+        Identity {
+            user: Some(self.user.clone()),
+            groups: self.groups.clone(),
+            ..Identity::default()
+        }
+    }
+}
+
+/// The refusal a node gets once a person's login for it expired.
+pub(crate) fn key_expired() -> Refusal {
+    Refusal {
+        code: RefusalCode::KeyExpired,
+        message: "this device's login expired; run `weft login`".into(),
     }
 }
 
@@ -161,18 +204,35 @@ impl Registry {
 
     /// Registers the machine that proved `machine_key`: rejoins it as its
     /// existing node, or creates a node if its auth key admits one.
+    #[cfg(test)]
     pub(crate) fn register(
         &self,
         machine_key: PublicKey,
         request: &Register,
         now: SystemTime,
     ) -> Result<(NodeRecord, u64), AdmitError> {
+        self.register_as(machine_key, request, None, now)
+    }
+
+    /// Registers the machine that proved `machine_key` after a person logged
+    /// in (`login`), or by its machine key or auth key alone (`None`). A
+    /// known machine keeps its id, name and addresses either way.
+    pub(crate) fn register_as(
+        &self,
+        machine_key: PublicKey,
+        request: &Register,
+        login: Option<&UserLogin>,
+        now: SystemTime,
+    ) -> Result<(NodeRecord, u64), AdmitError> {
         validate(request)?;
+        if let Some(login) = login {
+            users::check_enabled(&*self.store, &login.user)?;
+        }
         for _ in 0..MAX_ATTEMPTS {
             let attempt =
                 match store::get_json::<NodeId>(&*self.store, &machine_path(&machine_key))? {
-                    Some((id, _)) => self.rejoin(id, request),
-                    None => self.join(machine_key, request, now),
+                    Some((id, _)) => self.rejoin(id, request, login, now),
+                    None => self.join(machine_key, request, login, now),
                 };
             match attempt {
                 Err(AdmitError::Store(StoreError::Conflict)) => continue,
@@ -247,6 +307,55 @@ impl Registry {
         Err(StoreError::Conflict.into())
     }
 
+    /// Ends the login of the node called `name` at `now`: its peers drop it
+    /// and it must log in again (`weft login`).
+    pub(crate) fn expire_by_name(
+        &self,
+        name: &str,
+        now: SystemTime,
+    ) -> Result<NodeRecord, DeleteError> {
+        let Some((id, _)) = store::get_json::<NodeId>(&*self.store, &name_path(name))? else {
+            return Err(DeleteError::NotFound(name.to_owned()));
+        };
+        self.expire(id, authkey::unix_secs(now))
+            .map_err(|e| DeleteError::Store(into_store_error(e)))?;
+        match store::get_json::<NodeRecord>(&*self.store, &node_path(id))? {
+            Some((record, _)) => Ok(record),
+            None => Err(DeleteError::NotFound(name.to_owned())),
+        }
+    }
+
+    /// Disables user `email` and ends the login of every node of theirs.
+    /// The nodes whose login was ended.
+    pub(crate) fn disable_user(
+        &self,
+        email: &str,
+        now: SystemTime,
+    ) -> Result<Vec<NodeRecord>, StoreError> {
+        users::set_disabled(&*self.store, email, true)?;
+        let email = email.trim().to_ascii_lowercase();
+        let mut cut = Vec::new();
+        for (record, _) in self.nodes()? {
+            if record.identity.user.as_deref() == Some(email.as_str()) {
+                self.expire(record.id, authkey::unix_secs(now))
+                    .map_err(into_store_error)?;
+                cut.push(record);
+            }
+        }
+        Ok(cut)
+    }
+
+    /// Sets node `id`'s key expiry to `at` (Unix seconds) unless it is earlier already.
+    fn expire(&self, id: NodeId, at: u64) -> Result<Option<u64>, AdmitError> {
+        self.update(id, |record| {
+            if record.key_expiry.is_some_and(|e| e <= at) {
+                return false;
+            }
+            record.key_expiry = Some(at);
+            true
+        })
+    }
+
     /// Deletes the node called `name`.
     pub(crate) fn delete_by_name(&self, name: &str) -> Result<NodeRecord, DeleteError> {
         for _ in 0..MAX_ATTEMPTS {
@@ -288,12 +397,32 @@ impl Registry {
             .collect()
     }
 
-    fn rejoin(&self, id: NodeId, request: &Register) -> Result<(NodeRecord, u64), AdmitError> {
+    fn rejoin(
+        &self,
+        id: NodeId,
+        request: &Register,
+        login: Option<&UserLogin>,
+        now: SystemTime,
+    ) -> Result<(NodeRecord, u64), AdmitError> {
         let path = node_path(id);
         let Some((mut record, rev)) = store::get_json::<NodeRecord>(&*self.store, &path)? else {
             // The machine key points at a node being deleted right now.
             return Err(StoreError::Conflict.into());
         };
+        match login {
+            Some(login) => {
+                record.identity = login.identity();
+                record.key_expiry = Some(login.key_expiry);
+            }
+            None => {
+                if let Some(user) = &record.identity.user {
+                    users::check_enabled(&*self.store, user)?;
+                }
+                if record.is_expired(authkey::unix_secs(now)) {
+                    return Err(AdmitError::Refused(key_expired()));
+                }
+            }
+        }
         record.node_key = request.node_key;
         record.endpoints = request.endpoints.clone();
         record.attributes = request.attributes.clone();
@@ -306,15 +435,21 @@ impl Registry {
         &self,
         machine_key: PublicKey,
         request: &Register,
+        login: Option<&UserLogin>,
         now: SystemTime,
     ) -> Result<(NodeRecord, u64), AdmitError> {
-        let Some(Credential::AuthKey(auth_key)) = &request.credential else {
-            return Err(AdmitError::Refused(Refusal {
-                code: RefusalCode::AuthKeyRequired,
-                message: "this machine is not a node of the overlay yet; join with `weft up --auth-key KEY` (create a key with `weft-coordinator authkey create`)".into(),
-            }));
+        let admission = match (login, &request.credential) {
+            (Some(_), _) => None,
+            (None, Some(Credential::AuthKey(auth_key))) => {
+                Some(authkey::admit(&*self.store, auth_key, now)?)
+            }
+            (None, _) => {
+                return Err(AdmitError::Refused(Refusal {
+                    code: RefusalCode::AuthKeyRequired,
+                    message: "this machine is not a node of the overlay yet; join with `weft up --auth-key KEY` (create a key with `weft-coordinator authkey create`), or log in with `weft up` where the coordinator has an identity provider".into(),
+                }))
+            }
         };
-        let admission = authkey::admit(&*self.store, auth_key, now)?;
 
         let (next_id, id_compare) = match store::get_json::<u64>(&*self.store, NEXT_ID_KEY)? {
             Some((next, rev)) => (next, Compare::ModRevision(NEXT_ID_KEY.into(), rev)),
@@ -351,13 +486,21 @@ impl Registry {
             node_key: request.node_key,
             ipv4,
             ipv6: ipv6_for(self.ula, ipv4),
-            identity: Identity::tagged(admission.record.tags.clone()),
+            identity: match (login, &admission) {
+                (Some(login), _) => login.identity(),
+                (None, Some(admission)) => Identity::tagged(admission.record.tags.clone()),
+                (None, None) => Identity::default(),
+            },
             endpoints: request.endpoints.clone(),
             attributes: request.attributes.clone(),
             created: authkey::unix_secs(now),
-            ephemeral: admission.record.ephemeral,
+            ephemeral: admission.as_ref().is_some_and(|a| a.record.ephemeral),
+            key_expiry: login.map(|l| l.key_expiry),
         };
-        let (mut compares, mut ops) = admission.consume(id)?;
+        let (mut compares, mut ops) = match &admission {
+            Some(admission) => admission.consume(id)?,
+            None => (Vec::new(), Vec::new()),
+        };
         compares.extend([
             id_compare,
             Compare::Absent(machine_path(&machine_key)),
@@ -373,6 +516,14 @@ impl Registry {
         ]);
         let rev = self.store.txn(&compares, &ops)?;
         Ok((record, rev))
+    }
+}
+
+/// An update of a record that only stores can fail for storage reasons alone.
+fn into_store_error(e: AdmitError) -> StoreError {
+    match e {
+        AdmitError::Store(e) => e,
+        AdmitError::Refused(refusal) => StoreError::Backend(refusal.message),
     }
 }
 
@@ -441,6 +592,12 @@ fn random_ula() -> Ipv6Net {
 }
 
 fn validate(request: &Register) -> Result<(), AdmitError> {
+    if request.hostname.len() > MAX_REQUESTED_HOSTNAME {
+        return Err(bad_request(format!(
+            "the requested hostname is {} bytes long; give the node a name of at most {MAX_REQUESTED_HOSTNAME} (e.g. `weft up --hostname web`)",
+            request.hostname.len()
+        )));
+    }
     if request.endpoints.len() > MAX_ENDPOINTS {
         return Err(bad_request(format!(
             "{} endpoints is more than the {MAX_ENDPOINTS} allowed",
@@ -451,6 +608,7 @@ fn validate(request: &Register) -> Result<(), AdmitError> {
 }
 
 fn empty_hostname(raw: &str) -> AdmitError {
+    let raw: String = raw.chars().take(64).collect();
     bad_request(format!(
         "hostname {raw:?} has no usable characters; give the node a name of letters, digits and `-` (e.g. `weft up --hostname web`)"
     ))

@@ -136,6 +136,7 @@ pub(crate) async fn follow(
     mut last: Vec<u8>,
     netmaps: NetmapHandle,
     store: Arc<dyn Store>,
+    admins: Arc<[String]>,
 ) {
     let mut interval = tokio::time::interval(POLL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -164,6 +165,15 @@ pub(crate) async fn follow(
                 for warning in &validated.warnings {
                     tracing::warn!("{warning}");
                 }
+                let policy = Arc::new(validated.policy);
+                if let Err(lockout) = netmaps.check_lockout(policy.clone(), admins.clone()).await {
+                    tracing::error!(
+                        "the changed policy file {} is refused; keeping the policy in force: {lockout}",
+                        path.display()
+                    );
+                    last = content;
+                    continue;
+                }
                 let stored = StoredPolicy {
                     file_name: path.display().to_string(),
                     source: String::from_utf8_lossy(&content).into_owned(),
@@ -172,7 +182,7 @@ pub(crate) async fn follow(
                     tracing::error!("{e}; the changed policy is not installed, retrying");
                     continue;
                 }
-                netmaps.set_policy(Some(Arc::new(validated.policy))).await;
+                netmaps.set_policy(Some(policy)).await;
                 tracing::info!("installed the changed policy from {}", path.display());
             }
             Err(e) => tracing::warn!(

@@ -11,10 +11,13 @@ use tokio::task::JoinHandle;
 use weft_proto::{PublicKey, CLOSE_BY_COORDINATOR};
 
 use crate::admin::{self, AdminState};
+use crate::config::{check_public_url, OidcSettings};
 use crate::control::{self, ListenError};
+use crate::http;
 use crate::keyfile::{self, KeyFileError};
 use crate::netmap::NetmapHandle;
 use crate::nodes::Registry;
+use crate::oidc::Logins;
 use crate::policy_watch::{self, LoadError};
 use crate::store::{RedbStore, StoreError};
 
@@ -30,6 +33,17 @@ pub struct ServeOptions {
     pub policy: Option<PathBuf>,
     /// The UDP address of the control listener.
     pub listen: SocketAddr,
+    /// The TCP address of the HTTP endpoints; `None` uses the control
+    /// listener's address and port.
+    pub http_listen: Option<SocketAddr>,
+    /// The base URL browsers reach the HTTP endpoints at; `None` derives it
+    /// from the HTTP listener's address.
+    pub public_url: Option<String>,
+    /// The identity provider people log in with.
+    pub oidc: Option<OidcSettings>,
+    /// Administrator principals (`tag:admin`, `alice@example.com`) that a
+    /// new policy must not cut off; see `netmap::Lockout`.
+    pub admins: Vec<String>,
 }
 
 /// Why the coordinator could not start.
@@ -47,6 +61,17 @@ pub enum StartError {
     /// The control listener could not start.
     #[error("{0}")]
     Listen(String),
+    /// The HTTP listener could not start.
+    #[error("cannot listen for HTTP on TCP {addr}: {source} (pass --http-listen to use another address)")]
+    Http {
+        /// The address.
+        addr: SocketAddr,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The configuration is unusable.
+    #[error("{0}")]
+    Config(String),
     /// The admin socket could not be created.
     #[error("cannot create the admin socket {path}: {source}")]
     AdminSocket {
@@ -85,6 +110,10 @@ pub struct Coordinator {
     control: JoinHandle<()>,
     admin: JoinHandle<()>,
     admin_stop: oneshot::Sender<()>,
+    http_addr: SocketAddr,
+    http: JoinHandle<()>,
+    http_stop: oneshot::Sender<()>,
+    discovery: Option<JoinHandle<()>>,
     watcher: Option<JoinHandle<()>>,
     netmap: JoinHandle<()>,
 }
@@ -115,6 +144,7 @@ impl Coordinator {
             None => (None, None),
         };
         let (netmaps, netmap) = NetmapHandle::spawn(registry.clone(), initial)?;
+        let admins: Arc<[String]> = options.admins.clone().into();
 
         let endpoint = control::bind(options.listen, &key)?;
         let local_addr = endpoint.local_addr().map_err(|e| {
@@ -132,12 +162,14 @@ impl Coordinator {
                 content,
                 netmaps.clone(),
                 registry.store().clone(),
+                admins.clone(),
             ))
         });
         let (admin_stop, stopped) = oneshot::channel();
         let router = admin::router(AdminState {
             registry: registry.clone(),
             netmaps: netmaps.clone(),
+            admins,
         });
         let admin = tokio::spawn(async move {
             let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
@@ -147,11 +179,48 @@ impl Coordinator {
                 tracing::error!("admin API stopped: {e}");
             }
         });
+        let http_addr = options.http_listen.unwrap_or(local_addr);
+        let http_listener = http::bind(http_addr)
+            .await
+            .map_err(|source| StartError::Http {
+                addr: http_addr,
+                source,
+            })?;
+        let http_addr = http_listener
+            .local_addr()
+            .map_err(|source| StartError::Http {
+                addr: http_addr,
+                source,
+            })?;
+        let public_url = public_url(
+            options.public_url.as_deref(),
+            http_addr,
+            options.oidc.is_some(),
+        )?;
+        let logins = match options.oidc {
+            Some(settings) => Some(Logins::new(settings, &public_url).map_err(StartError::Config)?),
+            None => None,
+        };
+        let discovery = logins
+            .clone()
+            .map(|logins| tokio::spawn(logins.discover_in_background()));
+        let (http_stop, http_stopped) = oneshot::channel();
+        let router = http::router(logins.clone(), public_url.starts_with("https://"));
+        let http = tokio::spawn(async move {
+            let serve = axum::serve(http_listener, router).with_graceful_shutdown(async move {
+                let _ = http_stopped.await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!("HTTP server stopped: {e}");
+            }
+        });
+        tracing::info!(%http_addr, %public_url, "HTTP endpoints listening");
         let public_key = key.public_key();
         let context = Arc::new(control::Context {
             key,
             registry,
             netmaps,
+            logins,
         });
         let control = tokio::spawn(control::accept(endpoint.clone(), context));
         tracing::info!(%local_addr, coordinator_key = %public_key, "coordinator listening");
@@ -163,6 +232,10 @@ impl Coordinator {
             control,
             admin,
             admin_stop,
+            http_addr,
+            http,
+            http_stop,
+            discovery,
             watcher,
             netmap,
         })
@@ -171,6 +244,11 @@ impl Coordinator {
     /// The control listener's bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The HTTP listener's bound address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
     }
 
     /// The key nodes pin.
@@ -183,17 +261,38 @@ impl Coordinator {
         self.endpoint
             .close(CLOSE_BY_COORDINATOR.into(), b"coordinator shutting down");
         let _ = self.admin_stop.send(());
+        let _ = self.http_stop.send(());
+        if let Some(discovery) = self.discovery {
+            discovery.abort();
+        }
         if let Some(watcher) = self.watcher {
             watcher.abort();
             let _ = watcher.await;
         }
         let _ = tokio::time::timeout(DRAIN, self.control).await;
         let _ = tokio::time::timeout(DRAIN, self.admin).await;
+        let _ = tokio::time::timeout(DRAIN, self.http).await;
         // The netmap task ends once the last handle (held by sessions, the
         // admin API and the watcher) is gone, and with it the database.
         let _ = tokio::time::timeout(DRAIN, self.netmap).await;
         let _ = tokio::time::timeout(DRAIN, self.endpoint.wait_idle()).await;
         let _ = std::fs::remove_file(&self.socket);
         tracing::info!("coordinator stopped");
+    }
+}
+
+/// The URL browsers use: as configured, or the HTTP listener's own address
+/// when that is one a browser can reach.
+fn public_url(
+    configured: Option<&str>,
+    http_addr: SocketAddr,
+    needed: bool,
+) -> Result<String, StartError> {
+    match configured {
+        Some(url) => check_public_url(url).map_err(|e| StartError::Config(e.to_string())),
+        None if needed && http_addr.ip().is_unspecified() => Err(StartError::Config(format!(
+            "the HTTP endpoints listen on {http_addr}, which browsers cannot be sent to; set public_url in the configuration file (or --public-url) to the address people reach the coordinator at"
+        ))),
+        None => Ok(format!("http://{http_addr}")),
     }
 }

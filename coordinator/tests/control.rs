@@ -80,6 +80,10 @@ impl Harness {
             data_dir: self.data_dir.clone(),
             policy: Some(self.policy.clone()),
             listen: "127.0.0.1:0".parse().unwrap(),
+            http_listen: Some("127.0.0.1:0".parse().unwrap()),
+            public_url: None,
+            oidc: None,
+            admins: Vec::new(),
         })
         .await
         .unwrap();
@@ -351,13 +355,16 @@ async fn nodes_see_what_the_policy_allows_and_follow_every_change() {
     // A policy whose tests fail is refused and changes nothing.
     let err = h
         .admin()
-        .set_policy("bad.hujson", FAILING_TEST)
+        .set_policy("bad.hujson", FAILING_TEST, false)
         .await
         .unwrap_err();
     assert!(matches!(err, ClientError::Api { status: 422, .. }), "{err}");
     assert!(err.to_string().contains("bad.hujson"), "{err}");
     // The admin API installs a valid policy.
-    h.admin().set_policy("admin.hujson", POLICY).await.unwrap();
+    h.admin()
+        .set_policy("admin.hujson", POLICY, false)
+        .await
+        .unwrap();
     web.until("web sees db again", |n| n.peer_ids() == [db.me.id].into())
         .await;
     lonely

@@ -18,8 +18,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use weft_proto::handshake::{HandshakeError, Initiator, RESPONSE_LEN};
 use weft_proto::{
-    AuthKey, ClientMessage, Credential, DecodeError, FrameDecoder, NetMap, NetMapDelta, PrivateKey,
-    PublicKey, Refusal, RefusalCode, Register, SelfNode, ServerMessage,
+    AuthKey, ClientMessage, Credential, DecodeError, FrameDecoder, LoginFlow, LoginPrompt, NetMap,
+    NetMapDelta, PrivateKey, PublicKey, Refusal, RefusalCode, Register, SelfNode, ServerMessage,
 };
 
 use crate::endpoints::local_endpoints;
@@ -36,6 +36,9 @@ pub struct ControlConfig {
     /// A pre-auth key for the first registration; dropped once registered,
     /// since a known machine rejoins with its machine key alone.
     pub auth_key: Option<AuthKey>,
+    /// Log a person in through the coordinator's identity provider (when no
+    /// auth key is given); dropped once registered.
+    pub login: Option<LoginFlow>,
     /// The name the node asks for.
     pub hostname: String,
     /// The node's WireGuard public key.
@@ -44,6 +47,9 @@ pub struct ControlConfig {
     pub wireguard_port: u16,
     /// The overlay interface, whose addresses are never advertised as endpoints.
     pub overlay_interface: String,
+    /// The node's `custom:*` posture attributes ([`crate::posture`]); sent
+    /// with the registration and again whenever they change.
+    pub posture: tokio::sync::watch::Receiver<crate::posture::Attributes>,
 }
 
 /// Something the control task learned, tagged with the session that learned it.
@@ -60,6 +66,8 @@ pub struct ControlUpdate {
 pub enum ControlEvent {
     /// The coordinator accepted the node.
     Registered(SelfNode),
+    /// A person must log in at the prompt's URL; the session waits for it.
+    LoginRequired(LoginPrompt),
     /// The coordinator refused the node. [`ControlEvent::is_final`] says whether the task gave up.
     Refused(Refusal),
     /// A complete netmap.
@@ -254,6 +262,7 @@ async fn exchange(
     handshake(config, connection, &mut send, &mut recv).await?;
     tracing::debug!("control handshake complete");
 
+    config.posture.mark_unchanged();
     let register = ClientMessage::Register(register_message(config));
     let frame = weft_proto::encode_frame(&register)
         .map_err(|_| ControlError::Protocol("registration too large to send"))?;
@@ -263,18 +272,23 @@ async fn exchange(
 
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
+    let mut posture_open = true;
     loop {
         while let Some(message) = decoder.next_message::<ServerMessage>()? {
             let event = match message {
                 ServerMessage::Refused(refusal) => return Ok(Ended::Refused(refusal)),
-                ServerMessage::LoginRequired(_) => {
-                    return Err(ControlError::Protocol(
-                        "the coordinator asked for an interactive login, which this node did not request",
-                    ));
+                ServerMessage::LoginRequired(prompt) => {
+                    if config.login.is_none() || *registered {
+                        return Err(ControlError::Protocol(
+                            "the coordinator asked for an interactive login, which this node did not request",
+                        ));
+                    }
+                    ControlEvent::LoginRequired(prompt)
                 }
                 ServerMessage::Registered(node) => {
                     *registered = true;
                     config.auth_key = None;
+                    config.login = None;
                     ControlEvent::Registered(node)
                 }
                 _ if !*registered => {
@@ -289,7 +303,17 @@ async fn exchange(
                 return Ok(Ended::DaemonGone);
             }
         }
-        match recv.read(&mut buf).await {
+        let read = tokio::select! {
+            read = recv.read(&mut buf) => read,
+            changed = config.posture.changed(), if posture_open && *registered => {
+                match changed {
+                    Ok(()) => send_attributes(config, &mut send).await?,
+                    Err(_) => posture_open = false,
+                }
+                continue;
+            }
+        };
+        match read {
             Ok(Some(n)) => decoder.push(&buf[..n]),
             Ok(None) => {
                 decoder.finish()?;
@@ -300,6 +324,22 @@ async fn exchange(
             Err(e) => return Err(ControlError::Lost(describe_read_error(&e))),
         }
     }
+}
+
+/// Reports the node's current attributes after a posture change.
+async fn send_attributes(
+    config: &mut ControlConfig,
+    send: &mut quinn::SendStream,
+) -> Result<(), ControlError> {
+    let custom = config.posture.borrow_and_update().clone();
+    let message = ClientMessage::UpdateAttributes(attributes(&config.hostname, &custom));
+    let frame = weft_proto::encode_frame(&message)
+        .map_err(|_| ControlError::Protocol("attributes too large to send"))?;
+    send.write_all(&frame)
+        .await
+        .map_err(|e| ControlError::Lost(e.to_string()))?;
+    tracing::debug!("sent updated attributes");
+    Ok(())
 }
 
 async fn handshake(
@@ -362,23 +402,27 @@ fn register_message(config: &ControlConfig) -> Register {
         });
     tracing::debug!(?endpoints, "registering");
     Register {
-        credential: config.auth_key.clone().map(Credential::AuthKey),
+        credential: match (&config.auth_key, config.login) {
+            (Some(key), _) => Some(Credential::AuthKey(key.clone())),
+            (None, Some(flow)) => Some(Credential::Interactive(flow)),
+            (None, None) => None,
+        },
         hostname: config.hostname.clone(),
         node_key: config.node_key,
         endpoints,
-        attributes: attributes(&config.hostname),
+        attributes: attributes(&config.hostname, &config.posture.borrow()),
     }
 }
 
-pub(crate) fn attributes(hostname: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        ("node:os".to_owned(), "linux".to_owned()),
-        (
-            "node:clientVersion".to_owned(),
-            env!("CARGO_PKG_VERSION").to_owned(),
-        ),
-        ("node:hostname".to_owned(), hostname.to_owned()),
-    ])
+/// What the node reports about itself: weft's own `node:*` attributes and
+/// the posture file's `custom:*` ones.
+pub(crate) fn attributes(
+    hostname: &str,
+    custom: &crate::posture::Attributes,
+) -> BTreeMap<String, String> {
+    let mut attributes = crate::posture::system_attributes(hostname);
+    attributes.extend(custom.iter().map(|(k, v)| (k.clone(), v.clone())));
+    attributes
 }
 
 async fn connect(address: &str) -> Result<(quinn::Endpoint, quinn::Connection), ControlError> {
@@ -558,7 +602,10 @@ mod tests {
 
     #[test]
     fn registration_reports_the_platform_and_version() {
-        let attrs = attributes("web-1");
+        let custom =
+            crate::posture::Attributes::from([("custom:managed".to_owned(), "true".to_owned())]);
+        let attrs = attributes("web-1", &custom);
+        assert_eq!(attrs["custom:managed"], "true");
         assert_eq!(attrs["node:os"], "linux");
         assert_eq!(attrs["node:hostname"], "web-1");
         assert_eq!(attrs["node:clientVersion"], env!("CARGO_PKG_VERSION"));
@@ -678,10 +725,12 @@ mod tests {
             coordinator_key,
             machine_key: PrivateKey::generate(),
             auth_key: Some(AuthKey::new("weft-auth-0123456789ab-secret")),
+            login: None,
             hostname: "web-1".into(),
             node_key: PrivateKey::generate().public_key(),
             wireguard_port: 51820,
             overlay_interface: "weft-test-none".into(),
+            posture: tokio::sync::watch::channel(crate::posture::Attributes::new()).1,
         }
     }
 

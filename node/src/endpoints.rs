@@ -20,7 +20,12 @@ pub fn local_endpoints(port: u16, overlay_interface: &str) -> std::io::Result<Ve
     Ok(usable_endpoints(addrs, port))
 }
 
-/// Keeps the addresses a peer elsewhere could reach, deduplicated in order.
+/// The most endpoints a node advertises; the coordinator refuses more than
+/// 32, and hosts with container bridges or IPv6 privacy addresses have many.
+const MAX_ADVERTISED: usize = 16;
+
+/// Keeps the addresses a peer elsewhere could reach, deduplicated in order,
+/// at most [`MAX_ADVERTISED`] of them.
 ///
 /// Loopback, unspecified, multicast and IPv6 link-local addresses are dropped:
 /// the last need a scope that means nothing on another host. Overlay
@@ -37,6 +42,9 @@ pub(crate) fn usable_endpoints(
         let endpoint = SocketAddr::new(ip, port);
         if !out.contains(&endpoint) {
             out.push(endpoint);
+        }
+        if out.len() == MAX_ADVERTISED {
+            break;
         }
     }
     out
@@ -64,6 +72,14 @@ mod tests {
 
     fn ips(list: &[&str]) -> Vec<IpAddr> {
         list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_host_with_many_addresses_advertises_a_bounded_number() {
+        let many = (1..=200u8).map(|i| IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 0, i)));
+        let endpoints = usable_endpoints(many, 51820);
+        assert_eq!(endpoints.len(), MAX_ADVERTISED);
+        assert_eq!(endpoints[0], "198.18.0.1:51820".parse().unwrap());
     }
 
     #[test]

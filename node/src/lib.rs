@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod endpoints;
 pub mod filter;
 mod key_text;
+pub mod posture;
 pub mod state;
 pub mod tun_device;
 pub mod underlay;

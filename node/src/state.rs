@@ -70,14 +70,26 @@ pub struct StateDir {
 
 impl StateDir {
     /// Opens the directory, creating it with mode 0700 if it does not exist.
+    /// An existing directory keeps its mode (it may be shared, e.g. a
+    /// mistaken `--state-dir /var/lib`); the key files in it are 0600
+    /// either way, and a directory others can read is warned about.
     pub fn open(path: &Path) -> Result<Self, StateError> {
         DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(path)
             .map_err(|source| io_error("create", path, source))?;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o700))
-            .map_err(|source| io_error("set permissions on", path, source))?;
+        let mode = fs::metadata(path)
+            .map_err(|source| io_error("inspect", path, source))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "the state directory is accessible to other users; weft's key files in it are 0600, but a directory of its own with mode 0700 is safer"
+            );
+        }
         Ok(Self {
             path: path.to_path_buf(),
         })
@@ -165,6 +177,22 @@ mod tests {
 
     fn mode(path: &Path) -> u32 {
         fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn an_existing_directory_keeps_its_mode() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = tmp.path().join("shared");
+        fs::create_dir(&shared).unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = StateDir::open(&shared).unwrap();
+        assert_eq!(
+            mode(&shared),
+            0o755,
+            "weftd must not chmod a directory it did not create"
+        );
+        dir.machine_key().unwrap();
+        assert_eq!(mode(&shared.join("machine.key")), 0o600);
     }
 
     #[test]

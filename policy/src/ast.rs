@@ -3,6 +3,8 @@
 //! Strings are already split into selectors, ports and protocols, but names
 //! are not yet checked against their definitions: that is [`crate::resolve`].
 
+use std::collections::BTreeMap;
+
 use ipnet::IpNet;
 use weft_proto::{PortRange, Protocol};
 
@@ -22,8 +24,44 @@ pub(crate) struct File {
     pub(crate) groups: Vec<GroupDef>,
     pub(crate) tag_owners: Vec<TagOwnerDef>,
     pub(crate) hosts: Vec<HostDef>,
+    /// `acls` entries, then the entries of the `deny` list.
     pub(crate) acls: Vec<Acl>,
+    pub(crate) grants: Vec<Grant>,
+    pub(crate) postures: Vec<PostureDef>,
+    /// `defaultSrcPosture`: posture names.
+    pub(crate) default_src_posture: Vec<Spanned<String>>,
+    /// `"mode": "audit"` for the whole file.
+    pub(crate) audit: bool,
     pub(crate) tests: Vec<TestEntry>,
+}
+
+/// `"posture:NAME": ["CONDITION", …]`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PostureDef {
+    pub(crate) name: Spanned<String>,
+    pub(crate) conditions: Vec<crate::posture::Condition>,
+}
+
+/// Whether a rule admits or refuses what it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    Accept,
+    Deny,
+}
+
+/// One `grants` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Grant {
+    /// The entry's opening brace.
+    pub(crate) span: Span,
+    pub(crate) src: Vec<Spanned<Selector>>,
+    /// Selectors without ports: the ports are in `ip`.
+    pub(crate) dst: Vec<Spanned<Selector>>,
+    /// `ip` entries: a protocol (none: TCP, UDP and ICMP) and its ports.
+    pub(crate) ip: Vec<(Option<Protocol>, Vec<PortRange>)>,
+    /// `app` capabilities: name and values as compact JSON.
+    pub(crate) app: Vec<(String, Vec<String>)>,
+    pub(crate) src_posture: Option<Vec<Spanned<String>>>,
 }
 
 /// `"group:eng": ["alice@example.com"]`.
@@ -49,11 +87,15 @@ pub(crate) struct HostDef {
     pub(crate) prefix: IpNet,
 }
 
-/// One `acls` entry (its action is always accept in this version).
+/// One `acls` entry, or one entry of the `deny` list.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Acl {
     /// The entry's opening brace.
     pub(crate) span: Span,
+    pub(crate) action: Action,
+    /// `"mode": "audit"` on a deny rule.
+    pub(crate) audit: bool,
+    pub(crate) src_posture: Option<Vec<Spanned<String>>>,
     pub(crate) src: Vec<Spanned<Selector>>,
     pub(crate) dst: Vec<Spanned<Dst>>,
     pub(crate) proto: Option<Protocol>,
@@ -76,6 +118,8 @@ pub(crate) struct TestEntry {
     pub(crate) proto: Option<Protocol>,
     pub(crate) accept: Vec<Spanned<TestDst>>,
     pub(crate) deny: Vec<Spanned<TestDst>>,
+    /// `srcPostureAttrs`: the attributes the test's source reports.
+    pub(crate) src_posture_attrs: Option<BTreeMap<String, String>>,
 }
 
 /// `PRINCIPAL:PORT` in a test.

@@ -1,16 +1,24 @@
-//! Compiles the rules for a concrete set of nodes: each node's peers and inbound filter.
+//! Compiles the rules for a concrete set of nodes: each node's peers, inbound filter and capabilities.
 //!
-//! Nodes are indexed by tag, by user and by address once, so each rule costs
-//! time proportional to the nodes it concerns, not to all nodes.
+//! Nodes are indexed by tag, user, group, workload and address once, so each
+//! rule costs time proportional to the nodes it concerns, not to all nodes.
+//! [`compile_for`] computes the access of only some nodes, for incremental
+//! recompilation (see [`crate::Engine`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
-use weft_proto::{FilterRule, Identity, NodeId, PortRange, RuleAction};
+use weft_proto::{
+    AppGrant, DefaultAction, FilterRule, Identity, NodeId, PacketFilter, PortRange, Protocol,
+    RuleAction,
+};
 
-use crate::ports::normalize;
-use crate::rules::{Rule, Target};
+use crate::eval::Subject;
+use crate::ports::{has_ports, normalize};
+use crate::posture::{self, Posture};
+use crate::rules::{AppRule, DstTarget, Rule, Rules, Target};
+use crate::selector::spiffe_matches;
 
 /// A node as policy sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,8 +29,11 @@ pub struct NodeInfo {
     pub name: String,
     /// Overlay addresses.
     pub addresses: Vec<IpAddr>,
-    /// Tags, or the owning user for an untagged node.
+    /// Who the node is: user and IdP groups, workload, or tags.
     pub identity: Identity,
+    /// What the node reports about itself (`node:os`, `node:osVersion`,
+    /// `node:clientVersion`, `custom:KEY`), for `srcPosture` conditions.
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// What every node may do, keyed by node.
@@ -37,55 +48,178 @@ pub struct Compiled {
 pub struct NodeAccess {
     /// Every node this one may reach or be reached by (excluding itself).
     pub peers: BTreeSet<NodeId>,
-    /// Inbound allow rules for this node's own addresses (`dst` = this node's
-    /// addresses as /32 and /128, `src` = the prefixes of the admitted source
-    /// nodes, hosts and CIDRs, `policy_line` = the acls entry's line).
-    pub filter: Vec<FilterRule>,
+    /// Inbound rules for this node's own addresses (`dst` = this node's
+    /// addresses as /32 and /128, `src` = the prefixes of the source nodes,
+    /// hosts and CIDRs, `policy_line` = the rule's line) and the default.
+    pub filter: PacketFilter,
+    /// Application capabilities that grants give sources on this node.
+    pub capabilities: Vec<AppGrant>,
 }
 
-/// Compiles `rules` for `nodes`.
-pub(crate) fn compile(rules: &[Rule], nodes: &[NodeInfo]) -> Compiled {
+/// Compiles `rules` for all `nodes`.
+pub(crate) fn compile(rules: &Rules, nodes: &[NodeInfo]) -> Compiled {
+    let mut compiled = Compiled::default();
+    for (i, access) in compile_for(rules, nodes, None) {
+        let entry = compiled.nodes.entry(nodes[i].id).or_default();
+        entry.peers.extend(access.peers);
+        entry.filter.rules.extend(access.filter.rules);
+        entry.filter.default = access.filter.default;
+        entry.capabilities.extend(access.capabilities);
+    }
+    compiled
+}
+
+/// Compiles the access of the nodes at the indices `only` (every node when `None`).
+pub(crate) fn compile_for(
+    rules: &Rules,
+    nodes: &[NodeInfo],
+    only: Option<&BTreeSet<usize>>,
+) -> BTreeMap<usize, NodeAccess> {
     let index = Index::new(nodes);
-    let mut access: Vec<NodeAccess> = vec![NodeAccess::default(); nodes.len()];
-    let mut linked: HashSet<(Vec<usize>, Vec<usize>)> = HashSet::new();
-    for rule in rules {
-        let (src_nodes, src_nets) = index.sources(rule);
-        if src_nets.is_empty() {
-            continue;
-        }
-        let targets = index.destinations(rule);
-        for (&node, grants) in &targets {
-            for (dst, ports) in grants {
-                access[node].filter.push(FilterRule {
-                    src: src_nets.clone(),
-                    dst: dst.clone(),
-                    ports: normalize(ports.clone()),
-                    protocols: rule.protocols.clone(),
-                    action: RuleAction::Accept,
-                    policy_line: rule.line,
-                });
+    let wanted: Vec<bool> = match only {
+        None => vec![true; nodes.len()],
+        Some(only) => (0..nodes.len()).map(|i| only.contains(&i)).collect(),
+    };
+    let mut out = Builder {
+        nodes,
+        wanted: &wanted,
+        only,
+        access: BTreeMap::new(),
+        audits: BTreeMap::new(),
+        linked: HashSet::new(),
+    };
+    for (i, node) in nodes.iter().enumerate() {
+        if wanted[i] {
+            let access = out.access.entry(i).or_default();
+            if rules.audit {
+                access.peers = nodes
+                    .iter()
+                    .map(|n| n.id)
+                    .filter(|&id| id != node.id)
+                    .collect();
+                access.filter.default = DefaultAction::AuditDeny;
             }
         }
-        let dst_nodes: Vec<usize> = targets.keys().copied().collect();
-        if linked.insert((src_nodes.clone(), dst_nodes.clone())) {
-            for &d in &dst_nodes {
-                for &s in &src_nodes {
-                    if nodes[s].id != nodes[d].id {
-                        access[d].peers.insert(nodes[s].id);
-                        access[s].peers.insert(nodes[d].id);
+    }
+    for rule in &rules.rules {
+        out.rule(&index, rule, rules.audit);
+    }
+    for app in &rules.apps {
+        if !out.concerns(&index, &app.src, app.dst.iter()) {
+            continue;
+        }
+        let src = index.sources(&app.src, app.posture.as_deref());
+        if src.nets.is_empty() {
+            continue;
+        }
+        let mut per_node: BTreeMap<usize, Vec<IpNet>> = BTreeMap::new();
+        for target in &app.dst {
+            if *target == Target::SelfUser {
+                for (login, members) in src.by_login(nodes) {
+                    for &d in index.by_user.get(login).into_iter().flatten() {
+                        per_node.entry(d).or_default().extend(src.nets_of(&members));
                     }
+                }
+            } else {
+                for d in index.matching(target) {
+                    per_node.entry(d).or_default().extend(&src.nets);
                 }
             }
         }
+        for (d, nets) in per_node {
+            let Some(access) = out.wanted_access(d) else {
+                continue;
+            };
+            let nets = IpNet::aggregate(&nets);
+            for (name, values) in &app.caps {
+                access.capabilities.push(AppGrant {
+                    src: nets.clone(),
+                    name: name.clone(),
+                    values: values.clone(),
+                    policy_line: app.line,
+                });
+            }
+        }
     }
-    let mut compiled = Compiled::default();
-    for (node, mut node_access) in nodes.iter().zip(access) {
-        node_access.filter.dedup();
-        let entry: &mut NodeAccess = compiled.nodes.entry(node.id).or_default();
-        entry.peers.extend(node_access.peers);
-        entry.filter.extend(node_access.filter);
+    out.finish()
+}
+
+/// The nodes (indices into `nodes`) whose access may change when `changed`
+/// (a node's old and new versions) changes: the node itself, the
+/// destinations of rules it is a source of, and the sources of rules it is a
+/// destination of. In whole-file audit mode every node is everyone's peer, so
+/// every node is affected.
+pub(crate) fn affected(
+    rules: &Rules,
+    nodes: &[NodeInfo],
+    changed: &[&NodeInfo],
+) -> BTreeSet<usize> {
+    if rules.audit {
+        return (0..nodes.len()).collect();
     }
-    compiled
+    let index = Index::new(nodes);
+    let mut found: BTreeSet<usize> = BTreeSet::new();
+    for version in changed {
+        found.extend(
+            nodes
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| n.id == version.id)
+                .map(|(i, _)| i),
+        );
+        let subjects: Vec<Subject> = if version.addresses.is_empty() {
+            vec![Subject::node(version, None)]
+        } else {
+            version
+                .addresses
+                .iter()
+                .map(|a| Subject::node(version, Some(*a)))
+                .collect()
+        };
+        let login = member_login(version);
+        for rule in &rules.rules {
+            let dsts = || rule.dst.iter().map(|d| &d.target);
+            if covers_any(&rule.src, &subjects) {
+                index.add_matching(dsts(), login, &mut found);
+            }
+            if covers_any(dsts(), &subjects)
+                || (login.is_some() && dsts().any(|t| *t == Target::SelfUser))
+            {
+                index.add_matching(&rule.src, login, &mut found);
+            }
+        }
+        for app in &rules.apps {
+            if covers_any(&app.src, &subjects) {
+                index.add_matching(&app.dst, login, &mut found);
+            }
+        }
+    }
+    found
+}
+
+/// The nodes (indices into `nodes`) that any of `rules` or `apps` concerns,
+/// as a source or a destination: when those rules change, only these nodes'
+/// access can change.
+pub(crate) fn concerned(rules: &[&Rule], apps: &[&AppRule], nodes: &[NodeInfo]) -> BTreeSet<usize> {
+    let index = Index::new(nodes);
+    let mut found = BTreeSet::new();
+    let targets = rules
+        .iter()
+        .flat_map(|r| r.src.iter().chain(r.dst.iter().map(|d| &d.target)))
+        .chain(apps.iter().flat_map(|a| a.src.iter().chain(&a.dst)));
+    for target in targets {
+        match target {
+            Target::SelfUser => found.extend(index.members.iter().copied()),
+            _ => found.extend(index.matching(target)),
+        }
+    }
+    found
+}
+
+fn covers_any<'t>(targets: impl IntoIterator<Item = &'t Target>, subjects: &[Subject]) -> bool {
+    targets
+        .into_iter()
+        .any(|t| subjects.iter().any(|s| t.covers(s)))
 }
 
 /// The source prefixes of `*`.
@@ -95,11 +229,309 @@ const EVERY_V6: IpNet = IpNet::new_assert(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0);
 /// Per destination node: (its addresses the rule covers, ports) pairs, merged by address set.
 type Grants = BTreeMap<usize, Vec<(Vec<IpNet>, Vec<PortRange>)>>;
 
+/// Accumulates the access of the wanted nodes.
+struct Builder<'n, 'w> {
+    nodes: &'n [NodeInfo],
+    wanted: &'w [bool],
+    only: Option<&'w BTreeSet<usize>>,
+    access: BTreeMap<usize, NodeAccess>,
+    /// Audit-mode deny rules per node, intersected with its accepts at the end.
+    audits: BTreeMap<usize, Vec<FilterRule>>,
+    /// (sources, destinations) already made peers.
+    linked: HashSet<(Vec<usize>, Vec<usize>)>,
+}
+
+impl Builder<'_, '_> {
+    fn wanted_access(&mut self, node: usize) -> Option<&mut NodeAccess> {
+        if self.wanted[node] {
+            Some(self.access.entry(node).or_default())
+        } else {
+            None
+        }
+    }
+
+    /// Whether a rule with these sources and destinations can concern a wanted node.
+    fn concerns<'t>(
+        &self,
+        index: &Index<'_>,
+        src: &[Target],
+        mut dst: impl Iterator<Item = &'t Target>,
+    ) -> bool {
+        let Some(only) = self.only else {
+            return true;
+        };
+        let touches = |target: &Target| match target {
+            // The user nodes of any source user.
+            Target::SelfUser => true,
+            _ => index.matching(target).iter().any(|i| only.contains(i)),
+        };
+        src.iter().any(touches) || dst.any(touches)
+    }
+
+    fn rule(&mut self, index: &Index<'_>, rule: &Rule, file_audit: bool) {
+        if !self.concerns(index, &rule.src, rule.dst.iter().map(|d| &d.target)) {
+            return;
+        }
+        let src = index.sources(&rule.src, rule.posture.as_deref());
+        if src.nets.is_empty() {
+            return;
+        }
+        let (self_dsts, dsts): (Vec<&DstTarget>, Vec<&DstTarget>) =
+            rule.dst.iter().partition(|d| d.target == Target::SelfUser);
+        let grants = index.destinations(&dsts);
+        for (&node, entries) in &grants {
+            for (addrs, ports) in entries {
+                self.push(
+                    node,
+                    rule,
+                    src.nets.clone(),
+                    addrs.clone(),
+                    ports.clone(),
+                    file_audit,
+                );
+            }
+        }
+        if rule.action == RuleAction::Accept {
+            self.link(src.node_list(), grants.keys().copied().collect());
+        }
+        if self_dsts.is_empty() {
+            return;
+        }
+        let ports = normalize(
+            self_dsts
+                .iter()
+                .flat_map(|d| d.ports.iter().copied())
+                .collect(),
+        );
+        for (login, members) in src.by_login(self.nodes) {
+            let nets = IpNet::aggregate(&src.nets_of(&members));
+            let dsts = index.by_user.get(login).cloned().unwrap_or_default();
+            for &d in &dsts {
+                let addrs = self.nodes[d]
+                    .addresses
+                    .iter()
+                    .map(|a| IpNet::from(*a))
+                    .collect();
+                self.push(d, rule, nets.clone(), addrs, ports.clone(), file_audit);
+            }
+            if rule.action == RuleAction::Accept {
+                self.link(members, dsts);
+            }
+        }
+    }
+
+    fn push(
+        &mut self,
+        node: usize,
+        rule: &Rule,
+        src: Vec<IpNet>,
+        dst: Vec<IpNet>,
+        ports: Vec<PortRange>,
+        file_audit: bool,
+    ) {
+        if !self.wanted[node] {
+            return;
+        }
+        let filter_rule = FilterRule {
+            src,
+            dst,
+            ports: normalize(ports),
+            protocols: rule.protocols.clone(),
+            action: rule.action,
+            policy_line: rule.line,
+        };
+        if rule.action == RuleAction::AuditDeny && !file_audit {
+            self.audits.entry(node).or_default().push(filter_rule);
+        } else {
+            self.access
+                .entry(node)
+                .or_default()
+                .filter
+                .rules
+                .push(filter_rule);
+        }
+    }
+
+    /// Makes every source a peer of every destination (both sorted).
+    fn link(&mut self, srcs: Vec<usize>, dsts: Vec<usize>) {
+        if srcs.is_empty() || dsts.is_empty() {
+            return;
+        }
+        let nodes = self.nodes;
+        let add = |this: usize, others: &[usize], access: &mut BTreeMap<usize, NodeAccess>| {
+            let peers = &mut access.entry(this).or_default().peers;
+            let id = nodes[this].id;
+            peers.extend(others.iter().map(|&o| nodes[o].id).filter(|&o| o != id));
+        };
+        match self.only {
+            Some(only) => {
+                for &w in only {
+                    if dsts.binary_search(&w).is_ok() {
+                        add(w, &srcs, &mut self.access);
+                    }
+                    if srcs.binary_search(&w).is_ok() {
+                        add(w, &dsts, &mut self.access);
+                    }
+                }
+            }
+            None => {
+                if !self.linked.insert((srcs.clone(), dsts.clone())) {
+                    return;
+                }
+                for &d in &dsts {
+                    add(d, &srcs, &mut self.access);
+                }
+                for &s in &srcs {
+                    add(s, &dsts, &mut self.access);
+                }
+            }
+        }
+    }
+
+    fn finish(mut self) -> BTreeMap<usize, NodeAccess> {
+        for (node, audits) in std::mem::take(&mut self.audits) {
+            let access = self.access.entry(node).or_default();
+            let accepts: Vec<FilterRule> = access
+                .filter
+                .rules
+                .iter()
+                .filter(|r| r.action == RuleAction::Accept)
+                .cloned()
+                .collect();
+            for audit in &audits {
+                access
+                    .filter
+                    .rules
+                    .extend(accepts.iter().filter_map(|accept| intersect(audit, accept)));
+            }
+        }
+        for access in self.access.values_mut() {
+            access.filter.rules.dedup();
+        }
+        self.access
+    }
+}
+
+/// The part of an audit-mode deny rule that an accept rule also matches: only
+/// there does the audit deny decide (elsewhere the default already denies).
+fn intersect(audit: &FilterRule, accept: &FilterRule) -> Option<FilterRule> {
+    let src = intersect_nets(&audit.src, &accept.src);
+    let dst = intersect_nets(&audit.dst, &accept.dst);
+    if src.is_empty() || dst.is_empty() {
+        return None;
+    }
+    let effective = |r: &FilterRule| -> Vec<Protocol> {
+        if r.protocols.is_empty() {
+            Protocol::DEFAULT.to_vec()
+        } else {
+            r.protocols.clone()
+        }
+    };
+    let theirs = effective(accept);
+    let mut ports: Vec<PortRange> = Vec::new();
+    for a in &audit.ports {
+        for b in &accept.ports {
+            let (first, last) = (a.first.max(b.first), a.last.min(b.last));
+            if first <= last {
+                ports.push(PortRange { first, last });
+            }
+        }
+    }
+    let ports = normalize(ports);
+    let mut protocols: Vec<Protocol> = effective(audit)
+        .into_iter()
+        .filter(|p| theirs.contains(p) && (!has_ports(*p) || !ports.is_empty()))
+        .collect();
+    protocols.sort_unstable();
+    protocols.dedup();
+    if protocols.is_empty() {
+        return None;
+    }
+    Some(FilterRule {
+        src,
+        dst,
+        ports,
+        protocols,
+        action: RuleAction::AuditDeny,
+        policy_line: audit.policy_line,
+    })
+}
+
+fn intersect_nets(a: &[IpNet], b: &[IpNet]) -> Vec<IpNet> {
+    let mut both = Vec::new();
+    for x in a {
+        for y in b {
+            if x.contains(y) {
+                both.push(*y);
+            } else if y.contains(x) {
+                both.push(*x);
+            }
+        }
+    }
+    IpNet::aggregate(&both)
+}
+
+/// The sources of a rule: the nodes it admits (with the addresses admitted
+/// for each) and every prefix its filters admit.
+struct Sources {
+    nodes: BTreeMap<usize, Vec<IpNet>>,
+    nets: Vec<IpNet>,
+}
+
+impl Sources {
+    fn node_list(&self) -> Vec<usize> {
+        self.nodes.keys().copied().collect()
+    }
+
+    /// Source user nodes grouped by user, for `autogroup:self`.
+    fn by_login<'n>(&self, nodes: &'n [NodeInfo]) -> BTreeMap<&'n str, Vec<usize>> {
+        let mut logins: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for &i in self.nodes.keys() {
+            if let Some(user) = member_login(&nodes[i]) {
+                logins.entry(user).or_default().push(i);
+            }
+        }
+        logins
+    }
+
+    fn nets_of(&self, members: &[usize]) -> Vec<IpNet> {
+        members
+            .iter()
+            .filter_map(|m| self.nodes.get(m))
+            .flatten()
+            .copied()
+            .collect()
+    }
+}
+
+/// The user of a user node (no tags, no workload); `None` for other nodes.
+fn member_login(node: &NodeInfo) -> Option<&str> {
+    let identity = &node.identity;
+    if identity.tags.is_empty() && identity.workload.is_none() {
+        identity.user.as_deref()
+    } else {
+        None
+    }
+}
+
+/// Whether `node` is a user node for `autogroup:member`.
+fn is_member(node: &NodeInfo) -> bool {
+    let identity = &node.identity;
+    identity.tags.is_empty()
+        && identity.workload.is_none()
+        && (identity.user.is_some() || !identity.groups.is_empty())
+}
+
 struct Index<'n> {
     nodes: &'n [NodeInfo],
     by_tag: HashMap<&'n str, Vec<usize>>,
-    /// Untagged nodes only: a tagged node is matched by its tags alone.
+    /// User nodes only: tagged and workload nodes are not matched by their user.
     by_user: HashMap<&'n str, Vec<usize>>,
+    /// Identity-provider groups of user nodes.
+    by_group: HashMap<&'n str, Vec<usize>>,
+    workloads: Vec<usize>,
+    members: Vec<usize>,
+    tagged: Vec<usize>,
     by_addr: BTreeMap<IpAddr, Vec<usize>>,
 }
 
@@ -109,15 +541,30 @@ impl<'n> Index<'n> {
             nodes,
             by_tag: HashMap::new(),
             by_user: HashMap::new(),
+            by_group: HashMap::new(),
+            workloads: Vec::new(),
+            members: Vec::new(),
+            tagged: Vec::new(),
             by_addr: BTreeMap::new(),
         };
         for (i, node) in nodes.iter().enumerate() {
-            if node.identity.tags.is_empty() {
-                if let Some(user) = &node.identity.user {
+            let identity = &node.identity;
+            if is_member(node) {
+                index.members.push(i);
+                if let Some(user) = &identity.user {
                     index.by_user.entry(user).or_default().push(i);
                 }
+                for group in &identity.groups {
+                    index.by_group.entry(group).or_default().push(i);
+                }
             }
-            for tag in &node.identity.tags {
+            if identity.workload.is_some() {
+                index.workloads.push(i);
+            }
+            if !identity.tags.is_empty() {
+                index.tagged.push(i);
+            }
+            for tag in &identity.tags {
                 index.by_tag.entry(tag).or_default().push(i);
             }
             for addr in &node.addresses {
@@ -127,18 +574,58 @@ impl<'n> Index<'n> {
         index
     }
 
-    /// The nodes a target covers, sorted and unique.
+    /// Adds the nodes `targets` cover; `autogroup:self` covers the user nodes of `login`.
+    fn add_matching<'t>(
+        &self,
+        targets: impl IntoIterator<Item = &'t Target>,
+        login: Option<&str>,
+        found: &mut BTreeSet<usize>,
+    ) {
+        for target in targets {
+            match target {
+                Target::SelfUser => {
+                    found.extend(
+                        login
+                            .and_then(|l| self.by_user.get(l))
+                            .into_iter()
+                            .flatten(),
+                    );
+                }
+                _ => found.extend(self.matching(target)),
+            }
+        }
+    }
+
+    /// The nodes a target covers, sorted and unique (`autogroup:self` covers none on its own).
     fn matching(&self, target: &Target) -> Vec<usize> {
+        let lookup =
+            |map: &HashMap<&str, Vec<usize>>, key: &str| map.get(key).cloned().unwrap_or_default();
         let mut found: Vec<usize> = match target {
             Target::Any => (0..self.nodes.len()).collect(),
-            Target::User(user) => self.by_user.get(user.as_str()).cloned().unwrap_or_default(),
+            Target::User(user) => lookup(&self.by_user, user),
             Target::Group { members, .. } => members
                 .iter()
                 .filter_map(|m| self.by_user.get(m.as_str()))
                 .flatten()
                 .copied()
                 .collect(),
-            Target::Tag(tag) => self.by_tag.get(tag.as_str()).cloned().unwrap_or_default(),
+            Target::External(group) => lookup(&self.by_group, group),
+            Target::Tag(tag) => lookup(&self.by_tag, tag),
+            Target::Workload(pattern) => self
+                .workloads
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    self.nodes[i]
+                        .identity
+                        .workload
+                        .as_deref()
+                        .is_some_and(|id| spiffe_matches(pattern, id))
+                })
+                .collect(),
+            Target::Member => self.members.clone(),
+            Target::Tagged => self.tagged.clone(),
+            Target::SelfUser => Vec::new(),
             Target::Prefix(net) => self
                 .by_addr
                 .range(net.network()..=net.broadcast())
@@ -150,36 +637,51 @@ impl<'n> Index<'n> {
         found
     }
 
-    /// The nodes a rule's `src` covers, and the source prefixes its filters admit.
-    fn sources(&self, rule: &Rule) -> (Vec<usize>, Vec<IpNet>) {
-        let mut nodes = Vec::new();
-        let mut nets = Vec::new();
-        for target in &rule.src {
+    /// The nodes and prefixes `targets` admit as sources; with a posture, only
+    /// the addresses of nodes that satisfy it.
+    fn sources(&self, targets: &[Target], posture: Option<&[Posture]>) -> Sources {
+        let mut nodes: BTreeMap<usize, Vec<IpNet>> = BTreeMap::new();
+        let mut raw = Vec::new();
+        for target in targets {
             let matched = self.matching(target);
-            match target {
-                Target::Any => {
-                    nets.extend([EVERY_V4, EVERY_V6]);
-                }
-                Target::Prefix(net) => nets.push(*net),
-                Target::User(_) | Target::Group { .. } | Target::Tag(_) => {
-                    nets.extend(
-                        matched
-                            .iter()
-                            .flat_map(|&i| self.nodes[i].addresses.iter().map(|a| IpNet::from(*a))),
-                    );
+            for &i in &matched {
+                let addresses = self.nodes[i].addresses.iter().map(|a| IpNet::from(*a));
+                let admitted = nodes.entry(i).or_default();
+                match target {
+                    Target::Prefix(net) => {
+                        admitted.extend(addresses.filter(|a| net.contains(a)));
+                    }
+                    _ => admitted.extend(addresses),
                 }
             }
-            nodes.extend(matched);
+            if posture.is_none() {
+                match target {
+                    Target::Any => raw.extend([EVERY_V4, EVERY_V6]),
+                    Target::Prefix(net) => raw.push(*net),
+                    _ => {}
+                }
+            }
         }
-        nodes.sort_unstable();
-        nodes.dedup();
-        (nodes, IpNet::aggregate(&nets))
+        if let Some(postures) = posture {
+            nodes.retain(|&i, _| {
+                posture::satisfied(Some(postures), Some(&self.nodes[i].attributes))
+            });
+        }
+        for admitted in nodes.values_mut() {
+            admitted.sort_unstable();
+            admitted.dedup();
+        }
+        raw.extend(nodes.values().flatten().copied());
+        Sources {
+            nets: IpNet::aggregate(&raw),
+            nodes,
+        }
     }
 
-    /// The nodes a rule's `dst` covers, with the addresses and ports it opens on each.
-    fn destinations(&self, rule: &Rule) -> Grants {
+    /// The nodes the (non-`autogroup:self`) `dsts` cover, with the addresses and ports opened on each.
+    fn destinations(&self, dsts: &[&DstTarget]) -> Grants {
         let mut grants = Grants::new();
-        for dst in &rule.dst {
+        for dst in dsts {
             for node in self.matching(&dst.target) {
                 let addresses = self.nodes[node].addresses.iter();
                 let covered: Vec<IpNet> = match &dst.target {
@@ -211,6 +713,7 @@ mod tests {
     use weft_proto::Protocol;
 
     use super::*;
+    use crate::eval::Verdict;
     use crate::ports::has_ports;
     use crate::Policy;
 
@@ -224,6 +727,7 @@ mod tests {
                 IpAddr::V6(Ipv6Addr::new(0xfd7a, 0, 0, 0, 0, 0, 0, u16::from(n))),
             ],
             identity,
+            attributes: BTreeMap::new(),
         }
     }
 
@@ -257,25 +761,50 @@ mod tests {
         list.iter().map(|&i| NodeId(i)).collect()
     }
 
-    /// Whether a node's filter admits a packet, the way the node's packet filter reads it.
+    /// The verdict of a node's filter on a new flow, with the precedence the node applies.
+    fn filter_verdict(
+        filter: &PacketFilter,
+        src: IpAddr,
+        dst: IpAddr,
+        protocol: Protocol,
+        port: u16,
+    ) -> Verdict {
+        let matching = |action: RuleAction| {
+            filter.rules.iter().any(|r| {
+                let protocol_ok = if r.protocols.is_empty() {
+                    Protocol::DEFAULT.contains(&protocol)
+                } else {
+                    r.protocols.contains(&protocol)
+                };
+                r.action == action
+                    && r.src.iter().any(|n| n.contains(&src))
+                    && r.dst.iter().any(|n| n.contains(&dst))
+                    && protocol_ok
+                    && (!has_ports(protocol) || r.ports.iter().any(|p| p.contains(port)))
+            })
+        };
+        if matching(RuleAction::Deny) {
+            Verdict::Deny
+        } else if matching(RuleAction::AuditDeny) {
+            Verdict::AuditDeny
+        } else if matching(RuleAction::Accept) {
+            Verdict::Accept
+        } else if filter.default == DefaultAction::AuditDeny {
+            Verdict::AuditDeny
+        } else {
+            Verdict::Deny
+        }
+    }
+
+    /// Whether a node's filter lets a new flow pass.
     fn allows(
-        filter: &[FilterRule],
+        filter: &PacketFilter,
         src: IpAddr,
         dst: IpAddr,
         protocol: Protocol,
         port: u16,
     ) -> bool {
-        filter.iter().any(|r| {
-            let protocol_ok = if r.protocols.is_empty() {
-                Protocol::DEFAULT.contains(&protocol)
-            } else {
-                r.protocols.contains(&protocol)
-            };
-            r.src.iter().any(|n| n.contains(&src))
-                && r.dst.iter().any(|n| n.contains(&dst))
-                && protocol_ok
-                && (!has_ports(protocol) || r.ports.iter().any(|p| p.contains(port)))
-        })
+        filter_verdict(filter, src, dst, protocol, port).passes()
     }
 
     fn compile(source: &str, nodes: &[NodeInfo]) -> Compiled {
@@ -315,7 +844,7 @@ mod tests {
         );
 
         assert_eq!(
-            db.filter,
+            db.filter.rules,
             [FilterRule {
                 src: vec![net("100.64.0.1/32"), net("fd7a::1/128")],
                 dst: vec![net("100.64.0.2/32"), net("fd7a::2/128")],
@@ -329,7 +858,7 @@ mod tests {
             }]
         );
         assert_eq!(
-            web.filter,
+            web.filter.rules,
             [FilterRule {
                 src: vec![net("100.64.0.3/32"), net("fd7a::3/128")],
                 dst: vec![net("100.64.0.1/32"), net("fd7a::1/128")],
@@ -352,7 +881,7 @@ mod tests {
                 action: RuleAction::Accept,
             }]
         );
-        assert!(alice.filter.is_empty(), "nothing may reach alice");
+        assert!(alice.filter.rules.is_empty(), "nothing may reach alice");
     }
 
     #[test]
@@ -375,7 +904,7 @@ mod tests {
         assert_eq!(compiled.nodes[&NodeId(1)].peers, ids(&[3]));
         assert_eq!(compiled.nodes[&NodeId(3)].peers, ids(&[1]));
         assert_eq!(compiled.nodes[&NodeId(2)], NodeAccess::default());
-        let filter = &compiled.nodes[&NodeId(1)].filter;
+        let filter = &compiled.nodes[&NodeId(1)].filter.rules;
         assert_eq!(filter.len(), 1);
         assert_eq!(
             filter[0].src,
@@ -407,7 +936,7 @@ mod tests {
         let compiled = compile(source, &nodes);
         let web = &compiled.nodes[&NodeId(2)];
         assert_eq!(
-            web.filter[0].src,
+            web.filter.rules[0].src,
             vec![net("100.64.0.5/32"), net("198.51.100.0/24")]
         );
         assert_eq!(web.peers, ids(&[1, 3, 5]));
@@ -436,12 +965,12 @@ mod tests {
 
         // "pair" covers node 1's IPv4 address only; the CIDR dst covers node 3's IPv6 only.
         let one = &compiled.nodes[&NodeId(1)];
-        assert_eq!(one.filter[0].dst, vec![net("100.64.0.1/32")]);
+        assert_eq!(one.filter.rules[0].dst, vec![net("100.64.0.1/32")]);
         assert_eq!(one.peers, ids(&[2]));
         let three = &compiled.nodes[&NodeId(3)];
-        assert_eq!(three.filter[0].dst, vec![net("fd7a::3/128")]);
+        assert_eq!(three.filter.rules[0].dst, vec![net("fd7a::3/128")]);
         assert_eq!(
-            three.filter[0].ports,
+            three.filter.rules[0].ports,
             vec![PortRange {
                 first: 53,
                 last: 53
@@ -452,7 +981,7 @@ mod tests {
             ids(&[2]),
             "node 5 is admitted as a source by IP"
         );
-        assert!(compiled.nodes[&NodeId(5)].filter.is_empty());
+        assert!(compiled.nodes[&NodeId(5)].filter.rules.is_empty());
     }
 
     #[test]
@@ -465,7 +994,7 @@ mod tests {
         ];
         let compiled = compile(source, &nodes);
         let db = &compiled.nodes[&NodeId(1)];
-        assert_eq!(db.filter[0].src, vec![net("0.0.0.0/0"), net("::/0")]);
+        assert_eq!(db.filter.rules[0].src, vec![net("0.0.0.0/0"), net("::/0")]);
         assert_eq!(db.peers, ids(&[2, 3]));
         assert_eq!(compiled.nodes[&NodeId(2)].peers, ids(&[1]));
         assert!(allows(
@@ -503,6 +1032,7 @@ mod tests {
                         tags: vec![format!("tag:svc{}", i / 100)],
                         ..Default::default()
                     },
+                    attributes: BTreeMap::new(),
                 }
             })
             .collect();
@@ -522,9 +1052,9 @@ mod tests {
         // Node 0 (svc0) is the source of rules 0, 100, … towards svc1 and the
         // destination of rules whose (r*7+1) % 100 == 0, from svc((r) % 100).
         let zero = &compiled.nodes[&NodeId(0)];
-        assert_eq!(zero.filter.len(), 10);
+        assert_eq!(zero.filter.rules.len(), 10);
         // Each source service's 100 consecutive addresses aggregate into a few prefixes.
-        for rule in &zero.filter {
+        for rule in &zero.filter.rules {
             let covered: u32 = rule.src.iter().map(|n| 1u32 << (32 - n.prefix_len())).sum();
             assert_eq!(covered, 100);
             assert!(rule.src.len() <= 8, "{:?}", rule.src);
@@ -533,13 +1063,213 @@ mod tests {
         assert!(elapsed.as_secs() < 60, "compile took {elapsed:?}");
     }
 
+    #[test]
+    fn deny_and_audit_deny_compile_to_their_actions() {
+        let source = r#"{
+  "tagOwners": {"tag:web": [], "tag:db": []},
+  "acls": [
+    {"action": "accept", "src": ["*"], "dst": ["tag:db:*"]},
+    {"action": "deny", "src": ["tag:web"], "dst": ["tag:db:22"]},
+    {"action": "deny", "src": ["*"], "dst": ["tag:db:8000-9000"], "proto": "tcp", "mode": "audit"},
+    {"action": "deny", "src": ["*"], "dst": ["tag:web:80"], "mode": "audit"},
+  ],
+}"#;
+        let nodes = [tagged(1, &["tag:web"]), tagged(2, &["tag:db"])];
+        let compiled = compile(source, &nodes);
+        let db = &compiled.nodes[&NodeId(2)];
+        let actions: Vec<(RuleAction, u32)> = db
+            .filter
+            .rules
+            .iter()
+            .map(|r| (r.action, r.policy_line))
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                (RuleAction::Accept, 4),
+                (RuleAction::Deny, 5),
+                (RuleAction::AuditDeny, 6)
+            ]
+        );
+        assert_eq!(db.filter.rules[2].protocols, [Protocol::Tcp]);
+        assert_eq!(
+            db.filter.rules[2].ports,
+            [PortRange {
+                first: 8000,
+                last: 9000
+            }]
+        );
+        let web_ip: IpAddr = "100.64.0.1".parse().unwrap();
+        let db_ip: IpAddr = "100.64.0.2".parse().unwrap();
+        assert_eq!(
+            filter_verdict(&db.filter, web_ip, db_ip, Protocol::Tcp, 22),
+            Verdict::Deny
+        );
+        assert_eq!(
+            filter_verdict(&db.filter, web_ip, db_ip, Protocol::Tcp, 8080),
+            Verdict::AuditDeny
+        );
+        assert_eq!(
+            filter_verdict(&db.filter, web_ip, db_ip, Protocol::Udp, 8080),
+            Verdict::Accept
+        );
+        // Nothing accepts traffic to web, so its audit deny compiles to nothing: it must not open port 80.
+        let web = &compiled.nodes[&NodeId(1)];
+        assert!(web.filter.rules.is_empty());
+        assert_eq!(
+            filter_verdict(&web.filter, db_ip, web_ip, Protocol::Tcp, 80),
+            Verdict::Deny
+        );
+        assert_eq!(
+            web.peers,
+            ids(&[2]),
+            "deny rules make no peers; the accept does"
+        );
+    }
+
+    #[test]
+    fn whole_file_audit_mode_enforces_nothing_and_peers_everyone() {
+        let source = r#"{"mode": "audit", "tagOwners": {"tag:db": []},
+            "acls": [{"action": "deny", "src": ["*"], "dst": ["tag:db:22"]}]}"#;
+        let nodes = [tagged(1, &["tag:db"]), user(2, "a@x"), user(3, "b@x")];
+        let compiled = compile(source, &nodes);
+        let db = &compiled.nodes[&NodeId(1)];
+        assert_eq!(db.filter.default, DefaultAction::AuditDeny);
+        assert_eq!(db.filter.rules[0].action, RuleAction::AuditDeny);
+        assert_eq!(compiled.nodes[&NodeId(2)].peers, ids(&[1, 3]));
+    }
+
+    #[test]
+    fn postures_admit_only_compliant_sources() {
+        let source = r#"{
+  "tagOwners": {"tag:db": []},
+  "postures": {"posture:fresh": ["node:os == 'linux'", "node:clientVersion >= '1.4'"]},
+  "acls": [{"action": "accept", "src": ["*"], "dst": ["tag:db:5432"], "srcPosture": ["posture:fresh"]}],
+}"#;
+        let with = |id, os: &str, version: &str| NodeInfo {
+            attributes: BTreeMap::from([
+                ("node:os".to_owned(), os.to_owned()),
+                ("node:clientVersion".to_owned(), version.to_owned()),
+            ]),
+            ..user(id, "a@x")
+        };
+        let nodes = [
+            tagged(1, &["tag:db"]),
+            with(2, "linux", "1.10"),
+            with(3, "linux", "1.3.9"),
+            with(4, "macos", "2"),
+        ];
+        let compiled = compile(source, &nodes);
+        let db = &compiled.nodes[&NodeId(1)];
+        assert_eq!(
+            db.filter.rules[0].src,
+            vec![net("100.64.0.2/32"), net("fd7a::2/128")]
+        );
+        assert_eq!(db.peers, ids(&[2]));
+    }
+
+    #[test]
+    fn workloads_idp_groups_and_autogroups() {
+        let source = r#"{
+  "tagOwners": {"tag:db": []},
+  "acls": [
+    {"action": "accept", "src": ["spiffe://prod/ns/*/sa/api"], "dst": ["tag:db:5432"]},
+    {"action": "accept", "src": ["group:idp:sre"], "dst": ["autogroup:tagged:22"]},
+    {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},
+  ],
+}"#;
+        let workload = |id, spiffe: &str| {
+            node(
+                id,
+                Identity {
+                    workload: Some(spiffe.into()),
+                    user: Some("a@x".into()),
+                    ..Identity::default()
+                },
+            )
+        };
+        let sre = |id, login: &str| {
+            node(
+                id,
+                Identity {
+                    user: Some(login.into()),
+                    groups: vec!["group:idp:sre".into()],
+                    ..Identity::default()
+                },
+            )
+        };
+        let nodes = [
+            tagged(1, &["tag:db"]),
+            workload(2, "spiffe://prod/ns/shop/sa/api"),
+            workload(3, "spiffe://prod/ns/shop/sa/web"),
+            sre(4, "a@x"),
+            user(5, "a@x"),
+            user(6, "b@x"),
+        ];
+        let compiled = compile(source, &nodes);
+        let peers = |n| compiled.nodes[&NodeId(n)].peers.clone();
+        assert_eq!(peers(1), ids(&[2, 4]));
+        assert_eq!(
+            peers(3),
+            ids(&[]),
+            "the web workload matches no rule, and not as user a@x"
+        );
+        assert_eq!(peers(4), ids(&[1, 5]));
+        assert_eq!(peers(5), ids(&[4]));
+        assert_eq!(peers(6), ids(&[]), "b@x has one node: only itself");
+        let a_node = &compiled.nodes[&NodeId(5)];
+        assert_eq!(a_node.filter.rules.len(), 1);
+        assert_eq!(
+            a_node.filter.rules[0].src,
+            vec![net("100.64.0.4/31"), net("fd7a::4/127")]
+        );
+    }
+
+    #[test]
+    fn grants_open_ports_and_hand_out_capabilities() {
+        let source = r#"{
+  "tagOwners": {"tag:web": [], "tag:db": []},
+  "grants": [
+    {"src": ["tag:web"], "dst": ["tag:db"], "ip": ["tcp:5432", "icmp:*"]},
+    {"src": ["a@x"], "dst": ["tag:db"], "app": {"x.com/cap/db": [{"role": "admin"}]}},
+  ],
+}"#;
+        let nodes = [
+            tagged(1, &["tag:web"]),
+            tagged(2, &["tag:db"]),
+            user(3, "a@x"),
+        ];
+        let compiled = compile(source, &nodes);
+        let db = &compiled.nodes[&NodeId(2)];
+        assert_eq!(db.peers, ids(&[1]), "an app-only grant makes no peers");
+        let web_ip: IpAddr = "100.64.0.1".parse().unwrap();
+        let db_ip: IpAddr = "100.64.0.2".parse().unwrap();
+        assert!(allows(&db.filter, web_ip, db_ip, Protocol::Tcp, 5432));
+        assert!(allows(&db.filter, web_ip, db_ip, Protocol::Icmp, 0));
+        assert!(!allows(&db.filter, web_ip, db_ip, Protocol::Udp, 5432));
+        assert_eq!(
+            db.capabilities,
+            [AppGrant {
+                src: vec![net("100.64.0.3/32"), net("fd7a::3/128")],
+                name: "x.com/cap/db".into(),
+                values: vec!["{\"role\":\"admin\"}".into()],
+                policy_line: 5,
+            }]
+        );
+        assert!(compiled.nodes[&NodeId(3)].capabilities.is_empty());
+    }
+
     const SRCS: &[&str] = &[
         "*",
         "alice@x.com",
         "bob@x.com",
         "group:eng",
+        "group:idp:sre",
         "tag:web",
         "tag:db",
+        "spiffe://td/ns/*/sa/api",
+        "autogroup:member",
+        "autogroup:tagged",
         "100.64.0.0/30",
         "lan",
         "fd7a::/125",
@@ -548,14 +1278,19 @@ mod tests {
         "*",
         "alice@x.com",
         "group:eng",
+        "group:idp:sre",
         "tag:web",
         "tag:db",
+        "spiffe://td/ns/prod/sa/api",
+        "autogroup:member",
+        "autogroup:self",
         "100.64.0.2/31",
         "lan",
         "[fd7a::4]",
     ];
     const PORTS: &[&str] = &["*", "22", "80,443", "1000-2000"];
     const PROTOS: &[&str] = &["", "tcp", "udp", "icmp"];
+    const KINDS: &[&str] = &["accept", "accept", "accept-posture", "deny", "audit"];
 
     fn arb_rule() -> impl Strategy<Value = String> {
         (
@@ -565,40 +1300,75 @@ mod tests {
                 1..3,
             ),
             prop::sample::select(PROTOS),
+            prop::sample::select(KINDS),
         )
-            .prop_map(|(src, dst, proto)| {
-                let src: Vec<String> = src.iter().map(|s| format!("\"{s}\"")).collect();
-                let dst: Vec<String> = dst
-                    .iter()
-                    .map(|(d, p)| format!("\"{d}:{}\"", if proto == "icmp" { "*" } else { p }))
-                    .collect();
-                let proto = if proto.is_empty() {
-                    String::new()
-                } else {
-                    format!(", \"proto\": \"{proto}\"")
-                };
-                format!(
-                    "{{\"action\": \"accept\", \"src\": [{}], \"dst\": [{}]{proto}}}",
-                    src.join(","),
-                    dst.join(",")
-                )
-            })
+            .prop_map(|(src, dst, proto, kind)| rule_text(&src, &dst, proto, kind))
+    }
+
+    fn rule_text(src: &[&str], dst: &[(&str, &str)], proto: &str, kind: &str) -> String {
+        let src: Vec<String> = src.iter().map(|s| format!("\"{s}\"")).collect();
+        let dst: Vec<String> = dst
+            .iter()
+            .map(|(d, p)| format!("\"{d}:{}\"", if proto == "icmp" { "*" } else { p }))
+            .collect();
+        let proto = if proto.is_empty() {
+            String::new()
+        } else {
+            format!(", \"proto\": \"{proto}\"")
+        };
+        let extra = match kind {
+            "accept-posture" => "\"action\": \"accept\", \"srcPosture\": [\"posture:linux\"]",
+            "deny" => "\"action\": \"deny\"",
+            "audit" => "\"action\": \"deny\", \"mode\": \"audit\"",
+            _ => "\"action\": \"accept\"",
+        };
+        format!(
+            "{{{extra}, \"src\": [{}], \"dst\": [{}]{proto}}}",
+            src.join(","),
+            dst.join(",")
+        )
     }
 
     fn arb_node(id: u64) -> impl Strategy<Value = NodeInfo> {
-        prop_oneof![
-            Just(user(id, "alice@x.com")),
-            Just(user(id, "bob@x.com")),
-            Just(user(id, "carol@x.com")),
-            Just(tagged(id, &["tag:web"])),
-            Just(tagged(id, &["tag:db"])),
-            Just(tagged(id, &["tag:web", "tag:db"])),
-        ]
+        let identity = prop_oneof![
+            Just(Identity {
+                user: Some("alice@x.com".into()),
+                ..Identity::default()
+            }),
+            Just(Identity {
+                user: Some("bob@x.com".into()),
+                groups: vec!["group:idp:sre".into()],
+                ..Identity::default()
+            }),
+            Just(Identity {
+                user: Some("carol@x.com".into()),
+                ..Identity::default()
+            }),
+            Just(Identity::tagged(vec!["tag:web".into()])),
+            Just(Identity::tagged(vec!["tag:db".into()])),
+            Just(Identity::tagged(vec!["tag:web".into(), "tag:db".into()])),
+            Just(Identity {
+                workload: Some("spiffe://td/ns/prod/sa/api".into()),
+                ..Identity::default()
+            }),
+        ];
+        (identity, prop::bool::ANY).prop_map(move |(identity, linux)| NodeInfo {
+            attributes: BTreeMap::from([(
+                "node:os".to_owned(),
+                if linux { "linux" } else { "macos" }.to_owned(),
+            )]),
+            ..node(id, identity)
+        })
     }
 
-    fn policy_text(rules: &[String]) -> String {
+    fn arb_nodes() -> impl Strategy<Value = Vec<NodeInfo>> {
+        (1u64..7).prop_flat_map(|n| (1..=n).map(arb_node).collect::<Vec<_>>())
+    }
+
+    fn policy_text(rules: &[String], audit: bool) -> String {
         format!(
-            "{{\"groups\": {{\"group:eng\": [\"alice@x.com\", \"carol@x.com\"]}}, \"tagOwners\": {{\"tag:web\": [], \"tag:db\": []}},\n\"hosts\": {{\"lan\": \"100.64.0.4/30\"}},\n\"acls\": [\n{}\n]}}",
+            "{{{}\"groups\": {{\"group:eng\": [\"alice@x.com\", \"carol@x.com\"]}}, \"tagOwners\": {{\"tag:web\": [], \"tag:db\": []}},\n\"hosts\": {{\"lan\": \"100.64.0.4/30\"}},\n\"postures\": {{\"posture:linux\": [\"node:os == 'linux'\"]}},\n\"acls\": [\n{}\n]}}",
+            if audit { "\"mode\": \"audit\", " } else { "" },
             rules.join(",\n")
         )
     }
@@ -623,51 +1393,104 @@ mod tests {
         probes
     }
 
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
-
-        #[test]
-        fn removing_a_rule_never_allows_more(
-            rules in prop::collection::vec(arb_rule(), 1..6),
-            nodes in (1u64..7).prop_flat_map(|n| (1..=n).map(arb_node).collect::<Vec<_>>()),
-            removed in any::<prop::sample::Index>(),
-        ) {
-            let full = compile(&policy_text(&rules), &nodes);
-            let mut fewer_rules = rules.clone();
-            fewer_rules.remove(removed.index(rules.len()));
-            let fewer = compile(&policy_text(&fewer_rules), &nodes);
-            let probes = probes(&nodes);
-            for node in &nodes {
-                let (with, without) = (&full.nodes[&node.id], &fewer.nodes[&node.id]);
-                prop_assert!(without.peers.is_subset(&with.peers));
-                prop_assert!(!with.peers.contains(&node.id));
-                for &(src, protocol, port) in &probes {
-                    for &dst in &node.addresses {
-                        if allows(&without.filter, src, dst, protocol, port) {
-                            prop_assert!(allows(&with.filter, src, dst, protocol, port));
-                        }
+    /// Checks that nothing passes in `narrower` that does not pass in `wider`.
+    fn never_more(
+        wider: &Compiled,
+        narrower: &Compiled,
+        nodes: &[NodeInfo],
+    ) -> Result<(), TestCaseError> {
+        let probes = probes(nodes);
+        for node in nodes {
+            let (wide, narrow) = (&wider.nodes[&node.id], &narrower.nodes[&node.id]);
+            for &(src, protocol, port) in &probes {
+                for &dst in &node.addresses {
+                    if allows(&narrow.filter, src, dst, protocol, port) {
+                        prop_assert!(
+                            allows(&wide.filter, src, dst, protocol, port),
+                            "{src} → {dst} {protocol:?}/{port}"
+                        );
                     }
                 }
             }
         }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
 
         #[test]
-        fn peers_are_symmetric_and_follow_the_filters(
-            rules in prop::collection::vec(arb_rule(), 0..6),
-            nodes in (1u64..7).prop_flat_map(|n| (1..=n).map(arb_node).collect::<Vec<_>>()),
+        fn removing_an_accept_never_allows_more(
+            rules in prop::collection::vec(arb_rule(), 1..6),
+            nodes in arb_nodes(),
+            removed in any::<prop::sample::Index>(),
+            audit in prop::bool::weighted(0.2),
         ) {
-            let compiled = compile(&policy_text(&rules), &nodes);
-            for a in &nodes {
-                for b in &nodes {
-                    let a_sees_b = compiled.nodes[&a.id].peers.contains(&b.id);
-                    prop_assert_eq!(a_sees_b, compiled.nodes[&b.id].peers.contains(&a.id));
-                    // If b's filter admits a packet from a, they must be peers.
-                    let admitted = probes(std::slice::from_ref(a)).iter().any(|&(src, protocol, port)| {
-                        a.addresses.contains(&src)
-                            && b.addresses.iter().any(|&dst| allows(&compiled.nodes[&b.id].filter, src, dst, protocol, port))
-                    });
-                    if admitted && a.id != b.id {
-                        prop_assert!(a_sees_b, "{} admits {} but they are not peers", b.id, a.id);
+            let full = compile(&policy_text(&rules, audit), &nodes);
+            let mut fewer_rules = rules.clone();
+            let victim = removed.index(rules.len());
+            prop_assume!(rules[victim].contains("\"action\": \"accept\""));
+            fewer_rules.remove(victim);
+            let fewer = compile(&policy_text(&fewer_rules, audit), &nodes);
+            never_more(&full, &fewer, &nodes)?;
+            for node in &nodes {
+                prop_assert!(fewer.nodes[&node.id].peers.is_subset(&full.nodes[&node.id].peers));
+                prop_assert!(!full.nodes[&node.id].peers.contains(&node.id));
+            }
+        }
+
+        #[test]
+        fn adding_a_deny_never_allows_more(
+            rules in prop::collection::vec(arb_rule(), 0..6),
+            deny_src in prop::sample::subsequence(SRCS, 1..3),
+            deny_dst in prop::collection::vec((prop::sample::select(DSTS), prop::sample::select(PORTS)), 1..3),
+            deny_proto in prop::sample::select(PROTOS),
+            audit_deny in prop::bool::ANY,
+            nodes in arb_nodes(),
+        ) {
+            let before = compile(&policy_text(&rules, false), &nodes);
+            let mut more = rules.clone();
+            more.push(rule_text(&deny_src, &deny_dst, deny_proto, if audit_deny { "audit" } else { "deny" }));
+            let after = compile(&policy_text(&more, false), &nodes);
+            never_more(&before, &after, &nodes)?;
+        }
+
+        #[test]
+        fn explain_agrees_with_the_compiled_filters(
+            rules in prop::collection::vec(arb_rule(), 0..6),
+            nodes in arb_nodes(),
+            audit in prop::bool::weighted(0.2),
+        ) {
+            let policy = Policy::parse(&policy_text(&rules, audit), "p").unwrap();
+            let compiled = policy.compile(&nodes);
+            let outsiders: Vec<IpAddr> = vec!["203.0.113.7".parse().unwrap(), "fd7a::ff".parse().unwrap()];
+            for b in &nodes {
+                let access = &compiled.nodes[&b.id];
+                for &dst in &b.addresses {
+                    let dst_subject = Subject::node(b, Some(dst));
+                    let mut sources: Vec<(Option<&NodeInfo>, IpAddr, Subject)> = outsiders
+                        .iter()
+                        .map(|&a| (None, a, Subject { addr: Some(IpNet::from(a)), ..Subject::default() }))
+                        .collect();
+                    for a in &nodes {
+                        for &addr in &a.addresses {
+                            sources.push((Some(a), addr, Subject::node(a, Some(addr))));
+                        }
+                    }
+                    for (a, src, subject) in &sources {
+                        for protocol in [Protocol::Tcp, Protocol::Udp, Protocol::Icmp, Protocol::Other(132)] {
+                            for port in [22, 80, 443, 1500, 5432] {
+                                let explained = crate::eval::decide(&policy.rules, subject, &dst_subject, protocol, port).0;
+                                let enforced = filter_verdict(&access.filter, *src, dst, protocol, port);
+                                prop_assert_eq!(explained, enforced, "{} → {} {:?}/{}", src, dst, protocol, port);
+                                if let Some(a) = a {
+                                    if enforced.passes() && a.id != b.id {
+                                        prop_assert!(access.peers.contains(&a.id), "{} admits {} but they are not peers", b.id, a.id);
+                                        prop_assert!(compiled.nodes[&a.id].peers.contains(&b.id));
+                                    }
+                                }
+                            }
+                        }
                     }
                 }
             }

@@ -122,6 +122,12 @@ impl<'a> SourceMap<'a> {
         }
     }
 
+    /// The source text of `span` on one line (whitespace runs collapsed), for explanations.
+    pub(crate) fn snippet(&self, span: Span) -> String {
+        let text = self.source.get(span.start..span.end).unwrap_or_default();
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
     pub(crate) fn location(&self, offset: usize) -> Location {
         let offset = offset.min(self.source.len());
         let line_index = self

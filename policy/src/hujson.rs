@@ -59,6 +59,28 @@ impl Kind {
     }
 }
 
+impl Value {
+    /// The value as plain JSON (comments and trailing commas gone).
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        match &self.kind {
+            Kind::Null => serde_json::Value::Null,
+            Kind::Bool(b) => serde_json::Value::Bool(*b),
+            Kind::Number(text) => serde_json::from_str(text)
+                .unwrap_or_else(|_| serde_json::Value::String(text.clone())),
+            Kind::String(s) => serde_json::Value::String(s.clone()),
+            Kind::Array(items) => {
+                serde_json::Value::Array(items.iter().map(Value::to_json).collect())
+            }
+            Kind::Object(members) => serde_json::Value::Object(
+                members
+                    .iter()
+                    .map(|m| (m.key.clone(), m.value.to_json()))
+                    .collect(),
+            ),
+        }
+    }
+}
+
 /// Parses one HuJSON document.
 pub(crate) fn parse(source: &str) -> Result<Value, SyntaxError> {
     let mut parser = Parser {
@@ -476,31 +498,14 @@ impl Parser<'_> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use proptest::prelude::*;
 
     use super::*;
     use crate::diagnostic::{Location, SourceMap};
 
-    /// The value as `serde_json` would represent it, to compare with a reference parser.
-    pub(crate) fn to_json(value: &Value) -> serde_json::Value {
-        match &value.kind {
-            Kind::Null => serde_json::Value::Null,
-            Kind::Bool(b) => serde_json::Value::Bool(*b),
-            Kind::Number(text) => serde_json::from_str(text).unwrap(),
-            Kind::String(s) => serde_json::Value::String(s.clone()),
-            Kind::Array(items) => serde_json::Value::Array(items.iter().map(to_json).collect()),
-            Kind::Object(members) => serde_json::Value::Object(
-                members
-                    .iter()
-                    .map(|m| (m.key.clone(), to_json(&m.value)))
-                    .collect(),
-            ),
-        }
-    }
-
     fn json(source: &str) -> serde_json::Value {
-        to_json(&parse(source).unwrap())
+        parse(source).unwrap().to_json()
     }
 
     fn error_location(source: &str) -> (Location, String) {
@@ -663,7 +668,7 @@ pub(crate) mod tests {
         fn printed_json_parses_to_the_same_value(value in arb_json()) {
             for text in [serde_json::to_string(&value).unwrap(), serde_json::to_string_pretty(&value).unwrap()] {
                 let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
-                prop_assert_eq!(to_json(&parse(&text).unwrap()), reference);
+                prop_assert_eq!(parse(&text).unwrap().to_json(), reference);
             }
         }
     }

@@ -1,17 +1,24 @@
 //! weft's access policy.
 //!
 //! A policy is a HuJSON file: JSON that also allows `//` and `/* */`
-//! comments and trailing commas. Its language is the subset of Tailscale's
-//! policy file that weft enforces:
+//! comments and trailing commas. Its language is Tailscale's policy file
+//! (Headscale's too), so existing files work unchanged, plus explicit deny,
+//! audit mode and workload identities:
 //!
 //! ```hujson
 //! {
 //!   "groups":    { "group:eng": ["alice@example.com", "bob@example.com"] },
 //!   "tagOwners": { "tag:web": ["group:eng"], "tag:db": ["group:eng"] },
 //!   "hosts":     { "db-net": "100.64.0.0/24" },
+//!   "postures":  { "posture:managed": ["node:os IN ['linux', 'macos']", "node:clientVersion >= '1.4'"] },
 //!   "acls": [
 //!     { "action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"], "proto": "tcp" },
-//!     { "action": "accept", "src": ["group:eng"], "dst": ["*:*"] },
+//!     { "action": "accept", "src": ["group:eng"], "dst": ["*:*"], "srcPosture": ["posture:managed"] },
+//!     { "action": "deny",   "src": ["*"], "dst": ["tag:db:22"] },
+//!   ],
+//!   "grants": [
+//!     { "src": ["spiffe://prod.example.com/ns/*/sa/api"], "dst": ["tag:db"], "ip": ["tcp:5432"],
+//!       "app": { "example.com/cap/db": [{ "role": "reader" }] } },
 //!   ],
 //!   "tests": [
 //!     { "src": "tag:web", "accept": ["tag:db:5432"], "deny": ["tag:db:22"] },
@@ -19,34 +26,81 @@
 //! }
 //! ```
 //!
-//! - **Selectors** (`src`, and `dst` before the ports): `*`, a user login,
-//!   `group:NAME`, `tag:NAME`, a `hosts` name, an IP or a CIDR. Every group,
-//!   host and tag must be defined (tags under `tagOwners`).
+//! - **Principals** (`src`, and `dst` before the ports): `*`; a user login;
+//!   `group:NAME` (defined under `groups`); `group:idp:NAME`, a group the
+//!   identity provider asserts at login — any `group:` name with a second
+//!   colon is such an external group, which may not be defined in the file
+//!   and needs no definition; `tag:NAME` (listed under `tagOwners`); a
+//!   workload's SPIFFE ID `spiffe://DOMAIN/ns/NS/sa/SA`, where a `*` segment
+//!   matches one segment and a final `/**` the rest; a `hosts` name, an IP or
+//!   a CIDR; `autogroup:member` (user nodes), `autogroup:tagged` (tagged
+//!   nodes) and, as a destination only, `autogroup:self` (the source user's
+//!   own user nodes).
+//! - **Who a node is**: a workload node is matched by its SPIFFE ID and its
+//!   tags; a tagged node by its tags only; a user node by its user, the file
+//!   groups listing that user, and its identity-provider groups.
 //! - **Destinations** are `SELECTOR:PORTS`, split at the last colon; PORTS is
 //!   `*`, `N`, `N-M` or a comma list. IPv6 addresses are bracketed:
-//!   `[fd7a::1]:443`; CIDRs need no brackets: `fd7a::/48:443`.
+//!   `[fd7a::1]:443`; CIDRs need no brackets: `fd7a::/48:443`. Grant
+//!   destinations carry no ports: they are in `ip` (`"tcp:443"`, `"53"`,
+//!   `"icmp:*"`, `"*"`).
 //! - **`proto`**: `tcp`, `udp`, `icmp`, another IANA name or a number;
-//!   without it a rule admits TCP, UDP and ICMP. Only TCP and UDP have ports.
-//! - **Meaning**: everything not accepted is denied, so `{}` denies all. A
-//!   tagged node is matched by its tags only; an untagged node by its user and
-//!   the groups holding that user. Hosts and CIDRs match addresses.
-//! - **`tests`** check the rules at the level of users, groups, tags and
-//!   addresses, without any nodes; a failing test rejects the policy.
+//!   without it a rule covers TCP, UDP and ICMP. Only TCP and UDP have
+//!   ports, so a rule without `proto` covers ICMP whatever its ports — for a
+//!   deny rule too.
+//! - **Precedence**, applied by each destination node to new inbound flows
+//!   (return traffic of its own flows always passes): a matching enforced
+//!   **deny** drops, whatever accepts say; then a matching **audit-mode deny**
+//!   (`"mode": "audit"` on a deny rule) passes and is logged as a would-be
+//!   denial; then a matching **accept** (an `acls` accept or a grant's `ip`)
+//!   passes; anything else is denied. An audit-mode deny only ever concerns
+//!   traffic that an accept admits, so it never opens anything. Rule order
+//!   does not matter. `{}` denies everything.
+//! - **Deny** rules are `acls` entries with `"action": "deny"` or entries of
+//!   the top-level `deny` list. `"mode": "audit"` on an accept rule is an
+//!   error. `"mode": "audit"` at the top level puts the whole file in audit
+//!   mode: nothing is enforced, every flow it would deny passes and is logged,
+//!   and every node may reach every other.
+//! - **Postures**: `postures` names lists of conditions on node attributes
+//!   (`node:os`, `node:osVersion`, `node:clientVersion` — Tailscale's
+//!   `node:tsVersion` is the same — and `custom:KEY`), with `==`, `!=`, `IN`,
+//!   `NOT IN` and version comparisons `<`, `<=`, `>`, `>=` on dotted numbers.
+//!   A rule's `srcPosture` (or else the file's `defaultSrcPosture`, for
+//!   accepts and grants) admits only source nodes satisfying every condition
+//!   of at least one listed posture. Missing attributes and non-numeric
+//!   versions fail; addresses that are not nodes never satisfy a posture.
+//!   Deny rules take no posture.
+//! - **Grants**: `ip` opens the network like an accept; `app` hands
+//!   capabilities (JSON values) to applications on the destination through
+//!   the node's local API, and is not enforced in the tunnel. A grant with
+//!   only `app` opens no traffic and makes no peers.
+//! - **`tests`** check the rules at the level of principals, without any
+//!   nodes; `srcPostureAttrs` gives the source's attributes. An `accept`
+//!   holds when the verdict is accept; a `deny` holds when it is deny or
+//!   audit-deny. A failing test rejects the policy.
 //! - Top-level keys that Tailscale has but weft does not enforce (`ssh`,
-//!   `grants`, `nodeAttrs`, …) are ignored with a warning; none of them grants
-//!   access, so ignoring one never widens it. Unknown keys are errors.
+//!   `nodeAttrs`, `autoApprovers`, …) are ignored with a warning naming the
+//!   key; none of them grants access, so ignoring one never widens it.
+//!   Unknown keys, and restrictions weft cannot apply (`via`, unknown posture
+//!   attributes), are errors.
 //!
-//! The pipeline is `hujson` (values with spans) → `parse` (the
-//! `ast`) → `resolve` (checked `rules`) → `eval` (tests) and `compile`
-//! (per-node peers and filters).
+//! The pipeline is `hujson` (values with spans) → `parse` (the `ast`) →
+//! `resolve` (checked `rules`) → `eval` (tests, [`Policy::explain`],
+//! [`diff`], [`Policy::reaches_anything`]) and `compile` (per-node peers,
+//! filters and capabilities; [`Engine`] recompiles incrementally).
 
 mod ast;
 mod compile;
 mod diagnostic;
+mod diff;
+mod engine;
 mod eval;
+mod explain;
 mod hujson;
 mod parse;
 mod ports;
+mod posture;
+mod print;
 mod resolve;
 mod rules;
 mod selector;
@@ -56,16 +110,27 @@ use std::path::Path;
 
 pub use compile::{Compiled, NodeAccess, NodeInfo};
 pub use diagnostic::{Diagnostic, Diagnostics, Severity};
+
+pub use diff::{diff, Flow, PolicyDiff};
+pub use engine::Engine;
+pub use eval::Verdict;
+pub use explain::{Explanation, RuleRef};
+
 pub use tests_block::TestReport;
+pub use weft_proto::Protocol;
 
 use diagnostic::SourceMap;
-use rules::{Rule, TestCase};
+use resolve::Names;
+use rules::{Rules, TestCase};
 
 /// A parsed and validated policy. Its `tests` have not run yet: see [`Policy::run_tests`].
 #[derive(Debug, Clone)]
 pub struct Policy {
     file: String,
-    rules: Vec<Rule>,
+    /// The file as written, for printing it back.
+    ast: ast::File,
+    rules: Rules,
+    names: Names,
     tests: Vec<TestCase>,
     warnings: Vec<Diagnostic>,
 }
@@ -95,8 +160,10 @@ impl Policy {
             return Err(Diagnostics(diags));
         }
         Ok(Policy {
+            ast: file,
             file: file_name.to_owned(),
             rules: resolved.rules,
+            names: resolved.names,
             tests: resolved.tests,
             warnings: diags,
         })
@@ -112,9 +179,23 @@ impl Policy {
         &self.warnings
     }
 
-    /// Compiles what each node may do. Nodes that no rule concerns get no peers and an empty filter.
+    /// Compiles what each node may do: peers, inbound filter and capabilities.
+    /// Nodes that no rule concerns get no peers and a default-deny filter
+    /// (in whole-file audit mode: every node as a peer and a default that
+    /// passes and logs).
     pub fn compile(&self, nodes: &[NodeInfo]) -> Compiled {
         compile::compile(&self.rules, nodes)
+    }
+
+    /// The policy as canonical HuJSON (comments dropped, one key order);
+    /// parsing it gives the same policy.
+    pub fn to_hujson(&self) -> String {
+        print::print(&self.ast)
+    }
+
+    /// Whether the whole file is in audit mode (`"mode": "audit"`).
+    pub fn audit_mode(&self) -> bool {
+        self.rules.audit
     }
 }
 

@@ -3,16 +3,33 @@
 //! Problems are collected rather than returned at the first one, so a single
 //! `weft policy check` run shows everything that needs fixing.
 
+use std::collections::BTreeMap;
+
 use weft_proto::{PortRange, Protocol};
 
-use crate::ast::{Acl, Dst, File, GroupDef, HostDef, Spanned, TagOwnerDef, TestDst, TestEntry};
+use crate::ast::{
+    Acl, Action, Dst, File, Grant, GroupDef, HostDef, PostureDef, Spanned, TagOwnerDef, TestDst,
+    TestEntry,
+};
 use crate::diagnostic::{suggest, Diagnostic, SourceMap, Span};
 use crate::hujson::{Kind, Member, Value};
 use crate::ports;
+use crate::posture;
 use crate::selector::{self, Selector, SelectorError};
 
 /// Top-level keys weft understands.
-const SUPPORTED_KEYS: &[&str] = &["groups", "tagOwners", "hosts", "acls", "tests"];
+const SUPPORTED_KEYS: &[&str] = &[
+    "groups",
+    "tagOwners",
+    "hosts",
+    "acls",
+    "deny",
+    "grants",
+    "postures",
+    "defaultSrcPosture",
+    "mode",
+    "tests",
+];
 
 /// Top-level keys of Tailscale policy files that weft ignores with a warning.
 /// None of them grants access on its own, so ignoring one never widens access.
@@ -22,9 +39,6 @@ const IGNORED_KEYS: &[&str] = &[
     "nodeAttrs",
     "autoApprovers",
     "derpMap",
-    "postures",
-    "defaultSrcPosture",
-    "grants",
     "ipsets",
     "randomizeClientPort",
     "disableIPv4",
@@ -49,7 +63,14 @@ pub(crate) fn file(root: &Value, map: &SourceMap<'_>, diags: &mut Vec<Diagnostic
             "groups" => file.groups = walker.groups(&member.value),
             "tagOwners" => file.tag_owners = walker.tag_owners(&member.value),
             "hosts" => file.hosts = walker.hosts(&member.value),
-            "acls" => file.acls = walker.acls(&member.value),
+            "acls" => file.acls.extend(walker.acls(&member.value, Action::Accept)),
+            "deny" => file.acls.extend(walker.acls(&member.value, Action::Deny)),
+            "grants" => file.grants = walker.grants(&member.value),
+            "postures" => file.postures = walker.postures(&member.value),
+            "defaultSrcPosture" => {
+                file.default_src_posture = walker.posture_names(&member.value).unwrap_or_default();
+            }
+            "mode" => file.audit = walker.mode(&member.value).unwrap_or(false),
             "tests" => file.tests = walker.tests(&member.value),
             _ if IGNORED_KEYS.contains(&key) => walker.diags.push(map.warning(
                 member.key_span,
@@ -83,6 +104,14 @@ impl Walker<'_, '_> {
         };
         let mut groups = Vec::new();
         for member in members {
+            if selector::is_external_group(&member.key) {
+                self.error(
+                    member.key_span,
+                    format!("\"{}\" is an identity-provider group and cannot be defined here", member.key),
+                    "remove it from \"groups\": the identity provider asserts its members at login; file groups are group:NAME".into(),
+                );
+                continue;
+            }
             let Some(name) = self.prefixed_name(member, "group") else {
                 continue;
             };
@@ -211,33 +240,42 @@ impl Walker<'_, '_> {
         hosts
     }
 
-    fn acls(&mut self, value: &Value) -> Vec<Acl> {
-        const SHAPE: &str = "write \"acls\": [ { \"action\": \"accept\", \"src\": [ … ], \"dst\": [ \"SELECTOR:PORTS\" ] } ]";
-        let Some(items) = self.array(value, "\"acls\"", SHAPE) else {
+    /// The `acls` list (`list` = accept) or the `deny` list (`list` = deny).
+    fn acls(&mut self, value: &Value, list: Action) -> Vec<Acl> {
+        let (what, shape) = match list {
+            Action::Accept => ("\"acls\"", "write \"acls\": [ { \"action\": \"accept\", \"src\": [ … ], \"dst\": [ \"SELECTOR:PORTS\" ] } ]"),
+            Action::Deny => ("\"deny\"", "write \"deny\": [ { \"src\": [ … ], \"dst\": [ \"SELECTOR:PORTS\" ] } ]"),
+        };
+        let Some(items) = self.array(value, what, shape) else {
             return Vec::new();
         };
-        items.iter().filter_map(|item| self.acl(item)).collect()
+        items
+            .iter()
+            .filter_map(|item| self.acl(item, list))
+            .collect()
     }
 
-    fn acl(&mut self, value: &Value) -> Option<Acl> {
-        const FIELDS: &[&str] = &["action", "src", "dst", "proto"];
+    fn acl(&mut self, value: &Value, list: Action) -> Option<Acl> {
+        const FIELDS: &[&str] = &["action", "src", "dst", "proto", "srcPosture", "mode"];
+        let entry = match list {
+            Action::Accept => "acls entry",
+            Action::Deny => "deny entry",
+        };
         let members = self.object(
             value,
-            "an acls entry",
+            &format!("an {entry}"),
             "an acls entry is { \"action\": \"accept\", \"src\": [ … ], \"dst\": [ … ] }",
         )?;
         let (mut action, mut src, mut dst, mut proto) = (None, None, None, None);
+        let (mut src_posture, mut mode) = (None, None);
         for member in members {
             match member.key.as_str() {
                 "action" => action = Some(&member.value),
                 "src" => src = Some(&member.value),
                 "dst" => dst = Some(&member.value),
                 "proto" => proto = Some(&member.value),
-                "srcPosture" => self.error(
-                    member.key_span,
-                    "\"srcPosture\" is not supported by weft".into(),
-                    "remove it; weft refuses the rule rather than ignore a restriction".into(),
-                ),
+                "srcPosture" => src_posture = Some(member),
+                "mode" => mode = Some(&member.value),
                 "users" | "ports" => self.error(
                     member.key_span,
                     format!(
@@ -246,17 +284,42 @@ impl Walker<'_, '_> {
                     ),
                     "write sources in \"src\" and destinations with ports in \"dst\"".into(),
                 ),
-                other => self.unknown_field(member, other, "acls entry", FIELDS),
+                other => self.unknown_field(member, other, entry, FIELDS),
             }
         }
-        match action {
-            None => self.error(
-                value.span,
-                "acls entry has no \"action\"".into(),
-                "add \"action\": \"accept\"".into(),
-            ),
-            Some(action) => self.action(action),
+        let action = match (action, list) {
+            (None, Action::Accept) => {
+                self.error(
+                    value.span,
+                    "acls entry has no \"action\"".into(),
+                    "add \"action\": \"accept\" or \"action\": \"deny\"".into(),
+                );
+                Action::Accept
+            }
+            (None, Action::Deny) => Action::Deny,
+            (Some(action), _) => self.action(action, list),
+        };
+        let audit = mode.and_then(|m| self.mode(m)).unwrap_or(false);
+        if audit && action == Action::Accept {
+            self.error(
+                mode.map_or(value.span, |m| m.span),
+                "\"mode\": \"audit\" on an accept rule".into(),
+                "mode audit applies to deny rules and to the whole file; remove it here".into(),
+            );
         }
+        let src_posture = match src_posture {
+            Some(member) if action == Action::Deny => {
+                self.error(
+                    member.key_span,
+                    "\"srcPosture\" on a deny rule".into(),
+                    "srcPosture applies to accept rules and grants; a deny covers every posture"
+                        .into(),
+                );
+                None
+            }
+            Some(member) => self.posture_names(&member.value),
+            None => None,
+        };
         // `None` when the proto was invalid (and reported), `Some(None)` when absent.
         let proto = match proto {
             None => Some(None),
@@ -276,23 +339,265 @@ impl Walker<'_, '_> {
         // too; the errors already reported keep the policy from loading.
         Some(Acl {
             span: value.span,
+            action,
+            audit,
+            src_posture,
             src,
             dst,
             proto: proto.flatten(),
         })
     }
 
-    fn action(&mut self, value: &Value) {
-        let Some(action) = self.string(value, "\"action\"", "write \"action\": \"accept\"") else {
-            return;
+    fn action(&mut self, value: &Value, list: Action) -> Action {
+        let hint = "write \"action\": \"accept\" or \"action\": \"deny\"";
+        let Some(text) = self.string(value, "\"action\"", hint) else {
+            return list;
         };
-        if action != "accept" {
+        match (text, list) {
+            ("accept", Action::Accept) => Action::Accept,
+            ("deny", _) => Action::Deny,
+            ("accept", Action::Deny) => {
+                self.error(
+                    value.span,
+                    "an entry of the \"deny\" list has \"action\": \"accept\"".into(),
+                    "move it to \"acls\", or remove the action".into(),
+                );
+                Action::Deny
+            }
+            _ => {
+                let hint = suggest(text, ["accept", "deny"]).map_or_else(
+                    || {
+                        "actions are \"accept\" and \"deny\"; anything not accepted is denied"
+                            .into()
+                    },
+                    |near| format!("did you mean \"{near}\"?"),
+                );
+                self.error(value.span, format!("invalid action \"{text}\""), hint);
+                list
+            }
+        }
+    }
+
+    /// `"mode"`: `Some(true)` for audit, `Some(false)` for enforce, `None` after an error.
+    fn mode(&mut self, value: &Value) -> Option<bool> {
+        let hint =
+            "write \"mode\": \"audit\" (log would-be denials, enforce nothing) or \"enforce\"";
+        match self.string(value, "\"mode\"", hint)? {
+            "audit" => Some(true),
+            "enforce" => Some(false),
+            other => {
+                self.error(value.span, format!("invalid mode \"{other}\""), hint.into());
+                None
+            }
+        }
+    }
+
+    /// A list of `posture:NAME` references (`srcPosture`, `defaultSrcPosture`).
+    fn posture_names(&mut self, value: &Value) -> Option<Vec<Spanned<String>>> {
+        let hint = "write [\"posture:NAME\", …] naming entries of \"postures\"";
+        let items = self.array(value, "a posture list", hint)?;
+        let mut names = Vec::new();
+        for item in items {
+            let Some(text) = self.string(item, "a posture name", hint) else {
+                continue;
+            };
+            if text.strip_prefix("posture:").is_some_and(|n| !n.is_empty()) {
+                names.push(Spanned {
+                    value: text.to_owned(),
+                    span: item.span,
+                });
+            } else {
+                self.error(
+                    item.span,
+                    format!("posture name \"{text}\" must start with \"posture:\""),
+                    format!("write \"posture:{text}\""),
+                );
+            }
+        }
+        Some(names)
+    }
+
+    fn postures(&mut self, value: &Value) -> Vec<PostureDef> {
+        const SHAPE: &str =
+            "write \"postures\": { \"posture:NAME\": [\"node:os IN ['linux']\", …] }";
+        let Some(members) = self.object(value, "\"postures\"", SHAPE) else {
+            return Vec::new();
+        };
+        let mut defs = Vec::new();
+        for member in members {
+            let Some(name) = self.prefixed_name(member, "posture") else {
+                continue;
+            };
+            let what = format!("posture \"{}\"", member.key);
+            let Some(items) = self.array(&member.value, &what, SHAPE) else {
+                continue;
+            };
+            let mut conditions = Vec::new();
+            for item in items {
+                let Some(text) = self.string(item, &format!("a condition of {what}"), SHAPE) else {
+                    continue;
+                };
+                match posture::parse_condition(text) {
+                    Ok(condition) => conditions.push(condition),
+                    Err(err) => self.error(item.span, err.message, err.hint),
+                }
+            }
+            defs.push(PostureDef { name, conditions });
+        }
+        defs
+    }
+
+    fn grants(&mut self, value: &Value) -> Vec<Grant> {
+        const SHAPE: &str =
+            "write \"grants\": [ { \"src\": [ … ], \"dst\": [ … ], \"ip\": [\"tcp:443\"] } ]";
+        let Some(items) = self.array(value, "\"grants\"", SHAPE) else {
+            return Vec::new();
+        };
+        items.iter().filter_map(|item| self.grant(item)).collect()
+    }
+
+    fn grant(&mut self, value: &Value) -> Option<Grant> {
+        const FIELDS: &[&str] = &["src", "dst", "ip", "app", "srcPosture"];
+        let members = self.object(
+            value,
+            "a grants entry",
+            "a grants entry is { \"src\": [ … ], \"dst\": [ … ], \"ip\": [ … ], \"app\": { … } }",
+        )?;
+        let (mut src, mut dst, mut ip, mut app, mut src_posture) = (None, None, None, None, None);
+        for member in members {
+            match member.key.as_str() {
+                "src" => src = Some(&member.value),
+                "dst" => dst = Some(&member.value),
+                "ip" => ip = Some(&member.value),
+                "app" => app = Some(&member.value),
+                "srcPosture" => src_posture = self.posture_names(&member.value),
+                "via" => self.error(
+                    member.key_span,
+                    "\"via\" is not supported by weft".into(),
+                    "weft refuses a grant it cannot restrict as written; remove \"via\" or the grant".into(),
+                ),
+                other => self.unknown_field(member, other, "grants entry", FIELDS),
+            }
+        }
+        if ip.is_none() && app.is_none() {
             self.error(
                 value.span,
-                format!("invalid action \"{action}\""),
-                "only \"accept\" is supported; anything not accepted is denied".into(),
+                "grants entry has neither \"ip\" nor \"app\"".into(),
+                "add \"ip\": [\"tcp:443\"] for network access, or \"app\": { … } for capabilities"
+                    .into(),
             );
         }
+        let src = self.required_list(value, src, "src", "add \"src\": [\"group:NAME\", …]");
+        let dst = self.required_list(value, dst, "dst", "add \"dst\": [\"tag:NAME\", …]");
+        let src = src
+            .iter()
+            .filter_map(|item| self.src_selector(item))
+            .collect();
+        let dst = dst
+            .iter()
+            .filter_map(|item| {
+                if let Ok((_, ports)) = selector::split_dst(self.text_of(item)) {
+                    if ports::parse_ports(ports).is_ok() {
+                        self.error(
+                            item.span,
+                            format!("grant dst \"{}\" names ports", self.text_of(item)),
+                            "grant destinations have no ports; put them in \"ip\", e.g. \"ip\": [\"tcp:443\"]".into(),
+                        );
+                        return None;
+                    }
+                }
+                self.src_selector(item)
+            })
+            .collect();
+        let ip = ip.map(|list| self.grant_ip(list)).unwrap_or_default();
+        let app = app.map(|caps| self.grant_app(caps)).unwrap_or_default();
+        Some(Grant {
+            span: value.span,
+            src,
+            dst,
+            ip,
+            app,
+            src_posture,
+        })
+    }
+
+    fn text_of<'v>(&self, value: &'v Value) -> &'v str {
+        match &value.kind {
+            Kind::String(text) => text,
+            _ => "",
+        }
+    }
+
+    /// `ip`: `"*"`, `"PORTS"` or `"PROTO:PORTS"`.
+    fn grant_ip(&mut self, value: &Value) -> Vec<(Option<Protocol>, Vec<PortRange>)> {
+        const HINT: &str = "ip entries are \"*\", \"PORTS\" or \"PROTO:PORTS\", e.g. \"tcp:443\", \"udp:53\", \"icmp:*\"";
+        let Some(items) = self.array(value, "\"ip\"", HINT) else {
+            return Vec::new();
+        };
+        let mut entries = Vec::new();
+        for item in items {
+            let Some(text) = self.string(item, "an \"ip\" entry", HINT) else {
+                continue;
+            };
+            let (proto, port_text) = match text.split_once(':') {
+                Some((proto, ports)) => match ports::parse_proto(proto) {
+                    Ok(protocol) => (Some(protocol), ports),
+                    Err(err) => {
+                        self.error(item.span, err.message, err.hint);
+                        continue;
+                    }
+                },
+                None => (None, text),
+            };
+            match ports::parse_ports(port_text) {
+                Ok(ranges) => {
+                    if let Some(protocol) = proto {
+                        if !ports::has_ports(protocol) && ranges != [PortRange::ANY] {
+                            self.error(
+                                item.span,
+                                format!(
+                                    "proto \"{}\" has no ports, but \"{text}\" names some",
+                                    ports::proto_name(protocol)
+                                ),
+                                format!("write \"{}:*\"", ports::proto_name(protocol)),
+                            );
+                            continue;
+                        }
+                    }
+                    entries.push((proto, ranges));
+                }
+                Err(err) => self.error(item.span, err.message, err.hint),
+            }
+        }
+        entries
+    }
+
+    /// `app`: `{ "NAME": [JSON, …] }`.
+    fn grant_app(&mut self, value: &Value) -> Vec<(String, Vec<String>)> {
+        const HINT: &str = "write \"app\": { \"example.com/cap/NAME\": [ { …JSON… } ] }";
+        let Some(members) = self.object(value, "\"app\"", HINT) else {
+            return Vec::new();
+        };
+        let mut caps = Vec::new();
+        for member in members {
+            if member.key.is_empty() || member.key.chars().any(char::is_whitespace) {
+                self.error(
+                    member.key_span,
+                    format!("invalid capability name \"{}\"", member.key),
+                    "capability names look like example.com/cap/NAME".into(),
+                );
+                continue;
+            }
+            let what = format!("capability \"{}\"", member.key);
+            let Some(values) = self.array(&member.value, &what, HINT) else {
+                continue;
+            };
+            caps.push((
+                member.key.clone(),
+                values.iter().map(|v| v.to_json().to_string()).collect(),
+            ));
+        }
+        caps
     }
 
     /// `None` means an error was reported.
@@ -391,24 +696,21 @@ impl Walker<'_, '_> {
     }
 
     fn test(&mut self, value: &Value) -> Option<TestEntry> {
-        const FIELDS: &[&str] = &["src", "accept", "deny", "proto"];
+        const FIELDS: &[&str] = &["src", "accept", "deny", "proto", "srcPostureAttrs"];
         let members = self.object(
             value,
             "a tests entry",
             "a tests entry is { \"src\": …, \"accept\": [ … ], \"deny\": [ … ] }",
         )?;
         let (mut src, mut accept, mut deny, mut proto) = (None, None, None, None);
+        let mut src_posture_attrs = None;
         for member in members {
             match member.key.as_str() {
                 "src" => src = Some(&member.value),
                 "accept" => accept = Some(&member.value),
                 "deny" => deny = Some(&member.value),
                 "proto" => proto = Some(&member.value),
-                "srcPostureAttrs" => self.error(
-                    member.key_span,
-                    "\"srcPostureAttrs\" is not supported by weft".into(),
-                    "remove it from the test".into(),
-                ),
+                "srcPostureAttrs" => src_posture_attrs = self.attributes(&member.value),
                 other => self.unknown_field(member, other, "tests entry", FIELDS),
             }
         }
@@ -449,7 +751,29 @@ impl Walker<'_, '_> {
             proto,
             accept,
             deny,
+            src_posture_attrs,
         })
+    }
+
+    /// `srcPostureAttrs`: `{ "node:os": "linux", … }`; non-string values are written as JSON.
+    fn attributes(&mut self, value: &Value) -> Option<BTreeMap<String, String>> {
+        let members = self.object(
+            value,
+            "\"srcPostureAttrs\"",
+            "write \"srcPostureAttrs\": { \"node:os\": \"linux\", … }",
+        )?;
+        Some(
+            members
+                .iter()
+                .map(|m| {
+                    let value = match &m.value.kind {
+                        Kind::String(text) => text.clone(),
+                        _ => m.value.to_json().to_string(),
+                    };
+                    (posture::canonical_key(&m.key).to_owned(), value)
+                })
+                .collect(),
+        )
     }
 
     fn test_dsts(&mut self, list: Option<&Value>, key: &str) -> Vec<Spanned<TestDst>> {
@@ -498,6 +822,14 @@ impl Walker<'_, '_> {
                     span,
                     "tests need a concrete principal, not \"*\"".into(),
                     "name a user, group, tag, host or IP".into(),
+                );
+                None
+            }
+            Ok(Selector::Autogroup(group)) => {
+                self.error(
+                    span,
+                    format!("tests need a concrete principal, not \"{}\"", group.name()),
+                    "name a user, group, tag, SPIFFE ID, host or IP".into(),
                 );
                 None
             }
@@ -657,7 +989,7 @@ mod tests {
         let (_, _, _, hint) = error("{\"whatever\": {}}");
         assert_eq!(
             hint,
-            "top-level keys are groups, tagOwners, hosts, acls, tests"
+            "top-level keys are groups, tagOwners, hosts, acls, deny, grants, postures, defaultSrcPosture, mode, tests"
         );
     }
 
@@ -767,18 +1099,128 @@ mod tests {
     }
 
     #[test]
-    fn actions_other_than_accept_are_rejected() {
+    fn actions_modes_and_deny_lists() {
         let (line, col, message, hint) = error(&acl(
-            "{\"action\": \"deny\", \"src\": [\"*\"], \"dst\": [\"*:*\"]}",
+            "{\"action\": \"drop\", \"src\": [\"*\"], \"dst\": [\"*:*\"]}",
         ));
         assert_eq!((line, col), (4, 16));
-        assert_eq!(message, "invalid action \"deny\"");
-        assert!(hint.starts_with("only \"accept\" is supported"), "{hint}");
-        let (line, col, message, _) = error(&acl("{\"src\": [\"*\"], \"dst\": [\"*:*\"]}"));
+        assert_eq!(message, "invalid action \"drop\"");
+        assert!(
+            hint.starts_with("actions are \"accept\" and \"deny\""),
+            "{hint}"
+        );
+        let (_, _, _, hint) = error(&acl(
+            "{\"action\": \"deni\", \"src\": [\"*\"], \"dst\": [\"*:*\"]}",
+        ));
+        assert_eq!(hint, "did you mean \"deny\"?");
+        let (line, col, message) = {
+            let (l, c, m, _) = error(&acl("{\"src\": [\"*\"], \"dst\": [\"*:*\"]}"));
+            (l, c, m)
+        };
         assert_eq!(
             (line, col, message.as_str()),
             (4, 5, "acls entry has no \"action\"")
         );
+        let (_, _, message, hint) = error(&acl(
+            "{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"], \"mode\": \"audit\"}",
+        ));
+        assert_eq!(message, "\"mode\": \"audit\" on an accept rule");
+        assert_eq!(
+            hint,
+            "mode audit applies to deny rules and to the whole file; remove it here"
+        );
+        let (_, _, message, _) = error(&acl(
+            "{\"action\": \"deny\", \"src\": [\"*\"], \"dst\": [\"*:*\"], \"mode\": \"log\"}",
+        ));
+        assert_eq!(message, "invalid mode \"log\"");
+        let (_, _, message, _) =
+            error("{\"deny\": [{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"]}]}");
+        assert_eq!(
+            message,
+            "an entry of the \"deny\" list has \"action\": \"accept\""
+        );
+        let (_, _, message, _) = error("{\"mode\": \"strict\"}");
+        assert_eq!(message, "invalid mode \"strict\"");
+        let policy = Policy::parse(
+            "{\"mode\": \"audit\", \"deny\": [{\"src\": [\"*\"], \"dst\": [\"*:22\"]}], \"acls\": [{\"action\": \"deny\", \"src\": [\"*\"], \"dst\": [\"*:23\"]}]}",
+            "p",
+        )
+        .unwrap();
+        assert!(policy.audit_mode());
+        assert_eq!(policy.rules.rules.len(), 2);
+        assert!(policy
+            .rules
+            .rules
+            .iter()
+            .all(|r| r.action == weft_proto::RuleAction::AuditDeny));
+    }
+
+    #[test]
+    fn grants_and_postures() {
+        let source = r#"{
+  "tagOwners": {"tag:db": []},
+  "postures": {"posture:ok": ["node:os IN ['linux']", "node:clientVersion >= '1.2'"]},
+  "defaultSrcPosture": ["posture:ok"],
+  "grants": [
+    {"src": ["group:idp:eng"], "dst": ["tag:db"], "ip": ["tcp:5432", "icmp:*", "53"],
+     "app": {"x.com/cap/db": [{"role": "ro", "n": 1}, "plain"]}},
+  ],
+}"#;
+        let policy = Policy::parse(source, "p").unwrap();
+        let rules = &policy.rules.rules;
+        assert_eq!(rules.len(), 3);
+        assert!(rules
+            .iter()
+            .all(|r| r.line == 6 && r.posture.as_ref().is_some_and(|p| p.len() == 1)));
+        assert_eq!(rules[1].protocols, [weft_proto::Protocol::Icmp]);
+        assert!(rules[2].protocols.is_empty());
+        assert_eq!(policy.rules.apps.len(), 1);
+        assert_eq!(
+            policy.rules.apps[0].caps,
+            [(
+                "x.com/cap/db".to_owned(),
+                vec![
+                    "{\"n\":1,\"role\":\"ro\"}".to_owned(),
+                    "\"plain\"".to_owned()
+                ]
+            )]
+        );
+        let grant = |g: &str| format!("{{\"tagOwners\": {{\"tag:db\": []}}, \"grants\": [{g}]}}");
+        let (_, _, message, hint) = error(&grant(
+            r#"{"src": ["*"], "dst": ["tag:db:5432"], "ip": ["*"]}"#,
+        ));
+        assert_eq!(message, "grant dst \"tag:db:5432\" names ports");
+        assert!(hint.contains("\"ip\""), "{hint}");
+        let (_, _, message, _) = error(&grant(r#"{"src": ["*"], "dst": ["tag:db"]}"#));
+        assert_eq!(message, "grants entry has neither \"ip\" nor \"app\"");
+        let (_, _, message, _) = error(&grant(
+            r#"{"src": ["*"], "dst": ["tag:db"], "ip": ["icmp:7"]}"#,
+        ));
+        assert_eq!(
+            message,
+            "proto \"icmp\" has no ports, but \"icmp:7\" names some"
+        );
+        let (_, _, message, _) = error(&grant(
+            r#"{"src": ["*"], "dst": ["tag:db"], "ip": ["tcpp:1"]}"#,
+        ));
+        assert_eq!(message, "invalid proto \"tcpp\"");
+        let (_, _, message, _) = error(&grant(
+            r#"{"src": ["*"], "dst": ["tag:db"], "ip": ["*"], "via": ["tag:db"]}"#,
+        ));
+        assert_eq!(message, "\"via\" is not supported by weft");
+        let (_, _, message, hint) = error("{\"postures\": {\"posture:a\": [\"node:oss == 'x'\"]}}");
+        assert_eq!(message, "unknown posture attribute \"node:oss\"");
+        assert_eq!(hint, "did you mean \"node:os\"?");
+        let (_, _, message, _) = error("{\"defaultSrcPosture\": [\"ok\"]}");
+        assert_eq!(message, "posture name \"ok\" must start with \"posture:\"");
+        let (_, _, message, hint) = error("{\"groups\": {\"group:idp:eng\": [\"a@x\"]}}");
+        assert_eq!(
+            message,
+            "\"group:idp:eng\" is an identity-provider group and cannot be defined here"
+        );
+        assert!(hint.starts_with("remove it from \"groups\""), "{hint}");
+        let (_, _, message, _) = error("{\"acls\": [{\"action\": \"accept\", \"src\": [\"autogroup:self\"], \"dst\": [\"*:*\"]}]}");
+        assert_eq!(message, "autogroup:self is only valid as a destination");
     }
 
     #[test]
@@ -854,8 +1296,14 @@ mod tests {
         assert_eq!((line, col), (4, 40));
         assert_eq!(message, "unknown key \"dts\" in acls entry");
         assert_eq!(hint, "did you mean \"dst\"?");
-        let (_, _, message, _) = error(&acl("{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"], \"srcPosture\": [\"posture:x\"]}"));
-        assert_eq!(message, "\"srcPosture\" is not supported by weft");
+        let (_, _, message, hint) = error(&acl("{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"], \"srcPosture\": [\"posture:x\"]}"));
+        assert_eq!(message, "undefined posture \"posture:x\"");
+        assert_eq!(
+            hint,
+            "define it under \"postures\" (no postures are defined)"
+        );
+        let (_, _, message, _) = error(&acl("{\"action\": \"deny\", \"src\": [\"*\"], \"dst\": [\"*:*\"], \"srcPosture\": [\"posture:x\"]}"));
+        assert_eq!(message, "\"srcPosture\" on a deny rule");
         let (_, _, message, _) = error(&acl(
             "{\"action\": \"accept\", \"users\": [\"*\"], \"src\": [\"*\"], \"dst\": [\"*:*\"]}",
         ));
@@ -912,6 +1360,6 @@ mod tests {
         assert!(policy.warnings().is_empty());
         assert_eq!(policy.run_tests().unwrap().passed, 0);
         let policy = Policy::parse("// nothing allowed\n{ /* yet */ }\n", "p").unwrap();
-        assert!(policy.rules.is_empty());
+        assert!(policy.rules.rules.is_empty());
     }
 }

@@ -1,37 +1,67 @@
 //! The checked rule set: what the resolver produces and the evaluator and compiler consume.
 //!
 //! Every name is resolved here: groups carry their members, hosts are
-//! prefixes, and every tag is known to `tagOwners`.
+//! prefixes, every tag is known to `tagOwners` and every posture is defined.
+
+use std::collections::BTreeMap;
 
 use ipnet::IpNet;
-use weft_proto::{PortRange, Protocol};
+use weft_proto::{PortRange, Protocol, RuleAction};
 
 use crate::diagnostic::Location;
+use crate::posture::Posture;
 
 /// Whom a `src` or `dst` selector covers, with every name resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Target {
     /// Every node and every address.
     Any,
-    /// Untagged nodes of this user.
+    /// The user nodes of this user.
     User(String),
-    /// Untagged nodes of any of these users.
+    /// The user nodes of any of these users.
     Group { name: String, members: Vec<String> },
+    /// User nodes whose identity provider asserted this group (`group:idp:NAME`).
+    External(String),
     /// Nodes carrying this tag.
     Tag(String),
+    /// Workload nodes whose SPIFFE ID matches this pattern.
+    Workload(String),
+    /// `autogroup:member`: user nodes.
+    Member,
+    /// `autogroup:tagged`: nodes with tags.
+    Tagged,
+    /// `autogroup:self` (dst only): the user nodes of the source's user.
+    SelfUser,
     /// Addresses in this prefix (a host, IP or CIDR).
     Prefix(IpNet),
 }
 
-/// One accept rule.
+/// Everything a policy decides, resolved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Rules {
+    /// Network rules from `acls`, `deny` and the `ip` of `grants`, in file order.
+    pub(crate) rules: Vec<Rule>,
+    /// The `app` capabilities of `grants`.
+    pub(crate) apps: Vec<AppRule>,
+    /// Whole-file audit mode: nothing is enforced, would-be denials are logged.
+    pub(crate) audit: bool,
+}
+
+/// One network rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Rule {
-    /// The line of the acls entry, for audit logs and test reports.
+    /// The line of the entry, for audit logs, explanations and test reports.
     pub(crate) line: u32,
+    /// The entry as written, on one line.
+    pub(crate) text: String,
+    /// Accept, deny, or a deny in audit mode.
+    pub(crate) action: RuleAction,
     pub(crate) src: Vec<Target>,
     pub(crate) dst: Vec<DstTarget>,
     /// Empty means TCP, UDP and ICMP.
     pub(crate) protocols: Vec<Protocol>,
+    /// `srcPosture` (or `defaultSrcPosture`): `None` admits every source.
+    pub(crate) posture: Option<Vec<Posture>>,
 }
 
 /// One `dst` entry of a rule.
@@ -42,6 +72,17 @@ pub(crate) struct DstTarget {
     pub(crate) ports: Vec<PortRange>,
 }
 
+/// The `app` part of one grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AppRule {
+    pub(crate) line: u32,
+    pub(crate) src: Vec<Target>,
+    pub(crate) dst: Vec<Target>,
+    /// Capability name and its values, each compact JSON.
+    pub(crate) caps: Vec<(String, Vec<String>)>,
+    pub(crate) posture: Option<Vec<Posture>>,
+}
+
 /// One `tests` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TestCase {
@@ -49,6 +90,8 @@ pub(crate) struct TestCase {
     pub(crate) src_text: String,
     pub(crate) src: Target,
     pub(crate) proto: Option<Protocol>,
+    /// `srcPostureAttrs`.
+    pub(crate) attributes: Option<BTreeMap<String, String>>,
     pub(crate) checks: Vec<Check>,
 }
 

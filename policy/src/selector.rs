@@ -1,4 +1,5 @@
-//! The syntax of `src` and `dst` entries: `*`, users, `group:`, `tag:`, host names, IPs and CIDRs.
+//! The syntax of `src` and `dst` entries: `*`, users, `group:`, `tag:`,
+//! SPIFFE IDs, `autogroup:`, host names, IPs and CIDRs.
 //!
 //! This module only decides what a string *says*; whether a named group, tag
 //! or host exists is the resolver's business.
@@ -14,14 +15,67 @@ pub(crate) enum Selector {
     Any,
     /// `alice@example.com`.
     User(String),
-    /// `group:NAME` (the full string, prefix included).
+    /// `group:NAME` (the full string, prefix included). A name with a second
+    /// colon (`group:idp:NAME`) is an external group, asserted by the
+    /// identity provider rather than defined in the file.
     Group(String),
+    /// A SPIFFE ID pattern: `spiffe://TRUST_DOMAIN/PATH`, where a `*` segment
+    /// matches one segment and a trailing `/**` the rest.
+    Workload(String),
+    /// `autogroup:member`, `autogroup:tagged` or `autogroup:self`.
+    Autogroup(Autogroup),
     /// `tag:NAME` (the full string, prefix included).
     Tag(String),
     /// A name from the `hosts` section.
     Host(String),
     /// An IP (as a host prefix) or a CIDR.
     Prefix(IpNet),
+}
+
+/// The autogroups weft knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Autogroup {
+    /// Nodes of a user, without tags.
+    Member,
+    /// Nodes with tags.
+    Tagged,
+    /// In a `dst`: the nodes of the source node's own user.
+    SelfUser,
+}
+
+impl Autogroup {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Autogroup::Member => "autogroup:member",
+            Autogroup::Tagged => "autogroup:tagged",
+            Autogroup::SelfUser => "autogroup:self",
+        }
+    }
+}
+
+/// Whether a `group:` name is an external (identity-provider) group.
+pub(crate) fn is_external_group(full: &str) -> bool {
+    full.strip_prefix("group:")
+        .is_some_and(|name| name.contains(':'))
+}
+
+impl std::fmt::Display for Selector {
+    /// The selector as a policy file writes it (IPv6 prefixes unbracketed).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Selector::Any => f.write_str("*"),
+            Selector::User(name)
+            | Selector::Group(name)
+            | Selector::Tag(name)
+            | Selector::Host(name)
+            | Selector::Workload(name) => f.write_str(name),
+            Selector::Autogroup(group) => f.write_str(group.name()),
+            Selector::Prefix(net) if net.prefix_len() == net.max_prefix_len() => {
+                write!(f, "{}", net.addr())
+            }
+            Selector::Prefix(net) => write!(f, "{net}"),
+        }
+    }
 }
 
 /// Why a string is not a valid selector, and what to write instead.
@@ -40,8 +94,7 @@ impl SelectorError {
     }
 }
 
-const SELECTOR_FORMS: &str =
-    "a selector is *, user@domain, group:NAME, tag:NAME, a name from \"hosts\", an IP or a CIDR";
+const SELECTOR_FORMS: &str = "a selector is *, user@domain, group:NAME, group:idp:NAME, tag:NAME, spiffe://DOMAIN/PATH, autogroup:member|tagged|self, a name from \"hosts\", an IP or a CIDR";
 
 /// Parses a `src` selector (or the part of a `dst` before the ports).
 pub(crate) fn parse(text: &str) -> Result<Selector, SelectorError> {
@@ -61,18 +114,32 @@ pub(crate) fn parse(text: &str) -> Result<Selector, SelectorError> {
         ));
     }
     if let Some(name) = text.strip_prefix("group:") {
-        check_name("group", name, text)?;
+        match name.split_once(':') {
+            Some((provider, group)) => {
+                check_name("group", provider, text)?;
+                check_name("group", group, text)?;
+            }
+            None => check_name("group", name, text)?,
+        }
         return Ok(Selector::Group(text.to_owned()));
+    }
+    if text.starts_with("spiffe://") {
+        return parse_spiffe(text).map(Selector::Workload);
     }
     if let Some(name) = text.strip_prefix("tag:") {
         check_name("tag", name, text)?;
         return Ok(Selector::Tag(text.to_owned()));
     }
     if text.starts_with("autogroup:") {
-        return Err(SelectorError::new(
-            format!("\"{text}\": autogroups are not supported in this version of weft"),
-            "name the users with a group:NAME or the nodes with a tag:NAME instead".to_owned(),
-        ));
+        return match text {
+            "autogroup:member" => Ok(Selector::Autogroup(Autogroup::Member)),
+            "autogroup:tagged" => Ok(Selector::Autogroup(Autogroup::Tagged)),
+            "autogroup:self" => Ok(Selector::Autogroup(Autogroup::SelfUser)),
+            _ => Err(SelectorError::new(
+                format!("unsupported autogroup \"{text}\""),
+                "weft knows autogroup:member, autogroup:tagged and autogroup:self".to_owned(),
+            )),
+        };
     }
     if text.contains('@') {
         if text.starts_with('@') {
@@ -94,6 +161,54 @@ pub(crate) fn parse(text: &str) -> Result<Selector, SelectorError> {
     }
     check_host_name(text)?;
     Ok(Selector::Host(text.to_owned()))
+}
+
+/// Checks a SPIFFE ID pattern: `spiffe://DOMAIN/SEGMENT/…`, with `*` for one
+/// segment and a final `**` for the rest.
+fn parse_spiffe(text: &str) -> Result<String, SelectorError> {
+    let invalid = |why: &str| {
+        SelectorError::new(
+            format!("invalid SPIFFE ID \"{text}\": {why}"),
+            "write spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/ACCOUNT; * matches one segment, a final /** the rest".to_owned(),
+        )
+    };
+    let rest = text.strip_prefix("spiffe://").unwrap_or(text);
+    let mut segments = rest.split('/');
+    let domain = segments.next().unwrap_or_default();
+    if domain.is_empty() || !domain.chars().all(is_name_char) {
+        return Err(invalid("the trust domain is missing or invalid"));
+    }
+    let path: Vec<&str> = segments.collect();
+    if path.is_empty() {
+        return Err(invalid("the path is missing"));
+    }
+    for (i, segment) in path.iter().enumerate() {
+        let last = i + 1 == path.len();
+        let valid = match *segment {
+            "*" => true,
+            "**" => last,
+            s => !s.is_empty() && s.chars().all(is_name_char),
+        };
+        if !valid {
+            return Err(invalid(&format!("bad path segment \"{segment}\"")));
+        }
+    }
+    Ok(text.to_owned())
+}
+
+/// Whether the SPIFFE ID `id` matches `pattern` (see [`Selector::Workload`]).
+pub(crate) fn spiffe_matches(pattern: &str, id: &str) -> bool {
+    let mut want = pattern.split('/');
+    let mut have = id.split('/');
+    loop {
+        match (want.next(), have.next()) {
+            (Some("**"), Some(_)) => return true,
+            (Some("*"), Some(seg)) if !seg.is_empty() => {}
+            (Some(w), Some(h)) if w == h => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
 }
 
 /// Parses an IP address or CIDR; `Ok(None)` when `text` does not look like one at all.
@@ -221,6 +336,46 @@ mod tests {
         );
         assert_eq!(parse("fd7a::1"), Ok(Selector::Prefix(net("fd7a::1/128"))));
         assert_eq!(parse("fd7a::/48"), Ok(Selector::Prefix(net("fd7a::/48"))));
+        assert_eq!(
+            parse("group:idp:eng"),
+            Ok(Selector::Group("group:idp:eng".into()))
+        );
+        assert!(is_external_group("group:idp:eng") && !is_external_group("group:eng"));
+        assert_eq!(
+            parse("spiffe://prod.example.com/ns/*/sa/api"),
+            Ok(Selector::Workload(
+                "spiffe://prod.example.com/ns/*/sa/api".into()
+            ))
+        );
+        assert_eq!(
+            parse("autogroup:self"),
+            Ok(Selector::Autogroup(Autogroup::SelfUser))
+        );
+        assert_eq!(
+            split_dst("spiffe://td/ns/a/sa/b:443"),
+            Ok(("spiffe://td/ns/a/sa/b", "443"))
+        );
+    }
+
+    #[test]
+    fn spiffe_patterns() {
+        let id = "spiffe://td/ns/prod/sa/api";
+        assert!(spiffe_matches(id, id));
+        assert!(spiffe_matches("spiffe://td/ns/*/sa/api", id));
+        assert!(spiffe_matches("spiffe://td/ns/**", id));
+        assert!(spiffe_matches("spiffe://td/**", id));
+        assert!(!spiffe_matches("spiffe://td/ns/*/sa/web", id));
+        assert!(!spiffe_matches("spiffe://td/ns/*", id));
+        assert!(!spiffe_matches("spiffe://other/ns/**", id));
+        assert!(!spiffe_matches("spiffe://td/ns/prod/sa/api/**", id));
+        assert!(!spiffe_matches(
+            "spiffe://td/ns/prod/sa/api",
+            "spiffe://td/ns/prod/sa/api/x"
+        ));
+        assert!(!spiffe_matches(
+            "spiffe://td/ns/*/sa/api",
+            "spiffe://td/ns//sa/api"
+        ));
     }
 
     #[test]
@@ -236,10 +391,23 @@ mod tests {
             .unwrap_err()
             .message
             .contains("invalid IP"));
-        assert!(parse("autogroup:member")
+        assert!(parse("autogroup:admin")
             .unwrap_err()
             .message
-            .contains("autogroups"));
+            .contains("unsupported autogroup"));
+        assert!(parse("spiffe://")
+            .unwrap_err()
+            .message
+            .contains("trust domain"));
+        assert!(parse("spiffe://td")
+            .unwrap_err()
+            .message
+            .contains("path is missing"));
+        assert!(parse("spiffe://td/ns/**/sa")
+            .unwrap_err()
+            .message
+            .contains("bad path segment \"**\""));
+        assert!(parse("group:idp:").unwrap_err().message.contains("empty"));
         assert!(parse("user:bob")
             .unwrap_err()
             .message

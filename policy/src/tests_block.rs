@@ -3,15 +3,22 @@
 //! Without a `proto`, an `accept` check asks for TCP and a `deny` check asks
 //! that neither TCP nor UDP gets through (ICMP carries no port, so a port
 //! test cannot speak for it). A group stands for each of its members: an
-//! accept must hold for all of them, and so must a deny.
+//! accept must hold for all of them, and so must a deny. An `accept` holds
+//! when the verdict is accept; a `deny` holds when the verdict is deny or
+//! audit-deny, so tests state the intended policy while it is audited.
+//! `srcPostureAttrs` gives the source's attributes for `srcPosture`; a user,
+//! tag or workload source without it has no attributes, and an address
+//! source never satisfies a posture.
 
 use serde::Serialize;
 use weft_proto::Protocol;
 
+use std::collections::BTreeMap;
+
 use crate::diagnostic::{Diagnostic, Diagnostics, Severity};
-use crate::eval::{first_accepting, Principal};
+use crate::eval::{decide, Subject, Verdict};
 use crate::ports::proto_name;
-use crate::rules::{Check, Expect, Rule, Target, TestCase};
+use crate::rules::{Check, Expect, Rules, Target, TestCase};
 
 /// The outcome of a policy's `tests` when all of them pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -23,7 +30,7 @@ pub struct TestReport {
 /// Runs every test; the error lists each failing `accept`/`deny` destination.
 pub(crate) fn run(
     tests: &[TestCase],
-    rules: &[Rule],
+    rules: &Rules,
     file: &str,
 ) -> Result<TestReport, Diagnostics> {
     let mut passed = 0;
@@ -51,17 +58,17 @@ pub(crate) fn run(
 }
 
 /// Why one check fails (message and hint), or `None` when it holds.
-fn failure(test: &TestCase, check: &Check, rules: &[Rule]) -> Option<(String, String)> {
+fn failure(test: &TestCase, check: &Check, rules: &Rules) -> Option<(String, String)> {
     let protocols: &[Protocol] = match (test.proto.as_ref(), check.expect) {
         (Some(protocol), _) => std::slice::from_ref(protocol),
         (None, Expect::Accept) => &[Protocol::Tcp],
         (None, Expect::Deny) => &[Protocol::Tcp, Protocol::Udp],
     };
-    let srcs = test.src.principals();
-    let dsts = check.dst.principals();
-    let title = |src: Option<Principal<'_>>, protocol: Option<Protocol>| {
-        let member = match (&test.src, src) {
-            (Target::Group { .. }, Some(Principal::User(user))) => format!(" (member {user})"),
+    let srcs = principals(&test.src, test.attributes.as_ref());
+    let dsts = principals(&check.dst, None);
+    let title = |src: Option<&Subject>, protocol: Option<Protocol>| {
+        let member = match (&test.src, src.and_then(|s| s.user.as_ref())) {
+            (Target::Group { .. }, Some(user)) => format!(" (member {user})"),
             _ => String::new(),
         };
         let over = match (test.proto, protocol) {
@@ -89,14 +96,25 @@ fn failure(test: &TestCase, check: &Check, rules: &[Rule]) -> Option<(String, St
                     "add members to the group, or fix the test".into(),
                 ));
             }
-            for &src in &srcs {
-                for &dst in &dsts {
+            for src in &srcs {
+                for dst in &dsts {
                     for &protocol in protocols {
-                        if first_accepting(rules, src, dst, protocol, check.port).is_none() {
-                            return Some((
-                                format!("{}: expected accept, but no acls rule accepts it", title(Some(src), Some(protocol))),
-                                format!("add an acls rule whose src covers {} and whose dst covers {}, or fix the test", test.src_text, check.dst_text),
-                            ));
+                        let (verdict, deciding) = decide(rules, src, dst, protocol, check.port);
+                        let title = title(Some(src), Some(protocol));
+                        match (verdict, deciding.first()) {
+                            (Verdict::Accept, _) => {}
+                            (_, Some(rule)) => {
+                                return Some((
+                                    format!("{title}: expected accept, but the {verdict} rule at line {} matches", rule.line),
+                                    format!("narrow the rule at line {}, or fix the test", rule.line),
+                                ));
+                            }
+                            (_, None) => {
+                                return Some((
+                                    format!("{title}: expected accept, but no rule accepts it"),
+                                    format!("add a rule whose src covers {} and whose dst covers {}, or fix the test", test.src_text, check.dst_text),
+                                ));
+                            }
                         }
                     }
                 }
@@ -104,17 +122,18 @@ fn failure(test: &TestCase, check: &Check, rules: &[Rule]) -> Option<(String, St
             None
         }
         Expect::Deny => {
-            for &src in &srcs {
-                for &dst in &dsts {
+            for src in &srcs {
+                for dst in &dsts {
                     for &protocol in protocols {
-                        if let Some(rule) = first_accepting(rules, src, dst, protocol, check.port) {
+                        let (verdict, deciding) = decide(rules, src, dst, protocol, check.port);
+                        if verdict == Verdict::Accept {
+                            let line = deciding.first().map_or(0, |r| r.line);
                             return Some((
                                 format!(
-                                    "{}: expected deny, but acls line {} accepts it",
+                                    "{}: expected deny, but the rule at line {line} accepts it",
                                     title(Some(src), Some(protocol)),
-                                    rule.line
                                 ),
-                                format!("narrow the rule at line {}, or fix the test", rule.line),
+                                format!("narrow the rule at line {line}, or add a deny rule, or fix the test"),
                             ));
                         }
                     }
@@ -122,6 +141,43 @@ fn failure(test: &TestCase, check: &Check, rules: &[Rule]) -> Option<(String, St
             }
             None
         }
+    }
+}
+
+/// The concrete subjects a test's src or dst stands for: a group is each of its members.
+pub(crate) fn principals(
+    target: &Target,
+    attributes: Option<&BTreeMap<String, String>>,
+) -> Vec<Subject> {
+    let node_attributes = Some(attributes.cloned().unwrap_or_default());
+    let user = |login: &str| Subject {
+        user: Some(login.to_owned()),
+        attributes: node_attributes.clone(),
+        ..Subject::default()
+    };
+    match target {
+        Target::User(login) => vec![user(login)],
+        Target::Group { members, .. } => members.iter().map(|m| user(m)).collect(),
+        Target::External(group) => vec![Subject {
+            groups: vec![group.clone()],
+            attributes: node_attributes,
+            ..Subject::default()
+        }],
+        Target::Tag(tag) => vec![Subject {
+            tags: vec![tag.clone()],
+            attributes: node_attributes,
+            ..Subject::default()
+        }],
+        Target::Workload(id) => vec![Subject {
+            workload: Some(id.clone()),
+            attributes: node_attributes,
+            ..Subject::default()
+        }],
+        Target::Prefix(net) => vec![Subject {
+            addr: Some(*net),
+            ..Subject::default()
+        }],
+        Target::Any | Target::Member | Target::Tagged | Target::SelfUser => Vec::new(),
     }
 }
 
@@ -185,7 +241,7 @@ mod tests {
             failures,
             [(
                 13,
-                "test src tag:web → tag:db:5432: expected deny, but acls line 6 accepts it"
+                "test src tag:web → tag:db:5432: expected deny, but the rule at line 6 accepts it"
                     .to_owned()
             )]
         );
@@ -200,8 +256,8 @@ mod tests {
         assert_eq!(
             failures,
             [
-                (13, "test src tag:db → tag:web:80: expected accept, but no acls rule accepts it".to_owned()),
-                (14, "test src alice@example.com → printer:631: expected accept, but no acls rule accepts it".to_owned()),
+                (13, "test src tag:db → tag:web:80: expected accept, but no rule accepts it".to_owned()),
+                (14, "test src alice@example.com → printer:631: expected accept, but no rule accepts it".to_owned()),
             ]
         );
     }
@@ -209,14 +265,14 @@ mod tests {
     #[test]
     fn deny_without_proto_checks_udp_too() {
         let failures = run(r#"{"src": "alice@example.com", "deny": ["printer:631"]}"#).unwrap_err();
-        assert_eq!(failures[0].1, "test src alice@example.com → printer:631 over udp: expected deny, but acls line 9 accepts it");
+        assert_eq!(failures[0].1, "test src alice@example.com → printer:631 over udp: expected deny, but the rule at line 9 accepts it");
     }
 
     #[test]
     fn groups_must_hold_for_every_member() {
         let failures =
             run(r#"{"src": "group:eng", "deny": ["printer:631"], "proto": "udp"}"#).unwrap_err();
-        assert_eq!(failures[0].1, "test src group:eng (member alice@example.com) → printer:631: expected deny, but acls line 9 accepts it");
+        assert_eq!(failures[0].1, "test src group:eng (member alice@example.com) → printer:631: expected deny, but the rule at line 9 accepts it");
     }
 
     #[test]

@@ -13,12 +13,14 @@
 
 mod lab;
 mod netns;
+mod oidc;
 mod overlay;
 mod probe;
 mod process;
 
 pub use lab::{Host, Lab};
 pub use netns::in_netns;
+pub use oidc::{Browser, TestIdp};
 pub use overlay::{Coordinator, NodeHandle, Overlay};
 pub use probe::{ping, tcp_echo, wait_until, EchoServer};
 pub use process::Process;

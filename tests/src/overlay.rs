@@ -46,6 +46,17 @@ impl Overlay {
 
     /// Starts `weft-coordinator serve` on `host` with `policy`.
     pub fn start_coordinator(&mut self, host: &str, policy: &Path) -> Result<&Coordinator> {
+        self.start_coordinator_with(host, policy, &[])
+    }
+
+    /// Starts `weft-coordinator serve` on `host` with `policy` and extra flags
+    /// (e.g. `--config FILE`).
+    pub fn start_coordinator_with(
+        &mut self,
+        host: &str,
+        policy: &Path,
+        extra_args: &[&str],
+    ) -> Result<&Coordinator> {
         let host = self.lab.host(host)?.clone();
         let data_dir = self.lab.host_dir(&host.name).join("coordinator");
         std::fs::create_dir_all(&data_dir)?;
@@ -56,6 +67,7 @@ impl Overlay {
             address: format!("{}:{CONTROL_PORT}", host.addr),
             host,
             process: None,
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
         };
         self.coordinator = Some(coordinator);
         let coordinator = self.coordinator_mut()?;
@@ -79,6 +91,11 @@ impl Overlay {
 
     /// Starts `weftd` on `host`.
     pub fn start_node(&mut self, host: &str) -> Result<&mut NodeHandle> {
+        self.start_node_with(host, &[])
+    }
+
+    /// Starts `weftd` on `host` with extra flags (e.g. `--posture-file PATH`).
+    pub fn start_node_with(&mut self, host: &str, extra_args: &[&str]) -> Result<&mut NodeHandle> {
         let host = self.lab.host(host)?.clone();
         let state_dir = self.lab.host_dir(&host.name).join("weftd");
         std::fs::create_dir_all(&state_dir)?;
@@ -89,6 +106,7 @@ impl Overlay {
             state_dir,
             host,
             process: None,
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
         };
         node.start()?;
         let name = node.host.name.clone();
@@ -131,25 +149,28 @@ pub struct Coordinator {
     address: String,
     host: Host,
     process: Option<Process>,
+    extra_args: Vec<String>,
 }
 
 impl Coordinator {
     fn start(&mut self) -> Result<()> {
         let data_dir = self.data_dir.to_string_lossy().into_owned();
         let policy = self.policy.to_string_lossy().into_owned();
+        let mut args = vec![
+            "serve",
+            "--data-dir",
+            &data_dir,
+            "--policy",
+            &policy,
+            "--listen",
+            &self.address,
+        ];
+        args.extend(self.extra_args.iter().map(String::as_str));
         let process = Process::spawn(
             "weft-coordinator",
             &self.host.netns,
             &self.bin,
-            &[
-                "serve",
-                "--data-dir",
-                &data_dir,
-                "--policy",
-                &policy,
-                "--listen",
-                &self.address,
-            ],
+            &args,
             self.data_dir.join("coordinator.log"),
             &[("RUST_LOG", LOG_FILTER)],
         )?;
@@ -256,6 +277,7 @@ pub struct NodeHandle {
     socket: PathBuf,
     host: Host,
     process: Option<Process>,
+    extra_args: Vec<String>,
 }
 
 impl NodeHandle {
@@ -263,18 +285,20 @@ impl NodeHandle {
         let state_dir = self.state_dir.to_string_lossy().into_owned();
         let socket = self.socket.to_string_lossy().into_owned();
         let port = WIREGUARD_PORT.to_string();
+        let mut args = vec![
+            "--state-dir",
+            &state_dir,
+            "--socket",
+            &socket,
+            "--port",
+            &port,
+        ];
+        args.extend(self.extra_args.iter().map(String::as_str));
         let process = Process::spawn(
             &format!("weftd@{}", self.host.name),
             &self.host.netns,
             &self.weftd,
-            &[
-                "--state-dir",
-                &state_dir,
-                "--socket",
-                &socket,
-                "--port",
-                &port,
-            ],
+            &args,
             self.state_dir.join("weftd.log"),
             &[("RUST_LOG", LOG_FILTER)],
         )?;
@@ -303,6 +327,11 @@ impl NodeHandle {
             });
         }
         self.start()
+    }
+
+    /// weftd's state directory (where `posture.json` is read by default).
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
     }
 
     /// The host this node runs on.
@@ -374,6 +403,21 @@ impl NodeHandle {
             .arg(&self.socket)
             .args(args)
             .output()
+            .context("run weft")
+    }
+
+    /// Starts `weft --socket SOCKET ARGS…` with its standard output piped,
+    /// for commands that print something to act on before they finish
+    /// (`weft up` printing a login URL).
+    pub fn weft_spawn(&self, args: &[&str]) -> Result<std::process::Child> {
+        Command::new(&self.weft)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .context("run weft")
     }
 

@@ -28,11 +28,13 @@ const VERSION_BYTES: usize = 2;
 /// after any of these; the session must end.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
-    /// The length prefix is beyond [`MAX_FRAME_LEN`] (or too short to hold a version).
-    #[error("control frame length {len} is outside 2..={MAX_FRAME_LEN} bytes; the peer is not speaking weft's control protocol")]
+    /// The length prefix is beyond the decoder's limit (or too short to hold a version).
+    #[error("control frame length {len} is outside 2..={max} bytes; the peer is not speaking weft's control protocol")]
     BadLength {
         /// The length the peer announced.
         len: usize,
+        /// The largest length accepted.
+        max: usize,
     },
     /// The frame is from another protocol version.
     #[error("peer speaks control protocol version {got}, this build speaks {PROTOCOL_VERSION}; upgrade the older of node and coordinator")]
@@ -81,15 +83,33 @@ pub fn encode_frame<M: Serialize>(message: &M) -> Result<Vec<u8>, EncodeError> {
 }
 
 /// Decodes a stream of frames incrementally.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    max_len: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl FrameDecoder {
-    /// An empty decoder.
+    /// An empty decoder accepting frames up to [`MAX_FRAME_LEN`].
     pub fn new() -> Self {
-        Self::default()
+        Self::with_limit(MAX_FRAME_LEN)
+    }
+
+    /// An empty decoder accepting frames up to `max_len` bytes (at most
+    /// [`MAX_FRAME_LEN`]). A coordinator reads nodes' frames with a small
+    /// limit, so a peer that has not registered yet cannot make it buffer
+    /// megabytes.
+    pub fn with_limit(max_len: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            max_len: max_len.min(MAX_FRAME_LEN),
+        }
     }
 
     /// Appends bytes received from the stream.
@@ -108,8 +128,11 @@ impl FrameDecoder {
         let mut len = [0u8; LEN_BYTES];
         len.copy_from_slice(len_bytes);
         let len = u32::from_be_bytes(len) as usize;
-        if !(VERSION_BYTES..=MAX_FRAME_LEN).contains(&len) {
-            return Err(DecodeError::BadLength { len });
+        if !(VERSION_BYTES..=self.max_len).contains(&len) {
+            return Err(DecodeError::BadLength {
+                len,
+                max: self.max_len,
+            });
         }
         let Some(frame) = self.buf.get(LEN_BYTES..LEN_BYTES + len) else {
             return Ok(None);
@@ -388,6 +411,20 @@ mod tests {
             decoder.next_message::<ServerMessage>(),
             Err(DecodeError::BadLength { .. })
         ));
+    }
+
+    #[test]
+    fn a_decoder_with_a_small_limit_refuses_larger_frames() {
+        let frame = encode_frame(&register()).unwrap();
+        let mut decoder = FrameDecoder::with_limit(frame.len() - 5);
+        decoder.push(&frame);
+        assert!(matches!(
+            decoder.next_message::<ClientMessage>(),
+            Err(DecodeError::BadLength { .. })
+        ));
+        let mut decoder = FrameDecoder::with_limit(frame.len());
+        decoder.push(&frame);
+        assert!(decoder.next_message::<ClientMessage>().unwrap().is_some());
     }
 
     #[test]

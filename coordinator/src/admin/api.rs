@@ -20,6 +20,8 @@ use crate::policy_watch;
 pub(crate) struct AdminState {
     pub(crate) registry: Registry,
     pub(crate) netmaps: NetmapHandle,
+    /// Principals a new policy must not cut off, unless forced.
+    pub(crate) admins: Arc<[String]>,
 }
 
 /// The admin API's routes.
@@ -28,6 +30,8 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/v1/authkeys", post(create_auth_key))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{name}", delete(delete_node))
+        .route("/v1/nodes/{name}/expire", post(expire_node))
+        .route("/v1/users/{email}/disable", post(disable_user))
         .route("/v1/policy", put(set_policy))
         .with_state(Arc::new(state))
 }
@@ -38,9 +42,11 @@ async fn create_auth_key(
     State(state): Shared,
     Json(request): Json<AuthKeyRequest>,
 ) -> Result<(StatusCode, Json<CreatedAuthKey>), ApiError> {
-    if request.expiry_secs == 0 {
+    if request.expiry_secs == 0 || request.expiry_secs > MAX_AUTH_KEY_EXPIRY.as_secs() {
         return Err(ApiError::BadRequest(
-            "an auth key's expiry must be positive (e.g. `--expiry 1h`)".into(),
+            "an auth key's expiry must be between 1 second and 1 year (e.g. `--expiry 1h`); \
+             keys are bearer secrets, so keep them short-lived"
+                .into(),
         ));
     }
     let spec = AuthKeySpec {
@@ -87,21 +93,48 @@ async fn delete_node(
     Ok(Json(view(record, false)))
 }
 
+async fn expire_node(
+    State(state): Shared,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
+    let record = state.registry.expire_by_name(&name, SystemTime::now())?;
+    tracing::info!(node = %record.id, "node's login expired by an administrator");
+    Ok(Json(view(record, false)))
+}
+
+async fn disable_user(
+    State(state): Shared,
+    Path(email): Path<String>,
+) -> Result<Json<Vec<NodeView>>, ApiError> {
+    let cut = state.registry.disable_user(&email, SystemTime::now())?;
+    tracing::info!(nodes = cut.len(), "user disabled by an administrator");
+    Ok(Json(cut.into_iter().map(|r| view(r, false)).collect()))
+}
+
 async fn set_policy(
     State(state): Shared,
     Json(request): Json<PolicyRequest>,
 ) -> Result<Json<PolicyInstalled>, ApiError> {
     let validated = policy_watch::validate(&request.source, &request.file_name)
         .map_err(|diagnostics| ApiError::PolicyRejected(diagnostics.to_string()))?;
+    let policy = Arc::new(validated.policy);
+    if request.force {
+        tracing::warn!(
+            "installing a policy with --force: the administrator lockout guard is skipped"
+        );
+    } else {
+        state
+            .netmaps
+            .check_lockout(policy.clone(), state.admins.clone())
+            .await
+            .map_err(|lockout| ApiError::PolicyRejected(lockout.to_string()))?;
+    }
     let stored = policy_watch::StoredPolicy {
         file_name: request.file_name,
         source: request.source,
     };
     policy_watch::remember(&**state.registry.store(), &stored)?;
-    state
-        .netmaps
-        .set_policy(Some(Arc::new(validated.policy)))
-        .await;
+    state.netmaps.set_policy(Some(policy)).await;
     tracing::info!("installed a policy through the admin API");
     Ok(Json(PolicyInstalled {
         tests_passed: validated.tests_passed,
@@ -122,6 +155,9 @@ fn view(record: NodeRecord, online: bool) -> NodeView {
         ephemeral: record.ephemeral,
     }
 }
+
+/// The longest an auth key may live.
+const MAX_AUTH_KEY_EXPIRY: Duration = Duration::from_secs(366 * 24 * 3600);
 
 fn rfc3339(unix_secs: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix_secs)).to_string()

@@ -73,15 +73,29 @@ impl AdminClient {
         self.call(Method::DELETE, &path, None::<&()>).await
     }
 
+    /// Ends the login of the node called `name`.
+    pub async fn expire_node(&self, name: &str) -> Result<NodeView, ClientError> {
+        let path = format!("/v1/nodes/{}/expire", percent_encode(name));
+        self.call(Method::POST, &path, None::<&()>).await
+    }
+
+    /// Disables a user; returns the nodes whose login was ended.
+    pub async fn disable_user(&self, email: &str) -> Result<Vec<NodeView>, ClientError> {
+        let path = format!("/v1/users/{}/disable", percent_encode(email));
+        self.call(Method::POST, &path, None::<&()>).await
+    }
+
     /// Validates and installs a policy.
     pub async fn set_policy(
         &self,
         file_name: &str,
         source: &str,
+        force: bool,
     ) -> Result<PolicyInstalled, ClientError> {
         let request = PolicyRequest {
             file_name: file_name.to_owned(),
             source: source.to_owned(),
+            force,
         };
         self.call(Method::PUT, "/v1/policy", Some(&request)).await
     }

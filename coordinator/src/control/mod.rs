@@ -12,6 +12,7 @@ use weft_proto::PrivateKey;
 pub(crate) use self::tls::TlsError;
 use crate::netmap::NetmapHandle;
 use crate::nodes::Registry;
+use crate::oidc::Logins;
 
 /// What every session needs.
 #[derive(Debug)]
@@ -20,6 +21,8 @@ pub(crate) struct Context {
     pub(crate) key: PrivateKey,
     pub(crate) registry: Registry,
     pub(crate) netmaps: NetmapHandle,
+    /// The identity provider people log in with, when one is configured.
+    pub(crate) logins: Option<Arc<Logins>>,
 }
 
 /// Why the control listener could not start.

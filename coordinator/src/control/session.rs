@@ -12,18 +12,21 @@ use std::time::{Duration, SystemTime};
 use tokio::time::{timeout, timeout_at, Instant};
 use weft_proto::handshake::{self, HandshakeError, INITIATION_LEN};
 use weft_proto::{
-    encode_frame, ClientMessage, DecodeError, FrameDecoder, NodeId, PublicKey, Refusal,
-    RefusalCode, ServerMessage, CLOSE_BY_COORDINATOR, CLOSE_HANDSHAKE_FAILED, CLOSE_PROTOCOL_ERROR,
-    EXPORTER_LABEL,
+    encode_frame, ClientMessage, Credential, DecodeError, FrameDecoder, LoginFlow, NodeId,
+    PublicKey, Refusal, RefusalCode, ServerMessage, CLOSE_BY_COORDINATOR, CLOSE_HANDSHAKE_FAILED,
+    CLOSE_PROTOCOL_ERROR, EXPORTER_LABEL,
 };
 
 use super::Context;
 use crate::authkey::AdmitError;
 use crate::netmap::{Attached, SessionEvent};
-use crate::nodes::NodeRecord;
-use crate::nodes::Registry;
+use crate::nodes::{NodeRecord, Registry, UserLogin};
+use crate::oidc::LOGIN_TTL;
 
 /// Time allowed from the first packet to a completed Noise handshake.
+/// The largest frame a node may send. A `Register` within every other limit
+/// (hostname, 32 endpoints, 64 attributes of 256 bytes) stays well below.
+const MAX_CLIENT_FRAME: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed after the handshake for the node's `Register`.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -141,9 +144,17 @@ impl Session {
             }
         };
         tracing::debug!(remote = %self.remote, machine = %machine_key.short(), credential = ?register.credential, "registration");
+        let login = match register.credential {
+            Some(Credential::Interactive(flow)) => match self.login(flow).await {
+                Ok(login) => Some(login),
+                Err(Some(refusal)) => return self.refuse(refusal).await,
+                Err(None) => return,
+            },
+            _ => None,
+        };
         let registry = self.ctx.registry.clone();
         let registered = tokio::task::spawn_blocking(move || {
-            registry.register(machine_key, &register, SystemTime::now())
+            registry.register_as(machine_key, &register, login.as_ref(), SystemTime::now())
         })
         .await;
         let (record, revision) = match registered {
@@ -169,6 +180,46 @@ impl Session {
         self.ctx.netmaps.detach(session);
         if let Some(end) = end {
             self.fail(end);
+        }
+    }
+
+    /// Has a person log in through the identity provider while the node
+    /// waits. `Err(None)` when the session already ended meanwhile.
+    async fn login(&mut self, flow: LoginFlow) -> Result<UserLogin, Option<Refusal>> {
+        let Some(logins) = self.ctx.logins.clone() else {
+            return Err(Some(Refusal {
+                code: RefusalCode::LoginFailed,
+                message: "this coordinator has no identity provider configured; join with `weft up --auth-key KEY`".into(),
+            }));
+        };
+        let (prompt, mut waiting) = logins.start(flow).await.map_err(Some)?;
+        if let Err(end) = self.write(&ServerMessage::LoginRequired(prompt)).await {
+            self.fail(end);
+            return Err(None);
+        }
+        tracing::debug!(remote = %self.remote, "waiting for an interactive login");
+        tokio::select! {
+            result = &mut waiting.result => match result {
+                Ok(Ok(who)) => {
+                    let now = SystemTime::now() + logins.key_expiry();
+                    Ok(UserLogin {
+                        user: who.email,
+                        groups: who.groups,
+                        key_expiry: crate::authkey::unix_secs(now),
+                    })
+                }
+                Ok(Err(refusal)) => Err(Some(refusal)),
+                Err(_) => Err(Some(login_expired())),
+            },
+            () = tokio::time::sleep(LOGIN_TTL) => Err(Some(login_expired())),
+            message = self.reader.next() => {
+                match message {
+                    Ok(None) => self.fail(End::Closed),
+                    Ok(Some(_)) => self.fail(End::Protocol("a message arrived before the login completed".into())),
+                    Err(end) => self.fail(end),
+                }
+                Err(None)
+            }
         }
     }
 
@@ -291,6 +342,15 @@ impl Session {
     }
 }
 
+fn login_expired() -> Refusal {
+    Refusal {
+        code: RefusalCode::LoginFailed,
+        message:
+            "the login link expired before the login completed; run `weft login` for a new one"
+                .into(),
+    }
+}
+
 fn unavailable() -> Refusal {
     Refusal {
         code: RefusalCode::Unavailable,
@@ -309,7 +369,7 @@ impl FrameReader {
     fn new(recv: quinn::RecvStream) -> Self {
         Self {
             recv,
-            decoder: FrameDecoder::new(),
+            decoder: FrameDecoder::with_limit(MAX_CLIENT_FRAME),
             buf: vec![0; READ_CHUNK],
         }
     }

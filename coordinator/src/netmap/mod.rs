@@ -13,6 +13,7 @@
 //! Every view is recomputed from scratch on each change; the module boundary
 //! is where an incremental computation would go.
 
+mod lockout;
 mod service;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -20,12 +21,13 @@ use std::sync::Arc;
 
 use weft_policy::{NodeAccess, Policy};
 use weft_proto::{
-    AppGrant, DefaultAction, NetMap, NetMapDelta, NodeId, PacketFilter, Peer, Refusal, RefusalCode,
-    SelfNode, ServerMessage,
+    AppGrant, NetMap, NetMapDelta, NodeId, PacketFilter, Peer, Refusal, RefusalCode, SelfNode,
+    ServerMessage,
 };
 
+pub(crate) use self::lockout::Lockout;
 pub(crate) use self::service::{Attached, NetmapHandle, SessionEvent};
-use crate::nodes::NodeRecord;
+use crate::nodes::{key_expired, NodeRecord};
 
 /// Identifies one control session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -69,6 +71,11 @@ pub(crate) struct Netmaps {
     views_dirty: bool,
     sessions: BTreeMap<SessionId, Session>,
     outputs: VecDeque<Output>,
+    /// Unix seconds at the last [`Netmaps::handle_timeout`]; nodes whose
+    /// login expired by then are in nobody's view.
+    now: u64,
+    /// Nodes whose login had expired at `now`.
+    expired: BTreeSet<NodeId>,
 }
 
 #[derive(Debug)]
@@ -146,6 +153,18 @@ impl Netmaps {
     }
 
     /// Installs a new policy (`None`: deny all).
+    /// Whether installing `policy` would cut one of `admins` off (see
+    /// [`Lockout`]), judged over the nodes registered and not expired now.
+    pub(crate) fn check_lockout(&self, policy: &Policy, admins: &[String]) -> Result<(), Lockout> {
+        let infos: Vec<_> = self
+            .nodes
+            .values()
+            .filter(|(n, _)| !n.is_expired(self.now))
+            .map(|(n, _)| n.info())
+            .collect();
+        lockout::check(admins, self.policy.as_deref(), policy, &infos)
+    }
+
     pub(crate) fn set_policy(&mut self, policy: Option<Arc<Policy>>) {
         self.policy = policy;
         self.mark_changed();
@@ -198,6 +217,27 @@ impl Netmaps {
             },
         );
         Ok(netmap)
+    }
+
+    /// Advances the clock to `now` (Unix seconds): nodes whose login expired
+    /// leave every peer's view and their sessions are closed.
+    pub(crate) fn handle_timeout(&mut self, now: u64) {
+        self.now = now;
+        let expired: BTreeSet<NodeId> = self
+            .nodes
+            .values()
+            .filter(|(n, _)| n.is_expired(now))
+            .map(|(n, _)| n.id)
+            .collect();
+        if expired == self.expired {
+            return;
+        }
+        let newly: Vec<NodeId> = expired.difference(&self.expired).copied().collect();
+        self.expired = expired;
+        self.mark_changed();
+        for id in newly {
+            self.close_sessions_with(id, key_expired());
+        }
     }
 
     /// Forgets a session that ended.
@@ -264,7 +304,12 @@ impl Netmaps {
         self.stale = false;
         self.access = match &self.policy {
             Some(policy) => {
-                let infos: Vec<_> = self.nodes.values().map(|(n, _)| n.info()).collect();
+                let infos: Vec<_> = self
+                    .nodes
+                    .values()
+                    .filter(|(n, _)| !n.is_expired(self.now))
+                    .map(|(n, _)| n.info())
+                    .collect();
                 policy.compile(&infos).nodes
             }
             None => BTreeMap::new(),
@@ -273,7 +318,7 @@ impl Netmaps {
 
     fn view_of(&self, id: NodeId) -> Option<View> {
         let (record, _) = self.nodes.get(&id)?;
-        let (peers, filter) = match self.access.get(&id) {
+        let (peers, filter, capabilities) = match self.access.get(&id) {
             Some(access) => (
                 access
                     .peers
@@ -282,22 +327,24 @@ impl Netmaps {
                     .filter_map(|p| self.nodes.get(p))
                     .map(|(n, _)| (n.id, n.peer()))
                     .collect(),
-                PacketFilter {
-                    rules: access.filter.clone(),
-                    default: DefaultAction::Deny,
-                },
+                access.filter.clone(),
+                access.capabilities.clone(),
             ),
-            None => (BTreeMap::new(), PacketFilter::default()),
+            None => (BTreeMap::new(), PacketFilter::default(), Vec::new()),
         };
         Some(View {
             self_node: record.self_node(),
             peers,
             filter,
-            capabilities: Vec::new(),
+            capabilities,
         })
     }
 
     fn close_sessions_of(&mut self, id: NodeId) {
+        self.close_sessions_with(id, node_deleted());
+    }
+
+    fn close_sessions_with(&mut self, id: NodeId, refusal: Refusal) {
         let closing: Vec<SessionId> = self
             .sessions
             .iter()
@@ -306,7 +353,7 @@ impl Netmaps {
             .collect();
         for sid in closing {
             self.sessions.remove(&sid);
-            self.outputs.push_back(Output::Close(sid, node_deleted()));
+            self.outputs.push_back(Output::Close(sid, refusal.clone()));
         }
     }
 }
@@ -399,6 +446,7 @@ mod tests {
             attributes: BTreeMap::new(),
             created: 0,
             ephemeral: false,
+            key_expiry: None,
         }
     }
 

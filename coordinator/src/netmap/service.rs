@@ -12,12 +12,15 @@ use tokio::task::JoinHandle;
 use weft_policy::Policy;
 use weft_proto::{NetMap, NodeId, Refusal, RefusalCode, ServerMessage};
 
-use super::{Netmaps, NodeUpdate, Output, SessionId};
+use super::{Lockout, Netmaps, NodeUpdate, Output, SessionId};
 use crate::nodes::{self, NodeRecord, Registry};
 use crate::store::{self, StoreError, Watch, WatchError};
 
 /// How long an ephemeral node may stay offline before it is deleted.
 const EPHEMERAL_GRACE: Duration = Duration::from_secs(30);
+/// How often expired logins are looked for: peers drop an expired node
+/// within this of its expiry.
+const EXPIRY_SWEEP: Duration = Duration::from_millis(500);
 
 /// What the netmap task tells a session.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +59,11 @@ enum Command {
     },
     Detach(SessionId),
     SetPolicy(Option<Arc<Policy>>, oneshot::Sender<()>),
+    CheckLockout(
+        Arc<Policy>,
+        Arc<[String]>,
+        oneshot::Sender<Result<(), Lockout>>,
+    ),
     Online(oneshot::Sender<BTreeSet<NodeId>>),
     ReapIfOffline(NodeId),
 }
@@ -72,6 +80,7 @@ impl NetmapHandle {
         let revision = registry.store().revision()?;
         let mut core = Netmaps::new(policy);
         core.resync(registry.nodes()?, revision);
+        core.handle_timeout(unix_now());
         let (commands, rx) = mpsc::unbounded_channel();
         let handle = Self {
             commands,
@@ -125,6 +134,21 @@ impl NetmapHandle {
         let _ = rx.await;
     }
 
+    /// Refuses `policy` when it would lock out one of `admins`.
+    pub(crate) async fn check_lockout(
+        &self,
+        policy: Arc<Policy>,
+        admins: Arc<[String]>,
+    ) -> Result<(), Lockout> {
+        if admins.is_empty() {
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::CheckLockout(policy, admins, reply));
+        // The task is gone only at shutdown, when nothing is installed anyway.
+        rx.await.unwrap_or(Ok(()))
+    }
+
     /// The nodes with a connected session.
     pub(crate) async fn online(&self) -> BTreeSet<NodeId> {
         let (reply, rx) = oneshot::channel();
@@ -150,8 +174,11 @@ struct Task {
 
 impl Task {
     async fn run(mut self) {
+        let mut sweep = tokio::time::interval(EXPIRY_SWEEP);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = sweep.tick() => self.core.handle_timeout(unix_now()),
                 command = self.rx.recv() => match command {
                     Some(command) => self.handle_command(command),
                     None => return,
@@ -200,6 +227,9 @@ impl Task {
                 self.core.set_policy(policy);
                 self.deliver();
                 let _ = reply.send(());
+            }
+            Command::CheckLockout(policy, admins, reply) => {
+                let _ = reply.send(self.core.check_lockout(&policy, &admins));
             }
             Command::Online(reply) => {
                 let _ = reply.send(self.core.online());
@@ -292,6 +322,10 @@ impl Task {
             }
         });
     }
+}
+
+fn unix_now() -> u64 {
+    crate::authkey::unix_secs(std::time::SystemTime::now())
 }
 
 fn shutting_down() -> Refusal {

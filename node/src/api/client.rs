@@ -10,7 +10,7 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
-use super::{ErrorBody, SelfStatus, Status, UpRequest};
+use super::{ErrorBody, LoginRequest, Status, UpReply, UpRequest, WhoIs};
 
 /// Why a call to weftd failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,9 +55,15 @@ impl ApiClient {
     }
 
     /// `POST /v1/up`.
-    pub async fn up(&self, request: &UpRequest) -> Result<SelfStatus, ClientError> {
+    pub async fn up(&self, request: &UpRequest) -> Result<UpReply, ClientError> {
         let body = serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
         self.call(Method::POST, "/v1/up", body).await
+    }
+
+    /// `POST /v1/login`.
+    pub async fn login(&self, request: &LoginRequest) -> Result<UpReply, ClientError> {
+        let body = serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.call(Method::POST, "/v1/login", body).await
     }
 
     /// `POST /v1/down`.
@@ -68,6 +74,24 @@ impl ApiClient {
     /// `GET /v1/status`.
     pub async fn status(&self) -> Result<Status, ClientError> {
         self.call(Method::GET, "/v1/status", Vec::new()).await
+    }
+
+    /// `GET /v1/whois?addr=ADDRESS`, `ADDRESS` being `IP`, `IP:PORT` or `[IPv6]:PORT`.
+    pub async fn whois(&self, address: &str) -> Result<WhoIs, ClientError> {
+        let encoded: String = address
+            .trim()
+            .bytes()
+            .map(|b| match b {
+                b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' | b'.' | b':' => char::from(b).to_string(),
+                other => format!("%{other:02X}"),
+            })
+            .collect();
+        self.call(
+            Method::GET,
+            &format!("/v1/whois?addr={encoded}"),
+            Vec::new(),
+        )
+        .await
     }
 
     async fn call<T: DeserializeOwned>(
@@ -129,7 +153,10 @@ mod tests {
     use tokio::sync::mpsc;
 
     use super::*;
-    use crate::api::{bind, serve, ApiError, Command, CoordinatorStatus, FilterStatus, RunState};
+    use crate::api::{
+        bind, serve, ApiError, Command, CoordinatorStatus, FilterStatus, LoginPending, RunState,
+        SelfStatus,
+    };
 
     fn status(state: RunState) -> Status {
         Status {
@@ -156,16 +183,37 @@ mod tests {
                     let _ = reply.send(status(RunState::Stopped));
                 }
                 Command::Up(request, reply) => {
-                    let answer = match request.auth_key {
-                        Some(_) => Ok(SelfStatus {
+                    let answer = match (request.auth_key, request.device_code) {
+                        (Some(_), _) => Ok(UpReply::Running(SelfStatus {
                             hostname: request.hostname.unwrap_or_default(),
                             addresses: vec!["100.64.0.1".parse().unwrap()],
                             identity: "tag:web".into(),
                             id: 7,
-                        }),
-                        None => Err(ApiError::Refused("auth key required".into())),
+                        })),
+                        (None, false) => Ok(UpReply::LoginRequired(LoginPending {
+                            login_url: "http://198.51.100.1:7443/login/x".into(),
+                            user_code: None,
+                            expires_in_secs: 600,
+                        })),
+                        (None, true) => Err(ApiError::Refused("no device-code login".into())),
                     };
                     let _ = reply.send(answer);
+                }
+                Command::Login(_, reply) => {
+                    let _ = reply.send(Err(ApiError::BadRequest("not joined".into())));
+                }
+                Command::WhoIs(addr, reply) => {
+                    let peer = crate::core::PeerStatus {
+                        id: weft_proto::NodeId(4),
+                        name: "db".into(),
+                        addresses: vec!["100.64.0.4".parse().unwrap(), "fd7a::4".parse().unwrap()],
+                        identity: weft_proto::Identity::tagged(vec!["tag:db".into()]),
+                        endpoint: None,
+                        last_handshake: None,
+                        rx_bytes: 0,
+                        tx_bytes: 0,
+                    };
+                    let _ = reply.send(crate::api::whois_lookup(&[peer], &[], addr));
                 }
             }
         }
@@ -193,18 +241,53 @@ mod tests {
             coordinator_key: weft_proto::PrivateKey::generate().public_key(),
             auth_key: Some(weft_proto::AuthKey::new("weft-auth-0123456789ab-s")),
             hostname: Some("web-1".into()),
+            device_code: false,
         };
-        let me = client.up(&request).await.unwrap();
+        let UpReply::Running(me) = client.up(&request).await.unwrap() else {
+            panic!("not running");
+        };
         assert_eq!((me.hostname.as_str(), me.id), ("web-1", 7));
 
         request.auth_key = None;
+        let UpReply::LoginRequired(pending) = client.up(&request).await.unwrap() else {
+            panic!("no login prompt");
+        };
+        assert_eq!(pending.login_url, "http://198.51.100.1:7443/login/x");
+
+        request.device_code = true;
         match client.up(&request).await.unwrap_err() {
             ClientError::Api { status, message } => {
                 assert_eq!(status, 403);
-                assert_eq!(message, "auth key required");
+                assert_eq!(message, "no device-code login");
             }
             other => panic!("unexpected {other:?}"),
         }
+        let err = client.login(&LoginRequest::default()).await.unwrap_err();
+        assert!(err.to_string().contains("not joined"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn whois_answers_known_addresses_and_404s_unknown_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s");
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(serve(bind(&socket).unwrap(), tx));
+        tokio::spawn(answer(rx));
+        let client = ApiClient::new(&socket);
+        let who = client.whois("100.64.0.4:5432").await.unwrap();
+        assert_eq!((who.node.name.as_str(), who.node.id), ("db", 4));
+        assert_eq!(who.identity.tags, vec!["tag:db"]);
+        let by_v6 = client.whois("[fd7a::4]:5432").await.unwrap();
+        assert_eq!(by_v6.node.name, "db");
+        match client.whois("100.64.0.5").await.unwrap_err() {
+            ClientError::Api { status, message } => {
+                assert_eq!(status, 404);
+                assert!(message.contains("100.64.0.5"), "{message}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let err = client.whois("db & more").await.unwrap_err();
+        assert!(err.to_string().contains("not an IP address"), "{err}");
     }
 
     #[tokio::test]

@@ -20,6 +20,9 @@ pub enum ApiError {
     /// The coordinator did not answer in time; weftd keeps trying.
     #[error("{0}")]
     Timeout(String),
+    /// What was asked for does not exist (e.g. an address no peer has).
+    #[error("{0}")]
+    NotFound(String),
     /// weftd is shutting down.
     #[error("weftd is shutting down; start it again and retry")]
     ShuttingDown,
@@ -33,7 +36,7 @@ pub enum ApiError {
 pub struct ErrorBody {
     /// The sentence to show the operator.
     pub error: String,
-    /// A machine-readable kind: `bad-request`, `refused`, `handshake`, `timeout`, `shutting-down`, `internal`.
+    /// A machine-readable kind: `bad-request`, `refused`, `handshake`, `timeout`, `not-found`, `shutting-down`, `internal`.
     pub kind: String,
 }
 
@@ -45,6 +48,7 @@ impl ApiError {
             ApiError::Refused(_) => StatusCode::FORBIDDEN,
             ApiError::Handshake(_) => StatusCode::BAD_GATEWAY,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -56,6 +60,7 @@ impl ApiError {
             ApiError::Refused(_) => "refused",
             ApiError::Handshake(_) => "handshake",
             ApiError::Timeout(_) => "timeout",
+            ApiError::NotFound(_) => "not-found",
             ApiError::ShuttingDown => "shutting-down",
             ApiError::Internal(_) => "internal",
         }
@@ -83,6 +88,7 @@ mod tests {
             (ApiError::Refused("x".into()), 403),
             (ApiError::Handshake("x".into()), 502),
             (ApiError::Timeout("x".into()), 504),
+            (ApiError::NotFound("x".into()), 404),
             (ApiError::ShuttingDown, 503),
             (ApiError::Internal("x".into()), 500),
         ];

@@ -7,6 +7,7 @@
 //! | `POST /v1/up`     | [`UpRequest`]: `coordinator`, `coordinator_key`, `auth_key?`, `hostname?` | [`SelfStatus`] once registered and the first netmap is applied (waits up to 30 s) |
 //! | `POST /v1/down`   | none                                                       | [`Status`]                       |
 //! | `GET /v1/status`  | none                                                       | [`Status`]                       |
+//! | `GET /v1/whois?addr=IP[:PORT]` | none                                          | [`WhoIs`]: the peer owning that overlay address (`node`: `id`, `name`, `addresses`), its `identity` (`user`, `groups`, `workload`, `tags`) and the `capabilities` the policy's grants give it on this node (`{"NAME": [JSON values…]}`); 404 for an address no peer has |
 //!
 //! Errors are `{"error": "<sentence naming the problem and the fix>", "kind": "<kind>"}`
 //! with a 4xx status for the caller's or the coordinator's refusal and 5xx for
@@ -16,10 +17,15 @@ mod client;
 mod error;
 mod server;
 mod types;
+mod whois;
 
 pub use client::{ApiClient, ClientError};
 pub use error::{ApiError, ErrorBody};
 pub use server::{bind, serve, Command, UP_TIMEOUT};
 pub use types::{
-    CoordinatorStatus, FilterStatus, PeerSummary, RunState, SelfStatus, Status, UpRequest,
+    CoordinatorStatus, FilterStatus, LoginPending, LoginRequest, PeerSummary, RunState, SelfStatus,
+    Status, UpReply, UpRequest,
+};
+pub use whois::{
+    lookup as whois_lookup, parse_address, WhoIs, WhoIsIdentity, WhoIsNode, WhoIsQuery,
 };

@@ -19,6 +19,40 @@ pub struct UpRequest {
     /// The name to ask for; defaults to the host's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// Without an auth key, log in with the device-code flow instead of a browser link.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub device_code: bool,
+}
+
+/// `POST /v1/login`: log a person in again, keeping the node's addresses.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LoginRequest {
+    /// Use the device-code flow instead of a browser link.
+    #[serde(default)]
+    pub device_code: bool,
+}
+
+/// The answer to `POST /v1/up` and `POST /v1/login`: connected (200), or a
+/// person must log in first (202).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum UpReply {
+    /// Registered and running.
+    Running(SelfStatus),
+    /// Waiting for a person to log in; `GET /v1/status` says when they did.
+    LoginRequired(LoginPending),
+}
+
+/// Where a person completes the login.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginPending {
+    /// The URL to open in a browser.
+    pub login_url: String,
+    /// For the device-code flow, the code to enter there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_code: Option<String>,
+    /// How long the URL stays valid.
+    pub expires_in_secs: u64,
 }
 
 /// The daemon's connection state.
@@ -33,6 +67,9 @@ pub enum RunState {
     Connecting,
     /// The coordinator wants an auth key (missing, invalid, used or expired).
     NeedsAuth,
+    /// A person must log in: a login is waiting at a URL, or the device's
+    /// login expired (`weft login`).
+    NeedsLogin,
     /// An administrator deleted this node.
     Deleted,
 }
@@ -104,6 +141,13 @@ pub struct FilterStatus {
     pub accepted: u64,
     /// Packets dropped.
     pub dropped: u64,
+    /// Packets an explicit deny rule dropped (counted in `dropped` too).
+    #[serde(default)]
+    pub denied_by_rule: u64,
+    /// Flows that passed only because a deny rule or the whole policy is in
+    /// audit mode (each logged as a would-be denial).
+    #[serde(default)]
+    pub audit_passed: u64,
 }
 
 #[cfg(test)]
@@ -141,6 +185,7 @@ mod tests {
             filter: FilterStatus {
                 accepted: 3,
                 dropped: 4,
+                ..FilterStatus::default()
             },
         }
     }
@@ -169,7 +214,7 @@ mod tests {
                     "rx_bytes": 10,
                     "tx_bytes": 20
                 }],
-                "filter": {"accepted": 3, "dropped": 4}
+                "filter": {"accepted": 3, "dropped": 4, "denied_by_rule": 0, "audit_passed": 0}
             })
         );
         let back: Status = serde_json::from_value(value).unwrap();
@@ -196,6 +241,7 @@ mod tests {
             coordinator_key: key,
             auth_key: Some(AuthKey::new("weft-auth-0123456789ab-secretsecret")),
             hostname: None,
+            device_code: false,
         };
         let value = serde_json::to_value(&request).unwrap();
         assert_eq!(value["coordinator_key"], json!(key.to_string()));

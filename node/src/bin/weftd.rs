@@ -28,6 +28,10 @@ struct Args {
     /// The name of the TUN device to create.
     #[arg(long, value_name = "NAME", default_value = DEFAULT_TUN)]
     tun: String,
+    /// A JSON object of `custom:*` posture attributes to report, re-read
+    /// every 2 s (default: STATE_DIR/posture.json, when present).
+    #[arg(long, value_name = "PATH")]
+    posture_file: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -45,6 +49,7 @@ async fn main() -> ExitCode {
         socket: args.socket,
         port: args.port,
         tun_name: args.tun,
+        posture_file: args.posture_file,
     };
     match daemon::run(config).await {
         Ok(()) => ExitCode::SUCCESS,

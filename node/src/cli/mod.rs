@@ -3,15 +3,20 @@
 
 mod policy;
 mod render;
+mod whois;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use weft_proto::{AuthKey, PublicKey};
 
-use crate::api::{ApiClient, UpRequest};
+use crate::api::{ApiClient, LoginRequest, RunState, UpReply, UpRequest};
+
+/// How often `weft up` checks whether a pending login completed.
+const LOGIN_POLL: Duration = Duration::from_millis(200);
 
 /// Where weftd listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/weft/weftd.sock";
@@ -33,11 +38,26 @@ pub struct Cli {
 pub enum Command {
     /// Join an overlay (or rejoin it) and wait until connected.
     Up(UpArgs),
+    /// Log in again (after the device's login expired), keeping the node's addresses.
+    Login {
+        /// Use the device-code flow instead of a browser link.
+        #[arg(long)]
+        device_code: bool,
+    },
     /// Disconnect from the overlay and remove the overlay addresses.
     Down,
     /// Show this node, the coordinator connection and the peers' tunnels.
     Status {
         /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show who owns an overlay address and the capabilities the policy
+    /// grants them on this node (for applications authorizing a connection).
+    Whois {
+        /// The peer's overlay address: IP, IP:PORT or [IPv6]:PORT.
+        address: String,
+        /// Print the answer as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -62,6 +82,9 @@ pub struct UpArgs {
     /// The name to ask for (default: the host's name).
     #[arg(long, value_name = "NAME")]
     pub hostname: Option<String>,
+    /// Without an auth key, log in with the device-code flow instead of a browser link.
+    #[arg(long, conflicts_with = "auth_key")]
+    pub device_code: bool,
 }
 
 /// `weft policy` subcommands.
@@ -71,6 +94,35 @@ pub enum PolicyCommand {
     Check {
         /// The policy file.
         file: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain what a policy file does with one flow: accept, deny or
+    /// audit-deny, and the deciding rules. Needs no daemon.
+    Explain {
+        /// The policy file.
+        file: PathBuf,
+        /// The source: a user login, group:idp:NAME, tag:NAME, SPIFFE ID, host name or IP.
+        #[arg(long, value_name = "SRC")]
+        src: String,
+        /// The destination and port: DST:PORT, e.g. tag:db:5432 or [fd7a::1]:443.
+        #[arg(long, value_name = "DST:PORT")]
+        dst: String,
+        /// The protocol.
+        #[arg(long, value_enum, default_value_t = policy::ProtoArg::Tcp)]
+        proto: policy::ProtoArg,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the flows between identities that NEW allows or denies and OLD
+    /// did not, for reviewing a policy change. Needs no daemon.
+    Diff {
+        /// The policy in force.
+        old: PathBuf,
+        /// The proposed policy.
+        new: PathBuf,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -87,9 +139,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 coordinator_key: args.coordinator_key,
                 auth_key: args.auth_key,
                 hostname: args.hostname,
+                device_code: args.device_code,
             };
-            let me = client.up(&request).await?;
-            println!("{}", render::connected(&me));
+            let reply = client.up(&request).await?;
+            finish_up(&client, reply).await?;
+        }
+        Command::Login { device_code } => {
+            let reply = client.login(&LoginRequest { device_code }).await?;
+            finish_up(&client, reply).await?;
         }
         Command::Down => {
             client.down().await?;
@@ -103,9 +160,60 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", render::status(&status, std::time::SystemTime::now()));
             }
         }
+        Command::Whois { address, json } => whois::run(&client, &address, json).await?,
         Command::Policy(PolicyCommand::Check { file, json }) => return policy::check(&file, json),
+        Command::Policy(PolicyCommand::Explain {
+            file,
+            src,
+            dst,
+            proto,
+            json,
+        }) => return policy::explain(&file, &src, &dst, proto, json),
+        Command::Policy(PolicyCommand::Diff { old, new, json }) => {
+            return policy::diff(&old, &new, json)
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the login URL when a person must log in and follows the daemon's
+/// status until they did (or the login failed or expired).
+async fn finish_up(client: &ApiClient, reply: UpReply) -> anyhow::Result<()> {
+    let pending = match reply {
+        UpReply::Running(me) => {
+            println!("{}", render::connected(&me));
+            return Ok(());
+        }
+        UpReply::LoginRequired(pending) => pending,
+    };
+    println!("To log in, visit: {}", pending.login_url);
+    if let Some(code) = &pending.user_code {
+        println!("and enter the code: {code}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(pending.expires_in_secs);
+    while Instant::now() < deadline {
+        tokio::time::sleep(LOGIN_POLL).await;
+        let status = client.status().await?;
+        match status.state {
+            RunState::Running => {
+                if let Some(me) = &status.self_node {
+                    println!("{}", render::connected(me));
+                    return Ok(());
+                }
+            }
+            RunState::NeedsLogin | RunState::Connecting
+                if status
+                    .message
+                    .as_deref()
+                    .is_none_or(|m| m.starts_with("To log in")) => {}
+            RunState::Connecting => {}
+            _ => {
+                let why = status.message.unwrap_or_else(|| "no reason given".into());
+                anyhow::bail!("login did not complete: {why}");
+            }
+        }
+    }
+    anyhow::bail!("the login link expired before anyone logged in; run `weft login` for a new one")
 }
 
 /// Takes an auth key as given, or from a file with `file:PATH`, so it need

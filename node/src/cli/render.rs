@@ -24,6 +24,7 @@ pub(super) fn status(status: &Status, now: SystemTime) -> String {
         RunState::Stopped => "stopped",
         RunState::Connecting => "connecting",
         RunState::NeedsAuth => "needs-auth",
+        RunState::NeedsLogin => "needs-login",
         RunState::Deleted => "deleted",
     };
     let _ = writeln!(out, "state:       {state}");
@@ -177,6 +178,7 @@ mod tests {
             filter: FilterStatus {
                 accepted: 1,
                 dropped: 2,
+                ..FilterStatus::default()
             },
         };
         let text = super::status(&status, now);

@@ -109,8 +109,13 @@ pub struct PeerStatus {
 pub struct FilterStats {
     /// Inbound packets the filter admitted.
     pub accepted: u64,
-    /// Inbound packets the filter denied.
+    /// Inbound packets the filter denied (for any reason, deny rules included).
     pub dropped: u64,
+    /// Inbound flows (and flowless packets such as fragments) that passed
+    /// only because a deny rule or the default is in audit mode.
+    pub audit_passed: u64,
+    /// Inbound packets an explicit deny rule dropped.
+    pub denied_by_rule: u64,
     /// Inbound packets whose source is not an address of the peer that sent them.
     pub dropped_spoofed: u64,
     /// Packets (either way) that are not valid IPv4 or IPv6.
@@ -132,8 +137,9 @@ const TICK: Duration = Duration::from_millis(250);
 /// How often a peer that sends on a session this node no longer has is
 /// offered a fresh handshake (WireGuard's REKEY_TIMEOUT).
 const STALE_SESSION_NUDGE: Duration = Duration::from_secs(5);
-/// Handshake messages per second the node answers before demanding cookies.
-const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Handshake messages the node answers per [`TICK`] before demanding cookies:
+/// the gate's count resets every tick, so this is 100 a second.
+const HANDSHAKE_RATE_LIMIT: u64 = 25;
 /// The largest IP packet; the scratch buffer holds it plus WireGuard's overhead.
 const MAX_PACKET: usize = 65_535;
 const WIREGUARD_OVERHEAD: usize = 32;
@@ -184,7 +190,7 @@ impl Node {
         for peer in &netmap.peers {
             self.upsert_peer(peer);
         }
-        self.firewall.set_rules(&netmap.filter.rules);
+        self.firewall.set_filter(&netmap.filter);
         self.reindex(now);
     }
 
@@ -199,7 +205,7 @@ impl Node {
             self.remove_peer(*id);
         }
         if let Some(filter) = &delta.filter {
-            self.firewall.set_rules(&filter.rules);
+            self.firewall.set_filter(filter);
         }
         self.reindex(now);
     }
@@ -323,12 +329,18 @@ impl Node {
             }
         };
         match firewall.inbound(&headers, now) {
-            Verdict::Accept(_) => {
+            Verdict::Accept(admission) => {
                 stats.accepted += 1;
+                if let filter::Admission::Audit { .. } = admission {
+                    stats.audit_passed += 1;
+                }
                 tun_packets.push_back(packet.to_vec());
             }
             Verdict::Drop(reason) => {
                 stats.dropped += 1;
+                if let filter::Denial::Denied { .. } = reason {
+                    stats.denied_by_rule += 1;
+                }
                 tracing::trace!(
                     src = %headers.src,
                     dst = %headers.dst,

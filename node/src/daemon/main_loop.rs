@@ -53,9 +53,14 @@ impl Daemon {
     async fn on_command(&mut self, command: Command) {
         match command {
             Command::Up(request, reply) => self.on_up(request, reply),
+            Command::Login(request, reply) => self.on_login(request, reply),
             Command::Down(reply) => {
                 let status = self.on_down().await;
                 let _ = reply.send(status);
+            }
+            Command::WhoIs(addr, reply) => {
+                let peers = self.core.peers();
+                let _ = reply.send(crate::api::whois_lookup(&peers, &self.capabilities, addr));
             }
             Command::Status(reply) => {
                 let _ = reply.send(self.status());

@@ -12,9 +12,14 @@ use std::time::{Instant, SystemTime};
 
 use anyhow::Context as _;
 use tokio::sync::{mpsc, oneshot};
-use weft_proto::{NetMap, NetMapDelta, PrivateKey, Refusal, RefusalCode, SelfNode};
+use weft_proto::{
+    LoginFlow, LoginPrompt, NetMap, NetMapDelta, PrivateKey, Refusal, RefusalCode, SelfNode,
+};
 
-use crate::api::{self, ApiError, CoordinatorStatus, RunState, SelfStatus, Status, UpRequest};
+use crate::api::{
+    self, ApiError, CoordinatorStatus, LoginPending, LoginRequest, RunState, Status, UpReply,
+    UpRequest,
+};
 use crate::control::{ControlConfig, ControlError, ControlEvent, ControlTask, ControlUpdate};
 use crate::core::Node;
 use crate::state::{Prefs, StateDir};
@@ -39,7 +44,13 @@ pub struct DaemonConfig {
     pub port: u16,
     /// The TUN device name.
     pub tun_name: String,
+    /// The posture file ([`crate::posture`]); `None` for
+    /// `STATE_DIR/posture.json`, read when present.
+    pub posture_file: Option<PathBuf>,
 }
+
+/// The posture file read unless `--posture-file` names another.
+pub const DEFAULT_POSTURE_FILE: &str = "posture.json";
 
 /// Runs weftd until SIGTERM or SIGINT.
 pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
@@ -69,8 +80,16 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     tracing::info!(socket = %config.socket.display(), "local API listening");
 
     let (updates_tx, updates) = mpsc::channel(64);
+    let posture_file = config
+        .posture_file
+        .clone()
+        .unwrap_or_else(|| config.state_dir.join(DEFAULT_POSTURE_FILE));
+    tracing::info!(path = %posture_file.display(), "watching the posture file");
+    let posture = crate::posture::watch(posture_file);
     let mut daemon = Daemon {
         core: Node::new(node_key.clone(), Instant::now()),
+        posture,
+        capabilities: Vec::new(),
         node_key,
         machine_key,
         state,
@@ -90,7 +109,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     };
     if let Some(prefs) = prefs.filter(|p| p.want_running) {
         tracing::info!(coordinator = %prefs.coordinator, "rejoining the overlay");
-        daemon.start_control(prefs, None);
+        daemon.start_control(prefs, None, None);
     }
 
     let result = daemon.run(commands, updates).await;
@@ -119,15 +138,19 @@ struct Daemon {
     prefs: Option<Prefs>,
     /// Preferences from `weft up`, saved once the coordinator accepts them.
     pending_prefs: Option<Prefs>,
-    pending_up: Option<oneshot::Sender<Result<SelfStatus, ApiError>>>,
+    pending_up: Option<oneshot::Sender<Result<UpReply, ApiError>>>,
     run_state: RunState,
     message: Option<String>,
     self_node: Option<SelfNode>,
     connected: bool,
+    /// The posture file's attributes, for every control session.
+    posture: tokio::sync::watch::Receiver<crate::posture::Attributes>,
+    /// Application capabilities the netmap grants peers on this node, for `whois`.
+    capabilities: Vec<weft_proto::AppGrant>,
 }
 
 impl Daemon {
-    fn on_up(&mut self, request: UpRequest, reply: oneshot::Sender<Result<SelfStatus, ApiError>>) {
+    fn on_up(&mut self, request: UpRequest, reply: oneshot::Sender<Result<UpReply, ApiError>>) {
         let hostname = match request.hostname {
             Some(name) => name,
             None => host_name(),
@@ -155,22 +178,63 @@ impl Daemon {
             hostname,
             want_running: true,
         };
+        // Without an auth key, a machine that already joined this coordinator
+        // rejoins by its machine key; any other logs a person in.
+        let joined = self.state.load_prefs().ok().flatten().is_some_and(|saved| {
+            saved.coordinator == prefs.coordinator && saved.coordinator_key == prefs.coordinator_key
+        });
+        let login = (request.auth_key.is_none() && !joined).then_some(flow(request.device_code));
         self.pending_prefs = Some(prefs.clone());
         self.pending_up = Some(reply);
-        self.start_control(prefs, request.auth_key);
+        self.start_control(prefs, request.auth_key, login);
     }
 
-    fn start_control(&mut self, prefs: Prefs, auth_key: Option<weft_proto::AuthKey>) {
+    /// `weft login`: log a person in again for the overlay this machine
+    /// joined; the node keeps its id and addresses.
+    fn on_login(
+        &mut self,
+        request: LoginRequest,
+        reply: oneshot::Sender<Result<UpReply, ApiError>>,
+    ) {
+        let saved = self
+            .prefs
+            .clone()
+            .or_else(|| self.state.load_prefs().ok().flatten());
+        let Some(mut prefs) = saved else {
+            let _ = reply.send(Err(ApiError::BadRequest(
+                "this machine has not joined an overlay; run `weft up --coordinator HOST:PORT --coordinator-key KEY`".into(),
+            )));
+            return;
+        };
+        if let Some(previous) = self.pending_up.take() {
+            let _ = previous.send(Err(ApiError::BadRequest(
+                "superseded by `weft login`".into(),
+            )));
+        }
+        prefs.want_running = true;
+        self.pending_prefs = Some(prefs.clone());
+        self.pending_up = Some(reply);
+        self.start_control(prefs, None, Some(flow(request.device_code)));
+    }
+
+    fn start_control(
+        &mut self,
+        prefs: Prefs,
+        auth_key: Option<weft_proto::AuthKey>,
+        login: Option<LoginFlow>,
+    ) {
         self.sessions += 1;
         let config = ControlConfig {
             coordinator: prefs.coordinator.clone(),
             coordinator_key: prefs.coordinator_key,
             machine_key: self.machine_key.clone(),
             auth_key,
+            login,
             hostname: prefs.hostname.clone(),
             node_key: self.node_key.public_key(),
             wireguard_port: self.wireguard_port,
             overlay_interface: self.tun.name().to_owned(),
+            posture: self.posture.clone(),
         };
         self.control = Some(ControlTask::spawn(
             config,
@@ -207,6 +271,7 @@ impl Daemon {
         self.control = None;
         self.connected = false;
         self.self_node = None;
+        self.capabilities.clear();
         self.core.clear();
         if let Err(e) = self.tun.unassign().await {
             tracing::warn!("{e}");
@@ -219,6 +284,7 @@ impl Daemon {
         }
         match update.event {
             ControlEvent::Registered(node) => self.on_registered(node),
+            ControlEvent::LoginRequired(prompt) => self.on_login_required(prompt),
             ControlEvent::NetMap(netmap) => self.on_netmap(&netmap).await,
             ControlEvent::Delta(delta) => self.on_delta(&delta).await,
             ControlEvent::Refused(refusal) => self.on_refused(refusal).await,
@@ -239,6 +305,21 @@ impl Daemon {
         }
     }
 
+    /// Hands the login URL to the waiting `weft up` or `weft login`, which
+    /// prints it and follows the status until the person logged in.
+    fn on_login_required(&mut self, prompt: LoginPrompt) {
+        tracing::info!(url = %prompt.url, "waiting for a person to log in");
+        self.run_state = RunState::NeedsLogin;
+        self.message = Some(format!("To log in, visit: {}", prompt.url));
+        if let Some(pending) = self.pending_up.take() {
+            let _ = pending.send(Ok(UpReply::LoginRequired(LoginPending {
+                login_url: prompt.url,
+                user_code: prompt.user_code,
+                expires_in_secs: prompt.expires_in_secs,
+            })));
+        }
+    }
+
     async fn on_netmap(&mut self, netmap: &NetMap) {
         tracing::info!(
             revision = netmap.revision,
@@ -246,6 +327,7 @@ impl Daemon {
             "netmap received"
         );
         self.core.set_netmap(netmap, Instant::now());
+        self.capabilities.clone_from(&netmap.capabilities);
         self.apply_self(netmap.self_node.clone()).await;
     }
 
@@ -257,6 +339,9 @@ impl Daemon {
             "netmap delta received"
         );
         self.core.apply_delta(delta, Instant::now());
+        if let Some(capabilities) = &delta.capabilities {
+            self.capabilities.clone_from(capabilities);
+        }
         if let Some(node) = &delta.self_node {
             self.apply_self(node.clone()).await;
         }
@@ -270,8 +355,9 @@ impl Daemon {
         match result {
             Ok(()) => {
                 self.run_state = RunState::Running;
+                self.message = None;
                 if let Some(pending) = self.pending_up.take() {
-                    let _ = pending.send(Ok(me));
+                    let _ = pending.send(Ok(UpReply::Running(me)));
                 }
             }
             Err(e) => {
@@ -294,14 +380,23 @@ impl Daemon {
             return;
         }
         // Fail closed: a node the coordinator no longer admits keeps no tunnels.
-        self.pending_prefs = None;
+        // Preferences of a join that never succeeded are not saved, so the
+        // next `weft up` joins afresh instead of rejoining.
+        let never_joined = self.pending_prefs.take().is_some();
         self.stop_control().await;
         self.run_state = match refusal.code {
             RefusalCode::NodeDeleted => RunState::Deleted,
             RefusalCode::BadRequest => RunState::Stopped,
+            RefusalCode::KeyExpired
+            | RefusalCode::LoginFailed
+            | RefusalCode::IdentityProviderUnavailable => RunState::NeedsLogin,
             _ => RunState::NeedsAuth,
         };
-        if let Some(prefs) = self.prefs.as_mut().filter(|p| p.want_running) {
+        if let Some(prefs) = self
+            .prefs
+            .as_mut()
+            .filter(|p| p.want_running && !never_joined)
+        {
             prefs.want_running = false;
             if let Err(e) = self.state.save_prefs(prefs) {
                 tracing::error!("{e}");
@@ -340,6 +435,14 @@ impl Daemon {
                 .collect(),
             filter: status::filter_status(&self.core.filter_stats()),
         }
+    }
+}
+
+fn flow(device_code: bool) -> LoginFlow {
+    if device_code {
+        LoginFlow::DeviceCode
+    } else {
+        LoginFlow::Browser
     }
 }
 

@@ -32,6 +32,8 @@ pub(crate) fn filter_status(stats: &FilterStats) -> FilterStatus {
     FilterStatus {
         accepted: stats.accepted,
         dropped: stats.dropped,
+        denied_by_rule: stats.denied_by_rule,
+        audit_passed: stats.audit_passed,
     }
 }
 

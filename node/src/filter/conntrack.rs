@@ -2,10 +2,11 @@
 //! when they go idle.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use ahash::AHashMap;
 use weft_proto::Protocol;
 
 use super::packet::{Headers, Transport};
@@ -99,7 +100,9 @@ pub enum Origin {
 /// evicts the flow closest to expiry.
 #[derive(Debug)]
 pub struct ConnTrack {
-    flows: HashMap<FlowKey, Flow>,
+    /// Keyed with a random seed: keys come from the network, so a fixed
+    /// hash would let a peer aim collisions at the table.
+    flows: AHashMap<FlowKey, Flow>,
     /// One entry per flow, holding a deadline no later than the flow's own
     /// (refreshing a flow leaves its entry stale-early; expiry re-queues it).
     deadlines: BinaryHeap<Reverse<(Instant, FlowKey)>>,
@@ -116,7 +119,7 @@ impl ConnTrack {
     /// An empty table holding at most `capacity` flows (at least one).
     pub fn new(capacity: usize) -> Self {
         Self {
-            flows: HashMap::new(),
+            flows: AHashMap::with_capacity(64),
             deadlines: BinaryHeap::new(),
             capacity: capacity.max(1),
         }
@@ -127,14 +130,23 @@ impl ConnTrack {
         self.flows.get(key).map(|flow| flow.origin)
     }
 
-    /// Extends the life of flow `key` from `now`. Returns whether it exists.
-    pub fn touch(&mut self, key: &FlowKey, now: Instant) -> bool {
+    /// Extends the life of flow `key` from `now`. Returns its origin, or
+    /// `None` when it is not tracked.
+    pub fn touch(&mut self, key: &FlowKey, now: Instant) -> Option<Origin> {
+        let flow = self.flows.get_mut(key)?;
+        flow.deadline = now + key.idle_timeout();
+        Some(flow.origin)
+    }
+
+    /// Extends the life of flow `key` from `now` if its origin is `origin`.
+    /// Returns whether it did; one hash lookup, no allocation.
+    pub fn touch_if(&mut self, key: &FlowKey, now: Instant, origin: Origin) -> bool {
         match self.flows.get_mut(key) {
-            Some(flow) => {
+            Some(flow) if flow.origin == origin => {
                 flow.deadline = now + key.idle_timeout();
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 
@@ -254,7 +266,7 @@ mod tests {
         assert_eq!(table.poll_timeout(), Some(start + UDP_IDLE));
 
         let later = start + UDP_IDLE / 2;
-        assert!(table.touch(&key(2), later));
+        assert!(table.touch(&key(2), later).is_some());
         table.handle_timeout(start + UDP_IDLE);
         assert_eq!(table.origin(&key(1)), None);
         assert_eq!(table.origin(&key(2)), Some(Origin::Outbound));

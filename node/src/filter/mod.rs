@@ -1,12 +1,21 @@
-//! weft's inbound packet filter: stateful, default deny.
+//! weft's inbound packet filter: stateful, default deny, with deny rules and
+//! audit mode.
 //!
-//! Packets from the tunnel are admitted when they are return traffic of a
-//! flow this node opened, or when one of the netmap's allow rules admits
-//! them. Packets this node sends are never filtered (each destination
-//! enforces its own inbound policy); they only open flows.
+//! Packets from the tunnel are decided in this order (the precedence
+//! documented on [`weft_proto::PacketFilter`]): return traffic of a flow this
+//! node opened passes; a matching deny rule drops; a matching audit-mode deny
+//! rule passes and is logged as a would-be denial; a matching accept rule
+//! passes; otherwise the filter's default decides (drop, or pass and log
+//! when the whole policy is in audit mode). Packets this node sends are never
+//! filtered (each destination enforces its own inbound policy); they only
+//! open flows.
 //!
 //! So when A may reach B but B may not reach A, A's connections to B work
 //! both ways while a connection B opens to A is dropped at A.
+//!
+//! Would-be denials are logged at INFO on the `weft::audit` target once per
+//! new flow, with addresses and ports only; enforced denials are counted and
+//! logged at TRACE, never at a per-packet rate above it.
 
 mod conntrack;
 mod packet;
@@ -18,19 +27,20 @@ pub(crate) mod test_packets;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use weft_proto::FilterRule;
+use weft_proto::{DefaultAction, PacketFilter};
 
 pub use conntrack::{ConnTrack, FlowKey, Origin, DEFAULT_CAPACITY, ICMP_IDLE, TCP_IDLE, UDP_IDLE};
 pub use packet::{parse, Headers, ParseError, Transport};
-pub use rules::{Filter, Query};
+pub use rules::{Decision, Filter, Query};
 
 /// The rules plus the connection-tracking table: one node's filter state.
 ///
-/// Non-first IPv4 and IPv6 fragments carry no ports, so they match neither a
-/// tracked flow nor a port-specific rule: they are dropped unless a rule
-/// admits every port ([`weft_proto::PortRange::ANY`]) of their protocol
-/// between their addresses. ICMP errors are matched by the rules alone, not
-/// related to the flow they report on.
+/// Non-first IPv4 and IPv6 fragments carry no ports, so they match no tracked
+/// flow: an accept rule admits them only when it admits every port
+/// ([`weft_proto::PortRange::ANY`]) of their protocol between their
+/// addresses, and any deny rule between those addresses drops them. ICMP
+/// errors are matched by the rules alone, not related to the flow they
+/// report on.
 #[derive(Debug, Default)]
 pub struct Firewall {
     filter: Filter,
@@ -53,10 +63,16 @@ pub enum Admission {
     Return,
     /// It belongs to a peer-opened flow the rules still admit.
     Established,
-    /// A rule admitted it; it opens a flow.
+    /// An accept rule admitted it; it opens a flow.
     Rule {
         /// The policy line of the rule.
-        policy_line: u32,
+        line: u32,
+    },
+    /// A deny rule in audit mode (`line`), or the audit-mode default
+    /// (`None`), would have dropped it; it passes and opens a flow.
+    Audit {
+        /// The policy line of the audit rule, if a rule matched.
+        line: Option<u32>,
     },
 }
 
@@ -65,6 +81,11 @@ pub enum Admission {
 pub enum Denial {
     /// No rule admits it and it answers no flow of this node's.
     NoRule,
+    /// A deny rule drops it.
+    Denied {
+        /// The policy line of the deny rule.
+        line: u32,
+    },
     /// Its flow was admitted once, but the current rules no longer admit it.
     Revoked,
 }
@@ -79,13 +100,14 @@ impl Firewall {
         }
     }
 
-    /// Replaces the rules. Peer-opened flows are re-checked against the new
-    /// rules, so removing an allow also cuts the flows it admitted.
-    pub fn set_rules(&mut self, rules: &[FilterRule]) {
-        self.filter = Filter::new(rules);
+    /// Replaces the filter. Peer-opened flows are re-checked against the new
+    /// one, so removing an accept or adding a deny also cuts the flows the
+    /// old filter admitted (and a new audit rule lets them go on).
+    pub fn set_filter(&mut self, filter: &PacketFilter) {
+        self.filter = Filter::new(filter);
         let filter = &self.filter;
         self.conntrack
-            .recheck_inbound(|key| filter.evaluate(&query(key)).is_some());
+            .recheck_inbound(|key| filter.evaluate(&query(key)).admits());
     }
 
     /// Records a packet this node sends, so its answers are admitted.
@@ -97,11 +119,10 @@ impl Firewall {
             return;
         };
         let reverse = key.reversed();
-        if let Some(Origin::Inbound { .. }) = self.conntrack.origin(&reverse) {
-            self.conntrack.touch(&reverse, now);
+        if let Some(Origin::Inbound { .. }) = self.conntrack.touch(&reverse, now) {
             return;
         }
-        if self.conntrack.touch(&key, now) {
+        if self.conntrack.touch(&key, now).is_some() {
             return;
         }
         if !matches!(headers.transport, Transport::Echo { reply: true, .. }) {
@@ -113,18 +134,8 @@ impl Firewall {
     pub fn inbound(&mut self, headers: &Headers, now: Instant) -> Verdict {
         let key = FlowKey::of(headers);
         if let Some(key) = key {
-            let reverse = key.reversed();
-            if self.conntrack.origin(&reverse) == Some(Origin::Outbound) {
-                self.conntrack.touch(&reverse, now);
-                return Verdict::Accept(Admission::Return);
-            }
-            match self.conntrack.origin(&key) {
-                Some(Origin::Inbound { allowed: true }) => {
-                    self.conntrack.touch(&key, now);
-                    return Verdict::Accept(Admission::Established);
-                }
-                Some(Origin::Inbound { allowed: false }) => return Verdict::Drop(Denial::Revoked),
-                Some(Origin::Outbound) | None => {}
+            if let Some(verdict) = self.tracked(&key, now) {
+                return verdict;
             }
         }
         let dst_port = match headers.transport {
@@ -137,14 +148,25 @@ impl Firewall {
             dst: headers.dst,
             dst_port,
         };
-        let Some(policy_line) = self.filter.evaluate(&query) else {
-            return Verdict::Drop(Denial::NoRule);
+        let admission = match self.filter.evaluate(&query) {
+            Decision::Accept { policy_line } => Admission::Rule { line: policy_line },
+            Decision::AuditDeny { policy_line } => Admission::Audit {
+                line: Some(policy_line),
+            },
+            Decision::Default(DefaultAction::AuditDeny) => Admission::Audit { line: None },
+            Decision::Deny { policy_line } => {
+                return Verdict::Drop(Denial::Denied { line: policy_line })
+            }
+            Decision::Default(DefaultAction::Deny) => return Verdict::Drop(Denial::NoRule),
         };
+        if let Admission::Audit { line } = admission {
+            log_would_deny(headers, key.is_some(), line);
+        }
         if let Some(key) = key {
             self.conntrack
                 .insert(key, Origin::Inbound { allowed: true }, now);
         }
-        Verdict::Accept(Admission::Rule { policy_line })
+        Verdict::Accept(admission)
     }
 
     /// Forgets flows involving `addresses` (a peer left: its addresses may be
@@ -168,10 +190,62 @@ impl Firewall {
         self.conntrack.len()
     }
 
-    /// Forgets the rules (deny all) and every flow.
+    /// Forgets the filter (deny all) and every flow.
     pub fn clear(&mut self) {
         self.filter = Filter::default();
         self.conntrack.clear();
+    }
+
+    /// The verdict on a packet of a tracked flow, refreshing the flow, or
+    /// `None` when the packet belongs to no tracked flow.
+    fn tracked(&mut self, key: &FlowKey, now: Instant) -> Option<Verdict> {
+        if self
+            .conntrack
+            .touch_if(&key.reversed(), now, Origin::Outbound)
+        {
+            return Some(Verdict::Accept(Admission::Return));
+        }
+        if self
+            .conntrack
+            .touch_if(key, now, Origin::Inbound { allowed: true })
+        {
+            return Some(Verdict::Accept(Admission::Established));
+        }
+        match self.conntrack.origin(key)? {
+            Origin::Inbound { .. } => Some(Verdict::Drop(Denial::Revoked)),
+            // This node sent a packet with the peer's addresses and ports:
+            // not a flow the peer may answer on; the rules decide.
+            Origin::Outbound => None,
+        }
+    }
+}
+
+/// Logs a packet that passes only because the policy is in audit mode: once
+/// per flow (`opens_flow`) at INFO, or at TRACE for packets that belong to no
+/// flow (fragments, ICMP errors), which would otherwise log at packet rate.
+fn log_would_deny(headers: &Headers, opens_flow: bool, line: Option<u32>) {
+    let (src_port, dst_port) = match headers.transport {
+        Transport::Ports { src, dst } => (src, dst),
+        _ => (0, 0),
+    };
+    let proto = protocol_name(headers.protocol);
+    let src = std::net::SocketAddr::new(headers.src, src_port);
+    let dst = std::net::SocketAddr::new(headers.dst, dst_port);
+    let rule = line.map_or_else(|| "default".to_owned(), |l| format!("line {l}"));
+    if opens_flow {
+        tracing::info!(target: "weft::audit", %proto, %src, %dst, policy = %rule, "would deny");
+    } else {
+        tracing::trace!(target: "weft::audit", %proto, %src, %dst, policy = %rule, "would deny");
+    }
+}
+
+fn protocol_name(protocol: weft_proto::Protocol) -> std::borrow::Cow<'static, str> {
+    use weft_proto::Protocol;
+    match protocol {
+        Protocol::Tcp => "tcp".into(),
+        Protocol::Udp => "udp".into(),
+        Protocol::Icmp => "icmp".into(),
+        Protocol::Other(n) => format!("proto-{n}").into(),
     }
 }
 
@@ -197,7 +271,7 @@ mod tests {
 
     use ipnet::IpNet;
     use proptest::prelude::*;
-    use weft_proto::{PortRange, Protocol, RuleAction};
+    use weft_proto::{FilterRule, PortRange, Protocol, RuleAction};
 
     use super::test_packets::{self, ACK, SYN};
     use super::*;
@@ -225,6 +299,110 @@ mod tests {
 
     fn admitted(verdict: Verdict) -> bool {
         matches!(verdict, Verdict::Accept(_))
+    }
+
+    fn enforcing(rules: &[FilterRule]) -> PacketFilter {
+        PacketFilter {
+            rules: rules.to_vec(),
+            default: DefaultAction::Deny,
+        }
+    }
+
+    fn with(action: RuleAction, line: u32, rule: FilterRule) -> FilterRule {
+        FilterRule {
+            action,
+            policy_line: line,
+            ..rule
+        }
+    }
+
+    #[test]
+    fn a_deny_rule_overrides_an_accept_but_not_return_traffic() {
+        let now = Instant::now();
+        let mut fw = Firewall::default();
+        fw.set_filter(&enforcing(&[
+            allow(PEER, ME, &[(0, 65535)], &[]),
+            with(
+                RuleAction::Deny,
+                9,
+                allow(PEER, ME, &[(22, 22)], &[Protocol::Tcp]),
+            ),
+        ]));
+        let ssh = headers(&test_packets::tcp(PEER, 50000, ME, 22, SYN));
+        assert_eq!(
+            fw.inbound(&ssh, now),
+            Verdict::Drop(Denial::Denied { line: 9 })
+        );
+        let web = headers(&test_packets::tcp(PEER, 50000, ME, 80, SYN));
+        assert_eq!(
+            fw.inbound(&web, now),
+            Verdict::Accept(Admission::Rule { line: 1 })
+        );
+        fw.outbound(&headers(&test_packets::tcp(ME, 40000, PEER, 22, SYN)), now);
+        let answer = headers(&test_packets::tcp(PEER, 22, ME, 40000, SYN | ACK));
+        assert_eq!(fw.inbound(&answer, now), Verdict::Accept(Admission::Return));
+    }
+
+    #[test]
+    fn audit_rules_and_audit_default_pass_and_say_so_once_per_flow() {
+        let now = Instant::now();
+        let mut fw = Firewall::default();
+        fw.set_filter(&enforcing(&[
+            allow(PEER, ME, &[(0, 65535)], &[]),
+            with(
+                RuleAction::AuditDeny,
+                4,
+                allow(PEER, ME, &[(22, 22)], &[Protocol::Tcp]),
+            ),
+        ]));
+        let syn = headers(&test_packets::tcp(PEER, 50000, ME, 22, SYN));
+        assert_eq!(
+            fw.inbound(&syn, now),
+            Verdict::Accept(Admission::Audit { line: Some(4) })
+        );
+        let data = headers(&test_packets::tcp(PEER, 50000, ME, 22, ACK));
+        assert_eq!(
+            fw.inbound(&data, now),
+            Verdict::Accept(Admission::Established)
+        );
+
+        fw.set_filter(&PacketFilter {
+            rules: Vec::new(),
+            default: DefaultAction::AuditDeny,
+        });
+        let udp = headers(&test_packets::udp(PEER, 5000, ME, 53, b"q"));
+        assert_eq!(
+            fw.inbound(&udp, now),
+            Verdict::Accept(Admission::Audit { line: None })
+        );
+        assert_eq!(
+            fw.inbound(&data, now),
+            Verdict::Accept(Admission::Established)
+        );
+    }
+
+    #[test]
+    fn a_new_deny_rule_cuts_flows_an_accept_let_in() {
+        let now = Instant::now();
+        let mut fw = Firewall::default();
+        let open = allow(PEER, ME, &[(22, 22)], &[Protocol::Tcp]);
+        fw.set_filter(&enforcing(std::slice::from_ref(&open)));
+        let data = headers(&test_packets::tcp(PEER, 50000, ME, 22, ACK));
+        assert!(admitted(fw.inbound(&data, now)));
+        let deny = with(
+            RuleAction::Deny,
+            2,
+            allow(PEER, ME, &[(22, 22)], &[Protocol::Tcp]),
+        );
+        fw.set_filter(&enforcing(&[open.clone(), deny.clone()]));
+        assert_eq!(fw.inbound(&data, now), Verdict::Drop(Denial::Revoked));
+        // The same deny in audit mode lets the flow go on.
+        let audit = with(RuleAction::AuditDeny, 2, deny);
+        fw.set_filter(&enforcing(&[open, audit]));
+        assert_eq!(
+            fw.inbound(&data, now),
+            Verdict::Accept(Admission::Established)
+        );
     }
 
     #[test]
@@ -275,11 +453,16 @@ mod tests {
     fn rule_admitted_flows_are_tracked_and_revoked_with_their_rule() {
         let now = Instant::now();
         let mut fw = Firewall::default();
-        fw.set_rules(&[allow(PEER, ME, &[(22, 22)], &[Protocol::Tcp])]);
+        fw.set_filter(&enforcing(&[allow(
+            PEER,
+            ME,
+            &[(22, 22)],
+            &[Protocol::Tcp],
+        )]));
         let syn = headers(&test_packets::tcp(PEER, 50000, ME, 22, SYN));
         assert_eq!(
             fw.inbound(&syn, now),
-            Verdict::Accept(Admission::Rule { policy_line: 1 })
+            Verdict::Accept(Admission::Rule { line: 1 })
         );
         let data = headers(&test_packets::tcp(PEER, 50000, ME, 22, ACK));
         assert_eq!(
@@ -289,14 +472,19 @@ mod tests {
         // This node answers; that keeps the flow but does not make it outbound.
         fw.outbound(&headers(&test_packets::tcp(ME, 22, PEER, 50000, ACK)), now);
 
-        fw.set_rules(&[]);
+        fw.set_filter(&enforcing(&[]));
         assert_eq!(fw.inbound(&data, now), Verdict::Drop(Denial::Revoked));
         // Further answers cannot turn the flow into return traffic.
         fw.outbound(&headers(&test_packets::tcp(ME, 22, PEER, 50000, ACK)), now);
         assert_eq!(fw.inbound(&data, now), Verdict::Drop(Denial::Revoked));
 
         // Restoring the rule restores the flow.
-        fw.set_rules(&[allow(PEER, ME, &[(22, 22)], &[Protocol::Tcp])]);
+        fw.set_filter(&enforcing(&[allow(
+            PEER,
+            ME,
+            &[(22, 22)],
+            &[Protocol::Tcp],
+        )]));
         assert_eq!(
             fw.inbound(&data, now),
             Verdict::Accept(Admission::Established)
@@ -332,7 +520,12 @@ mod tests {
             PEER, 53, ME, 5000, b"a",
         )));
         assert!(!admitted(fw.inbound(&fragment, now)));
-        fw.set_rules(&[allow(PEER, ME, &[(0, 65535)], &[Protocol::Udp])]);
+        fw.set_filter(&enforcing(&[allow(
+            PEER,
+            ME,
+            &[(0, 65535)],
+            &[Protocol::Udp],
+        )]));
         assert!(admitted(fw.inbound(&fragment, now)));
         assert_eq!(fw.flows(), 1, "fragments open no flow");
     }
@@ -475,19 +668,58 @@ mod tests {
             proptest::collection::vec(range, 0..3),
             proptest::collection::vec(protocol, 0..3),
             0..100u32,
+            action(),
         )
-            .prop_map(|(src, dst, ports, protocols, policy_line)| FilterRule {
-                src,
-                dst,
-                ports,
-                protocols,
-                policy_line,
-                action: RuleAction::Accept,
-            })
+            .prop_map(
+                |(src, dst, ports, protocols, policy_line, action)| FilterRule {
+                    src,
+                    dst,
+                    ports,
+                    protocols,
+                    policy_line,
+                    action,
+                },
+            )
     }
 
-    /// Whether `rules` admit the inbound packet of `spec`, from the rules' definition.
-    fn reference_rules(rules: &[FilterRule], spec: &Spec) -> bool {
+    fn action() -> impl Strategy<Value = RuleAction> {
+        prop_oneof![
+            3 => Just(RuleAction::Accept),
+            1 => Just(RuleAction::Deny),
+            1 => Just(RuleAction::AuditDeny),
+        ]
+    }
+
+    fn default_action() -> impl Strategy<Value = DefaultAction> {
+        prop_oneof![
+            3 => Just(DefaultAction::Deny),
+            1 => Just(DefaultAction::AuditDeny),
+        ]
+    }
+
+    /// Whether `filter` admits the inbound packet of `spec`, by the
+    /// precedence of [`PacketFilter`]: deny, then audit deny, then accept,
+    /// then the default.
+    fn reference_filter(filter: &PacketFilter, spec: &Spec) -> bool {
+        let matching = |action: RuleAction| {
+            filter
+                .rules
+                .iter()
+                .any(|rule| rule.action == action && reference_match(rule, spec))
+        };
+        if matching(RuleAction::Deny) {
+            false
+        } else if matching(RuleAction::AuditDeny) || matching(RuleAction::Accept) {
+            true
+        } else {
+            filter.default == DefaultAction::AuditDeny
+        }
+    }
+
+    /// Whether `rule` matches the inbound packet of `spec`, from the rules'
+    /// definition. A packet without a port (a fragment) matches an accept
+    /// only when it covers every port, and a deny when it names any port.
+    fn reference_match(rule: &FilterRule, spec: &Spec) -> bool {
         let (src, dst) = spec.addresses();
         let (protocol, port) = match spec.kind {
             Kind::Tcp => (Protocol::Tcp, Some(spec.my_port)),
@@ -497,7 +729,7 @@ mod tests {
             Kind::Echo { .. } | Kind::IcmpOther => (Protocol::Icmp, None),
             Kind::Gre => (Protocol::Other(47), None),
         };
-        rules.iter().any(|rule| {
+        {
             let protocols: Vec<Protocol> = if rule.protocols.is_empty() {
                 Protocol::DEFAULT.to_vec()
             } else {
@@ -512,7 +744,10 @@ mod tests {
             let ports_ok = match protocol {
                 Protocol::Tcp | Protocol::Udp => match port {
                     Some(port) => rule.ports.iter().any(|r| r.contains(port)),
-                    None => rule.ports.contains(&PortRange::ANY),
+                    None if rule.action == RuleAction::Accept => {
+                        rule.ports.contains(&PortRange::ANY)
+                    }
+                    None => !rule.ports.is_empty(),
                 },
                 _ => true,
             };
@@ -520,7 +755,7 @@ mod tests {
                 && rule.src.iter().any(|n| n.contains(&src))
                 && rule.dst.iter().any(|n| n.contains(&dst))
                 && ports_ok
-        })
+        }
     }
 
     /// Whether the inbound packet of `spec` answers one of the outbound packets in `opened`.
@@ -558,16 +793,18 @@ mod tests {
     }
 
     proptest! {
-        /// With fixed rules, an inbound packet is admitted exactly when a rule
-        /// admits it or it answers a flow this node opened.
+        /// With a fixed filter, an inbound packet is admitted exactly when the
+        /// filter's precedence admits it or it answers a flow this node opened.
         #[test]
         fn admission_matches_the_reference(
-            rules in proptest::collection::vec(rule(), 0..4),
+            rules in proptest::collection::vec(rule(), 0..5),
+            default in default_action(),
             ops in proptest::collection::vec(op(), 1..40),
         ) {
             let now = Instant::now();
+            let filter = PacketFilter { rules, default };
             let mut fw = Firewall::default();
-            fw.set_rules(&rules);
+            fw.set_filter(&filter);
             let mut opened = Vec::new();
             for op in ops {
                 match op {
@@ -577,31 +814,42 @@ mod tests {
                     }
                     Op::In(spec) => {
                         let got = admitted(fw.inbound(&headers(&spec.packet(true)), now));
-                        let want = reference_rules(&rules, &spec) || reference_return(&opened, &spec);
+                        let want = reference_filter(&filter, &spec) || reference_return(&opened, &spec);
                         prop_assert_eq!(got, want, "{:?}", spec);
                     }
                 }
             }
         }
 
-        /// Removing a rule never admits more, also for flows the rule let in earlier,
-        /// and what is admitted is always allowed by the current rules or answers a flow
-        /// this node opened.
+        /// Removing an accept rule, or adding a deny rule, never admits more,
+        /// also for flows admitted earlier, and what is admitted is always
+        /// allowed by the current filter or answers a flow this node opened.
         #[test]
-        fn removing_a_rule_never_admits_more(
-            rules in proptest::collection::vec(rule(), 1..4),
-            removed in 0..4usize,
+        fn narrowing_the_filter_never_admits_more(
+            rules in proptest::collection::vec(rule(), 1..5),
+            default in default_action(),
+            removed in 0..5usize,
+            deny in rule(),
+            add_deny in any::<bool>(),
             before in proptest::collection::vec(op(), 0..30),
             after in proptest::collection::vec(op(), 1..30),
         ) {
             let now = Instant::now();
-            let removed = removed % rules.len();
-            let mut fewer = rules.clone();
-            fewer.remove(removed);
+            let mut narrower = rules.clone();
+            if add_deny {
+                narrower.push(FilterRule { action: RuleAction::Deny, ..deny });
+            } else {
+                let removed = removed % rules.len();
+                if narrower[removed].action == RuleAction::Accept {
+                    narrower.remove(removed);
+                }
+            }
+            let wide = PacketFilter { rules, default };
+            let narrow = PacketFilter { rules: narrower, default };
             let mut kept = Firewall::default();
             let mut changed = Firewall::default();
-            kept.set_rules(&rules);
-            changed.set_rules(&rules);
+            kept.set_filter(&wide);
+            changed.set_filter(&wide);
             let mut opened = Vec::new();
             for op in &before {
                 match op {
@@ -616,7 +864,7 @@ mod tests {
                     }
                 }
             }
-            changed.set_rules(&fewer);
+            changed.set_filter(&narrow);
             for op in &after {
                 match op {
                     Op::Out(spec) => {
@@ -630,7 +878,7 @@ mod tests {
                         let without = admitted(changed.inbound(&packet, now));
                         prop_assert!(!without || with_rule, "{:?}", spec);
                         prop_assert!(
-                            !without || reference_rules(&fewer, spec) || reference_return(&opened, spec),
+                            !without || reference_filter(&narrow, spec) || reference_return(&opened, spec),
                             "{:?}", spec
                         );
                     }

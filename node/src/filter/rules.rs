@@ -1,20 +1,33 @@
-//! The netmap's allow rules, compiled for fast lookups.
+//! The netmap's packet filter, compiled so that a decision costs the same
+//! whether the node has ten rules or a thousand.
+//!
+//! Rules are indexed by protocol, then by destination prefix (a node has a
+//! handful: its own addresses and the routes it serves), then by port: the
+//! port ranges of the rules under one destination are cut into disjoint
+//! segments, each holding the rules that cover it. Within a segment, sources
+//! are looked up by prefix length in hash maps, so a query costs one binary
+//! search plus one hash lookup per distinct source prefix length, whatever
+//! the number of rules.
 
 use std::net::IpAddr;
 
+use ahash::AHashMap;
 use ipnet::IpNet;
-use weft_proto::{FilterRule, PortRange, Protocol};
+use weft_proto::{DefaultAction, FilterRule, PacketFilter, PortRange, Protocol, RuleAction};
 
-/// A compiled, immutable rule set: default deny, each rule an allow.
+/// A compiled, immutable packet filter.
 ///
-/// Rules are bucketed by protocol, so a query scans only the rules that can
-/// apply to its protocol; a query never allocates.
+/// Precedence, as documented on [`PacketFilter`]: a matching
+/// [`RuleAction::Deny`] wins over a matching [`RuleAction::AuditDeny`], which
+/// wins over a matching [`RuleAction::Accept`]; among rules of one action the
+/// first in the netmap names the policy line. A query never allocates.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
-    tcp: Vec<Rule>,
-    udp: Vec<Rule>,
-    icmp: Vec<Rule>,
-    other: Vec<(u8, Rule)>,
+    tcp: Vec<DstBucket>,
+    udp: Vec<DstBucket>,
+    icmp: Vec<DstBucket>,
+    other: Vec<(u8, Vec<DstBucket>)>,
+    default: DefaultAction,
 }
 
 /// What a query asks: may a packet with these properties come in?
@@ -26,20 +39,57 @@ pub struct Query {
     pub src: IpAddr,
     /// Destination address (this node's side).
     pub dst: IpAddr,
-    /// Destination port for TCP and UDP; `None` for a non-first fragment,
-    /// which only a rule admitting every port can match.
+    /// Destination port for TCP and UDP; `None` for a non-first fragment.
     pub dst_port: Option<u16>,
 }
 
+/// What the rules say about a query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// An accept rule admits it and no deny rule matches.
+    Accept {
+        /// The accept rule's policy line.
+        policy_line: u32,
+    },
+    /// A deny rule matches: drop it.
+    Deny {
+        /// The deny rule's policy line.
+        policy_line: u32,
+    },
+    /// An audit-mode deny rule matches (and no enforced one): admit it and
+    /// log a would-be denial.
+    AuditDeny {
+        /// The audit rule's policy line.
+        policy_line: u32,
+    },
+    /// No rule matches: the filter's default decides.
+    Default(DefaultAction),
+}
+
+impl Decision {
+    /// Whether the packet passes.
+    pub fn admits(&self) -> bool {
+        match self {
+            Decision::Accept { .. } | Decision::AuditDeny { .. } => true,
+            Decision::Deny { .. } => false,
+            Decision::Default(action) => *action == DefaultAction::AuditDeny,
+        }
+    }
+}
+
 impl Filter {
-    /// Compiles `rules`. `Protocol::Other(6)` and friends are folded into
+    /// Compiles `filter`. `Protocol::Other(6)` and friends are folded into
     /// their named protocols; an empty `protocols` list means TCP, UDP and
-    /// ICMP. An empty `ports` list admits no TCP or UDP port (to admit all,
+    /// ICMP. An empty `ports` list matches no TCP or UDP port (to match all,
     /// a rule says [`PortRange::ANY`]).
-    pub fn new(rules: &[FilterRule]) -> Self {
-        let mut filter = Self::default();
-        for rule in rules {
-            let compiled = Rule::compile(rule);
+    ///
+    /// A non-first fragment carries no port: an accept rule admits it only
+    /// when the rule admits every port, while a deny rule (enforced or
+    /// audit) matches it when the rule names any port, so that fragments
+    /// fail closed.
+    pub fn new(filter: &PacketFilter) -> Self {
+        let mut builders = Builders::default();
+        for (index, rule) in filter.rules.iter().enumerate() {
             let protocols: &[Protocol] = if rule.protocols.is_empty() {
                 &Protocol::DEFAULT
             } else {
@@ -47,79 +97,295 @@ impl Filter {
             };
             let mut seen: Vec<Protocol> = Vec::with_capacity(protocols.len());
             for protocol in protocols.iter().map(|p| normalise(*p)) {
-                if seen.contains(&protocol) {
-                    continue;
-                }
-                seen.push(protocol);
-                match protocol {
-                    Protocol::Tcp => filter.tcp.push(compiled.clone()),
-                    Protocol::Udp => filter.udp.push(compiled.clone()),
-                    Protocol::Icmp => filter.icmp.push(compiled.clone()),
-                    Protocol::Other(n) => filter.other.push((n, compiled.clone())),
+                if !seen.contains(&protocol) {
+                    seen.push(protocol);
+                    builders.add(protocol, index, rule);
                 }
             }
         }
-        filter
+        builders.build(filter.default)
     }
 
-    /// The policy line of the first rule that admits `query`, or `None` (deny).
-    pub fn evaluate(&self, query: &Query) -> Option<u32> {
-        let addresses = |rule: &Rule| rule.admits_addresses(query.src, query.dst);
-        match query.protocol {
-            Protocol::Tcp | Protocol::Udp => {
-                let bucket = if query.protocol == Protocol::Tcp {
-                    &self.tcp
-                } else {
-                    &self.udp
-                };
-                bucket
-                    .iter()
-                    .find(|rule| addresses(rule) && rule.admits_port(query.dst_port))
-                    .map(|rule| rule.policy_line)
-            }
-            Protocol::Icmp => self
-                .icmp
-                .iter()
-                .find(|r| addresses(r))
-                .map(|r| r.policy_line),
+    /// What the rules decide about `query`.
+    pub fn evaluate(&self, query: &Query) -> Decision {
+        let buckets: &[DstBucket] = match query.protocol {
+            Protocol::Tcp => &self.tcp,
+            Protocol::Udp => &self.udp,
+            Protocol::Icmp => &self.icmp,
             Protocol::Other(n) => self
                 .other
                 .iter()
-                .find(|(number, rule)| *number == n && addresses(rule))
-                .map(|(_, rule)| rule.policy_line),
+                .find(|(number, _)| *number == n)
+                .map_or(&[], |(_, buckets)| buckets.as_slice()),
+        };
+        let mut best: Option<Candidate> = None;
+        for bucket in buckets.iter().filter(|b| b.dst.contains(&query.dst)) {
+            if let Some(found) = bucket.lookup(query.src, query.dst_port) {
+                best = Some(best.map_or(found, |b| b.better(found)));
+            }
+        }
+        match best {
+            Some(candidate) => candidate.decision(),
+            None => Decision::Default(self.default),
         }
     }
 }
 
-#[derive(Debug, Clone)]
-struct Rule {
-    src: Vec<IpNet>,
-    dst: Vec<IpNet>,
-    /// Sorted, merged ranges.
-    ports: Vec<PortRange>,
+/// A matching rule, ordered by precedence: enforced deny, then audit deny,
+/// then accept; among equals the earlier rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Candidate {
+    rank: u8,
+    index: u32,
     policy_line: u32,
 }
 
-impl Rule {
-    fn compile(rule: &FilterRule) -> Self {
+impl Candidate {
+    fn new(action: RuleAction, index: usize, policy_line: u32) -> Self {
+        let rank = match action {
+            RuleAction::Deny => 2,
+            RuleAction::AuditDeny => 1,
+            RuleAction::Accept => 0,
+        };
         Self {
+            rank,
+            index: u32::try_from(index).unwrap_or(u32::MAX),
+            policy_line,
+        }
+    }
+
+    fn better(self, other: Self) -> Self {
+        if (other.rank, std::cmp::Reverse(other.index)) > (self.rank, std::cmp::Reverse(self.index))
+        {
+            other
+        } else {
+            self
+        }
+    }
+
+    fn decision(self) -> Decision {
+        let policy_line = self.policy_line;
+        match self.rank {
+            2 => Decision::Deny { policy_line },
+            1 => Decision::AuditDeny { policy_line },
+            _ => Decision::Accept { policy_line },
+        }
+    }
+
+    fn is_deny(self) -> bool {
+        self.rank > 0
+    }
+}
+
+/// The rules of one protocol for one destination prefix.
+#[derive(Debug, Clone)]
+struct DstBucket {
+    dst: IpNet,
+    /// Disjoint port segments, sorted by first port; for protocols without
+    /// ports a single segment covering every port.
+    segments: Vec<(PortRange, Sources)>,
+    /// What matches a packet without a port (a non-first fragment).
+    portless: Sources,
+}
+
+impl DstBucket {
+    fn lookup(&self, src: IpAddr, port: Option<u16>) -> Option<Candidate> {
+        let Some(port) = port else {
+            return self.portless.lookup(src);
+        };
+        let at = self
+            .segments
+            .partition_point(|(range, _)| range.last < port);
+        match self.segments.get(at) {
+            Some((range, sources)) if range.contains(port) => sources.lookup(src),
+            _ => None,
+        }
+    }
+}
+
+/// Source prefixes of the rules covering one segment: for each prefix
+/// length in use, the best candidate per network.
+#[derive(Debug, Clone, Default)]
+struct Sources {
+    by_length: Vec<(u8, AHashMap<IpAddr, Candidate>)>,
+}
+
+impl Sources {
+    fn insert(&mut self, net: IpNet, candidate: Candidate) {
+        let length = net.prefix_len();
+        let at = match self.by_length.iter().position(|(l, _)| *l == length) {
+            Some(at) => at,
+            None => {
+                self.by_length.push((length, AHashMap::default()));
+                self.by_length.len() - 1
+            }
+        };
+        let map = &mut self.by_length[at].1;
+        let slot = map.entry(net.network()).or_insert(candidate);
+        *slot = slot.better(candidate);
+    }
+
+    fn lookup(&self, src: IpAddr) -> Option<Candidate> {
+        let mut best: Option<Candidate> = None;
+        for (length, map) in &self.by_length {
+            let Some(network) = truncate(src, *length) else {
+                continue;
+            };
+            if let Some(found) = map.get(&network) {
+                best = Some(best.map_or(*found, |b| b.better(*found)));
+            }
+        }
+        best
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_length.is_empty()
+    }
+}
+
+/// `addr` with its bits past `length` cleared, or `None` when `length` is
+/// too long for its family. IPv4 and IPv6 prefixes share one list of
+/// lengths; the map keys carry the family, so a cross-family probe misses.
+fn truncate(addr: IpAddr, length: u8) -> Option<IpAddr> {
+    match addr {
+        IpAddr::V4(v4) if length <= 32 => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(length)).unwrap_or(0);
+            Some(IpAddr::V4((u32::from(v4) & mask).into()))
+        }
+        IpAddr::V6(v6) if length <= 128 => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(length)).unwrap_or(0);
+            Some(IpAddr::V6((u128::from(v6) & mask).into()))
+        }
+        _ => None,
+    }
+}
+
+/// Rules gathered per protocol and destination, before segmenting.
+#[derive(Debug, Default)]
+struct Builders {
+    tcp: ByDst,
+    udp: ByDst,
+    icmp: ByDst,
+    other: Vec<(u8, ByDst)>,
+}
+
+/// Entries grouped by destination prefix.
+type ByDst = Vec<(IpNet, Vec<Entry>)>;
+
+/// One rule under one destination prefix.
+#[derive(Debug, Clone)]
+struct Entry {
+    src: Vec<IpNet>,
+    /// Sorted, merged; `[ANY]` for protocols without ports.
+    ports: Vec<PortRange>,
+    candidate: Candidate,
+}
+
+impl Builders {
+    fn add(&mut self, protocol: Protocol, index: usize, rule: &FilterRule) {
+        let has_ports = matches!(protocol, Protocol::Tcp | Protocol::Udp);
+        let entry = Entry {
             src: rule.src.iter().map(IpNet::trunc).collect(),
-            dst: rule.dst.iter().map(IpNet::trunc).collect(),
-            ports: merge(&rule.ports),
-            policy_line: rule.policy_line,
+            ports: if has_ports {
+                merge(&rule.ports)
+            } else {
+                vec![PortRange::ANY]
+            },
+            candidate: Candidate::new(rule.action, index, rule.policy_line),
+        };
+        let list = match protocol {
+            Protocol::Tcp => &mut self.tcp,
+            Protocol::Udp => &mut self.udp,
+            Protocol::Icmp => &mut self.icmp,
+            Protocol::Other(n) => {
+                let at = match self.other.iter().position(|(number, _)| *number == n) {
+                    Some(at) => at,
+                    None => {
+                        self.other.push((n, Vec::new()));
+                        self.other.len() - 1
+                    }
+                };
+                &mut self.other[at].1
+            }
+        };
+        let mut dsts: Vec<IpNet> = rule.dst.iter().map(IpNet::trunc).collect();
+        dsts.sort();
+        dsts.dedup();
+        for dst in dsts {
+            match list.iter_mut().find(|(d, _)| *d == dst) {
+                Some((_, entries)) => entries.push(entry.clone()),
+                None => list.push((dst, vec![entry.clone()])),
+            }
         }
     }
 
-    fn admits_addresses(&self, src: IpAddr, dst: IpAddr) -> bool {
-        self.src.iter().any(|net| net.contains(&src))
-            && self.dst.iter().any(|net| net.contains(&dst))
-    }
-
-    fn admits_port(&self, port: Option<u16>) -> bool {
-        match port {
-            Some(port) => self.ports.iter().any(|range| range.contains(port)),
-            None => self.ports.first() == Some(&PortRange::ANY),
+    fn build(self, default: DefaultAction) -> Filter {
+        let buckets = |list: ByDst| -> Vec<DstBucket> {
+            list.into_iter()
+                .map(|(dst, entries)| segment(dst, &entries))
+                .collect()
+        };
+        Filter {
+            tcp: buckets(self.tcp),
+            udp: buckets(self.udp),
+            icmp: buckets(self.icmp),
+            other: self
+                .other
+                .into_iter()
+                .map(|(n, list)| (n, buckets(list)))
+                .collect(),
+            default,
         }
+    }
+}
+
+/// Cuts the entries' port ranges into disjoint segments.
+fn segment(dst: IpNet, entries: &[Entry]) -> DstBucket {
+    // Every boundary where the set of covering rules may change.
+    let mut starts: Vec<u32> = Vec::new();
+    for entry in entries {
+        for range in &entry.ports {
+            starts.push(u32::from(range.first));
+            starts.push(u32::from(range.last) + 1);
+        }
+    }
+    starts.sort_unstable();
+    starts.dedup();
+    let mut segments: Vec<(PortRange, Sources)> = Vec::new();
+    for pair in starts.windows(2) {
+        let (Ok(first), Ok(last)) = (u16::try_from(pair[0]), u16::try_from(pair[1] - 1)) else {
+            continue;
+        };
+        let range = PortRange { first, last };
+        let mut sources = Sources::default();
+        for entry in entries {
+            if entry.ports.iter().any(|r| r.contains(first)) {
+                for net in &entry.src {
+                    sources.insert(*net, entry.candidate);
+                }
+            }
+        }
+        if !sources.is_empty() {
+            segments.push((range, sources));
+        }
+    }
+    let mut portless = Sources::default();
+    for entry in entries {
+        let matches = if entry.candidate.is_deny() {
+            !entry.ports.is_empty()
+        } else {
+            entry.ports.first() == Some(&PortRange::ANY)
+        };
+        if matches {
+            for net in &entry.src {
+                portless.insert(*net, entry.candidate);
+            }
+        }
+    }
+    DstBucket {
+        dst,
+        segments,
+        portless,
     }
 }
 
@@ -156,7 +422,6 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
-    use weft_proto::RuleAction;
 
     const PEER: IpAddr = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2));
     const OTHER: IpAddr = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 3));
@@ -183,6 +448,17 @@ mod tests {
         }
     }
 
+    fn with(action: RuleAction, rule: FilterRule) -> FilterRule {
+        FilterRule { action, ..rule }
+    }
+
+    fn filter(rules: Vec<FilterRule>) -> Filter {
+        Filter::new(&PacketFilter {
+            rules,
+            default: DefaultAction::Deny,
+        })
+    }
+
     fn query(protocol: Protocol, src: IpAddr, dst: IpAddr, dst_port: Option<u16>) -> Query {
         Query {
             protocol,
@@ -192,25 +468,39 @@ mod tests {
         }
     }
 
+    const NONE: Decision = Decision::Default(DefaultAction::Deny);
+
+    fn accept(policy_line: u32) -> Decision {
+        Decision::Accept { policy_line }
+    }
+
     #[test]
-    fn no_rules_admit_nothing() {
-        let filter = Filter::new(&[]);
+    fn no_rules_leave_it_to_the_default() {
+        let deny = filter(vec![]);
+        let audit = Filter::new(&PacketFilter {
+            rules: vec![],
+            default: DefaultAction::AuditDeny,
+        });
         for protocol in [
             Protocol::Tcp,
             Protocol::Udp,
             Protocol::Icmp,
             Protocol::Other(47),
         ] {
+            let q = query(protocol, PEER, SELF4, Some(22));
+            assert_eq!(deny.evaluate(&q), NONE);
+            assert!(!deny.evaluate(&q).admits());
             assert_eq!(
-                filter.evaluate(&query(protocol, PEER, SELF4, Some(22))),
-                None
+                audit.evaluate(&q),
+                Decision::Default(DefaultAction::AuditDeny)
             );
+            assert!(audit.evaluate(&q).admits());
         }
     }
 
     #[test]
     fn a_rule_matches_on_source_destination_protocol_and_port() {
-        let filter = Filter::new(&[rule(
+        let f = filter(vec![rule(
             "100.64.0.2/32",
             "100.64.0.1/32",
             &[(22, 22)],
@@ -218,51 +508,66 @@ mod tests {
             7,
         )]);
         assert_eq!(
-            filter.evaluate(&query(Protocol::Tcp, PEER, SELF4, Some(22))),
-            Some(7)
+            f.evaluate(&query(Protocol::Tcp, PEER, SELF4, Some(22))),
+            accept(7)
+        );
+        for q in [
+            query(Protocol::Tcp, OTHER, SELF4, Some(22)),
+            query(Protocol::Tcp, PEER, OTHER, Some(22)),
+            query(Protocol::Tcp, PEER, SELF4, Some(23)),
+            query(Protocol::Udp, PEER, SELF4, Some(22)),
+            query(Protocol::Tcp, PEER, SELF6, Some(22)),
+        ] {
+            assert_eq!(f.evaluate(&q), NONE, "{q:?}");
+        }
+    }
+
+    #[test]
+    fn deny_beats_audit_beats_accept_whatever_the_order() {
+        let any = || rule("0.0.0.0/0", "100.64.0.1/32", &[(0, 65535)], &[], 1);
+        let narrow = || rule("100.64.0.2/32", "100.64.0.1/32", &[(22, 22)], &[], 2);
+        let f = filter(vec![
+            any(),
+            with(
+                RuleAction::AuditDeny,
+                rule("100.64.0.0/24", "0.0.0.0/0", &[(20, 30)], &[], 3),
+            ),
+            with(RuleAction::Deny, narrow()),
+        ]);
+        assert_eq!(
+            f.evaluate(&query(Protocol::Tcp, PEER, SELF4, Some(22))),
+            Decision::Deny { policy_line: 2 }
         );
         assert_eq!(
-            filter.evaluate(&query(Protocol::Tcp, OTHER, SELF4, Some(22))),
-            None
+            f.evaluate(&query(Protocol::Tcp, OTHER, SELF4, Some(22))),
+            Decision::AuditDeny { policy_line: 3 }
         );
         assert_eq!(
-            filter.evaluate(&query(Protocol::Tcp, PEER, OTHER, Some(22))),
-            None
-        );
-        assert_eq!(
-            filter.evaluate(&query(Protocol::Tcp, PEER, SELF4, Some(23))),
-            None
-        );
-        assert_eq!(
-            filter.evaluate(&query(Protocol::Udp, PEER, SELF4, Some(22))),
-            None
-        );
-        assert_eq!(
-            filter.evaluate(&query(Protocol::Tcp, PEER, SELF6, Some(22))),
-            None
+            f.evaluate(&query(Protocol::Tcp, OTHER, SELF4, Some(80))),
+            accept(1)
         );
     }
 
     #[test]
     fn empty_protocols_mean_tcp_udp_and_icmp() {
-        let filter = Filter::new(&[rule("0.0.0.0/0", "0.0.0.0/0", &[(0, 65535)], &[], 1)]);
-        assert!(filter
+        let f = filter(vec![rule("0.0.0.0/0", "0.0.0.0/0", &[(0, 65535)], &[], 1)]);
+        assert!(f
             .evaluate(&query(Protocol::Tcp, PEER, SELF4, Some(1)))
-            .is_some());
-        assert!(filter
+            .admits());
+        assert!(f
             .evaluate(&query(Protocol::Udp, PEER, SELF4, Some(1)))
-            .is_some());
-        assert!(filter
+            .admits());
+        assert!(f
             .evaluate(&query(Protocol::Icmp, PEER, SELF4, None))
-            .is_some());
-        assert!(filter
+            .admits());
+        assert!(!f
             .evaluate(&query(Protocol::Other(47), PEER, SELF4, None))
-            .is_none());
+            .admits());
     }
 
     #[test]
     fn icmp_matches_on_addresses_alone() {
-        let filter = Filter::new(&[rule(
+        let f = filter(vec![rule(
             "100.64.0.2/32",
             "100.64.0.1/32",
             &[],
@@ -270,35 +575,32 @@ mod tests {
             3,
         )]);
         assert_eq!(
-            filter.evaluate(&query(Protocol::Icmp, PEER, SELF4, None)),
-            Some(3)
+            f.evaluate(&query(Protocol::Icmp, PEER, SELF4, None)),
+            accept(3)
         );
-        assert_eq!(
-            filter.evaluate(&query(Protocol::Icmp, OTHER, SELF4, None)),
-            None
-        );
+        assert_eq!(f.evaluate(&query(Protocol::Icmp, OTHER, SELF4, None)), NONE);
     }
 
     #[test]
     fn empty_ports_admit_no_tcp_or_udp() {
-        let filter = Filter::new(&[rule("0.0.0.0/0", "0.0.0.0/0", &[], &[], 1)]);
+        let f = filter(vec![rule("0.0.0.0/0", "0.0.0.0/0", &[], &[], 1)]);
         assert_eq!(
-            filter.evaluate(&query(Protocol::Tcp, PEER, SELF4, Some(80))),
-            None
+            f.evaluate(&query(Protocol::Tcp, PEER, SELF4, Some(80))),
+            NONE
         );
         assert_eq!(
-            filter.evaluate(&query(Protocol::Udp, PEER, SELF4, Some(80))),
-            None
+            f.evaluate(&query(Protocol::Udp, PEER, SELF4, Some(80))),
+            NONE
         );
         assert_eq!(
-            filter.evaluate(&query(Protocol::Icmp, PEER, SELF4, None)),
-            Some(1)
+            f.evaluate(&query(Protocol::Icmp, PEER, SELF4, None)),
+            accept(1)
         );
     }
 
     #[test]
-    fn fragments_need_a_rule_for_every_port() {
-        let some = Filter::new(&[rule(
+    fn fragments_need_an_accept_for_every_port_and_meet_any_deny() {
+        let some = filter(vec![rule(
             "0.0.0.0/0",
             "0.0.0.0/0",
             &[(1, 65535)],
@@ -307,9 +609,9 @@ mod tests {
         )]);
         assert_eq!(
             some.evaluate(&query(Protocol::Udp, PEER, SELF4, None)),
-            None
+            NONE
         );
-        let split = Filter::new(&[rule(
+        let split = filter(vec![rule(
             "0.0.0.0/0",
             "0.0.0.0/0",
             &[(0, 999), (1000, 65535)],
@@ -318,13 +620,24 @@ mod tests {
         )]);
         assert_eq!(
             split.evaluate(&query(Protocol::Udp, PEER, SELF4, None)),
-            Some(2)
+            accept(2)
+        );
+        let denied = filter(vec![
+            rule("0.0.0.0/0", "0.0.0.0/0", &[(0, 65535)], &[Protocol::Udp], 2),
+            with(
+                RuleAction::Deny,
+                rule("0.0.0.0/0", "0.0.0.0/0", &[(53, 53)], &[Protocol::Udp], 3),
+            ),
+        ]);
+        assert_eq!(
+            denied.evaluate(&query(Protocol::Udp, PEER, SELF4, None)),
+            Decision::Deny { policy_line: 3 }
         );
     }
 
     #[test]
     fn numbered_protocols_fold_into_named_ones() {
-        let filter = Filter::new(&[rule(
+        let f = filter(vec![rule(
             "0.0.0.0/0",
             "0.0.0.0/0",
             &[(80, 80)],
@@ -332,22 +645,22 @@ mod tests {
             4,
         )]);
         assert_eq!(
-            filter.evaluate(&query(Protocol::Tcp, PEER, SELF4, Some(80))),
-            Some(4)
+            f.evaluate(&query(Protocol::Tcp, PEER, SELF4, Some(80))),
+            accept(4)
         );
         assert_eq!(
-            filter.evaluate(&query(Protocol::Other(47), PEER, SELF4, None)),
-            Some(4)
+            f.evaluate(&query(Protocol::Other(47), PEER, SELF4, None)),
+            accept(4)
         );
         assert_eq!(
-            filter.evaluate(&query(Protocol::Other(50), PEER, SELF4, None)),
-            None
+            f.evaluate(&query(Protocol::Other(50), PEER, SELF4, None)),
+            NONE
         );
     }
 
     #[test]
-    fn the_first_matching_rule_names_the_policy_line() {
-        let filter = Filter::new(&[
+    fn the_first_matching_rule_of_an_action_names_the_policy_line() {
+        let f = filter(vec![
             rule(
                 "100.64.0.0/24",
                 "100.64.0.1/32",
@@ -364,12 +677,50 @@ mod tests {
             ),
         ]);
         assert_eq!(
-            filter.evaluate(&query(Protocol::Tcp, PEER, SELF4, Some(22))),
-            Some(10)
+            f.evaluate(&query(Protocol::Tcp, PEER, SELF4, Some(22))),
+            accept(10)
         );
         assert_eq!(
-            filter.evaluate(&query(Protocol::Tcp, PEER, SELF4, Some(443))),
-            Some(11)
+            f.evaluate(&query(Protocol::Tcp, PEER, SELF4, Some(443))),
+            accept(11)
+        );
+    }
+
+    #[test]
+    fn prefixes_of_every_length_match_both_families() {
+        let f = filter(vec![
+            rule("0.0.0.0/0", "0.0.0.0/0", &[(1, 1)], &[Protocol::Tcp], 1),
+            rule("::/0", "::/0", &[(1, 1)], &[Protocol::Tcp], 2),
+            rule(
+                "100.64.0.0/10",
+                "100.64.0.1/32",
+                &[(2, 2)],
+                &[Protocol::Tcp],
+                3,
+            ),
+            rule("fd7a::/16", "fd7a::1/128", &[(2, 2)], &[Protocol::Tcp], 4),
+        ]);
+        let v6peer: IpAddr = "fd7a::2".parse().unwrap();
+        assert_eq!(
+            f.evaluate(&query(Protocol::Tcp, PEER, SELF4, Some(1))),
+            accept(1)
+        );
+        assert_eq!(
+            f.evaluate(&query(Protocol::Tcp, v6peer, SELF6, Some(1))),
+            accept(2)
+        );
+        assert_eq!(
+            f.evaluate(&query(Protocol::Tcp, PEER, SELF4, Some(2))),
+            accept(3)
+        );
+        assert_eq!(
+            f.evaluate(&query(Protocol::Tcp, v6peer, SELF6, Some(2))),
+            accept(4)
+        );
+        let outside: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(
+            f.evaluate(&query(Protocol::Tcp, outside, SELF4, Some(2))),
+            NONE
         );
     }
 

@@ -1,0 +1,320 @@
+//! The OpenID Connect relying party: people log their devices in with the
+//! organisation's identity provider.
+//!
+//! A node's session asks [`Logins::start`] for a login and gets a link to
+//! `PUBLIC_URL/login/ID` and a [`Waiting`] handle. The browser that opens the
+//! link ([`Logins::open_link`]) is sent to the identity provider with a fresh
+//! `state`, `nonce` and PKCE challenge and given a cookie; the provider sends
+//! it back to `PUBLIC_URL/oidc/callback` ([`Logins::callback`]), where the
+//! code is exchanged, the ID token verified and the person checked against
+//! the allow-lists. The result goes to the waiting session only.
+//!
+//! The provider is discovered in the background with backoff, so the
+//! coordinator starts and serves existing nodes while it is unreachable;
+//! logins meanwhile fail with a refusal that says so.
+
+mod claims;
+mod pending;
+mod provider;
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine as _;
+use openidconnect::RedirectUrl;
+use rand::RngCore as _;
+use tokio::sync::oneshot;
+use weft_proto::{LoginFlow, LoginPrompt, Refusal, RefusalCode};
+
+pub(crate) use self::claims::LoginIdentity;
+pub(crate) use self::pending::LOGIN_TTL;
+use self::pending::{PendingError, PendingLogins};
+use self::provider::{Authorization, Provider, ProviderError, REQUEST_TIMEOUT};
+use crate::config::OidcSettings;
+
+/// The name of the cookie that binds a login to the browser that opened its link.
+pub(crate) const BROWSER_COOKIE: &str = "weft_login";
+/// The callback path under the public URL.
+pub(crate) const CALLBACK_PATH: &str = "/oidc/callback";
+/// A discovered provider older than this is discovered again at the next
+/// login, so rotated signing keys are picked up.
+const REDISCOVER_AFTER: Duration = Duration::from_secs(5 * 60);
+const DISCOVERY_BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const DISCOVERY_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+type Reply = oneshot::Sender<Result<LoginIdentity, Refusal>>;
+
+/// The relying party, shared by the control sessions and the HTTP server.
+pub(crate) struct Logins {
+    settings: OidcSettings,
+    public_url: String,
+    redirect: RedirectUrl,
+    http: reqwest::Client,
+    provider: Mutex<Option<(Arc<Provider>, Instant)>>,
+    pending: Mutex<PendingLogins<Reply, Authorization>>,
+}
+
+impl std::fmt::Debug for Logins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Logins")
+            .field("issuer", &self.settings.issuer)
+            .field("public_url", &self.public_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A session's login in progress; dropping it abandons the login.
+#[derive(Debug)]
+pub(crate) struct Waiting {
+    id: String,
+    logins: Arc<Logins>,
+    /// Receives the person once they logged in, or why they could not.
+    pub(crate) result: oneshot::Receiver<Result<LoginIdentity, Refusal>>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.logins.pending().cancel(&self.id);
+    }
+}
+
+/// Why a login step failed, for the person at the browser.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LoginError {
+    #[error("{0}")]
+    Link(#[from] PendingError),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("login refused: {0}")]
+    Refused(String),
+    #[error("the device stopped waiting for this login; run `weft login` again")]
+    DeviceGone,
+    #[error("the callback is missing its `{0}` parameter; open the login link again")]
+    MissingParameter(&'static str),
+}
+
+/// The query of the identity provider's redirect back.
+#[derive(Debug, Default, serde::Deserialize)]
+pub(crate) struct CallbackParams {
+    pub(crate) code: Option<String>,
+    pub(crate) state: Option<String>,
+    pub(crate) error: Option<String>,
+    pub(crate) error_description: Option<String>,
+    pub(crate) iss: Option<String>,
+}
+
+/// A browser that opened a login link: where to send it, and its cookie.
+#[derive(Debug)]
+pub(crate) struct Redirect {
+    pub(crate) location: url::Url,
+    pub(crate) cookie: String,
+}
+
+impl Logins {
+    /// A relying party for `settings`, reachable by browsers at `public_url`.
+    pub(crate) fn new(settings: OidcSettings, public_url: &str) -> Result<Arc<Self>, String> {
+        let redirect = RedirectUrl::new(format!("{public_url}{CALLBACK_PATH}"))
+            .map_err(|e| format!("public_url {public_url:?} gives no valid callback URL: {e}"))?;
+        let http = reqwest::Client::builder()
+            // Following redirects would let the IdP's endpoints bounce requests elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client for the identity provider: {e}"))?;
+        Ok(Arc::new(Self {
+            settings,
+            public_url: public_url.to_owned(),
+            redirect,
+            http,
+            provider: Mutex::new(None),
+            pending: Mutex::new(PendingLogins::default()),
+        }))
+    }
+
+    /// How long a login admits a device.
+    pub(crate) fn key_expiry(&self) -> Duration {
+        self.settings.key_expiry
+    }
+
+    /// Discovers the provider in the background, retrying with backoff until
+    /// it answers. Never blocks start-up.
+    pub(crate) async fn discover_in_background(self: Arc<Self>) {
+        let mut delay = DISCOVERY_BACKOFF_FIRST;
+        loop {
+            match self.discover().await {
+                Ok(_) => {
+                    tracing::info!(issuer = %self.settings.issuer, "identity provider discovered");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!("{e}; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(DISCOVERY_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Starts a login for a node's session.
+    pub(crate) async fn start(
+        self: &Arc<Self>,
+        flow: LoginFlow,
+    ) -> Result<(LoginPrompt, Waiting), Refusal> {
+        if flow == LoginFlow::DeviceCode {
+            return Err(Refusal {
+                code: RefusalCode::LoginFailed,
+                message: "this coordinator does not offer the device-code login; run `weft up` (or `weft login`) without --device-code and open the printed link in a browser on any device".into(),
+            });
+        }
+        // Asked afresh at every login, so an outage is reported at once
+        // instead of after the person opened the link.
+        if let Err(e) = self.discover().await {
+            return Err(Refusal {
+                code: RefusalCode::IdentityProviderUnavailable,
+                message: format!("{e}; logins work again once it is reachable, retry later"),
+            });
+        }
+        let id = random_token();
+        let (reply, result) = oneshot::channel();
+        self.pending().insert(id.clone(), reply, Instant::now());
+        let prompt = LoginPrompt {
+            url: format!("{}/login/{id}", self.public_url),
+            user_code: None,
+            expires_in_secs: LOGIN_TTL.as_secs(),
+        };
+        let waiting = Waiting {
+            id,
+            logins: Arc::clone(self),
+            result,
+        };
+        Ok((prompt, waiting))
+    }
+
+    /// A browser opened login link `id`.
+    pub(crate) async fn open_link(&self, id: &str) -> Result<Redirect, LoginError> {
+        let provider = self
+            .current_provider()
+            .await
+            .map_err(|e| LoginError::Unavailable(e.to_string()))?;
+        let (location, state, authorization) = provider.authorize(&self.settings.scopes);
+        let cookie = random_token();
+        self.pending()
+            .begin(id, state, &cookie, authorization, Instant::now())?;
+        Ok(Redirect { location, cookie })
+    }
+
+    /// The identity provider sent the browser back. On success the waiting
+    /// session gets the person and the browser is told who logged in.
+    pub(crate) async fn callback(
+        &self,
+        params: CallbackParams,
+        browser_cookie: Option<&str>,
+    ) -> Result<LoginIdentity, LoginError> {
+        let state = params
+            .state
+            .as_deref()
+            .ok_or(LoginError::MissingParameter("state"))?;
+        let (reply, authorization) =
+            self.pending()
+                .finish(state, browser_cookie, Instant::now())?;
+        let outcome = self.redeem(params, authorization).await;
+        let for_device = outcome.as_ref().map(Clone::clone).map_err(|e| Refusal {
+            code: RefusalCode::LoginFailed,
+            message: e.to_string(),
+        });
+        match &outcome {
+            Ok(who) => {
+                tracing::info!("login completed");
+                tracing::debug!(user = %who.email, groups = ?who.groups, "logged in");
+            }
+            Err(e) => tracing::info!("login failed: {e}"),
+        }
+        if reply.send(for_device).is_err() && outcome.is_ok() {
+            return Err(LoginError::DeviceGone);
+        }
+        outcome
+    }
+
+    async fn redeem(
+        &self,
+        params: CallbackParams,
+        authorization: Authorization,
+    ) -> Result<LoginIdentity, LoginError> {
+        if let Some(error) = params.error {
+            let detail = params
+                .error_description
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default();
+            return Err(LoginError::Refused(format!(
+                "the identity provider answered `{error}`{detail}"
+            )));
+        }
+        if let Some(iss) = &params.iss {
+            if iss.trim_end_matches('/') != self.settings.issuer {
+                return Err(LoginError::Refused(format!(
+                    "the response came from issuer {iss}, not the configured {}",
+                    self.settings.issuer
+                )));
+            }
+        }
+        let code = params.code.ok_or(LoginError::MissingParameter("code"))?;
+        let provider = self
+            .current_provider()
+            .await
+            .map_err(|e| LoginError::Unavailable(e.to_string()))?;
+        let verified = provider
+            .redeem(code, authorization, &self.http, SystemTime::now())
+            .await
+            .map_err(|e| match e {
+                ProviderError::Discovery { .. } => LoginError::Unavailable(e.to_string()),
+                other => LoginError::Refused(other.to_string()),
+            })?;
+        claims::admit(
+            &self.settings,
+            verified.email.as_deref(),
+            verified.email_verified,
+            &verified.payload,
+        )
+        .map_err(|e| LoginError::Refused(e.to_string()))
+    }
+
+    /// The provider, discovered now if it never was or is due for a refresh.
+    /// A refresh that fails falls back to what was discovered before.
+    async fn current_provider(&self) -> Result<Arc<Provider>, ProviderError> {
+        let cached = self
+            .provider
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        match cached {
+            Some((provider, at)) if at.elapsed() < REDISCOVER_AFTER => Ok(provider),
+            Some((provider, _)) => match self.discover().await {
+                Ok(fresh) => Ok(fresh),
+                Err(e) => {
+                    tracing::warn!("{e}; keeping the keys discovered earlier");
+                    Ok(provider)
+                }
+            },
+            None => self.discover().await,
+        }
+    }
+
+    async fn discover(&self) -> Result<Arc<Provider>, ProviderError> {
+        let provider =
+            Arc::new(Provider::discover(&self.settings, &self.redirect, &self.http).await?);
+        *self.provider.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((Arc::clone(&provider), Instant::now()));
+        Ok(provider)
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, PendingLogins<Reply, Authorization>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// 256 random bits, URL-safe.
+fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
