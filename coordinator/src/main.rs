@@ -150,8 +150,10 @@ enum UsersCommand {
 enum PolicyCommand {
     /// Validate a policy (syntax and its tests) and install it on the running coordinator.
     ///
-    /// The installed policy stays in force until the file given to `serve --policy` changes
-    /// again; the coordinator does not write FILE's content into that file.
+    /// The installed policy is kept in the coordinator's store. It stays in force until the
+    /// file given to `serve --policy` changes again, or until a restart with `--policy` (the
+    /// file wins then); a coordinator started without `--policy` serves it across restarts.
+    /// The coordinator never writes FILE's content into the `--policy` file.
     Set {
         #[command(flatten)]
         dir: DataDir,

@@ -381,6 +381,7 @@ impl Registry {
         let ops = [
             Op::Delete(path.clone()),
             Op::Delete(machine_path(&record.machine_key)),
+            Op::Delete(node_key_path(&record.node_key)),
             Op::Delete(name_path(&record.name)),
             Op::Delete(ipv4_path(record.ipv4)),
         ];
@@ -395,6 +396,18 @@ impl Registry {
             .into_iter()
             .map(|(key, v)| store::decode(&key, &v.value).map(|r| (r, v.mod_revision)))
             .collect()
+    }
+
+    /// Refuses a WireGuard key another node holds.
+    fn check_node_key_free(&self, key: &PublicKey) -> Result<(), AdmitError> {
+        if self.store.get(&node_key_path(key))?.is_some() {
+            return Err(bad_request(
+                "this WireGuard key belongs to another node; every node needs its own key \
+                 (remove node.key from the state directory to generate one)"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     fn rejoin(
@@ -423,11 +436,22 @@ impl Registry {
                 }
             }
         }
+        let mut compares = vec![Compare::ModRevision(path.clone(), rev)];
+        let mut ops = Vec::new();
+        if request.node_key != record.node_key {
+            self.check_node_key_free(&request.node_key)?;
+            compares.push(Compare::Absent(node_key_path(&request.node_key)));
+            ops.push(Op::Delete(node_key_path(&record.node_key)));
+            ops.push(Op::Put(
+                node_key_path(&request.node_key),
+                store::encode(&id)?,
+            ));
+        }
         record.node_key = request.node_key;
         record.endpoints = request.endpoints.clone();
         record.attributes = request.attributes.clone();
-        let op = Op::Put(path.clone(), store::encode(&record)?);
-        let rev_now = self.store.txn(&[Compare::ModRevision(path, rev)], &[op])?;
+        ops.push(Op::Put(path, store::encode(&record)?));
+        let rev_now = self.store.txn(&compares, &ops)?;
         Ok((record, rev_now))
     }
 
@@ -451,6 +475,7 @@ impl Registry {
             }
         };
 
+        self.check_node_key_free(&request.node_key)?;
         let (next_id, id_compare) = match store::get_json::<u64>(&*self.store, NEXT_ID_KEY)? {
             Some((next, rev)) => (next, Compare::ModRevision(NEXT_ID_KEY.into(), rev)),
             None => (1, Compare::Absent(NEXT_ID_KEY.into())),
@@ -506,10 +531,12 @@ impl Registry {
             Compare::Absent(machine_path(&machine_key)),
             Compare::Absent(name_path(&name)),
             Compare::Absent(ipv4_path(ipv4)),
+            Compare::Absent(node_key_path(&request.node_key)),
         ]);
         ops.extend([
             Op::Put(NEXT_ID_KEY.into(), store::encode(&(next_id + 1))?),
             Op::Put(machine_path(&machine_key), store::encode(&id)?),
+            Op::Put(node_key_path(&request.node_key), store::encode(&id)?),
             Op::Put(name_path(&name), store::encode(&id)?),
             Op::Put(ipv4_path(ipv4), store::encode(&id)?),
             Op::Put(node_path(id), store::encode(&record)?),
@@ -636,6 +663,13 @@ fn machine_path(key: &PublicKey) -> String {
     format!("machines/{hex}")
 }
 
+/// The index that keeps WireGuard keys unique: a node claiming another's
+/// key would receive the handshakes meant for it.
+fn node_key_path(key: &PublicKey) -> String {
+    let hex: String = key.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    format!("nodekeys/{hex}")
+}
+
 fn name_path(name: &str) -> String {
     format!("names/{name}")
 }
@@ -743,6 +777,50 @@ mod tests {
             ipv6_for(ula, Ipv4Addr::new(100, 64, 0, 7)),
             "fd12:3456:789a::6440:7".parse::<Ipv6Addr>().unwrap()
         );
+    }
+
+    #[test]
+    fn a_node_cannot_claim_another_nodes_wireguard_key() {
+        let (_dir, registry) = open();
+        let auth = key(&registry, true);
+        let first = request("web", Some(auth.clone()));
+        registry
+            .register(
+                PrivateKey::generate().public_key(),
+                &first,
+                SystemTime::now(),
+            )
+            .unwrap();
+
+        let mut copycat = request("evil", Some(auth.clone()));
+        copycat.node_key = first.node_key;
+        let refused = registry
+            .register(
+                PrivateKey::generate().public_key(),
+                &copycat,
+                SystemTime::now(),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(refused, AdmitError::Refused(ref r) if r.code == RefusalCode::BadRequest),
+            "{refused:?}"
+        );
+
+        // Nor by rotating into it on rejoin.
+        let machine = PrivateKey::generate().public_key();
+        let other = request("db", Some(auth));
+        registry
+            .register(machine, &other, SystemTime::now())
+            .unwrap();
+        let mut rotate = request("db", None);
+        rotate.node_key = first.node_key;
+        assert!(registry
+            .register(machine, &rotate, SystemTime::now())
+            .is_err());
+        // Its own fresh key is fine.
+        registry
+            .register(machine, &request("db", None), SystemTime::now())
+            .unwrap();
     }
 
     #[test]

@@ -47,6 +47,23 @@ pub(crate) fn last_good(store: &dyn Store) -> Result<Option<StoredPolicy>, Store
         .transpose()
 }
 
+/// Without a policy file: the policy last installed with `policy set`, or
+/// deny-all when there never was one.
+pub(crate) fn installed(store: &dyn Store) -> Result<Option<Arc<Policy>>, LoadError> {
+    let Some(stored) = last_good(store).map_err(LoadError::Store)? else {
+        tracing::warn!(
+            "no --policy given and none installed: every node is denied all traffic and sees no peers until `weft-coordinator policy set`"
+        );
+        return Ok(None);
+    };
+    let validated = validate(&stored.source, &stored.file_name)?;
+    tracing::info!(
+        "no --policy given: serving the policy installed earlier from {}",
+        stored.file_name
+    );
+    Ok(Some(Arc::new(validated.policy)))
+}
+
 /// Reads the policy file at start. When the file is invalid but a policy was
 /// in force before, that one stays in force (loudly); only a coordinator that
 /// never had a valid policy refuses to start.
@@ -228,6 +245,22 @@ mod tests {
             "follows from the broken bytes on disk"
         );
         assert_eq!(last_good(&store).unwrap().unwrap().source, GOOD);
+    }
+
+    #[test]
+    fn without_a_file_the_installed_policy_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("weft.redb")).unwrap();
+        assert!(
+            installed(&store).unwrap().is_none(),
+            "nothing installed: deny all"
+        );
+        let stored = StoredPolicy {
+            file_name: "set.hujson".into(),
+            source: GOOD.into(),
+        };
+        remember(&store, &stored).unwrap();
+        assert!(installed(&store).unwrap().is_some());
     }
 
     #[test]

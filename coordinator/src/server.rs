@@ -132,16 +132,11 @@ impl Coordinator {
                 }
                 Some((path.clone(), validated.policy, content))
             }
-            None => {
-                tracing::warn!(
-                    "no --policy given: every node is denied all traffic and sees no peers"
-                );
-                None
-            }
+            None => None,
         };
         let (initial, follow) = match policy {
             Some((path, policy, content)) => (Some(Arc::new(policy)), Some((path, content))),
-            None => (None, None),
+            None => (policy_watch::installed(&**registry.store())?, None),
         };
         let (netmaps, netmap) = NetmapHandle::spawn(registry.clone(), initial)?;
         let admins: Arc<[String]> = options.admins.clone().into();

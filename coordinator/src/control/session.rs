@@ -28,6 +28,8 @@ use crate::oidc::LOGIN_TTL;
 /// (hostname, 32 endpoints, 64 attributes of 256 bytes) stays well below.
 const MAX_CLIENT_FRAME: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a node may take to accept one message from the coordinator.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed after the handshake for the node's `Register`.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for a refusal to reach the node before the connection closes.
@@ -257,7 +259,7 @@ impl Session {
                         return None;
                     }
                     None => {
-                        self.conn.close(CLOSE_BY_COORDINATOR.into(), b"coordinator shutting down");
+                        self.conn.close(CLOSE_BY_COORDINATOR.into(), b"session ended by the coordinator; reconnect to resynchronise");
                         return None;
                     }
                 },
@@ -309,12 +311,16 @@ impl Session {
         }
     }
 
+    /// Sends one message. A node that does not take it within
+    /// [`WRITE_TIMEOUT`] is stuck or hostile; the session ends.
     async fn write(&mut self, message: &ServerMessage) -> Result<(), End> {
         let frame = encode_frame(message).map_err(|e| End::Protocol(e.to_string()))?;
-        self.send
-            .write_all(&frame)
-            .await
-            .map_err(|e| End::Lost(e.to_string()))
+        match timeout(WRITE_TIMEOUT, self.send.write_all(&frame)).await {
+            Ok(written) => written.map_err(|e| End::Lost(e.to_string())),
+            Err(_) => Err(End::Lost(format!(
+                "the node did not read a message within {WRITE_TIMEOUT:?}"
+            ))),
+        }
     }
 
     /// Sends `refusal`, waits briefly for it to arrive, and closes.

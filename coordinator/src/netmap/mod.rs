@@ -260,6 +260,15 @@ impl Netmaps {
         self.sessions.values().map(|s| s.node).collect()
     }
 
+    /// Every ephemeral node.
+    pub(crate) fn ephemeral_nodes(&self) -> Vec<NodeId> {
+        self.nodes
+            .values()
+            .filter(|(n, _)| n.ephemeral)
+            .map(|(n, _)| n.id)
+            .collect()
+    }
+
     /// The stored record of node `id`.
     pub(crate) fn node(&self, id: NodeId) -> Option<&NodeRecord> {
         self.nodes.get(&id).map(|(n, _)| n)

@@ -16,6 +16,11 @@ use super::{Lockout, Netmaps, NodeUpdate, Output, SessionId};
 use crate::nodes::{self, NodeRecord, Registry};
 use crate::store::{self, StoreError, Watch, WatchError};
 
+/// Updates queued for one session before it counts as stuck. A node that
+/// falls this far behind is disconnected and resynchronises from a full
+/// netmap, so a node that stops reading cannot grow the coordinator's memory.
+const SESSION_BACKLOG: usize = 64;
+
 /// How long an ephemeral node may stay offline before it is deleted.
 const EPHEMERAL_GRACE: Duration = Duration::from_secs(30);
 /// How often expired logins are looked for: peers drop an expired node
@@ -45,7 +50,7 @@ pub(crate) struct NetmapHandle {
 pub(crate) struct Attached {
     pub(crate) id: SessionId,
     pub(crate) netmap: NetMap,
-    pub(crate) events: mpsc::UnboundedReceiver<SessionEvent>,
+    pub(crate) events: mpsc::Receiver<SessionEvent>,
 }
 
 #[derive(Debug)]
@@ -54,7 +59,7 @@ enum Command {
         session: SessionId,
         record: Box<NodeRecord>,
         revision: u64,
-        events: mpsc::UnboundedSender<SessionEvent>,
+        events: mpsc::Sender<SessionEvent>,
         reply: oneshot::Sender<Result<NetMap, Refusal>>,
     },
     Detach(SessionId),
@@ -104,7 +109,7 @@ impl NetmapHandle {
         revision: u64,
     ) -> Result<Attached, Refusal> {
         let id = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed));
-        let (events, events_rx) = mpsc::unbounded_channel();
+        let (events, events_rx) = mpsc::channel(SESSION_BACKLOG);
         let (reply, reply_rx) = oneshot::channel();
         self.send(Command::Attach {
             session: id,
@@ -167,13 +172,18 @@ struct Task {
     registry: Registry,
     watch: Watch,
     rx: mpsc::UnboundedReceiver<Command>,
-    sessions: BTreeMap<SessionId, mpsc::UnboundedSender<SessionEvent>>,
+    sessions: BTreeMap<SessionId, mpsc::Sender<SessionEvent>>,
     /// Weak, so that the task ends when the last handle is dropped.
     commands: mpsc::WeakUnboundedSender<Command>,
 }
 
 impl Task {
     async fn run(mut self) {
+        // Ephemeral nodes offline since before a restart would otherwise
+        // never be reaped: no session of theirs will detach.
+        for node in self.core.ephemeral_nodes() {
+            self.schedule_reap(node);
+        }
         let mut sweep = tokio::time::interval(EXPIRY_SWEEP);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -299,10 +309,19 @@ impl Task {
                 Output::Replaced(session) => (session, SessionEvent::Replaced),
             };
             let ends = !matches!(event, SessionEvent::Message(_));
-            let delivered = self
-                .sessions
-                .get(&session)
-                .is_some_and(|tx| tx.send(event).is_ok());
+            let delivered = match self.sessions.get(&session).map(|tx| tx.try_send(event)) {
+                Some(Ok(())) => true,
+                Some(Err(mpsc::error::TrySendError::Full(_))) => {
+                    // Dropping the sender ends the session; the node reconnects
+                    // and starts again from a full netmap.
+                    tracing::warn!(
+                        ?session,
+                        "a node is not reading its updates; ending its session so it resynchronises"
+                    );
+                    false
+                }
+                Some(Err(mpsc::error::TrySendError::Closed(_))) | None => false,
+            };
             if ends || !delivered {
                 self.sessions.remove(&session);
                 self.core.detach(session);
