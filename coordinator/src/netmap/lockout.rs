@@ -7,7 +7,6 @@
 //! administrator and the override.
 
 use weft_policy::{NodeInfo, Policy};
-use weft_proto::{FilterRule, Identity, Protocol, RuleAction};
 
 /// A new policy would cut a declared administrator off.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,83 +34,13 @@ pub(crate) fn check(
         return Ok(());
     };
     for admin in admins {
-        if reaches_anything(old, admin, nodes) && !reaches_anything(new, admin, nodes) {
+        if old.reaches_anything(admin, nodes) && !new.reaches_anything(admin, nodes) {
             return Err(Lockout {
                 admin: admin.clone(),
             });
         }
     }
     Ok(())
-}
-
-/// Whether a node of `principal` may open a connection to some other node
-/// under `policy`: some other node's compiled filter has a rule that is not
-/// an enforced deny admitting one of the principal's addresses, and the two
-/// are peers.
-fn reaches_anything(policy: &Policy, principal: &str, nodes: &[NodeInfo]) -> bool {
-    let compiled = policy.compile(nodes);
-    let mine: Vec<&NodeInfo> = nodes
-        .iter()
-        .filter(|n| is_principal(&n.identity, principal))
-        .collect();
-    mine.iter().any(|me| {
-        let Some(access) = compiled.nodes.get(&me.id) else {
-            return false;
-        };
-        access.peers.iter().any(|peer| {
-            compiled.nodes.get(peer).is_some_and(|theirs| {
-                let rules = &theirs.filter.rules;
-                me.addresses.iter().any(|addr| {
-                    let from = |rule: &&FilterRule| rule.src.iter().any(|net| net.contains(addr));
-                    rules
-                        .iter()
-                        .filter(from)
-                        .filter(|rule| rule.action != RuleAction::Deny)
-                        .any(|admit| {
-                            !rules
-                                .iter()
-                                .filter(from)
-                                .filter(|rule| rule.action == RuleAction::Deny)
-                                .any(|deny| covers(deny, admit))
-                        })
-                })
-            })
-        })
-    })
-}
-
-/// Whether `deny` drops everything `admit` admits (destinations, protocols
-/// and ports; the source is already known to match both). One deny rule must
-/// cover the whole of `admit`: a guard that misses a lockout split over
-/// several deny rules stays silent rather than refusing a harmless policy.
-fn covers(deny: &FilterRule, admit: &FilterRule) -> bool {
-    let protocols = |rule: &FilterRule| -> Vec<Protocol> {
-        if rule.protocols.is_empty() {
-            Protocol::DEFAULT.to_vec()
-        } else {
-            rule.protocols.clone()
-        }
-    };
-    let denied = protocols(deny);
-    admit
-        .dst
-        .iter()
-        .all(|d| deny.dst.iter().any(|net| net.contains(d)))
-        && protocols(admit).iter().all(|p| denied.contains(p))
-        && admit.ports.iter().all(|range| {
-            deny.ports
-                .iter()
-                .any(|r| r.first <= range.first && range.last <= r.last)
-        })
-}
-
-/// Whether `identity` is `principal`: one of its tags or IdP groups, its
-/// user, or its workload.
-fn is_principal(identity: &Identity, principal: &str) -> bool {
-    identity.tags.iter().any(|t| t == principal)
-        || identity.groups.iter().any(|g| g == principal)
-        || identity.user.as_deref() == Some(principal)
-        || identity.workload.as_deref() == Some(principal)
 }
 
 #[cfg(test)]
@@ -122,6 +51,7 @@ mod tests {
     use weft_proto::NodeId;
 
     use super::*;
+    use weft_proto::Identity;
 
     fn node(id: u64, tag: &str) -> NodeInfo {
         NodeInfo {
