@@ -1,8 +1,9 @@
 //! The attributes a node reports about itself, which posture rules in the
 //! policy (`srcPosture`) decide on.
 //!
-//! weft reports `node:os`, `node:osVersion`, `node:clientVersion` and
-//! `node:hostname` itself. An administrator's tooling (MDM, disk-encryption
+//! weft reports `node:os`, `node:osVersion`, `node:clientVersion`,
+//! `node:hostname` and, where the system tells, `node:diskEncrypted`
+//! itself. An administrator's tooling (MDM, disk-encryption
 //! checks) adds `custom:*` attributes by writing a JSON object of strings to
 //! the posture file; [`watch`] re-reads it every [`POLL`] and publishes the
 //! custom attributes whenever they change. Keys outside `custom:` are
@@ -69,7 +70,59 @@ pub fn system_attributes(hostname: &str) -> Attributes {
     if let Some(version) = os_version() {
         attributes.insert("node:osVersion".to_owned(), version);
     }
+    if let Some(encrypted) = root_disk_encrypted() {
+        attributes.insert("node:diskEncrypted".to_owned(), encrypted.to_string());
+    }
     attributes
+}
+
+/// Whether the root filesystem lives on a dm-crypt (LUKS) device, directly
+/// or below LVM. `None` where the system does not tell: a container's
+/// overlay root, a network filesystem, or an unreadable `/sys`.
+fn root_disk_encrypted() -> Option<bool> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let source = root_source(&mountinfo)?;
+    let device = std::fs::canonicalize(&source).ok()?;
+    let name = device.file_name()?.to_str()?.to_owned();
+    block_device_encrypted(Path::new("/sys/class/block"), &name, 0)
+}
+
+/// The device the root filesystem is mounted from, from `/proc/self/mountinfo`.
+fn root_source(mountinfo: &str) -> Option<String> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = left.split_whitespace().nth(4)?;
+        let source = right.split_whitespace().nth(1)?;
+        (mount_point == "/" && source.starts_with("/dev/")).then(|| source.to_owned())
+    })
+}
+
+/// Walks from a block device down its `slaves/` (LVM over LUKS, partitions
+/// of a crypt device) looking for a device-mapper target whose UUID marks it
+/// as dm-crypt.
+fn block_device_encrypted(sys_block: &Path, name: &str, depth: u8) -> Option<bool> {
+    const MAX_DEPTH: u8 = 8;
+    let dir = sys_block.join(name);
+    if !dir.exists() || depth > MAX_DEPTH {
+        return None;
+    }
+    if let Ok(uuid) = std::fs::read_to_string(dir.join("dm/uuid")) {
+        if uuid.starts_with("CRYPT-") {
+            return Some(true);
+        }
+    }
+    let slaves = std::fs::read_dir(dir.join("slaves"))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let encrypted = slaves
+        .iter()
+        .any(|slave| block_device_encrypted(sys_block, slave, depth + 1) == Some(true));
+    Some(encrypted)
 }
 
 /// Parses a posture file's contents: the `custom:*` attributes, and the keys
@@ -197,6 +250,46 @@ fn os_release_version(text: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_root_source_comes_from_mountinfo() {
+        let mountinfo = "\
+22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/mapper/vg-root rw
+23 22 0:21 / /proc rw,nosuid shared:12 - proc proc rw
+";
+        assert_eq!(
+            root_source(mountinfo).as_deref(),
+            Some("/dev/mapper/vg-root")
+        );
+        let container = "1 0 0:50 / / rw - overlay overlay rw,lowerdir=/a\n";
+        assert_eq!(root_source(container), None);
+    }
+
+    #[test]
+    fn dm_crypt_is_found_below_lvm() {
+        let sys = tempfile::tempdir().unwrap();
+        let block = |name: &str, uuid: Option<&str>, slaves: &[&str]| {
+            let dir = sys.path().join(name);
+            std::fs::create_dir_all(dir.join("slaves")).unwrap();
+            if let Some(uuid) = uuid {
+                std::fs::create_dir_all(dir.join("dm")).unwrap();
+                std::fs::write(dir.join("dm/uuid"), uuid).unwrap();
+            }
+            for slave in slaves {
+                std::fs::write(dir.join("slaves").join(slave), "").unwrap();
+            }
+        };
+        block("sda", None, &[]);
+        block("sda2", None, &[]);
+        block("dm-0", Some("CRYPT-LUKS2-abc-luks"), &["sda2"]);
+        block("dm-1", Some("LVM-xyz"), &["dm-0"]);
+        block("dm-2", Some("LVM-plain"), &["sda"]);
+        assert_eq!(block_device_encrypted(sys.path(), "dm-1", 0), Some(true));
+        assert_eq!(block_device_encrypted(sys.path(), "dm-0", 0), Some(true));
+        assert_eq!(block_device_encrypted(sys.path(), "dm-2", 0), Some(false));
+        assert_eq!(block_device_encrypted(sys.path(), "sda2", 0), Some(false));
+        assert_eq!(block_device_encrypted(sys.path(), "nvme9n9", 0), None);
+    }
 
     #[test]
     fn only_custom_keys_are_kept() {

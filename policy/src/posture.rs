@@ -12,7 +12,13 @@ use std::collections::BTreeMap;
 use crate::diagnostic::suggest;
 
 /// `node:` attributes weft nodes report.
-const NODE_ATTRIBUTES: &[&str] = &["node:os", "node:osVersion", "node:clientVersion"];
+const NODE_ATTRIBUTES: &[&str] = &[
+    "node:os",
+    "node:osVersion",
+    "node:clientVersion",
+    "node:hostname",
+    "node:diskEncrypted",
+];
 
 /// A named set of conditions, all of which must hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
