@@ -1,7 +1,8 @@
 //! Human SSO end to end: a real OpenID provider (panva's `oidc-provider`),
 //! the coordinator as its relying party, and laptops that join the overlay
-//! as the person who logged in — with IdP groups in policy, login expiry,
-//! `weft login`, disabled users and an identity-provider outage.
+//! as the person who logged in — with IdP groups in policy, the device
+//! authorization grant (`weft up --device-code`), login expiry, `weft login`,
+//! disabled users and an identity-provider outage.
 
 use std::io::{BufRead as _, BufReader};
 use std::net::{IpAddr, SocketAddr};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
 use serde_json::json;
-use weft_tests::{tcp_echo, wait_until, Browser, EchoServer, Lab, Overlay, TestIdp};
+use weft_tests::{in_netns, tcp_echo, wait_until, Browser, EchoServer, Lab, Overlay, TestIdp};
 
 const IDP_PORT: u16 = 9400;
 const CLIENT_ID: &str = "weft";
@@ -54,6 +55,84 @@ fn login_url(mut child: Child) -> Result<(String, Waiting)> {
     let rest =
         std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
     Ok((url, Waiting { child, rest }))
+}
+
+/// Enters `code` at the provider's verification page and logs in as `user`,
+/// as a person would in a browser: the code form, the confirmation form,
+/// then the provider's login. Returns the page the provider ends on.
+fn confirm_device_code(
+    netns: &str,
+    verification_uri: &str,
+    code: &str,
+    user: &str,
+) -> Result<String> {
+    let (uri, code, user) = (
+        verification_uri.to_owned(),
+        code.to_owned(),
+        user.to_owned(),
+    );
+    in_netns(netns, move || -> Result<String> {
+        let mut jar = std::collections::BTreeMap::<String, String>::new();
+        let agent = ureq::AgentBuilder::new()
+            .redirects(0)
+            .timeout(Duration::from_secs(15))
+            .build();
+        let mut send = |method: &str,
+                        url: &str,
+                        form: &[(&str, &str)]|
+         -> Result<(u16, Option<String>, String)> {
+            let cookies: Vec<String> = jar.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let request = agent
+                .request(method, url)
+                .set("Cookie", &cookies.join("; "));
+            let response = match if form.is_empty() {
+                request.call()
+            } else {
+                request.send_form(form)
+            } {
+                Ok(response) | Err(ureq::Error::Status(_, response)) => response,
+                Err(e) => anyhow::bail!("{method} {url}: {e}"),
+            };
+            for line in response.all("set-cookie") {
+                if let Some((name, value)) = line.split(';').next().and_then(|c| c.split_once('='))
+                {
+                    jar.insert(name.trim().to_owned(), value.trim().to_owned());
+                }
+            }
+            let status = response.status();
+            let location = response.header("location").map(str::to_owned);
+            Ok((status, location, response.into_string().unwrap_or_default()))
+        };
+        let xsrf = |page: &str| -> Result<String> {
+            let start = page
+                .find(r#"name="xsrf" value=""#)
+                .context("no xsrf field on the device page")?
+                + 19;
+            let len = page[start..].find('"').context("unterminated xsrf field")?;
+            Ok(page[start..start + len].to_owned())
+        };
+        let (_, _, page) = send("GET", &uri, &[])?;
+        let token = xsrf(&page).with_context(|| format!("code entry page: {page}"))?;
+        let (_, _, page) = send("POST", &uri, &[("xsrf", &token), ("user_code", &code)])?;
+        let token = xsrf(&page).with_context(|| format!("confirmation page: {page}"))?;
+        let (mut status, mut location, mut page) = send(
+            "POST",
+            &uri,
+            &[("xsrf", &token), ("user_code", &code), ("confirm", "yes")],
+        )?;
+        let mut url = url::Url::parse(&uri)?;
+        for _ in 0..16 {
+            let Some(next) = location.filter(|_| (300..400).contains(&status)) else {
+                return Ok(page);
+            };
+            url = url.join(&next)?;
+            if url.path().starts_with("/interaction/") && url.query().is_none() {
+                url.query_pairs_mut().append_pair("user", &user);
+            }
+            (status, location, page) = send("GET", url.as_str(), &[])?;
+        }
+        anyhow::bail!("the device login did not settle on a page (last URL {url})")
+    })?
 }
 
 fn finish(waiting: Waiting) -> Result<(bool, String)> {
@@ -100,6 +179,7 @@ fn people_log_in_with_the_identity_provider() {
         ("server", 20),
         ("laptop", 30),
         ("laptop2", 31),
+        ("kiosk", 32),
     ] {
         lab.add_host(name, octet).expect("add host");
     }
@@ -256,6 +336,44 @@ key_expiry = "1h"
         !reaches(overlay, "laptop2", server_ip),
         "bob (sales) must not reach the server"
     );
+
+    // A machine without a browser logs in with the device-code flow: the
+    // person enters the code at the provider from another device.
+    overlay.start_node("kiosk")?;
+    let kiosk_up = [
+        "up",
+        "--coordinator",
+        &address,
+        "--coordinator-key",
+        &key,
+        "--hostname",
+        "kiosk",
+        "--device-code",
+    ];
+    let (prompt, child) = login_url(overlay.node("kiosk")?.weft_spawn(&kiosk_up)?)?;
+    let (verification_uri, user_code) = prompt
+        .split_once(" and enter code: ")
+        .with_context(|| format!("expected `URL and enter code: CODE`, got {prompt:?}"))?;
+    ensure!(
+        verification_uri.starts_with(&idp.issuer()),
+        "the device flow must send the person to the provider: {verification_uri}"
+    );
+    let page = confirm_device_code(&coord.netns, verification_uri, user_code, "alice")?;
+    ensure!(page.contains("Success"), "device confirmation: {page}");
+    let (ok, text) = finish(child)?;
+    ensure!(
+        ok && text.contains("connected as kiosk"),
+        "weft up --device-code: {text}"
+    );
+    let status = overlay.node("kiosk")?.status()?;
+    ensure!(
+        status["self"]["identity"] == "alice@example.com",
+        "kiosk identity: {status}"
+    );
+    wait_until(Duration::from_secs(10), || {
+        reaches(overlay, "kiosk", server_ip)
+    })
+    .context("the device-code login (alice, group eng) never reached the server")?;
 
     // An administrator expires the laptop: the server drops it within 5 s.
     overlay

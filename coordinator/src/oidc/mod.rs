@@ -9,6 +9,11 @@
 //! code is exchanged, the ID token verified and the person checked against
 //! the allow-lists. The result goes to the waiting session only.
 //!
+//! With [`LoginFlow::DeviceCode`] (RFC 8628) the session's prompt is instead
+//! the provider's verification URL and a user code, and the coordinator
+//! polls the provider's token endpoint until the person entered the code;
+//! the ID token is verified and the person admitted as in the browser flow.
+//!
 //! The provider is discovered in the background with backoff, so the
 //! coordinator starts and serves existing nodes while it is unreachable;
 //! logins meanwhile fail with a refusal that says so.
@@ -16,6 +21,8 @@
 mod claims;
 mod pending;
 mod provider;
+#[cfg(test)]
+mod test_issuer;
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -29,7 +36,7 @@ use weft_proto::{LoginFlow, LoginPrompt, Refusal, RefusalCode};
 pub(crate) use self::claims::LoginIdentity;
 pub(crate) use self::pending::LOGIN_TTL;
 use self::pending::{PendingError, PendingLogins};
-use self::provider::{Authorization, Provider, ProviderError, REQUEST_TIMEOUT};
+use self::provider::{Authorization, DeviceLogin, Provider, ProviderError, REQUEST_TIMEOUT};
 use crate::config::OidcSettings;
 
 /// The name of the cookie that binds a login to the browser that opened its link.
@@ -68,6 +75,8 @@ impl std::fmt::Debug for Logins {
 pub(crate) struct Waiting {
     id: String,
     logins: Arc<Logins>,
+    /// The task polling the provider in a device login.
+    poll: Option<tokio::task::AbortHandle>,
     /// Receives the person once they logged in, or why they could not.
     pub(crate) result: oneshot::Receiver<Result<LoginIdentity, Refusal>>,
 }
@@ -75,6 +84,9 @@ pub(crate) struct Waiting {
 impl Drop for Waiting {
     fn drop(&mut self) {
         self.logins.pending().cancel(&self.id);
+        if let Some(poll) = &self.poll {
+            poll.abort();
+        }
     }
 }
 
@@ -160,19 +172,14 @@ impl Logins {
         self: &Arc<Self>,
         flow: LoginFlow,
     ) -> Result<(LoginPrompt, Waiting), Refusal> {
-        if flow == LoginFlow::DeviceCode {
-            return Err(Refusal {
-                code: RefusalCode::LoginFailed,
-                message: "this coordinator does not offer the device-code login; run `weft up` (or `weft login`) without --device-code and open the printed link in a browser on any device".into(),
-            });
-        }
         // Asked afresh at every login, so an outage is reported at once
         // instead of after the person opened the link.
-        if let Err(e) = self.discover().await {
-            return Err(Refusal {
-                code: RefusalCode::IdentityProviderUnavailable,
-                message: format!("{e}; logins work again once it is reachable, retry later"),
-            });
+        let provider = self.discover().await.map_err(|e| Refusal {
+            code: RefusalCode::IdentityProviderUnavailable,
+            message: format!("{e}; logins work again once it is reachable, retry later"),
+        })?;
+        if flow == LoginFlow::DeviceCode {
+            return self.start_device(provider).await;
         }
         let id = random_token();
         let (reply, result) = oneshot::channel();
@@ -185,9 +192,72 @@ impl Logins {
         let waiting = Waiting {
             id,
             logins: Arc::clone(self),
+            poll: None,
             result,
         };
         Ok((prompt, waiting))
+    }
+
+    /// Starts a device login and polls for its outcome in the background.
+    async fn start_device(
+        self: &Arc<Self>,
+        provider: Arc<Provider>,
+    ) -> Result<(LoginPrompt, Waiting), Refusal> {
+        let login = provider
+            .start_device_login(&self.settings.scopes, &self.http)
+            .await
+            .map_err(|e| Refusal {
+                code: match e {
+                    ProviderError::DeviceAuthorization(_) => {
+                        RefusalCode::IdentityProviderUnavailable
+                    }
+                    _ => RefusalCode::LoginFailed,
+                },
+                message: e.to_string(),
+            })?;
+        let expires_in = login.details.expires_in().min(LOGIN_TTL);
+        let prompt = LoginPrompt {
+            url: login.details.verification_uri().to_string(),
+            user_code: Some(login.details.user_code().secret().clone()),
+            expires_in_secs: expires_in.as_secs(),
+        };
+        let (reply, result) = oneshot::channel();
+        let logins = Arc::clone(self);
+        let poll = tokio::spawn(async move {
+            let outcome = logins.poll_device(&provider, &login, expires_in).await;
+            log_outcome(&outcome);
+            let _ = reply.send(outcome.map_err(|e| Refusal {
+                code: RefusalCode::LoginFailed,
+                message: e.to_string(),
+            }));
+        });
+        tracing::info!("device login started");
+        let waiting = Waiting {
+            id: String::new(),
+            logins: Arc::clone(self),
+            poll: Some(poll.abort_handle()),
+            result,
+        };
+        Ok((prompt, waiting))
+    }
+
+    async fn poll_device(
+        &self,
+        provider: &Provider,
+        login: &DeviceLogin,
+        timeout: Duration,
+    ) -> Result<LoginIdentity, LoginError> {
+        let verified = provider
+            .finish_device_login(login, &self.http, timeout)
+            .await
+            .map_err(|e| LoginError::Refused(e.to_string()))?;
+        claims::admit(
+            &self.settings,
+            verified.email.as_deref(),
+            verified.email_verified,
+            &verified.payload,
+        )
+        .map_err(|e| LoginError::Refused(e.to_string()))
     }
 
     /// A browser opened login link `id`.
@@ -222,13 +292,7 @@ impl Logins {
             code: RefusalCode::LoginFailed,
             message: e.to_string(),
         });
-        match &outcome {
-            Ok(who) => {
-                tracing::info!("login completed");
-                tracing::debug!(user = %who.email, groups = ?who.groups, "logged in");
-            }
-            Err(e) => tracing::info!("login failed: {e}"),
-        }
+        log_outcome(&outcome);
         if reply.send(for_device).is_err() && outcome.is_ok() {
             return Err(LoginError::DeviceGone);
         }
@@ -309,6 +373,16 @@ impl Logins {
 
     fn pending(&self) -> std::sync::MutexGuard<'_, PendingLogins<Reply, Authorization>> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn log_outcome(outcome: &Result<LoginIdentity, LoginError>) {
+    match outcome {
+        Ok(who) => {
+            tracing::info!("login completed");
+            tracing::debug!(user = %who.email, groups = ?who.groups, "logged in");
+        }
+        Err(e) => tracing::info!("login failed: {e}"),
     }
 }
 

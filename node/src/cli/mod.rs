@@ -186,9 +186,12 @@ async fn finish_up(client: &ApiClient, reply: UpReply) -> anyhow::Result<()> {
         }
         UpReply::LoginRequired(pending) => pending,
     };
-    println!("To log in, visit: {}", pending.login_url);
-    if let Some(code) = &pending.user_code {
-        println!("and enter the code: {code}");
+    match &pending.user_code {
+        Some(code) => println!(
+            "To log in, visit: {} and enter code: {code}",
+            pending.login_url
+        ),
+        None => println!("To log in, visit: {}", pending.login_url),
     }
     let deadline = Instant::now() + Duration::from_secs(pending.expires_in_secs);
     while Instant::now() < deadline {
