@@ -14,10 +14,9 @@ use weft_proto::{
     RuleAction,
 };
 
-use crate::eval::Subject;
 use crate::ports::{has_ports, normalize};
 use crate::posture::{self, Posture};
-use crate::rules::{AppRule, DstTarget, Rule, Rules, Target};
+use crate::rules::{DstTarget, Rule, Rules, Target};
 use crate::selector::spiffe_matches;
 
 /// A node as policy sees it.
@@ -75,6 +74,25 @@ pub(crate) fn compile_for(
     nodes: &[NodeInfo],
     only: Option<&BTreeSet<usize>>,
 ) -> BTreeMap<usize, NodeAccess> {
+    build(rules, nodes, only, true)
+}
+
+/// Like [`compile_for`], but leaves the peers empty: for nodes whose
+/// filters and capabilities changed but whose peers are known.
+pub(crate) fn compile_filters_for(
+    rules: &Rules,
+    nodes: &[NodeInfo],
+    only: &BTreeSet<usize>,
+) -> BTreeMap<usize, NodeAccess> {
+    build(rules, nodes, Some(only), false)
+}
+
+fn build(
+    rules: &Rules,
+    nodes: &[NodeInfo],
+    only: Option<&BTreeSet<usize>>,
+    peers: bool,
+) -> BTreeMap<usize, NodeAccess> {
     let index = Index::new(nodes);
     let wanted: Vec<bool> = match only {
         None => vec![true; nodes.len()],
@@ -84,6 +102,7 @@ pub(crate) fn compile_for(
         nodes,
         wanted: &wanted,
         only,
+        peers,
         access: BTreeMap::new(),
         audits: BTreeMap::new(),
         linked: HashSet::new(),
@@ -144,84 +163,6 @@ pub(crate) fn compile_for(
     out.finish()
 }
 
-/// The nodes (indices into `nodes`) whose access may change when `changed`
-/// (a node's old and new versions) changes: the node itself, the
-/// destinations of rules it is a source of, and the sources of rules it is a
-/// destination of. In whole-file audit mode every node is everyone's peer, so
-/// every node is affected.
-pub(crate) fn affected(
-    rules: &Rules,
-    nodes: &[NodeInfo],
-    changed: &[&NodeInfo],
-) -> BTreeSet<usize> {
-    if rules.audit {
-        return (0..nodes.len()).collect();
-    }
-    let index = Index::new(nodes);
-    let mut found: BTreeSet<usize> = BTreeSet::new();
-    for version in changed {
-        found.extend(
-            nodes
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| n.id == version.id)
-                .map(|(i, _)| i),
-        );
-        let subjects: Vec<Subject> = if version.addresses.is_empty() {
-            vec![Subject::node(version, None)]
-        } else {
-            version
-                .addresses
-                .iter()
-                .map(|a| Subject::node(version, Some(*a)))
-                .collect()
-        };
-        let login = member_login(version);
-        for rule in &rules.rules {
-            let dsts = || rule.dst.iter().map(|d| &d.target);
-            if covers_any(&rule.src, &subjects) {
-                index.add_matching(dsts(), login, &mut found);
-            }
-            if covers_any(dsts(), &subjects)
-                || (login.is_some() && dsts().any(|t| *t == Target::SelfUser))
-            {
-                index.add_matching(&rule.src, login, &mut found);
-            }
-        }
-        for app in &rules.apps {
-            if covers_any(&app.src, &subjects) {
-                index.add_matching(&app.dst, login, &mut found);
-            }
-        }
-    }
-    found
-}
-
-/// The nodes (indices into `nodes`) that any of `rules` or `apps` concerns,
-/// as a source or a destination: when those rules change, only these nodes'
-/// access can change.
-pub(crate) fn concerned(rules: &[&Rule], apps: &[&AppRule], nodes: &[NodeInfo]) -> BTreeSet<usize> {
-    let index = Index::new(nodes);
-    let mut found = BTreeSet::new();
-    let targets = rules
-        .iter()
-        .flat_map(|r| r.src.iter().chain(r.dst.iter().map(|d| &d.target)))
-        .chain(apps.iter().flat_map(|a| a.src.iter().chain(&a.dst)));
-    for target in targets {
-        match target {
-            Target::SelfUser => found.extend(index.members.iter().copied()),
-            _ => found.extend(index.matching(target)),
-        }
-    }
-    found
-}
-
-fn covers_any<'t>(targets: impl IntoIterator<Item = &'t Target>, subjects: &[Subject]) -> bool {
-    targets
-        .into_iter()
-        .any(|t| subjects.iter().any(|s| t.covers(s)))
-}
-
 /// The source prefixes of `*`.
 const EVERY_V4: IpNet = IpNet::new_assert(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
 const EVERY_V6: IpNet = IpNet::new_assert(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0);
@@ -234,6 +175,8 @@ struct Builder<'n, 'w> {
     nodes: &'n [NodeInfo],
     wanted: &'w [bool],
     only: Option<&'w BTreeSet<usize>>,
+    /// Whether to compute peers at all.
+    peers: bool,
     access: BTreeMap<usize, NodeAccess>,
     /// Audit-mode deny rules per node, intersected with its accepts at the end.
     audits: BTreeMap<usize, Vec<FilterRule>>,
@@ -354,7 +297,7 @@ impl Builder<'_, '_> {
 
     /// Makes every source a peer of every destination (both sorted).
     fn link(&mut self, srcs: Vec<usize>, dsts: Vec<usize>) {
-        if srcs.is_empty() || dsts.is_empty() {
+        if !self.peers || srcs.is_empty() || dsts.is_empty() {
             return;
         }
         let nodes = self.nodes;
@@ -574,28 +517,6 @@ impl<'n> Index<'n> {
         index
     }
 
-    /// Adds the nodes `targets` cover; `autogroup:self` covers the user nodes of `login`.
-    fn add_matching<'t>(
-        &self,
-        targets: impl IntoIterator<Item = &'t Target>,
-        login: Option<&str>,
-        found: &mut BTreeSet<usize>,
-    ) {
-        for target in targets {
-            match target {
-                Target::SelfUser => {
-                    found.extend(
-                        login
-                            .and_then(|l| self.by_user.get(l))
-                            .into_iter()
-                            .flatten(),
-                    );
-                }
-                _ => found.extend(self.matching(target)),
-            }
-        }
-    }
-
     /// The nodes a target covers, sorted and unique (`autogroup:self` covers none on its own).
     fn matching(&self, target: &Target) -> Vec<usize> {
         let lookup =
@@ -713,7 +634,7 @@ mod tests {
     use weft_proto::Protocol;
 
     use super::*;
-    use crate::eval::Verdict;
+    use crate::eval::{Subject, Verdict};
     use crate::ports::has_ports;
     use crate::Policy;
 

@@ -6,12 +6,14 @@
 //! [`Netmaps::apply`], [`Netmaps::resync`] and [`Netmaps::set_policy`] for
 //! changes, [`Netmaps::attach`] and [`Netmaps::detach`] for sessions, then
 //! call [`Netmaps::flush`] once per batch of inputs to take the messages to
-//! send. A batch of many changes costs one policy compilation.
+//! send.
 //!
 //! The view of a node holds only the peers the compiled policy names for it,
 //! so a node learns nothing about nodes it may neither reach nor be reached by.
-//! Every view is recomputed from scratch on each change; the module boundary
-//! is where an incremental computation would go.
+//! The policy is compiled in full once at start and after a resync; after
+//! that, a node change or a policy change recompiles only the nodes whose
+//! access it affects (see [`Engine`]), and only the sessions of those nodes,
+//! and of the peers of a node whose peer record changed, are re-diffed.
 
 mod lockout;
 mod service;
@@ -19,7 +21,7 @@ mod service;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
-use weft_policy::{NodeAccess, Policy};
+use weft_policy::{Engine, Policy};
 use weft_proto::{
     AppGrant, NetMap, NetMapDelta, NodeId, PacketFilter, Peer, Refusal, RefusalCode, SelfNode,
     ServerMessage,
@@ -64,11 +66,15 @@ pub(crate) struct Netmaps {
     /// Revision at which each known node was deleted, so late updates do not revive it.
     tombstones: BTreeMap<NodeId, u64>,
     policy: Option<Arc<Policy>>,
-    access: BTreeMap<NodeId, NodeAccess>,
-    /// `access` must be recompiled.
+    /// The policy compiled for the unexpired nodes; `None` without a policy.
+    engine: Option<Engine>,
+    /// `engine` must be rebuilt from every node: at start and after a
+    /// resync, so that a batch of many changes costs one compilation.
     stale: bool,
-    /// Sessions' views must be recomputed and diffed.
-    views_dirty: bool,
+    /// Nodes whose sessions' views must be recomputed and diffed.
+    dirty: BTreeSet<NodeId>,
+    /// Every session's view must be recomputed and diffed.
+    all_dirty: bool,
     sessions: BTreeMap<SessionId, Session>,
     outputs: VecDeque<Output>,
     /// Unix seconds at the last [`Netmaps::handle_timeout`]; nodes whose
@@ -100,7 +106,7 @@ impl Netmaps {
         Self {
             policy,
             stale: true,
-            views_dirty: true,
+            all_dirty: true,
             ..Self::default()
         }
     }
@@ -115,16 +121,16 @@ impl Netmaps {
                 if newer_known {
                     return;
                 }
-                self.nodes.insert(id, (*record, revision));
-                self.mark_changed();
+                let old = self.nodes.insert(id, (*record, revision));
+                self.node_changed(id, old.map(|(n, _)| n));
             }
             NodeUpdate::Delete { id, revision } => {
                 if self.nodes.get(&id).is_some_and(|(_, r)| *r > revision) {
                     return;
                 }
                 self.tombstones.insert(id, revision);
-                if self.nodes.remove(&id).is_some() {
-                    self.mark_changed();
+                if let Some((old, _)) = self.nodes.remove(&id) {
+                    self.node_changed(id, Some(old));
                 }
                 self.close_sessions_of(id);
             }
@@ -134,6 +140,7 @@ impl Netmaps {
     /// Replaces every node with `nodes`, read from the store at `revision`:
     /// after a watcher fell behind, or at start.
     pub(crate) fn resync(&mut self, nodes: Vec<(NodeRecord, u64)>, revision: u64) {
+        self.mark_stale();
         let present: BTreeSet<NodeId> = nodes.iter().map(|(n, _)| n.id).collect();
         let gone: Vec<NodeId> = self
             .nodes
@@ -152,7 +159,6 @@ impl Netmaps {
         }
     }
 
-    /// Installs a new policy (`None`: deny all).
     /// Whether installing `policy` would cut one of `admins` off (see
     /// [`Lockout`]), judged over the nodes registered and not expired now.
     pub(crate) fn check_lockout(&self, policy: &Policy, admins: &[String]) -> Result<(), Lockout> {
@@ -165,9 +171,20 @@ impl Netmaps {
         lockout::check(admins, self.policy.as_deref(), policy, &infos)
     }
 
+    /// Installs a new policy (`None`: deny all); only the nodes whose access
+    /// it changes get new views.
     pub(crate) fn set_policy(&mut self, policy: Option<Arc<Policy>>) {
         self.policy = policy;
-        self.mark_changed();
+        if self.stale {
+            return;
+        }
+        match (&mut self.engine, &self.policy) {
+            (Some(engine), Some(policy)) => {
+                let changed = engine.set_policy(Policy::clone(policy));
+                self.dirty.extend(changed);
+            }
+            _ => self.mark_stale(),
+        }
     }
 
     /// Starts a session for the node in `record` (just written at
@@ -197,7 +214,7 @@ impl Netmaps {
             self.sessions.remove(&old);
             self.outputs.push_back(Output::Replaced(old));
         }
-        self.recompile_if_stale();
+        self.rebuild_if_stale();
         let Some(view) = self.view_of(id) else {
             return Err(node_deleted());
         };
@@ -233,8 +250,15 @@ impl Netmaps {
             return;
         }
         let newly: Vec<NodeId> = expired.difference(&self.expired).copied().collect();
+        let flipped: Vec<NodeId> = expired
+            .symmetric_difference(&self.expired)
+            .copied()
+            .collect();
         self.expired = expired;
-        self.mark_changed();
+        for id in flipped {
+            self.dirty.insert(id);
+            self.sync_engine(id);
+        }
         for id in newly {
             self.close_sessions_with(id, key_expired());
         }
@@ -276,10 +300,16 @@ impl Netmaps {
 
     /// Brings every session's view up to date and returns what to send.
     pub(crate) fn flush(&mut self) -> Vec<Output> {
-        if std::mem::take(&mut self.views_dirty) {
-            self.recompile_if_stale();
-            let ids: Vec<(SessionId, NodeId)> =
-                self.sessions.iter().map(|(s, v)| (*s, v.node)).collect();
+        self.rebuild_if_stale();
+        let all = std::mem::take(&mut self.all_dirty);
+        let dirty = std::mem::take(&mut self.dirty);
+        if all || !dirty.is_empty() {
+            let ids: Vec<(SessionId, NodeId)> = self
+                .sessions
+                .iter()
+                .filter(|(_, v)| all || dirty.contains(&v.node))
+                .map(|(s, v)| (*s, v.node))
+                .collect();
             for (sid, node) in ids {
                 let Some(view) = self.view_of(node) else {
                     continue;
@@ -298,36 +328,84 @@ impl Netmaps {
         self.outputs.drain(..).collect()
     }
 
-    /// Nodes or policy changed: the compiled access and every session's view
-    /// must be brought up to date. Two flags, because attaching a session
-    /// recompiles early and the other sessions must still be re-diffed.
-    fn mark_changed(&mut self) {
-        self.stale = true;
-        self.views_dirty = true;
+    /// Node `id` changed from `old` (`None`: it is new) to what `nodes`
+    /// holds now (absent: deleted). Its own view changes, the views of the
+    /// nodes whose access it affects, and, when its peer record changed, the
+    /// views of its peers before and after.
+    fn node_changed(&mut self, id: NodeId, old: Option<NodeRecord>) {
+        self.dirty.insert(id);
+        let new_peer = self.nodes.get(&id).map(|(n, _)| n.peer());
+        let record_changed = old.as_ref().map(NodeRecord::peer) != new_peer;
+        if record_changed {
+            self.dirty.extend(self.peers_of(id));
+        }
+        self.sync_engine(id);
+        if record_changed {
+            self.dirty.extend(self.peers_of(id));
+        }
     }
 
-    fn recompile_if_stale(&mut self) {
-        if !self.stale {
+    /// Brings node `id` in the engine in line with its record: present
+    /// while it exists and its login has not expired.
+    fn sync_engine(&mut self, id: NodeId) {
+        if self.stale {
             return;
         }
-        self.stale = false;
-        self.access = match &self.policy {
-            Some(policy) => {
-                let infos: Vec<_> = self
-                    .nodes
-                    .values()
-                    .filter(|(n, _)| !n.is_expired(self.now))
-                    .map(|(n, _)| n.info())
-                    .collect();
-                policy.compile(&infos).nodes
-            }
-            None => BTreeMap::new(),
+        let Some(engine) = &mut self.engine else {
+            return;
         };
+        let info = self
+            .nodes
+            .get(&id)
+            .filter(|(n, _)| !n.is_expired(self.now))
+            .map(|(n, _)| n.info());
+        let known = engine.nodes().get(&id);
+        let changed = match info {
+            Some(info) if known != Some(&info) => engine.upsert(info),
+            Some(_) => BTreeSet::new(),
+            None if known.is_some() => engine.remove(id),
+            None => BTreeSet::new(),
+        };
+        self.dirty.extend(changed);
+    }
+
+    /// The nodes whose compiled access names `id` as a peer.
+    fn peers_of(&self, id: NodeId) -> BTreeSet<NodeId> {
+        self.engine
+            .as_ref()
+            .filter(|_| !self.stale)
+            .and_then(|e| e.access().get(&id))
+            .map(|a| a.peers.clone())
+            .unwrap_or_default()
+    }
+
+    /// Drops the engine: it is rebuilt from every node, and every view re-diffed, on next use.
+    fn mark_stale(&mut self) {
+        self.stale = true;
+        self.all_dirty = true;
+    }
+
+    fn rebuild_if_stale(&mut self) {
+        if !std::mem::take(&mut self.stale) {
+            return;
+        }
+        let infos: Vec<_> = self
+            .nodes
+            .values()
+            .filter(|(n, _)| !n.is_expired(self.now))
+            .map(|(n, _)| n.info())
+            .collect();
+        self.engine = self
+            .policy
+            .as_ref()
+            .map(|policy| Engine::new(Policy::clone(policy), infos));
+        self.all_dirty = true;
     }
 
     fn view_of(&self, id: NodeId) -> Option<View> {
         let (record, _) = self.nodes.get(&id)?;
-        let (peers, filter, capabilities) = match self.access.get(&id) {
+        let access = self.engine.as_ref().and_then(|e| e.access().get(&id));
+        let (peers, filter, capabilities) = match access {
             Some(access) => (
                 access
                     .peers
@@ -415,6 +493,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::net::{Ipv4Addr, Ipv6Addr};
 
+    use proptest::prelude::*;
     use weft_proto::{Identity, PrivateKey};
 
     use super::*;
@@ -618,6 +697,93 @@ mod tests {
         netmaps.detach(SessionId(50));
         assert!(!netmaps.is_online(NodeId(1)));
         assert_eq!(netmaps.online(), [NodeId(2), NodeId(3)].into());
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Put {
+            id: u64,
+            tag: &'static str,
+            port: u16,
+            expires: bool,
+        },
+        Delete(u64),
+        Policy(Option<&'static str>),
+        Timeout(u64),
+        Attach(u64),
+    }
+
+    fn arb_step() -> impl Strategy<Value = Step> {
+        let tag = prop::sample::select(vec!["tag:web", "tag:db", "tag:lonely"]);
+        prop_oneof![
+            4 => (1u64..6, tag, 1u16..3, prop::bool::weighted(0.2))
+                .prop_map(|(id, tag, port, expires)| Step::Put { id, tag, port, expires }),
+            1 => (1u64..6).prop_map(Step::Delete),
+            1 => prop::sample::select(vec![Some(POLICY), Some(OPEN_LONELY), None]).prop_map(Step::Policy),
+            1 => prop::sample::select(vec![0u64, 200]).prop_map(Step::Timeout),
+            2 => (1u64..6).prop_map(Step::Attach),
+        ]
+    }
+
+    /// The view of `id` compiled from scratch for the same nodes, policy and clock.
+    fn from_scratch(netmaps: &Netmaps, id: NodeId) -> Option<View> {
+        let mut fresh = Netmaps::new(netmaps.policy.clone());
+        fresh.handle_timeout(netmaps.now);
+        fresh.resync(netmaps.nodes.values().cloned().collect(), 0);
+        fresh.rebuild_if_stale();
+        fresh.view_of(id)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn incremental_views_equal_views_compiled_from_scratch(
+            steps in prop::collection::vec(arb_step(), 1..16),
+        ) {
+            let mut netmaps = Netmaps::new(policy(POLICY));
+            let mut keys: BTreeMap<u64, NodeRecord> = BTreeMap::new();
+            let mut next_session = 100;
+            for (revision, step) in (1u64..).zip(steps) {
+                match step {
+                    Step::Put { id, tag, port, expires } => {
+                        let mut record = keys.entry(id).or_insert_with(|| node(id, tag)).clone();
+                        record.identity.tags = vec![tag.into()];
+                        record.endpoints = vec![format!("192.0.2.{id}:{port}").parse().unwrap()];
+                        record.key_expiry = expires.then_some(100);
+                        netmaps.apply(put(record, revision));
+                    }
+                    Step::Delete(id) => netmaps.apply(NodeUpdate::Delete { id: NodeId(id), revision }),
+                    Step::Policy(source) => netmaps.set_policy(source.and_then(policy)),
+                    Step::Timeout(now) => netmaps.handle_timeout(now),
+                    Step::Attach(id) => {
+                        if let Some((record, rev)) = netmaps.nodes.get(&NodeId(id)).cloned() {
+                            let attached = netmaps.attach(SessionId(next_session), record, rev);
+                            prop_assert!(attached.is_ok());
+                            next_session += 1;
+                        }
+                    }
+                }
+                netmaps.flush();
+                for session in netmaps.sessions.values() {
+                    let expected = from_scratch(&netmaps, session.node);
+                    prop_assert_eq!(Some(&session.view), expected.as_ref(), "node {}", session.node);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_node_joining_leaves_unconcerned_sessions_alone() {
+        let (mut netmaps, _) = overlay(POLICY);
+        netmaps.apply(put(node(4, "tag:web"), 20));
+        let sent = deltas(netmaps.flush());
+        assert_eq!(
+            sent.keys().copied().collect::<Vec<_>>(),
+            [2],
+            "only db gains a peer; web and lonely are not told: {sent:?}"
+        );
+        assert_eq!(sent[&2].upsert_peers[0].id, NodeId(4));
     }
 
     #[test]
