@@ -3,7 +3,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
@@ -94,7 +94,32 @@ pub enum Origin {
     },
 }
 
-/// A bounded table of flows keyed by the direction their opener sent in.
+/// Which way a packet travels on a tracked flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// The way the flow's opener sent.
+    Opening,
+    /// The way answers to the opener travel.
+    Answering,
+    /// Both: the two ends have the same address and port, so a packet reads
+    /// the same either way.
+    Both,
+}
+
+impl Direction {
+    /// Whether the packet travels the way the opener sent.
+    pub fn opens(self) -> bool {
+        !matches!(self, Self::Answering)
+    }
+
+    /// Whether the packet travels the way answers to the opener do.
+    pub fn answers(self) -> bool {
+        !matches!(self, Self::Opening)
+    }
+}
+
+/// A bounded table of flows, one entry per flow whichever way its packets
+/// travel, so a packet of either direction costs one hash probe.
 ///
 /// Time comes in as `now`; nothing here reads a clock. When full, inserting
 /// evicts the flow closest to expiry.
@@ -102,17 +127,61 @@ pub enum Origin {
 pub struct ConnTrack {
     /// Keyed with a random seed: keys come from the network, so a fixed
     /// hash would let a peer aim collisions at the table.
-    flows: AHashMap<FlowKey, Flow>,
+    flows: AHashMap<Slot, Flow>,
     /// One entry per flow, holding a deadline no later than the flow's own
     /// (refreshing a flow leaves its entry stale-early; expiry re-queues it).
-    deadlines: BinaryHeap<Reverse<(Instant, FlowKey)>>,
+    deadlines: BinaryHeap<Reverse<(Instant, Slot)>>,
     capacity: usize,
 }
+
+/// A tracked flow as one packet sees it: found by [`ConnTrack::probe`],
+/// refreshed through it without a second lookup.
+#[derive(Debug)]
+pub struct Probe<'a> {
+    flow: &'a mut Flow,
+    direction: Direction,
+}
+
+impl Probe<'_> {
+    /// Who opened the flow.
+    pub fn origin(&self) -> Origin {
+        self.flow.origin
+    }
+
+    /// Which way the probing packet travels on it.
+    pub fn direction(&self) -> Direction {
+        self.direction
+    }
+
+    /// Extends the flow's life from `now`.
+    pub fn refresh(&mut self, now: Instant) {
+        self.flow.seen = now;
+    }
+}
+
+/// A flow's table key: its protocol and its two ends in a fixed order, so
+/// both directions of a flow find the same entry. It is three plain integers
+/// so that ordering, hashing (three hasher rounds) and comparing stay cheap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Slot {
+    low: u128,
+    high: u128,
+    /// From the top: low port, high port, families (bit 0: the low end is
+    /// IPv6, bit 1: the high end is), protocol code.
+    rest: u64,
+}
+
+/// One end of a flow, in the order [`Slot`] sorts ends by.
+type End = (u128, u16, bool);
 
 #[derive(Debug, Clone, Copy)]
 struct Flow {
     origin: Origin,
-    deadline: Instant,
+    /// Whether the opener sent from the slot's low end.
+    opened_from_low: bool,
+    /// The last packet that kept the flow alive. Storing the time rather
+    /// than a deadline keeps `Instant` arithmetic off the per-packet path.
+    seen: Instant,
 }
 
 impl ConnTrack {
@@ -125,36 +194,43 @@ impl ConnTrack {
         }
     }
 
+    /// The flow a packet with `key` belongs to, in either direction, if
+    /// tracked: one hash lookup, no allocation.
+    pub fn probe(&mut self, key: &FlowKey) -> Option<Probe<'_>> {
+        let (slot, from_low) = Slot::of(key);
+        let flow = self.flows.get_mut(&slot)?;
+        let direction = slot.direction(from_low, flow);
+        Some(Probe { flow, direction })
+    }
+
     /// The origin of the flow `key` opened, if tracked.
     pub fn origin(&self, key: &FlowKey) -> Option<Origin> {
-        self.flows.get(key).map(|flow| flow.origin)
+        let (slot, from_low) = Slot::of(key);
+        let flow = self.flows.get(&slot)?;
+        slot.direction(from_low, flow)
+            .opens()
+            .then_some(flow.origin)
     }
 
-    /// Extends the life of flow `key` from `now`. Returns its origin, or
-    /// `None` when it is not tracked.
+    /// Extends the life of flow `key` opened from `now`. Returns its origin,
+    /// or `None` when it is not tracked.
     pub fn touch(&mut self, key: &FlowKey, now: Instant) -> Option<Origin> {
-        let flow = self.flows.get_mut(key)?;
-        flow.deadline = now + key.idle_timeout();
-        Some(flow.origin)
+        let mut flow = self.probe(key).filter(|flow| flow.direction().opens())?;
+        flow.refresh(now);
+        Some(flow.origin())
     }
 
-    /// Extends the life of flow `key` from `now` if its origin is `origin`.
-    /// Returns whether it did; one hash lookup, no allocation.
-    pub fn touch_if(&mut self, key: &FlowKey, now: Instant, origin: Origin) -> bool {
-        match self.flows.get_mut(key) {
-            Some(flow) if flow.origin == origin => {
-                flow.deadline = now + key.idle_timeout();
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Starts tracking flow `key` (or refreshes it with a new origin).
+    /// Starts tracking flow `key` as opened by its sender (or refreshes it,
+    /// with a new origin and opener).
     pub fn insert(&mut self, key: FlowKey, origin: Origin, now: Instant) {
-        let deadline = now + key.idle_timeout();
-        if let Some(flow) = self.flows.get_mut(&key) {
-            *flow = Flow { origin, deadline };
+        let (slot, opened_from_low) = Slot::of(&key);
+        let flow = Flow {
+            origin,
+            opened_from_low,
+            seen: now,
+        };
+        if let Some(tracked) = self.flows.get_mut(&slot) {
+            *tracked = flow;
             return;
         }
         while self.flows.len() >= self.capacity {
@@ -162,16 +238,18 @@ impl ConnTrack {
                 break;
             }
         }
-        self.flows.insert(key, Flow { origin, deadline });
-        self.deadlines.push(Reverse((deadline, key)));
+        self.flows.insert(slot, flow);
+        self.deadlines
+            .push(Reverse((now + slot.idle_timeout(), slot)));
     }
 
-    /// Re-decides every peer-opened flow with `allowed`.
+    /// Re-decides every peer-opened flow with `allowed`, given the key of
+    /// the packet that opened it.
     pub fn recheck_inbound(&mut self, mut allowed: impl FnMut(&FlowKey) -> bool) {
-        for (key, flow) in &mut self.flows {
+        for (slot, flow) in &mut self.flows {
             if let Origin::Inbound { .. } = flow.origin {
                 flow.origin = Origin::Inbound {
-                    allowed: allowed(key),
+                    allowed: allowed(&slot.opener(flow.opened_from_low)),
                 };
             }
         }
@@ -179,9 +257,12 @@ impl ConnTrack {
 
     /// Forgets every flow that has one of `addresses` at either end.
     pub fn forget_addresses(&mut self, addresses: &[IpAddr]) {
-        let involved = |key: &FlowKey| addresses.contains(&key.src) || addresses.contains(&key.dst);
-        self.flows.retain(|key, _| !involved(key));
-        self.deadlines.retain(|Reverse((_, key))| !involved(key));
+        let involved = |slot: &Slot| {
+            let (low, high) = slot.addresses();
+            addresses.contains(&low) || addresses.contains(&high)
+        };
+        self.flows.retain(|slot, _| !involved(slot));
+        self.deadlines.retain(|Reverse((_, slot))| !involved(slot));
     }
 
     /// Drops flows idle at `now`.
@@ -215,23 +296,141 @@ impl ConnTrack {
     /// Removes the flow with the earliest deadline, if that deadline is not
     /// after `until` (no bound: remove it regardless). Returns whether one was removed.
     fn pop_earliest(&mut self, until: Option<Instant>) -> bool {
-        while let Some(Reverse((queued, key))) = self.deadlines.peek().copied() {
+        while let Some(Reverse((queued, slot))) = self.deadlines.peek().copied() {
             if until.is_some_and(|until| queued > until) {
                 return false;
             }
             self.deadlines.pop();
-            let Some(flow) = self.flows.get(&key) else {
+            let Some(flow) = self.flows.get(&slot) else {
                 continue;
             };
-            if flow.deadline > queued {
+            let deadline = flow.seen + slot.idle_timeout();
+            if deadline > queued {
                 // Refreshed since it was queued: queue it at its real deadline.
-                self.deadlines.push(Reverse((flow.deadline, key)));
+                self.deadlines.push(Reverse((deadline, slot)));
                 continue;
             }
-            self.flows.remove(&key);
+            self.flows.remove(&slot);
             return true;
         }
         false
+    }
+}
+
+impl Slot {
+    /// The slot of the flow `key` belongs to, and whether `key`'s sender is
+    /// the slot's low end.
+    fn of(key: &FlowKey) -> (Self, bool) {
+        let src: End = (address_bits(key.src), key.src_port, key.src.is_ipv6());
+        let dst: End = (address_bits(key.dst), key.dst_port, key.dst.is_ipv6());
+        let from_low = src <= dst;
+        let (low, high) = if from_low { (src, dst) } else { (dst, src) };
+        let families = u64::from(low.2) | u64::from(high.2) << 1;
+        let slot = Self {
+            low: low.0,
+            high: high.0,
+            rest: u64::from(low.1) << 48
+                | u64::from(high.1) << 32
+                | families << 16
+                | u64::from(protocol_code(key.protocol)),
+        };
+        (slot, from_low)
+    }
+
+    /// The addresses of the low and the high end.
+    fn addresses(&self) -> (IpAddr, IpAddr) {
+        (
+            address(self.low, self.rest & 1 << 16 != 0),
+            address(self.high, self.rest & 2 << 16 != 0),
+        )
+    }
+
+    fn low_port(&self) -> u16 {
+        (self.rest >> 48) as u16
+    }
+
+    fn high_port(&self) -> u16 {
+        (self.rest >> 32) as u16
+    }
+
+    fn protocol(&self) -> Protocol {
+        match self.rest as u16 {
+            TCP => Protocol::Tcp,
+            UDP => Protocol::Udp,
+            ICMP => Protocol::Icmp,
+            number => Protocol::Other(number as u8),
+        }
+    }
+
+    /// Which way a packet sent from the low end (`from_low`) or the high end
+    /// travels on `flow`.
+    fn direction(&self, from_low: bool, flow: &Flow) -> Direction {
+        let families = (self.rest >> 16) & 3;
+        let symmetric = self.low == self.high
+            && self.low_port() == self.high_port()
+            && (families == 0 || families == 3);
+        if symmetric {
+            Direction::Both
+        } else if flow.opened_from_low == from_low {
+            Direction::Opening
+        } else {
+            Direction::Answering
+        }
+    }
+
+    /// The key of the packets sent from the low end (`from_low`) or the high end.
+    fn opener(&self, from_low: bool) -> FlowKey {
+        let (low, high) = self.addresses();
+        let (src, src_port, dst, dst_port) = if from_low {
+            (low, self.low_port(), high, self.high_port())
+        } else {
+            (high, self.high_port(), low, self.low_port())
+        };
+        FlowKey {
+            protocol: self.protocol(),
+            src,
+            src_port,
+            dst,
+            dst_port,
+        }
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        self.opener(true).idle_timeout()
+    }
+}
+
+const TCP: u16 = 0x106;
+const UDP: u16 = 0x111;
+const ICMP: u16 = 0x101;
+
+/// A protocol as a number of its own: the named protocols sit above every
+/// [`Protocol::Other`] number, so no two protocols share one.
+fn protocol_code(protocol: Protocol) -> u16 {
+    match protocol {
+        Protocol::Tcp => TCP,
+        Protocol::Udp => UDP,
+        Protocol::Icmp => ICMP,
+        Protocol::Other(number) => u16::from(number),
+    }
+}
+
+/// An address as an integer; the families bits of [`Slot::rest`] tell
+/// the families apart.
+fn address_bits(addr: IpAddr) -> u128 {
+    match addr {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+/// The address [`address_bits`] turned into `bits`.
+fn address(bits: u128, v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::from(bits))
+    } else {
+        // IPv4 bits came from a `u32`, so nothing is cut off.
+        IpAddr::V4(Ipv4Addr::from(bits as u32))
     }
 }
 
@@ -243,7 +442,7 @@ impl Default for ConnTrack {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use proptest::prelude::*;
 
     use super::*;
 
@@ -355,5 +554,134 @@ mod tests {
         let counter_request = FlowKey::of(&headers(b, a, false)).unwrap();
         assert_eq!(reply.reversed(), request);
         assert_ne!(counter_request.reversed(), request);
+    }
+
+    #[test]
+    fn both_directions_of_a_flow_share_one_entry() {
+        let now = Instant::now();
+        let mut table = ConnTrack::new(16);
+        let opening = key(1);
+        let answering = opening.reversed();
+        table.insert(opening, Origin::Outbound, now);
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.origin(&answering), None, "answers open nothing");
+        let flow = table.probe(&answering).unwrap();
+        assert_eq!(flow.direction(), Direction::Answering);
+        assert_eq!(flow.origin(), Origin::Outbound);
+        assert_eq!(
+            table.probe(&opening).unwrap().direction(),
+            Direction::Opening
+        );
+        // Re-opening from the other side replaces the flow, never adds one.
+        table.insert(answering, Origin::Inbound { allowed: true }, now);
+        assert_eq!(table.len(), 1);
+        assert_eq!(
+            table.probe(&opening).unwrap().direction(),
+            Direction::Answering
+        );
+    }
+
+    #[test]
+    fn a_flow_between_identical_ends_reads_the_same_both_ways() {
+        let now = Instant::now();
+        let mut table = ConnTrack::new(16);
+        let mut looped = key(53);
+        looped.dst = looped.src;
+        assert_eq!(looped.reversed(), looped);
+        table.insert(looped, Origin::Outbound, now);
+        let flow = table.probe(&looped).unwrap();
+        assert!(flow.direction().opens() && flow.direction().answers());
+    }
+
+    #[test]
+    fn probing_refreshes_only_when_asked() {
+        let start = Instant::now();
+        let mut table = ConnTrack::new(16);
+        table.insert(key(1), Origin::Outbound, start);
+        let later = start + UDP_IDLE / 2;
+        assert!(table.probe(&key(1).reversed()).is_some());
+        table.handle_timeout(start + UDP_IDLE);
+        assert!(table.is_empty(), "a probe alone keeps nothing alive");
+
+        table.insert(key(1), Origin::Outbound, start);
+        table.probe(&key(1).reversed()).unwrap().refresh(later);
+        table.handle_timeout(start + UDP_IDLE);
+        assert_eq!(table.origin(&key(1)), Some(Origin::Outbound));
+    }
+
+    fn any_key() -> impl Strategy<Value = FlowKey> {
+        let addr = prop_oneof![
+            (0..3u8).prop_map(|n| IpAddr::V4(Ipv4Addr::new(100, 64, 0, n))),
+            (0..3u16).prop_map(|n| IpAddr::V6(Ipv6Addr::new(0xfd7a, 0, 0, 0, 0, 0, 0, n))),
+            // The IPv4-mapped twin of an IPv4 address is another address.
+            (0..3u8).prop_map(|n| IpAddr::V6(Ipv4Addr::new(100, 64, 0, n).to_ipv6_mapped())),
+        ];
+        let protocol = prop_oneof![
+            Just(Protocol::Tcp),
+            Just(Protocol::Udp),
+            Just(Protocol::Icmp),
+            any::<u8>().prop_map(Protocol::Other),
+        ];
+        (protocol, addr.clone(), 0..3u16, addr, 0..3u16).prop_map(
+            |(protocol, src, src_port, dst, dst_port)| FlowKey {
+                protocol,
+                src,
+                src_port,
+                dst,
+                dst_port,
+            },
+        )
+    }
+
+    proptest! {
+        /// A flow is found from its opening key and from the reversed key,
+        /// in the right direction, and from no other key.
+        #[test]
+        fn flows_are_found_from_either_direction_only(
+            opened in any_key(),
+            other in any_key(),
+        ) {
+            let now = Instant::now();
+            let mut table = ConnTrack::new(16);
+            table.insert(opened, Origin::Outbound, now);
+            let symmetric = opened == opened.reversed();
+            let direction = table.probe(&opened).map(|flow| flow.direction());
+            prop_assert_eq!(
+                direction,
+                Some(if symmetric { Direction::Both } else { Direction::Opening })
+            );
+            let direction = table.probe(&opened.reversed()).map(|flow| flow.direction());
+            prop_assert_eq!(
+                direction,
+                Some(if symmetric { Direction::Both } else { Direction::Answering })
+            );
+            let mut opener = None;
+            table.recheck_inbound(|key| {
+                opener = Some(*key);
+                true
+            });
+            prop_assert_eq!(opener, None, "outbound flows are not rechecked");
+            if other != opened && other != opened.reversed() {
+                prop_assert!(table.probe(&other).is_none());
+            }
+        }
+
+        /// Rechecking hands over the key of the packet that opened the flow.
+        #[test]
+        fn rechecks_see_the_opening_key(opened in any_key()) {
+            let now = Instant::now();
+            let mut table = ConnTrack::new(16);
+            table.insert(opened, Origin::Inbound { allowed: true }, now);
+            let mut seen = Vec::new();
+            table.recheck_inbound(|key| {
+                seen.push(*key);
+                false
+            });
+            prop_assert_eq!(seen, vec![opened]);
+            prop_assert_eq!(
+                table.origin(&opened),
+                Some(Origin::Inbound { allowed: false })
+            );
+        }
     }
 }

@@ -29,7 +29,9 @@ use std::time::Instant;
 
 use weft_proto::{DefaultAction, PacketFilter};
 
-pub use conntrack::{ConnTrack, FlowKey, Origin, DEFAULT_CAPACITY, ICMP_IDLE, TCP_IDLE, UDP_IDLE};
+pub use conntrack::{
+    ConnTrack, Direction, FlowKey, Origin, Probe, DEFAULT_CAPACITY, ICMP_IDLE, TCP_IDLE, UDP_IDLE,
+};
 pub use packet::{parse, Headers, ParseError, Transport};
 pub use rules::{Decision, Filter, Query};
 
@@ -112,17 +114,15 @@ impl Firewall {
 
     /// Records a packet this node sends, so its answers are admitted.
     ///
-    /// A packet answering a peer-opened flow only keeps that flow alive; an
-    /// echo reply opens nothing.
+    /// A packet on a tracked flow only keeps that flow alive, whoever opened
+    /// it (so answering a peer-opened flow never turns it into one this node
+    /// opened); an echo reply opens nothing.
     pub fn outbound(&mut self, headers: &Headers, now: Instant) {
         let Some(key) = FlowKey::of(headers) else {
             return;
         };
-        let reverse = key.reversed();
-        if let Some(Origin::Inbound { .. }) = self.conntrack.touch(&reverse, now) {
-            return;
-        }
-        if self.conntrack.touch(&key, now).is_some() {
+        if let Some(mut flow) = self.conntrack.probe(&key) {
+            flow.refresh(now);
             return;
         }
         if !matches!(headers.transport, Transport::Echo { reply: true, .. }) {
@@ -133,8 +133,8 @@ impl Firewall {
     /// Decides on a packet arriving from the tunnel.
     pub fn inbound(&mut self, headers: &Headers, now: Instant) -> Verdict {
         let key = FlowKey::of(headers);
-        if let Some(key) = key {
-            if let Some(verdict) = self.tracked(&key, now) {
+        if let Some(flow) = key.as_ref().and_then(|key| self.conntrack.probe(key)) {
+            if let Some(verdict) = tracked(flow, now) {
                 return verdict;
             }
         }
@@ -195,29 +195,27 @@ impl Firewall {
         self.filter = Filter::default();
         self.conntrack.clear();
     }
+}
 
-    /// The verdict on a packet of a tracked flow, refreshing the flow, or
-    /// `None` when the packet belongs to no tracked flow.
-    fn tracked(&mut self, key: &FlowKey, now: Instant) -> Option<Verdict> {
-        if self
-            .conntrack
-            .touch_if(&key.reversed(), now, Origin::Outbound)
-        {
-            return Some(Verdict::Accept(Admission::Return));
+/// The verdict on an inbound packet of the tracked `flow`, refreshing the
+/// flow when it admits the packet, or `None` when the rules must decide.
+fn tracked(mut flow: Probe<'_>, now: Instant) -> Option<Verdict> {
+    let direction = flow.direction();
+    let verdict = match flow.origin() {
+        Origin::Outbound if direction.answers() => Verdict::Accept(Admission::Return),
+        Origin::Inbound { allowed: true } if direction.opens() => {
+            Verdict::Accept(Admission::Established)
         }
-        if self
-            .conntrack
-            .touch_if(key, now, Origin::Inbound { allowed: true })
-        {
-            return Some(Verdict::Accept(Admission::Established));
+        Origin::Inbound { allowed: false } if direction.opens() => {
+            return Some(Verdict::Drop(Denial::Revoked))
         }
-        match self.conntrack.origin(key)? {
-            Origin::Inbound { .. } => Some(Verdict::Drop(Denial::Revoked)),
-            // This node sent a packet with the peer's addresses and ports:
-            // not a flow the peer may answer on; the rules decide.
-            Origin::Outbound => None,
-        }
-    }
+        // The peer sends the way this node did (with the peer's addresses
+        // and ports), or answers its own flow: nothing to answer, so the
+        // rules decide.
+        Origin::Outbound | Origin::Inbound { .. } => return None,
+    };
+    flow.refresh(now);
+    Some(verdict)
 }
 
 /// Logs a packet that passes only because the policy is in audit mode: once
