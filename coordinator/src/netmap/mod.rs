@@ -246,16 +246,22 @@ impl Netmaps {
             .filter(|(n, _)| n.is_expired(now))
             .map(|(n, _)| n.id)
             .collect();
-        if expired == self.expired {
-            return;
-        }
         let newly: Vec<NodeId> = expired.difference(&self.expired).copied().collect();
-        let flipped: Vec<NodeId> = expired
-            .symmetric_difference(&self.expired)
-            .copied()
-            .collect();
         self.expired = expired;
-        for id in flipped {
+        // Bring the engine in line with the clock. Besides keys expiring, a
+        // node can arrive already expired, and the wall clock can step back
+        // and revive one: compare each node's presence in the engine with its
+        // state now, rather than with the previous sweep.
+        let out_of_sync: Vec<NodeId> = match (&self.engine, self.stale) {
+            (Some(engine), false) => self
+                .nodes
+                .keys()
+                .filter(|id| engine.nodes().contains_key(id) == self.expired.contains(id))
+                .copied()
+                .collect(),
+            _ => Vec::new(),
+        };
+        for id in out_of_sync {
             self.dirty.insert(id);
             self.sync_engine(id);
         }
