@@ -24,6 +24,10 @@ use weft_proto::{
 
 use crate::endpoints::local_endpoints;
 
+/// How often a registered node re-reports its attributes even when its
+/// posture file did not change; the coordinator stores only changes.
+const ATTRIBUTE_REFRESH: Duration = Duration::from_secs(180);
+
 /// What the control task needs to register the node.
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
@@ -272,6 +276,13 @@ async fn exchange(
 
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
+    // System attributes (OS version after an upgrade, disk encryption) change
+    // without the posture file changing: re-report them periodically so
+    // posture rules are re-evaluated at least this often.
+    let mut refresh = tokio::time::interval_at(
+        tokio::time::Instant::now() + ATTRIBUTE_REFRESH,
+        ATTRIBUTE_REFRESH,
+    );
     let mut posture_open = true;
     loop {
         while let Some(message) = decoder.next_message::<ServerMessage>()? {
@@ -310,6 +321,10 @@ async fn exchange(
                     Ok(()) => send_attributes(config, &mut send).await?,
                     Err(_) => posture_open = false,
                 }
+                continue;
+            }
+            _ = refresh.tick(), if *registered => {
+                send_attributes(config, &mut send).await?;
                 continue;
             }
         };
