@@ -25,7 +25,7 @@ pub use overlay::{Coordinator, NodeHandle, Overlay};
 pub use probe::{ping, tcp_echo, wait_until, EchoServer};
 pub use process::Process;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Where the workspace's binaries were built: next to this executable
 /// (`target/<profile>/`), or one level up for test executables in `deps/`.
@@ -47,6 +47,13 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
         }
     }
     Ok(dir)
+}
+
+/// A file from the end-to-end tests' `fixtures/` directory.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
 }
 
 /// Fails unless the harness can create namespaces and TUN devices.

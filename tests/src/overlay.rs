@@ -127,6 +127,25 @@ impl Overlay {
             .ok_or_else(|| anyhow::anyhow!("no node started on {host}"))
     }
 
+    /// `weft up` on `host` with `auth_key`, named after the host; an error
+    /// with the command's output when it fails.
+    pub fn join(&self, host: &str, auth_key: &str) -> Result<()> {
+        let coordinator = self.coordinator()?;
+        let out = self.node(host)?.up(
+            coordinator.address(),
+            &coordinator.public_key()?,
+            Some(auth_key),
+            host,
+        )?;
+        anyhow::ensure!(
+            out.status.success(),
+            "weft up on {host} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
     /// Every process's log, for a failure report.
     pub fn logs(&self) -> String {
         let mut out = String::new();
@@ -187,11 +206,7 @@ impl Coordinator {
     /// Stops the coordinator (SIGKILL when `hard`) and starts it again on the same data dir.
     pub fn restart(&mut self, hard: bool) -> Result<()> {
         if let Some(mut p) = self.process.take() {
-            p.stop_with(if hard {
-                nix::sys::signal::Signal::SIGKILL
-            } else {
-                nix::sys::signal::Signal::SIGTERM
-            });
+            p.stop_for_restart(hard);
         }
         self.start()
     }
@@ -320,11 +335,7 @@ impl NodeHandle {
     /// Stops weftd (SIGKILL when `hard`) and starts it again on the same state dir.
     pub fn restart(&mut self, hard: bool) -> Result<()> {
         if let Some(mut p) = self.process.take() {
-            p.stop_with(if hard {
-                nix::sys::signal::Signal::SIGKILL
-            } else {
-                nix::sys::signal::Signal::SIGTERM
-            });
+            p.stop_for_restart(hard);
         }
         self.start()
     }

@@ -100,6 +100,16 @@ impl Process {
         eprintln!("[harness] {} did not stop on {signal}; killed", self.name);
     }
 
+    /// Stops the process to start it again: killed outright when `hard`
+    /// (a crash), otherwise asked to exit.
+    pub fn stop_for_restart(&mut self, hard: bool) {
+        self.stop_with(if hard {
+            Signal::SIGKILL
+        } else {
+            Signal::SIGTERM
+        });
+    }
+
     /// Stops gracefully (SIGTERM).
     pub fn stop(&mut self) {
         self.stop_with(Signal::SIGTERM);

@@ -12,19 +12,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
-use weft_tests::{ping, tcp_echo, wait_until, EchoServer, Lab, Overlay};
+use weft_tests::{fixture, ping, tcp_echo, wait_until, EchoServer, Lab, Overlay};
 
 const DENY_WAIT: Duration = Duration::from_millis(1500);
 const ALLOW_WAIT: Duration = Duration::from_secs(3);
 const PROPAGATION_BUDGET: Duration = Duration::from_secs(5);
 /// A well-formed key that no coordinator holds.
 const WRONG_COORDINATOR_KEY: &str = "EEEEEEEEEEEEEEEEEEEEEEEEEEEEEEEEEEEEEEEEEEE=";
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
-}
 
 /// Runs a scenario on a fresh overlay; on failure, the panic carries every
 /// process's log. The overlay is torn down either way.
@@ -37,23 +31,6 @@ fn with_overlay(hosts: &[(&str, u8)], scenario: impl FnOnce(&mut Overlay) -> Res
     if let Err(e) = scenario(&mut overlay) {
         panic!("{e:?}\n\n{}", overlay.logs());
     }
-}
-
-fn up(overlay: &Overlay, host: &str, auth_key: &str) -> Result<()> {
-    let coordinator = overlay.coordinator()?;
-    let out = overlay.node(host)?.up(
-        coordinator.address(),
-        &coordinator.public_key()?,
-        Some(auth_key),
-        host,
-    )?;
-    ensure!(
-        out.status.success(),
-        "weft up on {host} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 fn addr(overlay: &Overlay, host: &str) -> Result<IpAddr> {
@@ -160,9 +137,9 @@ fn identity_admitted_overlay_end_to_end() {
         let lonely_key = coordinator.authkey(&["tag:lonely"], false)?;
 
         // Joining, and the time from `weft up` to the first packet through the tunnel.
-        up(overlay, "web", &web_key)?;
+        overlay.join("web", &web_key)?;
         let started = Instant::now();
-        up(overlay, "db", &db_key)?;
+        overlay.join("db", &db_key)?;
         let db_addr = addr(overlay, "db")?;
         let web_ns = ns(overlay, "web")?;
         let first_packet = wait_until(Duration::from_secs(10), || {
@@ -174,8 +151,8 @@ fn identity_admitted_overlay_end_to_end() {
             started.elapsed().as_millis(),
             first_packet.as_millis()
         ));
-        up(overlay, "admin", &admin_key)?;
-        up(overlay, "lonely", &lonely_key)?;
+        overlay.join("admin", &admin_key)?;
+        overlay.join("lonely", &lonely_key)?;
 
         // Identities and addresses.
         let nodes = overlay.coordinator()?.nodes()?;

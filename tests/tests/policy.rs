@@ -4,39 +4,15 @@
 //! application capability the destination's local API reports.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
-use weft_tests::{tcp_echo, wait_until, EchoServer, Lab, Overlay};
+use weft_tests::{fixture, tcp_echo, wait_until, EchoServer, Lab, Overlay};
 
 const DENY_WAIT: Duration = Duration::from_millis(1500);
 const ALLOW_WAIT: Duration = Duration::from_secs(3);
 /// How soon a posture change must open or close access.
 const POSTURE_BUDGET: Duration = Duration::from_secs(5);
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
-}
-
-fn up(overlay: &Overlay, host: &str, auth_key: &str) -> Result<()> {
-    let coordinator = overlay.coordinator()?;
-    let out = overlay.node(host)?.up(
-        coordinator.address(),
-        &coordinator.public_key()?,
-        Some(auth_key),
-        host,
-    )?;
-    ensure!(
-        out.status.success(),
-        "weft up on {host} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
 
 /// Whether a TCP echo from `from` to `to:port` works within `within`.
 fn reaches(overlay: &Overlay, from: &str, to: &str, port: u16, within: Duration) -> Result<bool> {
@@ -78,8 +54,8 @@ fn scenario(overlay: &mut Overlay) -> Result<()> {
     overlay.start_node("server")?;
     let client_key = overlay.coordinator()?.authkey(&["tag:client"], false)?;
     let server_key = overlay.coordinator()?.authkey(&["tag:server"], false)?;
-    up(overlay, "client", &client_key)?;
-    up(overlay, "server", &server_key)?;
+    overlay.join("client", &client_key)?;
+    overlay.join("server", &server_key)?;
 
     let server_ns = overlay.lab().host("server")?.netns.clone();
     let _echo: Vec<EchoServer> = (7000..=7003)
