@@ -752,20 +752,25 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_policy_change_recompiles_only_the_nodes_it_concerns() {
-        let node = |id: u64, identity: Identity| NodeInfo {
+    /// A node with address 100.64.`subnet`.`id`.
+    fn node_in(subnet: u8, id: u64, identity: Identity) -> NodeInfo {
+        NodeInfo {
             id: NodeId(id),
             name: format!("n{id}"),
             addresses: vec![IpAddr::V4(Ipv4Addr::new(
                 100,
                 64,
-                2,
+                subnet,
                 u8::try_from(id).unwrap(),
             ))],
             identity,
             attributes: BTreeMap::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn a_policy_change_recompiles_only_the_nodes_it_concerns() {
+        let node = |id, identity| node_in(2, id, identity);
         let person = |login: &str| Identity {
             user: Some(login.into()),
             ..Identity::default()
@@ -790,18 +795,7 @@ mod tests {
     #[test]
     fn a_change_recompiles_only_what_it_touches() {
         let policy = Policy::parse(POLICY, "p").unwrap();
-        let node = |id: u64, identity: Identity| NodeInfo {
-            id: NodeId(id),
-            name: format!("n{id}"),
-            addresses: vec![IpAddr::V4(Ipv4Addr::new(
-                100,
-                64,
-                1,
-                u8::try_from(id).unwrap(),
-            ))],
-            identity,
-            attributes: BTreeMap::new(),
-        };
+        let node = |id, identity| node_in(1, id, identity);
         let web = |id| node(id, Identity::tagged(vec!["tag:web".into()]));
         let db = |id| node(id, Identity::tagged(vec!["tag:db".into()]));
         let mut engine = Engine::new(policy, vec![web(1), db(2), db(3), web(4)]);
