@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use weft_proto::{Identity, NetMap, NetMapDelta, NodeId, Peer, PrivateKey, PublicKey};
 
 use crate::filter::{self, Firewall, Verdict};
-use peer::PeerTunnel;
+use peer::{PeerTunnel, Slot};
 
 /// A weft node's data plane: WireGuard sessions to the netmap's peers and
 /// the inbound packet filter. It does no IO and reads no clock of its own.
@@ -52,6 +52,14 @@ use peer::PeerTunnel;
 /// Only peers in the netmap can open a tunnel: a handshake from any other key
 /// is dropped. A peer may only send packets from its own overlay addresses,
 /// and those packets then pass the filter ([`crate::filter`]).
+///
+/// # Key changes
+///
+/// When this node's key rotates ([`Node::rotate_key`]) or a peer's key
+/// changes in the netmap, the peer gets a new tunnel and the old one keeps
+/// carrying traffic until the new one's handshake completes (then for a few
+/// seconds more, for packets already in flight), so a rotation loses no
+/// packets whichever side learns of it first.
 pub struct Node {
     static_private: x25519_dalek::StaticSecret,
     static_public: x25519_dalek::PublicKey,
@@ -62,7 +70,7 @@ pub struct Node {
     tunn_limiter: Arc<RateLimiter>,
     peers: BTreeMap<NodeId, PeerTunnel>,
     by_key: HashMap<PublicKey, NodeId>,
-    by_index: HashMap<u32, NodeId>,
+    by_index: HashMap<u32, (NodeId, Slot)>,
     by_address: HashMap<IpAddr, NodeId>,
     next_index: u32,
     firewall: Firewall,
@@ -188,7 +196,7 @@ impl Node {
             self.remove_peer(id);
         }
         for peer in &netmap.peers {
-            self.upsert_peer(peer);
+            self.upsert_peer(peer, now);
         }
         self.firewall.set_filter(&netmap.filter);
         self.reindex(now);
@@ -199,7 +207,7 @@ impl Node {
     /// node's own details (`self_node`) do not concern the data plane.
     pub fn apply_delta(&mut self, delta: &NetMapDelta, now: Instant) {
         for peer in &delta.upsert_peers {
-            self.upsert_peer(peer);
+            self.upsert_peer(peer, now);
         }
         for id in &delta.remove_peers {
             self.remove_peer(*id);
@@ -208,6 +216,34 @@ impl Node {
             self.firewall.set_filter(filter);
         }
         self.reindex(now);
+    }
+
+    /// Replaces this node's WireGuard key with `private_key`, once the
+    /// coordinator has published it. Every peer gets a tunnel for the new
+    /// key while its old session keeps carrying traffic until then; peers
+    /// still knowing only the old key cannot start new handshakes until the
+    /// coordinator tells them the new one.
+    pub fn rotate_key(&mut self, private_key: PrivateKey, now: Instant) {
+        let static_private = private_key.to_x25519();
+        let static_public = x25519_dalek::PublicKey::from(&static_private);
+        if static_public == self.static_public {
+            return;
+        }
+        self.handshake_gate = RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT);
+        self.tunn_limiter = Arc::new(RateLimiter::new(&static_public, u64::MAX));
+        self.static_private = static_private;
+        self.static_public = static_public;
+        let peers: Vec<Peer> = self.peers.values().map(|p| p.peer.clone()).collect();
+        for peer in peers {
+            self.replace_tunnel(peer, now);
+        }
+        self.reindex(now);
+        tracing::info!(key = %PublicKey::from(self.static_public).short(), "node key rotated");
+    }
+
+    /// This node's WireGuard public key.
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey::from(self.static_public)
     }
 
     /// Forgets every peer and the filter (on `weft down`, or when the node is deleted).
@@ -251,7 +287,7 @@ impl Node {
             return;
         };
         self.firewall.outbound(&headers, now);
-        match peer.tunn.encapsulate(packet, &mut self.buf) {
+        match peer.sending_tunn().encapsulate(packet, &mut self.buf) {
             TunnResult::WriteToNetwork(datagram) => self.transmits.push_back(Transmit {
                 dst: endpoint,
                 payload: datagram.to_vec(),
@@ -268,7 +304,7 @@ impl Node {
 
     /// A datagram received on the WireGuard UDP socket.
     pub fn handle_udp(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
-        let Some((id, authenticates)) = self.route_datagram(from, datagram, now) else {
+        let Some((id, slot, authenticates)) = self.route_datagram(from, datagram, now) else {
             return;
         };
         let Self {
@@ -283,7 +319,13 @@ impl Node {
         let Some(peer) = peers.get_mut(&id) else {
             return;
         };
-        let (packet, src) = match peer.tunn.decapsulate(Some(from.ip()), datagram, buf) {
+        // Field by field, so the endpoint stays assignable below.
+        let tunn = match (slot, &mut peer.retiring) {
+            (Slot::Current, _) => &mut peer.tunn,
+            (Slot::Retiring, Some(retiring)) => &mut retiring.tunn,
+            (Slot::Retiring, None) => return,
+        };
+        let (packet, src) = match tunn.decapsulate(Some(from.ip()), datagram, buf) {
             TunnResult::Done => {
                 if authenticates {
                     peer.endpoint = Some(from);
@@ -302,8 +344,7 @@ impl Node {
                     payload: reply.to_vec(),
                 });
                 // boringtun's contract: flush what queued up behind the handshake.
-                while let TunnResult::WriteToNetwork(queued) = peer.tunn.decapsulate(None, &[], buf)
-                {
+                while let TunnResult::WriteToNetwork(queued) = tunn.decapsulate(None, &[], buf) {
                     transmits.push_back(Transmit {
                         dst: from,
                         payload: queued.to_vec(),
@@ -376,6 +417,12 @@ impl Node {
                     | TunnResult::WriteToTunnelV6(..) => {}
                 }
             }
+            for peer in self.peers.values_mut() {
+                if let Some(index) = peer.expire_retiring(now) {
+                    tracing::debug!(peer = %peer.peer.id, "the session of the replaced key ended");
+                    self.by_index.remove(&index);
+                }
+            }
             self.handshake_gate.reset_count();
             self.next_tick = Some(now + TICK);
         }
@@ -438,7 +485,7 @@ impl Node {
         from: SocketAddr,
         datagram: &[u8],
         now: Instant,
-    ) -> Option<(NodeId, bool)> {
+    ) -> Option<(NodeId, Slot, bool)> {
         let packet = match Tunn::parse_incoming_packet(datagram) {
             Ok(packet) => packet,
             Err(error) => {
@@ -471,7 +518,7 @@ impl Node {
             }
         }
         let is_data = matches!(packet, Packet::PacketData(_));
-        let (id, authenticates) = match packet {
+        let (route, authenticates) = match packet {
             Packet::HandshakeInit(init) => {
                 let Ok(half) =
                     parse_handshake_anon(&self.static_private, &self.static_public, &init)
@@ -481,13 +528,13 @@ impl Node {
                     return None;
                 };
                 let key = PublicKey::from_bytes(half.peer_static_public);
-                (self.by_key.get(&key).copied(), true)
+                (self.by_key.get(&key).map(|id| (*id, Slot::Current)), true)
             }
             Packet::HandshakeResponse(response) => (self.session(response.receiver_idx), true),
             Packet::PacketCookieReply(cookie) => (self.session(cookie.receiver_idx), false),
             Packet::PacketData(data) => (self.session(data.receiver_idx), true),
         };
-        let Some(id) = id else {
+        let Some((id, slot)) = route else {
             self.stats.dropped_unknown_peer += 1;
             tracing::trace!(%from, "dropping datagram from a key or session not in the netmap");
             if is_data {
@@ -495,7 +542,7 @@ impl Node {
             }
             return None;
         };
-        Some((id, authenticates))
+        Some((id, slot, authenticates))
     }
 
     /// Data for a session this node does not have comes from a peer that
@@ -525,11 +572,11 @@ impl Node {
         }
     }
 
-    fn session(&self, receiver_idx: u32) -> Option<NodeId> {
+    fn session(&self, receiver_idx: u32) -> Option<(NodeId, Slot)> {
         self.by_index.get(&(receiver_idx >> 8)).copied()
     }
 
-    fn upsert_peer(&mut self, peer: &Peer) {
+    fn upsert_peer(&mut self, peer: &Peer, now: Instant) {
         if peer.node_key.as_bytes() == self.static_public.as_bytes() {
             tracing::warn!(peer = %peer.id, "ignoring a peer that has this node's own key");
             return;
@@ -553,14 +600,31 @@ impl Node {
         } else {
             tracing::debug!(peer = %peer.id, name = %peer.name, key = %peer.node_key.short(), "peer added");
         }
+        self.replace_tunnel(peer.clone(), now);
+    }
+
+    /// Gives `peer` a new tunnel for the current key pair. Its old tunnel,
+    /// if it has a session, carries traffic until the new one has its own,
+    /// which starts its handshake at once rather than on the next packet.
+    fn replace_tunnel(&mut self, peer: Peer, now: Instant) {
         let index = self.allocate_index();
-        let tunnel = PeerTunnel::new(
-            &self.static_private,
-            peer.clone(),
-            index,
-            &self.tunn_limiter,
-        );
-        self.peers.insert(peer.id, tunnel);
+        let id = peer.id;
+        let mut tunnel = PeerTunnel::new(&self.static_private, peer, index, &self.tunn_limiter);
+        if let Some(old) = self.peers.remove(&id) {
+            tunnel.succeed(old, now);
+        }
+        if let (Some(dst), Some(_)) = (tunnel.endpoint, &tunnel.retiring) {
+            if let TunnResult::WriteToNetwork(init) = tunnel
+                .tunn
+                .format_handshake_initiation(&mut self.buf, false)
+            {
+                self.transmits.push_back(Transmit {
+                    dst,
+                    payload: init.to_vec(),
+                });
+            }
+        }
+        self.peers.insert(id, tunnel);
     }
 
     fn remove_peer(&mut self, id: NodeId) {
@@ -579,7 +643,11 @@ impl Node {
             if self.next_index == 0 {
                 self.next_index = 1;
             }
-            if !self.peers.values().any(|p| p.index == index) {
+            if !self
+                .peers
+                .values()
+                .any(|p| p.indices().any(|(used, _)| used == index))
+            {
                 return index;
             }
         }
@@ -592,7 +660,9 @@ impl Node {
         self.by_index.clear();
         self.by_address.clear();
         for (id, tunnel) in &self.peers {
-            self.by_index.insert(tunnel.index, *id);
+            for (index, slot) in tunnel.indices() {
+                self.by_index.insert(index, (*id, slot));
+            }
             if let Some(other) = self.by_key.insert(tunnel.key(), *id) {
                 tracing::warn!(peer = %id, %other, "two peers share a key; using the first");
                 self.by_key.insert(tunnel.key(), other);

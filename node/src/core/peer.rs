@@ -1,20 +1,31 @@
-//! One peer as the data plane sees it: its netmap entry and its WireGuard session.
+//! One peer as the data plane sees it: its netmap entry and its WireGuard
+//! sessions — the current one, and across a key change the one it replaces.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::Tunn;
 use weft_proto::{Peer, PublicKey};
 
-/// A peer and its tunnel. The tunnel lives as long as the peer's key does.
+/// How long the tunnel of a replaced key pair is kept at most.
+const RETIRE_MAX: Duration = Duration::from_secs(120);
+/// How long the replaced tunnel still takes datagrams once the new one has a
+/// session: packets sent on the old session just before the switch.
+const RETIRE_DRAIN: Duration = Duration::from_secs(5);
+
+/// A peer and its tunnel. A tunnel lives as long as the key pair (this
+/// node's key and the peer's) it was made for.
 pub(crate) struct PeerTunnel {
     pub(crate) peer: Peer,
     pub(crate) tunn: Tunn,
     /// The 24-bit index the tunnel's session indices start with.
     pub(crate) index: u32,
+    /// The tunnel of the key pair before the last key change, while `tunn`
+    /// has no session of its own yet (make-before-break).
+    pub(crate) retiring: Option<Retiring>,
     /// Where to send: the advertised endpoint until an authenticated packet
     /// arrives from elsewhere (WireGuard roaming).
     pub(crate) endpoint: Option<SocketAddr>,
@@ -44,9 +55,59 @@ impl PeerTunnel {
             peer,
             tunn,
             index,
+            retiring: None,
             endpoint,
             last_nudge: None,
         }
+    }
+
+    /// Makes this fresh tunnel the successor of `old`, the same peer's tunnel
+    /// before a key change of either side. `old`'s session, if it has one,
+    /// carries traffic both ways until this tunnel's handshake completes:
+    /// WireGuard session keys do not depend on the static keys once
+    /// derived, and the other side keeps its own old session just as long.
+    pub(crate) fn succeed(&mut self, old: PeerTunnel, now: Instant) {
+        if old.peer.endpoints == self.peer.endpoints {
+            self.endpoint = old.endpoint.or(self.endpoint);
+        }
+        if has_session(&old.tunn) {
+            self.retiring = Some(Retiring {
+                tunn: old.tunn,
+                index: old.index,
+                until: now + RETIRE_MAX,
+            });
+        }
+    }
+
+    /// The tunnel to encrypt with: the current one, or while it has no
+    /// session yet the retiring one that still has.
+    pub(crate) fn sending_tunn(&mut self) -> &mut Tunn {
+        match &mut self.retiring {
+            Some(retiring) if !has_session(&self.tunn) && has_session(&retiring.tunn) => {
+                &mut retiring.tunn
+            }
+            _ => &mut self.tunn,
+        }
+    }
+
+    /// Ends the retiring tunnel when its time is up, or shortens its time
+    /// once the current tunnel has a session. Returns the index of a tunnel
+    /// that ended.
+    pub(crate) fn expire_retiring(&mut self, now: Instant) -> Option<u32> {
+        let retiring = self.retiring.as_mut()?;
+        if has_session(&self.tunn) {
+            retiring.until = retiring.until.min(now + RETIRE_DRAIN);
+        }
+        if now < retiring.until {
+            return None;
+        }
+        self.retiring.take().map(|r| r.index)
+    }
+
+    /// The session indices this peer's tunnels answer to.
+    pub(crate) fn indices(&self) -> impl Iterator<Item = (u32, Slot)> + '_ {
+        std::iter::once((self.index, Slot::Current))
+            .chain(self.retiring.as_ref().map(|r| (r.index, Slot::Retiring)))
     }
 
     /// Takes the details of `peer`, whose key is unchanged, keeping the session.
@@ -68,12 +129,34 @@ impl PeerTunnel {
     }
 }
 
+/// Which of a peer's tunnels a session index belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Slot {
+    Current,
+    Retiring,
+}
+
+/// The tunnel of a replaced key pair.
+pub(crate) struct Retiring {
+    pub(crate) tunn: Tunn,
+    pub(crate) index: u32,
+    /// When it is dropped.
+    pub(crate) until: Instant,
+}
+
+/// Whether `tunn` has a session to send on (boringtun reports a handshake
+/// age exactly then).
+fn has_session(tunn: &Tunn) -> bool {
+    tunn.stats().0.is_some()
+}
+
 impl fmt::Debug for PeerTunnel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PeerTunnel")
             .field("id", &self.peer.id)
             .field("key", &self.peer.node_key)
             .field("index", &self.index)
+            .field("retiring", &self.retiring.as_ref().map(|r| r.index))
             .field("endpoint", &self.endpoint)
             .finish_non_exhaustive()
     }

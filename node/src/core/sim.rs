@@ -260,6 +260,52 @@ impl Sim {
     }
 }
 
+impl Sim {
+    /// Node `me` learns `of`'s current key from the coordinator.
+    fn learn_key(&mut self, me: usize, of: usize) {
+        let peer = self.nodes[of].peer();
+        self.apply_delta(
+            me,
+            NetMapDelta {
+                upsert_peers: vec![peer],
+                ..delta()
+            },
+        );
+        self.settle();
+    }
+
+    /// Node `me` switches to a fresh key.
+    fn rotate(&mut self, me: usize) {
+        let key = PrivateKey::generate();
+        let now = self.now;
+        self.nodes[me].node.rotate_key(key.clone(), now);
+        self.nodes[me].key = key;
+        self.settle();
+    }
+
+    /// `count` pings from A to B and their replies, 100 ms apart, as
+    /// `ping -i 0.1` sends them; every one must arrive.
+    fn exchange(&mut self, ids: std::ops::Range<u16>) {
+        for id in ids {
+            let ping = self.ping(A, B, id);
+            self.send(A, &ping);
+            assert_eq!(self.take_tun(B), vec![ping], "ping {id} lost");
+            let pong = self.pong(B, A, id);
+            self.send(B, &pong);
+            assert_eq!(self.take_tun(A), vec![pong], "reply {id} lost");
+            self.advance(Duration::from_millis(100));
+        }
+    }
+
+    /// WireGuard message types A and B sent since `before`.
+    fn types_since(&self, before: usize) -> Vec<(usize, u8)> {
+        self.sent[before..]
+            .iter()
+            .map(|s| (s.from, message_type(&s.payload)))
+            .collect()
+    }
+}
+
 fn delta() -> NetMapDelta {
     NetMapDelta {
         revision: 2,
@@ -416,25 +462,20 @@ fn a_key_change_recreates_the_session() {
         1
     );
 
-    let b = sim.nodes[B].peer();
-    sim.apply_delta(
-        A,
-        NetMapDelta {
-            upsert_peers: vec![b],
-            ..delta()
-        },
-    );
     let before = sim.sent.len();
-    let ping = sim.ping(A, B, 3);
-    sim.send(A, &ping);
-    assert_eq!(sim.take_tun(B), vec![ping]);
+    sim.learn_key(A, B);
     assert_eq!(
         message_type(&sim.sent[before].payload),
         1,
-        "a fresh handshake"
+        "a fresh handshake as soon as the key changes"
     );
+    let ping = sim.ping(A, B, 3);
+    sim.send(A, &ping);
+    assert_eq!(sim.take_tun(B), vec![ping]);
 
-    // Datagrams of the old session find no tunnel at A.
+    // Once the new session has carried traffic for a while, datagrams of
+    // the old session find no tunnel at A.
+    sim.advance(Duration::from_secs(6));
     let now = sim.now;
     let from = sim.nodes[B].underlay;
     let dropped = sim.stats(A).dropped_unknown_peer;
@@ -646,4 +687,83 @@ fn a_restarted_peer_gets_the_tunnel_back_at_once() {
         "{handshakes} handshakes for 10 stale datagrams"
     );
     assert_eq!(sim.sent.len(), before);
+}
+
+#[test]
+fn a_key_rotation_loses_no_packet_when_peers_learn_the_key_late() {
+    let mut sim = Sim::established();
+    sim.exchange(1..4);
+
+    // B rotates; A does not know the new key yet and drops B's handshake.
+    let unknown = sim.stats(A).dropped_unknown_peer;
+    sim.rotate(B);
+    assert_eq!(sim.stats(A).dropped_unknown_peer, unknown + 1);
+    sim.exchange(4..10);
+
+    // The coordinator tells A: the new session comes up at once.
+    let before = sim.sent.len();
+    sim.learn_key(A, B);
+    let types = sim.types_since(before);
+    assert!(
+        types.contains(&(A, 1)) && types.contains(&(B, 2)),
+        "{types:?}"
+    );
+    sim.exchange(10..20);
+
+    // The old sessions end; the new one carries everything.
+    sim.advance(Duration::from_secs(6));
+    sim.exchange(20..25);
+    let before = sim.sent.len();
+    sim.exchange(25..26);
+    assert_eq!(sim.types_since(before), vec![(A, 4), (B, 4)]);
+}
+
+#[test]
+fn a_key_rotation_loses_no_packet_when_peers_learn_the_key_first() {
+    let mut sim = Sim::established();
+    sim.exchange(1..4);
+
+    // A learns B's next key before B switches to it: A's handshake for the
+    // new key fails at B, and the old session keeps working.
+    let stale_key = sim.nodes[B].key.clone();
+    let next_key = PrivateKey::generate();
+    sim.nodes[B].key = next_key.clone();
+    let invalid = sim.stats(B).dropped_invalid_datagram;
+    sim.learn_key(A, B);
+    assert_eq!(sim.stats(B).dropped_invalid_datagram, invalid + 1);
+    sim.nodes[B].key = stale_key;
+    sim.exchange(4..10);
+
+    // B switches: its handshake with A succeeds.
+    let now = sim.now;
+    sim.nodes[B].node.rotate_key(next_key.clone(), now);
+    sim.nodes[B].key = next_key;
+    let before = sim.sent.len();
+    sim.settle();
+    let types = sim.types_since(before);
+    assert!(
+        types.contains(&(B, 1)) && types.contains(&(A, 2)),
+        "{types:?}"
+    );
+    sim.exchange(10..20);
+    sim.advance(Duration::from_secs(6));
+    sim.exchange(20..25);
+}
+
+#[test]
+fn both_sides_rotating_at_once_lose_no_packet() {
+    let mut sim = Sim::established();
+    sim.exchange(1..3);
+    sim.rotate(A);
+    sim.rotate(B);
+    sim.exchange(3..6);
+    sim.learn_key(A, B);
+    sim.learn_key(B, A);
+    sim.exchange(6..12);
+    sim.advance(Duration::from_secs(6));
+    sim.exchange(12..16);
+    assert_eq!(
+        sim.nodes[A].node.public_key(),
+        sim.nodes[A].key.public_key()
+    );
 }
