@@ -18,8 +18,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use weft_proto::handshake::{HandshakeError, Initiator, RESPONSE_LEN};
 use weft_proto::{
-    AuthKey, ClientMessage, Credential, DecodeError, FrameDecoder, LoginFlow, LoginPrompt, NetMap,
-    NetMapDelta, PrivateKey, PublicKey, Refusal, RefusalCode, Register, SelfNode, ServerMessage,
+    ClientMessage, Credential, DecodeError, FrameDecoder, LoginPrompt, NetMap, NetMapDelta,
+    PrivateKey, PublicKey, Refusal, RefusalCode, Register, SelfNode, ServerMessage,
 };
 
 use crate::endpoints::local_endpoints;
@@ -37,12 +37,10 @@ pub struct ControlConfig {
     pub coordinator_key: PublicKey,
     /// This machine's Noise key.
     pub machine_key: PrivateKey,
-    /// A pre-auth key for the first registration; dropped once registered,
-    /// since a known machine rejoins with its machine key alone.
-    pub auth_key: Option<AuthKey>,
-    /// Log a person in through the coordinator's identity provider (when no
-    /// auth key is given); dropped once registered.
-    pub login: Option<LoginFlow>,
+    /// What admits the node: a pre-auth key, a person's login, or a
+    /// workload's identity token. Dropped once registered, since a known
+    /// machine rejoins with its machine key alone while its key is valid.
+    pub credential: Option<Credential>,
     /// The name the node asks for.
     pub hostname: String,
     /// The node's WireGuard public key.
@@ -289,7 +287,8 @@ async fn exchange(
             let event = match message {
                 ServerMessage::Refused(refusal) => return Ok(Ended::Refused(refusal)),
                 ServerMessage::LoginRequired(prompt) => {
-                    if config.login.is_none() || *registered {
+                    let interactive = matches!(config.credential, Some(Credential::Interactive(_)));
+                    if !interactive || *registered {
                         return Err(ControlError::Protocol(
                             "the coordinator asked for an interactive login, which this node did not request",
                         ));
@@ -298,8 +297,7 @@ async fn exchange(
                 }
                 ServerMessage::Registered(node) => {
                     *registered = true;
-                    config.auth_key = None;
-                    config.login = None;
+                    config.credential = None;
                     ControlEvent::Registered(node)
                 }
                 _ if !*registered => {
@@ -417,11 +415,7 @@ fn register_message(config: &ControlConfig) -> Register {
         });
     tracing::debug!(?endpoints, "registering");
     Register {
-        credential: match (&config.auth_key, config.login) {
-            (Some(key), _) => Some(Credential::AuthKey(key.clone())),
-            (None, Some(flow)) => Some(Credential::Interactive(flow)),
-            (None, None) => None,
-        },
+        credential: config.credential.clone(),
         hostname: config.hostname.clone(),
         node_key: config.node_key,
         endpoints,
@@ -575,6 +569,7 @@ mod tls {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weft_proto::AuthKey;
 
     #[test]
     fn backoff_doubles_to_thirty_seconds_with_jitter() {
@@ -739,8 +734,9 @@ mod tests {
             coordinator: coordinator.to_string(),
             coordinator_key,
             machine_key: PrivateKey::generate(),
-            auth_key: Some(AuthKey::new("weft-auth-0123456789ab-secret")),
-            login: None,
+            credential: Some(Credential::AuthKey(AuthKey::new(
+                "weft-auth-0123456789ab-secret",
+            ))),
             hostname: "web-1".into(),
             node_key: PrivateKey::generate().public_key(),
             wireguard_port: 51820,

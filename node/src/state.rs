@@ -3,13 +3,15 @@
 //! ```text
 //! STATE_DIR/            0700
 //!   machine.key         0600  Noise key proving this machine to the coordinator
-//!   node.key            0600  WireGuard key of the node's tunnels
-//!   prefs.json          0600  coordinator, its pinned key, hostname, want_running
+//!   node.key            0600  WireGuard key of the node's tunnels (rotated
+//!                             by workloads at every re-authentication)
+//!   prefs.json          0600  coordinator, its pinned key, hostname,
+//!                             want_running, the identity token file's path
 //! ```
 //!
-//! The auth key is never stored: once a machine has registered, its machine
-//! key is what lets it rejoin, so a restarted node comes back as the same node
-//! with the same addresses.
+//! Neither the auth key nor a workload's identity token is ever stored: once
+//! a machine has registered, its machine key is what lets it rejoin, so a
+//! restarted node comes back as the same node with the same addresses.
 
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::Write as _;
@@ -60,6 +62,10 @@ pub struct Prefs {
     pub hostname: String,
     /// Whether the node should be connected: set by `weft up`, cleared by `weft down`.
     pub want_running: bool,
+    /// The file the platform keeps the workload's identity token in; weftd
+    /// re-reads it to re-authenticate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_token_file: Option<PathBuf>,
 }
 
 /// The daemon's state directory.
@@ -103,6 +109,11 @@ impl StateDir {
     /// The WireGuard node key, created on first use.
     pub fn node_key(&self) -> Result<PrivateKey, StateError> {
         self.load_or_create_key("node.key")
+    }
+
+    /// Replaces the WireGuard node key after a rotation.
+    pub fn save_node_key(&self, key: &PrivateKey) -> Result<(), StateError> {
+        write_private(&self.path.join("node.key"), key.to_base64().as_bytes())
     }
 
     /// The saved preferences, or `None` before the first `weft up`.
@@ -214,6 +225,11 @@ mod tests {
             machine.public_key()
         );
         assert_eq!(reopened.node_key().unwrap().public_key(), node.public_key());
+
+        let rotated = PrivateKey::generate();
+        reopened.save_node_key(&rotated).unwrap();
+        assert_eq!(mode(&dir_path.join("node.key")), 0o600);
+        assert_eq!(dir.node_key().unwrap().public_key(), rotated.public_key());
     }
 
     #[test]
@@ -236,6 +252,7 @@ mod tests {
             coordinator_key: PrivateKey::generate().public_key(),
             hostname: "web-1".into(),
             want_running: true,
+            identity_token_file: Some("/var/run/secrets/weft/token".into()),
         };
         dir.save_prefs(&prefs).unwrap();
         assert_eq!(mode(&tmp.path().join("prefs.json")), 0o600);

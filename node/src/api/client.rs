@@ -189,6 +189,8 @@ mod tests {
                             addresses: vec!["100.64.0.1".parse().unwrap()],
                             identity: "tag:web".into(),
                             id: 7,
+                            node_key: "AAAA".into(),
+                            key_expiry: None,
                         })),
                         (None, false) => Ok(UpReply::LoginRequired(LoginPending {
                             login_url: "http://198.51.100.1:7443/login/x".into(),
@@ -242,6 +244,7 @@ mod tests {
             auth_key: Some(weft_proto::AuthKey::new("weft-auth-0123456789ab-s")),
             hostname: Some("web-1".into()),
             device_code: false,
+            identity_token_file: None,
         };
         let UpReply::Running(me) = client.up(&request).await.unwrap() else {
             panic!("not running");

@@ -22,6 +22,10 @@ pub struct UpRequest {
     /// Without an auth key, log in with the device-code flow instead of a browser link.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub device_code: bool,
+    /// Join as a workload with the identity token in this file, which
+    /// weftd reads (and re-reads to renew) itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_token_file: Option<std::path::PathBuf>,
 }
 
 /// `POST /v1/login`: log a person in again, keeping the node's addresses.
@@ -104,6 +108,12 @@ pub struct SelfStatus {
     pub identity: String,
     /// The coordinator's id for the node.
     pub id: u64,
+    /// The node's WireGuard public key (workloads rotate it at every renewal).
+    pub node_key: String,
+    /// When the node's key expires (RFC 3339), for keys a login or a
+    /// workload token issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_expiry: Option<String>,
 }
 
 /// The coordinator the node is configured for.
@@ -168,6 +178,8 @@ mod tests {
                 ],
                 identity: "tag:web".into(),
                 id: 1,
+                node_key: "AAAA".into(),
+                key_expiry: None,
             }),
             coordinator: CoordinatorStatus {
                 address: Some("198.51.100.1:7443".into()),
@@ -202,7 +214,8 @@ mod tests {
                     "hostname": "web-1",
                     "addresses": ["100.64.0.1", "fd7a:115c:a1e0::1"],
                     "identity": "tag:web",
-                    "id": 1
+                    "id": 1,
+                    "node_key": "AAAA"
                 },
                 "coordinator": {"address": "198.51.100.1:7443", "connected": true},
                 "peers": [{
@@ -242,6 +255,7 @@ mod tests {
             auth_key: Some(AuthKey::new("weft-auth-0123456789ab-secretsecret")),
             hostname: None,
             device_code: false,
+            identity_token_file: None,
         };
         let value = serde_json::to_value(&request).unwrap();
         assert_eq!(value["coordinator_key"], json!(key.to_string()));

@@ -7,12 +7,17 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use weft_node::cli::DEFAULT_SOCKET;
-use weft_node::daemon::{self, DaemonConfig, DEFAULT_PORT, DEFAULT_STATE_DIR, DEFAULT_TUN};
+use weft_node::daemon::{
+    self, DaemonConfig, JoinConfig, DEFAULT_PORT, DEFAULT_STATE_DIR, DEFAULT_TUN,
+};
+use weft_proto::PublicKey;
 
 /// The weft node daemon: joins this machine to a weft overlay network.
 ///
-/// Drive it with `weft up`, `weft status` and `weft down`. Logs go to stderr;
-/// set RUST_LOG (e.g. `RUST_LOG=weft_node=debug`) for more detail.
+/// Drive it with `weft up`, `weft status` and `weft down`, or give it
+/// --coordinator, --coordinator-key and --identity-token-file to join on its
+/// own as a workload (a pod's sidecar, a VM agent, a CI job). Logs go to
+/// stderr; set RUST_LOG (e.g. `RUST_LOG=weft_node=debug`) for more detail.
 #[derive(Debug, Parser)]
 #[command(name = "weftd", version)]
 struct Args {
@@ -32,6 +37,42 @@ struct Args {
     /// every 2 s (default: STATE_DIR/posture.json, when present).
     #[arg(long, value_name = "PATH")]
     posture_file: Option<PathBuf>,
+    /// Join this coordinator at start, without `weft up`.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        env = "WEFT_COORDINATOR",
+        requires = "coordinator_key"
+    )]
+    coordinator: Option<String>,
+    /// The coordinator's public key, as `weft-coordinator key` prints it
+    /// (public: it pins the coordinator, it is not a secret).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "WEFT_COORDINATOR_KEY",
+        requires = "coordinator"
+    )]
+    coordinator_key: Option<PublicKey>,
+    /// The workload's identity token file, kept fresh by its platform (a
+    /// Kubernetes projected service-account token, a CI job's OIDC token, a
+    /// cloud instance identity token); re-read to renew the identity and
+    /// rotate the node key before it expires.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "WEFT_IDENTITY_TOKEN_FILE",
+        requires = "coordinator"
+    )]
+    identity_token_file: Option<PathBuf>,
+    /// The name to ask for when joining at start (default: the host's name).
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "WEFT_HOSTNAME",
+        requires = "coordinator"
+    )]
+    hostname: Option<String>,
 }
 
 #[tokio::main]
@@ -50,6 +91,17 @@ async fn main() -> ExitCode {
         port: args.port,
         tun_name: args.tun,
         posture_file: args.posture_file,
+        join: args
+            .coordinator
+            .zip(args.coordinator_key)
+            .map(|(coordinator, coordinator_key)| JoinConfig {
+                coordinator,
+                coordinator_key,
+                hostname: args.hostname,
+                identity_token_file: args
+                    .identity_token_file
+                    .map(|path| std::path::absolute(&path).unwrap_or(path)),
+            }),
     };
     match daemon::run(config).await {
         Ok(()) => ExitCode::SUCCESS,

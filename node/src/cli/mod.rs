@@ -83,8 +83,14 @@ pub struct UpArgs {
     #[arg(long, value_name = "NAME")]
     pub hostname: Option<String>,
     /// Without an auth key, log in with the device-code flow instead of a browser link.
-    #[arg(long, conflicts_with = "auth_key")]
+    #[arg(long, conflicts_with_all = ["auth_key", "identity_token_file"])]
     pub device_code: bool,
+    /// Join as a workload with the identity token the platform keeps in
+    /// this file (a Kubernetes projected service-account token, a CI job's
+    /// OIDC token); weftd re-reads it to renew the identity and rotate the
+    /// node key. The token itself never passes through this command.
+    #[arg(long, value_name = "PATH", conflicts_with = "auth_key")]
+    pub identity_token_file: Option<PathBuf>,
 }
 
 /// `weft policy` subcommands.
@@ -140,6 +146,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 auth_key: args.auth_key,
                 hostname: args.hostname,
                 device_code: args.device_code,
+                identity_token_file: args
+                    .identity_token_file
+                    .map(|path| std::path::absolute(&path).unwrap_or(path)),
             };
             let reply = client.up(&request).await?;
             finish_up(&client, reply).await?;

@@ -45,6 +45,9 @@ pub(super) fn status(status: &Status, now: SystemTime) -> String {
             "self:        {}",
             connected(me).trim_start_matches("connected as ")
         );
+        if let Some(expiry) = &me.key_expiry {
+            let _ = writeln!(out, "key expires: {expiry}");
+        }
     }
     let _ = writeln!(
         out,
@@ -150,6 +153,8 @@ mod tests {
                 addresses: vec!["100.64.0.1".parse().unwrap()],
                 identity: "tag:web".into(),
                 id: 1,
+                node_key: "AAAA".into(),
+                key_expiry: Some("2026-01-01T01:00:00Z".into()),
             }),
             coordinator: CoordinatorStatus {
                 address: Some("198.51.100.1:7443".into()),
@@ -187,7 +192,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("self:        web-1 (100.64.0.1) identity tag:web"),
+            text.contains("self:        web-1 (100.64.0.1) identity tag:web\nkey expires: 2026-01-01T01:00:00Z"),
             "{text}"
         );
         let db = text.lines().find(|l| l.starts_with("db-1")).unwrap();
@@ -223,6 +228,8 @@ mod tests {
             ],
             identity: "tag:web".into(),
             id: 1,
+            node_key: "AAAA".into(),
+            key_expiry: None,
         };
         assert_eq!(
             connected(&me),

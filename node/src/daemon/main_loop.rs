@@ -2,7 +2,7 @@
 //! control session, the API or the core's timer; feed the core; drain its
 //! output.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -15,6 +15,8 @@ use crate::control::ControlUpdate;
 const UDP_BUF: usize = 65_536;
 /// Large enough for any packet the TUN device hands over at its MTU.
 const TUN_BUF: usize = 65_536;
+/// How often a workload's identity token file is checked for a new token.
+const TOKEN_CHECK: Duration = Duration::from_secs(1);
 
 impl Daemon {
     /// Runs until SIGTERM or SIGINT.
@@ -27,6 +29,8 @@ impl Daemon {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut tun_buf = vec![0u8; TUN_BUF];
         let mut udp_buf = vec![0u8; UDP_BUF];
+        let mut token_check = tokio::time::interval(TOKEN_CHECK);
+        token_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let timeout = self.core.poll_timeout();
             tokio::select! {
@@ -43,6 +47,7 @@ impl Daemon {
                 Some(update) = updates.recv() => self.on_control(update).await,
                 Some(command) = commands.recv() => self.on_command(command).await,
                 () = sleep_until(timeout) => self.core.handle_timeout(Instant::now()),
+                _ = token_check.tick() => self.check_renewal(),
             }
             self.flush().await;
         }

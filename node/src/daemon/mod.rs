@@ -4,6 +4,7 @@
 //! All state lives in [`Daemon`], driven by one loop ([`main_loop`]); the API
 //! server and the control client are tasks that talk to it over channels.
 
+mod identity;
 mod main_loop;
 mod status;
 
@@ -13,7 +14,8 @@ use std::time::{Instant, SystemTime};
 use anyhow::Context as _;
 use tokio::sync::{mpsc, oneshot};
 use weft_proto::{
-    LoginFlow, LoginPrompt, NetMap, NetMapDelta, PrivateKey, Refusal, RefusalCode, SelfNode,
+    Credential, IdentityToken, LoginFlow, LoginPrompt, NetMap, NetMapDelta, PrivateKey, PublicKey,
+    Refusal, RefusalCode, SelfNode,
 };
 
 use crate::api::{
@@ -47,7 +49,25 @@ pub struct DaemonConfig {
     /// The posture file ([`crate::posture`]); `None` for
     /// `STATE_DIR/posture.json`, read when present.
     pub posture_file: Option<PathBuf>,
+    /// Join this overlay at start without waiting for `weft up` (pods, VMs
+    /// and CI runners).
+    pub join: Option<JoinConfig>,
 }
+
+/// An unattended join, as `weftd --coordinator … --identity-token-file …` asks.
+#[derive(Debug, Clone)]
+pub struct JoinConfig {
+    /// The coordinator's `HOST:PORT`.
+    pub coordinator: String,
+    /// The coordinator's pinned public key.
+    pub coordinator_key: PublicKey,
+    /// The name to ask for; the host's name by default.
+    pub hostname: Option<String>,
+    /// The workload's identity token file.
+    pub identity_token_file: Option<PathBuf>,
+}
+
+pub use identity::{read_token, TokenFileError};
 
 /// The posture file read unless `--posture-file` names another.
 pub const DEFAULT_POSTURE_FILE: &str = "posture.json";
@@ -106,10 +126,28 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         message: None,
         self_node: None,
         connected: false,
+        rotation: None,
+        presenting: None,
+        renewal: identity::Renewal::default(),
+        started: Instant::now(),
+        token_error: None,
     };
-    if let Some(prefs) = prefs.filter(|p| p.want_running) {
+    if let Some(join) = config.join {
+        tracing::info!(coordinator = %join.coordinator, "joining the overlay");
+        let request = UpRequest {
+            coordinator: join.coordinator,
+            coordinator_key: join.coordinator_key,
+            auth_key: None,
+            hostname: join.hostname,
+            device_code: false,
+            identity_token_file: join.identity_token_file,
+        };
+        daemon
+            .start_up(request)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    } else if let Some(prefs) = prefs.filter(|p| p.want_running) {
         tracing::info!(coordinator = %prefs.coordinator, "rejoining the overlay");
-        daemon.start_control(prefs, None, None);
+        daemon.start_control(prefs, None);
     }
 
     let result = daemon.run(commands, updates).await;
@@ -147,46 +185,74 @@ struct Daemon {
     posture: tokio::sync::watch::Receiver<crate::posture::Attributes>,
     /// Application capabilities the netmap grants peers on this node, for `whois`.
     capabilities: Vec<weft_proto::AppGrant>,
+    /// The next WireGuard key, while a session re-authenticates with it.
+    rotation: Option<PrivateKey>,
+    /// The identity token the current session registers with.
+    presenting: Option<IdentityToken>,
+    /// When to renew a workload's identity.
+    renewal: identity::Renewal,
+    /// The renewal policy's clock starts here.
+    started: Instant,
+    /// The last problem with the identity token file, logged once.
+    token_error: Option<String>,
 }
 
 impl Daemon {
     fn on_up(&mut self, request: UpRequest, reply: oneshot::Sender<Result<UpReply, ApiError>>) {
+        if let Some(previous) = self.pending_up.take() {
+            let _ = previous.send(Err(ApiError::BadRequest(
+                "superseded by a newer `weft up`".into(),
+            )));
+        }
+        match self.start_up(request) {
+            Ok(()) => self.pending_up = Some(reply),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Starts joining the overlay `request` names.
+    fn start_up(&mut self, request: UpRequest) -> Result<(), ApiError> {
         let hostname = match request.hostname {
             Some(name) => name,
             None => host_name(),
         };
         if hostname.trim().is_empty() {
-            let _ = reply.send(Err(ApiError::BadRequest(
+            return Err(ApiError::BadRequest(
                 "the hostname is empty; pass --hostname NAME".into(),
-            )));
-            return;
+            ));
         }
         if request.coordinator.trim().is_empty() {
-            let _ = reply.send(Err(ApiError::BadRequest(
+            return Err(ApiError::BadRequest(
                 "the coordinator address is empty; pass --coordinator HOST:PORT".into(),
-            )));
-            return;
-        }
-        if let Some(previous) = self.pending_up.take() {
-            let _ = previous.send(Err(ApiError::BadRequest(
-                "superseded by a newer `weft up`".into(),
-            )));
+            ));
         }
         let prefs = Prefs {
             coordinator: request.coordinator,
             coordinator_key: request.coordinator_key,
             hostname,
             want_running: true,
+            identity_token_file: request.identity_token_file,
         };
-        // Without an auth key, a machine that already joined this coordinator
-        // rejoins by its machine key; any other logs a person in.
+        // A workload presents its platform's token; otherwise a machine
+        // that already joined this coordinator rejoins by its machine key,
+        // and any other needs an auth key or a person's login.
         let joined = self.state.load_prefs().ok().flatten().is_some_and(|saved| {
             saved.coordinator == prefs.coordinator && saved.coordinator_key == prefs.coordinator_key
         });
-        let login = (request.auth_key.is_none() && !joined).then_some(flow(request.device_code));
+        let credential = match (request.auth_key, &prefs.identity_token_file) {
+            (Some(key), _) => Some(Credential::AuthKey(key)),
+            (None, Some(path)) => Some(Credential::IdentityToken(
+                identity::read_token(path).map_err(|e| ApiError::BadRequest(e.to_string()))?,
+            )),
+            (None, None) if joined => None,
+            (None, None) => Some(Credential::Interactive(flow(request.device_code))),
+        };
         self.pending_prefs = Some(prefs.clone());
-        self.pending_up = Some(reply);
-        self.start_control(prefs, request.auth_key, login);
+        self.rotation = None;
+        self.start_control(prefs, credential);
+        Ok(())
     }
 
     /// `weft login`: log a person in again for the overlay this machine
@@ -214,24 +280,31 @@ impl Daemon {
         prefs.want_running = true;
         self.pending_prefs = Some(prefs.clone());
         self.pending_up = Some(reply);
-        self.start_control(prefs, None, Some(flow(request.device_code)));
+        self.rotation = None;
+        let credential = Credential::Interactive(flow(request.device_code));
+        self.start_control(prefs, Some(credential));
     }
 
-    fn start_control(
-        &mut self,
-        prefs: Prefs,
-        auth_key: Option<weft_proto::AuthKey>,
-        login: Option<LoginFlow>,
-    ) {
+    /// Starts a control session registering with `credential`, and with the
+    /// next node key while a rotation is under way.
+    fn start_control(&mut self, prefs: Prefs, credential: Option<Credential>) {
         self.sessions += 1;
+        self.presenting = match &credential {
+            Some(Credential::IdentityToken(token)) => Some(token.clone()),
+            _ => None,
+        };
+        let node_key = self
+            .rotation
+            .as_ref()
+            .unwrap_or(&self.node_key)
+            .public_key();
         let config = ControlConfig {
             coordinator: prefs.coordinator.clone(),
             coordinator_key: prefs.coordinator_key,
             machine_key: self.machine_key.clone(),
-            auth_key,
-            login,
+            credential,
             hostname: prefs.hostname.clone(),
-            node_key: self.node_key.public_key(),
+            node_key,
             wireguard_port: self.wireguard_port,
             overlay_interface: self.tun.name().to_owned(),
             posture: self.posture.clone(),
@@ -269,6 +342,7 @@ impl Daemon {
     /// Ends the control session and withdraws the overlay: no tunnels, no addresses.
     async fn stop_control(&mut self) {
         self.control = None;
+        self.rotation = None;
         self.connected = false;
         self.self_node = None;
         self.capabilities.clear();
@@ -294,6 +368,17 @@ impl Daemon {
 
     fn on_registered(&mut self, node: SelfNode) {
         tracing::info!(id = %node.id, "registered with the coordinator");
+        if let Some(next_key) = self.rotation.take() {
+            self.core.rotate_key(next_key.clone(), Instant::now());
+            if let Err(e) = self.state.save_node_key(&next_key) {
+                // The coordinator has the new key: after a restart with
+                // the old one, the node rejoins and registers that instead.
+                tracing::error!("{e}");
+            }
+            self.node_key = next_key;
+        }
+        self.renewal
+            .accepted(self.presenting.take(), unix_now(), node.key_expiry);
         tracing::debug!(name = %node.name, identity = %node.identity, "registered as");
         self.connected = true;
         self.message = None;
@@ -350,7 +435,7 @@ impl Daemon {
     /// Puts the node's own addresses on the TUN device and answers a waiting `weft up`.
     async fn apply_self(&mut self, node: SelfNode) {
         let result = self.tun.assign(node.ipv4, node.ipv6).await;
-        let me = status::self_status(&node);
+        let me = status::self_status(&node, self.core.public_key());
         self.self_node = Some(node);
         match result {
             Ok(()) => {
@@ -374,11 +459,15 @@ impl Daemon {
         if let Some(pending) = self.pending_up.take() {
             let _ = pending.send(Err(ApiError::Refused(refusal.message.clone())));
         }
-        self.message = Some(refusal.message);
         self.connected = false;
         if refusal.code == RefusalCode::Unavailable {
+            self.message = Some(refusal.message);
             return;
         }
+        if self.renewal_refused(&refusal) || self.renew_expired_key(&refusal) {
+            return;
+        }
+        self.message = Some(refusal.message);
         // Fail closed: a node the coordinator no longer admits keeps no tunnels.
         // Preferences of a join that never succeeded are not saved, so the
         // next `weft up` joins afresh instead of rejoining.
@@ -404,6 +493,108 @@ impl Daemon {
         }
     }
 
+    /// Re-authenticates with the workload's identity token if the file
+    /// holds a fresh one or the node key is close to expiry, rotating the
+    /// node key.
+    fn check_renewal(&mut self) {
+        let Some(path) = self.token_file() else {
+            return;
+        };
+        if self.rotation.is_some() || !self.connected {
+            return;
+        }
+        let token = match identity::read_token(&path) {
+            Ok(token) => {
+                self.token_error = None;
+                token
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if self.token_error.as_ref() != Some(&text) {
+                    tracing::warn!("{text}");
+                    self.token_error = Some(text);
+                }
+                return;
+            }
+        };
+        if self.renewal.due(&token, unix_now(), self.started.elapsed()) {
+            self.rotate_with(token);
+        }
+    }
+
+    /// Registers again with `token` and a fresh node key, which the data
+    /// plane switches to once the coordinator accepted it.
+    fn rotate_with(&mut self, token: IdentityToken) {
+        let Some(prefs) = self.prefs.clone() else {
+            return;
+        };
+        tracing::info!(
+            "renewing the workload identity with the token file's token; rotating the node key"
+        );
+        self.renewal.started(self.started.elapsed());
+        self.rotation = Some(PrivateKey::generate());
+        self.start_control(prefs, Some(Credential::IdentityToken(token)));
+    }
+
+    /// A refused renewal leaves the node on its current key while that is
+    /// valid: it rejoins without the token and tries again later. `true`
+    /// when handled.
+    fn renewal_refused(&mut self, refusal: &Refusal) -> bool {
+        if self.rotation.take().is_none() {
+            return false;
+        }
+        if let Some(token) = self.presenting.take() {
+            self.renewal.refused(token);
+        }
+        let valid = self
+            .self_node
+            .as_ref()
+            .and_then(|n| n.key_expiry)
+            .is_some_and(|expiry| expiry > unix_now());
+        let Some(prefs) = self.prefs.clone().filter(|_| valid) else {
+            return false;
+        };
+        if refusal.code == RefusalCode::NodeDeleted {
+            return false;
+        }
+        tracing::warn!(code = ?refusal.code, "the coordinator refused the renewed identity: {}; keeping the current key until it expires", refusal.message);
+        self.message = Some(format!(
+            "renewing the workload identity failed: {}",
+            refusal.message
+        ));
+        self.start_control(prefs, None);
+        true
+    }
+
+    /// A workload whose key expired (it was offline too long) renews it
+    /// with the token file's token at once. `true` when handled.
+    fn renew_expired_key(&mut self, refusal: &Refusal) -> bool {
+        if refusal.code != RefusalCode::KeyExpired {
+            return false;
+        }
+        let Some(path) = self.token_file() else {
+            return false;
+        };
+        match identity::read_token(&path) {
+            Ok(token) => {
+                self.rotate_with(token);
+                true
+            }
+            Err(e) => {
+                tracing::warn!("{e}");
+                false
+            }
+        }
+    }
+
+    /// The identity token file of the overlay this node is in, if it is a workload.
+    fn token_file(&self) -> Option<PathBuf> {
+        self.prefs
+            .as_ref()
+            .filter(|p| p.want_running)
+            .and_then(|p| p.identity_token_file.clone())
+    }
+
     async fn on_disconnected(&mut self, error: ControlError) {
         self.connected = false;
         self.message = Some(error.to_string());
@@ -422,7 +613,10 @@ impl Daemon {
         Status {
             state: self.run_state,
             message: self.message.clone(),
-            self_node: self.self_node.as_ref().map(status::self_status),
+            self_node: self
+                .self_node
+                .as_ref()
+                .map(|node| status::self_status(node, self.core.public_key())),
             coordinator: CoordinatorStatus {
                 address: self.prefs.as_ref().map(|p| p.coordinator.clone()),
                 connected: self.connected,
@@ -436,6 +630,12 @@ impl Daemon {
             filter: status::filter_status(&self.core.filter_stats()),
         }
     }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn flow(device_code: bool) -> LoginFlow {

@@ -2,17 +2,22 @@
 
 use std::time::{Duration, SystemTime};
 
-use weft_proto::SelfNode;
+use weft_proto::{PublicKey, SelfNode};
 
 use crate::api::{FilterStatus, PeerSummary, SelfStatus};
 use crate::core::{FilterStats, PeerStatus};
 
-pub(crate) fn self_status(node: &SelfNode) -> SelfStatus {
+pub(crate) fn self_status(node: &SelfNode, key: PublicKey) -> SelfStatus {
     SelfStatus {
         hostname: node.name.clone(),
         addresses: node.addresses().to_vec(),
         identity: node.identity.to_string(),
         id: node.id.0,
+        node_key: key.to_string(),
+        key_expiry: node.key_expiry.map(|secs| {
+            let at = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+            humantime::format_rfc3339_seconds(at).to_string()
+        }),
     }
 }
 
