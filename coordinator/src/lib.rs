@@ -18,6 +18,7 @@ mod policy_watch;
 mod server;
 mod store;
 mod users;
+mod workload;
 
 pub use admin::{
     AdminClient, AuthKeyRequest, ClientError, CreatedAuthKey, NodeView, PolicyInstalled,
@@ -25,6 +26,10 @@ pub use admin::{
 };
 pub use config::{
     check_public_url, load as load_config, ConfigError, FileConfig, OidcFileConfig, OidcSettings,
+    WorkloadIssuer, WorkloadIssuerConfig, WorkloadKind, DEFAULT_EPHEMERAL_TIMEOUT,
+};
+pub use config::{
+    EtcdSettings, EtcdTls, EtcdTlsFileConfig, StoreFileConfig, StoreKind, StoreSettings,
 };
 pub use keyfile::{ensure_data_dir, load_or_create_key, KeyFileError};
 pub use server::{Coordinator, ServeOptions, StartError};

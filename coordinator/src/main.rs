@@ -53,6 +53,10 @@ enum Command {
         /// is refused (override with `policy set --force`).
         #[arg(long = "admin", value_name = "PRINCIPAL")]
         admins: Vec<String>,
+        /// How long an ephemeral node may stay offline before it is deleted, freeing its
+        /// name and addresses (e.g. `30s`, `10m`) [default: `ephemeral_timeout` or 10m].
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        ephemeral_timeout: Option<Duration>,
     },
     /// Print the coordinator's public key (nodes pin it); creates the key if absent.
     Key {
@@ -193,12 +197,27 @@ async fn run(command: Command) -> Result<()> {
             config,
             public_url,
             admins,
+            ephemeral_timeout,
         } => {
             let file = match &config {
                 Some(path) => weft_coordinator::load_config(path)?,
                 None => FileConfig::default(),
             };
             let oidc = file.oidc.as_ref().map(|o| o.resolve()).transpose()?;
+            let store = file
+                .store
+                .as_ref()
+                .map(|s| s.resolve())
+                .transpose()?
+                .unwrap_or_default();
+            let workload_issuers = file.resolve_workload_issuers()?;
+            let ephemeral_timeout = match ephemeral_timeout {
+                Some(timeout) if timeout.is_zero() => {
+                    bail!("--ephemeral-timeout must be at least one second")
+                }
+                Some(timeout) => timeout,
+                None => file.resolve_ephemeral_timeout()?,
+            };
             serve(ServeOptions {
                 data_dir: dir.data_dir,
                 policy: policy.or(file.policy),
@@ -207,6 +226,9 @@ async fn run(command: Command) -> Result<()> {
                 public_url: public_url.or(file.public_url),
                 oidc,
                 admins,
+                store,
+                workload_issuers,
+                ephemeral_timeout,
             })
             .await
         }

@@ -21,6 +21,7 @@ use weft_proto::{
 use crate::authkey::{self, AdmitError};
 use crate::store::{self, Compare, Op, Store, StoreError};
 use crate::users;
+use crate::workload::WorkloadLogin;
 
 /// Key prefix of node records.
 pub(crate) const NODES_PREFIX: &str = "nodes/";
@@ -52,8 +53,8 @@ pub(crate) struct NodeRecord {
     /// Unix seconds.
     pub(crate) created: u64,
     pub(crate) ephemeral: bool,
-    /// When a person's login stops admitting the node (Unix seconds);
-    /// `None` for nodes admitted by keys, which live until deleted.
+    /// When a person's login or a workload's token stops admitting the node
+    /// (Unix seconds); `None` for nodes admitted by keys, which live until deleted.
     #[serde(default)]
     pub(crate) key_expiry: Option<u64>,
 }
@@ -122,11 +123,51 @@ impl UserLogin {
     }
 }
 
+/// A verified credential that names who the node is: a person's login or a
+/// workload's platform token. Registering with one re-authenticates a known
+/// node: it takes the new identity and key expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Login {
+    User(UserLogin),
+    Workload(WorkloadLogin),
+}
+
+impl Login {
+    fn identity(&self) -> Identity {
+        match self {
+            Login::User(user) => user.identity(),
+            Login::Workload(workload) => workload.identity.clone(),
+        }
+    }
+
+    fn key_expiry(&self) -> u64 {
+        match self {
+            Login::User(user) => user.key_expiry,
+            Login::Workload(workload) => workload.key_expiry,
+        }
+    }
+
+    fn ephemeral(&self) -> bool {
+        match self {
+            Login::User(_) => false,
+            Login::Workload(workload) => workload.ephemeral,
+        }
+    }
+}
+
 /// The refusal a node gets once a person's login for it expired.
 pub(crate) fn key_expired() -> Refusal {
     Refusal {
         code: RefusalCode::KeyExpired,
         message: "this device's login expired; run `weft login`".into(),
+    }
+}
+
+/// The refusal a workload's node gets once its token's lifetime ran out.
+fn workload_key_expired() -> Refusal {
+    Refusal {
+        code: RefusalCode::KeyExpired,
+        message: "this workload's node key expired with its identity token; register again with a fresh token from the platform".into(),
     }
 }
 
@@ -215,17 +256,18 @@ impl Registry {
     }
 
     /// Registers the machine that proved `machine_key` after a person logged
-    /// in (`login`), or by its machine key or auth key alone (`None`). A
-    /// known machine keeps its id, name and addresses either way.
+    /// in or a workload token was verified (`login`), or by its machine key
+    /// or auth key alone (`None`). A known machine keeps its id, name and
+    /// addresses either way.
     pub(crate) fn register_as(
         &self,
         machine_key: PublicKey,
         request: &Register,
-        login: Option<&UserLogin>,
+        login: Option<&Login>,
         now: SystemTime,
     ) -> Result<(NodeRecord, u64), AdmitError> {
         validate(request)?;
-        if let Some(login) = login {
+        if let Some(Login::User(login)) = login {
             users::check_enabled(&*self.store, &login.user)?;
         }
         for _ in 0..MAX_ATTEMPTS {
@@ -414,7 +456,7 @@ impl Registry {
         &self,
         id: NodeId,
         request: &Register,
-        login: Option<&UserLogin>,
+        login: Option<&Login>,
         now: SystemTime,
     ) -> Result<(NodeRecord, u64), AdmitError> {
         let path = node_path(id);
@@ -425,14 +467,18 @@ impl Registry {
         match login {
             Some(login) => {
                 record.identity = login.identity();
-                record.key_expiry = Some(login.key_expiry);
+                record.key_expiry = Some(login.key_expiry());
+                record.ephemeral = login.ephemeral();
             }
             None => {
                 if let Some(user) = &record.identity.user {
                     users::check_enabled(&*self.store, user)?;
                 }
                 if record.is_expired(authkey::unix_secs(now)) {
-                    return Err(AdmitError::Refused(key_expired()));
+                    return Err(AdmitError::Refused(match record.identity.workload {
+                        Some(_) => workload_key_expired(),
+                        None => key_expired(),
+                    }));
                 }
             }
         }
@@ -459,7 +505,7 @@ impl Registry {
         &self,
         machine_key: PublicKey,
         request: &Register,
-        login: Option<&UserLogin>,
+        login: Option<&Login>,
         now: SystemTime,
     ) -> Result<(NodeRecord, u64), AdmitError> {
         let admission = match (login, &request.credential) {
@@ -519,8 +565,11 @@ impl Registry {
             endpoints: request.endpoints.clone(),
             attributes: request.attributes.clone(),
             created: authkey::unix_secs(now),
-            ephemeral: admission.as_ref().is_some_and(|a| a.record.ephemeral),
-            key_expiry: login.map(|l| l.key_expiry),
+            ephemeral: match login {
+                Some(login) => login.ephemeral(),
+                None => admission.as_ref().is_some_and(|a| a.record.ephemeral),
+            },
+            key_expiry: login.map(Login::key_expiry),
         };
         let (mut compares, mut ops) = match &admission {
             Some(admission) => admission.consume(id)?,
@@ -983,6 +1032,157 @@ mod tests {
             ),
             RefusalCode::BadRequest
         );
+    }
+
+    fn workload(sa: &str, key_expiry: u64) -> Login {
+        Login::Workload(WorkloadLogin {
+            identity: Identity {
+                workload: Some(format!("spiffe://cluster.local/ns/payments/sa/{sa}")),
+                tags: vec!["tag:k8s".into()],
+                user: None,
+                groups: Vec::new(),
+            },
+            key_expiry,
+            ephemeral: true,
+        })
+    }
+
+    #[test]
+    fn a_workload_token_joins_and_rotates_its_node_key_by_rejoining() {
+        let (_dir, registry) = open();
+        let now = SystemTime::now();
+        let in_an_hour = authkey::unix_secs(now) + 3600;
+        let machine = PrivateKey::generate().public_key();
+        let mut token_request = request("api-7d9f", None);
+        token_request.credential = Some(Credential::IdentityToken(weft_proto::IdentityToken::new(
+            "verified elsewhere",
+        )));
+        let (first, _) = registry
+            .register_as(
+                machine,
+                &token_request,
+                Some(&workload("api", in_an_hour)),
+                now,
+            )
+            .unwrap();
+        assert_eq!(
+            first.identity.workload.as_deref(),
+            Some("spiffe://cluster.local/ns/payments/sa/api")
+        );
+        assert_eq!(first.identity.tags, ["tag:k8s"]);
+        assert_eq!(first.key_expiry, Some(in_an_hour));
+        assert_eq!(first.self_node().key_expiry, Some(in_an_hour));
+        assert!(first.ephemeral);
+
+        // Rotation: a fresh token and a new node key on a new session.
+        let mut rotated = token_request.clone();
+        rotated.node_key = PrivateKey::generate().public_key();
+        let later = in_an_hour + 1800;
+        let (second, _) = registry
+            .register_as(machine, &rotated, Some(&workload("api", later)), now)
+            .unwrap();
+        assert_eq!(
+            (second.id, &second.name, second.ipv4, second.ipv6),
+            (first.id, &first.name, first.ipv4, first.ipv6)
+        );
+        assert_eq!(second.node_key, rotated.node_key);
+        assert_eq!(second.key_expiry, Some(later));
+        // The old node key is free again; the new one is taken.
+        let other = PrivateKey::generate().public_key();
+        let mut reuse_old = token_request.clone();
+        reuse_old.hostname = "other".into();
+        registry
+            .register_as(other, &reuse_old, Some(&workload("web", later)), now)
+            .unwrap();
+        let mut steal_new = rotated.clone();
+        steal_new.hostname = "thief".into();
+        let thief = PrivateKey::generate().public_key();
+        assert_eq!(
+            refusal(
+                registry
+                    .register_as(thief, &steal_new, Some(&workload("x", later)), now)
+                    .unwrap_err()
+            ),
+            RefusalCode::BadRequest
+        );
+    }
+
+    #[test]
+    fn a_workload_node_without_a_token_rejoins_until_its_key_expires() {
+        let (_dir, registry) = open();
+        let now = SystemTime::now();
+        let machine = PrivateKey::generate().public_key();
+        let expiry = authkey::unix_secs(now) + 60;
+        registry
+            .register_as(
+                machine,
+                &request("api", None),
+                Some(&workload("api", expiry)),
+                now,
+            )
+            .unwrap();
+        let (again, _) = registry
+            .register(machine, &request("api", None), now)
+            .unwrap();
+        assert_eq!(
+            again.key_expiry,
+            Some(expiry),
+            "a plain rejoin keeps the expiry"
+        );
+        let after = now + std::time::Duration::from_secs(61);
+        let err = registry
+            .register(machine, &request("api", None), after)
+            .unwrap_err();
+        let AdmitError::Refused(refused) = err else {
+            panic!("{err}")
+        };
+        assert_eq!(refused.code, RefusalCode::KeyExpired);
+        assert!(
+            refused.message.contains("fresh token"),
+            "{}",
+            refused.message
+        );
+        // A fresh token re-admits it as the same node.
+        let (renewed, _) = registry
+            .register_as(
+                machine,
+                &request("api", None),
+                Some(&workload("api", expiry + 3600)),
+                after,
+            )
+            .unwrap();
+        assert_eq!(renewed.id, again.id);
+    }
+
+    #[test]
+    fn a_restarted_pod_with_a_fresh_state_dir_joins_as_a_new_node_with_its_identity() {
+        let (_dir, registry) = open();
+        let now = SystemTime::now();
+        let expiry = authkey::unix_secs(now) + 600;
+        let (first, _) = registry
+            .register_as(
+                PrivateKey::generate().public_key(),
+                &request("api", None),
+                Some(&workload("api", expiry)),
+                now,
+            )
+            .unwrap();
+        let (second, _) = registry
+            .register_as(
+                PrivateKey::generate().public_key(),
+                &request("api", None),
+                Some(&workload("api", expiry)),
+                now,
+            )
+            .unwrap();
+        assert_ne!(first.id, second.id);
+        assert_eq!(first.identity, second.identity);
+        registry.delete(first.id).unwrap();
+        assert!(registry
+            .nodes()
+            .unwrap()
+            .iter()
+            .all(|(n, _)| n.id != first.id));
     }
 
     proptest! {

@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use weft_proto::{PublicKey, CLOSE_BY_COORDINATOR};
 
 use crate::admin::{self, AdminState};
-use crate::config::{check_public_url, OidcSettings};
+use crate::config::{check_public_url, OidcSettings, StoreSettings, WorkloadIssuer};
 use crate::control::{self, ListenError};
 use crate::http;
 use crate::keyfile::{self, KeyFileError};
@@ -19,7 +19,8 @@ use crate::netmap::NetmapHandle;
 use crate::nodes::Registry;
 use crate::oidc::Logins;
 use crate::policy_watch::{self, LoadError};
-use crate::store::{RedbStore, StoreError};
+use crate::store::{EtcdStore, RedbStore, Store, StoreError};
+use crate::workload::Workloads;
 
 /// How long shutdown waits for sessions to end.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -44,6 +45,12 @@ pub struct ServeOptions {
     /// Administrator principals (`tag:admin`, `alice@example.com`) that a
     /// new policy must not cut off; see `netmap::Lockout`.
     pub admins: Vec<String>,
+    /// Where the state lives: redb in `data_dir`, or etcd.
+    pub store: StoreSettings,
+    /// The issuers whose workload tokens admit nodes.
+    pub workload_issuers: Vec<WorkloadIssuer>,
+    /// How long an ephemeral node may stay offline before it is deleted.
+    pub ephemeral_timeout: Duration,
 }
 
 /// Why the coordinator could not start.
@@ -55,8 +62,8 @@ pub enum StartError {
     /// The policy file is unreadable or invalid.
     #[error("refusing to start: {0}")]
     Policy(String),
-    /// The database could not be opened.
-    #[error("{0} (is another coordinator already serving this data directory?)")]
+    /// The database could not be opened or read.
+    #[error("{0}")]
     Store(String),
     /// The control listener could not start.
     #[error("{0}")]
@@ -114,6 +121,7 @@ pub struct Coordinator {
     http: JoinHandle<()>,
     http_stop: oneshot::Sender<()>,
     discovery: Option<JoinHandle<()>>,
+    prefetch: Option<JoinHandle<()>>,
     watcher: Option<JoinHandle<()>>,
     netmap: JoinHandle<()>,
 }
@@ -122,7 +130,7 @@ impl Coordinator {
     /// Starts serving: fails before listening if anything is misconfigured.
     pub async fn start(options: ServeOptions) -> Result<Self, StartError> {
         let key = keyfile::load_or_create_key(&options.data_dir)?;
-        let store = Arc::new(RedbStore::open(&options.data_dir.join("weft.redb"))?);
+        let store = open_store(&options).await?;
         let registry = Registry::open(store)?;
         let policy = match &options.policy {
             Some(path) => {
@@ -138,7 +146,8 @@ impl Coordinator {
             Some((path, policy, content)) => (Some(Arc::new(policy)), Some((path, content))),
             None => (policy_watch::installed(&**registry.store())?, None),
         };
-        let (netmaps, netmap) = NetmapHandle::spawn(registry.clone(), initial)?;
+        let (netmaps, netmap) =
+            NetmapHandle::spawn(registry.clone(), initial, options.ephemeral_timeout)?;
         let admins: Arc<[String]> = options.admins.clone().into();
 
         let endpoint = control::bind(options.listen, &key)?;
@@ -210,12 +219,22 @@ impl Coordinator {
             }
         });
         tracing::info!(%http_addr, %public_url, "HTTP endpoints listening");
+        let workloads = if options.workload_issuers.is_empty() {
+            None
+        } else {
+            let workloads = Workloads::new(options.workload_issuers).map_err(StartError::Config)?;
+            Some(Arc::new(workloads))
+        };
+        let prefetch = workloads
+            .clone()
+            .map(|workloads| tokio::spawn(async move { workloads.prefetch().await }));
         let public_key = key.public_key();
         let context = Arc::new(control::Context {
             key,
             registry,
             netmaps,
             logins,
+            workloads,
         });
         let control = tokio::spawn(control::accept(endpoint.clone(), context));
         tracing::info!(%local_addr, coordinator_key = %public_key, "coordinator listening");
@@ -231,6 +250,7 @@ impl Coordinator {
             http,
             http_stop,
             discovery,
+            prefetch,
             watcher,
             netmap,
         })
@@ -260,6 +280,9 @@ impl Coordinator {
         if let Some(discovery) = self.discovery {
             discovery.abort();
         }
+        if let Some(prefetch) = self.prefetch {
+            prefetch.abort();
+        }
         if let Some(watcher) = self.watcher {
             watcher.abort();
             let _ = watcher.await;
@@ -273,6 +296,28 @@ impl Coordinator {
         let _ = tokio::time::timeout(DRAIN, self.endpoint.wait_idle()).await;
         let _ = std::fs::remove_file(&self.socket);
         tracing::info!("coordinator stopped");
+    }
+}
+
+/// Opens the configured backend. Connecting to etcd blocks for up to its
+/// dial and request timeouts, so it runs off the async workers.
+async fn open_store(options: &ServeOptions) -> Result<Arc<dyn Store>, StartError> {
+    match &options.store {
+        StoreSettings::Embedded => RedbStore::open(&options.data_dir.join("weft.redb"))
+            .map(|store| Arc::new(store) as Arc<dyn Store>)
+            .map_err(|e| {
+                StartError::Store(format!(
+                    "{e} (is another coordinator already serving this data directory?)"
+                ))
+            }),
+        StoreSettings::Etcd(settings) => {
+            let settings = settings.clone();
+            tokio::task::spawn_blocking(move || EtcdStore::connect(&settings))
+                .await
+                .map_err(|e| StartError::Store(format!("cannot connect to etcd: {e}")))?
+                .map(|store| Arc::new(store) as Arc<dyn Store>)
+                .map_err(StartError::from)
+        }
     }
 }
 

@@ -15,12 +15,16 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use weft_coordinator::{AdminClient, AuthKeyRequest, ClientError, Coordinator, ServeOptions};
+use weft_coordinator::{
+    AdminClient, AuthKeyRequest, ClientError, Coordinator, ServeOptions, WorkloadIssuer,
+    WorkloadIssuerConfig, WorkloadKind, DEFAULT_EPHEMERAL_TIMEOUT,
+};
 use weft_proto::handshake::{Initiator, RESPONSE_LEN};
 use weft_proto::{
-    encode_frame, AuthKey, ClientMessage, Credential, FrameDecoder, NodeId, PacketFilter, Peer,
-    PrivateKey, PublicKey, Refusal, RefusalCode, Register, SelfNode, ServerMessage, ALPN,
-    CLOSE_BY_COORDINATOR, CLOSE_HANDSHAKE_FAILED, CLOSE_PROTOCOL_ERROR, EXPORTER_LABEL,
+    encode_frame, AuthKey, ClientMessage, Credential, FrameDecoder, IdentityToken, NodeId,
+    PacketFilter, Peer, PrivateKey, PublicKey, Refusal, RefusalCode, Register, SelfNode,
+    ServerMessage, ALPN, CLOSE_BY_COORDINATOR, CLOSE_HANDSHAKE_FAILED, CLOSE_PROTOCOL_ERROR,
+    EXPORTER_LABEL,
 };
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -53,10 +57,19 @@ struct Harness {
     policy: PathBuf,
     coordinator: Option<Coordinator>,
     client: quinn::Endpoint,
+    workload_issuers: Vec<WorkloadIssuer>,
+    ephemeral_timeout: Duration,
 }
 
 impl Harness {
     async fn start() -> Self {
+        Self::start_with(Vec::new(), DEFAULT_EPHEMERAL_TIMEOUT).await
+    }
+
+    async fn start_with(
+        workload_issuers: Vec<WorkloadIssuer>,
+        ephemeral_timeout: Duration,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
         let policy = dir.path().join("policy.hujson");
@@ -67,6 +80,8 @@ impl Harness {
             policy,
             coordinator: None,
             client: client_endpoint(),
+            workload_issuers,
+            ephemeral_timeout,
         };
         harness.restart().await;
         harness
@@ -84,6 +99,9 @@ impl Harness {
             public_url: None,
             oidc: None,
             admins: Vec::new(),
+            store: Default::default(),
+            workload_issuers: self.workload_issuers.clone(),
+            ephemeral_timeout: self.ephemeral_timeout,
         })
         .await
         .unwrap();
@@ -144,11 +162,21 @@ impl Harness {
         hostname: &str,
         key: Option<AuthKey>,
     ) -> Result<Node, Refusal> {
+        self.join_with(machine, hostname, key.map(Credential::AuthKey))
+            .await
+    }
+
+    async fn join_with(
+        &self,
+        machine: &PrivateKey,
+        hostname: &str,
+        credential: Option<Credential>,
+    ) -> Result<Node, Refusal> {
         let pinned = self.coordinator().public_key();
         let mut control = self.connect(machine, &pinned).await.unwrap();
         control
             .send(&ClientMessage::Register(Register {
-                credential: key.map(Credential::AuthKey),
+                credential,
                 hostname: hostname.into(),
                 node_key: PrivateKey::generate().public_key(),
                 endpoints: vec!["192.0.2.10:51820".parse().unwrap()],
@@ -483,6 +511,128 @@ async fn a_restarted_coordinator_keeps_nodes_and_addresses() {
     );
     let again = h.join(&machine, "renamed", None).await.unwrap();
     assert_eq!(again.me, before);
+}
+
+const CLUSTER_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// A cluster's service-account signing key, published in a JWKS file.
+struct ClusterKey {
+    pair: ring::signature::Ed25519KeyPair,
+}
+
+impl ClusterKey {
+    fn new() -> Self {
+        let pkcs8 =
+            ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+                .unwrap();
+        Self {
+            pair: ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap(),
+        }
+    }
+
+    fn jwks(&self) -> String {
+        use ring::signature::KeyPair as _;
+        serde_json::json!({"keys": [{
+            "kty": "OKP", "crv": "Ed25519", "kid": "sa-key", "use": "sig",
+            "x": b64(self.pair.public_key().as_ref()),
+        }]})
+        .to_string()
+    }
+
+    /// A projected service-account token for `sub`, for `audience`.
+    fn token(&self, sub: &str, audience: &str) -> Credential {
+        let now = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        )
+        .unwrap();
+        let header = serde_json::json!({"alg": "EdDSA", "kid": "sa-key", "typ": "JWT"});
+        let claims = serde_json::json!({
+            "iss": CLUSTER_ISSUER, "aud": [audience], "sub": sub,
+            "iat": now, "nbf": now, "exp": now + 3600,
+        });
+        let signed = format!("{}.{}", b64(header.to_string()), b64(claims.to_string()));
+        let signature = self.pair.sign(signed.as_bytes());
+        Credential::IdentityToken(IdentityToken::new(format!(
+            "{signed}.{}",
+            b64(signature.as_ref())
+        )))
+    }
+}
+
+fn b64(bytes: impl AsRef<[u8]>) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_joins_with_its_token_and_is_deleted_once_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ClusterKey::new();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, key.jwks()).unwrap();
+    let issuer = WorkloadIssuerConfig {
+        issuer: CLUSTER_ISSUER.into(),
+        jwks_file: Some(jwks),
+        jwks_url: None,
+        audience: "weft".into(),
+        kind: WorkloadKind::Kubernetes,
+        trust_domain: "cluster.local".into(),
+        max_token_age: None,
+        key_expiry: None,
+        tags: vec![],
+        ephemeral: true,
+        allow_insecure_issuer: false,
+        identity: None,
+    }
+    .resolve()
+    .unwrap();
+    let h = Harness::start_with(vec![issuer], Duration::from_secs(1)).await;
+
+    let refused = h
+        .join_with(
+            &PrivateKey::generate(),
+            "api",
+            Some(key.token("system:serviceaccount:payments:api", "api")),
+        )
+        .await
+        .err()
+        .expect("a token for another audience is refused");
+    assert_eq!(refused.code, RefusalCode::TokenInvalid);
+    assert!(
+        refused
+            .message
+            .contains("request a token with audience \"weft\""),
+        "{}",
+        refused.message
+    );
+
+    let api = h
+        .join_with(
+            &PrivateKey::generate(),
+            "api-5d8c",
+            Some(key.token("system:serviceaccount:payments:api", "weft")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        api.me.identity.workload.as_deref(),
+        Some("spiffe://cluster.local/ns/payments/sa/api")
+    );
+    assert!(api.me.key_expiry.is_some());
+    assert_eq!(h.admin().nodes().await.unwrap().len(), 1);
+
+    drop(api);
+    let deadline = Instant::now() + WAIT;
+    while !h.admin().nodes().await.unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the offline ephemeral node was not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn client_endpoint() -> quinn::Endpoint {

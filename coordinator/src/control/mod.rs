@@ -13,6 +13,7 @@ pub(crate) use self::tls::TlsError;
 use crate::netmap::NetmapHandle;
 use crate::nodes::Registry;
 use crate::oidc::Logins;
+use crate::workload::Workloads;
 
 /// What every session needs.
 #[derive(Debug)]
@@ -23,6 +24,8 @@ pub(crate) struct Context {
     pub(crate) netmaps: NetmapHandle,
     /// The identity provider people log in with, when one is configured.
     pub(crate) logins: Option<Arc<Logins>>,
+    /// The trusted issuers of workload tokens, when any are configured.
+    pub(crate) workloads: Option<Arc<Workloads>>,
 }
 
 /// Why the control listener could not start.

@@ -20,8 +20,9 @@ use weft_proto::{
 use super::Context;
 use crate::authkey::AdmitError;
 use crate::netmap::{Attached, SessionEvent};
-use crate::nodes::{NodeRecord, Registry, UserLogin};
+use crate::nodes::{Login, NodeRecord, Registry, UserLogin};
 use crate::oidc::LOGIN_TTL;
+use crate::workload::WorkloadLogin;
 
 /// Time allowed from the first packet to a completed Noise handshake.
 /// The largest frame a node may send. A `Register` within every other limit
@@ -146,13 +147,19 @@ impl Session {
             }
         };
         tracing::debug!(remote = %self.remote, machine = %machine_key.short(), credential = ?register.credential, "registration");
-        let login = match register.credential {
-            Some(Credential::Interactive(flow)) => match self.login(flow).await {
-                Ok(login) => Some(login),
+        let login = match &register.credential {
+            Some(Credential::Interactive(flow)) => match self.login(*flow).await {
+                Ok(login) => Some(Login::User(login)),
                 Err(Some(refusal)) => return self.refuse(refusal).await,
                 Err(None) => return,
             },
-            _ => None,
+            Some(Credential::IdentityToken(token)) => {
+                match self.verify_token(token.expose_secret()).await {
+                    Ok(workload) => Some(Login::Workload(workload)),
+                    Err(refusal) => return self.refuse(refusal).await,
+                }
+            }
+            Some(Credential::AuthKey(_)) | None => None,
         };
         let registry = self.ctx.registry.clone();
         let registered = tokio::task::spawn_blocking(move || {
@@ -183,6 +190,22 @@ impl Session {
         if let Some(end) = end {
             self.fail(end);
         }
+    }
+
+    /// Verifies a workload's platform token against the trusted issuers.
+    async fn verify_token(&self, token: &str) -> Result<WorkloadLogin, Refusal> {
+        let Some(workloads) = &self.ctx.workloads else {
+            return Err(Refusal {
+                code: RefusalCode::TokenInvalid,
+                message: "this coordinator trusts no workload token issuers; add a [[workload_issuers]] entry to its configuration, or join with `weft up --auth-key KEY`".into(),
+            });
+        };
+        let login = workloads
+            .verify(token, SystemTime::now())
+            .await
+            .map_err(|e| e.refusal())?;
+        tracing::debug!(remote = %self.remote, workload = ?login.identity.workload, "workload token verified");
+        Ok(login)
     }
 
     /// Has a person log in through the identity provider while the node

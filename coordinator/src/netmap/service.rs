@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use weft_policy::Policy;
 use weft_proto::{NetMap, NodeId, Refusal, RefusalCode, ServerMessage};
 
@@ -21,8 +22,6 @@ use crate::store::{self, StoreError, Watch, WatchError};
 /// netmap, so a node that stops reading cannot grow the coordinator's memory.
 const SESSION_BACKLOG: usize = 64;
 
-/// How long an ephemeral node may stay offline before it is deleted.
-const EPHEMERAL_GRACE: Duration = Duration::from_secs(30);
 /// How often expired logins are looked for: peers drop an expired node
 /// within this of its expiry.
 const EXPIRY_SWEEP: Duration = Duration::from_millis(500);
@@ -76,9 +75,11 @@ enum Command {
 impl NetmapHandle {
     /// Loads every node from the registry and starts the task.
     /// The task ends once every handle is dropped.
+    /// Ephemeral nodes are deleted once offline for `ephemeral_timeout`.
     pub(crate) fn spawn(
         registry: Registry,
         policy: Option<Arc<Policy>>,
+        ephemeral_timeout: Duration,
     ) -> Result<(Self, JoinHandle<()>), StoreError> {
         // Subscribe before reading, so no change falls between the two.
         let watch = registry.store().watch(nodes::NODES_PREFIX);
@@ -98,6 +99,7 @@ impl NetmapHandle {
             rx,
             sessions: BTreeMap::new(),
             commands: handle.commands.downgrade(),
+            offline: OfflineSince::new(ephemeral_timeout),
         };
         Ok((handle, tokio::spawn(task.run())))
     }
@@ -175,6 +177,49 @@ struct Task {
     sessions: BTreeMap<SessionId, mpsc::Sender<SessionEvent>>,
     /// Weak, so that the task ends when the last handle is dropped.
     commands: mpsc::WeakUnboundedSender<Command>,
+    offline: OfflineSince,
+}
+
+/// When each ephemeral node went offline, so that it is deleted the
+/// timeout after its *last* disconnect: a reap timer set at an earlier
+/// disconnect finds the node offline again but not for long enough, and
+/// leaves it to the timer of the later one.
+#[derive(Debug)]
+struct OfflineSince {
+    timeout: Duration,
+    since: BTreeMap<NodeId, Instant>,
+}
+
+impl OfflineSince {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            since: BTreeMap::new(),
+        }
+    }
+
+    /// Node `node` lost its last session at `now`; its reap is due at the returned instant.
+    fn went_offline(&mut self, node: NodeId, now: Instant) -> Instant {
+        self.since.insert(node, now);
+        now + self.timeout
+    }
+
+    fn came_online(&mut self, node: NodeId) {
+        self.since.remove(&node);
+    }
+
+    /// Whether node `node` has been offline for the whole timeout at `now`;
+    /// forgets it then.
+    fn take_due(&mut self, node: NodeId, now: Instant) -> bool {
+        let due = self
+            .since
+            .get(&node)
+            .is_some_and(|since| now.saturating_duration_since(*since) >= self.timeout);
+        if due {
+            self.since.remove(&node);
+        }
+        due
+    }
 }
 
 impl Task {
@@ -218,9 +263,11 @@ impl Task {
                 events,
                 reply,
             } => {
+                let node = record.id;
                 let result = self.core.attach(session, *record, revision);
                 if result.is_ok() {
                     self.sessions.insert(session, events);
+                    self.offline.came_online(node);
                 }
                 // The session may have given up waiting; it detaches itself then.
                 let _ = reply.send(result);
@@ -245,7 +292,12 @@ impl Task {
                 let _ = reply.send(self.core.online());
             }
             Command::ReapIfOffline(node) => {
-                if self.core.is_online(node) || !self.core.node(node).is_some_and(|n| n.ephemeral) {
+                // Checked first, so that a node deleted meanwhile is forgotten too.
+                let due = self.offline.take_due(node, Instant::now());
+                if !due
+                    || self.core.is_online(node)
+                    || !self.core.node(node).is_some_and(|n| n.ephemeral)
+                {
                     return;
                 }
                 match self.registry.delete(node) {
@@ -324,18 +376,23 @@ impl Task {
             };
             if ends || !delivered {
                 self.sessions.remove(&session);
+                let node = self.core.node_of(session);
                 self.core.detach(session);
+                if let Some(node) = node {
+                    self.schedule_reap(node);
+                }
             }
         }
     }
 
-    fn schedule_reap(&self, node: NodeId) {
+    fn schedule_reap(&mut self, node: NodeId) {
         if self.core.is_online(node) || !self.core.node(node).is_some_and(|n| n.ephemeral) {
             return;
         }
+        let due = self.offline.went_offline(node, Instant::now());
         let commands = self.commands.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(EPHEMERAL_GRACE).await;
+            tokio::time::sleep_until(due).await;
             if let Some(commands) = commands.upgrade() {
                 let _ = commands.send(Command::ReapIfOffline(node));
             }
@@ -351,5 +408,33 @@ fn shutting_down() -> Refusal {
     Refusal {
         code: RefusalCode::Unavailable,
         message: "the coordinator is shutting down; retry in a moment".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ephemeral_nodes_are_due_after_their_last_disconnect() {
+        let start = Instant::now();
+        let minute = Duration::from_secs(60);
+        let mut offline = OfflineSince::new(10 * minute);
+        let node = NodeId(7);
+        let first_due = offline.went_offline(node, start);
+        assert_eq!(first_due, start + 10 * minute);
+        // Back online, then offline again five minutes later.
+        offline.came_online(node);
+        assert!(
+            !offline.take_due(node, first_due),
+            "online nodes are never due"
+        );
+        let second_due = offline.went_offline(node, start + 5 * minute);
+        assert!(
+            !offline.take_due(node, first_due),
+            "the first disconnect's timer must not reap"
+        );
+        assert!(offline.take_due(node, second_due));
+        assert!(!offline.take_due(node, second_due), "reaped once");
     }
 }

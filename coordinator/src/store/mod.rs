@@ -4,15 +4,27 @@
 //! embedded one: every write is a transaction of puts and deletes guarded by
 //! compares, every committed transaction bumps one global revision, every key
 //! remembers the revision that last changed it, and watchers see changes in
-//! revision order.
+//! revision order. The embedded backend is [`RedbStore`]; [`EtcdStore`]
+//! keeps the state in an etcd cluster so that it survives the loss of the
+//! coordinator's machine.
 
+#[cfg(test)]
+mod conformance;
+mod etcd;
 mod redb;
 
 use tokio::sync::broadcast;
 
+pub(crate) use self::etcd::EtcdStore;
 pub(crate) use self::redb::RedbStore;
 
 /// A revisioned key-value store with compare-and-swap transactions and watches.
+///
+/// Revisions are one counter for the whole store: they only grow, every
+/// committed transaction that writes gets a new one, and every key it wrote
+/// carries it as its `mod_revision`. They need not start at 0 nor grow by exactly one per
+/// transaction: etcd counts from 1 and counts writes made by others on the
+/// same cluster too.
 pub(crate) trait Store: Send + Sync + 'static {
     /// The value at `key`, if any.
     fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError>;
@@ -21,14 +33,19 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError>;
 
     /// Atomically and durably applies all `ops` if every compare holds, like an
-    /// etcd `Txn`. Returns the new store revision, or [`StoreError::Conflict`]
-    /// when a compare failed (nothing was written then).
+    /// etcd `Txn`. Returns the new store revision (etcd leaves the revision
+    /// as it is for a transaction without operations), or
+    /// [`StoreError::Conflict`] when a compare failed (nothing was written then).
     fn txn(&self, compares: &[Compare], ops: &[Op]) -> Result<u64, StoreError>;
 
     /// Changes to keys under `prefix` committed from now on, in revision order.
+    /// It may also deliver changes committed shortly before the call, so
+    /// consumers that read the state after subscribing skip events no newer
+    /// than what they read (by revision).
     fn watch(&self, prefix: &str) -> Watch;
 
-    /// The revision of the last committed transaction (0 for an empty store).
+    /// The store's current revision: at least that of every transaction
+    /// committed before the call.
     fn revision(&self) -> Result<u64, StoreError>;
 }
 
@@ -71,7 +88,7 @@ pub(crate) enum StoreError {
     /// A compare of the transaction did not hold; nothing was written.
     #[error("the stored state changed concurrently; retry the operation")]
     Conflict,
-    /// The backend failed (disk full, I/O error, corrupted file).
+    /// The backend failed (disk full, I/O error, corrupted file, etcd unreachable).
     #[error("coordinator database error: {0}")]
     Backend(String),
     /// A stored record could not be decoded.
@@ -82,7 +99,8 @@ pub(crate) enum StoreError {
 /// Why a watcher missed changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum WatchError {
-    /// The watcher fell behind and events were dropped; re-read the state with `list`.
+    /// The watcher fell behind and events were dropped (or the backend
+    /// compacted the history it needed); re-read the state with `list`.
     #[error("watcher fell behind by {0} events")]
     Lagged(u64),
     /// The store was dropped.
@@ -90,15 +108,19 @@ pub(crate) enum WatchError {
     Closed,
 }
 
+/// What a backend publishes to its watchers: a change, or word that changes
+/// were lost (the watcher must re-read the state).
+pub(crate) type Notice = Result<WatchEvent, WatchError>;
+
 /// A stream of [`WatchEvent`]s for one key prefix.
 #[derive(Debug)]
 pub(crate) struct Watch {
     prefix: String,
-    rx: broadcast::Receiver<WatchEvent>,
+    rx: broadcast::Receiver<Notice>,
 }
 
 impl Watch {
-    pub(crate) fn new(prefix: &str, rx: broadcast::Receiver<WatchEvent>) -> Self {
+    pub(crate) fn new(prefix: &str, rx: broadcast::Receiver<Notice>) -> Self {
         Self {
             prefix: prefix.to_owned(),
             rx,
@@ -109,8 +131,9 @@ impl Watch {
     pub(crate) async fn next(&mut self) -> Result<WatchEvent, WatchError> {
         loop {
             match self.rx.recv().await {
-                Ok(event) if event.key.starts_with(&self.prefix) => return Ok(event),
-                Ok(_) => continue,
+                Ok(Ok(event)) if event.key.starts_with(&self.prefix) => return Ok(event),
+                Ok(Ok(_)) => continue,
+                Ok(Err(lost)) => return Err(lost),
                 Err(broadcast::error::RecvError::Lagged(n)) => return Err(WatchError::Lagged(n)),
                 Err(broadcast::error::RecvError::Closed) => return Err(WatchError::Closed),
             }
@@ -121,8 +144,9 @@ impl Watch {
     pub(crate) fn try_next(&mut self) -> Option<Result<WatchEvent, WatchError>> {
         loop {
             match self.rx.try_recv() {
-                Ok(event) if event.key.starts_with(&self.prefix) => return Some(Ok(event)),
-                Ok(_) => continue,
+                Ok(Ok(event)) if event.key.starts_with(&self.prefix) => return Some(Ok(event)),
+                Ok(Ok(_)) => continue,
+                Ok(Err(lost)) => return Some(Err(lost)),
                 Err(broadcast::error::TryRecvError::Empty) => return None,
                 Err(broadcast::error::TryRecvError::Lagged(n)) => {
                     return Some(Err(WatchError::Lagged(n)))

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::broadcast;
 
-use super::{Compare, Op, Store, StoreError, Versioned, Watch, WatchEvent};
+use super::{Compare, Notice, Op, Store, StoreError, Versioned, Watch, WatchEvent};
 
 /// Values: the 8-byte big-endian revision that last wrote the key, then the payload.
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
@@ -25,7 +25,7 @@ pub(crate) struct RedbStore {
     /// Held from the start of a write transaction until its events are
     /// published, so watchers see revisions in order.
     write_lock: Mutex<()>,
-    events: broadcast::Sender<WatchEvent>,
+    events: broadcast::Sender<Notice>,
 }
 
 impl RedbStore {
@@ -121,11 +121,11 @@ impl Store for RedbStore {
                 Op::Delete(key) => (key.clone(), None),
             };
             // No receivers is fine: nobody is watching yet.
-            let _ = self.events.send(WatchEvent {
+            let _ = self.events.send(Ok(WatchEvent {
                 revision,
                 key,
                 value,
-            });
+            }));
         }
         Ok(revision)
     }
@@ -164,148 +164,40 @@ fn backend(e: impl Into<redb::Error>) -> StoreError {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
     use std::sync::Arc;
 
     use super::*;
+    use crate::store::conformance::{conformance_suite, put, Fixture};
 
-    fn open() -> (tempfile::TempDir, RedbStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(&dir.path().join("weft.redb")).unwrap();
-        (dir, store)
+    struct File {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
     }
 
-    fn put(key: &str, value: &str) -> Op {
-        Op::Put(key.into(), value.as_bytes().to_vec())
+    impl File {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("weft.redb");
+            Self { _dir: dir, path }
+        }
     }
+
+    impl Fixture for File {
+        fn open(&self) -> Arc<dyn Store> {
+            Arc::new(RedbStore::open(&self.path).unwrap())
+        }
+    }
+
+    conformance_suite!(File::new());
 
     #[test]
-    fn revisions_count_transactions_and_stamp_keys() {
-        let (_dir, store) = open();
+    fn revisions_start_at_zero_and_count_one_per_transaction() {
+        let file = File::new();
+        let store = file.open();
         assert_eq!(store.revision().unwrap(), 0);
         assert_eq!(store.txn(&[], &[put("a", "1"), put("b", "2")]).unwrap(), 1);
-        assert_eq!(store.txn(&[], &[put("b", "3")]).unwrap(), 2);
-        assert_eq!(store.get("a").unwrap().unwrap().mod_revision, 1);
-        let b = store.get("b").unwrap().unwrap();
-        assert_eq!((b.value.as_slice(), b.mod_revision), (&b"3"[..], 2));
+        assert_eq!(store.txn(&[], &[]).unwrap(), 2);
         assert_eq!(store.revision().unwrap(), 2);
-        assert_eq!(store.get("c").unwrap(), None);
-    }
-
-    #[test]
-    fn failed_compares_write_nothing() {
-        let (_dir, store) = open();
-        store
-            .txn(&[Compare::Absent("k".into())], &[put("k", "v1")])
-            .unwrap();
-        let err = store
-            .txn(
-                &[Compare::Absent("k".into())],
-                &[put("k", "v2"), put("other", "x")],
-            )
-            .unwrap_err();
-        assert!(matches!(err, StoreError::Conflict));
-        let err = store
-            .txn(
-                &[Compare::ModRevision("k".into(), 7)],
-                &[Op::Delete("k".into())],
-            )
-            .unwrap_err();
-        assert!(matches!(err, StoreError::Conflict));
-        assert!(matches!(
-            store.txn(&[Compare::ModRevision("missing".into(), 1)], &[]),
-            Err(StoreError::Conflict)
-        ));
-        assert_eq!(store.get("k").unwrap().unwrap().value, b"v1");
-        assert_eq!(store.get("other").unwrap(), None);
-        assert_eq!(store.revision().unwrap(), 1);
-        store
-            .txn(
-                &[Compare::ModRevision("k".into(), 1)],
-                &[Op::Delete("k".into())],
-            )
-            .unwrap();
-        assert_eq!(store.get("k").unwrap(), None);
-    }
-
-    #[test]
-    fn list_returns_only_the_prefix_in_order() {
-        let (_dir, store) = open();
-        store
-            .txn(
-                &[],
-                &[
-                    put("nodes/2", "b"),
-                    put("nodes/1", "a"),
-                    put("nodez", "x"),
-                    put("n", "y"),
-                ],
-            )
-            .unwrap();
-        let keys: Vec<String> = store
-            .list("nodes/")
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        assert_eq!(keys, ["nodes/1", "nodes/2"]);
-    }
-
-    #[test]
-    fn state_survives_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("weft.redb");
-        {
-            let store = RedbStore::open(&path).unwrap();
-            store.txn(&[], &[put("a", "1")]).unwrap();
-            store
-                .txn(&[], &[put("b", "2"), Op::Delete("a".into())])
-                .unwrap();
-        }
-        let store = RedbStore::open(&path).unwrap();
-        assert_eq!(store.revision().unwrap(), 2);
-        assert_eq!(store.get("a").unwrap(), None);
-        assert_eq!(store.get("b").unwrap().unwrap().mod_revision, 2);
-        assert_eq!(store.txn(&[], &[put("c", "3")]).unwrap(), 3);
-    }
-
-    #[tokio::test]
-    async fn watchers_see_changes_under_their_prefix_in_order() {
-        let (_dir, store) = open();
-        let mut watch = store.watch("nodes/");
-        store
-            .txn(&[], &[put("nodes/1", "a"), put("keys/1", "k")])
-            .unwrap();
-        store.txn(&[], &[Op::Delete("nodes/1".into())]).unwrap();
-        let first = watch.next().await.unwrap();
-        assert_eq!((first.revision, first.key.as_str()), (1, "nodes/1"));
-        assert_eq!(first.value.as_deref(), Some(&b"a"[..]));
-        let second = watch.next().await.unwrap();
-        assert_eq!((second.revision, second.value), (2, None));
-        assert!(watch.try_next().is_none());
-    }
-
-    #[test]
-    fn concurrent_compare_and_swap_admits_exactly_one_writer() {
-        let (_dir, store) = open();
-        let store = Arc::new(store);
-        store.txn(&[], &[put("token", "fresh")]).unwrap();
-        let winners: usize = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..16)
-                .map(|i| {
-                    let store = Arc::clone(&store);
-                    s.spawn(move || {
-                        let current = store.get("token").unwrap().unwrap();
-                        if current.value != b"fresh" {
-                            return 0;
-                        }
-                        let ops = [put("token", &format!("taken by {i}"))];
-                        let cmp = [Compare::ModRevision("token".into(), current.mod_revision)];
-                        usize::from(store.txn(&cmp, &ops).is_ok())
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).sum()
-        });
-        assert_eq!(winners, 1);
     }
 }
