@@ -17,6 +17,7 @@ mod oidc;
 mod overlay;
 mod probe;
 mod process;
+mod workload;
 
 pub use lab::{Host, Lab};
 pub use netns::in_netns;
@@ -24,6 +25,7 @@ pub use oidc::{Browser, TestIdp};
 pub use overlay::{Coordinator, NodeHandle, Overlay};
 pub use probe::{ping, tcp_echo, wait_until, EchoServer};
 pub use process::Process;
+pub use workload::{unix_now, Signer, WorkloadIssuer};
 
 use std::path::{Path, PathBuf};
 
@@ -47,6 +49,23 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
         }
     }
     Ok(dir)
+}
+
+/// Prints a measured figure and appends it to `e2e-metrics.txt` next to the
+/// binaries, which `tests/run` prints at the end.
+pub fn record_metric(line: &str) {
+    use std::io::Write as _;
+    println!("{line}");
+    let file = bin_dir()
+        .map(|d| d.join("e2e-metrics.txt"))
+        .unwrap_or_else(|_| std::env::temp_dir().join("weft-e2e-metrics.txt"));
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+    {
+        let _ = writeln!(f, "{line}");
+    }
 }
 
 /// A file from the end-to-end tests' `fixtures/` directory.

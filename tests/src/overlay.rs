@@ -334,8 +334,25 @@ impl NodeHandle {
 
     /// Stops weftd (SIGKILL when `hard`) and starts it again on the same state dir.
     pub fn restart(&mut self, hard: bool) -> Result<()> {
+        self.stop(hard);
+        self.start()
+    }
+
+    /// Stops weftd (SIGKILL when `hard`), keeping its state dir and log.
+    pub fn stop(&mut self, hard: bool) {
         if let Some(mut p) = self.process.take() {
             p.stop_for_restart(hard);
+        }
+    }
+
+    /// Starts weftd again after [`NodeHandle::stop`] with a fresh state dir:
+    /// a new machine, as a rescheduled pod is.
+    pub fn start_fresh(&mut self) -> Result<()> {
+        for file in ["machine.key", "node.key", "prefs.json"] {
+            match std::fs::remove_file(self.state_dir.join(file)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
         }
         self.start()
     }

@@ -155,21 +155,6 @@ fn reaches(overlay: &Overlay, from: &str, to: IpAddr) -> bool {
     .is_ok()
 }
 
-fn record(line: &str) {
-    use std::io::Write as _;
-    println!("{line}");
-    let file = weft_tests::bin_dir()
-        .map(|d| d.join("e2e-metrics.txt"))
-        .unwrap_or_else(|_| std::env::temp_dir().join("weft-e2e-metrics.txt"));
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(file)
-    {
-        let _ = writeln!(f, "{line}");
-    }
-}
-
 #[test]
 fn people_log_in_with_the_identity_provider() {
     weft_tests::require_root().expect("root");
@@ -278,7 +263,7 @@ key_expiry = "1h"
         reaches(overlay, "laptop", server_ip)
     })
     .context("alice (group eng) never reached the server")?;
-    record(&format!(
+    weft_tests::record_metric(&format!(
         "oidc: browser login finished -> first packet through the tunnel: {} ms",
         logged_in.elapsed().as_millis()
     ));
@@ -386,7 +371,7 @@ key_expiry = "1h"
             .is_ok_and(|peers| peers.iter().any(|p| p == "laptop"))
     })
     .context("the server kept the expired laptop as a peer")?;
-    record(&format!(
+    weft_tests::record_metric(&format!(
         "oidc: nodes expire -> peer dropped: {} ms",
         cut.as_millis()
     ));

@@ -8,7 +8,7 @@
 )]
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
@@ -95,24 +95,6 @@ fn verdict(allowed: bool) -> &'static str {
     }
 }
 
-fn metrics_file() -> PathBuf {
-    weft_tests::bin_dir()
-        .map(|d| d.join("e2e-metrics.txt"))
-        .unwrap_or_else(|_| std::env::temp_dir().join("weft-e2e-metrics.txt"))
-}
-
-fn record(line: &str) {
-    use std::io::Write as _;
-    println!("{line}");
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(metrics_file())
-    {
-        let _ = writeln!(f, "{line}");
-    }
-}
-
 #[test]
 fn identity_admitted_overlay_end_to_end() {
     let hosts = [
@@ -146,7 +128,7 @@ fn identity_admitted_overlay_end_to_end() {
             ping(&web_ns, db_addr, Duration::from_millis(300))
         })
         .context("no packet crossed the tunnel within 10 s of `weft up`")?;
-        record(&format!(
+        weft_tests::record_metric(&format!(
             "weft up -> first packet through the tunnel: {} ms (of which the first ping's wait: {} ms)",
             started.elapsed().as_millis(),
             first_packet.as_millis()
@@ -238,7 +220,7 @@ fn identity_admitted_overlay_end_to_end() {
             tcp_echo(&web_ns, db_5432, Duration::from_millis(100)).is_err()
         })
         .context("the removed allow (web -> db:5432) still worked 5 s after the edit")?;
-        record(&format!(
+        weft_tests::record_metric(&format!(
             "policy edit -> enforced on nodes: new allow after {} ms, removed allow confirmed after {} ms",
             opened.as_millis(),
             (opened + closed).as_millis()
@@ -277,7 +259,7 @@ fn identity_admitted_overlay_end_to_end() {
             "db came back with other addresses than {before}"
         );
         expect_ping(overlay, "web", "db", true)?;
-        record(&format!(
+        weft_tests::record_metric(&format!(
             "node restart -> tunnel back: {} ms",
             back.unwrap_or_default().as_millis()
         ));
@@ -301,7 +283,7 @@ fn identity_admitted_overlay_end_to_end() {
                 })
         })
         .context("nodes did not reconnect to the restarted coordinator within 10 s")?;
-        record(&format!(
+        weft_tests::record_metric(&format!(
             "coordinator kill -9 and restart -> every node online again: {} ms after it listened",
             reconnected.as_millis()
         ));
@@ -375,7 +357,7 @@ fn identity_admitted_overlay_end_to_end() {
             state != "running",
             "the deleted node still says it is running"
         );
-        record(&format!(
+        weft_tests::record_metric(&format!(
             "nodes delete -> removed from every peer: {} ms",
             gone.as_millis()
         ));
