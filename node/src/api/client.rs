@@ -225,7 +225,7 @@ mod tests {
     async fn the_client_drives_the_server_over_a_unix_socket() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("run/weftd.sock");
-        let listener = bind(&socket).unwrap();
+        let listener = bind(&socket, None).unwrap();
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
@@ -274,7 +274,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("s");
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(serve(bind(&socket).unwrap(), tx));
+        tokio::spawn(serve(bind(&socket, None).unwrap(), tx));
         tokio::spawn(answer(rx));
         let client = ApiClient::new(&socket);
         let who = client.whois("100.64.0.4:5432").await.unwrap();
@@ -310,7 +310,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("s");
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(serve(bind(&socket).unwrap(), tx));
+        tokio::spawn(serve(bind(&socket, None).unwrap(), tx));
         tokio::spawn(answer(rx));
         let client = ApiClient::new(&socket);
         let err = client

@@ -20,6 +20,9 @@ pub enum ApiError {
     /// The coordinator did not answer in time; weftd keeps trying.
     #[error("{0}")]
     Timeout(String),
+    /// The caller may read but not change the node.
+    #[error("{0}")]
+    Forbidden(String),
     /// What was asked for does not exist (e.g. an address no peer has).
     #[error("{0}")]
     NotFound(String),
@@ -36,7 +39,7 @@ pub enum ApiError {
 pub struct ErrorBody {
     /// The sentence to show the operator.
     pub error: String,
-    /// A machine-readable kind: `bad-request`, `refused`, `handshake`, `timeout`, `not-found`, `shutting-down`, `internal`.
+    /// A machine-readable kind: `bad-request`, `refused`, `forbidden`, `handshake`, `timeout`, `not-found`, `shutting-down`, `internal`.
     pub kind: String,
 }
 
@@ -45,7 +48,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Refused(_) => StatusCode::FORBIDDEN,
+            ApiError::Refused(_) | ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Handshake(_) => StatusCode::BAD_GATEWAY,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -58,6 +61,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => "bad-request",
             ApiError::Refused(_) => "refused",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::Handshake(_) => "handshake",
             ApiError::Timeout(_) => "timeout",
             ApiError::NotFound(_) => "not-found",

@@ -6,11 +6,14 @@ use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as 
 use std::path::Path;
 use std::time::Duration;
 
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
+use axum::serve::IncomingStream;
 use axum::{Json, Router};
+use nix::unistd::Gid;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
@@ -34,15 +37,21 @@ pub enum Command {
     WhoIs(IpAddr, oneshot::Sender<Result<WhoIs, ApiError>>),
 }
 
-/// Binds the API socket: creates its directory (0700) if missing, replaces
-/// a stale socket left by a crash — never any other kind of file — and
-/// restricts the socket to its owner (0600).
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+/// Binds the API socket: creates its directory if missing, replaces a stale
+/// socket left by a crash — never any other kind of file — and restricts the
+/// socket to its owner (0600), or to its owner and `group` (0660), whose
+/// members may then read status and `whois` but not change the node.
+pub fn bind(path: &Path, group: Option<Gid>) -> std::io::Result<UnixListener> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(parent)?;
+        if !parent.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(if group.is_some() { 0o750 } else { 0o700 })
+                .create(parent)?;
+            if group.is_some() {
+                nix::unistd::chown(parent, None, group)?;
+            }
+        }
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
@@ -59,13 +68,49 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         Err(e) => return Err(e),
     }
     let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let mode = match group {
+        Some(gid) => {
+            nix::unistd::chown(path, None, Some(gid))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }
 
 /// Serves the API until the listener fails.
 pub async fn serve(listener: UnixListener, commands: mpsc::Sender<Command>) -> std::io::Result<()> {
-    axum::serve(listener, router(commands)).await
+    let app = router(commands).into_make_service_with_connect_info::<Caller>();
+    axum::serve(listener, app).await
+}
+
+/// Who is calling, from the socket's peer credentials.
+#[derive(Debug, Clone, Copy)]
+struct Caller {
+    uid: Option<u32>,
+}
+
+impl Connected<IncomingStream<'_, UnixListener>> for Caller {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        Self {
+            uid: stream.io().peer_cred().ok().map(|cred| cred.uid()),
+        }
+    }
+}
+
+impl Caller {
+    /// Only root and weftd's own user change the node; members of the
+    /// socket's group (applications asking `whois`) only read.
+    fn may_change(self) -> Result<(), ApiError> {
+        let own = nix::unistd::geteuid().as_raw();
+        match self.uid {
+            Some(uid) if uid == 0 || uid == own => Ok(()),
+            _ => Err(ApiError::Forbidden(
+                "only root or weftd's own user may change the node; members of weftd's --socket-group may read status and whois".into(),
+            )),
+        }
+    }
 }
 
 fn router(commands: mpsc::Sender<Command>) -> Router {
@@ -79,9 +124,11 @@ fn router(commands: mpsc::Sender<Command>) -> Router {
 }
 
 async fn up(
+    ConnectInfo(caller): ConnectInfo<Caller>,
     State(commands): State<mpsc::Sender<Command>>,
     body: Result<Json<UpRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<UpReply>), ApiError> {
+    caller.may_change()?;
     let Json(request) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let (reply, answer) = oneshot::channel();
     commands
@@ -92,9 +139,11 @@ async fn up(
 }
 
 async fn login(
+    ConnectInfo(caller): ConnectInfo<Caller>,
     State(commands): State<mpsc::Sender<Command>>,
     body: Result<Json<LoginRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<UpReply>), ApiError> {
+    caller.may_change()?;
     let Json(request) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let (reply, answer) = oneshot::channel();
     commands
@@ -133,7 +182,11 @@ async fn wait_for_up(
     }
 }
 
-async fn down(State(commands): State<mpsc::Sender<Command>>) -> Result<Json<Status>, ApiError> {
+async fn down(
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    State(commands): State<mpsc::Sender<Command>>,
+) -> Result<Json<Status>, ApiError> {
+    caller.may_change()?;
     ask(&commands, Command::Down).await.map(Json)
 }
 
@@ -166,4 +219,47 @@ async fn ask(
         .await
         .map_err(|_| ApiError::ShuttingDown)?;
     answer.await.map_err(|_| ApiError::ShuttingDown)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::*;
+
+    #[test]
+    fn only_root_and_weftds_user_change_the_node() {
+        let own = nix::unistd::geteuid().as_raw();
+        for uid in [0, own] {
+            assert!(Caller { uid: Some(uid) }.may_change().is_ok());
+        }
+        let other = Caller {
+            uid: Some(own.wrapping_add(4242).max(1)),
+        };
+        let err = other.may_change().unwrap_err();
+        assert_eq!(err.status(), StatusCode::FORBIDDEN);
+        assert!(err.to_string().contains("--socket-group"), "{err}");
+        assert!(Caller { uid: None }.may_change().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_socket_group_may_read_the_socket() {
+        let tmp = tempfile::tempdir().unwrap();
+        let private = tmp.path().join("private/weftd.sock");
+        let _listener = bind(&private, None).unwrap();
+        assert_eq!(std::fs::metadata(&private).unwrap().mode() & 0o777, 0o600);
+
+        let shared = tmp.path().join("shared/weftd.sock");
+        // Root may hand the socket to any group; others only to their own.
+        let group = if nix::unistd::geteuid().is_root() {
+            Gid::from_raw(4242)
+        } else {
+            nix::unistd::getegid()
+        };
+        let _listener = bind(&shared, Some(group)).unwrap();
+        let meta = std::fs::metadata(&shared).unwrap();
+        assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, group.as_raw()));
+        let dir = std::fs::metadata(shared.parent().unwrap()).unwrap();
+        assert_eq!((dir.mode() & 0o777, dir.gid()), (0o750, group.as_raw()));
+    }
 }

@@ -27,6 +27,11 @@ struct Args {
     /// The local API socket `weft` talks to (created 0600).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// A group whose members may read the local API socket (status and
+    /// whois, for applications authorizing their callers) but not change
+    /// the node; the socket is then 0660.
+    #[arg(long, value_name = "GROUP", env = "WEFT_SOCKET_GROUP", value_parser = parse_group)]
+    socket_group: Option<nix::unistd::Gid>,
     /// The WireGuard UDP port; 0 picks a free port.
     #[arg(long, value_name = "PORT", default_value_t = DEFAULT_PORT)]
     port: u16,
@@ -88,6 +93,7 @@ async fn main() -> ExitCode {
     let config = DaemonConfig {
         state_dir: args.state_dir,
         socket: args.socket,
+        socket_group: args.socket_group,
         port: args.port,
         tun_name: args.tun,
         posture_file: args.posture_file,
@@ -109,5 +115,19 @@ async fn main() -> ExitCode {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A group by name or number.
+fn parse_group(value: &str) -> Result<nix::unistd::Gid, String> {
+    if let Ok(gid) = value.parse::<u32>() {
+        return Ok(nix::unistd::Gid::from_raw(gid));
+    }
+    match nix::unistd::Group::from_name(value) {
+        Ok(Some(group)) => Ok(group.gid),
+        Ok(None) => Err(format!(
+            "no group called {value}; create it, or pass a numeric group id"
+        )),
+        Err(e) => Err(format!("cannot look up group {value}: {e}")),
     }
 }

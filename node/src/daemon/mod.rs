@@ -42,6 +42,9 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     /// The local API socket.
     pub socket: PathBuf,
+    /// A group whose members may read the local API (status, `whois`) but
+    /// not change the node: the applications that ask who is calling.
+    pub socket_group: Option<nix::unistd::Gid>,
     /// The WireGuard UDP port; 0 picks a free one.
     pub port: u16,
     /// The TUN device name.
@@ -89,7 +92,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let wireguard_port = underlay.port()?;
     tracing::info!(port = wireguard_port, "WireGuard socket bound");
 
-    let listener = api::bind(&config.socket).with_context(|| {
+    let listener = api::bind(&config.socket, config.socket_group).with_context(|| {
         format!(
             "cannot listen on {} (pass --socket to use another path)",
             config.socket.display()
