@@ -548,6 +548,7 @@ mod tests {
             dst,
             protocol: Protocol::Icmp,
             transport: Transport::Echo { reply, id: 9 },
+            tcp_syn: false,
         };
         let request = FlowKey::of(&headers(a, b, false)).unwrap();
         let reply = FlowKey::of(&headers(b, a, true)).unwrap();

@@ -27,7 +27,7 @@ pub(crate) mod test_packets;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use weft_proto::{DefaultAction, PacketFilter};
+use weft_proto::{DefaultAction, PacketFilter, Protocol};
 
 pub use conntrack::{
     ConnTrack, Direction, FlowKey, Origin, Probe, DEFAULT_CAPACITY, ICMP_IDLE, TCP_IDLE, UDP_IDLE,
@@ -116,7 +116,7 @@ impl Firewall {
     ///
     /// A packet on a tracked flow only keeps that flow alive, whoever opened
     /// it (so answering a peer-opened flow never turns it into one this node
-    /// opened); an echo reply opens nothing.
+    /// opened); an echo reply opens nothing, and of TCP only a SYN opens a flow.
     pub fn outbound(&mut self, headers: &Headers, now: Instant) {
         let Some(key) = FlowKey::of(headers) else {
             return;
@@ -125,7 +125,16 @@ impl Firewall {
             flow.refresh(now);
             return;
         }
-        if !matches!(headers.transport, Transport::Echo { reply: true, .. }) {
+        // Only a request opens a flow: an echo reply or a TCP segment of a
+        // connection this node does not track (a peer's connection whose
+        // entry expired after its rule was revoked, or one from before a
+        // restart) must not turn the peer's side into return traffic.
+        let opens = match (headers.protocol, headers.transport) {
+            (_, Transport::Echo { reply: true, .. }) => false,
+            (Protocol::Tcp, _) => headers.tcp_syn,
+            _ => true,
+        };
+        if opens {
             self.conntrack.insert(key, Origin::Outbound, now);
         }
     }
@@ -490,6 +499,40 @@ mod tests {
     }
 
     #[test]
+    fn answers_never_reopen_a_revoked_flow_once_it_expired() {
+        let now = Instant::now();
+        let mut fw = Firewall::default();
+        fw.set_filter(&enforcing(&[allow(
+            PEER,
+            ME,
+            &[(22, 22)],
+            &[Protocol::Tcp],
+        )]));
+        let data = headers(&test_packets::tcp(PEER, 50000, ME, 22, ACK));
+        assert!(admitted(fw.inbound(&data, now)));
+        fw.set_filter(&enforcing(&[]));
+        assert_eq!(fw.inbound(&data, now), Verdict::Drop(Denial::Revoked));
+        // Once the revoked entry has expired: an answer is not a SYN.
+        let later = now + conntrack::TCP_IDLE + Duration::from_secs(1);
+        fw.handle_timeout(later);
+        fw.outbound(
+            &headers(&test_packets::tcp(ME, 22, PEER, 50000, ACK)),
+            later,
+        );
+        assert_eq!(fw.inbound(&data, later), Verdict::Drop(Denial::NoRule));
+        // A connection this node opens is return traffic, as before.
+        fw.outbound(
+            &headers(&test_packets::tcp(ME, 41000, PEER, 443, SYN)),
+            later,
+        );
+        let answer = headers(&test_packets::tcp(PEER, 443, ME, 41000, SYN | ACK));
+        assert_eq!(
+            fw.inbound(&answer, later),
+            Verdict::Accept(Admission::Return)
+        );
+    }
+
+    #[test]
     fn flows_expire() {
         let start = Instant::now();
         let mut fw = Firewall::default();
@@ -589,7 +632,10 @@ mod tests {
                 (me, self.my_port, peer, self.peer_port)
             };
             match self.kind {
-                Kind::Tcp => test_packets::tcp(src, sport, dst, dport, ACK),
+                // This node opens its connections with a SYN; a peer's
+                // segments are mid-connection.
+                Kind::Tcp if inbound => test_packets::tcp(src, sport, dst, dport, ACK),
+                Kind::Tcp => test_packets::tcp(src, sport, dst, dport, SYN),
                 Kind::Udp => test_packets::udp(src, sport, dst, dport, b"x"),
                 Kind::Echo { reply } => test_packets::echo(src, dst, reply, self.peer_port, 1),
                 Kind::IcmpOther => {

@@ -20,6 +20,9 @@ pub struct Headers {
     pub protocol: Protocol,
     /// What the transport header says.
     pub transport: Transport,
+    /// A TCP segment with SYN and without ACK: the first packet of a new
+    /// connection, the only TCP packet that may open a flow on its way out.
+    pub tcp_syn: bool,
 }
 
 /// The part of the transport header the filter looks at.
@@ -108,19 +111,23 @@ fn parse_v4(packet: &[u8]) -> Result<Headers, ParseError> {
         n => Protocol::from_number(n),
     };
     let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
-    let transport = if fragment_offset != 0 {
-        Transport::Fragment
+    let (transport, tcp_syn) = if fragment_offset != 0 {
+        (Transport::Fragment, false)
     } else {
         let payload = packet
             .get(header_len..total_len)
             .ok_or(ParseError::Truncated)?;
-        transport(protocol, payload, 8, 0)?
+        (
+            transport(protocol, payload, 8, 0)?,
+            is_syn(protocol, payload),
+        )
     };
     Ok(Headers {
         src,
         dst,
         protocol,
         transport,
+        tcp_syn,
     })
 }
 
@@ -166,16 +173,17 @@ fn parse_v6(packet: &[u8]) -> Result<Headers, ParseError> {
         1 => Protocol::Other(1),
         n => Protocol::from_number(n),
     };
-    let transport = if first_fragment {
-        transport(protocol, rest, 128, 129)?
+    let (transport, tcp_syn) = if first_fragment {
+        (transport(protocol, rest, 128, 129)?, is_syn(protocol, rest))
     } else {
-        Transport::Fragment
+        (Transport::Fragment, false)
     };
     Ok(Headers {
         src,
         dst,
         protocol,
         transport,
+        tcp_syn,
     })
 }
 
@@ -207,6 +215,16 @@ fn transport(
         }
         Protocol::Other(_) => Ok(Transport::Opaque),
     }
+}
+
+/// Whether `payload` is a TCP segment with SYN set and ACK clear.
+fn is_syn(protocol: Protocol, payload: &[u8]) -> bool {
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    protocol == Protocol::Tcp
+        && payload
+            .get(13)
+            .is_some_and(|flags| flags & (SYN | ACK) == SYN)
 }
 
 fn byte(data: &[u8], at: usize) -> Result<u8, ParseError> {
