@@ -14,6 +14,7 @@ mod keyfile;
 mod netmap;
 mod nodes;
 mod oidc;
+mod policy_follow;
 mod policy_watch;
 mod server;
 mod store;

@@ -416,6 +416,16 @@ impl Registry {
     /// Deletes node `id` and frees its name, address and machine key.
     /// `Ok(None)` when it does not exist.
     pub(crate) fn delete(&self, id: NodeId) -> Result<Option<NodeRecord>, StoreError> {
+        self.delete_if(id, &[])
+    }
+
+    /// Deletes node `id` like [`Registry::delete`], provided `guards` hold
+    /// too (a leader's fence, say); [`StoreError::Conflict`] otherwise.
+    pub(crate) fn delete_if(
+        &self,
+        id: NodeId,
+        guards: &[Compare],
+    ) -> Result<Option<NodeRecord>, StoreError> {
         let path = node_path(id);
         let Some((record, rev)) = store::get_json::<NodeRecord>(&*self.store, &path)? else {
             return Ok(None);
@@ -427,7 +437,9 @@ impl Registry {
             Op::Delete(name_path(&record.name)),
             Op::Delete(ipv4_path(record.ipv4)),
         ];
-        self.store.txn(&[Compare::ModRevision(path, rev)], &ops)?;
+        let mut compares = vec![Compare::ModRevision(path, rev)];
+        compares.extend_from_slice(guards);
+        self.store.txn(&compares, &ops)?;
         Ok(Some(record))
     }
 

@@ -21,7 +21,7 @@ use crate::netmap::NetmapHandle;
 use crate::store::{self, Op, Store, StoreError};
 
 /// Where the policy in force is kept.
-const CURRENT_KEY: &str = "policy/current";
+pub(crate) const CURRENT_KEY: &str = "policy/current";
 
 /// The policy in force, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

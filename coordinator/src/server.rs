@@ -18,6 +18,7 @@ use crate::keyfile::{self, KeyFileError};
 use crate::netmap::NetmapHandle;
 use crate::nodes::Registry;
 use crate::oidc::Logins;
+use crate::policy_follow;
 use crate::policy_watch::{self, LoadError};
 use crate::store::{EtcdStore, RedbStore, Store, StoreError};
 use crate::workload::Workloads;
@@ -123,6 +124,7 @@ pub struct Coordinator {
     discovery: Option<JoinHandle<()>>,
     prefetch: Option<JoinHandle<()>>,
     watcher: Option<JoinHandle<()>>,
+    policy_follower: JoinHandle<()>,
     netmap: JoinHandle<()>,
 }
 
@@ -146,8 +148,18 @@ impl Coordinator {
             Some((path, policy, content)) => (Some(Arc::new(policy)), Some((path, content))),
             None => (policy_watch::installed(&**registry.store())?, None),
         };
+        let policy_changes = registry.store().watch(policy_watch::CURRENT_KEY);
+        let in_force = policy_watch::last_good(&**registry.store())
+            .map_err(LoadError::Store)?
+            .map(|stored| stored.source);
         let (netmaps, netmap) =
             NetmapHandle::spawn(registry.clone(), initial, options.ephemeral_timeout)?;
+        let policy_follower = tokio::spawn(policy_follow::follow(
+            registry.store().clone(),
+            policy_changes,
+            netmaps.clone(),
+            in_force,
+        ));
         let admins: Arc<[String]> = options.admins.clone().into();
 
         let endpoint = control::bind(options.listen, &key)?;
@@ -252,6 +264,7 @@ impl Coordinator {
             discovery,
             prefetch,
             watcher,
+            policy_follower,
             netmap,
         })
     }
@@ -287,6 +300,8 @@ impl Coordinator {
             watcher.abort();
             let _ = watcher.await;
         }
+        self.policy_follower.abort();
+        let _ = self.policy_follower.await;
         let _ = tokio::time::timeout(DRAIN, self.control).await;
         let _ = tokio::time::timeout(DRAIN, self.admin).await;
         let _ = tokio::time::timeout(DRAIN, self.http).await;

@@ -16,6 +16,7 @@
 //! and of the peers of a node whose peer record changed, are re-diffed.
 
 mod lockout;
+mod replica;
 mod service;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};

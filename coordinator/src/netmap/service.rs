@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use weft_policy::Policy;
 use weft_proto::{NetMap, NodeId, Refusal, RefusalCode, ServerMessage};
 
+use super::replica::{self, Fence, Presence, PRESENCE_PREFIX};
 use super::{Lockout, Netmaps, NodeUpdate, Output, SessionId};
 use crate::nodes::{self, NodeRecord, Registry};
 use crate::store::{self, StoreError, Watch, WatchError};
@@ -70,6 +71,8 @@ enum Command {
     ),
     Online(oneshot::Sender<BTreeSet<NodeId>>),
     ReapIfOffline(NodeId),
+    /// This replica won or lost leadership of the singleton jobs.
+    Leader(Option<Fence>),
 }
 
 impl NetmapHandle {
@@ -83,16 +86,34 @@ impl NetmapHandle {
     ) -> Result<(Self, JoinHandle<()>), StoreError> {
         // Subscribe before reading, so no change falls between the two.
         let watch = registry.store().watch(nodes::NODES_PREFIX);
+        let presence_watch = registry.store().watch(PRESENCE_PREFIX);
         let revision = registry.store().revision()?;
         let mut core = Netmaps::new(policy);
         core.resync(registry.nodes()?, revision);
         core.handle_timeout(unix_now());
+        let present = present_keys(&registry)?;
         let (commands, rx) = mpsc::unbounded_channel();
         let handle = Self {
             commands,
             next_session: Arc::new(AtomicU64::new(1)),
         };
+        let (presence, presence_rx) = mpsc::unbounded_channel();
+        let leadership = handle.commands.downgrade();
+        let replica = tokio::spawn(replica::run(
+            Arc::clone(registry.store()),
+            presence_rx,
+            move |fence| {
+                if let Some(commands) = leadership.upgrade() {
+                    let _ = commands.send(Command::Leader(fence));
+                }
+            },
+        ));
         let task = Task {
+            presence_watch,
+            present,
+            presence,
+            replica,
+            leader: None,
             core,
             registry,
             watch,
@@ -173,6 +194,15 @@ struct Task {
     core: Netmaps,
     registry: Registry,
     watch: Watch,
+    /// Presence keys of every replica, this one's included.
+    presence_watch: Watch,
+    present: BTreeSet<String>,
+    /// This replica's session changes, for the replica task to publish.
+    presence: mpsc::UnboundedSender<Presence>,
+    /// Ends once `presence` is dropped, revoking the lease.
+    replica: JoinHandle<()>,
+    /// Set while this replica runs the singleton jobs.
+    leader: Option<Fence>,
     rx: mpsc::UnboundedReceiver<Command>,
     sessions: BTreeMap<SessionId, mpsc::Sender<SessionEvent>>,
     /// Weak, so that the task ends when the last handle is dropped.
@@ -236,9 +266,10 @@ impl Task {
                 _ = sweep.tick() => self.core.handle_timeout(unix_now()),
                 command = self.rx.recv() => match command {
                     Some(command) => self.handle_command(command),
-                    None => return,
+                    None => break,
                 },
                 event = self.watch.next() => self.handle_watch(event),
+                event = self.presence_watch.next() => self.handle_presence(event),
             }
             // Take everything already queued before computing views once.
             loop {
@@ -246,12 +277,20 @@ impl Task {
                     self.handle_command(command);
                 } else if let Some(event) = self.watch.try_next() {
                     self.handle_watch(event);
+                } else if let Some(event) = self.presence_watch.try_next() {
+                    self.handle_presence(event);
                 } else {
                     break;
                 }
             }
             self.deliver();
         }
+        // The store is released only once the replica task let go of it.
+        let Task {
+            presence, replica, ..
+        } = self;
+        drop(presence);
+        let _ = replica.await;
     }
 
     fn handle_command(&mut self, command: Command) {
@@ -268,18 +307,12 @@ impl Task {
                 if result.is_ok() {
                     self.sessions.insert(session, events);
                     self.offline.came_online(node);
+                    let _ = self.presence.send(Presence::Up(node));
                 }
                 // The session may have given up waiting; it detaches itself then.
                 let _ = reply.send(result);
             }
-            Command::Detach(session) => {
-                self.sessions.remove(&session);
-                let node = self.core.node_of(session);
-                self.core.detach(session);
-                if let Some(node) = node {
-                    self.schedule_reap(node);
-                }
-            }
+            Command::Detach(session) => self.end_session(session),
             Command::SetPolicy(policy, reply) => {
                 self.core.set_policy(policy);
                 self.deliver();
@@ -294,22 +327,27 @@ impl Task {
             Command::ReapIfOffline(node) => {
                 // Checked first, so that a node deleted meanwhile is forgotten too.
                 let due = self.offline.take_due(node, Instant::now());
+                let Some(fence) = self.leader else { return };
                 if !due
-                    || self.core.is_online(node)
+                    || self.online_anywhere(node)
                     || !self.core.node(node).is_some_and(|n| n.ephemeral)
                 {
                     return;
                 }
-                match self.registry.delete(node) {
+                match self.registry.delete_if(node, &[fence.compare()]) {
                     Ok(Some(record)) => {
                         tracing::info!(node = %record.id, "deleted ephemeral node after it went offline")
                     }
                     Ok(None) => {}
+                    Err(StoreError::Conflict) => {
+                        tracing::info!(node = %node, "not reaping: this coordinator lost leadership or the node changed");
+                    }
                     Err(e) => {
                         tracing::warn!(node = %node, "cannot delete offline ephemeral node: {e}")
                     }
                 }
             }
+            Command::Leader(fence) => self.set_leader(fence),
         }
     }
 
@@ -375,18 +413,77 @@ impl Task {
                 Some(Err(mpsc::error::TrySendError::Closed(_))) | None => false,
             };
             if ends || !delivered {
-                self.sessions.remove(&session);
-                let node = self.core.node_of(session);
-                self.core.detach(session);
-                if let Some(node) = node {
-                    self.schedule_reap(node);
-                }
+                self.end_session(session);
             }
         }
     }
 
+    fn set_leader(&mut self, fence: Option<Fence>) {
+        let gained = self.leader.is_none() && fence.is_some();
+        self.leader = fence;
+        if gained {
+            // Nodes that went offline under another leader, or with a
+            // replica that died, are timed from now.
+            for node in self.core.ephemeral_nodes() {
+                self.schedule_reap(node);
+            }
+        }
+    }
+
+    fn end_session(&mut self, session: SessionId) {
+        self.sessions.remove(&session);
+        let node = self.core.node_of(session);
+        self.core.detach(session);
+        if let Some(node) = node {
+            if !self.core.is_online(node) {
+                let _ = self.presence.send(Presence::Down(node));
+            }
+            self.schedule_reap(node);
+        }
+    }
+
+    fn handle_presence(&mut self, event: Result<store::WatchEvent, WatchError>) {
+        match event {
+            Ok(event) => {
+                let Some(node) = replica::presence_node(&event.key) else {
+                    return;
+                };
+                if event.value.is_some() {
+                    self.present.insert(event.key);
+                    self.offline.came_online(node);
+                } else {
+                    self.present.remove(&event.key);
+                    self.schedule_reap(node);
+                }
+            }
+            Err(WatchError::Lagged(missed)) => {
+                tracing::warn!(missed, "presence watcher fell behind; reloading");
+                match present_keys(&self.registry) {
+                    Ok(present) => self.present = present,
+                    Err(e) => tracing::error!("cannot reload node presence: {e}"),
+                }
+            }
+            Err(WatchError::Closed) => {}
+        }
+    }
+
+    /// Whether the node has a session on this or any other replica.
+    fn online_anywhere(&self, node: NodeId) -> bool {
+        if self.core.is_online(node) {
+            return true;
+        }
+        let prefix = format!("{PRESENCE_PREFIX}{}/", node.0);
+        self.present
+            .range(prefix.clone()..)
+            .next()
+            .is_some_and(|key| key.starts_with(&prefix))
+    }
+
     fn schedule_reap(&mut self, node: NodeId) {
-        if self.core.is_online(node) || !self.core.node(node).is_some_and(|n| n.ephemeral) {
+        if self.leader.is_none()
+            || self.online_anywhere(node)
+            || !self.core.node(node).is_some_and(|n| n.ephemeral)
+        {
             return;
         }
         let due = self.offline.went_offline(node, Instant::now());
@@ -398,6 +495,16 @@ impl Task {
             }
         });
     }
+}
+
+/// Every replica's presence keys.
+fn present_keys(registry: &Registry) -> Result<BTreeSet<String>, StoreError> {
+    Ok(registry
+        .store()
+        .list(PRESENCE_PREFIX)?
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect())
 }
 
 fn unix_now() -> u64 {

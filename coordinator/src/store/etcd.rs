@@ -23,12 +23,14 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{
     Certificate, Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions,
-    Identity, KeyValue, KvClient, TlsOptions, Txn, TxnOp, WatchOptions,
+    Identity, KeyValue, KvClient, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
 use tokio::sync::broadcast;
 
-use super::{Compare, Notice, Op, Store, StoreError, Versioned, Watch, WatchError, WatchEvent};
+use super::{
+    Compare, LeaseId, Notice, Op, Store, StoreError, Versioned, Watch, WatchError, WatchEvent,
+};
 use crate::config::EtcdSettings;
 
 const WATCH_CAPACITY: usize = 4096;
@@ -152,9 +154,17 @@ impl EtcdStore {
             .map_err(|f| f.into_error(&self.cluster))
     }
 
+    fn call_raw<T, F>(&self, request: impl Fn(KvClient) -> F) -> Result<T, Failure>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.call_member(|member| request(member.kv.clone()))
+    }
+
     /// Tries the members in turn, from the one that answered last, giving
     /// each an equal share of what is left of the request timeout.
-    fn call_raw<T, F>(&self, request: impl Fn(KvClient) -> F) -> Result<T, Failure>
+    fn call_member<T, F>(&self, request: impl Fn(&Member) -> F) -> Result<T, Failure>
     where
         F: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
         T: Send + 'static,
@@ -170,11 +180,7 @@ impl EtcdStore {
             let Some(attempt) = left.checked_div(share).filter(|d| !d.is_zero()) else {
                 break;
             };
-            match run(
-                &self.handle,
-                attempt,
-                request(self.members[index].kv.clone()),
-            ) {
+            match run(&self.handle, attempt, request(&self.members[index])) {
                 Ok(value) => {
                     self.preferred.store(index, Ordering::Relaxed);
                     return Ok(value);
@@ -282,13 +288,18 @@ impl Store for EtcdStore {
             .into_iter()
             .map(|op| match op {
                 Op::Put(key, value) => TxnOp::put(self.key(key), value.clone(), None),
+                Op::PutLeased(key, value, lease) => TxnOp::put(
+                    self.key(key),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(lease.0)),
+                ),
                 Op::Delete(key) => TxnOp::delete(self.key(key), None),
             })
             .collect();
         let size: usize = ops
             .iter()
             .map(|op| match op {
-                Op::Put(key, value) => key.len() + value.len(),
+                Op::Put(key, value) | Op::PutLeased(key, value, _) => key.len() + value.len(),
                 Op::Delete(key) => key.len(),
             })
             .sum();
@@ -299,6 +310,9 @@ impl Store for EtcdStore {
                 async move { c.txn(txn).await }
             })
             .map_err(|f| match f {
+                Failure::Refused(message) if message.contains("lease not found") => {
+                    StoreError::LeaseExpired
+                }
                 Failure::Refused(message) => StoreError::Backend(format!(
                     "etcd at {} refused a transaction of {} compares, {} operations and {size} \
                      bytes: {message} (etcd accepts 128 operations and 1.5 MiB per transaction \
@@ -327,6 +341,44 @@ impl Store for EtcdStore {
             async move { c.get(probe, Some(options)).await }
         })?;
         header_revision(response.header().map(|h| h.revision()))
+    }
+
+    fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        let seconds = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let granted = self.call_member(|member| {
+            let mut lease = member.client.lease_client();
+            async move { lease.grant(seconds, None).await }
+        });
+        Ok(LeaseId(
+            granted.map_err(|f| f.into_error(&self.cluster))?.id(),
+        ))
+    }
+
+    fn keep_alive(&self, lease: LeaseId) -> Result<bool, StoreError> {
+        // Opening the keep-alive stream sends the first renewal and waits
+        // for its answer, which is all a periodic renewal needs.
+        let renewed = self.call_member(|member| {
+            let mut client = member.client.lease_client();
+            async move { client.keep_alive(lease.0).await.map(drop) }
+        });
+        match renewed {
+            Ok(()) => Ok(true),
+            Err(Failure::Refused(message)) if message.contains("lease not found") => Ok(false),
+            Err(f) => Err(f.into_error(&self.cluster)),
+        }
+    }
+
+    fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let revoked = self.call_member(|member| {
+            let mut client = member.client.lease_client();
+            async move { client.revoke(lease.0).await }
+        });
+        match revoked {
+            Ok(_) => Ok(()),
+            // Expired already: its keys are gone, which is what revoking wants.
+            Err(Failure::Refused(message)) if message.contains("lease not found") => Ok(()),
+            Err(f) => Err(f.into_error(&self.cluster)),
+        }
     }
 }
 
@@ -404,12 +456,9 @@ fn wait<T>(f: impl FnOnce() -> T) -> T {
 /// order: etcd refuses a transaction that names a key twice, and applying
 /// the operations in order leaves the last one's effect.
 fn last_op_per_key(ops: &[Op]) -> Vec<&Op> {
-    let key = |op: &Op| match op {
-        Op::Put(key, _) | Op::Delete(key) => key.clone(),
-    };
     ops.iter()
         .enumerate()
-        .filter(|(i, op)| !ops[i + 1..].iter().any(|later| key(later) == key(op)))
+        .filter(|(i, op)| !ops[i + 1..].iter().any(|later| later.key() == op.key()))
         .map(|(_, op)| op)
         .collect()
 }
@@ -665,6 +714,48 @@ mod tests {
             ),
             other => panic!("expected an unreachable-etcd error, got {other:?}"),
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leased_keys_vanish_when_the_lease_expires_or_is_revoked() {
+        let etcd = Etcd::single();
+        let store = etcd.connect(etcd.cluster.endpoints());
+        let mut watch = store.watch("presence/");
+        let short = store.grant_lease(Duration::from_secs(1)).unwrap();
+        let long = store.grant_lease(Duration::from_secs(30)).unwrap();
+        let leased = |key: &str, lease| Op::PutLeased(key.into(), b"x".to_vec(), lease);
+        store
+            .txn(
+                &[],
+                &[leased("presence/a", short), leased("presence/b", long)],
+            )
+            .unwrap();
+        assert!(store.keep_alive(short).unwrap());
+        let started = Instant::now();
+        let mut gone = Vec::new();
+        while gone.is_empty() {
+            let event = next_event(&mut watch).await;
+            if event.value.is_none() {
+                gone.push(event.key);
+            }
+        }
+        assert_eq!(gone, ["presence/a"]);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            !store.keep_alive(short).unwrap(),
+            "an expired lease stays expired"
+        );
+        assert!(matches!(
+            store.txn(&[], &[leased("presence/c", short)]),
+            Err(StoreError::LeaseExpired)
+        ));
+        store.revoke_lease(long).unwrap();
+        store.revoke_lease(long).unwrap();
+        assert!(store.list("presence/").unwrap().is_empty());
     }
 
     #[test]

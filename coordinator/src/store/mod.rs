@@ -13,6 +13,8 @@ mod conformance;
 mod etcd;
 mod redb;
 
+use std::time::Duration;
+
 use tokio::sync::broadcast;
 
 pub(crate) use self::etcd::EtcdStore;
@@ -47,7 +49,24 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// The store's current revision: at least that of every transaction
     /// committed before the call.
     fn revision(&self) -> Result<u64, StoreError>;
+
+    /// Grants a lease that lives `ttl` past its last keep-alive. Keys put
+    /// with [`Op::PutLeased`] vanish (as deletions watchers see) when it
+    /// expires or is revoked, so state that only holds while this process
+    /// is alive (presence, leadership) cleans itself up when it dies.
+    fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError>;
+
+    /// Extends `lease` by its ttl. `Ok(false)` when it has already expired:
+    /// its keys are gone and the caller must grant a new one.
+    fn keep_alive(&self, lease: LeaseId) -> Result<bool, StoreError>;
+
+    /// Ends `lease` now, deleting its keys.
+    fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError>;
 }
+
+/// A lease granted by [`Store::grant_lease`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct LeaseId(pub(crate) i64);
 
 /// A stored value and the revision of the transaction that last wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +88,18 @@ pub(crate) enum Compare {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Op {
     Put(String, Vec<u8>),
+    /// A put whose key is deleted when the lease ends.
+    PutLeased(String, Vec<u8>, LeaseId),
     Delete(String),
+}
+
+impl Op {
+    /// The key the operation writes.
+    pub(crate) fn key(&self) -> &str {
+        match self {
+            Op::Put(key, _) | Op::PutLeased(key, _, _) | Op::Delete(key) => key,
+        }
+    }
 }
 
 /// One committed change, as seen by a watcher.
@@ -91,6 +121,9 @@ pub(crate) enum StoreError {
     /// The backend failed (disk full, I/O error, corrupted file, etcd unreachable).
     #[error("coordinator database error: {0}")]
     Backend(String),
+    /// The lease of a [`Op::PutLeased`] has expired or was revoked.
+    #[error("the coordinator's store lease expired; it is being renewed")]
+    LeaseExpired,
     /// A stored record could not be decoded.
     #[error("coordinator database holds a malformed record at {key}: {reason}")]
     Corrupt { key: String, reason: String },

@@ -1,17 +1,22 @@
 //! The embedded [`Store`] backend: one redb file, every commit durable.
 
+use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::broadcast;
 
-use super::{Compare, Notice, Op, Store, StoreError, Versioned, Watch, WatchEvent};
+use super::{Compare, LeaseId, Notice, Op, Store, StoreError, Versioned, Watch, WatchEvent};
 
 /// Values: the 8-byte big-endian revision that last wrote the key, then the payload.
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Keys put with a lease, and the lease. Leases live only as long as the
+/// process that holds the file, so opening the file deletes these keys.
+const LEASED: TableDefinition<&str, i64> = TableDefinition::new("leased");
 const REVISION: &str = "revision";
 const REV_BYTES: usize = 8;
 const WATCH_CAPACITY: usize = 4096;
@@ -26,6 +31,14 @@ pub(crate) struct RedbStore {
     /// published, so watchers see revisions in order.
     write_lock: Mutex<()>,
     events: broadcast::Sender<Notice>,
+    /// Leases granted by this process and not revoked; they never expire.
+    leases: Mutex<Leases>,
+}
+
+#[derive(Debug, Default)]
+struct Leases {
+    last: i64,
+    live: BTreeSet<i64>,
 }
 
 impl RedbStore {
@@ -39,13 +52,43 @@ impl RedbStore {
         let tx = db.begin_write().map_err(backend)?;
         tx.open_table(KV).map_err(backend)?;
         tx.open_table(META).map_err(backend)?;
+        tx.open_table(LEASED).map_err(backend)?;
         tx.commit().map_err(backend)?;
         let (events, _) = broadcast::channel(WATCH_CAPACITY);
-        Ok(Self {
+        let store = Self {
             db,
             write_lock: Mutex::new(()),
             events,
-        })
+            leases: Mutex::new(Leases::default()),
+        };
+        // The process that held those leases is gone.
+        let stale = store.leased_keys(|_| true)?;
+        if !stale.is_empty() {
+            store.txn(&[], &stale)?;
+        }
+        Ok(store)
+    }
+
+    /// Deletions of the keys held by leases that `which` selects.
+    fn leased_keys(&self, which: impl Fn(i64) -> bool) -> Result<Vec<Op>, StoreError> {
+        let tx = self.db.begin_read().map_err(backend)?;
+        let table = tx.open_table(LEASED).map_err(backend)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(backend)? {
+            let (key, lease) = entry.map_err(backend)?;
+            if which(lease.value()) {
+                out.push(Op::Delete(key.value().to_owned()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn lease_is_live(&self, lease: LeaseId) -> bool {
+        self.leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .live
+            .contains(&lease.0)
     }
 }
 
@@ -98,9 +141,10 @@ impl Store for RedbStore {
                 .map_or(0, |v| v.value())
                 + 1;
             meta.insert(REVISION, revision).map_err(backend)?;
+            let mut leased = tx.open_table(LEASED).map_err(backend)?;
             for op in ops {
                 match op {
-                    Op::Put(key, value) => {
+                    Op::Put(key, value) | Op::PutLeased(key, value, _) => {
                         let mut stored = Vec::with_capacity(REV_BYTES + value.len());
                         stored.extend_from_slice(&revision.to_be_bytes());
                         stored.extend_from_slice(value);
@@ -111,13 +155,26 @@ impl Store for RedbStore {
                         kv.remove(key.as_str()).map_err(backend)?;
                     }
                 }
+                match op {
+                    Op::PutLeased(key, _, lease) => {
+                        if !self.lease_is_live(*lease) {
+                            return Err(StoreError::LeaseExpired);
+                        }
+                        leased.insert(key.as_str(), lease.0).map_err(backend)?;
+                    }
+                    Op::Put(key, _) | Op::Delete(key) => {
+                        leased.remove(key.as_str()).map_err(backend)?;
+                    }
+                }
             }
             revision
         };
         tx.commit().map_err(backend)?;
         for op in ops {
             let (key, value) = match op {
-                Op::Put(key, value) => (key.clone(), Some(value.clone())),
+                Op::Put(key, value) | Op::PutLeased(key, value, _) => {
+                    (key.clone(), Some(value.clone()))
+                }
                 Op::Delete(key) => (key.clone(), None),
             };
             // No receivers is fine: nobody is watching yet.
@@ -142,6 +199,31 @@ impl Store for RedbStore {
             .map_err(backend)?
             .map_or(0, |v| v.value());
         Ok(revision)
+    }
+
+    fn grant_lease(&self, _ttl: Duration) -> Result<LeaseId, StoreError> {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        leases.last += 1;
+        let id = leases.last;
+        leases.live.insert(id);
+        Ok(LeaseId(id))
+    }
+
+    fn keep_alive(&self, lease: LeaseId) -> Result<bool, StoreError> {
+        Ok(self.lease_is_live(lease))
+    }
+
+    fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .live
+            .remove(&lease.0);
+        let keys = self.leased_keys(|l| l == lease.0)?;
+        if !keys.is_empty() {
+            self.txn(&[], &keys)?;
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,244 @@
+//! Two coordinator replicas on one three-member etcd cluster, driven by
+//! weftd's own control client: changes made through either replica reach
+//! the nodes connected to the other, and the ephemeral reap runs once,
+//! under whichever replica holds the leader lease.
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test harness: a failed step fails the test"
+)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use weft_coordinator::{
+    AdminClient, AuthKeyRequest, Coordinator, EtcdSettings, ServeOptions, StoreSettings,
+};
+use weft_node::control::{ControlConfig, ControlEvent, ControlTask, ControlUpdate};
+use weft_proto::{AuthKey, Credential, NodeId, PrivateKey};
+use weft_test_etcd::EtcdCluster;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+const WEB_TO_DB: &str = r#"{
+  "tagOwners": {"tag:web": [], "tag:db": [], "tag:lonely": []},
+  "acls": [{"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"], "proto": "tcp"}],
+}"#;
+
+const LONELY_TO_DB: &str = r#"{
+  "tagOwners": {"tag:web": [], "tag:db": [], "tag:lonely": []},
+  "acls": [
+    {"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"], "proto": "tcp"},
+    {"action": "accept", "src": ["tag:lonely"], "dst": ["tag:db:22"], "proto": "tcp"},
+  ],
+}"#;
+
+/// One replica's data directory; every replica holds the same key file.
+fn data_dir(root: &Path, name: &str, key_from: Option<&Path>) -> PathBuf {
+    let dir = root.join(name);
+    if let Some(first) = key_from {
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(first.join("coordinator.key"), dir.join("coordinator.key")).unwrap();
+    }
+    dir
+}
+
+async fn start(data_dir: &Path, etcd: &EtcdCluster, ephemeral_timeout: Duration) -> Coordinator {
+    Coordinator::start(ServeOptions {
+        data_dir: data_dir.to_owned(),
+        policy: None,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        public_url: None,
+        oidc: None,
+        admins: Vec::new(),
+        store: StoreSettings::Etcd(EtcdSettings {
+            prefix: "/weft-replicas/".into(),
+            ..EtcdSettings::new(etcd.endpoints())
+        }),
+        workload_issuers: Vec::new(),
+        ephemeral_timeout,
+    })
+    .await
+    .unwrap()
+}
+
+/// A node connected to one replica, following its netmap.
+struct Node {
+    _task: ControlTask,
+    updates: mpsc::Receiver<ControlUpdate>,
+    peers: BTreeMap<NodeId, String>,
+    /// The packet filter, rendered, for comparing.
+    filter: String,
+}
+
+impl Node {
+    fn connect(coordinator: &Coordinator, hostname: &str, credential: Option<Credential>) -> Self {
+        let (_posture_tx, posture) = tokio::sync::watch::channel(Default::default());
+        let config = ControlConfig {
+            coordinator: coordinator.local_addr().to_string(),
+            coordinator_key: coordinator.public_key(),
+            machine_key: PrivateKey::generate(),
+            credential,
+            hostname: hostname.into(),
+            node_key: PrivateKey::generate().public_key(),
+            wireguard_port: 51820,
+            overlay_interface: "weft-test0".into(),
+            posture,
+        };
+        let (tx, updates) = mpsc::channel(64);
+        Self {
+            _task: ControlTask::spawn(config, 1, tx),
+            updates,
+            peers: BTreeMap::new(),
+            filter: String::new(),
+        }
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.peers.values().any(|peer| peer == name)
+    }
+
+    /// Follows the netmap until `done` holds.
+    async fn until(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !done(self) {
+            let update = tokio::time::timeout_at(deadline, self.updates.recv())
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for {what}; peers {:?}", self.peers))
+                .expect("the control task ended");
+            match update.event {
+                ControlEvent::NetMap(map) => {
+                    self.peers = map.peers.into_iter().map(|p| (p.id, p.name)).collect();
+                    self.filter = format!("{:?}", map.filter);
+                }
+                ControlEvent::Delta(delta) => {
+                    for peer in delta.upsert_peers {
+                        self.peers.insert(peer.id, peer.name);
+                    }
+                    for id in delta.remove_peers {
+                        self.peers.remove(&id);
+                    }
+                    if let Some(filter) = delta.filter {
+                        self.filter = format!("{filter:?}");
+                    }
+                }
+                event @ ControlEvent::Refused(_) if event.is_final() => {
+                    panic!("refused: {event:?}")
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+async fn auth_key(admin: &AdminClient, tag: &str, ephemeral: bool) -> Option<Credential> {
+    let key = admin
+        .create_auth_key(&AuthKeyRequest {
+            tags: vec![tag.into()],
+            reusable: true,
+            ephemeral,
+            expiry_secs: 3600,
+        })
+        .await
+        .unwrap();
+    Some(Credential::AuthKey(AuthKey::new(key.key)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_through_one_replica_reach_nodes_on_the_other() {
+    let etcd = EtcdCluster::start(3).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let dir_a = data_dir(root.path(), "a", None);
+    let a = start(&dir_a, &etcd, Duration::from_secs(600)).await;
+    let dir_b = data_dir(root.path(), "b", Some(&dir_a));
+    let b = start(&dir_b, &etcd, Duration::from_secs(600)).await;
+    assert_eq!(a.public_key(), b.public_key(), "replicas share one key");
+    let (admin_a, admin_b) = (AdminClient::new(&dir_a), AdminClient::new(&dir_b));
+    admin_a
+        .set_policy("web-to-db", WEB_TO_DB, false)
+        .await
+        .unwrap();
+
+    let mut db = Node::connect(&b, "db", auth_key(&admin_b, "tag:db", false).await);
+    let mut web = Node::connect(&a, "web", auth_key(&admin_a, "tag:web", false).await);
+    // Registered through A, seen by a node on B.
+    db.until("web on B", |n| n.has("web")).await;
+    web.until("db on A", |n| n.has("db")).await;
+
+    // A policy installed through A reaches the node on B; one etcd member
+    // down changes nothing.
+    let mut etcd = etcd;
+    etcd.stop(0).unwrap();
+    let mut lonely = Node::connect(&a, "lonely", auth_key(&admin_a, "tag:lonely", false).await);
+    lonely
+        .until("its first netmap", |n| !n.filter.is_empty())
+        .await;
+    let filter_before = db.filter.clone();
+    admin_a
+        .set_policy("lonely-to-db", LONELY_TO_DB, false)
+        .await
+        .unwrap();
+    db.until("the new policy on B", |n| {
+        n.has("lonely") && n.filter != filter_before
+    })
+    .await;
+
+    // Deleted through B, gone from the node on A.
+    admin_b.delete_node("db").await.unwrap();
+    web.until("db gone on A", |n| !n.has("db")).await;
+    assert!(admin_a
+        .nodes()
+        .await
+        .unwrap()
+        .iter()
+        .all(|n| n.name != "db"));
+
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reap_runs_once_and_survives_the_leader() {
+    let etcd = EtcdCluster::start(3).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let timeout = Duration::from_secs(2);
+    let dir_a = data_dir(root.path(), "a", None);
+    let a = start(&dir_a, &etcd, timeout).await;
+    let dir_b = data_dir(root.path(), "b", Some(&dir_a));
+    let b = start(&dir_b, &etcd, timeout).await;
+    let admin_b = AdminClient::new(&dir_b);
+    admin_b
+        .set_policy("web-to-db", WEB_TO_DB, false)
+        .await
+        .unwrap();
+
+    // An ephemeral node on B stays while it is online there, though A leads.
+    let mut eph = Node::connect(&b, "eph", auth_key(&admin_b, "tag:web", true).await);
+    eph.until("its first netmap", |n| !n.filter.is_empty())
+        .await;
+    tokio::time::sleep(timeout * 2).await;
+    assert_eq!(
+        admin_b.nodes().await.unwrap().len(),
+        1,
+        "an online node is never reaped"
+    );
+
+    // The leader goes away; the node drops off B and is reaped by B alone.
+    a.shutdown().await;
+    drop(eph);
+    let started = Instant::now();
+    while !admin_b.nodes().await.unwrap().is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(10), "not reaped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reaped_after = started.elapsed();
+    assert!(
+        reaped_after >= timeout,
+        "reaped after {reaped_after:?}, before the timeout"
+    );
+    eprintln!("reaped {reaped_after:?} after the node left and the leader stopped");
+    b.shutdown().await;
+}
