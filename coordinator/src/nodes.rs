@@ -6,7 +6,7 @@
 //! single-use keys, the auth key), so concurrent registrations never share a
 //! name, an address or a key; a loser of a race simply retries.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -539,24 +539,17 @@ impl Registry {
             None => (1, Compare::Absent(NEXT_ID_KEY.into())),
         };
         let id = NodeId(next_id);
-        let held_names: BTreeSet<String> = self
-            .store
-            .list("names/")?
-            .into_iter()
-            .filter_map(|(k, _)| k.strip_prefix("names/").map(str::to_owned))
-            .collect();
+        // Probes single keys rather than listing every name and address:
+        // a registration costs the same with ten nodes or ten thousand.
         let name = unique_hostname(
             &sanitize_hostname(&request.hostname)
                 .ok_or_else(|| empty_hostname(&request.hostname))?,
-            &held_names,
-        );
-        let held_ips: BTreeSet<Ipv4Addr> = self
-            .store
-            .list("ipv4/")?
-            .into_iter()
-            .filter_map(|(k, _)| k.strip_prefix("ipv4/").and_then(|a| a.parse().ok()))
-            .collect();
-        let Some(ipv4) = first_free_ipv4(&held_ips) else {
+            |candidate| Ok(self.store.get(&name_path(candidate))?.is_some()),
+        )?;
+        let ipv4 = free_ipv4(next_id.saturating_sub(1), |candidate| {
+            Ok(self.store.get(&ipv4_path(candidate))?.is_some())
+        })?;
+        let Some(ipv4) = ipv4 else {
             return Err(AdmitError::Refused(Refusal {
                 code: RefusalCode::Unavailable,
                 message: "the overlay's IPv4 range 100.64.0.0/10 is full; delete unused nodes with `weft-coordinator nodes delete`".into(),
@@ -636,32 +629,53 @@ pub(crate) fn sanitize_hostname(raw: &str) -> Option<String> {
 }
 
 /// `base`, or `base-1`, `base-2`, … — the first that no other node holds.
-pub(crate) fn unique_hostname(base: &str, held: &BTreeSet<String>) -> String {
-    if !held.contains(base) {
-        return base.to_owned();
+pub(crate) fn unique_hostname(
+    base: &str,
+    mut held: impl FnMut(&str) -> Result<bool, StoreError>,
+) -> Result<String, StoreError> {
+    if !held(base)? {
+        return Ok(base.to_owned());
     }
-    (1u64..)
-        .map(|n| {
-            let suffix = format!("-{n}");
-            let mut stem: String = base.chars().take(MAX_HOSTNAME - suffix.len()).collect();
-            while stem.ends_with('-') {
-                stem.pop();
-            }
-            format!("{stem}{suffix}")
-        })
-        .find(|candidate| !held.contains(candidate))
-        .unwrap_or_else(|| base.to_owned())
+    for n in 1u64.. {
+        let suffix = format!("-{n}");
+        let mut stem: String = base.chars().take(MAX_HOSTNAME - suffix.len()).collect();
+        while stem.ends_with('-') {
+            stem.pop();
+        }
+        let candidate = format!("{stem}{suffix}");
+        if !held(&candidate)? {
+            return Ok(candidate);
+        }
+    }
+    Ok(base.to_owned())
 }
 
-/// The lowest address of 100.64.0.0/10 that is not held, skipping addresses
-/// ending in `.0` or `.255` (some stacks treat them as broadcast).
-pub(crate) fn first_free_ipv4(held: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
-    let first = u32::from(Ipv4Addr::new(100, 64, 0, 1));
-    let last = u32::from(Ipv4Addr::new(100, 127, 255, 254));
-    (first..=last)
-        .map(Ipv4Addr::from)
-        .filter(|a| !matches!(a.octets()[3], 0 | 255))
-        .find(|a| !held.contains(a))
+/// Host addresses of 100.64.0.0/10 nodes may get: all but those ending in
+/// `.0` or `.255` (some stacks treat them as broadcast).
+const USABLE_IPV4: u32 = (1 << 22) / 256 * 254;
+
+/// The `n`-th usable address of 100.64.0.0/10, `n < USABLE_IPV4`.
+fn nth_ipv4(n: u32) -> Ipv4Addr {
+    let base = u32::from(Ipv4Addr::new(100, 64, 0, 0));
+    Ipv4Addr::from(base + n / 254 * 256 + n % 254 + 1)
+}
+
+/// The first usable address `held` says is free, probing from the
+/// `hint`-th onward and wrapping around; `None` when the range is full.
+/// With the node counter as the hint a new node's first probe is almost
+/// always free, so allocation does not scan the addresses already held.
+pub(crate) fn free_ipv4(
+    hint: u64,
+    mut held: impl FnMut(Ipv4Addr) -> Result<bool, StoreError>,
+) -> Result<Option<Ipv4Addr>, StoreError> {
+    let start = u32::try_from(hint % u64::from(USABLE_IPV4)).unwrap_or(0);
+    for i in 0..USABLE_IPV4 {
+        let candidate = nth_ipv4((start + i) % USABLE_IPV4);
+        if !held(candidate)? {
+            return Ok(Some(candidate));
+        }
+    }
+    Ok(None)
 }
 
 /// A node's IPv6 address: the overlay's ULA /48 with its IPv4 address as the last 32 bits.
@@ -761,6 +775,8 @@ fn check_attributes(attributes: &BTreeMap<String, String>) -> Result<(), AdmitEr
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use proptest::prelude::*;
     use weft_proto::{AuthKey, PrivateKey};
 
@@ -820,13 +836,43 @@ mod tests {
     }
 
     #[test]
+    fn addresses_follow_the_node_counter_and_skip_broadcast_endings() {
+        let none = |_: Ipv4Addr| Ok(false);
+        assert_eq!(
+            free_ipv4(0, none).unwrap(),
+            Some(Ipv4Addr::new(100, 64, 0, 1))
+        );
+        assert_eq!(
+            free_ipv4(253, none).unwrap(),
+            Some(Ipv4Addr::new(100, 64, 0, 254))
+        );
+        assert_eq!(
+            free_ipv4(254, none).unwrap(),
+            Some(Ipv4Addr::new(100, 64, 1, 1))
+        );
+        assert_eq!(
+            free_ipv4(u64::from(USABLE_IPV4) - 1, none).unwrap(),
+            Some(Ipv4Addr::new(100, 127, 255, 254))
+        );
+        let taken = Ipv4Addr::new(100, 64, 0, 3);
+        assert_eq!(
+            free_ipv4(2, |a| Ok(a == taken)).unwrap(),
+            Some(Ipv4Addr::new(100, 64, 0, 4))
+        );
+        assert_eq!(free_ipv4(7, |_| Ok(true)).unwrap(), None, "a full range");
+    }
+
+    #[test]
     fn hostnames_are_made_unique() {
         let held: BTreeSet<String> = ["web", "web-1"].map(String::from).into();
-        assert_eq!(unique_hostname("db", &held), "db");
-        assert_eq!(unique_hostname("web", &held), "web-2");
+        let probe = |held: &BTreeSet<String>, base: &str| {
+            unique_hostname(base, |c| Ok(held.contains(c))).unwrap()
+        };
+        assert_eq!(probe(&held, "db"), "db");
+        assert_eq!(probe(&held, "web"), "web-2");
         let long = "a".repeat(63);
         let held: BTreeSet<String> = [long.clone()].into();
-        let unique = unique_hostname(&long, &held);
+        let unique = probe(&held, &long);
         assert_eq!(unique.len(), 63);
         assert!(unique.ends_with("-1"));
     }
@@ -938,7 +984,7 @@ mod tests {
     }
 
     #[test]
-    fn addresses_are_not_reused_while_held_and_survive_reopen() {
+    fn addresses_are_not_reused_soon_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("weft.redb");
         let machine = PrivateKey::generate().public_key();
@@ -975,10 +1021,16 @@ mod tests {
             )
             .unwrap();
         assert_ne!(c.ipv4, kept.ipv4);
-        assert_eq!(
-            c.ipv4, deleted.ipv4,
-            "a freed address is the first free one"
-        );
+        // A freed address is free, but new nodes take fresh ones first, so
+        // an address does not name another node soon after (caches,
+        // connection tables and logs elsewhere may still mention it).
+        assert!(registry
+            .store
+            .get(&ipv4_path(deleted.ipv4))
+            .unwrap()
+            .is_none());
+        assert_ne!(c.ipv4, deleted.ipv4);
+        assert_eq!(c.ipv4, Ipv4Addr::new(100, 64, 0, 3));
         assert!(c.id.0 > kept.id.0, "node ids are never reused");
     }
 
@@ -1208,9 +1260,12 @@ mod tests {
         }
 
         #[test]
-        fn allocated_addresses_are_free_and_in_range(held in proptest::collection::btree_set(0u32..600, 0..200)) {
+        fn allocated_addresses_are_free_and_in_range(
+            held in proptest::collection::btree_set(0u32..600, 0..200),
+            hint in prop_oneof![0u64..700, Just(u64::from(USABLE_IPV4) - 1), any::<u64>()],
+        ) {
             let held: BTreeSet<Ipv4Addr> = held.into_iter().map(|n| Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + n)).collect();
-            let addr = first_free_ipv4(&held).unwrap();
+            let addr = free_ipv4(hint, |a| Ok(held.contains(&a))).unwrap().unwrap();
             prop_assert!(!held.contains(&addr));
             prop_assert!("100.64.0.0/10".parse::<ipnet::Ipv4Net>().unwrap().contains(&addr));
             prop_assert!(!matches!(addr.octets()[3], 0 | 255));
