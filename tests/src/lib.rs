@@ -12,6 +12,7 @@
 //! of a harness process that was killed outright are swept by the next run.
 
 mod lab;
+pub mod load;
 mod netns;
 mod oidc;
 mod overlay;

@@ -1,0 +1,453 @@
+//! The coordinator load test: a real `weft-coordinator serve` on loopback and
+//! N simulated nodes speaking the control protocol to it.
+//!
+//! [`run`] connects the fleet in bounded waves, then changes the policy so
+//! every node's filter changes, then lets one more node join, and measures how
+//! long each takes to reach the nodes it affects, and what the coordinator
+//! spent (CPU time, peak RSS, CPU while the fleet idles on keep-alives).
+
+mod coordinator;
+mod scenario;
+mod sim;
+mod stats;
+
+pub use coordinator::default_binary;
+pub use stats::{Spread, Usage};
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::time::Instant;
+
+use coordinator::CoordinatorProcess;
+use scenario::Groups;
+use sim::{Fleet, Milestone};
+
+/// Where the coordinator keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded database in the data directory.
+    Embedded,
+    /// A single-member etcd on loopback, started for the run.
+    Etcd,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Embedded => "embedded",
+            Backend::Etcd => "etcd",
+        })
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Simulated nodes.
+    pub nodes: usize,
+    /// Nodes per policy group: each node sees the other members of its group.
+    pub group_size: usize,
+    /// Nodes connecting at once.
+    pub wave: usize,
+    /// The coordinator's store.
+    pub backend: Backend,
+    /// The `weft-coordinator` binary.
+    pub coordinator_bin: PathBuf,
+    /// The longest wait for any one phase (connecting, policy change, join).
+    pub phase_timeout: Duration,
+    /// How long to watch the idle fleet for the keep-alive cost.
+    pub idle_window: Duration,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The options' node count.
+    pub nodes: usize,
+    /// The store used.
+    pub backend: Backend,
+    /// Policy groups, and so rules.
+    pub groups: usize,
+    /// Nodes registered and holding their first netmap.
+    pub connected: usize,
+    /// Time from the first connection attempt until the last node was synced.
+    pub connect_time: Duration,
+    /// Connection attempts that failed and were retried before a node synced.
+    pub connect_retries: usize,
+    /// Why nodes failed to connect, the first of them, and how many.
+    pub connect_failures: Option<(usize, String)>,
+    /// Coordinator CPU time spent connecting the fleet.
+    pub connect_cpu: Duration,
+    /// Coordinator CPU use while the connected fleet only sent keep-alives, in % of one core.
+    pub idle_cpu_percent: f64,
+    /// After writing a policy that changes every node's filter: when nodes had it.
+    pub policy_change: Spread,
+    /// After one more node joined: when the peers that should see it had it.
+    pub join: Spread,
+    /// The joining node's own time to be registered and synced.
+    pub join_self: Option<Duration>,
+    /// The coordinator at the end of the run.
+    pub coordinator: Usage,
+    /// The load tool itself, which shares the machine.
+    pub load_tool: Usage,
+}
+
+/// Runs the scenario; fails only when the coordinator cannot be started or
+/// driven. Nodes that miss a deadline show as missing in the report.
+pub async fn run(options: &LoadOptions) -> Result<Report> {
+    if options.nodes == 0 || options.wave == 0 || options.group_size == 0 {
+        bail!("--nodes, --wave and --group-size must be at least 1");
+    }
+    raise_fd_limit();
+    let groups = Groups::new(options.nodes, options.group_size);
+    let coordinator = CoordinatorProcess::start(options, groups).await?;
+    let keys = coordinator.create_auth_keys(groups).await?;
+    let fleet = Fleet::new(coordinator.listen(), coordinator.public_key())?;
+    let (reports_tx, reports) = mpsc::unbounded_channel();
+    let (failures_tx, failures) = mpsc::unbounded_channel();
+    let mut tracker = Tracker::new(options.nodes + 1, reports, failures);
+    let waves = Arc::new(Semaphore::new(options.wave));
+
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for index in 0..options.nodes {
+        let permit = tokio::select! {
+            permit = waves.clone().acquire_owned() => permit.context("wave semaphore closed")?,
+            () = tracker.drain_until(started + options.phase_timeout) => break,
+        };
+        let key = keys[groups.of(index)].clone();
+        let node = sim::run_node(
+            fleet.clone(),
+            index,
+            format!("n{index}"),
+            key,
+            permit,
+            reports_tx.clone(),
+        );
+        let failures_tx = failures_tx.clone();
+        tasks.spawn(async move {
+            if let Err(e) = node.await {
+                let _ = failures_tx.send(format!("{e:#}"));
+            }
+        });
+    }
+    tracker
+        .wait(
+            Milestone::Synced,
+            options.nodes,
+            started + options.phase_timeout,
+        )
+        .await;
+    let synced = tracker.arrivals(Milestone::Synced, started, 0..options.nodes);
+    let connected = synced.len();
+    let connect_time = synced.iter().max().copied().unwrap_or_default();
+    let after_connect = coordinator.usage()?;
+
+    tracker.drain_for(options.idle_window).await;
+    let after_idle = coordinator.usage()?;
+    let idle_cpu = after_idle.cpu.saturating_sub(after_connect.cpu);
+    let idle_cpu_percent = 100.0 * idle_cpu.as_secs_f64() / options.idle_window.as_secs_f64();
+
+    let changed = coordinator.change_policy(groups)?;
+    tracker
+        .wait(
+            Milestone::PolicyApplied,
+            connected,
+            changed + options.phase_timeout,
+        )
+        .await;
+    let policy_change = Spread::new(
+        connected,
+        tracker.arrivals(Milestone::PolicyApplied, changed, 0..options.nodes),
+    );
+
+    let joiner_group = 0;
+    let expected = (0..options.nodes)
+        .filter(|&i| groups.of(i) == joiner_group && tracker.reached(Milestone::Synced, i))
+        .count();
+    let joining = Instant::now();
+    let permit = Arc::new(Semaphore::new(1))
+        .acquire_owned()
+        .await
+        .context("joiner semaphore closed")?;
+    let joiner = sim::run_node(
+        fleet.clone(),
+        options.nodes,
+        fleet.joiner.to_string(),
+        keys[joiner_group].clone(),
+        permit,
+        reports_tx.clone(),
+    );
+    let failures_joiner = failures_tx.clone();
+    tasks.spawn(async move {
+        if let Err(e) = joiner.await {
+            let _ = failures_joiner.send(format!("joiner: {e:#}"));
+        }
+    });
+    tracker
+        .wait(
+            Milestone::SawJoiner,
+            expected,
+            joining + options.phase_timeout,
+        )
+        .await;
+    let join = Spread::new(
+        expected,
+        tracker.arrivals(Milestone::SawJoiner, joining, 0..options.nodes),
+    );
+    let join_self = tracker
+        .arrivals(Milestone::Synced, joining, options.nodes..options.nodes + 1)
+        .first()
+        .copied();
+
+    let report = Report {
+        nodes: options.nodes,
+        backend: options.backend,
+        groups: groups.count(),
+        connected,
+        connect_time,
+        connect_retries: fleet.retries.load(std::sync::atomic::Ordering::Relaxed),
+        connect_failures: tracker.failures(),
+        connect_cpu: after_connect.cpu,
+        idle_cpu_percent,
+        policy_change,
+        join,
+        join_self,
+        coordinator: coordinator.usage()?,
+        load_tool: Usage::of(std::process::id())?,
+    };
+    tasks.abort_all();
+    fleet.endpoint.close(0u32.into(), b"load test over");
+    coordinator.stop();
+    Ok(report)
+}
+
+impl Report {
+    /// The figures as an aligned table.
+    pub fn table(&self) -> String {
+        let ms = |d: Option<Duration>| match d {
+            Some(d) => format!("{:.0} ms", d.as_secs_f64() * 1000.0),
+            None => "missed".to_owned(),
+        };
+        let spread = |s: &Spread| {
+            format!(
+                "p50 {}  p99 {}  p100 {}  ({}/{} nodes)",
+                ms(s.p50),
+                ms(s.p99),
+                ms(s.p100),
+                s.reached,
+                s.expected
+            )
+        };
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        let mut rows = vec![
+            (
+                "nodes",
+                format!(
+                    "{} ({} groups, {} store)",
+                    self.nodes, self.groups, self.backend
+                ),
+            ),
+            (
+                "connected",
+                format!(
+                    "{}/{} in {:.2} s ({} retried attempts)",
+                    self.connected,
+                    self.nodes,
+                    self.connect_time.as_secs_f64(),
+                    self.connect_retries
+                ),
+            ),
+            (
+                "coordinator CPU to connect",
+                format!("{:.2} s", self.connect_cpu.as_secs_f64()),
+            ),
+            (
+                "coordinator CPU idle (keep-alives)",
+                format!("{:.1} % of a core", self.idle_cpu_percent),
+            ),
+            ("policy change reached", spread(&self.policy_change)),
+            ("join reached peers", spread(&self.join)),
+            ("joiner synced", ms(self.join_self)),
+            (
+                "coordinator total",
+                format!(
+                    "CPU {:.2} s, peak RSS {:.0} MiB",
+                    self.coordinator.cpu.as_secs_f64(),
+                    mib(self.coordinator.peak_rss)
+                ),
+            ),
+            (
+                "load tool total",
+                format!(
+                    "CPU {:.2} s, peak RSS {:.0} MiB",
+                    self.load_tool.cpu.as_secs_f64(),
+                    mib(self.load_tool.peak_rss)
+                ),
+            ),
+        ];
+        if let Some((count, first)) = &self.connect_failures {
+            rows.push(("node failures", format!("{count}, first: {first}")));
+        }
+        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        rows.iter()
+            .map(|(k, v)| format!("{k:<width$}  {v}\n"))
+            .collect()
+    }
+
+    /// The figures as JSON, durations in milliseconds.
+    pub fn to_json(&self) -> serde_json::Value {
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        let spread = |s: &Spread| {
+            serde_json::json!({
+                "expected": s.expected,
+                "reached": s.reached,
+                "p50_ms": ms(s.p50),
+                "p99_ms": ms(s.p99),
+                "p100_ms": ms(s.p100),
+            })
+        };
+        serde_json::json!({
+            "nodes": self.nodes,
+            "backend": self.backend.to_string(),
+            "groups": self.groups,
+            "connected": self.connected,
+            "connect_ms": ms(Some(self.connect_time)),
+            "connect_retries": self.connect_retries,
+            "connect_failures": self.connect_failures.as_ref().map(|(n, _)| n),
+            "connect_cpu_s": self.connect_cpu.as_secs_f64(),
+            "idle_cpu_percent": self.idle_cpu_percent,
+            "policy_change": spread(&self.policy_change),
+            "join": spread(&self.join),
+            "join_self_ms": ms(self.join_self),
+            "coordinator_cpu_s": self.coordinator.cpu.as_secs_f64(),
+            "coordinator_peak_rss_bytes": self.coordinator.peak_rss,
+            "load_tool_cpu_s": self.load_tool.cpu.as_secs_f64(),
+            "load_tool_peak_rss_bytes": self.load_tool.peak_rss,
+        })
+    }
+}
+
+/// Collects the simulated nodes' milestones as they arrive.
+struct Tracker {
+    times: [Vec<Option<Instant>>; 3],
+    reports: mpsc::UnboundedReceiver<sim::Report>,
+    failures: mpsc::UnboundedReceiver<String>,
+    failure_count: usize,
+    first_failure: Option<String>,
+}
+
+impl Tracker {
+    fn new(
+        nodes: usize,
+        reports: mpsc::UnboundedReceiver<sim::Report>,
+        failures: mpsc::UnboundedReceiver<String>,
+    ) -> Self {
+        Self {
+            times: std::array::from_fn(|_| vec![None; nodes]),
+            reports,
+            failures,
+            failure_count: 0,
+            first_failure: None,
+        }
+    }
+
+    fn slot(milestone: Milestone) -> usize {
+        match milestone {
+            Milestone::Synced => 0,
+            Milestone::PolicyApplied => 1,
+            Milestone::SawJoiner => 2,
+        }
+    }
+
+    fn record(&mut self, report: sim::Report) {
+        if let Some(slot) = self.times[Self::slot(report.milestone)].get_mut(report.index) {
+            slot.get_or_insert(report.at);
+        }
+    }
+
+    fn count(&self, milestone: Milestone) -> usize {
+        self.times[Self::slot(milestone)]
+            .iter()
+            .filter(|t| t.is_some())
+            .count()
+    }
+
+    fn reached(&self, milestone: Milestone, index: usize) -> bool {
+        self.times[Self::slot(milestone)]
+            .get(index)
+            .is_some_and(Option::is_some)
+    }
+
+    /// How long after `since` each node in `range` reached `milestone`.
+    fn arrivals(
+        &self,
+        milestone: Milestone,
+        since: Instant,
+        range: std::ops::Range<usize>,
+    ) -> Vec<Duration> {
+        self.times[Self::slot(milestone)][range]
+            .iter()
+            .flatten()
+            .map(|t| t.saturating_duration_since(since))
+            .collect()
+    }
+
+    fn failures(&self) -> Option<(usize, String)> {
+        self.first_failure
+            .clone()
+            .map(|first| (self.failure_count, first))
+    }
+
+    /// Records one report or failure; false when both channels are closed.
+    async fn next(&mut self) -> bool {
+        tokio::select! {
+            Some(report) = self.reports.recv() => self.record(report),
+            Some(failure) = self.failures.recv() => {
+                self.failure_count += 1;
+                self.first_failure.get_or_insert(failure);
+            }
+            else => return false,
+        }
+        true
+    }
+
+    /// Records reports until `count` nodes reached `milestone` or `deadline` passes.
+    async fn wait(&mut self, milestone: Milestone, count: usize, deadline: Instant) {
+        while self.count(milestone) < count {
+            match tokio::time::timeout_at(deadline, self.next()).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return,
+            }
+        }
+    }
+
+    /// Records reports until `deadline`.
+    async fn drain_until(&mut self, deadline: Instant) {
+        while let Ok(true) = tokio::time::timeout_at(deadline, self.next()).await {}
+    }
+
+    /// Records reports for `window`.
+    async fn drain_for(&mut self, window: Duration) {
+        self.drain_until(Instant::now() + window).await;
+    }
+}
+
+/// Raises the open-file limit to its hard maximum; the coordinator inherits it.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

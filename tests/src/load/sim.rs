@@ -1,0 +1,386 @@
+//! Simulated nodes: the real control protocol (QUIC, Noise `IK` bound to the
+//! QUIC session, `Register` with an auth key, then netmap frames) without a
+//! TUN device or WireGuard socket. All nodes share one QUIC client endpoint —
+//! one UDP socket — so ten thousand of them fit in the file descriptor limit.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use weft_proto::handshake::{Initiator, RESPONSE_LEN};
+use weft_proto::{
+    AuthKey, ClientMessage, Credential, FrameDecoder, PacketFilter, Peer, PrivateKey, PublicKey,
+    Register, ServerMessage,
+};
+
+use super::scenario;
+
+/// What a simulated node reports to the load tool, with when it happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Milestone {
+    /// Registered and holding its first netmap.
+    Synced,
+    /// Its filter reflects the changed policy.
+    PolicyApplied,
+    /// It has the joining node among its peers.
+    SawJoiner,
+}
+
+/// A milestone of node `index`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Report {
+    pub(crate) index: usize,
+    pub(crate) milestone: Milestone,
+    pub(crate) at: Instant,
+}
+
+/// What every simulated node shares.
+#[derive(Debug, Clone)]
+pub(crate) struct Fleet {
+    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) coordinator: SocketAddr,
+    pub(crate) coordinator_key: PublicKey,
+    /// The joining node's name, which peers watch for.
+    pub(crate) joiner: Arc<str>,
+    /// Connection attempts that failed before the node synced.
+    pub(crate) retries: Arc<AtomicUsize>,
+}
+
+impl Fleet {
+    /// One client endpoint on loopback with weftd's transport settings
+    /// (1 s keep-alive, 3 s idle timeout), so the coordinator sees the
+    /// packet rate a real fleet causes.
+    pub(crate) fn new(coordinator: SocketAddr, coordinator_key: PublicKey) -> Result<Self> {
+        let mut endpoint = quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into())
+            .context("bind the simulated nodes' UDP socket")?;
+        endpoint.set_default_client_config(tls::client_config()?);
+        Ok(Self {
+            endpoint,
+            coordinator,
+            coordinator_key,
+            joiner: Arc::from("joiner"),
+            retries: Arc::default(),
+        })
+    }
+}
+
+/// Runs node `index` named `hostname` until its connection ends: registers
+/// with `auth_key`, then reports milestones as frames arrive. Like weftd, it
+/// retries with backoff (0.5 s doubling, same keys) while it has not synced;
+/// `connecting` is held until then, bounding concurrent handshakes.
+pub(crate) async fn run_node(
+    fleet: Fleet,
+    index: usize,
+    hostname: String,
+    auth_key: String,
+    connecting: tokio::sync::OwnedSemaphorePermit,
+    reports: mpsc::UnboundedSender<Report>,
+) -> Result<()> {
+    let machine_key = PrivateKey::generate();
+    let node_key = PrivateKey::generate().public_key();
+    let mut connecting = Some(connecting);
+    let mut delay = Duration::from_millis(500);
+    let mut attempt = 1;
+    loop {
+        let register = Register {
+            credential: Some(Credential::AuthKey(AuthKey::new(auth_key.clone()))),
+            hostname: hostname.clone(),
+            node_key,
+            endpoints: Vec::new(),
+            attributes: Default::default(),
+        };
+        let result = session(
+            &fleet,
+            index,
+            &machine_key,
+            register,
+            &mut connecting,
+            &reports,
+        )
+        .await;
+        match result {
+            Err(_) if connecting.is_some() && attempt < MAX_ATTEMPTS => {
+                fleet.retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(8));
+                attempt += 1;
+            }
+            Err(e) => return Err(e.context(format!("after {attempt} attempt(s)"))),
+            Ok(()) => return Ok(()),
+        }
+    }
+}
+
+/// Connection attempts before a node that never synced gives up.
+const MAX_ATTEMPTS: u32 = 6;
+
+/// One control session; `connecting` is released once synced.
+async fn session(
+    fleet: &Fleet,
+    index: usize,
+    machine_key: &PrivateKey,
+    register: Register,
+    connecting: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    reports: &mpsc::UnboundedSender<Report>,
+) -> Result<()> {
+    let connection = fleet
+        .endpoint
+        .connect(fleet.coordinator, tls::SERVER_NAME)
+        .context("start QUIC connection")?
+        .await
+        .context("QUIC connection")?;
+    let (mut send, mut recv) = connection.open_bi().await.context("open control stream")?;
+
+    let mut binding = [0u8; 32];
+    connection
+        .export_keying_material(&mut binding, weft_proto::EXPORTER_LABEL, b"")
+        .map_err(|_| anyhow!("the TLS session cannot export a channel binding"))?;
+    let (initiator, initiation) = Initiator::start(machine_key, &fleet.coordinator_key, &binding)?;
+    send.write_all(&initiation)
+        .await
+        .context("send initiation")?;
+    let mut response = [0u8; RESPONSE_LEN];
+    recv.read_exact(&mut response)
+        .await
+        .context("read handshake response")?;
+    initiator.finish(&response)?;
+
+    let frame =
+        weft_proto::encode_frame(&ClientMessage::Register(register)).map_err(|e| anyhow!("{e}"))?;
+    send.write_all(&frame).await.context("send Register")?;
+
+    let mut view = View::default();
+    let mut decoder = FrameDecoder::new();
+    loop {
+        while let Some(message) = decoder.next_message::<ServerMessage>()? {
+            for milestone in view.apply(message, &fleet.joiner)? {
+                if milestone == Milestone::Synced {
+                    *connecting = None;
+                }
+                let _ = reports.send(Report {
+                    index,
+                    milestone,
+                    at: Instant::now(),
+                });
+            }
+        }
+        match recv.read_chunk(usize::MAX, true).await {
+            Ok(Some(chunk)) => decoder.push(&chunk.bytes),
+            Ok(None) => bail!("the coordinator closed the control stream"),
+            Err(e) => return Err(e).context("control stream"),
+        }
+    }
+}
+
+/// What a simulated node tracks of its netmap: only what the milestones need.
+#[derive(Debug, Default)]
+struct View {
+    registered: bool,
+    synced: bool,
+    policy_applied: bool,
+    saw_joiner: bool,
+}
+
+impl View {
+    /// Folds in one message; returns the milestones it reached.
+    fn apply(&mut self, message: ServerMessage, joiner: &str) -> Result<Vec<Milestone>> {
+        let (filter, peers): (Option<PacketFilter>, Vec<Peer>) = match message {
+            ServerMessage::Registered(_) => {
+                self.registered = true;
+                return Ok(Vec::new());
+            }
+            ServerMessage::Refused(refusal) => {
+                bail!("refused ({:?}): {}", refusal.code, refusal.message)
+            }
+            ServerMessage::LoginRequired(_) => bail!("asked for an interactive login"),
+            _ if !self.registered => bail!("a netmap arrived before registration"),
+            ServerMessage::NetMap(netmap) => (Some(netmap.filter), netmap.peers),
+            ServerMessage::Delta(delta) => (delta.filter, delta.upsert_peers),
+            ServerMessage::Relays(_) => return Ok(Vec::new()),
+            ServerMessage::RelayAdmissions { .. } => bail!("sent relay admissions"),
+        };
+        let mut reached = Vec::new();
+        if !self.synced {
+            self.synced = true;
+            reached.push(Milestone::Synced);
+        }
+        if !self.policy_applied
+            && filter.is_some_and(|f| scenario::admits_port(&f, scenario::PORT_AFTER))
+        {
+            self.policy_applied = true;
+            reached.push(Milestone::PolicyApplied);
+        }
+        if !self.saw_joiner && peers.iter().any(|p| p.name == joiner) {
+            self.saw_joiner = true;
+            reached.push(Milestone::SawJoiner);
+        }
+        Ok(reached)
+    }
+}
+
+mod tls {
+    //! The node's TLS settings: the certificate is not checked because the
+    //! Noise handshake, bound to the TLS session by an exporter value,
+    //! authenticates the coordinator by its pinned key.
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use anyhow::Result;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::{ring, CryptoProvider};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    pub(super) const SERVER_NAME: &str = "weft-coordinator";
+
+    pub(super) fn client_config() -> Result<quinn::ClientConfig> {
+        let provider = Arc::new(ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoiseBoundVerifier { provider }))
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![weft_proto::ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(1)));
+        transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+            3_000,
+        ))));
+        config.transport_config(Arc::new(transport));
+        Ok(config)
+    }
+
+    #[derive(Debug)]
+    struct NoiseBoundVerifier {
+        provider: Arc<CryptoProvider>,
+    }
+
+    impl ServerCertVerifier for NoiseBoundVerifier {
+        fn verify_server_cert(
+            &self,
+            _end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp_response: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_proto::{Identity, NetMap, NetMapDelta, NodeId, SelfNode};
+
+    fn self_node() -> SelfNode {
+        SelfNode {
+            id: NodeId(1),
+            name: "n1".into(),
+            ipv4: "100.64.0.1".parse().unwrap(),
+            ipv6: "fd7a::1".parse().unwrap(),
+            identity: Identity::tagged(vec!["tag:g0".into()]),
+            key_expiry: None,
+        }
+    }
+
+    fn delta(upsert_peers: Vec<Peer>) -> NetMapDelta {
+        NetMapDelta {
+            revision: 2,
+            upsert_peers,
+            remove_peers: Vec::new(),
+            filter: None,
+            capabilities: None,
+            self_node: None,
+        }
+    }
+
+    fn peer(name: &str) -> Peer {
+        Peer {
+            id: NodeId(9),
+            name: name.into(),
+            node_key: PrivateKey::generate().public_key(),
+            addresses: Vec::new(),
+            endpoints: Vec::new(),
+            identity: Identity::tagged(Vec::new()),
+        }
+    }
+
+    #[test]
+    fn milestones_follow_the_messages_once_each() {
+        let mut view = View::default();
+        assert!(view
+            .apply(ServerMessage::Registered(self_node()), "joiner")
+            .is_ok_and(|m| m.is_empty()));
+        let netmap = NetMap {
+            revision: 1,
+            self_node: self_node(),
+            peers: vec![peer("n2")],
+            filter: PacketFilter::default(),
+            capabilities: Vec::new(),
+        };
+        assert_eq!(
+            view.apply(ServerMessage::NetMap(netmap), "joiner").ok(),
+            Some(vec![Milestone::Synced])
+        );
+        let delta = delta(vec![peer("joiner")]);
+        let again = delta.clone();
+        assert_eq!(
+            view.apply(ServerMessage::Delta(delta), "joiner").ok(),
+            Some(vec![Milestone::SawJoiner])
+        );
+        assert!(view
+            .apply(ServerMessage::Delta(again), "joiner")
+            .is_ok_and(|m| m.is_empty()));
+    }
+
+    #[test]
+    fn a_netmap_before_registration_is_an_error() {
+        let delta = delta(Vec::new());
+        assert!(View::default()
+            .apply(ServerMessage::Delta(delta), "joiner")
+            .is_err());
+    }
+}

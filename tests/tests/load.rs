@@ -1,0 +1,36 @@
+//! The load tool works: 200 simulated nodes connect to a real coordinator,
+//! a policy change reaches every one, and a joining node reaches its group.
+//! The large runs are the documented `weft-load` command (README, "Scale").
+
+use std::time::Duration;
+
+use weft_tests::load::{self, Backend, LoadOptions};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_simulated_nodes_get_a_policy_change_and_a_join() {
+    let options = LoadOptions {
+        nodes: 200,
+        group_size: 50,
+        wave: 50,
+        backend: Backend::Embedded,
+        coordinator_bin: load::default_binary().expect("binaries built"),
+        phase_timeout: Duration::from_secs(60),
+        idle_window: Duration::from_secs(1),
+    };
+    let report = load::run(&options).await.expect("load run");
+    print!("{}", report.table());
+    assert_eq!(report.connected, 200, "{report:?}");
+    assert_eq!(report.groups, 4);
+    assert!(report.policy_change.complete(), "{report:?}");
+    assert_eq!(report.policy_change.expected, 200);
+    assert_eq!(report.join.expected, 50);
+    assert!(report.join.complete(), "{report:?}");
+    assert!(report.join_self.is_some());
+    assert!(report.coordinator.peak_rss > 0);
+    weft_tests::record_metric(&format!(
+        "load smoke (200 nodes, debug build): connect {:.2} s, policy p99 {:?}, join p100 {:?}",
+        report.connect_time.as_secs_f64(),
+        report.policy_change.p99,
+        report.join.p100,
+    ));
+}
