@@ -106,6 +106,15 @@ impl TunDevice {
         self.device.recv(buf).await
     }
 
+    /// Reads one more IP packet if the host has written one, without
+    /// waiting: `WouldBlock` once the device is empty. Draining the device
+    /// this way after [`TunDevice::recv`] lets one wakeup carry a batch.
+    pub fn try_recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        // The device's own non-blocking read, under the async wrapper.
+        let device: &tun::Device = &self.device;
+        device.recv(buf)
+    }
+
     /// Hands one IP packet to the host.
     pub async fn send(&self, packet: &[u8]) -> std::io::Result<usize> {
         self.device.send(packet).await

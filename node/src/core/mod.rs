@@ -39,6 +39,11 @@ use peer::{PeerTunnel, Slot};
 /// [`Node::poll_timeout`] and wait for IO or that instant, whichever comes
 /// first. Every input takes `now`, which must not go backwards.
 ///
+/// Feeding many inputs before draining is fine and cheaper (the shell reads
+/// whole batches per wakeup). Hand the buffers of drained outputs back with
+/// [`Node::recycle`] once written: the node reuses them, so a steady stream
+/// of packets allocates nothing.
+///
 /// # Clocks
 ///
 /// The node's own timers (its 250 ms WireGuard tick and flow expiry) run on
@@ -76,6 +81,8 @@ pub struct Node {
     firewall: Firewall,
     transmits: VecDeque<Transmit>,
     tun_packets: VecDeque<Vec<u8>>,
+    /// Buffers of outputs already written, reused for the next ones.
+    spare: Vec<Vec<u8>>,
     next_tick: Option<Instant>,
     stats: FilterStats,
     /// Scratch space for boringtun's output, large enough for any IP packet plus overhead.
@@ -151,6 +158,12 @@ const HANDSHAKE_RATE_LIMIT: u64 = 25;
 /// The largest IP packet; the scratch buffer holds it plus WireGuard's overhead.
 const MAX_PACKET: usize = 65_535;
 const WIREGUARD_OVERHEAD: usize = 32;
+/// The largest message `encapsulate` writes for a packet: a handshake
+/// initiation, when the packet has to wait for a session.
+const HANDSHAKE_INIT_LEN: usize = 148;
+/// Spare buffers kept for reuse: a batch's worth, so a burst's buffers come
+/// back to the allocator rather than staying pinned.
+const SPARE_BUFFERS: usize = 256;
 /// Session indices are 24 bits; boringtun uses the low 8 for rekeys.
 const INDEX_MASK: u32 = 0x00ff_ffff;
 
@@ -176,6 +189,7 @@ impl Node {
             firewall: Firewall::default(),
             transmits: VecDeque::new(),
             tun_packets: VecDeque::new(),
+            spare: Vec::new(),
             next_tick: None,
             stats: FilterStats::default(),
             buf: vec![0; MAX_PACKET + WIREGUARD_OVERHEAD].into_boxed_slice(),
@@ -287,18 +301,32 @@ impl Node {
             return;
         };
         self.firewall.outbound(&headers, now);
-        match peer.sending_tunn().encapsulate(packet, &mut self.buf) {
-            TunnResult::WriteToNetwork(datagram) => self.transmits.push_back(Transmit {
-                dst: endpoint,
-                payload: datagram.to_vec(),
-            }),
+        // Encrypted straight into the buffer that goes to the socket.
+        let mut out = self.spare.pop().unwrap_or_default();
+        out.resize(
+            (packet.len() + WIREGUARD_OVERHEAD).max(HANDSHAKE_INIT_LEN),
+            0,
+        );
+        let written = match peer.sending_tunn().encapsulate(packet, &mut out) {
+            TunnResult::WriteToNetwork(datagram) => Some(datagram.len()),
             TunnResult::Err(error) => {
                 tracing::trace!(peer = %peer.peer.id, ?error, "cannot encapsulate packet");
+                None
             }
             // Queued in the tunnel until the handshake completes.
             TunnResult::Done
             | TunnResult::WriteToTunnelV4(..)
-            | TunnResult::WriteToTunnelV6(..) => {}
+            | TunnResult::WriteToTunnelV6(..) => None,
+        };
+        match written {
+            Some(len) => {
+                out.truncate(len);
+                self.transmits.push_back(Transmit {
+                    dst: endpoint,
+                    payload: out,
+                });
+            }
+            None => self.recycle(out),
         }
     }
 
@@ -312,6 +340,7 @@ impl Node {
             firewall,
             transmits,
             tun_packets,
+            spare,
             stats,
             buf,
             ..
@@ -375,7 +404,10 @@ impl Node {
                 if let filter::Admission::Audit { .. } = admission {
                     stats.audit_passed += 1;
                 }
-                tun_packets.push_back(packet.to_vec());
+                let mut out = spare.pop().unwrap_or_default();
+                out.clear();
+                out.extend_from_slice(packet);
+                tun_packets.push_back(out);
             }
             Verdict::Drop(reason) => {
                 stats.dropped += 1;
@@ -437,6 +469,14 @@ impl Node {
     /// Next decrypted, filter-admitted IP packet to write to the TUN device.
     pub fn poll_tun_packet(&mut self) -> Option<Vec<u8>> {
         self.tun_packets.pop_front()
+    }
+
+    /// Takes back the buffer of a drained [`Transmit`] or TUN packet, for
+    /// reuse by the next output.
+    pub fn recycle(&mut self, buffer: Vec<u8>) {
+        if self.spare.len() < SPARE_BUFFERS {
+            self.spare.push(buffer);
+        }
     }
 
     /// When [`Node::handle_timeout`] must next be called.

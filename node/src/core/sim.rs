@@ -346,6 +346,52 @@ fn a_ping_arrives_after_the_handshake_and_its_reply_returns() {
 }
 
 #[test]
+fn recycled_buffers_carry_the_next_packets() {
+    let mut sim = Sim::a_may_ping_b();
+    let ping = sim.ping(A, B, 1);
+    sim.send(A, &ping);
+    assert_eq!(sim.take_tun(B), vec![ping]);
+
+    let now = sim.now;
+    let ping = sim.ping(A, B, 2);
+    sim.nodes[A].node.handle_tun_packet(&ping, now);
+    let first = sim.nodes[A].node.poll_transmit().unwrap();
+    let datagram = first.payload.clone();
+    let reused = first.payload.as_ptr();
+    sim.nodes[A].node.recycle(first.payload);
+    let ping = sim.ping(A, B, 3);
+    sim.nodes[A].node.handle_tun_packet(&ping, now);
+    let second = sim.nodes[A].node.poll_transmit().unwrap();
+    assert_eq!(
+        second.payload.as_ptr(),
+        reused,
+        "the spare buffer is reused"
+    );
+    assert_eq!(second.payload.len(), datagram.len());
+    assert_ne!(
+        second.payload, datagram,
+        "a fresh encryption, not the old bytes"
+    );
+
+    let source = sim.nodes[A].underlay;
+    sim.nodes[B].node.handle_udp(source, &datagram, now);
+    let packet = sim.nodes[B].node.poll_tun_packet().unwrap();
+    assert_eq!(packet, sim.ping(A, B, 2));
+    let reused = packet.as_ptr();
+    sim.nodes[B].node.recycle(packet);
+    sim.nodes[B].node.handle_udp(source, &second.payload, now);
+    let packet = sim.nodes[B].node.poll_tun_packet().unwrap();
+    assert_eq!(packet, ping);
+    assert_eq!(packet.as_ptr(), reused, "inbound buffers are reused too");
+    sim.nodes[B].node.recycle(packet);
+    sim.nodes[B].node.handle_udp(source, &datagram, now);
+    assert!(
+        sim.nodes[B].node.poll_tun_packet().is_none(),
+        "a replayed datagram is refused"
+    );
+}
+
+#[test]
 fn ipv6_works_too() {
     let mut sim = Sim::a_may_ping_b();
     let ping = test_packets::echo(sim.nodes[A].v6, sim.nodes[B].v6, false, 3, 1);

@@ -10,11 +10,13 @@ use tokio::sync::mpsc;
 use super::Daemon;
 use crate::api::Command;
 use crate::control::ControlUpdate;
+use crate::underlay::{RecvBatch, SendBatch};
 
-/// Large enough for any datagram, so nothing is truncated.
-const UDP_BUF: usize = 65_536;
 /// Large enough for any packet the TUN device hands over at its MTU.
 const TUN_BUF: usize = 65_536;
+/// Packets read from the TUN device per wakeup at most, so a busy device
+/// cannot starve the socket, the control session or the timers.
+const TUN_BATCH: usize = 64;
 /// How often a workload's identity token file is checked for a new token.
 const TOKEN_CHECK: Duration = Duration::from_secs(1);
 
@@ -28,7 +30,8 @@ impl Daemon {
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut tun_buf = vec![0u8; TUN_BUF];
-        let mut udp_buf = vec![0u8; UDP_BUF];
+        let mut received = RecvBatch::new();
+        let mut outgoing = SendBatch::default();
         let mut token_check = tokio::time::interval(TOKEN_CHECK);
         token_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -37,11 +40,16 @@ impl Daemon {
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
                 read = self.tun.recv(&mut tun_buf) => match read {
-                    Ok(n) => self.core.handle_tun_packet(&tun_buf[..n], Instant::now()),
+                    Ok(n) => self.drain_tun(&mut tun_buf, n)?,
                     Err(e) => return Err(anyhow::anyhow!("reading the TUN device failed: {e}")),
                 },
-                read = self.underlay.recv_from(&mut udp_buf) => match read {
-                    Ok((n, from)) => self.core.handle_udp(from, &udp_buf[..n], Instant::now()),
+                read = self.underlay.recv_batch(&mut received) => match read {
+                    Ok(()) => {
+                        let now = Instant::now();
+                        for (from, datagram) in received.datagrams() {
+                            self.core.handle_udp(from, datagram, now);
+                        }
+                    }
                     Err(e) => tracing::debug!("UDP receive failed: {e}"),
                 },
                 Some(update) = updates.recv() => self.on_control(update).await,
@@ -49,7 +57,7 @@ impl Daemon {
                 () = sleep_until(timeout) => self.core.handle_timeout(Instant::now()),
                 _ = token_check.tick() => self.check_renewal(),
             }
-            self.flush().await;
+            self.flush(&mut outgoing).await;
         }
         tracing::info!("shutting down");
         Ok(())
@@ -73,17 +81,49 @@ impl Daemon {
         }
     }
 
-    /// Writes out everything the core queued.
-    async fn flush(&mut self) {
-        while let Some(transmit) = self.core.poll_transmit() {
-            if let Err(e) = self.underlay.send_to(&transmit.payload, transmit.dst).await {
-                tracing::debug!(dst = %transmit.dst, "UDP send failed: {e}");
+    /// Feeds the core the packet already read (`first` bytes of `buf`) and
+    /// then every packet the device has queued, up to [`TUN_BATCH`], so the
+    /// flush that follows sends them as one batch.
+    fn drain_tun(&mut self, buf: &mut [u8], first: usize) -> anyhow::Result<()> {
+        let now = Instant::now();
+        self.core.handle_tun_packet(&buf[..first], now);
+        for _ in 1..TUN_BATCH {
+            match self.tun.try_recv(buf) {
+                Ok(n) => self.core.handle_tun_packet(&buf[..n], now),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(anyhow::anyhow!("reading the TUN device failed: {e}")),
             }
         }
+        Ok(())
+    }
+
+    /// Writes out everything the core queued: datagrams to one peer in
+    /// GSO batches, then the packets for the TUN device. Buffers go back
+    /// to the core for reuse.
+    async fn flush(&mut self, batch: &mut SendBatch) {
+        let max_segments = self.underlay.max_segments();
+        while let Some(transmit) = self.core.poll_transmit() {
+            if !batch.fits(transmit.dst, transmit.payload.len(), max_segments) {
+                self.send_batch(batch).await;
+            }
+            batch.push(transmit.dst, &transmit.payload);
+            self.core.recycle(transmit.payload);
+        }
+        self.send_batch(batch).await;
         while let Some(packet) = self.core.poll_tun_packet() {
             if let Err(e) = self.tun.send(&packet).await {
                 tracing::debug!("TUN write failed: {e}");
             }
+            self.core.recycle(packet);
+        }
+    }
+
+    async fn send_batch(&self, batch: &mut SendBatch) {
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = self.underlay.send_batch(batch).await {
+            tracing::debug!("UDP send failed: {e}");
         }
     }
 }
