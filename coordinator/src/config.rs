@@ -24,8 +24,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod relays;
 mod store;
 
+pub use self::relays::RelayConfig;
 pub use self::store::{
     EtcdSettings, EtcdTls, EtcdTlsFileConfig, StoreFileConfig, StoreKind, StoreSettings,
 };
@@ -67,6 +69,9 @@ pub struct FileConfig {
     pub workload_issuers: Vec<WorkloadIssuerConfig>,
     /// Where the state lives; the embedded store when absent.
     pub store: Option<StoreFileConfig>,
+    /// The relays nodes may use, and that may ask for the admitted node keys.
+    #[serde(default)]
+    pub relays: Vec<RelayConfig>,
 }
 
 /// One `[[workload_issuers]]` entry as written.

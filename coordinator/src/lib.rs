@@ -16,6 +16,7 @@ mod nodes;
 mod oidc;
 mod policy_follow;
 mod policy_watch;
+mod relays;
 mod server;
 mod store;
 mod users;
@@ -25,6 +26,7 @@ pub use admin::{
     AdminClient, AuthKeyRequest, ClientError, CreatedAuthKey, NodeView, PolicyInstalled,
     PolicyRequest,
 };
+pub use config::RelayConfig;
 pub use config::{
     check_public_url, load as load_config, ConfigError, FileConfig, OidcFileConfig, OidcSettings,
     WorkloadIssuer, WorkloadIssuerConfig, WorkloadKind, DEFAULT_EPHEMERAL_TIMEOUT,

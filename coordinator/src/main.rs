@@ -211,6 +211,7 @@ async fn run(command: Command) -> Result<()> {
                 .transpose()?
                 .unwrap_or_default();
             let workload_issuers = file.resolve_workload_issuers()?;
+            let relays = file.resolve_relays()?;
             let ephemeral_timeout = match ephemeral_timeout {
                 Some(timeout) if timeout.is_zero() => {
                     bail!("--ephemeral-timeout must be at least one second")
@@ -229,6 +230,7 @@ async fn run(command: Command) -> Result<()> {
                 store,
                 workload_issuers,
                 ephemeral_timeout,
+                relays,
             })
             .await
         }

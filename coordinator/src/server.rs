@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use weft_proto::{PublicKey, CLOSE_BY_COORDINATOR};
+use weft_proto::{PublicKey, RelayInfo, CLOSE_BY_COORDINATOR};
 
 use crate::admin::{self, AdminState};
 use crate::config::{check_public_url, OidcSettings, StoreSettings, WorkloadIssuer};
@@ -52,6 +52,8 @@ pub struct ServeOptions {
     pub workload_issuers: Vec<WorkloadIssuer>,
     /// How long an ephemeral node may stay offline before it is deleted.
     pub ephemeral_timeout: Duration,
+    /// The relays nodes are told about and that may follow the admitted node keys.
+    pub relays: Vec<RelayInfo>,
 }
 
 /// Why the coordinator could not start.
@@ -247,6 +249,7 @@ impl Coordinator {
             netmaps,
             logins,
             workloads,
+            relays: options.relays,
         });
         let control = tokio::spawn(control::accept(endpoint.clone(), context));
         tracing::info!(%local_addr, coordinator_key = %public_key, "coordinator listening");

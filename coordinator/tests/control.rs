@@ -102,6 +102,7 @@ impl Harness {
             store: Default::default(),
             workload_issuers: self.workload_issuers.clone(),
             ephemeral_timeout: self.ephemeral_timeout,
+            relays: Vec::new(),
         })
         .await
         .unwrap();

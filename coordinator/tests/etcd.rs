@@ -36,6 +36,7 @@ async fn start(data_dir: &Path, etcd: &EtcdCluster) -> Coordinator {
         }),
         workload_issuers: Vec::new(),
         ephemeral_timeout: weft_coordinator::DEFAULT_EPHEMERAL_TIMEOUT,
+        relays: Vec::new(),
     })
     .await
     .unwrap()

@@ -307,6 +307,13 @@ async fn exchange(
                 }
                 ServerMessage::NetMap(netmap) => ControlEvent::NetMap(netmap),
                 ServerMessage::Delta(delta) => ControlEvent::Delta(delta),
+                // Relayed paths are not used by this node yet.
+                ServerMessage::Relays(_) => continue,
+                ServerMessage::RelayAdmissions { .. } => {
+                    return Err(ControlError::Protocol(
+                        "the coordinator sent relay admissions, which only relays ask for",
+                    ));
+                }
             };
             if emitter.emit(event).await.is_err() {
                 return Ok(Ended::DaemonGone);

@@ -15,9 +15,28 @@ use crate::frame::PROTOCOL_VERSION;
 use crate::keys::{PrivateKey, PublicKey};
 
 const PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
-const PROLOGUE: &[u8] = b"weft control v1";
 const PAYLOAD_LEN: usize = 2;
 
+/// What a handshake authenticates. Each purpose has its own Noise prologue,
+/// so a handshake made for one can never complete as the other: a control
+/// initiation replayed to a relay, or a relay initiation to the coordinator,
+/// fails as [`HandshakeError::Authentication`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A node's (or relay's) control session with the coordinator, proving its machine key.
+    Control,
+    /// A node's session with a relay, proving its WireGuard node key.
+    Relay,
+}
+
+impl Purpose {
+    fn prologue(self) -> &'static [u8] {
+        match self {
+            Purpose::Control => b"weft control v1",
+            Purpose::Relay => b"weft relay v1",
+        }
+    }
+}
 /// Size of the node's first message: ephemeral key, encrypted static key, encrypted payload.
 pub const INITIATION_LEN: usize = 32 + (32 + 16) + (PAYLOAD_LEN + 16);
 /// Size of the coordinator's answer: ephemeral key and encrypted payload.
@@ -53,16 +72,27 @@ pub struct Initiator {
 }
 
 impl Initiator {
-    /// Starts a handshake and returns the first message to send.
+    /// Starts a control handshake and returns the first message to send.
     pub fn start(
         machine_key: &PrivateKey,
         coordinator_key: &PublicKey,
         binding: &[u8],
     ) -> Result<(Self, [u8; INITIATION_LEN]), HandshakeError> {
-        let prologue = prologue(binding);
+        Self::start_for(Purpose::Control, machine_key, coordinator_key, binding)
+    }
+
+    /// Starts a handshake for `purpose`: the initiator proves `local_key`
+    /// and pins `remote_key`.
+    pub fn start_for(
+        purpose: Purpose,
+        local_key: &PrivateKey,
+        remote_key: &PublicKey,
+        binding: &[u8],
+    ) -> Result<(Self, [u8; INITIATION_LEN]), HandshakeError> {
+        let prologue = prologue(purpose, binding);
         let mut state = builder()
-            .local_private_key(machine_key.as_bytes())
-            .and_then(|b| b.remote_public_key(coordinator_key.as_bytes()))
+            .local_private_key(local_key.as_bytes())
+            .and_then(|b| b.remote_public_key(remote_key.as_bytes()))
             .and_then(|b| b.prologue(&prologue))
             .and_then(|b| b.build_initiator())
             .map_err(|_| HandshakeError::Authentication)?;
@@ -105,15 +135,26 @@ pub fn respond(
     binding: &[u8],
     initiation: &[u8],
 ) -> Result<(Accepted, [u8; RESPONSE_LEN]), HandshakeError> {
+    respond_for(Purpose::Control, coordinator_key, binding, initiation)
+}
+
+/// The responder's side for `purpose`. For [`Purpose::Relay`] the proven
+/// key in [`Accepted::machine_key`] is the node's WireGuard key.
+pub fn respond_for(
+    purpose: Purpose,
+    local_key: &PrivateKey,
+    binding: &[u8],
+    initiation: &[u8],
+) -> Result<(Accepted, [u8; RESPONSE_LEN]), HandshakeError> {
     if initiation.len() != INITIATION_LEN {
         return Err(HandshakeError::Length {
             got: initiation.len(),
             want: INITIATION_LEN,
         });
     }
-    let prologue = prologue(binding);
+    let prologue = prologue(purpose, binding);
     let mut state = builder()
-        .local_private_key(coordinator_key.as_bytes())
+        .local_private_key(local_key.as_bytes())
         .and_then(|b| b.prologue(&prologue))
         .and_then(|b| b.build_responder())
         .map_err(|_| HandshakeError::Authentication)?;
@@ -140,8 +181,8 @@ fn builder() -> snow::Builder<'static> {
     snow::Builder::new(PATTERN.parse().unwrap())
 }
 
-fn prologue(binding: &[u8]) -> Vec<u8> {
-    [PROLOGUE, binding].concat()
+fn prologue(purpose: Purpose, binding: &[u8]) -> Vec<u8> {
+    [purpose.prologue(), binding].concat()
 }
 
 fn check_version(payload: &[u8]) -> Result<(), HandshakeError> {
@@ -212,6 +253,42 @@ mod tests {
         assert!(respond(&coordinator, b"session seen by relay", &first).is_err());
         let (_, second) = respond(&coordinator, b"session seen by node", &first).unwrap();
         initiator.finish(&second).unwrap();
+    }
+
+    #[test]
+    fn a_node_and_relay_agree() {
+        let relay = PrivateKey::generate();
+        let node = PrivateKey::generate();
+        let (initiator, first) =
+            Initiator::start_for(Purpose::Relay, &node, &relay.public_key(), b"b").unwrap();
+        let (accepted, second) = respond_for(Purpose::Relay, &relay, b"b", &first).unwrap();
+        assert_eq!(accepted.machine_key, node.public_key());
+        initiator.finish(&second).unwrap();
+    }
+
+    #[test]
+    fn handshakes_of_different_purposes_do_not_cross() {
+        let responder = PrivateKey::generate();
+        let local = PrivateKey::generate();
+        for (made, replayed) in [
+            (Purpose::Control, Purpose::Relay),
+            (Purpose::Relay, Purpose::Control),
+        ] {
+            let (initiator, first) =
+                Initiator::start_for(made, &local, &responder.public_key(), b"b").unwrap();
+            assert_eq!(
+                respond_for(replayed, &responder, b"b", &first).unwrap_err(),
+                HandshakeError::Authentication
+            );
+            // An answer made for the other purpose fails on the initiator too.
+            let (_, other_first) =
+                Initiator::start_for(replayed, &local, &responder.public_key(), b"b").unwrap();
+            let (_, answer) = respond_for(replayed, &responder, b"b", &other_first).unwrap();
+            assert_eq!(
+                initiator.finish(&answer),
+                Err(HandshakeError::Authentication)
+            );
+        }
     }
 
     #[test]

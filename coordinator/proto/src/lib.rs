@@ -18,11 +18,15 @@
 //!    frames carrying [`ClientMessage`] and [`ServerMessage`] values — a
 //!    registration, then a full [`NetMap`] and a [`NetMapDelta`] for every
 //!    change that concerns the node.
+//!
+//! Nodes that cannot reach each other directly pass WireGuard packets through
+//! relays; [`relay`] is that protocol, and how relays learn whom to admit.
 
 pub mod frame;
 pub mod handshake;
 pub mod keys;
 pub mod messages;
+pub mod relay;
 
 pub use frame::{
     encode_frame, DecodeError, EncodeError, FrameDecoder, MAX_FRAME_LEN, PROTOCOL_VERSION,
@@ -33,6 +37,7 @@ pub use messages::{
     LoginFlow, LoginPrompt, NetMap, NetMapDelta, NodeId, PacketFilter, Peer, PortRange, Protocol,
     Refusal, RefusalCode, Register, RuleAction, SelfNode, ServerMessage,
 };
+pub use relay::RelayInfo;
 
 /// The UDP port the coordinator's control listener uses unless told otherwise.
 pub const DEFAULT_PORT: u16 = 7443;

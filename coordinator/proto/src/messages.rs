@@ -18,6 +18,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::keys::{AuthKey, PublicKey};
+use crate::relay::RelayInfo;
 
 /// A node's stable id, assigned by the coordinator at registration.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -44,6 +45,13 @@ pub enum ClientMessage {
     UpdateEndpoints(Vec<SocketAddr>),
     /// The node's attributes (OS, posture) changed.
     UpdateAttributes(BTreeMap<String, String>),
+    /// Sent first, instead of `Register`, by a relay that proved a configured
+    /// relay key: asks for the stream of admitted node keys
+    /// ([`ServerMessage::RelayAdmissions`]).
+    RelayFeed {
+        /// The relay's name, as in the coordinator's `[[relays]]` entry.
+        name: String,
+    },
 }
 
 /// A registration request.
@@ -133,6 +141,22 @@ pub enum ServerMessage {
     NetMap(NetMap),
     /// A change to the view, relative to the previous revision.
     Delta(NetMapDelta),
+    /// The relays the node may use, sent after its first netmap when the
+    /// coordinator has any, and again when the list changes. Replaces the
+    /// previous list.
+    Relays(Vec<RelayInfo>),
+    /// To a relay: the WireGuard node keys of admitted nodes (registered, not
+    /// expired, not deleted). The first has `full` set and lists every key in
+    /// `add`; later ones are changes. A rotated node key is one removal and
+    /// one addition.
+    RelayAdmissions {
+        /// `add` is the whole set; forget every key not in it.
+        full: bool,
+        /// Keys admitted now.
+        add: Vec<PublicKey>,
+        /// Keys no longer admitted.
+        remove: Vec<PublicKey>,
+    },
 }
 
 /// Where and how a person completes an interactive login.

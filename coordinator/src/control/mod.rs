@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::task::JoinSet;
-use weft_proto::PrivateKey;
+use weft_proto::{PrivateKey, RelayInfo};
 
 pub(crate) use self::tls::TlsError;
 use crate::netmap::NetmapHandle;
@@ -26,6 +26,8 @@ pub(crate) struct Context {
     pub(crate) logins: Option<Arc<Logins>>,
     /// The trusted issuers of workload tokens, when any are configured.
     pub(crate) workloads: Option<Arc<Workloads>>,
+    /// The configured relays.
+    pub(crate) relays: Vec<RelayInfo>,
 }
 
 /// Why the control listener could not start.

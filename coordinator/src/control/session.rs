@@ -20,8 +20,11 @@ use weft_proto::{
 use super::Context;
 use crate::authkey::AdmitError;
 use crate::netmap::{Attached, SessionEvent};
+use crate::nodes;
 use crate::nodes::{Login, NodeRecord, Registry, UserLogin};
 use crate::oidc::LOGIN_TTL;
+use crate::relays::{self, Admissions};
+use crate::store::WatchError;
 use crate::workload::WorkloadLogin;
 
 /// Time allowed from the first packet to a completed Noise handshake.
@@ -36,6 +39,9 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for a refusal to reach the node before the connection closes.
 const LINGER: Duration = Duration::from_secs(2);
 const READ_CHUNK: usize = 64 * 1024;
+/// How often a relay's feed checks for logins that expired: relays drop an
+/// expired node within this of its expiry.
+const RELAY_EXPIRY_SWEEP: Duration = Duration::from_millis(500);
 
 /// Runs one control session to its end.
 pub(crate) async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
@@ -128,11 +134,15 @@ impl Session {
     async fn run(&mut self, machine_key: PublicKey) {
         let register = match timeout(REGISTER_TIMEOUT, self.reader.next()).await {
             Ok(Ok(Some(ClientMessage::Register(register)))) => register,
+            Ok(Ok(Some(ClientMessage::RelayFeed { name }))) => {
+                return self.relay_feed(machine_key, &name).await;
+            }
             Ok(Ok(Some(other))) => {
                 let kind = match other {
                     ClientMessage::Register(_) => "Register",
                     ClientMessage::UpdateEndpoints(_) => "UpdateEndpoints",
                     ClientMessage::UpdateAttributes(_) => "UpdateAttributes",
+                    ClientMessage::RelayFeed { .. } => "RelayFeed",
                 };
                 return self.fail(End::Protocol(format!(
                     "expected Register first, got {kind}"
@@ -263,6 +273,12 @@ impl Session {
                 return Some(end);
             }
         }
+        if !self.ctx.relays.is_empty() {
+            let relays = ServerMessage::Relays(self.ctx.relays.clone());
+            if let Err(end) = self.write(&relays).await {
+                return Some(end);
+            }
+        }
         loop {
             tokio::select! {
                 event = events.recv() => match event {
@@ -302,8 +318,67 @@ impl Session {
                     Ok(Some(ClientMessage::Register(_))) => {
                         return Some(End::Protocol("Register sent twice in one session".into()));
                     }
+                    Ok(Some(ClientMessage::RelayFeed { .. })) => {
+                        return Some(End::Protocol("RelayFeed sent by a registered node".into()));
+                    }
                     Ok(None) => return Some(End::Closed),
                     Err(end) => return Some(end),
+                },
+            }
+        }
+    }
+
+    /// Serves a relay: the admitted node keys, in full and then as they
+    /// change, until the relay goes away.
+    async fn relay_feed(&mut self, key: PublicKey, name: &str) {
+        let relay = match relays::configured(&self.ctx.relays, &key, name) {
+            Ok(relay) => relay.name.clone(),
+            Err(refusal) => return self.refuse(refusal).await,
+        };
+        tracing::info!(remote = %self.remote, %relay, "relay following admissions");
+        let mut watch = self.ctx.registry.store().watch(nodes::NODES_PREFIX);
+        let mut sweep = tokio::time::interval(RELAY_EXPIRY_SWEEP);
+        let mut feed = Admissions::default();
+        let mut next_expiry = None;
+        let mut stale = true;
+        loop {
+            if stale {
+                let registry = self.ctx.registry.clone();
+                match tokio::task::spawn_blocking(move || registry.nodes()).await {
+                    Ok(Ok(nodes)) => {
+                        let (keys, expiry) =
+                            relays::admitted(nodes.iter().map(|(record, _)| record), unix_now());
+                        next_expiry = expiry;
+                        stale = false;
+                        if let Some(message) = feed.update(keys) {
+                            if let Err(end) = self.write(&message).await {
+                                return self.fail(end);
+                            }
+                        }
+                    }
+                    // The sweep retries; the relay keeps its last set meanwhile.
+                    Ok(Err(e)) => tracing::error!(%relay, "cannot read the nodes for a relay: {e}"),
+                    Err(e) => tracing::error!(%relay, "relay admission task failed: {e}"),
+                }
+            }
+            tokio::select! {
+                event = watch.next() => match event {
+                    Ok(_) | Err(WatchError::Lagged(_)) => {
+                        while watch.try_next().is_some() {}
+                        stale = true;
+                    }
+                    Err(WatchError::Closed) => {
+                        self.conn.close(CLOSE_BY_COORDINATOR.into(), b"coordinator shutting down");
+                        return;
+                    }
+                },
+                _ = sweep.tick() => {
+                    stale |= next_expiry.is_some_and(|expiry| expiry <= unix_now());
+                }
+                message = self.reader.next() => match message {
+                    Ok(None) => return self.fail(End::Closed),
+                    Ok(Some(_)) => return self.fail(End::Protocol("a relay sent a message after RelayFeed".into())),
+                    Err(end) => return self.fail(end),
                 },
             }
         }
@@ -369,6 +444,10 @@ impl Session {
             }
         }
     }
+}
+
+fn unix_now() -> u64 {
+    crate::authkey::unix_secs(SystemTime::now())
 }
 
 fn login_expired() -> Refusal {

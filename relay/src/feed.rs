@@ -1,0 +1,172 @@
+//! The relay's session with the coordinator: which node keys are admitted.
+//!
+//! The relay connects like a node (QUIC, Noise IK with its relay key as the
+//! machine key), sends `RelayFeed`, and applies every `RelayAdmissions` to
+//! the core. When the coordinator is away the relay keeps its last set and
+//! reconnects with backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use weft_proto::handshake::{Initiator, Purpose, RESPONSE_LEN};
+use weft_proto::{
+    encode_frame, ClientMessage, FrameDecoder, PublicKey, ServerMessage, ALPN, EXPORTER_LABEL,
+};
+
+use crate::server::Shared;
+use crate::tls;
+
+/// The first wait before reconnecting, doubled up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A session that lasted this long resets the backoff.
+const STABLE: Duration = Duration::from_secs(10);
+/// The largest coordinator frame a relay accepts: one key set of 500,000 nodes.
+const MAX_FRAME: usize = 16 << 20;
+
+/// Where the coordinator is and who the relay is to it.
+#[derive(Debug, Clone)]
+pub(crate) struct FeedConfig {
+    pub(crate) coordinator: String,
+    pub(crate) coordinator_key: PublicKey,
+    pub(crate) name: String,
+}
+
+/// Why a feed session ended.
+#[derive(Debug, thiserror::Error)]
+enum FeedError {
+    #[error("cannot resolve the coordinator address {0:?}; pass --coordinator HOST:PORT")]
+    Resolve(String),
+    #[error("cannot reach the coordinator: {0}")]
+    Connect(String),
+    #[error("control handshake with the coordinator failed: {0} (check --coordinator-key against `weft-coordinator key`)")]
+    Handshake(String),
+    #[error("the coordinator refused this relay: {0}")]
+    Refused(String),
+    #[error("coordinator session lost: {0}")]
+    Lost(String),
+    #[error("the coordinator sent something a relay does not expect: {0}")]
+    Protocol(String),
+}
+
+/// Follows the coordinator forever.
+pub(crate) async fn follow(config: FeedConfig, shared: Arc<Shared>) {
+    let endpoint = match client_endpoint() {
+        Ok(endpoint) => endpoint,
+        Err(e) => {
+            tracing::error!("cannot start the relay's coordinator client: {e}");
+            return;
+        }
+    };
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let started = tokio::time::Instant::now();
+        let error = session(&endpoint, &config, &shared).await;
+        if started.elapsed() >= STABLE {
+            backoff = MIN_BACKOFF;
+        }
+        match &error {
+            FeedError::Refused(_) | FeedError::Handshake(_) => {
+                tracing::error!("{error}; keeping the last admitted set, retrying in {backoff:?}")
+            }
+            _ => tracing::warn!("{error}; keeping the last admitted set, retrying in {backoff:?}"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+fn client_endpoint() -> Result<quinn::Endpoint, String> {
+    let bind = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| e.to_string())?;
+    endpoint.set_default_client_config(tls::quic_client(ALPN).map_err(|e| e.to_string())?);
+    Ok(endpoint)
+}
+
+async fn session(endpoint: &quinn::Endpoint, config: &FeedConfig, shared: &Shared) -> FeedError {
+    match run(endpoint, config, shared).await {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+async fn run(
+    endpoint: &quinn::Endpoint,
+    config: &FeedConfig,
+    shared: &Shared,
+) -> Result<std::convert::Infallible, FeedError> {
+    let addr = tokio::net::lookup_host(&config.coordinator)
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| FeedError::Resolve(config.coordinator.clone()))?;
+    let lost = |e: &dyn std::fmt::Display| FeedError::Lost(e.to_string());
+    let conn = endpoint
+        .connect(addr, "weft-coordinator")
+        .map_err(|e| FeedError::Connect(e.to_string()))?
+        .await
+        .map_err(|e| FeedError::Connect(e.to_string()))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+    let mut binding = [0u8; 32];
+    conn.export_keying_material(&mut binding, EXPORTER_LABEL, b"")
+        .map_err(|_| FeedError::Handshake("cannot derive the TLS binding".into()))?;
+    let (initiator, initiation) = Initiator::start_for(
+        Purpose::Control,
+        &shared.key,
+        &config.coordinator_key,
+        &binding,
+    )
+    .map_err(|e| FeedError::Handshake(e.to_string()))?;
+    send.write_all(&initiation).await.map_err(|e| lost(&e))?;
+    let mut response = [0u8; RESPONSE_LEN];
+    recv.read_exact(&mut response)
+        .await
+        .map_err(|e| FeedError::Handshake(e.to_string()))?;
+    initiator
+        .finish(&response)
+        .map_err(|e| FeedError::Handshake(e.to_string()))?;
+    let hello = encode_frame(&ClientMessage::RelayFeed {
+        name: config.name.clone(),
+    })
+    .map_err(|e| FeedError::Protocol(e.to_string()))?;
+    send.write_all(&hello).await.map_err(|e| lost(&e))?;
+    tracing::info!(coordinator = %addr, "relay following the coordinator's admissions");
+    let mut decoder = FrameDecoder::with_limit(MAX_FRAME);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        while let Some(message) = decoder
+            .next_message::<ServerMessage>()
+            .map_err(|e| FeedError::Protocol(e.to_string()))?
+        {
+            match message {
+                ServerMessage::RelayAdmissions { full, add, remove } => {
+                    shared.apply_admissions(full, &add, &remove);
+                }
+                ServerMessage::Refused(refusal) => return Err(FeedError::Refused(refusal.message)),
+                other => {
+                    return Err(FeedError::Protocol(format!(
+                        "{} instead of relay admissions",
+                        kind(&other)
+                    )))
+                }
+            }
+        }
+        match recv.read(&mut buf).await {
+            Ok(Some(n)) => decoder.push(&buf[..n]),
+            Ok(None) => return Err(FeedError::Lost("the coordinator ended the session".into())),
+            Err(e) => return Err(lost(&e)),
+        }
+    }
+}
+
+fn kind(message: &ServerMessage) -> &'static str {
+    match message {
+        ServerMessage::Registered(_) => "Registered",
+        ServerMessage::Refused(_) => "Refused",
+        ServerMessage::LoginRequired(_) => "LoginRequired",
+        ServerMessage::NetMap(_) => "NetMap",
+        ServerMessage::Delta(_) => "Delta",
+        ServerMessage::Relays(_) => "Relays",
+        ServerMessage::RelayAdmissions { .. } => "RelayAdmissions",
+    }
+}

@@ -1,0 +1,133 @@
+//! The QUIC listener: one task per client connection.
+//!
+//! Handshake on the first bidirectional stream, an admission frame on the
+//! same stream, then `Send` messages as QUIC datagrams until the client goes
+//! away or the core cuts it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::timeout;
+use weft_proto::handshake::{self, Purpose, INITIATION_LEN};
+use weft_proto::relay::{RELAY_ALPN, RELAY_EXPORTER_LABEL};
+use weft_proto::{PublicKey, CLOSE_HANDSHAKE_FAILED};
+
+use crate::server::{admitted_frame, closed_frame, reason, Link, Shared};
+use crate::tls::{self, TlsError};
+
+/// Time allowed from the first packet to a completed Noise handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for a refusal to reach the client before the connection closes.
+const LINGER: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BindError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Binds the QUIC endpoint.
+pub(crate) fn bind(addr: SocketAddr) -> Result<quinn::Endpoint, BindError> {
+    Ok(quinn::Endpoint::server(
+        tls::quic_server(RELAY_ALPN)?,
+        addr,
+    )?)
+}
+
+/// Accepts connections until the endpoint closes.
+pub(crate) async fn accept(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    let mut sessions = JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => {
+                    sessions.spawn(serve(incoming, Arc::clone(&shared)));
+                }
+                None => break,
+            },
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum AuthError {
+    #[error("QUIC handshake failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("cannot read the handshake: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("cannot write the handshake: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("cannot derive the TLS binding")]
+    Binding,
+    #[error(transparent)]
+    Noise(#[from] handshake::HandshakeError),
+}
+
+async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let remote = incoming.remote_address();
+    let authenticated = timeout(HANDSHAKE_TIMEOUT, async {
+        let conn = incoming.await?;
+        let (key, send) = authenticate(&conn, &shared).await.inspect_err(|_| {
+            conn.close(CLOSE_HANDSHAKE_FAILED.into(), b"relay handshake failed");
+        })?;
+        Ok::<_, AuthError>((conn, key, send))
+    })
+    .await;
+    let (conn, key, mut send) = match authenticated {
+        Ok(Ok(done)) => done,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, "relay handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "relay handshake timed out after {HANDSHAKE_TIMEOUT:?}");
+            return;
+        }
+    };
+    let id = shared.next_conn();
+    if let Err(refused) = shared.connect(key, id, Link::Quic(conn.clone())) {
+        tracing::info!(%remote, "refusing relay client: {refused}");
+        let _ = send.write_all(&closed_frame(refused.code())).await;
+        let _ = send.finish();
+        let _ = timeout(LINGER, send.stopped()).await;
+        conn.close(refused.code().into(), reason(refused.code()));
+        return;
+    }
+    if send.write_all(&admitted_frame()).await.is_err() {
+        shared.disconnect(&key, id);
+        return;
+    }
+    loop {
+        match conn.read_datagram().await {
+            Ok(datagram) => shared.handle(key, id, &datagram),
+            Err(e) => {
+                tracing::debug!(%remote, node_key = %key.short(), "relay session ended: {e}");
+                break;
+            }
+        }
+    }
+    shared.disconnect(&key, id);
+}
+
+/// Runs the relay side of the Noise handshake; returns the proven node key
+/// and the stream to answer on.
+async fn authenticate(
+    conn: &quinn::Connection,
+    shared: &Shared,
+) -> Result<(PublicKey, quinn::SendStream), AuthError> {
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    let mut initiation = [0u8; INITIATION_LEN];
+    recv.read_exact(&mut initiation).await?;
+    let mut binding = [0u8; 32];
+    conn.export_keying_material(&mut binding, RELAY_EXPORTER_LABEL, b"")
+        .map_err(|_| AuthError::Binding)?;
+    let (accepted, response) =
+        handshake::respond_for(Purpose::Relay, &shared.key, &binding, &initiation)?;
+    send.write_all(&response).await?;
+    Ok((accepted.machine_key, send))
+}

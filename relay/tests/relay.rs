@@ -1,0 +1,376 @@
+//! A real coordinator (in process), the real `weft-relay` binary and relay
+//! clients holding the node keys of registered nodes, all on loopback.
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test harness: a failed step fails the test"
+)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use weft_coordinator::{AdminClient, AuthKeyRequest, Coordinator, ServeOptions};
+use weft_proto::handshake::{Initiator, RESPONSE_LEN};
+use weft_proto::relay::{CLOSE_RELAY_NOT_ADMITTED, CLOSE_RELAY_REMOVED, CLOSE_RELAY_REPLACED};
+use weft_proto::{
+    encode_frame, AuthKey, ClientMessage, Credential, FrameDecoder, PrivateKey, PublicKey,
+    Register, RelayInfo, ServerMessage, ALPN, EXPORTER_LABEL,
+};
+use weft_relay::{stun, ClientError, RelayClient, TcpRelayClient};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// The relay process, killed when the test ends.
+struct RelayProcess(Child);
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn relay_key(data_dir: &Path) -> PublicKey {
+    let out = Command::new(env!("CARGO_BIN_EXE_weft-relay"))
+        .args(["key", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn free_udp() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn free_tcp() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[derive(Debug)]
+struct AnyCert(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn control_endpoint() -> quinn::Endpoint {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    endpoint
+}
+
+/// Registers a node whose WireGuard key is `node_key`; returns the messages
+/// that followed `Registered` up to the relay list.
+async fn register(
+    endpoint: &quinn::Endpoint,
+    coordinator: &Coordinator,
+    auth: &AuthKey,
+    hostname: &str,
+    node_key: &PublicKey,
+) -> Vec<RelayInfo> {
+    let conn = endpoint
+        .connect(coordinator.local_addr(), "weft-coordinator")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut binding = [0u8; 32];
+    conn.export_keying_material(&mut binding, EXPORTER_LABEL, b"")
+        .unwrap();
+    let (initiator, first) =
+        Initiator::start(&PrivateKey::generate(), &coordinator.public_key(), &binding).unwrap();
+    send.write_all(&first).await.unwrap();
+    let mut response = [0u8; RESPONSE_LEN];
+    recv.read_exact(&mut response).await.unwrap();
+    initiator.finish(&response).unwrap();
+    let register = ClientMessage::Register(Register {
+        credential: Some(Credential::AuthKey(auth.clone())),
+        hostname: hostname.into(),
+        node_key: *node_key,
+        endpoints: Vec::new(),
+        attributes: BTreeMap::new(),
+    });
+    send.write_all(&encode_frame(&register).unwrap())
+        .await
+        .unwrap();
+    let mut decoder = FrameDecoder::new();
+    let mut buf = [0u8; 4096];
+    let mut kinds = Vec::new();
+    let relays = tokio::time::timeout(WAIT, async {
+        loop {
+            while let Some(message) = decoder.next_message::<ServerMessage>().unwrap() {
+                match message {
+                    ServerMessage::Relays(relays) => return relays,
+                    other => kinds.push(format!("{other:?}").chars().take(12).collect::<String>()),
+                }
+            }
+            let n = recv.read(&mut buf).await.unwrap().expect("stream ended");
+            decoder.push(&buf[..n]);
+        }
+    })
+    .await
+    .expect("no relay list after the netmap");
+    assert!(kinds[0].starts_with("Registered"), "{kinds:?}");
+    assert!(kinds[1].starts_with("NetMap"), "{kinds:?}");
+    conn.close(0u32.into(), b"");
+    relays
+}
+
+/// Connects until the relay admits the key: it learns of new nodes from
+/// the coordinator's feed a moment after they registered.
+async fn admitted(
+    endpoint: &quinn::Endpoint,
+    relay: &RelayInfo,
+    node_key: &PrivateKey,
+) -> RelayClient {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match RelayClient::connect(endpoint, relay.address, &relay.key, node_key).await {
+            Ok(client) => return client,
+            Err(ClientError::Closed { code, .. })
+                if code == CLOSE_RELAY_NOT_ADMITTED && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("relay refused a registered node: {e}"),
+        }
+    }
+}
+
+async fn recv(client: &RelayClient) -> (PublicKey, Vec<u8>) {
+    let (from, payload) = tokio::time::timeout(WAIT, client.recv())
+        .await
+        .expect("no packet through the relay")
+        .unwrap();
+    (from, payload.to_vec())
+}
+
+/// Sends until one arrives: datagrams are unreliable, even on loopback.
+async fn exchange(from: &RelayClient, from_key: &PublicKey, to: &RelayClient, to_key: &PublicKey) {
+    from.send(to_key, b"wireguard packet").unwrap();
+    assert_eq!(recv(to).await, (*from_key, b"wireguard packet".to_vec()));
+}
+
+async fn closed_with(client: &RelayClient) -> u32 {
+    match tokio::time::timeout(WAIT, client.recv()).await {
+        Ok(Err(ClientError::Closed { code, .. })) => code,
+        other => panic!("expected the relay to close the session, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_forwards_between_admitted_nodes_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay_dir = dir.path().join("relay");
+    let relay_pub = relay_key(&relay_dir);
+    let relay = RelayInfo {
+        name: "test1".into(),
+        address: free_udp(),
+        key: relay_pub,
+        tcp_address: Some(free_tcp()),
+        stun_address: Some(free_udp()),
+    };
+    let coordinator = Coordinator::start(ServeOptions {
+        data_dir: dir.path().join("coordinator"),
+        policy: None,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        public_url: None,
+        oidc: None,
+        admins: Vec::new(),
+        store: Default::default(),
+        workload_issuers: Vec::new(),
+        ephemeral_timeout: weft_coordinator::DEFAULT_EPHEMERAL_TIMEOUT,
+        relays: vec![relay.clone()],
+    })
+    .await
+    .unwrap();
+    let _process = RelayProcess(
+        Command::new(env!("CARGO_BIN_EXE_weft-relay"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&relay_dir)
+            .args(["--name", "test1"])
+            .args(["--coordinator", &coordinator.local_addr().to_string()])
+            .args(["--coordinator-key", &coordinator.public_key().to_string()])
+            .args(["--listen", &relay.address.to_string()])
+            .args(["--tcp-listen", &relay.tcp_address.unwrap().to_string()])
+            .args(["--stun-listen", &relay.stun_address.unwrap().to_string()])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    let admin = AdminClient::new(&dir.path().join("coordinator"));
+    let auth = AuthKey::new(
+        admin
+            .create_auth_key(&AuthKeyRequest {
+                tags: vec!["tag:web".into()],
+                reusable: true,
+                ephemeral: false,
+                expiry_secs: 3600,
+            })
+            .await
+            .unwrap()
+            .key,
+    );
+    let control = control_endpoint();
+    let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
+    let (ka, kb) = (a.public_key(), b.public_key());
+    let relays = register(&control, &coordinator, &auth, "node-a", &ka).await;
+    assert_eq!(
+        relays,
+        std::slice::from_ref(&relay),
+        "nodes learn the configured relays"
+    );
+    register(&control, &coordinator, &auth, "node-b", &kb).await;
+
+    let endpoint = weft_relay::client::endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+    let client_a = admitted(&endpoint, &relay, &a).await;
+    let client_b = admitted(&endpoint, &relay, &b).await;
+    exchange(&client_a, &ka, &client_b, &kb).await;
+    exchange(&client_b, &kb, &client_a, &ka).await;
+
+    // A key the coordinator never admitted is refused, with the reason.
+    let stranger = RelayClient::connect(
+        &endpoint,
+        relay.address,
+        &relay.key,
+        &PrivateKey::generate(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(stranger, ClientError::Closed { code, .. } if code == CLOSE_RELAY_NOT_ADMITTED),
+        "{stranger}"
+    );
+    // A wrong pinned relay key fails the handshake.
+    let impostor = PrivateKey::generate().public_key();
+    let wrong = RelayClient::connect(&endpoint, relay.address, &impostor, &a)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(wrong, ClientError::Closed { .. } | ClientError::Lost(_)),
+        "{wrong}"
+    );
+
+    // The TCP fallback carries the same packets; it replaces A's QUIC session.
+    let mut tcp_a = TcpRelayClient::connect(relay.tcp_address.unwrap(), &relay.key, &a)
+        .await
+        .unwrap();
+    assert_eq!(closed_with(&client_a).await, CLOSE_RELAY_REPLACED);
+    client_b.send(&ka, b"over tcp").unwrap();
+    let (from, payload) = tokio::time::timeout(WAIT, tcp_a.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((from, payload.as_ref()), (kb, &b"over tcp"[..]));
+    tcp_a.send(&kb, b"back").await.unwrap();
+    assert_eq!(recv(&client_b).await, (ka, b"back".to_vec()));
+    let tcp_stranger = TcpRelayClient::connect(
+        relay.tcp_address.unwrap(),
+        &relay.key,
+        &PrivateKey::generate(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(tcp_stranger, ClientError::Closed { code, .. } if code == CLOSE_RELAY_NOT_ADMITTED),
+        "{tcp_stranger}"
+    );
+
+    // STUN tells a node the address the relay saw it from.
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let transaction = [9u8; 12];
+    let mut reflexive = None;
+    for _ in 0..20 {
+        socket
+            .send_to(&stun::request(&transaction), relay.stun_address.unwrap())
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(250), socket.recv_from(&mut buf)).await
+        {
+            reflexive = stun::parse_response(&buf[..n], &transaction);
+            break;
+        }
+    }
+    assert_eq!(reflexive, Some(socket.local_addr().unwrap()));
+
+    // Deleting a node cuts its relay session at once, and it cannot come back.
+    admin.delete_node("node-b").await.unwrap();
+    assert_eq!(closed_with(&client_b).await, CLOSE_RELAY_REMOVED);
+    let refused = RelayClient::connect(&endpoint, relay.address, &relay.key, &b)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, ClientError::Closed { code, .. } if code == CLOSE_RELAY_NOT_ADMITTED),
+        "{refused}"
+    );
+    coordinator.shutdown().await;
+}
