@@ -51,7 +51,7 @@ async fn register(
 ) -> SelfNode {
     let (_posture_tx, posture) = tokio::sync::watch::channel(Default::default());
     let config = ControlConfig {
-        coordinator: coordinator.local_addr().to_string(),
+        coordinator: coordinator.local_addr().into(),
         coordinator_key: coordinator.public_key(),
         machine_key: machine_key.clone(),
         credential,

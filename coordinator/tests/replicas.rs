@@ -79,7 +79,7 @@ impl Node {
     fn connect(coordinator: &Coordinator, hostname: &str, credential: Option<Credential>) -> Self {
         let (_posture_tx, posture) = tokio::sync::watch::channel(Default::default());
         let config = ControlConfig {
-            coordinator: coordinator.local_addr().to_string(),
+            coordinator: coordinator.local_addr().into(),
             coordinator_key: coordinator.public_key(),
             machine_key: PrivateKey::generate(),
             credential,

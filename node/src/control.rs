@@ -2,11 +2,15 @@
 //! reports what it learns to the daemon's main loop.
 //!
 //! A session is a QUIC connection, a Noise `IK` handshake bound to it, a
-//! registration and then a stream of netmaps. When the connection drops the
-//! task reconnects with jittered exponential backoff; the daemon keeps the
-//! last netmap in force meanwhile, so tunnels keep working while the
-//! coordinator is away. A refusal that retrying cannot fix (deleted node,
-//! missing or spent auth key) ends the task.
+//! registration and then a stream of netmaps. The node may know several
+//! replicas of the coordinator ([`Coordinators`]): the task tries their
+//! addresses in order (every address a name resolves to), gives each
+//! [`CONNECT_TIMEOUT`] to answer, stays with the first that works, and when
+//! that session drops moves straight on to the next address. Only after a
+//! whole round of addresses failed does it wait, with jittered exponential
+//! backoff. The daemon keeps the last netmap in force meanwhile, so tunnels
+//! keep working while the coordinator is away. A refusal that retrying
+//! cannot fix (deleted node, missing or spent auth key) ends the task.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -22,18 +26,23 @@ use weft_proto::{
     PrivateKey, PublicKey, Refusal, RefusalCode, Register, SelfNode, ServerMessage,
 };
 
+use crate::coordinators::Coordinators;
 use crate::endpoints::local_endpoints;
 
 /// How often a registered node re-reports its attributes even when its
 /// posture file did not change; the coordinator stores only changes.
 const ATTRIBUTE_REFRESH: Duration = Duration::from_secs(180);
 
+/// How long one coordinator address gets to complete the QUIC handshake
+/// before the next is tried; a live replica answers within milliseconds.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// What the control task needs to register the node.
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
-    /// The coordinator's `HOST:PORT`.
-    pub coordinator: String,
-    /// The coordinator's pinned static key.
+    /// The coordinator's replicas, tried in order.
+    pub coordinator: Coordinators,
+    /// The coordinator's pinned static key (shared by all its replicas).
     pub coordinator_key: PublicKey,
     /// This machine's Noise key.
     pub machine_key: PrivateKey,
@@ -66,6 +75,8 @@ pub struct ControlUpdate {
 /// What the control task reports.
 #[derive(Debug)]
 pub enum ControlEvent {
+    /// A coordinator at this address authenticated itself; the session goes on there.
+    Connected(SocketAddr),
     /// The coordinator accepted the node.
     Registered(SelfNode),
     /// A person must log in at the prompt's URL; the session waits for it.
@@ -207,13 +218,20 @@ enum Ended {
 }
 
 async fn run(mut config: ControlConfig, emitter: Emitter) {
-    let mut backoff = Backoff::new();
+    let mut failover = Failover::new();
+    let mut targets = Vec::new();
     loop {
-        let mut registered = false;
-        let outcome = session(&mut config, &emitter, &mut registered).await;
-        if registered {
-            backoff.reset();
+        if failover.round_starts(targets.len()) {
+            targets = resolve(&config.coordinator).await;
         }
+        let mut registered = false;
+        let outcome = match targets.as_slice() {
+            [] => Err(unresolved(&config.coordinator)),
+            all => {
+                let target = &all[failover.pick(all.len())];
+                session(&mut config, target, &emitter, &mut registered).await
+            }
+        };
         let event = match outcome {
             Ok(Ended::DaemonGone) => return,
             Ok(Ended::Refused(refusal)) => ControlEvent::Refused(refusal),
@@ -230,22 +248,117 @@ async fn run(mut config: ControlConfig, emitter: Emitter) {
         if emitter.emit(event).await.is_err() || stop {
             return;
         }
-        let delay = backoff.next_delay(rand::thread_rng().gen());
-        tracing::info!(
-            delay_ms = delay.as_millis() as u64,
-            "reconnecting to the coordinator"
-        );
-        tokio::time::sleep(delay).await;
+        let jitter = rand::thread_rng().gen();
+        if let Some(delay) = failover.finished(registered, targets.len(), jitter) {
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                "no coordinator address answered; retrying"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+/// Which coordinator address the control task tries next, and whether it
+/// must wait first: it moves to the next address after every attempt that
+/// ends (a session that dropped, or one that never started), and backs off
+/// only once every address in a round failed.
+#[derive(Debug, Clone)]
+pub(crate) struct Failover {
+    next: usize,
+    failed: usize,
+    backoff: Backoff,
+}
+
+impl Failover {
+    pub(crate) fn new() -> Self {
+        Self {
+            next: 0,
+            failed: 0,
+            backoff: Backoff::new(),
+        }
+    }
+
+    /// Whether the next attempt starts a new round over `count` addresses,
+    /// so names should be resolved again.
+    pub(crate) fn round_starts(&self, count: usize) -> bool {
+        self.next == 0 || self.next >= count
+    }
+
+    /// The index, among `count` addresses, to try now.
+    pub(crate) fn pick(&mut self, count: usize) -> usize {
+        let index = self.next % count.max(1);
+        self.next = index + 1;
+        index
+    }
+
+    /// Records how an attempt ended (`registered`: the coordinator accepted
+    /// the node) and returns how long to wait before the next attempt.
+    pub(crate) fn finished(
+        &mut self,
+        registered: bool,
+        count: usize,
+        jitter: f64,
+    ) -> Option<Duration> {
+        if registered {
+            self.failed = 0;
+            self.backoff.reset();
+            return None;
+        }
+        self.failed += 1;
+        if self.failed < count {
+            return None;
+        }
+        self.failed = 0;
+        Some(self.backoff.next_delay(jitter))
+    }
+}
+
+/// One address to try: a coordinator address as given, and one of the
+/// socket addresses it resolves to.
+#[derive(Debug, Clone)]
+struct Target {
+    name: String,
+    remote: SocketAddr,
+}
+
+/// Every socket address the coordinator addresses resolve to, in order and
+/// without repeats; names that do not resolve are logged and skipped.
+async fn resolve(coordinators: &Coordinators) -> Vec<Target> {
+    let mut targets: Vec<Target> = Vec::new();
+    for address in coordinators.addresses() {
+        match tokio::net::lookup_host(address.as_str()).await {
+            Ok(remotes) => {
+                for remote in remotes {
+                    if !targets.iter().any(|t| t.remote == remote) {
+                        targets.push(Target {
+                            name: address.to_string(),
+                            remote,
+                        });
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("cannot resolve coordinator address {address}: {e}"),
+        }
+    }
+    targets
+}
+
+fn unresolved(coordinators: &Coordinators) -> ControlError {
+    ControlError::Resolve {
+        address: coordinators.to_string(),
+        reason: "no address resolved".into(),
     }
 }
 
 async fn session(
     config: &mut ControlConfig,
+    target: &Target,
     emitter: &Emitter,
     registered: &mut bool,
 ) -> Result<Ended, ControlError> {
-    let (endpoint, connection) = connect(&config.coordinator).await?;
-    let result = exchange(config, &connection, emitter, registered).await;
+    let (endpoint, connection) = connect(target).await?;
+    let result = exchange(config, &connection, target, emitter, registered).await;
     connection.close(0u32.into(), b"node closing");
     endpoint.close(0u32.into(), b"");
     result
@@ -254,6 +367,7 @@ async fn session(
 async fn exchange(
     config: &mut ControlConfig,
     connection: &quinn::Connection,
+    target: &Target,
     emitter: &Emitter,
     registered: &mut bool,
 ) -> Result<Ended, ControlError> {
@@ -262,7 +376,14 @@ async fn exchange(
         .await
         .map_err(|e| ControlError::Lost(e.to_string()))?;
     handshake(config, connection, &mut send, &mut recv).await?;
-    tracing::debug!("control handshake complete");
+    tracing::info!(coordinator = %target.name, address = %target.remote, "connected to the coordinator");
+    if emitter
+        .emit(ControlEvent::Connected(target.remote))
+        .await
+        .is_err()
+    {
+        return Ok(Ended::DaemonGone);
+    }
 
     config.posture.mark_unchanged();
     let register = ClientMessage::Register(register_message(config));
@@ -441,32 +562,31 @@ pub(crate) fn attributes(
     attributes
 }
 
-async fn connect(address: &str) -> Result<(quinn::Endpoint, quinn::Connection), ControlError> {
-    let resolve_error = |reason: String| ControlError::Resolve {
-        address: address.to_owned(),
-        reason,
-    };
-    let remote = tokio::net::lookup_host(address)
-        .await
-        .map_err(|e| resolve_error(e.to_string()))?
-        .next()
-        .ok_or_else(|| resolve_error("no addresses found".into()))?;
+async fn connect(target: &Target) -> Result<(quinn::Endpoint, quinn::Connection), ControlError> {
     let connect_error = |reason: String| ControlError::Connect {
-        address: address.to_owned(),
+        address: format!("{} ({})", target.name, target.remote),
         reason,
     };
-    let bind: SocketAddr = if remote.is_ipv6() {
+    let bind: SocketAddr = if target.remote.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
     let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_error(e.to_string()))?;
     endpoint.set_default_client_config(tls::client_config().map_err(connect_error)?);
-    let connection = endpoint
-        .connect(remote, tls::SERVER_NAME)
-        .map_err(|e| connect_error(e.to_string()))?
-        .await
+    let connecting = endpoint
+        .connect(target.remote, tls::SERVER_NAME)
         .map_err(|e| connect_error(e.to_string()))?;
+    let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(connected) => connected.map_err(|e| connect_error(e.to_string()))?,
+        Err(_) => {
+            endpoint.close(0u32.into(), b"");
+            return Err(connect_error(format!(
+                "no answer within {} ms",
+                CONNECT_TIMEOUT.as_millis()
+            )));
+        }
+    };
     Ok((endpoint, connection))
 }
 
@@ -738,7 +858,7 @@ mod tests {
 
     fn config(coordinator: SocketAddr, coordinator_key: PublicKey) -> ControlConfig {
         ControlConfig {
-            coordinator: coordinator.to_string(),
+            coordinator: coordinator.into(),
             coordinator_key,
             machine_key: PrivateKey::generate(),
             credential: Some(Credential::AuthKey(AuthKey::new(
@@ -752,11 +872,169 @@ mod tests {
         }
     }
 
+    /// The next update other than [`ControlEvent::Connected`].
     async fn next(updates: &mut mpsc::Receiver<ControlUpdate>) -> ControlUpdate {
+        loop {
+            let update = next_any(updates).await;
+            if !matches!(update.event, ControlEvent::Connected(_)) {
+                return update;
+            }
+        }
+    }
+
+    async fn next_any(updates: &mut mpsc::Receiver<ControlUpdate>) -> ControlUpdate {
         tokio::time::timeout(Duration::from_secs(10), updates.recv())
             .await
             .expect("no control update within 10 s")
             .expect("control task ended")
+    }
+
+    /// The address of the next session's coordinator.
+    async fn next_connected(updates: &mut mpsc::Receiver<ControlUpdate>) -> SocketAddr {
+        loop {
+            if let ControlEvent::Connected(address) = next_any(updates).await.event {
+                return address;
+            }
+        }
+    }
+
+    /// A UDP port on loopback that swallows every packet: a replica that
+    /// died without a trace.
+    fn silent_address() -> (std::net::UdpSocket, SocketAddr) {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let address = socket.local_addr().unwrap();
+        (socket, address)
+    }
+
+    fn coordinators(addresses: &[SocketAddr]) -> Coordinators {
+        addresses
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn failover_moves_on_after_every_attempt_and_backs_off_after_a_failed_round() {
+        let mut failover = Failover::new();
+        assert!(failover.round_starts(3));
+        assert_eq!(failover.pick(3), 0);
+        // The first address worked, then its session dropped: straight to the next.
+        assert_eq!(failover.finished(true, 3, 0.5), None);
+        assert!(!failover.round_starts(3));
+        assert_eq!(failover.pick(3), 1);
+        assert_eq!(failover.finished(false, 3, 0.5), None);
+        assert_eq!(failover.pick(3), 2);
+        assert_eq!(failover.finished(false, 3, 0.5), None);
+        assert!(failover.round_starts(3));
+        assert_eq!(failover.pick(3), 0);
+        // Three failures in a row, a whole round: wait, doubling each round.
+        assert_eq!(
+            failover.finished(false, 3, 0.5),
+            Some(Duration::from_millis(500))
+        );
+        for _ in 0..2 {
+            failover.pick(3);
+            assert_eq!(failover.finished(false, 3, 0.5), None);
+        }
+        failover.pick(3);
+        assert_eq!(
+            failover.finished(false, 3, 0.5),
+            Some(Duration::from_secs(1))
+        );
+        // Success resets the backoff.
+        failover.pick(3);
+        assert_eq!(failover.finished(true, 3, 0.5), None);
+        for _ in 0..2 {
+            failover.pick(3);
+            assert_eq!(failover.finished(false, 3, 0.5), None);
+        }
+        failover.pick(3);
+        assert_eq!(
+            failover.finished(false, 3, 0.5),
+            Some(Duration::from_millis(500))
+        );
+    }
+
+    #[test]
+    fn a_single_address_backs_off_after_each_failure() {
+        let mut failover = Failover::new();
+        assert_eq!(failover.pick(1), 0);
+        assert_eq!(failover.finished(true, 1, 0.5), None);
+        assert!(failover.round_starts(1));
+        assert_eq!(failover.pick(1), 0);
+        assert_eq!(
+            failover.finished(false, 1, 0.5),
+            Some(Duration::from_millis(500))
+        );
+        // Nothing resolved: still a failed round.
+        assert_eq!(
+            failover.finished(false, 0, 0.5),
+            Some(Duration::from_secs(1))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_silent_address_is_skipped_within_the_connect_timeout() {
+        let key = PrivateKey::generate();
+        let (_silent, dead) = silent_address();
+        let (live, _seen) = fake_coordinator::start(
+            key.clone(),
+            vec![ServerMessage::Registered(self_node())],
+            false,
+        );
+        let mut config = config(live, key.public_key());
+        config.coordinator = coordinators(&[dead, live]);
+        let (tx, mut updates) = mpsc::channel(8);
+        let started = std::time::Instant::now();
+        let _task = ControlTask::spawn(config, 1, tx);
+        match next(&mut updates).await.event {
+            ControlEvent::Disconnected(ControlError::Connect { address, reason }) => {
+                assert!(address.contains(&dead.to_string()), "{address}");
+                assert!(reason.contains("no answer"), "{reason}");
+            }
+            other => panic!("expected a connect timeout, got {other:?}"),
+        }
+        assert_eq!(next_connected(&mut updates).await, live);
+        assert!(matches!(
+            next(&mut updates).await.event,
+            ControlEvent::Registered(_)
+        ));
+        let took = started.elapsed();
+        assert!(
+            took < CONNECT_TIMEOUT + Duration::from_secs(2),
+            "took {took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dropped_session_moves_to_the_next_replica() {
+        let key = PrivateKey::generate();
+        let (first, _first_seen) = fake_coordinator::start(
+            key.clone(),
+            vec![ServerMessage::Registered(self_node())],
+            true,
+        );
+        let (second, _second_seen) = fake_coordinator::start(
+            key.clone(),
+            vec![ServerMessage::Registered(self_node())],
+            false,
+        );
+        let mut config = config(first, key.public_key());
+        config.coordinator = coordinators(&[first, second]);
+        let (tx, mut updates) = mpsc::channel(8);
+        let _task = ControlTask::spawn(config, 1, tx);
+        assert_eq!(next_connected(&mut updates).await, first);
+        assert_eq!(next_connected(&mut updates).await, second);
+        assert!(matches!(
+            next(&mut updates).await.event,
+            ControlEvent::Registered(_)
+        ));
+        // It stays with the replica that works.
+        let more = tokio::time::timeout(Duration::from_secs(2), updates.recv()).await;
+        assert!(more.is_err(), "unexpected update {more:?}");
     }
 
     #[tokio::test]

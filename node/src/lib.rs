@@ -7,6 +7,7 @@
 pub mod api;
 pub mod cli;
 pub mod control;
+pub mod coordinators;
 pub mod core;
 pub mod daemon;
 pub mod endpoints;

@@ -53,8 +53,9 @@ pub enum StateError {
 /// What the operator asked for with `weft up`, kept so a restart rejoins on its own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Prefs {
-    /// The coordinator's `HOST:PORT`.
-    pub coordinator: String,
+    /// The coordinator's replicas, `HOST:PORT` each; a file from before
+    /// replicas holds one string, which loads as a list of one.
+    pub coordinator: crate::coordinators::Coordinators,
     /// The coordinator's pinned public key.
     #[serde(with = "crate::key_text")]
     pub coordinator_key: PublicKey,
@@ -248,7 +249,7 @@ mod tests {
         let dir = StateDir::open(tmp.path()).unwrap();
         assert_eq!(dir.load_prefs().unwrap(), None);
         let prefs = Prefs {
-            coordinator: "198.51.100.1:7443".into(),
+            coordinator: "198.51.100.1:7443".parse().unwrap(),
             coordinator_key: PrivateKey::generate().public_key(),
             hostname: "web-1".into(),
             want_running: true,
@@ -269,5 +270,22 @@ mod tests {
         fs::write(tmp.path().join("prefs.json"), "{\"coordinator\": 3}").unwrap();
         let err = dir.load_prefs().unwrap_err();
         assert!(err.to_string().contains("prefs.json"), "{err}");
+    }
+
+    #[test]
+    fn prefs_naming_one_coordinator_load_as_a_list_of_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(tmp.path()).unwrap();
+        let key = PrivateKey::generate().public_key();
+        let old = format!(
+            "{{\"coordinator\": \"198.51.100.1:7443\", \"coordinator_key\": \"{key}\", \"hostname\": \"web-1\", \"want_running\": true}}"
+        );
+        fs::write(tmp.path().join("prefs.json"), old).unwrap();
+        let prefs = dir.load_prefs().unwrap().unwrap();
+        assert_eq!(prefs.coordinator.addresses().len(), 1);
+        assert_eq!(prefs.coordinator.to_string(), "198.51.100.1:7443");
+        dir.save_prefs(&prefs).unwrap();
+        let text = fs::read_to_string(tmp.path().join("prefs.json")).unwrap();
+        assert!(text.contains("[\n    \"198.51.100.1:7443\"\n  ]"), "{text}");
     }
 }

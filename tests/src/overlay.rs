@@ -1,5 +1,6 @@
-//! A weft overlay on a [`Lab`]: a coordinator and nodes, driven through
-//! their command-line interfaces.
+//! A weft overlay on a [`Lab`]: a coordinator (or several replicas of one
+//! on an etcd cluster) and nodes, driven through their command-line
+//! interfaces.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use serde_json::Value;
+use weft_test_etcd::EtcdCluster;
 
 use crate::lab::{Host, Lab};
 use crate::probe::wait_until;
@@ -19,11 +21,14 @@ const WIREGUARD_PORT: u16 = 51820;
 const LOG_FILTER: &str = "info,weft=debug";
 
 /// A coordinator and nodes on a lab network. Dropping it stops every process
-/// (nodes, then the coordinator) and then deletes the namespaces.
+/// (nodes, then the coordinators, then etcd) and then deletes the namespaces.
 #[derive(Debug)]
 pub struct Overlay {
     nodes: BTreeMap<String, NodeHandle>,
     coordinator: Option<Coordinator>,
+    /// Coordinator replicas on [`Overlay::etcd`], in the order started.
+    replicas: Vec<Coordinator>,
+    etcd: Option<EtcdCluster>,
     bins: PathBuf,
     lab: Lab,
 }
@@ -34,6 +39,8 @@ impl Overlay {
         Ok(Self {
             nodes: BTreeMap::new(),
             coordinator: None,
+            replicas: Vec::new(),
+            etcd: None,
             bins: crate::bin_dir()?,
             lab,
         })
@@ -75,10 +82,98 @@ impl Overlay {
         Ok(coordinator)
     }
 
-    /// The running coordinator.
+    /// Starts an etcd cluster of `members` inside lab host `host`'s
+    /// namespace, on its underlay address: coordinator replicas in other
+    /// hosts reach it over the lab's network.
+    pub fn start_etcd(&mut self, host: &str, members: usize) -> Result<&mut EtcdCluster> {
+        let host = self.lab.host(host)?.clone();
+        let cluster = EtcdCluster::start_in_netns(members, &host.netns, host.addr)
+            .context("start etcd in the lab")?;
+        Ok(self.etcd.insert(cluster))
+    }
+
+    /// The etcd cluster, to stop and restart members.
+    pub fn etcd_mut(&mut self) -> Result<&mut EtcdCluster> {
+        self.etcd
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("no etcd started"))
+    }
+
+    /// Starts a coordinator replica on `host`, on the overlay's etcd, with
+    /// `policy`. The first replica creates the coordinator key; later ones
+    /// get a copy of it (mode 0600), as the operator would copy it.
+    pub fn start_coordinator_replica(&mut self, host: &str, policy: &Path) -> Result<&Coordinator> {
+        let endpoints = self
+            .etcd
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("start etcd before coordinator replicas"))?
+            .endpoints();
+        let host = self.lab.host(host)?.clone();
+        let data_dir = self.lab.host_dir(&host.name).join("coordinator");
+        std::fs::create_dir_all(&data_dir)?;
+        if let Some(first) = self.replicas.first() {
+            let key = data_dir.join("coordinator.key");
+            std::fs::copy(first.data_dir.join("coordinator.key"), &key)
+                .context("copy the coordinator key to the new replica")?;
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        }
+        let quoted: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
+        let config = data_dir.join("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[store]\nkind = \"etcd\"\nendpoints = [{}]\nprefix = \"/weft-e2e/\"\nrequest_timeout = \"2s\"\ndial_timeout = \"2s\"\n",
+                quoted.join(", ")
+            ),
+        )?;
+        let mut coordinator = Coordinator {
+            bin: self.bins.join("weft-coordinator"),
+            data_dir,
+            policy: policy.to_path_buf(),
+            address: format!("{}:{CONTROL_PORT}", host.addr),
+            host,
+            process: None,
+            extra_args: vec!["--config".into(), config.to_string_lossy().into_owned()],
+        };
+        coordinator.start()?;
+        self.replicas.push(coordinator);
+        self.replica(self.replicas.len() - 1)
+    }
+
+    /// Replica `index`, in the order started.
+    pub fn replica(&self, index: usize) -> Result<&Coordinator> {
+        self.replicas
+            .get(index)
+            .ok_or_else(|| anyhow::anyhow!("no replica {index} started"))
+    }
+
+    /// Replica `index`, mutably (to kill or restart it).
+    pub fn replica_mut(&mut self, index: usize) -> Result<&mut Coordinator> {
+        self.replicas
+            .get_mut(index)
+            .ok_or_else(|| anyhow::anyhow!("no replica {index} started"))
+    }
+
+    /// Every replica's `HOST:PORT`, comma-separated in the order started, as
+    /// `weft up --coordinator` takes them; the single coordinator's address
+    /// when there are no replicas.
+    pub fn coordinator_addresses(&self) -> Result<String> {
+        if self.replicas.is_empty() {
+            return Ok(self.coordinator()?.address().to_owned());
+        }
+        Ok(self
+            .replicas
+            .iter()
+            .map(Coordinator::address)
+            .collect::<Vec<_>>()
+            .join(","))
+    }
+
+    /// The running coordinator: the single one, or the first replica.
     pub fn coordinator(&self) -> Result<&Coordinator> {
         self.coordinator
             .as_ref()
+            .or(self.replicas.first())
             .ok_or_else(|| anyhow::anyhow!("no coordinator started"))
     }
 
@@ -127,12 +222,18 @@ impl Overlay {
             .ok_or_else(|| anyhow::anyhow!("no node started on {host}"))
     }
 
-    /// `weft up` on `host` with `auth_key`, named after the host; an error
-    /// with the command's output when it fails.
+    /// `weft up` on `host` with `auth_key`, named after the host, naming
+    /// every replica; an error with the command's output when it fails.
     pub fn join(&self, host: &str, auth_key: &str) -> Result<()> {
+        self.join_via(host, auth_key, &self.coordinator_addresses()?)
+    }
+
+    /// [`Overlay::join`] with the coordinator addresses `coordinators`
+    /// (comma-separated, tried in order).
+    pub fn join_via(&self, host: &str, auth_key: &str, coordinators: &str) -> Result<()> {
         let coordinator = self.coordinator()?;
         let out = self.node(host)?.up(
-            coordinator.address(),
+            coordinators,
             &coordinator.public_key()?,
             Some(auth_key),
             host,
@@ -149,7 +250,7 @@ impl Overlay {
     /// Every process's log, for a failure report.
     pub fn logs(&self) -> String {
         let mut out = String::new();
-        if let Some(c) = &self.coordinator {
+        for c in self.coordinator.iter().chain(&self.replicas) {
             out += &format!("===== coordinator on {} =====\n{}\n", c.host.name, c.log());
         }
         for (name, node) in &self.nodes {
@@ -205,9 +306,19 @@ impl Coordinator {
 
     /// Stops the coordinator (SIGKILL when `hard`) and starts it again on the same data dir.
     pub fn restart(&mut self, hard: bool) -> Result<()> {
+        self.stop(hard);
+        self.start()
+    }
+
+    /// Stops the coordinator (SIGKILL when `hard`, as a crash would).
+    pub fn stop(&mut self, hard: bool) {
         if let Some(mut p) = self.process.take() {
             p.stop_for_restart(hard);
         }
+    }
+
+    /// Starts the coordinator again after [`Coordinator::stop`].
+    pub fn start_again(&mut self) -> Result<()> {
         self.start()
     }
 
@@ -411,6 +522,17 @@ impl NodeHandle {
             .filter_map(|a| a.as_str()?.parse::<IpAddr>().ok())
             .find(IpAddr::is_ipv4)
             .ok_or_else(|| anyhow::anyhow!("no overlay IPv4 in status: {status}"))
+    }
+
+    /// The coordinator replica (`IP:PORT`) the node's control session is
+    /// established with, if any.
+    pub fn connected_to(&self) -> Result<Option<String>> {
+        let status = self.status()?;
+        let coordinator = &status["coordinator"];
+        if coordinator["connected"].as_bool() != Some(true) {
+            return Ok(None);
+        }
+        Ok(coordinator["connected_to"].as_str().map(str::to_owned))
     }
 
     /// Hostnames of the peers the node currently has.

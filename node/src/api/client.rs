@@ -166,6 +166,7 @@ mod tests {
             coordinator: CoordinatorStatus {
                 address: None,
                 connected: false,
+                connected_to: None,
             },
             peers: vec![],
             filter: FilterStatus::default(),
@@ -239,7 +240,7 @@ mod tests {
         assert_eq!(client.down().await.unwrap().state, RunState::Stopped);
 
         let mut request = UpRequest {
-            coordinator: "198.51.100.1:7443".into(),
+            coordinator: "198.51.100.1:7443".parse().unwrap(),
             coordinator_key: weft_proto::PrivateKey::generate().public_key(),
             auth_key: Some(weft_proto::AuthKey::new("weft-auth-0123456789ab-s")),
             hostname: Some("web-1".into()),

@@ -8,8 +8,9 @@ use weft_proto::{AuthKey, PublicKey};
 /// `POST /v1/up`: join (or rejoin) an overlay.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UpRequest {
-    /// The coordinator's `HOST:PORT`.
-    pub coordinator: String,
+    /// The coordinator's replicas, `HOST:PORT` each, tried in order: a
+    /// JSON list, or one string (comma-separated).
+    pub coordinator: crate::coordinators::Coordinators,
     /// The coordinator's public key, base64, as `weft-coordinator key` prints it.
     #[serde(with = "crate::key_text")]
     pub coordinator_key: PublicKey,
@@ -119,10 +120,13 @@ pub struct SelfStatus {
 /// The coordinator the node is configured for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CoordinatorStatus {
-    /// `HOST:PORT`, once `weft up` has named one.
+    /// The configured replicas, comma-separated, once `weft up` has named them.
     pub address: Option<String>,
     /// Whether a control session is established.
     pub connected: bool,
+    /// The replica's socket address the session is established with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected_to: Option<SocketAddr>,
 }
 
 /// One peer's tunnel.
@@ -184,6 +188,7 @@ mod tests {
             coordinator: CoordinatorStatus {
                 address: Some("198.51.100.1:7443".into()),
                 connected: true,
+                connected_to: Some("198.51.100.1:7443".parse().unwrap()),
             },
             peers: vec![PeerSummary {
                 hostname: "db-1".into(),
@@ -217,7 +222,11 @@ mod tests {
                     "id": 1,
                     "node_key": "AAAA"
                 },
-                "coordinator": {"address": "198.51.100.1:7443", "connected": true},
+                "coordinator": {
+                    "address": "198.51.100.1:7443",
+                    "connected": true,
+                    "connected_to": "198.51.100.1:7443"
+                },
                 "peers": [{
                     "hostname": "db-1",
                     "addresses": ["100.64.0.2"],
@@ -250,7 +259,7 @@ mod tests {
     fn an_up_request_carries_the_key_as_text_and_hides_the_auth_key_in_debug() {
         let key = weft_proto::PrivateKey::generate().public_key();
         let request = UpRequest {
-            coordinator: "198.51.100.1:7443".into(),
+            coordinator: "198.51.100.1:7443".parse().unwrap(),
             coordinator_key: key,
             auth_key: Some(AuthKey::new("weft-auth-0123456789ab-secretsecret")),
             hostname: None,

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use weft_node::cli::DEFAULT_SOCKET;
+use weft_node::coordinators::{CoordinatorAddress, Coordinators};
 use weft_node::daemon::{
     self, DaemonConfig, JoinConfig, DEFAULT_PORT, DEFAULT_STATE_DIR, DEFAULT_TUN,
 };
@@ -42,14 +43,17 @@ struct Args {
     /// every 2 s (default: STATE_DIR/posture.json, when present).
     #[arg(long, value_name = "PATH")]
     posture_file: Option<PathBuf>,
-    /// Join this coordinator at start, without `weft up`.
+    /// Join this coordinator at start, without `weft up`. Repeat the
+    /// option, or separate addresses with commas, to name several replicas,
+    /// tried in order.
     #[arg(
         long,
         value_name = "HOST:PORT",
         env = "WEFT_COORDINATOR",
+        value_delimiter = ',',
         requires = "coordinator_key"
     )]
-    coordinator: Option<String>,
+    coordinator: Vec<CoordinatorAddress>,
     /// The coordinator's public key, as `weft-coordinator key` prints it
     /// (public: it pins the coordinator, it is not a secret).
     #[arg(
@@ -97,8 +101,8 @@ async fn main() -> ExitCode {
         port: args.port,
         tun_name: args.tun,
         posture_file: args.posture_file,
-        join: args
-            .coordinator
+        join: Coordinators::new(args.coordinator)
+            .ok()
             .zip(args.coordinator_key)
             .map(|(coordinator, coordinator_key)| JoinConfig {
                 coordinator,

@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use weft_proto::{AuthKey, PublicKey};
 
 use crate::api::{ApiClient, LoginRequest, RunState, UpReply, UpRequest};
+use crate::coordinators::{CoordinatorAddress, Coordinators};
 
 /// How often `weft up` checks whether a pending login completed.
 const LOGIN_POLL: Duration = Duration::from_millis(200);
@@ -69,9 +70,12 @@ pub enum Command {
 /// Arguments of `weft up`.
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// The coordinator's control address.
-    #[arg(long, value_name = "HOST:PORT")]
-    pub coordinator: String,
+    /// The coordinator's control address. Repeat the option, or separate
+    /// addresses with commas, to name several replicas: weftd tries them in
+    /// order (every address a name resolves to), stays with the first that
+    /// answers, and moves to the next within seconds when that one fails.
+    #[arg(long, value_name = "HOST:PORT", required = true, value_delimiter = ',')]
+    pub coordinator: Vec<CoordinatorAddress>,
     /// The coordinator's public key, as `weft-coordinator key` prints it.
     #[arg(long, value_name = "KEY")]
     pub coordinator_key: PublicKey,
@@ -141,7 +145,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Up(args) => {
             let request = UpRequest {
-                coordinator: args.coordinator,
+                coordinator: Coordinators::new(args.coordinator)?,
                 coordinator_key: args.coordinator_key,
                 auth_key: args.auth_key,
                 hostname: args.hostname,
@@ -282,13 +286,48 @@ mod tests {
         let Command::Up(up) = cli.command else {
             panic!("not up: {:?}", cli.command)
         };
-        assert_eq!(up.coordinator, "198.51.100.1:7443");
+        assert_eq!(
+            Coordinators::new(up.coordinator).unwrap().to_string(),
+            "198.51.100.1:7443"
+        );
         assert_eq!(up.coordinator_key.to_string(), KEY);
         assert_eq!(
             up.auth_key.unwrap().expose_secret(),
             "weft-auth-0123456789ab-secret"
         );
         assert_eq!(up.hostname.as_deref(), Some("web-1"));
+    }
+
+    #[test]
+    fn several_coordinators_are_kept_in_order() {
+        let cli = Cli::try_parse_from([
+            "weft",
+            "up",
+            "--coordinator",
+            "198.51.100.1:7443,198.51.100.2:7443",
+            "--coordinator-key",
+            KEY,
+            "--coordinator",
+            "coord.example:7443",
+        ])
+        .unwrap();
+        let Command::Up(up) = cli.command else {
+            panic!("not up: {:?}", cli.command)
+        };
+        assert_eq!(
+            Coordinators::new(up.coordinator).unwrap().to_string(),
+            "198.51.100.1:7443,198.51.100.2:7443,coord.example:7443"
+        );
+        let err = Cli::try_parse_from([
+            "weft",
+            "up",
+            "--coordinator",
+            "198.51.100.1",
+            "--coordinator-key",
+            KEY,
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("HOST:PORT"), "{err}");
     }
 
     #[test]

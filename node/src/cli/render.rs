@@ -32,10 +32,13 @@ pub(super) fn status(status: &Status, now: SystemTime) -> String {
         let _ = writeln!(out, "message:     {message}");
     }
     if let Some(address) = &status.coordinator.address {
-        let link = if status.coordinator.connected {
-            "connected"
-        } else {
-            "not connected"
+        let link = match (
+            status.coordinator.connected,
+            status.coordinator.connected_to,
+        ) {
+            (true, Some(replica)) if address.contains(',') => format!("connected to {replica}"),
+            (true, _) => "connected".to_owned(),
+            (false, _) => "not connected".to_owned(),
         };
         let _ = writeln!(out, "coordinator: {address} ({link})");
     }
@@ -159,6 +162,7 @@ mod tests {
             coordinator: CoordinatorStatus {
                 address: Some("198.51.100.1:7443".into()),
                 connected: false,
+                connected_to: None,
             },
             peers: vec![
                 PeerSummary {
@@ -189,6 +193,19 @@ mod tests {
         let text = super::status(&status, now);
         assert!(
             text.contains("coordinator: 198.51.100.1:7443 (not connected)"),
+            "{text}"
+        );
+        let mut replicas = status.clone();
+        replicas.coordinator = CoordinatorStatus {
+            address: Some("198.51.100.1:7443,198.51.100.2:7443".into()),
+            connected: true,
+            connected_to: Some("198.51.100.2:7443".parse().unwrap()),
+        };
+        let text = super::status(&replicas, now);
+        assert!(
+            text.contains(
+                "coordinator: 198.51.100.1:7443,198.51.100.2:7443 (connected to 198.51.100.2:7443)"
+            ),
             "{text}"
         );
         assert!(

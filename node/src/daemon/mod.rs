@@ -60,8 +60,8 @@ pub struct DaemonConfig {
 /// An unattended join, as `weftd --coordinator … --identity-token-file …` asks.
 #[derive(Debug, Clone)]
 pub struct JoinConfig {
-    /// The coordinator's `HOST:PORT`.
-    pub coordinator: String,
+    /// The coordinator's replicas, tried in order.
+    pub coordinator: crate::coordinators::Coordinators,
     /// The coordinator's pinned public key.
     pub coordinator_key: PublicKey,
     /// The name to ask for; the host's name by default.
@@ -129,6 +129,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         message: None,
         self_node: None,
         connected: false,
+        connected_to: None,
         rotation: None,
         presenting: None,
         renewal: identity::Renewal::default(),
@@ -184,6 +185,8 @@ struct Daemon {
     message: Option<String>,
     self_node: Option<SelfNode>,
     connected: bool,
+    /// The replica the control session is connected to.
+    connected_to: Option<std::net::SocketAddr>,
     /// The posture file's attributes, for every control session.
     posture: tokio::sync::watch::Receiver<crate::posture::Attributes>,
     /// Application capabilities the netmap grants peers on this node, for `whois`.
@@ -224,11 +227,6 @@ impl Daemon {
         if hostname.trim().is_empty() {
             return Err(ApiError::BadRequest(
                 "the hostname is empty; pass --hostname NAME".into(),
-            ));
-        }
-        if request.coordinator.trim().is_empty() {
-            return Err(ApiError::BadRequest(
-                "the coordinator address is empty; pass --coordinator HOST:PORT".into(),
             ));
         }
         let prefs = Prefs {
@@ -319,6 +317,7 @@ impl Daemon {
         ));
         self.prefs = Some(prefs);
         self.connected = false;
+        self.connected_to = None;
         if self.run_state != RunState::Running {
             self.run_state = RunState::Connecting;
         }
@@ -347,6 +346,7 @@ impl Daemon {
         self.control = None;
         self.rotation = None;
         self.connected = false;
+        self.connected_to = None;
         self.self_node = None;
         self.capabilities.clear();
         self.core.clear();
@@ -360,6 +360,7 @@ impl Daemon {
             return;
         }
         match update.event {
+            ControlEvent::Connected(address) => self.connected_to = Some(address),
             ControlEvent::Registered(node) => self.on_registered(node),
             ControlEvent::LoginRequired(prompt) => self.on_login_required(prompt),
             ControlEvent::NetMap(netmap) => self.on_netmap(&netmap).await,
@@ -600,6 +601,7 @@ impl Daemon {
 
     async fn on_disconnected(&mut self, error: ControlError) {
         self.connected = false;
+        self.connected_to = None;
         self.message = Some(error.to_string());
         let handshake_failed = matches!(error, ControlError::Handshake(_));
         if let (true, Some(pending)) = (handshake_failed, self.pending_up.take()) {
@@ -621,8 +623,9 @@ impl Daemon {
                 .as_ref()
                 .map(|node| status::self_status(node, self.core.public_key())),
             coordinator: CoordinatorStatus {
-                address: self.prefs.as_ref().map(|p| p.coordinator.clone()),
+                address: self.prefs.as_ref().map(|p| p.coordinator.to_string()),
                 connected: self.connected,
+                connected_to: self.connected_to.filter(|_| self.connected),
             },
             peers: self
                 .core

@@ -7,6 +7,10 @@
 //! process is tracked by its PID and killed when the cluster is dropped,
 //! including when a test panics.
 //!
+//! [`EtcdCluster::start_in_netns`] runs the members inside a network
+//! namespace instead, on one of its addresses, for coordinators that run in
+//! namespaces of their own and reach etcd over a simulated network.
+//!
 //! The binary is `$WEFT_ETCD` if set, otherwise `etcd` on the `PATH`
 //! (Debian's `etcd-server` package).
 
@@ -17,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sched::{setns, CloneFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -60,9 +65,17 @@ pub enum EtcdError {
 pub struct EtcdCluster {
     binary: PathBuf,
     token: String,
+    place: Place,
     members: Vec<Member>,
     // Last: removed after the members have been killed.
     dir: tempfile::TempDir,
+}
+
+/// Where the members listen: a namespace (`None`: the caller's) and an address in it.
+#[derive(Debug, Clone)]
+struct Place {
+    netns: Option<String>,
+    host: Ipv4Addr,
 }
 
 #[derive(Debug)]
@@ -81,10 +94,33 @@ impl EtcdCluster {
 
     /// Starts a cluster of `size` members and waits until every member is healthy.
     pub fn start(size: usize) -> Result<Self, EtcdError> {
+        Self::start_at(
+            size,
+            Place {
+                netns: None,
+                host: Ipv4Addr::LOCALHOST,
+            },
+        )
+    }
+
+    /// Starts a cluster of `size` members inside the network namespace
+    /// `netns`, listening on `host` (an address of that namespace), and
+    /// waits until every member is healthy.
+    pub fn start_in_netns(size: usize, netns: &str, host: Ipv4Addr) -> Result<Self, EtcdError> {
+        Self::start_at(
+            size,
+            Place {
+                netns: Some(netns.to_owned()),
+                host,
+            },
+        )
+    }
+
+    fn start_at(size: usize, place: Place) -> Result<Self, EtcdError> {
         let binary = find_binary()?;
         let mut last = None;
         for _ in 0..START_ATTEMPTS {
-            let mut cluster = Self::spawn(&binary, size)?;
+            let mut cluster = Self::spawn(&binary, size, place.clone())?;
             match cluster.wait_until(|c| (0..c.members.len()).all(|i| c.is_healthy(i))) {
                 Ok(()) => return Ok(cluster),
                 // A member that exited lost a race for its ports: try others.
@@ -97,7 +133,8 @@ impl EtcdCluster {
         }))
     }
 
-    /// Every member's client URL (`http://127.0.0.1:PORT`), stopped ones included.
+    /// Every member's client URL (`http://HOST:PORT`, HOST 127.0.0.1 unless
+    /// started in a namespace), stopped ones included.
     pub fn endpoints(&self) -> Vec<String> {
         (0..self.members.len()).map(|i| self.endpoint(i)).collect()
     }
@@ -106,7 +143,7 @@ impl EtcdCluster {
     pub fn endpoint(&self, member: usize) -> String {
         self.members
             .get(member)
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .map(|m| format!("http://{}:{}", self.place.host, m.client_port))
             .unwrap_or_default()
     }
 
@@ -191,7 +228,7 @@ impl EtcdCluster {
             .unwrap_or_default()
     }
 
-    fn spawn(binary: &Path, size: usize) -> Result<Self, EtcdError> {
+    fn spawn(binary: &Path, size: usize, place: Place) -> Result<Self, EtcdError> {
         let dir = tempfile::Builder::new()
             .prefix("weft-etcd-")
             .tempdir()
@@ -218,6 +255,7 @@ impl EtcdCluster {
         let mut cluster = Self {
             binary: binary.to_owned(),
             token,
+            place,
             members,
             dir,
         };
@@ -233,10 +271,10 @@ impl EtcdCluster {
         let initial: Vec<String> = self
             .members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}=http://{}:{}", m.name, self.place.host, m.peer_port))
             .collect();
-        let client = format!("http://127.0.0.1:{}", m.client_port);
-        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let client = format!("http://{}:{}", self.place.host, m.client_port);
+        let peer = format!("http://{}:{}", self.place.host, m.peer_port);
         let log_path = self.log_path(&m.name);
         let log = File::options()
             .create(true)
@@ -250,7 +288,16 @@ impl EtcdCluster {
             action: format!("open {}", log_path.display()),
             source,
         })?;
-        Command::new(&self.binary)
+        // `ip netns exec` execs etcd, so the child's PID is etcd's.
+        let mut command = match &self.place.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]).arg(&self.binary);
+                command
+            }
+            None => Command::new(&self.binary),
+        };
+        command
             .arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
@@ -280,7 +327,7 @@ impl EtcdCluster {
     fn is_healthy(&self, i: usize) -> bool {
         self.members
             .get(i)
-            .is_some_and(|m| m.child.is_some() && health(m.client_port))
+            .is_some_and(|m| m.child.is_some() && health(&self.place, m.client_port))
     }
 
     fn any_exited(&mut self) -> bool {
@@ -355,9 +402,24 @@ fn free_ports(n: usize) -> Result<Vec<u16>, EtcdError> {
         })
 }
 
-/// Whether the member on `port` answers `/health` with `"health":"true"`.
-fn health(port: u16) -> bool {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+/// Whether the member on `port` answers `/health` with `"health":"true"`,
+/// asked from inside its namespace.
+fn health(place: &Place, port: u16) -> bool {
+    let addr = SocketAddr::from((place.host, port));
+    let Some(netns) = place.netns.clone() else {
+        return health_at(addr);
+    };
+    std::thread::spawn(move || {
+        let path = format!("/var/run/netns/{netns}");
+        File::open(path)
+            .ok()
+            .is_some_and(|ns| setns(ns, CloneFlags::CLONE_NEWNET).is_ok() && health_at(addr))
+    })
+    .join()
+    .unwrap_or(false)
+}
+
+fn health_at(addr: SocketAddr) -> bool {
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
         return false;
     };
@@ -401,9 +463,10 @@ mod tests {
         let cluster = EtcdCluster::single().unwrap();
         let port = cluster.members[0].client_port;
         let pid = cluster.pid(0).unwrap();
-        assert!(health(port));
+        assert!(health(&cluster.place, port));
+        let place = cluster.place.clone();
         drop(cluster);
-        assert!(!health(port));
+        assert!(!health(&place, port));
         let alive = kill(Pid::from_raw(i32::try_from(pid).unwrap()), None).is_ok();
         assert!(!alive, "etcd {pid} outlived its cluster");
     }
