@@ -591,22 +591,12 @@ async fn connect(target: &Target) -> Result<(quinn::Endpoint, quinn::Connection)
 }
 
 mod tls {
-    //! TLS for the control connection.
-    //!
-    //! The coordinator's certificate is self-signed and is not checked: the
-    //! Noise handshake authenticates the coordinator by its pinned static key,
-    //! and its prologue carries a TLS exporter value, so a machine-in-the-middle
-    //! terminating TLS with its own certificate sees a different exporter value
-    //! and cannot complete the handshake. The certificate's signature over the
-    //! TLS handshake is still verified, so the peer does hold the certificate's key.
+    //! QUIC for the control connection. The coordinator's self-signed
+    //! certificate is not checked; the Noise handshake authenticates it
+    //! ([`weft_proto::tls`] says why that is safe).
 
     use std::sync::Arc;
     use std::time::Duration;
-
-    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use rustls::crypto::{ring, CryptoProvider};
-    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-    use rustls::{DigitallySignedStruct, SignatureScheme};
 
     /// The TLS server name sent; the coordinator's certificate is not checked against it.
     pub(super) const SERVER_NAME: &str = "weft-coordinator";
@@ -614,14 +604,7 @@ mod tls {
     const IDLE_TIMEOUT_MS: u32 = 3_000;
 
     pub(super) fn client_config() -> Result<quinn::ClientConfig, String> {
-        let provider = Arc::new(ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| e.to_string())?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoiseBoundVerifier { provider }))
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![weft_proto::ALPN.to_vec()];
+        let tls = weft_proto::tls::client_config(weft_proto::ALPN).map_err(|e| e.to_string())?;
         let crypto =
             quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -637,59 +620,6 @@ mod tls {
         ))));
         config.transport_config(Arc::new(transport));
         Ok(config)
-    }
-
-    /// Accepts any certificate; see the module documentation for why that is safe here.
-    #[derive(Debug)]
-    struct NoiseBoundVerifier {
-        provider: Arc<CryptoProvider>,
-    }
-
-    impl ServerCertVerifier for NoiseBoundVerifier {
-        fn verify_server_cert(
-            &self,
-            _end_entity: &CertificateDer<'_>,
-            _intermediates: &[CertificateDer<'_>],
-            _server_name: &ServerName<'_>,
-            _ocsp_response: &[u8],
-            _now: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                message,
-                cert,
-                dss,
-                &self.provider.signature_verification_algorithms,
-            )
-        }
-
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                message,
-                cert,
-                dss,
-                &self.provider.signature_verification_algorithms,
-            )
-        }
-
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.provider
-                .signature_verification_algorithms
-                .supported_schemes()
-        }
     }
 }
 

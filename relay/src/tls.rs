@@ -9,10 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{ring, CryptoProvider};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::crypto::ring;
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// The TLS server name clients send; the certificate is not checked against it.
 pub(crate) const SERVER_NAME: &str = "weft-relay";
@@ -62,14 +60,7 @@ pub(crate) fn quic_server(alpn: &[u8]) -> Result<quinn::ServerConfig, TlsError> 
 
 /// A TLS client configuration for `alpn` that accepts any certificate.
 pub(crate) fn client_tls(alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
-    let provider = Arc::new(ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(NoiseBoundVerifier { provider }))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    Ok(tls)
+    Ok(weft_proto::tls::client_config(alpn)?)
 }
 
 /// A QUIC client configuration for `alpn` with keep-alives.
@@ -81,57 +72,4 @@ pub(crate) fn quic_client(alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> 
     transport.max_idle_timeout(Some(quinn::VarInt::from_u32(IDLE_TIMEOUT_MS).into()));
     config.transport_config(Arc::new(transport));
     Ok(config)
-}
-
-/// Accepts any certificate; see the module documentation for why that is safe here.
-#[derive(Debug)]
-struct NoiseBoundVerifier {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for NoiseBoundVerifier {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }

@@ -27,6 +27,7 @@ pub mod handshake;
 pub mod keys;
 pub mod messages;
 pub mod relay;
+pub mod tls;
 
 pub use frame::{
     encode_frame, DecodeError, EncodeError, FrameDecoder, MAX_FRAME_LEN, PROTOCOL_VERSION,
