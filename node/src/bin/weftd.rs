@@ -25,7 +25,7 @@ struct Args {
     /// Where the node's keys and preferences live (created 0700).
     #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
-    /// The local API socket `weft` talks to (created 0600).
+    /// The local API socket `weft` talks to (created 0600; 0660 with --socket-group).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
     /// A group whose members may read the local API socket (status and
