@@ -27,10 +27,13 @@ async fn two_hundred_simulated_nodes_get_a_policy_change_and_a_join() {
     assert!(report.join.complete(), "{report:?}");
     assert!(report.join_self.is_some());
     assert!(report.coordinator.peak_rss > 0);
+    let ms = |d: Option<std::time::Duration>| {
+        d.map_or("-".to_owned(), |d| format!("{} ms", d.as_millis()))
+    };
     weft_tests::record_metric(&format!(
-        "load smoke (200 nodes, debug build): connect {:.2} s, policy p99 {:?}, join p100 {:?}",
+        "load smoke (200 nodes, debug build): connect {:.2} s, policy change p99 {}, join p100 {}",
         report.connect_time.as_secs_f64(),
-        report.policy_change.p99,
-        report.join.p100,
+        ms(report.policy_change.p99),
+        ms(report.join.p100),
     ));
 }

@@ -2,8 +2,8 @@
 //! loopback with a temporary data directory, driven through its admin CLI,
 //! and stopped by its PID.
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::path::PathBuf;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -24,6 +24,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// A running coordinator; stopped (and its etcd with it) on drop.
 pub(crate) struct CoordinatorProcess {
     bin: PathBuf,
+    /// The `serve` arguments, kept to restart on the same state.
+    args: Vec<String>,
     child: Child,
     listen: SocketAddr,
     public_key: PublicKey,
@@ -78,18 +80,10 @@ impl CoordinatorProcess {
                 Some(etcd)
             }
         };
-        let log = std::fs::File::create(dir.path().join("coordinator.log"))
-            .context("create the coordinator log")?;
-        let child = Command::new(&options.coordinator_bin)
-            .args(&args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("start {}", options.coordinator_bin.display()))?;
+        let child = spawn(&options.coordinator_bin, &args, dir.path())?;
         let mut coordinator = Self {
             bin: options.coordinator_bin.clone(),
+            args,
             child,
             listen,
             public_key: PublicKey::from_bytes([0; 32]),
@@ -148,6 +142,38 @@ impl CoordinatorProcess {
 
     pub(crate) fn usage(&self) -> Result<Usage> {
         Usage::of(self.child.id())
+    }
+
+    /// Kills the coordinator with SIGKILL, as a crash or the OOM killer
+    /// would: no shutdown code runs.
+    pub(crate) fn kill_hard(&mut self) -> Result<()> {
+        let pid = i32::try_from(self.child.id()).context("the coordinator's PID")?;
+        if self.child.try_wait()?.is_some() {
+            bail!("the coordinator had exited before the kill: {}", self.log());
+        }
+        kill(Pid::from_raw(pid), Signal::SIGKILL).context("kill -9 the coordinator")?;
+        self.child.wait().context("reap the killed coordinator")?;
+        Ok(())
+    }
+
+    /// Starts the coordinator again on the same data directory, store,
+    /// policy and listen address; returns once it answers its admin socket.
+    pub(crate) async fn restart(&mut self) -> Result<()> {
+        if self.child.try_wait()?.is_none() {
+            bail!("the coordinator is still running; stop it before a restart");
+        }
+        self.child = spawn(&self.bin, &self.args, self.dir.path())?;
+        self.wait_ready().await
+    }
+
+    /// The registered nodes as the admin CLI lists them (`nodes list --json`).
+    pub(crate) async fn nodes(&self) -> Result<Vec<ListedNode>> {
+        let out = self.admin(&["nodes", "list", "--json"]).await?;
+        serde_json::from_str::<Vec<serde_json::Value>>(&out)
+            .context("`nodes list --json` printed no JSON array")?
+            .iter()
+            .map(ListedNode::from_json)
+            .collect()
     }
 
     /// Stops the coordinator: SIGTERM, then SIGKILL after 5 s.
@@ -241,6 +267,57 @@ impl Drop for CoordinatorProcess {
     fn drop(&mut self) {
         self.terminate();
     }
+}
+
+/// One node of `nodes list --json`: what a registration promised it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ListedNode {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) ipv4: Ipv4Addr,
+    pub(crate) ipv6: Ipv6Addr,
+}
+
+impl ListedNode {
+    fn from_json(value: &serde_json::Value) -> Result<Self> {
+        let field = |name: &str| {
+            value
+                .get(name)
+                .with_context(|| format!("`nodes list --json` has a node without {name}: {value}"))
+        };
+        let text = |name: &str| -> Result<String> {
+            field(name)?
+                .as_str()
+                .map(str::to_owned)
+                .with_context(|| format!("`nodes list --json`: {name} is not a string: {value}"))
+        };
+        Ok(Self {
+            id: field("id")?
+                .as_u64()
+                .with_context(|| format!("`nodes list --json`: id is not a number: {value}"))?,
+            name: text("name")?,
+            ipv4: text("ipv4")?.parse().context("`nodes list --json`: ipv4")?,
+            ipv6: text("ipv6")?.parse().context("`nodes list --json`: ipv6")?,
+        })
+    }
+}
+
+/// Spawns `weft-coordinator` with `args`, appending its output to
+/// `coordinator.log` in `dir` so a restart keeps the first run's log.
+fn spawn(bin: &Path, args: &[String], dir: &Path) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("coordinator.log"))
+        .context("open the coordinator log")?;
+    Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("start {}", bin.display()))
 }
 
 /// A loopback UDP address free at the moment of asking.

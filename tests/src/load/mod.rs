@@ -5,14 +5,20 @@
 //! every node's filter changes, then lets one more node join, and measures how
 //! long each takes to reach the nodes it affects, and what the coordinator
 //! spent (CPU time, peak RSS, CPU while the fleet idles on keep-alives).
+//!
+//! [`trial`] is the registration-storm fault trial: the coordinator is killed
+//! with SIGKILL during a storm of new nodes, restarted on the same state, and
+//! checked for lost acknowledgements and duplicate nodes.
 
 mod coordinator;
 mod scenario;
 mod sim;
 mod stats;
+mod storm;
 
 pub use coordinator::default_binary;
 pub use stats::{Spread, Usage};
+pub use storm::{trial, SplitMix64, StormOptions, TrialReport, Violation, ViolationKind};
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -127,28 +127,7 @@ async fn session(
     connecting: &mut Option<tokio::sync::OwnedSemaphorePermit>,
     reports: &mpsc::UnboundedSender<Report>,
 ) -> Result<()> {
-    let connection = fleet
-        .endpoint
-        .connect(fleet.coordinator, tls::SERVER_NAME)
-        .context("start QUIC connection")?
-        .await
-        .context("QUIC connection")?;
-    let (mut send, mut recv) = connection.open_bi().await.context("open control stream")?;
-
-    let mut binding = [0u8; 32];
-    connection
-        .export_keying_material(&mut binding, weft_proto::EXPORTER_LABEL, b"")
-        .map_err(|_| anyhow!("the TLS session cannot export a channel binding"))?;
-    let (initiator, initiation) = Initiator::start(machine_key, &fleet.coordinator_key, &binding)?;
-    send.write_all(&initiation)
-        .await
-        .context("send initiation")?;
-    let mut response = [0u8; RESPONSE_LEN];
-    recv.read_exact(&mut response)
-        .await
-        .context("read handshake response")?;
-    initiator.finish(&response)?;
-
+    let (_connection, mut send, mut recv) = handshake(fleet, machine_key).await?;
     let frame =
         weft_proto::encode_frame(&ClientMessage::Register(register)).map_err(|e| anyhow!("{e}"))?;
     send.write_all(&frame).await.context("send Register")?;
@@ -174,6 +153,37 @@ async fn session(
             Err(e) => return Err(e).context("control stream"),
         }
     }
+}
+
+/// Opens a control session proving `machine_key`: QUIC, one stream, and the
+/// Noise `IK` handshake bound to the QUIC session. The connection is returned
+/// so the caller holds it open for as long as it uses the stream.
+pub(crate) async fn handshake(
+    fleet: &Fleet,
+    machine_key: &PrivateKey,
+) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
+    let connection = fleet
+        .endpoint
+        .connect(fleet.coordinator, tls::SERVER_NAME)
+        .context("start QUIC connection")?
+        .await
+        .context("QUIC connection")?;
+    let (mut send, mut recv) = connection.open_bi().await.context("open control stream")?;
+
+    let mut binding = [0u8; 32];
+    connection
+        .export_keying_material(&mut binding, weft_proto::EXPORTER_LABEL, b"")
+        .map_err(|_| anyhow!("the TLS session cannot export a channel binding"))?;
+    let (initiator, initiation) = Initiator::start(machine_key, &fleet.coordinator_key, &binding)?;
+    send.write_all(&initiation)
+        .await
+        .context("send initiation")?;
+    let mut response = [0u8; RESPONSE_LEN];
+    recv.read_exact(&mut response)
+        .await
+        .context("read handshake response")?;
+    initiator.finish(&response)?;
+    Ok((connection, send, recv))
 }
 
 /// What a simulated node tracks of its netmap: only what the milestones need.
