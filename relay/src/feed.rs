@@ -146,7 +146,7 @@ async fn run(
                 other => {
                     return Err(FeedError::Protocol(format!(
                         "{} instead of relay admissions",
-                        kind(&other)
+                        other.kind()
                     )))
                 }
             }
@@ -156,17 +156,5 @@ async fn run(
             Ok(None) => return Err(FeedError::Lost("the coordinator ended the session".into())),
             Err(e) => return Err(lost(&e)),
         }
-    }
-}
-
-fn kind(message: &ServerMessage) -> &'static str {
-    match message {
-        ServerMessage::Registered(_) => "Registered",
-        ServerMessage::Refused(_) => "Refused",
-        ServerMessage::LoginRequired(_) => "LoginRequired",
-        ServerMessage::NetMap(_) => "NetMap",
-        ServerMessage::Delta(_) => "Delta",
-        ServerMessage::Relays(_) => "Relays",
-        ServerMessage::RelayAdmissions { .. } => "RelayAdmissions",
     }
 }

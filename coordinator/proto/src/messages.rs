@@ -54,6 +54,18 @@ pub enum ClientMessage {
     },
 }
 
+impl ClientMessage {
+    /// The message's name, for errors about unexpected messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientMessage::Register(_) => "Register",
+            ClientMessage::UpdateEndpoints(_) => "UpdateEndpoints",
+            ClientMessage::UpdateAttributes(_) => "UpdateAttributes",
+            ClientMessage::RelayFeed { .. } => "RelayFeed",
+        }
+    }
+}
+
 /// A registration request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Register {
@@ -157,6 +169,21 @@ pub enum ServerMessage {
         /// Keys no longer admitted.
         remove: Vec<PublicKey>,
     },
+}
+
+impl ServerMessage {
+    /// The message's name, for errors about unexpected messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerMessage::Registered(_) => "Registered",
+            ServerMessage::Refused(_) => "Refused",
+            ServerMessage::LoginRequired(_) => "LoginRequired",
+            ServerMessage::NetMap(_) => "NetMap",
+            ServerMessage::Delta(_) => "Delta",
+            ServerMessage::Relays(_) => "Relays",
+            ServerMessage::RelayAdmissions { .. } => "RelayAdmissions",
+        }
+    }
 }
 
 /// Where and how a person completes an interactive login.

@@ -138,14 +138,9 @@ impl Session {
                 return self.relay_feed(machine_key, &name).await;
             }
             Ok(Ok(Some(other))) => {
-                let kind = match other {
-                    ClientMessage::Register(_) => "Register",
-                    ClientMessage::UpdateEndpoints(_) => "UpdateEndpoints",
-                    ClientMessage::UpdateAttributes(_) => "UpdateAttributes",
-                    ClientMessage::RelayFeed { .. } => "RelayFeed",
-                };
                 return self.fail(End::Protocol(format!(
-                    "expected Register first, got {kind}"
+                    "expected Register first, got {}",
+                    other.kind()
                 )));
             }
             Ok(Ok(None)) => return self.fail(End::Closed),

@@ -423,7 +423,7 @@ impl Session {
         match self.next().await? {
             ServerMessage::Registered(node) => Ok(Answer::Registered(node)),
             ServerMessage::Refused(refusal) => Ok(Answer::Refused(refusal)),
-            other => bail!("expected Registered or Refused, got {}", kind(&other)),
+            other => bail!("expected Registered or Refused, got {}", other.kind()),
         }
     }
 }
@@ -445,25 +445,13 @@ async fn observe(fleet: &Fleet, auth_key: &str) -> Observed {
             match session.next().await? {
                 ServerMessage::NetMap(netmap) => return Ok((node, netmap)),
                 ServerMessage::Relays(_) => {}
-                other => bail!("expected a netmap, got {}", kind(&other)),
+                other => bail!("expected a netmap, got {}", other.kind()),
             }
         }
     };
     match tokio::time::timeout(Duration::from_secs(20), attempt).await {
         Ok(result) => result.map_err(|e| format!("{e:#}")),
         Err(_) => Err("no netmap within 20 s".into()),
-    }
-}
-
-fn kind(message: &ServerMessage) -> &'static str {
-    match message {
-        ServerMessage::Registered(_) => "Registered",
-        ServerMessage::Refused(_) => "Refused",
-        ServerMessage::LoginRequired(_) => "LoginRequired",
-        ServerMessage::NetMap(_) => "NetMap",
-        ServerMessage::Delta(_) => "Delta",
-        ServerMessage::Relays(_) => "Relays",
-        ServerMessage::RelayAdmissions { .. } => "RelayAdmissions",
     }
 }
 
