@@ -1,7 +1,9 @@
-//! Two coordinator replicas on one three-member etcd cluster, driven by
-//! weftd's own control client: changes made through either replica reach
-//! the nodes connected to the other, and the ephemeral reap runs once,
-//! under whichever replica holds the leader lease.
+//! The coordinator on etcd, driven by weftd's own control client: a node
+//! registered on etcd survives a coordinator restart with nothing kept in
+//! the data directory but the key; and with two replicas on one
+//! three-member cluster, changes made through either replica reach the
+//! nodes connected to the other, and the ephemeral reap runs once, under
+//! whichever replica holds the leader lease.
 #![expect(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -17,7 +19,7 @@ use weft_coordinator::{
     AdminClient, AuthKeyRequest, Coordinator, EtcdSettings, ServeOptions, StoreSettings,
 };
 use weft_node::control::{ControlConfig, ControlEvent, ControlTask, ControlUpdate};
-use weft_proto::{AuthKey, Credential, NodeId, PrivateKey};
+use weft_proto::{AuthKey, Credential, NodeId, PrivateKey, SelfNode};
 use weft_test_etcd::EtcdCluster;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -66,6 +68,48 @@ async fn start(data_dir: &Path, etcd: &EtcdCluster, ephemeral_timeout: Duration)
     .unwrap()
 }
 
+/// The control client's settings for a node with `(machine, node)` keys.
+fn control_config(
+    coordinator: &Coordinator,
+    (machine_key, node_key): &(PrivateKey, PrivateKey),
+    hostname: &str,
+    credential: Option<Credential>,
+) -> ControlConfig {
+    let (_posture_tx, posture) = tokio::sync::watch::channel(Default::default());
+    ControlConfig {
+        coordinator: coordinator.local_addr().into(),
+        coordinator_key: coordinator.public_key(),
+        machine_key: machine_key.clone(),
+        credential,
+        hostname: hostname.into(),
+        node_key: node_key.public_key(),
+        wireguard_port: 51820,
+        overlay_interface: "weft-test0".into(),
+        posture,
+    }
+}
+
+/// Registers through weftd's control client and returns what the coordinator assigned.
+async fn register(
+    coordinator: &Coordinator,
+    keys: &(PrivateKey, PrivateKey),
+    credential: Option<Credential>,
+) -> SelfNode {
+    let (tx, mut rx) = mpsc::channel(16);
+    let _task = ControlTask::spawn(control_config(coordinator, keys, "db-1", credential), 1, tx);
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match rx.recv().await.expect("the control task ended").event {
+                ControlEvent::Registered(me) => return me,
+                ControlEvent::Refused(refusal) => panic!("refused: {refusal:?}"),
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("not registered in time")
+}
+
 /// A node connected to one replica, following its netmap.
 struct Node {
     _task: ControlTask,
@@ -77,18 +121,8 @@ struct Node {
 
 impl Node {
     fn connect(coordinator: &Coordinator, hostname: &str, credential: Option<Credential>) -> Self {
-        let (_posture_tx, posture) = tokio::sync::watch::channel(Default::default());
-        let config = ControlConfig {
-            coordinator: coordinator.local_addr().into(),
-            coordinator_key: coordinator.public_key(),
-            machine_key: PrivateKey::generate(),
-            credential,
-            hostname: hostname.into(),
-            node_key: PrivateKey::generate().public_key(),
-            wireguard_port: 51820,
-            overlay_interface: "weft-test0".into(),
-            posture,
-        };
+        let keys = (PrivateKey::generate(), PrivateKey::generate());
+        let config = control_config(coordinator, &keys, hostname, credential);
         let (tx, updates) = mpsc::channel(64);
         Self {
             _task: ControlTask::spawn(config, 1, tx),
@@ -242,4 +276,53 @@ async fn the_reap_runs_once_and_survives_the_leader() {
     );
     eprintln!("reaped {reaped_after:?} after the node left and the leader stopped");
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_registered_on_etcd_survive_a_coordinator_restart() {
+    let etcd = EtcdCluster::single().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let keys = (PrivateKey::generate(), PrivateKey::generate());
+
+    let coordinator = start(
+        &data_dir,
+        &etcd,
+        weft_coordinator::DEFAULT_EPHEMERAL_TIMEOUT,
+    )
+    .await;
+    let admin = AdminClient::new(&data_dir);
+    let key = admin
+        .create_auth_key(&AuthKeyRequest {
+            tags: vec!["tag:db".into()],
+            reusable: false,
+            ephemeral: false,
+            expiry_secs: 3600,
+        })
+        .await
+        .unwrap();
+    let credential = Some(Credential::AuthKey(AuthKey::new(key.key)));
+    let joined = register(&coordinator, &keys, credential).await;
+    assert_eq!(joined.name, "db-1");
+    coordinator.shutdown().await;
+    assert!(
+        !data_dir.join("weft.redb").exists(),
+        "the etcd store must not write an embedded database"
+    );
+
+    let coordinator = start(
+        &data_dir,
+        &etcd,
+        weft_coordinator::DEFAULT_EPHEMERAL_TIMEOUT,
+    )
+    .await;
+    let listed = admin.nodes().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].id, listed[0].ipv4, listed[0].name.as_str()),
+        (joined.id, joined.ipv4, "db-1")
+    );
+    let rejoined = register(&coordinator, &keys, None).await;
+    assert_eq!(rejoined, joined);
+    coordinator.shutdown().await;
 }
