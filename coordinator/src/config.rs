@@ -27,6 +27,7 @@ use serde::Deserialize;
 mod relays;
 mod store;
 
+pub(crate) use self::relays::is_relay_name;
 pub use self::relays::RelayConfig;
 pub use self::store::{
     EtcdSettings, EtcdTls, EtcdTlsFileConfig, StoreFileConfig, StoreKind, StoreSettings,

@@ -15,7 +15,8 @@ use ipnet::Ipv6Net;
 use serde::{Deserialize, Serialize};
 use weft_policy::NodeInfo;
 use weft_proto::{
-    Credential, Identity, NodeId, Peer, PublicKey, Refusal, RefusalCode, Register, SelfNode,
+    Advertisement, Credential, Identity, NodeId, Peer, PublicKey, Refusal, RefusalCode, Register,
+    SelfNode,
 };
 
 use crate::authkey::{self, AdmitError};
@@ -49,6 +50,9 @@ pub(crate) struct NodeRecord {
     pub(crate) ipv6: Ipv6Addr,
     pub(crate) identity: Identity,
     pub(crate) endpoints: Vec<SocketAddr>,
+    /// The relay the node is reachable through, as it last reported.
+    #[serde(default)]
+    pub(crate) home_relay: Option<String>,
     pub(crate) attributes: BTreeMap<String, String>,
     /// Unix seconds.
     pub(crate) created: u64,
@@ -83,6 +87,7 @@ impl NodeRecord {
             node_key: self.node_key,
             addresses: self.addresses(),
             endpoints: self.endpoints.clone(),
+            home_relay: self.home_relay.clone(),
             identity: self.identity.clone(),
         }
     }
@@ -288,21 +293,21 @@ impl Registry {
         }))
     }
 
-    /// Records a node's new underlay endpoints.
+    /// Records where a node can now be reached.
     pub(crate) fn update_endpoints(
         &self,
         id: NodeId,
-        endpoints: &[SocketAddr],
+        advertisement: &Advertisement,
     ) -> Result<Option<u64>, AdmitError> {
-        if endpoints.len() > MAX_ENDPOINTS {
-            return Err(bad_request(format!(
-                "{} endpoints is more than the {MAX_ENDPOINTS} allowed",
-                endpoints.len()
-            )));
-        }
+        check_advertisement(
+            &advertisement.endpoints,
+            advertisement.home_relay.as_deref(),
+        )?;
         self.update(id, |record| {
-            let changed = record.endpoints != endpoints;
-            record.endpoints = endpoints.to_vec();
+            let changed = record.endpoints != advertisement.endpoints
+                || record.home_relay != advertisement.home_relay;
+            record.endpoints = advertisement.endpoints.clone();
+            record.home_relay = advertisement.home_relay.clone();
             changed
         })
     }
@@ -507,6 +512,7 @@ impl Registry {
         }
         record.node_key = request.node_key;
         record.endpoints = request.endpoints.clone();
+        record.home_relay = request.home_relay.clone();
         record.attributes = request.attributes.clone();
         ops.push(Op::Put(path, store::encode(&record)?));
         let rev_now = self.store.txn(&compares, &ops)?;
@@ -568,6 +574,7 @@ impl Registry {
                 (None, None) => Identity::default(),
             },
             endpoints: request.endpoints.clone(),
+            home_relay: request.home_relay.clone(),
             attributes: request.attributes.clone(),
             created: authkey::unix_secs(now),
             ephemeral: match login {
@@ -700,13 +707,29 @@ fn validate(request: &Register) -> Result<(), AdmitError> {
             request.hostname.len()
         )));
     }
-    if request.endpoints.len() > MAX_ENDPOINTS {
+    check_advertisement(&request.endpoints, request.home_relay.as_deref())?;
+    check_attributes(&request.attributes)
+}
+
+/// Refuses more endpoints than a node may advertise, and a home relay
+/// that is not a relay name.
+fn check_advertisement(
+    endpoints: &[SocketAddr],
+    home_relay: Option<&str>,
+) -> Result<(), AdmitError> {
+    if endpoints.len() > MAX_ENDPOINTS {
         return Err(bad_request(format!(
             "{} endpoints is more than the {MAX_ENDPOINTS} allowed",
-            request.endpoints.len()
+            endpoints.len()
         )));
     }
-    check_attributes(&request.attributes)
+    if home_relay.is_some_and(|name| !crate::config::is_relay_name(name)) {
+        return Err(bad_request(
+            "the home relay is not a relay name (lowercase letters, digits and dashes); upgrade the node"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 fn empty_hostname(raw: &str) -> AdmitError {
@@ -808,6 +831,7 @@ mod tests {
             hostname: hostname.into(),
             node_key: PrivateKey::generate().public_key(),
             endpoints: vec!["192.0.2.1:51820".parse().unwrap()],
+            home_relay: None,
             attributes: BTreeMap::new(),
         }
     }

@@ -160,6 +160,7 @@ mod tests {
             ipv6: std::net::Ipv6Addr::LOCALHOST,
             identity: weft_proto::Identity::default(),
             endpoints: Vec::new(),
+            home_relay: None,
             attributes: Default::default(),
             created: 0,
             ephemeral: false,

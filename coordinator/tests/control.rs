@@ -177,6 +177,7 @@ impl Harness {
                 hostname: hostname.into(),
                 node_key: PrivateKey::generate().public_key(),
                 endpoints: vec!["192.0.2.10:51820".parse().unwrap()],
+                home_relay: None,
                 attributes: BTreeMap::new(),
             }))
             .await;

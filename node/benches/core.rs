@@ -42,6 +42,7 @@ impl Side {
             node_key: self.key.public_key(),
             addresses: vec![IpAddr::V4(self.v4)],
             endpoints: vec![self.underlay],
+            home_relay: None,
             identity: Identity::default(),
         }
     }

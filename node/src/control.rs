@@ -22,12 +22,12 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use weft_proto::handshake::{HandshakeError, Initiator, RESPONSE_LEN};
 use weft_proto::{
-    ClientMessage, Credential, DecodeError, FrameDecoder, LoginPrompt, NetMap, NetMapDelta,
-    PrivateKey, PublicKey, Refusal, RefusalCode, Register, SelfNode, ServerMessage,
+    Advertisement, ClientMessage, Credential, DecodeError, FrameDecoder, LoginPrompt, NetMap,
+    NetMapDelta, PrivateKey, PublicKey, Refusal, RefusalCode, Register, RelayInfo, SelfNode,
+    ServerMessage,
 };
 
 use crate::coordinators::Coordinators;
-use crate::endpoints::local_endpoints;
 
 /// How often a registered node re-reports its attributes even when its
 /// posture file did not change; the coordinator stores only changes.
@@ -54,10 +54,10 @@ pub struct ControlConfig {
     pub hostname: String,
     /// The node's WireGuard public key.
     pub node_key: PublicKey,
-    /// The local WireGuard UDP port, advertised with every host address.
-    pub wireguard_port: u16,
-    /// The overlay interface, whose addresses are never advertised as endpoints.
-    pub overlay_interface: String,
+    /// Where the node can be reached (its endpoints and home relay), kept
+    /// current by the daemon; sent with the registration and again
+    /// whenever it changes.
+    pub advertisement: tokio::sync::watch::Receiver<Advertisement>,
     /// The node's `custom:*` posture attributes ([`crate::posture`]); sent
     /// with the registration and again whenever they change.
     pub posture: tokio::sync::watch::Receiver<crate::posture::Attributes>,
@@ -87,6 +87,8 @@ pub enum ControlEvent {
     NetMap(NetMap),
     /// A change to the netmap.
     Delta(NetMapDelta),
+    /// The relays the node may use, replacing the previous list.
+    Relays(Vec<RelayInfo>),
     /// The session ended; the task retries after a backoff.
     Disconnected(ControlError),
 }
@@ -386,6 +388,7 @@ async fn exchange(
     }
 
     config.posture.mark_unchanged();
+    config.advertisement.mark_unchanged();
     let register = ClientMessage::Register(register_message(config));
     let frame = weft_proto::encode_frame(&register)
         .map_err(|_| ControlError::Protocol("registration too large to send"))?;
@@ -403,6 +406,7 @@ async fn exchange(
         ATTRIBUTE_REFRESH,
     );
     let mut posture_open = true;
+    let mut advertisement_open = true;
     loop {
         while let Some(message) = decoder.next_message::<ServerMessage>()? {
             let event = match message {
@@ -428,8 +432,7 @@ async fn exchange(
                 }
                 ServerMessage::NetMap(netmap) => ControlEvent::NetMap(netmap),
                 ServerMessage::Delta(delta) => ControlEvent::Delta(delta),
-                // Relayed paths are not used by this node yet.
-                ServerMessage::Relays(_) => continue,
+                ServerMessage::Relays(relays) => ControlEvent::Relays(relays),
                 ServerMessage::RelayAdmissions { .. } => {
                     return Err(ControlError::Protocol(
                         "the coordinator sent relay admissions, which only relays ask for",
@@ -446,6 +449,13 @@ async fn exchange(
                 match changed {
                     Ok(()) => send_attributes(config, &mut send).await?,
                     Err(_) => posture_open = false,
+                }
+                continue;
+            }
+            changed = config.advertisement.changed(), if advertisement_open && *registered => {
+                match changed {
+                    Ok(()) => send_advertisement(config, &mut send).await?,
+                    Err(_) => advertisement_open = false,
                 }
                 continue;
             }
@@ -481,6 +491,21 @@ async fn send_attributes(
         .map_err(|e| ControlError::Lost(e.to_string()))?;
     tracing::debug!("sent updated attributes");
     Ok(())
+}
+
+/// Reports where the node can be reached after it changed.
+async fn send_advertisement(
+    config: &mut ControlConfig,
+    send: &mut quinn::SendStream,
+) -> Result<(), ControlError> {
+    let advertisement = config.advertisement.borrow_and_update().clone();
+    tracing::debug!(endpoints = ?advertisement.endpoints, home_relay = ?advertisement.home_relay, "advertising");
+    let message = ClientMessage::UpdateEndpoints(advertisement);
+    let frame = weft_proto::encode_frame(&message)
+        .map_err(|_| ControlError::Protocol("endpoints too large to send"))?;
+    send.write_all(&frame)
+        .await
+        .map_err(|e| ControlError::Lost(e.to_string()))
 }
 
 async fn handshake(
@@ -536,17 +561,17 @@ fn describe_read_error(error: &ReadError) -> String {
 }
 
 fn register_message(config: &ControlConfig) -> Register {
-    let endpoints = local_endpoints(config.wireguard_port, &config.overlay_interface)
-        .unwrap_or_else(|e| {
-            tracing::warn!("cannot list the host's addresses, advertising no endpoints: {e}");
-            Vec::new()
-        });
-    tracing::debug!(?endpoints, "registering");
+    let Advertisement {
+        endpoints,
+        home_relay,
+    } = config.advertisement.borrow().clone();
+    tracing::debug!(?endpoints, ?home_relay, "registering");
     Register {
         credential: config.credential.clone(),
         hostname: config.hostname.clone(),
         node_key: config.node_key,
         endpoints,
+        home_relay,
         attributes: attributes(&config.hostname, &config.posture.borrow()),
     }
 }
@@ -796,8 +821,11 @@ mod tests {
             ))),
             hostname: "web-1".into(),
             node_key: PrivateKey::generate().public_key(),
-            wireguard_port: 51820,
-            overlay_interface: "weft-test-none".into(),
+            advertisement: tokio::sync::watch::channel(Advertisement {
+                endpoints: vec!["192.0.2.10:51820".parse().unwrap()],
+                home_relay: None,
+            })
+            .1,
             posture: tokio::sync::watch::channel(crate::posture::Attributes::new()).1,
         }
     }

@@ -103,6 +103,7 @@ async fn register(
         hostname: hostname.into(),
         node_key: *node_key,
         endpoints: Vec::new(),
+        home_relay: None,
         attributes: BTreeMap::new(),
     });
     send.write_all(&encode_frame(&register).unwrap())

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// The control protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The largest frame accepted, header excluded: 16 MiB holds a netmap of well
 /// over 50,000 peers.
@@ -253,8 +253,9 @@ mod tests {
             arb_self_node(),
             arb_key(),
             proptest::collection::vec((any::<u32>(), any::<u16>()), 0..3),
+            proptest::option::of("[a-z0-9-]{1,12}"),
         )
-            .prop_map(|(node, node_key, endpoints)| Peer {
+            .prop_map(|(node, node_key, endpoints, home_relay)| Peer {
                 id: node.id,
                 addresses: node.addresses().to_vec(),
                 name: node.name,
@@ -263,6 +264,7 @@ mod tests {
                     .into_iter()
                     .map(|(ip, port)| SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), port))
                     .collect(),
+                home_relay,
                 identity: node.identity,
             })
     }
@@ -357,6 +359,7 @@ mod tests {
             hostname: "web-1".into(),
             node_key: PublicKey::from_bytes([7; 32]),
             endpoints: vec!["192.0.2.10:51820".parse().unwrap()],
+            home_relay: Some("fra1".into()),
             attributes: BTreeMap::from([("node:os".into(), "linux".into())]),
         })
     }

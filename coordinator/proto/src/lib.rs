@@ -34,9 +34,9 @@ pub use frame::{
 };
 pub use keys::{AuthKey, KeyParseError, PrivateKey, PublicKey};
 pub use messages::{
-    AppGrant, ClientMessage, Credential, DefaultAction, FilterRule, Identity, IdentityToken,
-    LoginFlow, LoginPrompt, NetMap, NetMapDelta, NodeId, PacketFilter, Peer, PortRange, Protocol,
-    Refusal, RefusalCode, Register, RuleAction, SelfNode, ServerMessage,
+    Advertisement, AppGrant, ClientMessage, Credential, DefaultAction, FilterRule, Identity,
+    IdentityToken, LoginFlow, LoginPrompt, NetMap, NetMapDelta, NodeId, PacketFilter, Peer,
+    PortRange, Protocol, Refusal, RefusalCode, Register, RuleAction, SelfNode, ServerMessage,
 };
 pub use relay::RelayInfo;
 

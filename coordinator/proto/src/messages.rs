@@ -41,8 +41,9 @@ impl fmt::Debug for NodeId {
 pub enum ClientMessage {
     /// Join the overlay, or rejoin as the node this machine key already is.
     Register(Register),
-    /// The node's underlay endpoints changed.
-    UpdateEndpoints(Vec<SocketAddr>),
+    /// Where the node can be reached changed: its underlay endpoints or its
+    /// home relay.
+    UpdateEndpoints(Advertisement),
     /// The node's attributes (OS, posture) changed.
     UpdateAttributes(BTreeMap<String, String>),
     /// Sent first, instead of `Register`, by a relay that proved a configured
@@ -79,8 +80,23 @@ pub struct Register {
     pub node_key: PublicKey,
     /// Underlay UDP endpoints where the node's WireGuard socket can be reached.
     pub endpoints: Vec<SocketAddr>,
+    /// The relay (a `[[relays]]` name) where the node can be reached, when
+    /// it is connected to one: a node rejoining after a coordinator failover
+    /// keeps it.
+    pub home_relay: Option<String>,
     /// Attributes the node reports about itself (OS, client version, `custom:*` posture).
     pub attributes: BTreeMap<String, String>,
+}
+
+/// Where a node can be reached: what it reports in
+/// [`ClientMessage::UpdateEndpoints`] and what peers receive in [`Peer`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Advertisement {
+    /// Underlay UDP endpoints of the node's WireGuard socket: its host
+    /// addresses and its reflexive (public, after NAT) endpoints.
+    pub endpoints: Vec<SocketAddr>,
+    /// The relay (a `[[relays]]` name) the node is reachable through.
+    pub home_relay: Option<String>,
 }
 
 /// What a node presents to be admitted.
@@ -339,8 +355,12 @@ pub struct Peer {
     pub node_key: PublicKey,
     /// Overlay addresses (its IPv4 and IPv6).
     pub addresses: Vec<IpAddr>,
-    /// Underlay UDP endpoints to send its WireGuard packets to.
+    /// Underlay UDP endpoints to send its WireGuard packets to: candidates
+    /// for a direct path, which the node probes before it trusts one.
     pub endpoints: Vec<SocketAddr>,
+    /// The relay (a name from [`ServerMessage::Relays`]) the peer is
+    /// reachable through when no direct path works.
+    pub home_relay: Option<String>,
     /// Who it is.
     pub identity: Identity,
 }

@@ -20,6 +20,16 @@ use super::{ConfigError, FileConfig};
 /// The longest relay name.
 const MAX_NAME: usize = 32;
 
+/// Whether `name` is a well-formed relay name: 1 to [`MAX_NAME`] lowercase
+/// letters, digits or dashes.
+pub(crate) fn is_relay_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 /// One `[[relays]]` entry as written.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,13 +62,7 @@ fn resolve(entries: &[RelayConfig]) -> Result<Vec<RelayInfo>, ConfigError> {
     for entry in entries {
         let invalid =
             |what: String| ConfigError::Invalid(format!("[[relays]] {:?}: {what}", entry.name));
-        let name_ok = !entry.name.is_empty()
-            && entry.name.len() <= MAX_NAME
-            && entry
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !name_ok {
+        if !is_relay_name(&entry.name) {
             return Err(invalid(format!(
                 "name must be 1 to {MAX_NAME} lowercase letters, digits or dashes, e.g. \"fra1\""
             )));

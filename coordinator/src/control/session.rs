@@ -298,8 +298,8 @@ impl Session {
                     }
                 },
                 message = self.reader.next() => match message {
-                    Ok(Some(ClientMessage::UpdateEndpoints(endpoints))) => {
-                        let update = move |registry: Registry, id| registry.update_endpoints(id, &endpoints);
+                    Ok(Some(ClientMessage::UpdateEndpoints(advertisement))) => {
+                        let update = move |registry: Registry, id| registry.update_endpoints(id, &advertisement);
                         if let Some(end) = self.update_node(record.id, update).await {
                             return Some(end);
                         }

@@ -538,6 +538,7 @@ mod tests {
                 ..Default::default()
             },
             endpoints: vec![format!("192.0.2.{id}:51820").parse().unwrap()],
+            home_relay: None,
             attributes: BTreeMap::new(),
             created: 0,
             ephemeral: false,

@@ -35,6 +35,7 @@ impl SimNode {
             node_key: self.key.public_key(),
             addresses: vec![self.v4, self.v6],
             endpoints: vec![self.underlay],
+            home_relay: None,
             identity: Identity {
                 user: Some(format!("{}@example.com", self.name)),
                 tags: Vec::new(),

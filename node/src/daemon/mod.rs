@@ -119,6 +119,11 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         tun,
         underlay,
         wireguard_port,
+        advertisement: tokio::sync::watch::Sender::new(weft_proto::Advertisement {
+            endpoints: crate::endpoints::local_endpoints(wireguard_port, &config.tun_name)
+                .unwrap_or_default(),
+            home_relay: None,
+        }),
         updates: updates_tx,
         control: None,
         sessions: 0,
@@ -172,6 +177,8 @@ struct Daemon {
     tun: TunDevice,
     underlay: Underlay,
     wireguard_port: u16,
+    /// Where this node can be reached, for the control session to report.
+    advertisement: tokio::sync::watch::Sender<weft_proto::Advertisement>,
     updates: mpsc::Sender<ControlUpdate>,
     control: Option<ControlTask>,
     /// Counts control sessions, so updates from a replaced session are ignored.
@@ -306,8 +313,7 @@ impl Daemon {
             credential,
             hostname: prefs.hostname.clone(),
             node_key,
-            wireguard_port: self.wireguard_port,
-            overlay_interface: self.tun.name().to_owned(),
+            advertisement: self.advertisement.subscribe(),
             posture: self.posture.clone(),
         };
         self.control = Some(ControlTask::spawn(
@@ -365,6 +371,9 @@ impl Daemon {
             ControlEvent::LoginRequired(prompt) => self.on_login_required(prompt),
             ControlEvent::NetMap(netmap) => self.on_netmap(&netmap).await,
             ControlEvent::Delta(delta) => self.on_delta(&delta).await,
+            ControlEvent::Relays(relays) => {
+                tracing::debug!(count = relays.len(), "relays listed");
+            }
             ControlEvent::Refused(refusal) => self.on_refused(refusal).await,
             ControlEvent::Disconnected(error) => self.on_disconnected(error).await,
         }

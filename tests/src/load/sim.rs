@@ -91,6 +91,7 @@ pub(crate) async fn run_node(
             hostname: hostname.clone(),
             node_key,
             endpoints: Vec::new(),
+            home_relay: None,
             attributes: Default::default(),
         };
         let result = session(
@@ -292,6 +293,7 @@ mod tests {
             node_key: PrivateKey::generate().public_key(),
             addresses: Vec::new(),
             endpoints: Vec::new(),
+            home_relay: None,
             identity: Identity::tagged(Vec::new()),
         }
     }

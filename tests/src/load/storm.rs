@@ -393,6 +393,7 @@ impl Session {
             hostname: machine.hostname.clone(),
             node_key: machine.node_key,
             endpoints: Vec::new(),
+            home_relay: None,
             attributes: BTreeMap::new(),
         };
         let frame = weft_proto::encode_frame(&ClientMessage::Register(register))
@@ -663,6 +664,7 @@ mod tests {
             node_key: key,
             addresses: Vec::new(),
             endpoints: Vec::new(),
+            home_relay: None,
             identity: node.identity.clone(),
         }
     }
