@@ -1,12 +1,13 @@
 //! Wires the coordinator together: store, registry, netmap task, control
-//! listener, admin socket and policy watcher.
+//! listeners (QUIC, and TLS on TCP sharing the port with HTTP), admin
+//! socket and policy watcher.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use weft_proto::{PublicKey, RelayInfo, CLOSE_BY_COORDINATOR};
 
@@ -33,10 +34,11 @@ pub struct ServeOptions {
     pub data_dir: PathBuf,
     /// The policy file to load and follow; `None` denies all traffic.
     pub policy: Option<PathBuf>,
-    /// The UDP address of the control listener.
+    /// The address of the control listener: QUIC on this UDP port, and TLS
+    /// on the same TCP port for nodes whose network blocks UDP.
     pub listen: SocketAddr,
-    /// The TCP address of the HTTP endpoints; `None` uses the control
-    /// listener's address and port.
+    /// The TCP address of the HTTP endpoints; `None` shares the control
+    /// listener's TCP port (connections are told apart by their first byte).
     pub http_listen: Option<SocketAddr>,
     /// The base URL browsers reach the HTTP endpoints at; `None` derives it
     /// from the HTTP listener's address.
@@ -71,8 +73,16 @@ pub enum StartError {
     /// The control listener could not start.
     #[error("{0}")]
     Listen(String),
+    /// The control listener's TCP side could not start.
+    #[error("cannot listen for control sessions on TCP {addr}: {source} (nodes whose network blocks UDP connect there, on the same port as QUIC; free the port or choose another --listen)")]
+    ControlTcp {
+        /// The address.
+        addr: SocketAddr,
+        /// The underlying error.
+        source: std::io::Error,
+    },
     /// The HTTP listener could not start.
-    #[error("cannot listen for HTTP on TCP {addr}: {source} (pass --http-listen to use another address)")]
+    #[error("cannot listen for HTTP on TCP {addr}: {source} (check --http-listen, or leave it out to share the control port)")]
     Http {
         /// The address.
         addr: SocketAddr,
@@ -118,6 +128,8 @@ pub struct Coordinator {
     endpoint: quinn::Endpoint,
     socket: PathBuf,
     control: JoinHandle<()>,
+    control_tcp: JoinHandle<()>,
+    shutdown: watch::Sender<bool>,
     admin: JoinHandle<()>,
     admin_stop: oneshot::Sender<()>,
     http_addr: SocketAddr,
@@ -197,19 +209,31 @@ impl Coordinator {
                 tracing::error!("admin API stopped: {e}");
             }
         });
-        let http_addr = options.http_listen.unwrap_or(local_addr);
-        let http_listener = http::bind(http_addr)
+        let control_tcp = tokio::net::TcpListener::bind(local_addr)
             .await
-            .map_err(|source| StartError::Http {
-                addr: http_addr,
+            .map_err(|source| StartError::ControlTcp {
+                addr: local_addr,
                 source,
             })?;
-        let http_addr = http_listener
-            .local_addr()
-            .map_err(|source| StartError::Http {
-                addr: http_addr,
-                source,
-            })?;
+        let acceptor = control::tls_acceptor().map_err(|e| StartError::Listen(e.to_string()))?;
+        let http_elsewhere = options
+            .http_listen
+            .filter(|addr| !is_control_address(*addr, options.listen, local_addr));
+        let (http_listener, handoff, http_addr) = match http_elsewhere {
+            None => {
+                let (listener, handoff) = http::Handoff::new(local_addr);
+                (HttpListener::Shared(listener), Some(handoff), local_addr)
+            }
+            Some(addr) => {
+                let listener = http::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Http { addr, source })?;
+                let http_addr = listener
+                    .local_addr()
+                    .map_err(|source| StartError::Http { addr, source })?;
+                (HttpListener::Own(listener), None, http_addr)
+            }
+        };
         let public_url = public_url(
             options.public_url.as_deref(),
             http_addr,
@@ -224,14 +248,12 @@ impl Coordinator {
             .map(|logins| tokio::spawn(logins.discover_in_background()));
         let (http_stop, http_stopped) = oneshot::channel();
         let router = http::router(logins.clone(), public_url.starts_with("https://"));
-        let http = tokio::spawn(async move {
-            let serve = axum::serve(http_listener, router).with_graceful_shutdown(async move {
-                let _ = http_stopped.await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!("HTTP server stopped: {e}");
+        let http = match http_listener {
+            HttpListener::Shared(listener) => {
+                tokio::spawn(serve_http(listener, router, http_stopped))
             }
-        });
+            HttpListener::Own(listener) => tokio::spawn(serve_http(listener, router, http_stopped)),
+        };
         tracing::info!(%http_addr, %public_url, "HTTP endpoints listening");
         let workloads = if options.workload_issuers.is_empty() {
             None
@@ -243,6 +265,7 @@ impl Coordinator {
             .clone()
             .map(|workloads| tokio::spawn(async move { workloads.prefetch().await }));
         let public_key = key.public_key();
+        let (shutdown, shutting_down) = watch::channel(false);
         let context = Arc::new(control::Context {
             key,
             registry,
@@ -250,7 +273,15 @@ impl Coordinator {
             logins,
             workloads,
             relays: options.relays,
+            shutdown: shutting_down.clone(),
         });
+        let control_tcp = tokio::spawn(control::accept_tcp(
+            control_tcp,
+            acceptor,
+            Arc::clone(&context),
+            handoff,
+            shutting_down,
+        ));
         let control = tokio::spawn(control::accept(endpoint.clone(), context));
         tracing::info!(%local_addr, coordinator_key = %public_key, "coordinator listening");
         Ok(Self {
@@ -259,6 +290,8 @@ impl Coordinator {
             endpoint,
             socket,
             control,
+            control_tcp,
+            shutdown,
             admin,
             admin_stop,
             http_addr,
@@ -291,6 +324,7 @@ impl Coordinator {
     pub async fn shutdown(self) {
         self.endpoint
             .close(CLOSE_BY_COORDINATOR.into(), b"coordinator shutting down");
+        let _ = self.shutdown.send(true);
         let _ = self.admin_stop.send(());
         let _ = self.http_stop.send(());
         if let Some(discovery) = self.discovery {
@@ -306,6 +340,7 @@ impl Coordinator {
         self.policy_follower.abort();
         let _ = self.policy_follower.await;
         let _ = tokio::time::timeout(DRAIN, self.control).await;
+        let _ = tokio::time::timeout(DRAIN, self.control_tcp).await;
         let _ = tokio::time::timeout(DRAIN, self.admin).await;
         let _ = tokio::time::timeout(DRAIN, self.http).await;
         // The netmap task ends once the last handle (held by sessions, the
@@ -314,6 +349,33 @@ impl Coordinator {
         let _ = tokio::time::timeout(DRAIN, self.endpoint.wait_idle()).await;
         let _ = std::fs::remove_file(&self.socket);
         tracing::info!("coordinator stopped");
+    }
+}
+
+/// Whether `--http-listen` names the control address itself, which means
+/// sharing its port (an unspecified port is a port of its own).
+fn is_control_address(http: SocketAddr, listen: SocketAddr, bound: SocketAddr) -> bool {
+    http == bound || (http.port() != 0 && http == listen)
+}
+
+/// Where the HTTP endpoints take their connections from.
+enum HttpListener {
+    /// The control port's TCP listener, which keeps the TLS connections.
+    Shared(http::Handoff),
+    /// Their own port (`--http-listen`).
+    Own(tokio::net::TcpListener),
+}
+
+async fn serve_http<L>(listener: L, router: axum::Router, stopped: oneshot::Receiver<()>)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+        let _ = stopped.await;
+    });
+    if let Err(e) = serve.await {
+        tracing::error!("HTTP server stopped: {e}");
     }
 }
 
@@ -352,5 +414,26 @@ fn public_url(
             "the HTTP endpoints listen on {http_addr}, which browsers cannot be sent to; set public_url in the configuration file (or --public-url) to the address people reach the coordinator at"
         ))),
         None => Ok(format!("http://{http_addr}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_at_the_control_address_shares_its_port() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let listen = addr("0.0.0.0:7443");
+        assert!(is_control_address(listen, listen, listen));
+        assert!(!is_control_address(addr("0.0.0.0:8080"), listen, listen));
+        // Port 0 asks for a port of its own, even when the control listener asked for one too.
+        let any = addr("127.0.0.1:0");
+        assert!(!is_control_address(any, any, addr("127.0.0.1:40000")));
+        assert!(is_control_address(
+            addr("127.0.0.1:40000"),
+            any,
+            addr("127.0.0.1:40000")
+        ));
     }
 }

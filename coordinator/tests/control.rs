@@ -17,7 +17,7 @@ use weft_coordinator::{
 };
 use weft_proto::handshake::{Initiator, RESPONSE_LEN};
 use weft_proto::{
-    encode_frame, AuthKey, ClientMessage, Credential, FrameDecoder, IdentityToken, NodeId,
+    encode_frame, AuthKey, ClientMessage, Credential, FrameDecoder, IdentityToken, NodeId, Opener,
     PacketFilter, Peer, PrivateKey, PublicKey, Refusal, RefusalCode, Register, SelfNode,
     ServerMessage, ALPN, CLOSE_BY_COORDINATOR, CLOSE_HANDSHAKE_FAILED, CLOSE_PROTOCOL_ERROR,
     EXPORTER_LABEL,
@@ -150,6 +150,7 @@ impl Harness {
             send,
             recv,
             decoder: FrameDecoder::new(),
+            opener: None,
         })
     }
 
@@ -171,11 +172,13 @@ impl Harness {
     ) -> Result<Node, Refusal> {
         let pinned = self.coordinator().public_key();
         let mut control = self.connect(machine, &pinned).await.unwrap();
+        let node_key = PrivateKey::generate().public_key();
+        control.opener = Some(Opener::new(node_key));
         control
             .send(&ClientMessage::Register(Register {
                 credential,
                 hostname: hostname.into(),
-                node_key: PrivateKey::generate().public_key(),
+                node_key,
                 endpoints: vec!["192.0.2.10:51820".parse().unwrap()],
                 home_relay: None,
                 attributes: BTreeMap::new(),
@@ -209,6 +212,8 @@ struct Control {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     decoder: FrameDecoder,
+    /// Verifies the signed netmaps of a registered node's session.
+    opener: Option<Opener>,
 }
 
 impl Control {
@@ -224,7 +229,13 @@ impl Control {
             let mut buf = [0u8; 4096];
             loop {
                 if let Some(message) = self.decoder.next_message().unwrap() {
-                    return message;
+                    let Some(opener) = self.opener.as_mut() else {
+                        return message;
+                    };
+                    match opener.open(message).unwrap().message {
+                        ServerMessage::NetmapKey(_) => continue,
+                        message => return message,
+                    }
                 }
                 let n = self
                     .recv

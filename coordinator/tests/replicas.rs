@@ -83,8 +83,11 @@ fn control_config(
         credential,
         hostname: hostname.into(),
         node_key: node_key.public_key(),
-        wireguard_port: 51820,
-        overlay_interface: "weft-test0".into(),
+        advertisement: tokio::sync::watch::channel(weft_proto::Advertisement {
+            endpoints: vec!["192.0.2.10:51820".parse().unwrap()],
+            home_relay: None,
+        })
+        .1,
         posture,
     }
 }

@@ -1,19 +1,19 @@
 //! Per-packet cost of the data-plane core, without IO: a 1,400-byte TCP
 //! segment encapsulated by one node, decapsulated and filtered by the other,
-//! between two in-memory `Node`s with an established session. Output
-//! buffers are recycled as the daemon does, so a regression that allocates
-//! per packet shows.
+//! between two in-memory `Node`s with an established session, over a direct
+//! path and through a relay. Output buffers are recycled as the daemon
+//! does, so a regression that allocates per packet shows.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ipnet::IpNet;
 use weft_node::core::Node;
 use weft_proto::{
     DefaultAction, FilterRule, Identity, NetMap, NodeId, PacketFilter, Peer, PortRange, PrivateKey,
-    Protocol, RuleAction, SelfNode,
+    Protocol, PublicKey, RelayInfo, RuleAction, SelfNode,
 };
 
 const PAYLOAD: usize = 1_400;
@@ -21,34 +21,42 @@ const PAYLOAD: usize = 1_400;
 struct Side {
     id: NodeId,
     key: PrivateKey,
+    public: PublicKey,
     v4: Ipv4Addr,
     underlay: SocketAddr,
 }
 
 impl Side {
     fn new(n: u8) -> Self {
+        let key = PrivateKey::generate();
         Self {
             id: NodeId(u64::from(n)),
-            key: PrivateKey::generate(),
+            public: key.public_key(),
+            key,
             v4: Ipv4Addr::new(100, 64, 0, n),
             underlay: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, n)), 41641),
         }
     }
 
-    fn peer(&self) -> Peer {
+    fn peer(&self, relayed: bool) -> Peer {
         Peer {
             id: self.id,
             name: format!("node{}", self.id.0),
-            node_key: self.key.public_key(),
+            node_key: self.public,
             addresses: vec![IpAddr::V4(self.v4)],
-            endpoints: vec![self.underlay],
-            home_relay: None,
+            endpoints: if relayed {
+                Vec::new()
+            } else {
+                vec![self.underlay]
+            },
+            home_relay: relayed.then(|| RELAY.to_owned()),
             identity: Identity::default(),
         }
     }
 
-    /// The netmap naming `other` as the only peer, admitting TCP to port 5201.
-    fn netmap(&self, other: &Side) -> NetMap {
+    /// The netmap naming `other` as the only peer, admitting TCP to port
+    /// 5201; `relayed`: the peer advertises no endpoint, only a home relay.
+    fn netmap(&self, other: &Side, relayed: bool) -> NetMap {
         NetMap {
             revision: 1,
             self_node: SelfNode {
@@ -61,7 +69,7 @@ impl Side {
                 identity: Identity::default(),
                 key_expiry: None,
             },
-            peers: vec![other.peer()],
+            peers: vec![other.peer(relayed)],
             filter: PacketFilter {
                 rules: vec![FilterRule {
                     src: vec![IpNet::from(IpAddr::V4(other.v4))],
@@ -104,8 +112,10 @@ fn tcp_segment(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
     packet
 }
 
-/// Moves datagrams between the two nodes until neither has any left;
-/// returns how many packets reached `b`'s TUN device.
+const RELAY: &str = "fra1";
+
+/// Moves datagrams (UDP and relayed) between the two nodes until neither
+/// has any left; returns how many packets reached `b`'s TUN device.
 fn settle(a: &mut Node, b: &mut Node, sa: &Side, sb: &Side, now: Instant) -> usize {
     let mut delivered = 0;
     loop {
@@ -120,6 +130,16 @@ fn settle(a: &mut Node, b: &mut Node, sa: &Side, sb: &Side, now: Instant) -> usi
             a.handle_udp(sb.underlay, &t.payload, now);
             b.recycle(t.payload);
         }
+        while let Some(t) = a.poll_relay_transmit() {
+            moved = true;
+            b.handle_relayed(&t.relay, sa.public, &t.payload, now);
+            a.recycle(t.payload);
+        }
+        while let Some(t) = b.poll_relay_transmit() {
+            moved = true;
+            a.handle_relayed(&t.relay, sb.public, &t.payload, now);
+            b.recycle(t.payload);
+        }
         while let Some(packet) = b.poll_tun_packet() {
             delivered += 1;
             b.recycle(packet);
@@ -131,12 +151,40 @@ fn settle(a: &mut Node, b: &mut Node, sa: &Side, sb: &Side, now: Instant) -> usi
 }
 
 fn encapsulate_filter_decapsulate(c: &mut Criterion) {
+    let mut group = c.benchmark_group("core");
+    for (name, relayed) in [
+        ("tcp_1400_a_to_b", false),
+        ("tcp_1400_a_to_b_relayed", true),
+    ] {
+        bench_path(&mut group, name, relayed);
+    }
+    group.finish();
+}
+
+fn bench_path(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    relayed: bool,
+) {
     let now = Instant::now();
     let (sa, sb) = (Side::new(1), Side::new(2));
     let mut a = Node::new(sa.key.clone(), now);
     let mut b = Node::new(sb.key.clone(), now);
-    a.set_netmap(&sa.netmap(&sb), now);
-    b.set_netmap(&sb.netmap(&sa), now);
+    if relayed {
+        let relay = RelayInfo {
+            name: RELAY.into(),
+            address: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)), 7444),
+            key: PrivateKey::generate().public_key(),
+            tcp_address: None,
+            stun_address: None,
+        };
+        for node in [&mut a, &mut b] {
+            node.set_relays(std::slice::from_ref(&relay), now);
+            node.relay_connected(RELAY, Duration::from_millis(5), now);
+        }
+    }
+    a.set_netmap(&sa.netmap(&sb, relayed), now);
+    b.set_netmap(&sb.netmap(&sa, relayed), now);
     let packet = tcp_segment(sa.v4, sb.v4);
     a.handle_tun_packet(&packet, now);
     settle(&mut a, &mut b, &sa, &sb, now);
@@ -147,16 +195,14 @@ fn encapsulate_filter_decapsulate(c: &mut Criterion) {
         "the session is up and the filter admits the segment"
     );
 
-    let mut group = c.benchmark_group("core");
     group.throughput(Throughput::Bytes(packet.len() as u64));
-    group.bench_function("tcp_1400_a_to_b", |bench| {
+    group.bench_function(name, |bench| {
         bench.iter(|| {
             a.handle_tun_packet(black_box(&packet), now);
             let delivered = settle(&mut a, &mut b, &sa, &sb, now);
             black_box(delivered)
         });
     });
-    group.finish();
 }
 
 criterion_group!(benches, encapsulate_filter_decapsulate);

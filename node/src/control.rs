@@ -2,7 +2,12 @@
 //! reports what it learns to the daemon's main loop.
 //!
 //! A session is a QUIC connection, a Noise `IK` handshake bound to it, a
-//! registration and then a stream of netmaps. The node may know several
+//! registration and then a stream of netmaps. Where QUIC gets no answer
+//! (networks that block UDP) the same session runs over TLS on TCP to the
+//! same address and port, with the same handshake (bound to that TLS
+//! session) and the same frames; QUIC is tried first again on every later
+//! attempt ([`TransportMemory`]), so a network that unblocks UDP goes back to
+//! it. The node may know several
 //! replicas of the coordinator ([`Coordinators`]): the task tries their
 //! addresses in order (every address a name resolves to), gives each
 //! [`CONNECT_TIMEOUT`] to answer, stays with the first that works, and when
@@ -12,30 +17,40 @@
 //! keep working while the coordinator is away. A refusal that retrying
 //! cannot fix (deleted node, missing or spent auth key) ends the task.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use quinn::{ConnectionError, ReadError, ReadExactError};
+use quinn::{ConnectionError, ReadError};
 use rand::Rng as _;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use weft_proto::handshake::{HandshakeError, Initiator, RESPONSE_LEN};
 use weft_proto::{
     Advertisement, ClientMessage, Credential, DecodeError, FrameDecoder, LoginPrompt, NetMap,
-    NetMapDelta, PrivateKey, PublicKey, Refusal, RefusalCode, Register, RelayInfo, SelfNode,
-    ServerMessage,
+    NetMapDelta, Opener, PrivateKey, PublicKey, Refusal, RefusalCode, Register, RelayInfo,
+    SelfNode, ServerMessage, SignatureError,
 };
 
 use crate::coordinators::Coordinators;
+use crate::netmap_cache::CacheWriter;
 
 /// How often a registered node re-reports its attributes even when its
 /// posture file did not change; the coordinator stores only changes.
 const ATTRIBUTE_REFRESH: Duration = Duration::from_secs(180);
 
 /// How long one coordinator address gets to complete the QUIC handshake
-/// before the next is tried; a live replica answers within milliseconds.
+/// before TLS on TCP, and then the next address, is tried; a live replica
+/// answers within milliseconds.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long QUIC gets at an address where it got no answer last time but
+/// TCP worked: long enough for a network that unblocked UDP, short enough
+/// that reconnecting where UDP stays blocked is quick.
+const QUIC_RETRY_TIMEOUT: Duration = Duration::from_millis(300);
 
 /// What the control task needs to register the node.
 #[derive(Debug, Clone)]
@@ -104,7 +119,7 @@ pub enum ControlError {
         /// Why it did not resolve.
         reason: String,
     },
-    /// No QUIC connection could be made.
+    /// No connection could be made, over QUIC or TCP.
     #[error("cannot connect to the coordinator at {address}: {reason}")]
     Connect {
         /// The address given.
@@ -124,6 +139,9 @@ pub enum ControlError {
     /// The coordinator sent messages out of order.
     #[error("the coordinator broke the control protocol: {0}")]
     Protocol(&'static str),
+    /// A netmap did not verify; it was not applied.
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
 }
 
 /// The running control task; dropping it ends the session.
@@ -140,7 +158,19 @@ impl ControlTask {
         session: u64,
         updates: mpsc::Sender<ControlUpdate>,
     ) -> Self {
-        let handle = tokio::spawn(run(config, Emitter { session, updates }));
+        let handle = tokio::spawn(run(config, Emitter { session, updates }, None));
+        Self { session, handle }
+    }
+
+    /// Like [`ControlTask::spawn`], and keeps every verified netmap in
+    /// `cache` ([`crate::netmap_cache`]) before reporting it.
+    pub fn spawn_caching(
+        config: ControlConfig,
+        cache: CacheWriter,
+        session: u64,
+        updates: mpsc::Sender<ControlUpdate>,
+    ) -> Self {
+        let handle = tokio::spawn(run(config, Emitter { session, updates }, Some(cache)));
         Self { session, handle }
     }
 
@@ -219,8 +249,9 @@ enum Ended {
     DaemonGone,
 }
 
-async fn run(mut config: ControlConfig, emitter: Emitter) {
+async fn run(mut config: ControlConfig, emitter: Emitter, mut cache: Option<CacheWriter>) {
     let mut failover = Failover::new();
+    let mut transports = TransportMemory::default();
     let mut targets = Vec::new();
     loop {
         if failover.round_starts(targets.len()) {
@@ -231,7 +262,15 @@ async fn run(mut config: ControlConfig, emitter: Emitter) {
             [] => Err(unresolved(&config.coordinator)),
             all => {
                 let target = &all[failover.pick(all.len())];
-                session(&mut config, target, &emitter, &mut registered).await
+                session(
+                    &mut config,
+                    target,
+                    &mut transports,
+                    &emitter,
+                    &mut registered,
+                    &mut cache,
+                )
+                .await
             }
         };
         let event = match outcome {
@@ -240,6 +279,12 @@ async fn run(mut config: ControlConfig, emitter: Emitter) {
             Err(error) => ControlEvent::Disconnected(error),
         };
         let stop = event.is_final();
+        if stop {
+            // A node the coordinator no longer admits keeps no netmap to restart with.
+            if let Some(cache) = cache.as_mut() {
+                cache.discard();
+            }
+        }
         match &event {
             ControlEvent::Refused(r) => {
                 tracing::warn!(code = ?r.code, "coordinator refused the node: {}", r.message);
@@ -356,29 +401,35 @@ fn unresolved(coordinators: &Coordinators) -> ControlError {
 async fn session(
     config: &mut ControlConfig,
     target: &Target,
+    transports: &mut TransportMemory,
     emitter: &Emitter,
     registered: &mut bool,
+    cache: &mut Option<CacheWriter>,
 ) -> Result<Ended, ControlError> {
-    let (endpoint, connection) = connect(target).await?;
-    let result = exchange(config, &connection, target, emitter, registered).await;
-    connection.close(0u32.into(), b"node closing");
-    endpoint.close(0u32.into(), b"");
+    let mut channel = connect(target, transports).await?;
+    let result = exchange(config, &mut channel, target, emitter, registered, cache).await;
+    channel.close().await;
     result
 }
 
 async fn exchange(
     config: &mut ControlConfig,
-    connection: &quinn::Connection,
+    channel: &mut Channel,
     target: &Target,
     emitter: &Emitter,
     registered: &mut bool,
+    cache: &mut Option<CacheWriter>,
 ) -> Result<Ended, ControlError> {
-    let (mut send, mut recv) = connection
-        .open_bi()
-        .await
-        .map_err(|e| ControlError::Lost(e.to_string()))?;
-    handshake(config, connection, &mut send, &mut recv).await?;
-    tracing::info!(coordinator = %target.name, address = %target.remote, "connected to the coordinator");
+    let Channel {
+        transport,
+        send,
+        recv,
+        binding,
+        ..
+    } = channel;
+    let transport = *transport;
+    handshake(config, binding, send, recv).await?;
+    tracing::info!(coordinator = %target.name, address = %target.remote, %transport, "connected to the coordinator");
     if emitter
         .emit(ControlEvent::Connected(target.remote))
         .await
@@ -392,11 +443,10 @@ async fn exchange(
     let register = ClientMessage::Register(register_message(config));
     let frame = weft_proto::encode_frame(&register)
         .map_err(|_| ControlError::Protocol("registration too large to send"))?;
-    send.write_all(&frame)
-        .await
-        .map_err(|e| ControlError::Lost(e.to_string()))?;
+    write(send, &frame).await?;
 
     let mut decoder = FrameDecoder::new();
+    let mut opener = Opener::new(config.node_key);
     let mut buf = vec![0u8; 64 * 1024];
     // System attributes (OS version after an upgrade, disk encryption) change
     // without the posture file changing: re-report them periodically so
@@ -409,7 +459,11 @@ async fn exchange(
     let mut advertisement_open = true;
     loop {
         while let Some(message) = decoder.next_message::<ServerMessage>()? {
-            let event = match message {
+            let opened = opener.open(message)?;
+            if let (Some(cache), Some(signed)) = (cache.as_mut(), &opened.signed) {
+                keep(cache, &opened.message, signed);
+            }
+            let event = match opened.message {
                 ServerMessage::Refused(refusal) => return Ok(Ended::Refused(refusal)),
                 ServerMessage::LoginRequired(prompt) => {
                     let interactive = matches!(config.credential, Some(Credential::Interactive(_)));
@@ -433,6 +487,15 @@ async fn exchange(
                 ServerMessage::NetMap(netmap) => ControlEvent::NetMap(netmap),
                 ServerMessage::Delta(delta) => ControlEvent::Delta(delta),
                 ServerMessage::Relays(relays) => ControlEvent::Relays(relays),
+                ServerMessage::NetmapKey(key) => {
+                    if let Some(Err(e)) = cache.as_ref().map(|cache| cache.save_key(key)) {
+                        tracing::warn!("cannot keep the coordinator's netmap key; a restart during an outage will start without peers: {e}");
+                    }
+                    continue;
+                }
+                ServerMessage::Signed(_) => {
+                    return Err(ControlError::Protocol("a signed record was not opened"));
+                }
                 ServerMessage::RelayAdmissions { .. } => {
                     return Err(ControlError::Protocol(
                         "the coordinator sent relay admissions, which only relays ask for",
@@ -447,48 +510,61 @@ async fn exchange(
             read = recv.read(&mut buf) => read,
             changed = config.posture.changed(), if posture_open && *registered => {
                 match changed {
-                    Ok(()) => send_attributes(config, &mut send).await?,
+                    Ok(()) => send_attributes(config, send).await?,
                     Err(_) => posture_open = false,
                 }
                 continue;
             }
             changed = config.advertisement.changed(), if advertisement_open && *registered => {
                 match changed {
-                    Ok(()) => send_advertisement(config, &mut send).await?,
+                    Ok(()) => send_advertisement(config, send).await?,
                     Err(_) => advertisement_open = false,
                 }
                 continue;
             }
             _ = refresh.tick(), if *registered => {
-                send_attributes(config, &mut send).await?;
+                send_attributes(config, send).await?;
+                if let Some(cache) = cache.as_ref() {
+                    cache.touch();
+                }
                 continue;
             }
         };
         match read {
-            Ok(Some(n)) => decoder.push(&buf[..n]),
-            Ok(None) => {
+            Ok(0) => {
                 decoder.finish()?;
-                return Err(ControlError::Lost(
-                    "the coordinator closed the control stream".into(),
-                ));
+                return Err(ControlError::Lost(transport.ended().into()));
             }
-            Err(e) => return Err(ControlError::Lost(describe_read_error(&e))),
+            Ok(n) => decoder.push(&buf[..n]),
+            Err(e) => return Err(ControlError::Lost(describe_io_error(&e))),
         }
+    }
+}
+
+/// Stores a verified record before the daemon applies it. A cache that
+/// cannot keep up is dropped (the writer removes it), never left behind.
+fn keep(cache: &mut CacheWriter, message: &ServerMessage, signed: &weft_proto::SignedRecord) {
+    let result = match message {
+        ServerMessage::NetMap(netmap) => cache.netmap(netmap.self_node.id, signed),
+        _ => cache.delta(signed),
+    };
+    if let Err(e) = result {
+        tracing::warn!(
+            "not caching the netmap; a restart during an outage will start without peers: {e}"
+        );
     }
 }
 
 /// Reports the node's current attributes after a posture change.
 async fn send_attributes(
     config: &mut ControlConfig,
-    send: &mut quinn::SendStream,
+    send: &mut Writer,
 ) -> Result<(), ControlError> {
     let custom = config.posture.borrow_and_update().clone();
     let message = ClientMessage::UpdateAttributes(attributes(&config.hostname, &custom));
     let frame = weft_proto::encode_frame(&message)
         .map_err(|_| ControlError::Protocol("attributes too large to send"))?;
-    send.write_all(&frame)
-        .await
-        .map_err(|e| ControlError::Lost(e.to_string()))?;
+    write(send, &frame).await?;
     tracing::debug!("sent updated attributes");
     Ok(())
 }
@@ -496,53 +572,84 @@ async fn send_attributes(
 /// Reports where the node can be reached after it changed.
 async fn send_advertisement(
     config: &mut ControlConfig,
-    send: &mut quinn::SendStream,
+    send: &mut Writer,
 ) -> Result<(), ControlError> {
     let advertisement = config.advertisement.borrow_and_update().clone();
     tracing::debug!(endpoints = ?advertisement.endpoints, home_relay = ?advertisement.home_relay, "advertising");
     let message = ClientMessage::UpdateEndpoints(advertisement);
     let frame = weft_proto::encode_frame(&message)
         .map_err(|_| ControlError::Protocol("endpoints too large to send"))?;
-    send.write_all(&frame)
-        .await
-        .map_err(|e| ControlError::Lost(e.to_string()))
+    write(send, &frame).await
 }
 
+/// Writes `bytes` and pushes them out (TLS buffers records until flushed).
+async fn write(send: &mut Writer, bytes: &[u8]) -> Result<(), ControlError> {
+    send.write_all(bytes)
+        .await
+        .map_err(|e| ControlError::Lost(describe_io_error(&e)))?;
+    send.flush()
+        .await
+        .map_err(|e| ControlError::Lost(describe_io_error(&e)))
+}
+
+/// The Noise handshake, bound to the transport's TLS session by `binding`.
 async fn handshake(
     config: &ControlConfig,
-    connection: &quinn::Connection,
-    send: &mut quinn::SendStream,
-    recv: &mut quinn::RecvStream,
+    binding: &[u8; 32],
+    send: &mut Writer,
+    recv: &mut Reader,
 ) -> Result<(), ControlError> {
-    let mut binding = [0u8; 32];
-    connection
-        .export_keying_material(&mut binding, weft_proto::EXPORTER_LABEL, b"")
-        .map_err(|_| ControlError::Protocol("the TLS session cannot export a channel binding"))?;
     let (initiator, initiation) =
-        Initiator::start(&config.machine_key, &config.coordinator_key, &binding)?;
-    send.write_all(&initiation)
-        .await
-        .map_err(|e| ControlError::Lost(e.to_string()))?;
+        Initiator::start(&config.machine_key, &config.coordinator_key, binding)?;
+    write(send, &initiation).await?;
     let mut response = [0u8; RESPONSE_LEN];
-    recv.read_exact(&mut response)
-        .await
-        .map_err(handshake_read_error)?;
+    let mut filled = 0;
+    while filled < RESPONSE_LEN {
+        match recv.read(&mut response[filled..]).await {
+            // Closed instead of answering: QUIC's stream finished, or TLS's close_notify.
+            Ok(0) => return Err(ControlError::Handshake(HandshakeError::Authentication)),
+            Ok(n) => filled += n,
+            Err(e) => return Err(handshake_read_error(&e)),
+        }
+    }
     initiator.finish(&response)?;
     Ok(())
 }
 
-/// A coordinator that cannot authenticate us closes the connection (with
-/// `CLOSE_HANDSHAKE_FAILED`) instead of answering, so any end of the stream
-/// during the handshake means the pinned key is wrong — except a plain
-/// transport failure, which is reported as such.
-fn handshake_read_error(error: ReadExactError) -> ControlError {
-    match error {
-        ReadExactError::ReadError(ReadError::ConnectionLost(
+/// A coordinator that cannot authenticate us closes the connection (QUIC
+/// with `CLOSE_HANDSHAKE_FAILED`, TLS with `close_notify`) instead of
+/// answering, so an end of the stream during the handshake means the pinned
+/// key is wrong — except a plain transport failure (a QUIC timeout, a TCP
+/// reset or a TCP close without TLS's), which is reported as such.
+fn handshake_read_error(error: &std::io::Error) -> ControlError {
+    match quic_read_error(error) {
+        Some(ReadError::ConnectionLost(
             e @ (ConnectionError::TimedOut
             | ConnectionError::LocallyClosed
             | ConnectionError::CidsExhausted),
         )) => ControlError::Lost(e.to_string()),
-        _ => ControlError::Handshake(HandshakeError::Authentication),
+        Some(_) => ControlError::Handshake(HandshakeError::Authentication),
+        None => ControlError::Lost(describe_io_error(error)),
+    }
+}
+
+/// The QUIC error under an IO error from a QUIC stream.
+fn quic_read_error(error: &std::io::Error) -> Option<&ReadError> {
+    error.get_ref()?.downcast_ref::<ReadError>()
+}
+
+fn describe_io_error(error: &std::io::Error) -> String {
+    if let Some(quic) = quic_read_error(error) {
+        return describe_read_error(quic);
+    }
+    match error.kind() {
+        std::io::ErrorKind::UnexpectedEof => {
+            "the TCP connection closed without a TLS close from the coordinator".into()
+        }
+        std::io::ErrorKind::TimedOut => {
+            format!("the coordinator stopped answering over TCP ({error})")
+        }
+        _ => error.to_string(),
     }
 }
 
@@ -587,32 +694,233 @@ pub(crate) fn attributes(
     attributes
 }
 
-async fn connect(target: &Target) -> Result<(quinn::Endpoint, quinn::Connection), ControlError> {
+/// How a control session reaches the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transport {
+    Quic,
+    /// TLS on TCP, where UDP is blocked.
+    Tcp,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Quic => "QUIC",
+            Transport::Tcp => "TLS over TCP",
+        })
+    }
+}
+
+impl Transport {
+    /// What the stream ending cleanly means: QUIC's coordinator finishes
+    /// the stream only as it closes the connection; over TLS a
+    /// `close_notify` is how it ends a session on purpose.
+    fn ended(self) -> &'static str {
+        match self {
+            Transport::Quic => "the coordinator closed the control stream",
+            Transport::Tcp => "the coordinator ended the session (TLS close)",
+        }
+    }
+}
+
+/// Per address, whether QUIC got no answer last time and TCP worked. QUIC
+/// is still tried first there, but only for [`QUIC_RETRY_TIMEOUT`], so a
+/// node behind a network that blocks UDP reconnects quickly while one whose
+/// network unblocked UDP goes back to QUIC.
+#[derive(Debug, Default)]
+pub(crate) struct TransportMemory {
+    over_tcp: HashSet<SocketAddr>,
+}
+
+impl TransportMemory {
+    /// How long QUIC gets at `remote`.
+    pub(crate) fn quic_timeout(&self, remote: SocketAddr) -> Duration {
+        if self.over_tcp.contains(&remote) {
+            QUIC_RETRY_TIMEOUT
+        } else {
+            CONNECT_TIMEOUT
+        }
+    }
+
+    /// Records that `transport` connected to `remote`.
+    pub(crate) fn connected(&mut self, remote: SocketAddr, transport: Transport) {
+        match transport {
+            Transport::Quic => self.over_tcp.remove(&remote),
+            Transport::Tcp => self.over_tcp.insert(remote),
+        };
+    }
+}
+
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+type Reader = Box<dyn AsyncRead + Unpin + Send>;
+
+/// A connection to a coordinator, before the Noise handshake: the two
+/// directions of its byte stream and the value that binds the handshake to
+/// its TLS session.
+struct Channel {
+    transport: Transport,
+    send: Writer,
+    recv: Reader,
+    binding: [u8; 32],
+    /// QUIC's connection, closed with the session.
+    quic: Option<(quinn::Endpoint, quinn::Connection)>,
+}
+
+impl Channel {
+    async fn close(mut self) {
+        match self.quic.take() {
+            Some((endpoint, connection)) => {
+                connection.close(0u32.into(), b"node closing");
+                endpoint.close(0u32.into(), b"");
+            }
+            // Tell the coordinator this end was deliberate (TLS close_notify).
+            None => {
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(200), self.send.shutdown()).await;
+            }
+        }
+    }
+}
+
+/// Why QUIC did not connect.
+enum QuicFailure {
+    /// Nothing answered (UDP blocked, or nobody there): worth trying TCP.
+    NoAnswer(String),
+    /// Something answered and refused; TCP would reach the same server.
+    Refused(String),
+}
+
+/// Connects over QUIC, or over TLS on TCP when QUIC gets no answer.
+async fn connect(target: &Target, memory: &mut TransportMemory) -> Result<Channel, ControlError> {
     let connect_error = |reason: String| ControlError::Connect {
         address: format!("{} ({})", target.name, target.remote),
         reason,
     };
-    let bind: SocketAddr = if target.remote.is_ipv6() {
+    let quic = match connect_quic(target.remote, memory.quic_timeout(target.remote)).await {
+        Ok(channel) => {
+            memory.connected(target.remote, Transport::Quic);
+            return Ok(channel);
+        }
+        Err(QuicFailure::Refused(reason)) => return Err(connect_error(reason)),
+        Err(QuicFailure::NoAnswer(reason)) => reason,
+    };
+    tracing::debug!(address = %target.remote, "QUIC failed ({quic}); trying TLS over TCP");
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect_tcp(target.remote)).await {
+        Ok(Ok(channel)) => {
+            memory.connected(target.remote, Transport::Tcp);
+            Ok(channel)
+        }
+        Ok(Err(tcp)) => Err(connect_error(format!("{quic}; over TCP: {tcp}"))),
+        Err(_) => Err(connect_error(format!(
+            "{quic}; over TCP: no answer within {} ms",
+            CONNECT_TIMEOUT.as_millis()
+        ))),
+    }
+}
+
+async fn connect_quic(remote: SocketAddr, wait: Duration) -> Result<Channel, QuicFailure> {
+    let local = |e: &dyn std::fmt::Display| QuicFailure::NoAnswer(format!("QUIC: {e}"));
+    let bind: SocketAddr = if remote.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_error(e.to_string()))?;
-    endpoint.set_default_client_config(tls::client_config().map_err(connect_error)?);
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| local(&e))?;
+    endpoint.set_default_client_config(tls::client_config().map_err(|e| local(&e))?);
     let connecting = endpoint
-        .connect(target.remote, tls::SERVER_NAME)
-        .map_err(|e| connect_error(e.to_string()))?;
-    let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Ok(connected) => connected.map_err(|e| connect_error(e.to_string()))?,
+        .connect(remote, tls::SERVER_NAME)
+        .map_err(|e| local(&e))?;
+    let connection = match tokio::time::timeout(wait, connecting).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(e @ ConnectionError::TimedOut)) => return Err(local(&e)),
+        Ok(Err(e)) => return Err(QuicFailure::Refused(e.to_string())),
         Err(_) => {
             endpoint.close(0u32.into(), b"");
-            return Err(connect_error(format!(
+            return Err(QuicFailure::NoAnswer(format!(
                 "no answer within {} ms",
-                CONNECT_TIMEOUT.as_millis()
+                wait.as_millis()
             )));
         }
     };
-    Ok((endpoint, connection))
+    let opened = async {
+        let mut binding = [0u8; 32];
+        connection
+            .export_keying_material(&mut binding, weft_proto::EXPORTER_LABEL, b"")
+            .map_err(|_| "the TLS session cannot export a channel binding".to_owned())?;
+        let (send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((binding, send, recv))
+    };
+    match opened.await {
+        Ok((binding, send, recv)) => Ok(Channel {
+            transport: Transport::Quic,
+            send: Box::new(send),
+            recv: Box::new(recv),
+            binding,
+            quic: Some((endpoint, connection)),
+        }),
+        Err(reason) => {
+            connection.close(0u32.into(), b"");
+            endpoint.close(0u32.into(), b"");
+            Err(QuicFailure::Refused(reason))
+        }
+    }
+}
+
+async fn connect_tcp(remote: SocketAddr) -> Result<Channel, String> {
+    let tcp = TcpStream::connect(remote)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    if let Err(e) = tcp::keep_alive(&tcp) {
+        tracing::debug!("cannot enable TCP keep-alive on the control connection: {e}");
+    }
+    let config = weft_proto::tls::client_config(weft_proto::ALPN).map_err(|e| e.to_string())?;
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from(tls::SERVER_NAME)
+        .map_err(|e| e.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let mut binding = [0u8; 32];
+    stream
+        .get_ref()
+        .1
+        .export_keying_material(&mut binding, weft_proto::EXPORTER_LABEL, Some(b""))
+        .map_err(|_| "the TLS session cannot export a channel binding".to_owned())?;
+    let (recv, send) = tokio::io::split(stream);
+    Ok(Channel {
+        transport: Transport::Tcp,
+        send: Box::new(send),
+        recv: Box::new(recv),
+        binding,
+        quic: None,
+    })
+}
+
+mod tcp {
+    //! Liveness of a control session on TCP, matching QUIC's keep-alive
+    //! (1 s) and idle timeout (3 s): a coordinator that vanishes without
+    //! closing the connection is noticed within about 3 s whether or not
+    //! the node has data in flight.
+
+    use std::os::fd::AsFd;
+
+    use nix::sys::socket::{setsockopt, sockopt};
+
+    /// Idle time before the first probe, and between probes (seconds).
+    const KEEPALIVE_IDLE_S: u32 = 1;
+    const KEEPALIVE_INTERVAL_S: u32 = 1;
+    const KEEPALIVE_PROBES: u32 = 2;
+    /// Unacknowledged data (or probes) this long ends the connection.
+    const USER_TIMEOUT_MS: u32 = 3_000;
+
+    pub(super) fn keep_alive(stream: &impl AsFd) -> nix::Result<()> {
+        setsockopt(stream, sockopt::KeepAlive, &true)?;
+        setsockopt(stream, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE_S)?;
+        setsockopt(stream, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL_S)?;
+        setsockopt(stream, sockopt::TcpKeepCount, &KEEPALIVE_PROBES)?;
+        setsockopt(stream, sockopt::TcpUserTimeout, &USER_TIMEOUT_MS)
+    }
 }
 
 mod tls {
@@ -704,13 +1012,62 @@ mod tests {
     }
 
     #[test]
-    fn an_early_close_in_the_handshake_blames_the_pinned_key() {
-        let err = handshake_read_error(ReadExactError::FinishedEarly(0));
+    fn a_quic_close_in_the_handshake_blames_the_pinned_key() {
+        let closed = ReadError::ConnectionLost(ConnectionError::ApplicationClosed(
+            quinn::ApplicationClose {
+                error_code: weft_proto::CLOSE_HANDSHAKE_FAILED.into(),
+                reason: bytes::Bytes::from_static(b"handshake failed"),
+            },
+        ));
+        let err = handshake_read_error(&closed.into());
         assert!(err.to_string().contains("--coordinator-key"), "{err}");
-        let err = handshake_read_error(ReadExactError::ReadError(ReadError::ConnectionLost(
-            ConnectionError::TimedOut,
-        )));
-        assert!(matches!(err, ControlError::Lost(_)));
+        let err =
+            handshake_read_error(&ReadError::ConnectionLost(ConnectionError::TimedOut).into());
+        assert!(matches!(err, ControlError::Lost(_)), "{err}");
+    }
+
+    #[test]
+    fn a_tcp_failure_in_the_handshake_is_a_lost_connection() {
+        // A TCP close without TLS's close_notify, and a reset: the network, not the key.
+        let unclean = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "peer closed");
+        let err = handshake_read_error(&unclean);
+        assert!(
+            matches!(&err, ControlError::Lost(reason) if reason.contains("without a TLS close")),
+            "{err}"
+        );
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(matches!(
+            handshake_read_error(&reset),
+            ControlError::Lost(_)
+        ));
+    }
+
+    #[test]
+    fn a_quic_close_mid_session_names_the_coordinator() {
+        let closed = ReadError::ConnectionLost(ConnectionError::ApplicationClosed(
+            quinn::ApplicationClose {
+                error_code: weft_proto::CLOSE_BY_COORDINATOR.into(),
+                reason: bytes::Bytes::from_static(b"replaced by a newer session"),
+            },
+        ));
+        assert_eq!(
+            describe_io_error(&closed.into()),
+            "the coordinator ended the session (replaced by a newer session)"
+        );
+    }
+
+    #[test]
+    fn quic_is_retried_briefly_where_only_tcp_worked() {
+        let remote: SocketAddr = "192.0.2.1:7443".parse().unwrap();
+        let other: SocketAddr = "192.0.2.2:7443".parse().unwrap();
+        let mut memory = TransportMemory::default();
+        assert_eq!(memory.quic_timeout(remote), CONNECT_TIMEOUT);
+        memory.connected(remote, Transport::Tcp);
+        assert_eq!(memory.quic_timeout(remote), QUIC_RETRY_TIMEOUT);
+        assert_eq!(memory.quic_timeout(other), CONNECT_TIMEOUT);
+        // UDP works again: back to the full wait, which only a dead address pays.
+        memory.connected(remote, Transport::Quic);
+        assert_eq!(memory.quic_timeout(remote), CONNECT_TIMEOUT);
     }
 
     #[test]
@@ -797,6 +1154,72 @@ mod tests {
                 }
             });
             (addr, seen)
+        }
+    }
+
+    /// What a coordinator sends after registration: its netmap key and the
+    /// signed netmap, the signature broken when `tamper`.
+    fn signed_hello(
+        key: &PrivateKey,
+        node_key: PublicKey,
+        netmap: &NetMap,
+        tamper: bool,
+    ) -> Vec<ServerMessage> {
+        use weft_proto::signing::{Chain, NetmapSigner, Record};
+        let signer = NetmapSigner::derive(key);
+        let mut signed = Chain::new(netmap.self_node.id, node_key)
+            .sign(&signer, &Record::NetMap(netmap.clone()))
+            .unwrap();
+        if tamper {
+            signed.signature[0] ^= 1;
+        }
+        vec![
+            ServerMessage::Registered(netmap.self_node.clone()),
+            ServerMessage::NetmapKey(signer.public_key()),
+            ServerMessage::Signed(signed),
+        ]
+    }
+
+    #[tokio::test]
+    async fn a_netmap_that_does_not_verify_ends_the_session_unapplied() {
+        let key = PrivateKey::generate();
+        let node_key = PrivateKey::generate().public_key();
+        let netmap = empty_netmap();
+        let (addr, _seen) = fake_coordinator::start(
+            key.clone(),
+            signed_hello(&key, node_key, &netmap, true),
+            false,
+        );
+        let mut config = config(addr, key.public_key());
+        config.node_key = node_key;
+        let state = tempfile::tempdir().unwrap();
+        let cache = CacheWriter::new(state.path(), key.public_key());
+        let (tx, mut updates) = mpsc::channel(8);
+        let _task = ControlTask::spawn_caching(config, cache, 9, tx);
+
+        assert!(matches!(
+            next(&mut updates).await.event,
+            ControlEvent::Registered(_)
+        ));
+        let update = next(&mut updates).await;
+        assert!(
+            matches!(
+                update.event,
+                ControlEvent::Disconnected(ControlError::Signature(SignatureError::BadSignature))
+            ),
+            "{update:?}"
+        );
+        assert!(!state.path().join("netmap.cache").exists());
+    }
+
+    /// A first netmap with no peers.
+    fn empty_netmap() -> NetMap {
+        NetMap {
+            revision: 1,
+            self_node: self_node(),
+            peers: vec![],
+            filter: weft_proto::PacketFilter::default(),
+            capabilities: Vec::new(),
         }
     }
 
@@ -998,25 +1421,19 @@ mod tests {
     #[tokio::test]
     async fn a_node_registers_and_receives_its_netmap() {
         let key = PrivateKey::generate();
-        let netmap = NetMap {
-            revision: 1,
-            self_node: self_node(),
-            peers: vec![],
-            filter: weft_proto::PacketFilter::default(),
-            capabilities: Vec::new(),
-        };
+        let node_key = PrivateKey::generate().public_key();
+        let netmap = empty_netmap();
         let (addr, mut seen) = fake_coordinator::start(
             key.clone(),
-            vec![
-                ServerMessage::Registered(self_node()),
-                ServerMessage::NetMap(netmap.clone()),
-            ],
+            signed_hello(&key, node_key, &netmap, false),
             false,
         );
-        let config = config(addr, key.public_key());
-        let node_key = config.node_key;
+        let mut config = config(addr, key.public_key());
+        config.node_key = node_key;
+        let state = tempfile::tempdir().unwrap();
+        let cache = CacheWriter::new(state.path(), key.public_key());
         let (tx, mut updates) = mpsc::channel(8);
-        let _task = ControlTask::spawn(config, 9, tx);
+        let _task = ControlTask::spawn_caching(config, cache, 9, tx);
 
         let update = next(&mut updates).await;
         assert_eq!(update.session, 9);
@@ -1026,6 +1443,17 @@ mod tests {
         );
         assert!(
             matches!(next(&mut updates).await.event, ControlEvent::NetMap(ref m) if *m == netmap)
+        );
+        let cached = crate::netmap_cache::restore(
+            state.path(),
+            key.public_key(),
+            node_key,
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+        assert_eq!(
+            cached, netmap,
+            "the verified netmap is cached before it is reported"
         );
 
         let register = seen.recv().await.unwrap();

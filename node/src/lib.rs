@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod endpoints;
 pub mod filter;
 mod key_text;
+pub mod netmap_cache;
 pub mod posture;
 pub mod state;
 pub mod tun_device;

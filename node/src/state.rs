@@ -7,6 +7,9 @@
 //!                             by workloads at every re-authentication)
 //!   prefs.json          0600  coordinator, its pinned key, hostname,
 //!                             want_running, the identity token file's path
+//!   netmap.signer       0600  the key the pinned coordinator signs netmaps with
+//!   netmap.cache        0600  the last session's signed netmap records
+//!                             ([`crate::netmap_cache`])
 //! ```
 //!
 //! Neither the auth key nor a workload's identity token is ever stored: once
@@ -102,6 +105,11 @@ impl StateDir {
         })
     }
 
+    /// The directory itself.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The Noise machine key, created on first use.
     pub fn machine_key(&self) -> Result<PrivateKey, StateError> {
         self.load_or_create_key("machine.key")
@@ -114,7 +122,10 @@ impl StateDir {
 
     /// Replaces the WireGuard node key after a rotation.
     pub fn save_node_key(&self, key: &PrivateKey) -> Result<(), StateError> {
-        write_private(&self.path.join("node.key"), key.to_base64().as_bytes())
+        Ok(write_private(
+            &self.path.join("node.key"),
+            key.to_base64().as_bytes(),
+        )?)
     }
 
     /// The saved preferences, or `None` before the first `weft up`.
@@ -140,7 +151,7 @@ impl StateDir {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        write_private(&path, text.as_bytes())
+        Ok(write_private(&path, text.as_bytes())?)
     }
 
     fn load_or_create_key(&self, name: &str) -> Result<PrivateKey, StateError> {
@@ -158,21 +169,48 @@ impl StateDir {
     }
 }
 
-/// Writes a file readable by its owner only, via a temporary file and a
-/// rename so a crash never leaves half a key behind.
-fn write_private(path: &Path, contents: &[u8]) -> Result<(), StateError> {
+/// Writes a file readable by its owner only, via a synced temporary file
+/// and a rename, so a crash leaves the old file or the new one — never half
+/// a key or a torn cache.
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), WriteFailure> {
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
+    let failed = |action, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| WriteFailure {
+            action,
+            path,
+            source,
+        }
+    };
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&tmp)
-        .map_err(|source| io_error("create", &tmp, source))?;
+        .map_err(failed("create", &tmp))?;
     file.write_all(contents)
         .and_then(|()| file.sync_all())
-        .map_err(|source| io_error("write", &tmp, source))?;
-    fs::rename(&tmp, path).map_err(|source| io_error("replace", path, source))
+        .map_err(failed("write", &tmp))?;
+    fs::rename(&tmp, path).map_err(failed("replace", path))
+}
+
+/// The step of [`write_private`] that failed.
+#[derive(Debug)]
+pub(crate) struct WriteFailure {
+    pub(crate) action: &'static str,
+    pub(crate) path: PathBuf,
+    pub(crate) source: std::io::Error,
+}
+
+impl From<WriteFailure> for StateError {
+    fn from(f: WriteFailure) -> Self {
+        StateError::Io {
+            action: f.action,
+            path: f.path,
+            source: f.source,
+        }
+    }
 }
 
 fn io_error(action: &'static str, path: &Path, source: std::io::Error) -> StateError {

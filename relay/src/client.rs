@@ -6,10 +6,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -45,13 +46,13 @@ pub enum ClientError {
     /// The relay sent something that is not the relay protocol.
     #[error("relay protocol error: {0}")]
     Protocol(String),
-    /// The packet does not fit in one datagram of this connection.
-    #[error("packet of {len} bytes does not fit the relay connection's datagram limit of {max}; lower the tunnel MTU")]
-    TooLarge {
+    /// The packet is larger than a datagram of this connection and the
+    /// queue of such packets for its stream is full; it was dropped, as a
+    /// congested path would.
+    #[error("relay session congested: packet of {len} bytes dropped")]
+    Congested {
         /// The encoded message size.
         len: usize,
-        /// What the connection carries now.
-        max: usize,
     },
 }
 
@@ -76,12 +77,55 @@ pub fn endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
     Ok(endpoint)
 }
 
+/// A QUIC client endpoint for relay sessions, bound to `bind`, whose
+/// connections send a keep-alive every `keep_alive` and end after
+/// `idle_timeout` without hearing from the relay: the node notices a relay
+/// that died within about `idle_timeout` instead of the default 15 s.
+pub fn endpoint_with_timers(
+    bind: SocketAddr,
+    keep_alive: Duration,
+    idle_timeout: Duration,
+) -> Result<quinn::Endpoint, ClientError> {
+    let connect = |e: &dyn std::fmt::Display| ClientError::Connect(e.to_string());
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect(&e))?;
+    let tls = tls::client_tls(RELAY_ALPN).map_err(|e| connect(&e))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| connect(&e))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(keep_alive));
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(idle_timeout).map_err(|e| connect(&e))?,
+    ));
+    config.transport_config(Arc::new(transport));
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}
+
+/// Oversized messages queued for the handshake stream before further ones
+/// are dropped.
+const STREAM_QUEUE: usize = 64;
+
 /// A node's session with a relay over QUIC.
+///
+/// Messages travel as datagrams; one larger than the connection's current
+/// datagram limit (a full-size WireGuard packet can be, once QUIC's
+/// overhead is added to a 1500-byte path MTU) travels as a stream frame on
+/// the handshake stream instead, both ways.
 #[derive(Debug)]
 pub struct RelayClient {
     conn: quinn::Connection,
-    /// Kept open: the relay's end of the handshake stream.
-    _stream: (quinn::SendStream, quinn::RecvStream),
+    /// Oversized messages, for the task writing them to the stream.
+    oversize: tokio::sync::mpsc::Sender<Vec<u8>>,
+    /// Oversized messages from the relay.
+    stream: tokio::sync::Mutex<StreamReader>,
+}
+
+#[derive(Debug)]
+struct StreamReader {
+    recv: quinn::RecvStream,
+    decoder: StreamDecoder,
+    buf: Vec<u8>,
+    open: bool,
 }
 
 impl RelayClient {
@@ -120,10 +164,20 @@ impl RelayClient {
         loop {
             if let Some(frame) = decoder.next_frame()? {
                 return match relay::decode(frame)? {
-                    Message::Admitted => Ok(Self {
-                        conn,
-                        _stream: (send, recv),
-                    }),
+                    Message::Admitted => {
+                        let (oversize, queue) = tokio::sync::mpsc::channel(STREAM_QUEUE);
+                        tokio::spawn(write_oversize(send, queue));
+                        Ok(Self {
+                            conn,
+                            oversize,
+                            stream: tokio::sync::Mutex::new(StreamReader {
+                                recv,
+                                decoder,
+                                buf: vec![0u8; 16 * 1024],
+                                open: true,
+                            }),
+                        })
+                    }
                     Message::Closed { code } => Err(ClientError::Closed {
                         code,
                         reason: reason_of(code),
@@ -147,15 +201,16 @@ impl RelayClient {
     }
 
     /// Sends `payload` (a WireGuard packet) to the node holding `to`.
-    /// Unreliable, like UDP: the relay drops what it cannot deliver.
+    /// Unreliable, like UDP: the relay drops what it cannot deliver. A
+    /// packet larger than [`RelayClient::max_payload`] goes on the stream.
     pub fn send(&self, to: &PublicKey, payload: &[u8]) -> Result<(), ClientError> {
         let message = Message::Send { to: *to, payload }.to_vec()?;
-        let max = self.conn.max_datagram_size().unwrap_or(0);
-        if message.len() > max {
-            return Err(ClientError::TooLarge {
-                len: message.len(),
-                max,
-            });
+        if message.len() > self.conn.max_datagram_size().unwrap_or(0) {
+            let len = message.len();
+            return self
+                .oversize
+                .try_send(message)
+                .map_err(|_| ClientError::Congested { len });
         }
         self.conn
             .send_datagram(Bytes::from(message))
@@ -165,16 +220,53 @@ impl RelayClient {
             })
     }
 
-    /// The next packet from another node: its sender's key and the payload.
+    /// The next packet from another node, by datagram or on the stream:
+    /// its sender's key and the payload. Cancel-safe.
     pub async fn recv(&self) -> Result<(PublicKey, Bytes), ClientError> {
+        let mut guard = self.stream.lock().await;
+        let reader = &mut *guard;
         loop {
-            let datagram = self.conn.read_datagram().await.map_err(closed)?;
-            // Anything but a Recv is ignored, as the relay ignores garbage.
-            if let Ok(Message::Recv { from, payload }) = relay::decode(&datagram) {
-                let start = datagram.len() - payload.len();
-                return Ok((from, datagram.slice(start..)));
+            while let Some(frame) = reader.decoder.next_frame()? {
+                match relay::decode(frame)? {
+                    Message::Recv { from, payload } => {
+                        return Ok((from, Bytes::copy_from_slice(payload)))
+                    }
+                    Message::Closed { code } => {
+                        return Err(ClientError::Closed {
+                            code,
+                            reason: reason_of(code),
+                        })
+                    }
+                    _ => {}
+                }
+            }
+            tokio::select! {
+                datagram = self.conn.read_datagram() => {
+                    let datagram = datagram.map_err(closed)?;
+                    // Anything but a Recv is ignored, as the relay ignores garbage.
+                    if let Ok(Message::Recv { from, payload }) = relay::decode(&datagram) {
+                        let start = datagram.len() - payload.len();
+                        return Ok((from, datagram.slice(start..)));
+                    }
+                }
+                read = reader.recv.read(&mut reader.buf), if reader.open => match read {
+                    Ok(Some(n)) => reader.decoder.push(&reader.buf[..n]),
+                    // The relay finished its stream; datagrams may still flow.
+                    Ok(None) => reader.open = false,
+                    Err(e) => {
+                        return Err(match self.conn.close_reason() {
+                            Some(reason) => closed(reason),
+                            None => ClientError::Lost(e.to_string()),
+                        })
+                    }
+                },
             }
         }
+    }
+
+    /// The connection's current round-trip time estimate.
+    pub fn rtt(&self) -> Duration {
+        self.conn.rtt()
     }
 
     /// The largest payload this connection carries in one datagram now.
@@ -194,6 +286,22 @@ impl RelayClient {
 #[derive(Debug)]
 pub struct TcpRelayClient {
     stream: TlsStream<TcpStream>,
+    decoder: StreamDecoder,
+    buf: Vec<u8>,
+    rtt: Duration,
+}
+
+/// The sending half of a [`TcpRelayClient`], for a task of its own.
+#[derive(Debug)]
+pub struct TcpRelaySender {
+    stream: WriteHalf<TlsStream<TcpStream>>,
+}
+
+/// The receiving half of a [`TcpRelayClient`]; [`TcpRelayReceiver::recv`]
+/// is cancel-safe.
+#[derive(Debug)]
+pub struct TcpRelayReceiver {
+    stream: ReadHalf<TlsStream<TcpStream>>,
     decoder: StreamDecoder,
     buf: Vec<u8>,
 }
@@ -226,6 +334,7 @@ impl TcpRelayClient {
             .map_err(|e| ClientError::Connect(e.to_string()))?;
         let (initiator, initiation) =
             Initiator::start_for(Purpose::Relay, node_key, relay_key, &binding)?;
+        let sent = Instant::now();
         stream
             .write_all(&initiation)
             .await
@@ -238,11 +347,14 @@ impl TcpRelayClient {
                 code: CLOSE_HANDSHAKE_FAILED,
                 reason: "the relay ended the connection during the handshake".into(),
             })?;
+        // One round trip over this very path, TLS and TCP included.
+        let rtt = sent.elapsed();
         initiator.finish(&response)?;
         let mut client = Self {
             stream,
             decoder: StreamDecoder::new(),
             buf: vec![0u8; 16 * 1024],
+            rtt,
         };
         match client.next_message().await? {
             Admission::Admitted => Ok(client),
@@ -254,32 +366,34 @@ impl TcpRelayClient {
 
     /// Sends `payload` to the node holding `to`.
     pub async fn send(&mut self, to: &PublicKey, payload: &[u8]) -> Result<(), ClientError> {
-        let message = Message::Send { to: *to, payload }.to_vec()?;
-        write_frame(&mut self.stream, &message)
-            .await
-            .map_err(|e| ClientError::Lost(e.to_string()))
+        send_frame(&mut self.stream, to, payload).await
     }
 
     /// The next packet from another node. Not cancel-safe against `send` on
-    /// the same client; use one task per direction via a channel if needed.
+    /// the same client; [`TcpRelayClient::into_split`] gives each direction
+    /// its own half.
     pub async fn recv(&mut self) -> Result<(PublicKey, Bytes), ClientError> {
-        loop {
-            if let Some(frame) = self.decoder.next_frame()? {
-                match relay::decode(frame)? {
-                    Message::Recv { from, payload } => {
-                        return Ok((from, Bytes::copy_from_slice(payload)))
-                    }
-                    Message::Closed { code } => {
-                        return Err(ClientError::Closed {
-                            code,
-                            reason: reason_of(code),
-                        })
-                    }
-                    _ => continue,
-                }
-            }
-            self.fill().await?;
-        }
+        next_packet(&mut self.stream, &mut self.decoder, &mut self.buf).await
+    }
+
+    /// The round-trip time of the relay handshake on this connection.
+    /// The relay protocol has no ping, so this is the session's one
+    /// measurement.
+    pub fn rtt(&self) -> Duration {
+        self.rtt
+    }
+
+    /// Splits the session into a sending and a receiving half.
+    pub fn into_split(self) -> (TcpRelaySender, TcpRelayReceiver) {
+        let (read, write) = tokio::io::split(self.stream);
+        (
+            TcpRelaySender { stream: write },
+            TcpRelayReceiver {
+                stream: read,
+                decoder: self.decoder,
+                buf: self.buf,
+            },
+        )
     }
 
     async fn next_message(&mut self) -> Result<Admission, ClientError> {
@@ -299,16 +413,96 @@ impl TcpRelayClient {
     }
 
     async fn fill(&mut self) -> Result<(), ClientError> {
-        match self.stream.read(&mut self.buf).await {
-            Ok(0) => {
-                self.decoder.finish()?;
-                Err(ClientError::Lost("the relay closed the connection".into()))
+        fill(&mut self.stream, &mut self.decoder, &mut self.buf).await
+    }
+}
+
+/// The TCP socket, for the node to tune how fast a silent relay is noticed
+/// (keep-alive, `TCP_USER_TIMEOUT`): the relay protocol has no ping.
+impl std::os::fd::AsFd for TcpRelayClient {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.stream.get_ref().0.as_fd()
+    }
+}
+
+impl TcpRelaySender {
+    /// Sends `payload` to the node holding `to`.
+    pub async fn send(&mut self, to: &PublicKey, payload: &[u8]) -> Result<(), ClientError> {
+        send_frame(&mut self.stream, to, payload).await
+    }
+}
+
+impl TcpRelayReceiver {
+    /// The next packet from another node; cancel-safe.
+    pub async fn recv(&mut self) -> Result<(PublicKey, Bytes), ClientError> {
+        next_packet(&mut self.stream, &mut self.decoder, &mut self.buf).await
+    }
+}
+
+async fn send_frame<W: tokio::io::AsyncWrite + Unpin>(
+    stream: &mut W,
+    to: &PublicKey,
+    payload: &[u8],
+) -> Result<(), ClientError> {
+    let message = Message::Send { to: *to, payload }.to_vec()?;
+    write_frame(stream, &message)
+        .await
+        .map_err(|e| ClientError::Lost(e.to_string()))
+}
+
+/// Reads until a whole `Recv` arrives. Cancel-safe: bytes read stay in
+/// `decoder`.
+async fn next_packet<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    decoder: &mut StreamDecoder,
+    buf: &mut [u8],
+) -> Result<(PublicKey, Bytes), ClientError> {
+    loop {
+        if let Some(frame) = decoder.next_frame()? {
+            match relay::decode(frame)? {
+                Message::Recv { from, payload } => {
+                    return Ok((from, Bytes::copy_from_slice(payload)))
+                }
+                Message::Closed { code } => {
+                    return Err(ClientError::Closed {
+                        code,
+                        reason: reason_of(code),
+                    })
+                }
+                _ => continue,
             }
-            Ok(n) => {
-                self.decoder.push(&self.buf[..n]);
-                Ok(())
-            }
-            Err(e) => Err(ClientError::Lost(e.to_string())),
+        }
+        fill(stream, decoder, buf).await?;
+    }
+}
+
+async fn fill<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    decoder: &mut StreamDecoder,
+    buf: &mut [u8],
+) -> Result<(), ClientError> {
+    match stream.read(buf).await {
+        Ok(0) => {
+            decoder.finish()?;
+            Err(ClientError::Lost("the relay closed the connection".into()))
+        }
+        Ok(n) => {
+            decoder.push(&buf[..n]);
+            Ok(())
+        }
+        Err(e) => Err(ClientError::Lost(e.to_string())),
+    }
+}
+
+/// Writes oversized messages to the handshake stream until the client is
+/// dropped or the connection ends.
+async fn write_oversize(
+    mut send: quinn::SendStream,
+    mut queue: tokio::sync::mpsc::Receiver<Vec<u8>>,
+) {
+    while let Some(message) = queue.recv().await {
+        if write_frame(&mut send, &message).await.is_err() {
+            return;
         }
     }
 }

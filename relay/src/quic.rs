@@ -2,25 +2,32 @@
 //!
 //! Handshake on the first bidirectional stream, an admission frame on the
 //! same stream, then `Send` messages as QUIC datagrams until the client goes
-//! away or the core cuts it.
+//! away or the core cuts it. A message too large for the connection's
+//! datagram limit travels as a stream frame on the handshake stream instead,
+//! both ways, so a full-size WireGuard packet is never dropped for its size.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 use weft_proto::handshake::{self, Purpose, INITIATION_LEN};
-use weft_proto::relay::{RELAY_ALPN, RELAY_EXPORTER_LABEL};
+use weft_proto::relay::{StreamDecoder, RELAY_ALPN, RELAY_EXPORTER_LABEL};
 use weft_proto::{PublicKey, CLOSE_HANDSHAKE_FAILED};
 
 use crate::server::{admitted_frame, closed_frame, reason, Link, Shared};
+use crate::tcp::write_frame;
 use crate::tls::{self, TlsError};
 
 /// Time allowed from the first packet to a completed Noise handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for a refusal to reach the client before the connection closes.
 const LINGER: Duration = Duration::from_secs(1);
+/// Oversized messages queued for one client's stream before further ones
+/// are dropped, as a congested path would.
+const STREAM_QUEUE: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum BindError {
@@ -72,13 +79,13 @@ async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
     let authenticated = timeout(HANDSHAKE_TIMEOUT, async {
         let conn = incoming.await?;
-        let (key, send) = authenticate(&conn, &shared).await.inspect_err(|_| {
+        let (key, send, recv) = authenticate(&conn, &shared).await.inspect_err(|_| {
             conn.close(CLOSE_HANDSHAKE_FAILED.into(), b"relay handshake failed");
         })?;
-        Ok::<_, AuthError>((conn, key, send))
+        Ok::<_, AuthError>((conn, key, send, recv))
     })
     .await;
-    let (conn, key, mut send) = match authenticated {
+    let (conn, key, mut send, recv) = match authenticated {
         Ok(Ok(done)) => done,
         Ok(Err(e)) => {
             tracing::debug!(%remote, "relay handshake failed: {e}");
@@ -90,7 +97,12 @@ async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) {
         }
     };
     let id = shared.next_conn();
-    if let Err(refused) = shared.connect(key, id, Link::Quic(conn.clone())) {
+    let (oversize, queue) = mpsc::channel(STREAM_QUEUE);
+    let link = Link::Quic {
+        conn: conn.clone(),
+        oversize,
+    };
+    if let Err(refused) = shared.connect(key, id, link) {
         tracing::info!(%remote, "refusing relay client: {refused}");
         let _ = send.write_all(&closed_frame(refused.code())).await;
         let _ = send.finish();
@@ -102,16 +114,56 @@ async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) {
         shared.disconnect(&key, id);
         return;
     }
+    let end = pump(&conn, send, recv, key, id, &shared, queue).await;
+    tracing::debug!(%remote, node_key = %key.short(), "relay session ended: {end}");
+    shared.disconnect(&key, id);
+}
+
+/// Moves messages both ways, datagrams and stream frames, until the session
+/// ends; returns why it ended.
+async fn pump(
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    key: PublicKey,
+    id: crate::core::ConnId,
+    shared: &Shared,
+    mut queue: mpsc::Receiver<Vec<u8>>,
+) -> String {
+    let mut decoder = StreamDecoder::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut stream_open = true;
     loop {
-        match conn.read_datagram().await {
-            Ok(datagram) => shared.handle(key, id, &datagram),
-            Err(e) => {
-                tracing::debug!(%remote, node_key = %key.short(), "relay session ended: {e}");
-                break;
+        tokio::select! {
+            datagram = conn.read_datagram() => match datagram {
+                Ok(datagram) => shared.handle(key, id, &datagram),
+                Err(e) => return e.to_string(),
+            },
+            read = recv.read(&mut buf), if stream_open => match read {
+                Ok(Some(n)) => {
+                    decoder.push(&buf[..n]);
+                    loop {
+                        match decoder.next_frame() {
+                            Ok(Some(message)) => shared.handle(key, id, message),
+                            Ok(None) => break,
+                            Err(e) => return e.to_string(),
+                        }
+                    }
+                }
+                // The client finished its stream; datagrams may still flow.
+                Ok(None) => stream_open = false,
+                Err(e) => return e.to_string(),
+            },
+            message = queue.recv() => {
+                let Some(message) = message else {
+                    return "the relay dropped the session".into();
+                };
+                if let Err(e) = write_frame(&mut send, &message).await {
+                    return e.to_string();
+                }
             }
         }
     }
-    shared.disconnect(&key, id);
 }
 
 /// Runs the relay side of the Noise handshake; returns the proven node key
@@ -119,7 +171,7 @@ async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) {
 async fn authenticate(
     conn: &quinn::Connection,
     shared: &Shared,
-) -> Result<(PublicKey, quinn::SendStream), AuthError> {
+) -> Result<(PublicKey, quinn::SendStream, quinn::RecvStream), AuthError> {
     let (mut send, mut recv) = conn.accept_bi().await?;
     let mut initiation = [0u8; INITIATION_LEN];
     recv.read_exact(&mut initiation).await?;
@@ -129,5 +181,5 @@ async fn authenticate(
     let (accepted, response) =
         handshake::respond_for(Purpose::Relay, &shared.key, &binding, &initiation)?;
     send.write_all(&response).await?;
-    Ok((accepted.machine_key, send))
+    Ok((accepted.machine_key, send, recv))
 }

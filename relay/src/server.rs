@@ -175,7 +175,11 @@ struct State {
 /// How to reach one connected client.
 #[derive(Debug)]
 pub(crate) enum Link {
-    Quic(quinn::Connection),
+    Quic {
+        conn: quinn::Connection,
+        /// Messages larger than the connection's datagram limit, for its stream.
+        oversize: mpsc::Sender<Vec<u8>>,
+    },
     Tcp {
         /// Encoded messages, framed by the writer.
         messages: mpsc::Sender<Vec<u8>>,
@@ -187,14 +191,20 @@ pub(crate) enum Link {
 impl Link {
     fn deliver(&self, message: Vec<u8>) -> bool {
         match self {
-            Link::Quic(conn) => conn.send_datagram(message.into()).is_ok(),
+            Link::Quic { conn, oversize } => {
+                if message.len() <= conn.max_datagram_size().unwrap_or(0) {
+                    conn.send_datagram(message.into()).is_ok()
+                } else {
+                    oversize.try_send(message).is_ok()
+                }
+            }
             Link::Tcp { messages, .. } => messages.try_send(message).is_ok(),
         }
     }
 
     fn close(&self, code: u32, reason: &'static [u8]) {
         match self {
-            Link::Quic(conn) => conn.close(code.into(), reason),
+            Link::Quic { conn, .. } => conn.close(code.into(), reason),
             Link::Tcp { close, .. } => {
                 let _ = close.send(Some(code));
             }

@@ -110,13 +110,15 @@ async fn register(
         .await
         .unwrap();
     let mut decoder = FrameDecoder::new();
+    let mut opener = weft_proto::Opener::new(*node_key);
     let mut buf = [0u8; 4096];
     let mut kinds = Vec::new();
     let relays = tokio::time::timeout(WAIT, async {
         loop {
             while let Some(message) = decoder.next_message::<ServerMessage>().unwrap() {
-                match message {
+                match opener.open(message).unwrap().message {
                     ServerMessage::Relays(relays) => return relays,
+                    ServerMessage::NetmapKey(_) => {}
                     other => kinds.push(format!("{other:?}").chars().take(12).collect::<String>()),
                 }
             }
@@ -246,6 +248,18 @@ async fn the_relay_forwards_between_admitted_nodes_only() {
     let client_b = admitted(&endpoint, &relay, &b).await;
     exchange(&client_a, &ka, &client_b, &kb).await;
     exchange(&client_b, &kb, &client_a, &ka).await;
+    // A packet larger than the connection's datagram limit (a full-size
+    // WireGuard packet can be) travels on the session's stream, both ways.
+    let big = vec![0x5a; weft_proto::relay::MAX_PAYLOAD];
+    assert!(
+        big.len() > client_a.max_payload(),
+        "{}",
+        client_a.max_payload()
+    );
+    client_a.send(&kb, &big).unwrap();
+    assert_eq!(recv(&client_b).await, (ka, big.clone()));
+    client_b.send(&ka, &big).unwrap();
+    assert_eq!(recv(&client_a).await, (kb, big));
 
     // A key the coordinator never admitted is refused, with the reason.
     let stranger = RelayClient::connect(

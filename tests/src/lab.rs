@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context as _, Result};
 
+use crate::natlab::Router;
 use crate::netns::{self, Netns};
 
 const PREFIX: &str = "weft";
@@ -28,12 +29,16 @@ pub struct Host {
 /// Dropping it deletes every namespace it made.
 #[derive(Debug)]
 pub struct Lab {
-    id: String,
+    pub(crate) id: String,
     dir: tempfile::TempDir,
-    hosts: BTreeMap<String, Host>,
+    pub(crate) hosts: BTreeMap<String, Host>,
+    /// NAT routers by name (see [`crate::natlab`]).
+    pub(crate) routers: BTreeMap<String, Router>,
+    /// Veth pairs made so far, to name each new one uniquely.
+    pub(crate) links: usize,
     // Host namespaces drop before the hub, so their veth pairs go first.
-    host_ns: Vec<Netns>,
-    hub: Netns,
+    pub(crate) host_ns: Vec<Netns>,
+    pub(crate) hub: Netns,
 }
 
 impl Lab {
@@ -52,6 +57,8 @@ impl Lab {
             id,
             dir,
             hosts: BTreeMap::new(),
+            routers: BTreeMap::new(),
+            links: 0,
             host_ns: Vec::new(),
             hub,
         })
@@ -60,7 +67,8 @@ impl Lab {
     /// Adds a host with underlay address 192.0.2.`octet`.
     pub fn add_host(&mut self, name: &str, octet: u8) -> Result<Host> {
         let ns = Netns::create(&format!("{}{name}", self.id))?;
-        let hub_end = format!("v{}", self.host_ns.len());
+        let hub_end = format!("v{}", self.links);
+        self.links += 1;
         let addr = Ipv4Addr::new(UNDERLAY[0], UNDERLAY[1], UNDERLAY[2], octet);
         self.hub.ip(&[
             "link",

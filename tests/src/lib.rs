@@ -3,9 +3,11 @@
 //!
 //! A [`Lab`] is a small simulated network: one hub namespace with a bridge,
 //! and one namespace per host joined to it by a veth pair, with underlay
-//! addresses from 192.0.2.0/24. An [`Overlay`] runs `weft-coordinator` in one
-//! host and `weftd` in others and drives them through their CLIs, exactly as
-//! an operator would.
+//! addresses from 192.0.2.0/24. The same bridge can be a simulated internet
+//! with NAT routers and LANs behind them ([`Lab::add_router`],
+//! [`Lab::add_host_at`], [`Lab::move_host`]). An [`Overlay`] runs
+//! `weft-coordinator` in one host, `weft-relay` in others and `weftd` in the
+//! rest, and drives them through their CLIs, exactly as an operator would.
 //!
 //! Everything is torn down on drop — processes first (by the PIDs this
 //! harness started), then namespaces — including when a check panics. Leftovers
@@ -13,19 +15,23 @@
 
 mod lab;
 pub mod load;
+mod natlab;
 mod netns;
 mod oidc;
 mod overlay;
 mod probe;
 mod process;
+mod relay;
 mod workload;
 
 pub use lab::{Host, Lab};
+pub use natlab::{observed_sources, Nat, Router, Site, UdpReflector};
 pub use netns::in_netns;
 pub use oidc::{Browser, TestIdp};
 pub use overlay::{Coordinator, NodeHandle, Overlay};
 pub use probe::{ping, tcp_echo, wait_until, EchoServer};
 pub use process::Process;
+pub use relay::Relay;
 pub use workload::{unix_now, Signer, WorkloadIssuer};
 
 use std::path::{Path, PathBuf};

@@ -75,9 +75,11 @@ pub(crate) fn sweep_stale(prefix: &str) {
         let Some((pid, _)) = rest.split_once('-') else {
             continue;
         };
-        let alive = pid.parse::<u32>().is_ok_and(|pid| {
-            std::path::Path::new(&format!("/proc/{pid}")).exists() && pid != std::process::id()
-        });
+        // This process's own namespaces belong to labs of tests running
+        // alongside (each deletes its own on drop): never sweep them.
+        let alive = pid
+            .parse::<u32>()
+            .is_ok_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
         if !alive && pid.parse::<u32>().is_ok() {
             let _ = run("ip", &["netns", "del", name]);
         }

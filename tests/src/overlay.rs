@@ -13,8 +13,10 @@ use serde_json::Value;
 use weft_test_etcd::EtcdCluster;
 
 use crate::lab::{Host, Lab};
+use crate::natlab::Site;
 use crate::probe::wait_until;
 use crate::process::Process;
+use crate::relay::Relay;
 
 const CONTROL_PORT: u16 = 7443;
 const WIREGUARD_PORT: u16 = 51820;
@@ -25,6 +27,8 @@ const LOG_FILTER: &str = "info,weft=debug";
 #[derive(Debug)]
 pub struct Overlay {
     nodes: BTreeMap<String, NodeHandle>,
+    /// Relays by name; they stop after the nodes and before the coordinator.
+    relays: BTreeMap<String, Relay>,
     coordinator: Option<Coordinator>,
     /// Coordinator replicas on [`Overlay::etcd`], in the order started.
     replicas: Vec<Coordinator>,
@@ -38,6 +42,7 @@ impl Overlay {
     pub fn new(lab: Lab) -> Result<Self> {
         Ok(Self {
             nodes: BTreeMap::new(),
+            relays: BTreeMap::new(),
             coordinator: None,
             replicas: Vec::new(),
             etcd: None,
@@ -49,6 +54,54 @@ impl Overlay {
     /// The underlying lab.
     pub fn lab(&self) -> &Lab {
         &self.lab
+    }
+
+    /// The underlying lab, mutably (to add routers and hosts as a test goes).
+    pub fn lab_mut(&mut self) -> &mut Lab {
+        &mut self.lab
+    }
+
+    /// Creates the key of relay `name` on lab host `host`, without starting
+    /// it: list [`Overlay::relays_config`] in the coordinator's
+    /// configuration, start the coordinator, then [`Overlay::start_relays`].
+    pub fn add_relay(&mut self, host: &str, name: &str) -> Result<&Relay> {
+        let host = self.lab.host(host)?.clone();
+        let data_dir = self.lab.host_dir(&host.name).join(format!("relay-{name}"));
+        let relay = Relay::create(&self.bins, host, name, data_dir)?;
+        Ok(self.relays.entry(name.to_owned()).or_insert(relay))
+    }
+
+    /// The `[[relays]]` entries of every relay added, for the coordinator's `--config` file.
+    pub fn relays_config(&self) -> String {
+        self.relays
+            .values()
+            .map(Relay::config_entry)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Starts every relay added, following the running coordinator.
+    pub fn start_relays(&mut self) -> Result<()> {
+        let coordinator = self.coordinator()?;
+        let (address, key) = (coordinator.address().to_owned(), coordinator.public_key()?);
+        for relay in self.relays.values_mut() {
+            relay.start(&address, &key)?;
+        }
+        Ok(())
+    }
+
+    /// A relay by name.
+    pub fn relay(&self, name: &str) -> Result<&Relay> {
+        self.relays
+            .get(name)
+            .ok_or_else(|| anyhow::anyhow!("no relay {name} added"))
+    }
+
+    /// A relay by name, mutably (to kill it and start it again).
+    pub fn relay_mut(&mut self, name: &str) -> Result<&mut Relay> {
+        self.relays
+            .get_mut(name)
+            .ok_or_else(|| anyhow::anyhow!("no relay {name} added"))
     }
 
     /// Starts `weft-coordinator serve` on `host` with `policy`.
@@ -222,6 +275,24 @@ impl Overlay {
             .ok_or_else(|| anyhow::anyhow!("no node started on {host}"))
     }
 
+    /// Moves the host of a running node to `site` (see [`Lab::move_host`]);
+    /// weftd keeps running.
+    pub fn move_node(&mut self, host: &str, site: &Site) -> Result<()> {
+        let moved = self.lab.move_host(host, site)?;
+        self.node_mut(host)?.host = moved;
+        Ok(())
+    }
+
+    /// Stops the node on `host` and deletes it from the coordinator.
+    pub fn remove_node(&mut self, host: &str) -> Result<()> {
+        let mut node = self
+            .nodes
+            .remove(host)
+            .ok_or_else(|| anyhow::anyhow!("no node started on {host}"))?;
+        node.stop(false);
+        self.coordinator()?.delete_node(host)
+    }
+
     /// `weft up` on `host` with `auth_key`, named after the host, naming
     /// every replica; an error with the command's output when it fails.
     pub fn join(&self, host: &str, auth_key: &str) -> Result<()> {
@@ -252,6 +323,9 @@ impl Overlay {
         let mut out = String::new();
         for c in self.coordinator.iter().chain(&self.replicas) {
             out += &format!("===== coordinator on {} =====\n{}\n", c.host.name, c.log());
+        }
+        for (name, relay) in &self.relays {
+            out += &format!("===== weft-relay {name} =====\n{}\n", relay.log());
         }
         for (name, node) in &self.nodes {
             out += &format!("===== weftd on {name} =====\n{}\n", node.log());
@@ -510,6 +584,17 @@ impl NodeHandle {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).context("weft status --json is not JSON")
+    }
+
+    /// `weft netcheck --json`.
+    pub fn netcheck(&self) -> Result<Value> {
+        let out = self.weft(&["netcheck", "--json"])?;
+        anyhow::ensure!(
+            out.status.success(),
+            "weft netcheck failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).context("weft netcheck --json is not JSON")
     }
 
     /// The node's overlay IPv4 address, from its status.

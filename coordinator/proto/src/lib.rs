@@ -17,7 +17,8 @@
 //! 3. **Messages** ([`frame`], [`messages`]): length-prefixed, versioned
 //!    frames carrying [`ClientMessage`] and [`ServerMessage`] values — a
 //!    registration, then a full [`NetMap`] and a [`NetMapDelta`] for every
-//!    change that concerns the node.
+//!    change that concerns the node, each signed by the coordinator
+//!    ([`signing`]) so a node can keep them and trust them after a restart.
 //!
 //! Nodes that cannot reach each other directly pass WireGuard packets through
 //! relays; [`relay`] is that protocol, and how relays learn whom to admit.
@@ -27,6 +28,7 @@ pub mod handshake;
 pub mod keys;
 pub mod messages;
 pub mod relay;
+pub mod signing;
 pub mod tls;
 
 pub use frame::{
@@ -39,6 +41,7 @@ pub use messages::{
     PortRange, Protocol, Refusal, RefusalCode, Register, RuleAction, SelfNode, ServerMessage,
 };
 pub use relay::RelayInfo;
+pub use signing::{NetmapKey, Opener, SignatureError, SignedRecord};
 
 /// The UDP port the coordinator's control listener uses unless told otherwise.
 pub const DEFAULT_PORT: u16 = 7443;

@@ -2,9 +2,10 @@
 //!
 //! The node sends [`ClientMessage`]s, the coordinator [`ServerMessage`]s. After
 //! the handshake the node sends [`ClientMessage::Register`]; the coordinator
-//! answers [`ServerMessage::Registered`] or [`ServerMessage::Refused`], then a
-//! full [`NetMap`], then a [`NetMapDelta`] whenever something the node may see
-//! changes.
+//! answers [`ServerMessage::Registered`] or [`ServerMessage::Refused`], then
+//! its netmap-signing key, then a full [`NetMap`], then a [`NetMapDelta`]
+//! whenever something the node may see changes — each of those two signed
+//! ([`crate::signing`]).
 //!
 //! The netmap is the node's whole view of the overlay: the peers the policy
 //! lets it reach or be reached by — nothing about any other node — and the
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::keys::{AuthKey, PublicKey};
 use crate::relay::RelayInfo;
+use crate::signing::{NetmapKey, SignedRecord};
 
 /// A node's stable id, assigned by the coordinator at registration.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -165,9 +167,11 @@ pub enum ServerMessage {
     /// A person must log in; the session stays open and continues with
     /// [`ServerMessage::Registered`] once they have.
     LoginRequired(LoginPrompt),
-    /// The node's complete view, sent first and after any resynchronisation.
+    /// The node's complete view, sent first and after any resynchronisation;
+    /// on the wire only inside [`ServerMessage::Signed`].
     NetMap(NetMap),
-    /// A change to the view, relative to the previous revision.
+    /// A change to the view, relative to the previous revision; on the wire
+    /// only inside [`ServerMessage::Signed`].
     Delta(NetMapDelta),
     /// The relays the node may use, sent after its first netmap when the
     /// coordinator has any, and again when the list changes. Replaces the
@@ -185,6 +189,12 @@ pub enum ServerMessage {
         /// Keys no longer admitted.
         remove: Vec<PublicKey>,
     },
+    /// The key the coordinator signs netmaps with, sent after
+    /// [`ServerMessage::Registered`] and before the first signed record.
+    NetmapKey(NetmapKey),
+    /// A [`NetMap`] or [`NetMapDelta`], signed: the only way a coordinator
+    /// sends either ([`crate::signing`]).
+    Signed(SignedRecord),
 }
 
 impl ServerMessage {
@@ -198,6 +208,8 @@ impl ServerMessage {
             ServerMessage::Delta(_) => "Delta",
             ServerMessage::Relays(_) => "Relays",
             ServerMessage::RelayAdmissions { .. } => "RelayAdmissions",
+            ServerMessage::NetmapKey(_) => "NetmapKey",
+            ServerMessage::Signed(_) => "Signed",
         }
     }
 }

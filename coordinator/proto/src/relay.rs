@@ -22,7 +22,10 @@
 //!    [`CLOSE_RELAY_NOT_ADMITTED`] when the coordinator does not admit the key.
 //! 4. **Packets**: [`Message::Send`] from the node, [`Message::Recv`] to the
 //!    node. On QUIC each is one unreliable QUIC datagram (no head-of-line
-//!    blocking); on TCP each is one stream frame. A relay forwards a `Send`
+//!    blocking) — or, when it is larger than the connection's current
+//!    datagram limit (a full 1500-byte-MTU WireGuard packet plus QUIC's
+//!    overhead can be), one stream frame on the handshake stream, so no
+//!    packet is lost for its size; on TCP each is one stream frame. A relay forwards a `Send`
 //!    only when both keys are admitted and the destination is connected;
 //!    otherwise it drops it silently (and counts it).
 //! 5. **End**: when the sender's key leaves the admitted set (node deleted,

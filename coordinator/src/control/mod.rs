@@ -1,15 +1,19 @@
-//! The control listener: QUIC on UDP, one task per node connection.
+//! The control listeners: QUIC on UDP, and TLS on TCP for networks that
+//! block UDP; one task per node connection.
 
 mod session;
+mod tcp;
 mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use weft_proto::{PrivateKey, RelayInfo};
 
-pub(crate) use self::tls::TlsError;
+pub(crate) use self::tcp::accept as accept_tcp;
+pub(crate) use self::tls::{acceptor as tls_acceptor, TlsError};
 use crate::netmap::NetmapHandle;
 use crate::nodes::Registry;
 use crate::oidc::Logins;
@@ -28,6 +32,8 @@ pub(crate) struct Context {
     pub(crate) workloads: Option<Arc<Workloads>>,
     /// The configured relays.
     pub(crate) relays: Vec<RelayInfo>,
+    /// Becomes `true` when the coordinator shuts down; sessions on TCP end then.
+    pub(crate) shutdown: watch::Receiver<bool>,
 }
 
 /// Why the control listener could not start.
@@ -74,6 +80,11 @@ pub(crate) fn bind(addr: SocketAddr, key: &PrivateKey) -> Result<quinn::Endpoint
         Arc::new(quinn::TokioRuntime),
     )
     .map_err(|source| ListenError::Bind { addr, source })
+}
+
+/// Resolves once the coordinator shuts down (or was dropped without).
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// A secret bound to the coordinator's identity, domain-separated from every

@@ -1,23 +1,34 @@
-//! One node's control session over one QUIC connection.
+//! One node's control session over one QUIC connection, or over one TLS
+//! connection on TCP where the node's network blocks UDP.
 //!
 //! Handshake (Noise IK bound to the TLS exporter), then `Register`, then the
-//! netmap stream. Any failure ends the connection with a close code that
-//! tells the node why: [`CLOSE_HANDSHAKE_FAILED`], [`CLOSE_PROTOCOL_ERROR`]
-//! or [`CLOSE_BY_COORDINATOR`].
+//! netmap stream, the same bytes on either transport. Any failure ends the
+//! connection with a close code that tells the node why:
+//! [`CLOSE_HANDSHAKE_FAILED`], [`CLOSE_PROTOCOL_ERROR`] or
+//! [`CLOSE_BY_COORDINATOR`]. TLS has no close codes: there the coordinator
+//! ends a session it means to end with a TLS `close_notify` (after a final
+//! `Refused` when there is one), which the node tells apart from a lost
+//! connection, and a `close_notify` instead of the handshake response means
+//! the node's pinned key is wrong.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
+use tokio_rustls::server::TlsStream;
 use weft_proto::handshake::{self, HandshakeError, INITIATION_LEN};
+use weft_proto::signing::{Chain, NetmapSigner, Record};
 use weft_proto::{
     encode_frame, ClientMessage, Credential, DecodeError, FrameDecoder, LoginFlow, NodeId,
     PublicKey, Refusal, RefusalCode, ServerMessage, CLOSE_BY_COORDINATOR, CLOSE_HANDSHAKE_FAILED,
     CLOSE_PROTOCOL_ERROR, EXPORTER_LABEL,
 };
 
-use super::Context;
+use super::{stopping, Context};
 use crate::authkey::AdmitError;
 use crate::netmap::{Attached, SessionEvent};
 use crate::nodes;
@@ -42,8 +53,9 @@ const READ_CHUNK: usize = 64 * 1024;
 /// How often a relay's feed checks for logins that expired: relays drop an
 /// expired node within this of its expiry.
 const RELAY_EXPIRY_SWEEP: Duration = Duration::from_millis(500);
+const SHUTTING_DOWN: &[u8] = b"coordinator shutting down";
 
-/// Runs one control session to its end.
+/// Runs one QUIC control session to its end.
 pub(crate) async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
     let remote = incoming.remote_address();
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
@@ -72,10 +84,63 @@ pub(crate) async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
         }
     };
     let mut session = Session {
-        conn,
-        send,
-        reader: FrameReader::new(recv),
+        link: Link::Quic { conn, send },
+        reader: FrameReader::new(Box::new(recv)),
         remote,
+        shutdown: ctx.shutdown.clone(),
+        ctx,
+    };
+    session.run(machine_key).await;
+}
+
+/// Runs one control session over TLS on TCP to its end. `deadline` bounds
+/// the TLS and Noise handshakes.
+pub(crate) async fn serve_tls(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    ctx: Arc<Context>,
+    deadline: Instant,
+) {
+    let mut tls = match timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, "TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "TLS handshake timed out");
+            return;
+        }
+    };
+    let authenticated = match tls.get_ref().1.alpn_protocol() {
+        Some(weft_proto::ALPN) => timeout_at(deadline, authenticate_tls(&mut tls, &ctx)).await,
+        _ => Ok(Err(AuthError::Alpn)),
+    };
+    let (recv, send) = tokio::io::split(tls);
+    let mut reader = FrameReader::new(Box::new(recv));
+    let mut link = Link::Tls { send };
+    let machine_key = match authenticated {
+        Ok(Ok(machine_key)) => machine_key,
+        Ok(Err(e)) => {
+            tracing::info!(%remote, "control handshake over TCP failed: {e}");
+            link.close(CLOSE_HANDSHAKE_FAILED, b"handshake failed", &mut reader)
+                .await;
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%remote, "control handshake over TCP timed out after {HANDSHAKE_TIMEOUT:?}");
+            link.close(CLOSE_HANDSHAKE_FAILED, b"handshake timed out", &mut reader)
+                .await;
+            return;
+        }
+    };
+    tracing::debug!(%remote, machine = %machine_key.short(), "control session over TLS on TCP");
+    let mut session = Session {
+        link,
+        reader,
+        remote,
+        shutdown: ctx.shutdown.clone(),
         ctx,
     };
     session.run(machine_key).await;
@@ -92,6 +157,10 @@ enum AuthError {
     Write(#[from] quinn::WriteError),
     #[error("cannot derive the TLS binding")]
     Binding,
+    #[error("the client does not speak the weft control protocol (TLS ALPN)")]
+    Alpn,
+    #[error("cannot exchange the handshake over TLS: {0}")]
+    Io(#[from] std::io::Error),
     #[error(transparent)]
     Noise(#[from] HandshakeError),
 }
@@ -111,11 +180,84 @@ async fn authenticate(
     Ok((send, recv, accepted.machine_key))
 }
 
+/// The same handshake as [`authenticate`], bound to the TLS session on TCP.
+async fn authenticate_tls(
+    tls: &mut TlsStream<TcpStream>,
+    ctx: &Context,
+) -> Result<PublicKey, AuthError> {
+    let mut initiation = [0u8; INITIATION_LEN];
+    tls.read_exact(&mut initiation).await?;
+    let mut binding = [0u8; 32];
+    tls.get_ref()
+        .1
+        .export_keying_material(&mut binding, EXPORTER_LABEL, Some(b""))
+        .map_err(|_| AuthError::Binding)?;
+    let (accepted, response) = handshake::respond(&ctx.key, &binding, &initiation)?;
+    tls.write_all(&response).await?;
+    tls.flush().await?;
+    Ok(accepted.machine_key)
+}
+
+/// How the session reaches the node: the write side of its transport and
+/// the transport's way of ending a session.
+enum Link {
+    Quic {
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+    },
+    Tls {
+        send: WriteHalf<TlsStream<TcpStream>>,
+    },
+}
+
+impl Link {
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Link::Quic { send, .. } => send.write_all(bytes).await.map_err(Into::into),
+            Link::Tls { send } => {
+                send.write_all(bytes).await?;
+                send.flush().await
+            }
+        }
+    }
+
+    /// Ends the session. QUIC carries `code` and `reason` to the node; TLS
+    /// sends `close_notify` and waits (at most [`LINGER`]) for the node to
+    /// close its side, so what was written before arrives rather than being
+    /// cut off by a reset.
+    async fn close(&mut self, code: u32, reason: &'static [u8], reader: &mut FrameReader) {
+        match self {
+            Link::Quic { conn, .. } => conn.close(code.into(), reason),
+            Link::Tls { send } => {
+                let _ = timeout(LINGER, async {
+                    let _ = send.shutdown().await;
+                    reader.drain().await;
+                })
+                .await;
+            }
+        }
+    }
+
+    /// Lets what was written reach the node before the session closes.
+    async fn linger(&mut self) {
+        match self {
+            Link::Quic { send, .. } => {
+                let _ = send.finish();
+                let _ = timeout(LINGER, send.stopped()).await;
+            }
+            // `close` waits for the node's side to close.
+            Link::Tls { .. } => {}
+        }
+    }
+}
+
 struct Session {
-    conn: quinn::Connection,
-    send: quinn::SendStream,
+    link: Link,
     reader: FrameReader,
     remote: SocketAddr,
+    /// Set when the coordinator shuts down: QUIC sessions end with their
+    /// endpoint, TLS ones watch this.
+    shutdown: watch::Receiver<bool>,
     ctx: Arc<Context>,
 }
 
@@ -138,17 +280,21 @@ impl Session {
                 return self.relay_feed(machine_key, &name).await;
             }
             Ok(Ok(Some(other))) => {
-                return self.fail(End::Protocol(format!(
-                    "expected Register first, got {}",
-                    other.kind()
-                )));
+                return self
+                    .fail(End::Protocol(format!(
+                        "expected Register first, got {}",
+                        other.kind()
+                    )))
+                    .await;
             }
-            Ok(Ok(None)) => return self.fail(End::Closed),
-            Ok(Err(end)) => return self.fail(end),
+            Ok(Ok(None)) => return self.fail(End::Closed).await,
+            Ok(Err(end)) => return self.fail(end).await,
             Err(_) => {
-                return self.fail(End::Protocol(format!(
-                    "no Register within {REGISTER_TIMEOUT:?}"
-                )))
+                return self
+                    .fail(End::Protocol(format!(
+                        "no Register within {REGISTER_TIMEOUT:?}"
+                    )))
+                    .await
             }
         };
         tracing::debug!(remote = %self.remote, machine = %machine_key.short(), credential = ?register.credential, "registration");
@@ -193,7 +339,7 @@ impl Session {
         let end = self.stream(&record, attached).await;
         self.ctx.netmaps.detach(session);
         if let Some(end) = end {
-            self.fail(end);
+            self.fail(end).await;
         }
     }
 
@@ -224,7 +370,7 @@ impl Session {
         };
         let (prompt, mut waiting) = logins.start(flow).await.map_err(Some)?;
         if let Err(end) = self.write(&ServerMessage::LoginRequired(prompt)).await {
-            self.fail(end);
+            self.fail(end).await;
             return Err(None);
         }
         tracing::debug!(remote = %self.remote, "waiting for an interactive login");
@@ -242,11 +388,15 @@ impl Session {
                 Err(_) => Err(Some(login_expired())),
             },
             () = tokio::time::sleep(LOGIN_TTL) => Err(Some(login_expired())),
+            () = stopping(&mut self.shutdown) => {
+                self.close(CLOSE_BY_COORDINATOR, SHUTTING_DOWN).await;
+                Err(None)
+            }
             message = self.reader.next() => {
                 match message {
-                    Ok(None) => self.fail(End::Closed),
-                    Ok(Some(_)) => self.fail(End::Protocol("a message arrived before the login completed".into())),
-                    Err(end) => self.fail(end),
+                    Ok(None) => self.fail(End::Closed).await,
+                    Ok(Some(_)) => self.fail(End::Protocol("a message arrived before the login completed".into())).await,
+                    Err(end) => self.fail(end).await,
                 }
                 Err(None)
             }
@@ -259,12 +409,15 @@ impl Session {
         let Attached {
             netmap, mut events, ..
         } = attached;
+        let signer = NetmapSigner::derive(&self.ctx.key);
+        let mut chain = Chain::new(record.id, record.node_key);
         let hello = [
             ServerMessage::Registered(record.self_node()),
+            ServerMessage::NetmapKey(signer.public_key()),
             ServerMessage::NetMap(netmap),
         ];
-        for message in &hello {
-            if let Err(end) = self.write(message).await {
+        for message in hello {
+            if let Err(end) = self.write_sealed(&signer, &mut chain, message).await {
                 return Some(end);
             }
         }
@@ -276,9 +429,13 @@ impl Session {
         }
         loop {
             tokio::select! {
+                () = stopping(&mut self.shutdown) => {
+                    self.close(CLOSE_BY_COORDINATOR, SHUTTING_DOWN).await;
+                    return None;
+                }
                 event = events.recv() => match event {
                     Some(SessionEvent::Message(message)) => {
-                        if let Err(end) = self.write(&message).await {
+                        if let Err(end) = self.write_sealed(&signer, &mut chain, *message).await {
                             return Some(end);
                         }
                     }
@@ -289,11 +446,11 @@ impl Session {
                     }
                     Some(SessionEvent::Replaced) => {
                         tracing::debug!(node = %record.id, "session replaced by a newer one");
-                        self.conn.close(CLOSE_BY_COORDINATOR.into(), b"replaced by a newer session");
+                        self.close(CLOSE_BY_COORDINATOR, b"replaced by a newer session").await;
                         return None;
                     }
                     None => {
-                        self.conn.close(CLOSE_BY_COORDINATOR.into(), b"session ended by the coordinator; reconnect to resynchronise");
+                        self.close(CLOSE_BY_COORDINATOR, b"session ended by the coordinator; reconnect to resynchronise").await;
                         return None;
                     }
                 },
@@ -347,7 +504,7 @@ impl Session {
                         stale = false;
                         if let Some(message) = feed.update(keys) {
                             if let Err(end) = self.write(&message).await {
-                                return self.fail(end);
+                                return self.fail(end).await;
                             }
                         }
                     }
@@ -363,17 +520,20 @@ impl Session {
                         stale = true;
                     }
                     Err(WatchError::Closed) => {
-                        self.conn.close(CLOSE_BY_COORDINATOR.into(), b"coordinator shutting down");
+                        self.close(CLOSE_BY_COORDINATOR, SHUTTING_DOWN).await;
                         return;
                     }
                 },
                 _ = sweep.tick() => {
                     stale |= next_expiry.is_some_and(|expiry| expiry <= unix_now());
                 }
+                () = stopping(&mut self.shutdown) => {
+                    return self.close(CLOSE_BY_COORDINATOR, SHUTTING_DOWN).await;
+                }
                 message = self.reader.next() => match message {
-                    Ok(None) => return self.fail(End::Closed),
-                    Ok(Some(_)) => return self.fail(End::Protocol("a relay sent a message after RelayFeed".into())),
-                    Err(end) => return self.fail(end),
+                    Ok(None) => return self.fail(End::Closed).await,
+                    Ok(Some(_)) => return self.fail(End::Protocol("a relay sent a message after RelayFeed".into())).await,
+                    Err(end) => return self.fail(end).await,
                 },
             }
         }
@@ -408,7 +568,7 @@ impl Session {
     /// [`WRITE_TIMEOUT`] is stuck or hostile; the session ends.
     async fn write(&mut self, message: &ServerMessage) -> Result<(), End> {
         let frame = encode_frame(message).map_err(|e| End::Protocol(e.to_string()))?;
-        match timeout(WRITE_TIMEOUT, self.send.write_all(&frame)).await {
+        match timeout(WRITE_TIMEOUT, self.link.write_all(&frame)).await {
             Ok(written) => written.map_err(|e| End::Lost(e.to_string())),
             Err(_) => Err(End::Lost(format!(
                 "the node did not read a message within {WRITE_TIMEOUT:?}"
@@ -416,29 +576,61 @@ impl Session {
         }
     }
 
+    /// Sends one message, a netmap or delta signed as the next record of
+    /// the session's chain.
+    async fn write_sealed(
+        &mut self,
+        signer: &NetmapSigner,
+        chain: &mut Chain,
+        message: ServerMessage,
+    ) -> Result<(), End> {
+        let message = seal(signer, chain, message)?;
+        self.write(&message).await
+    }
+
     /// Sends `refusal`, waits briefly for it to arrive, and closes.
     async fn refuse(&mut self, refusal: Refusal) {
         tracing::info!(remote = %self.remote, code = ?refusal.code, "refusing node: {}", refusal.message);
         if self.write(&ServerMessage::Refused(refusal)).await.is_ok() {
-            let _ = self.send.finish();
-            let _ = timeout(LINGER, self.send.stopped()).await;
+            self.link.linger().await;
         }
-        self.conn.close(CLOSE_BY_COORDINATOR.into(), b"refused");
+        self.close(CLOSE_BY_COORDINATOR, b"refused").await;
     }
 
-    fn fail(&self, end: End) {
+    async fn fail(&mut self, end: End) {
         match &end {
             End::Protocol(_) => {
                 tracing::info!(remote = %self.remote, "closing control session: {end}");
-                self.conn
-                    .close(CLOSE_PROTOCOL_ERROR.into(), b"protocol error");
+                self.close(CLOSE_PROTOCOL_ERROR, b"protocol error").await;
             }
             End::Closed | End::Lost(_) => {
                 tracing::debug!(remote = %self.remote, "control session ended: {end}");
-                self.conn.close(0u32.into(), b"");
+                self.close(0, b"").await;
             }
         }
     }
+
+    async fn close(&mut self, code: u32, reason: &'static [u8]) {
+        self.link.close(code, reason, &mut self.reader).await;
+    }
+}
+
+/// Signs a netmap or delta as the next record of the session's chain;
+/// other messages pass unchanged.
+fn seal(
+    signer: &NetmapSigner,
+    chain: &mut Chain,
+    message: ServerMessage,
+) -> Result<ServerMessage, End> {
+    let record = match message {
+        ServerMessage::NetMap(netmap) => Record::NetMap(netmap),
+        ServerMessage::Delta(delta) => Record::Delta(delta),
+        other => return Ok(other),
+    };
+    chain
+        .sign(signer, &record)
+        .map(ServerMessage::Signed)
+        .map_err(|e| End::Protocol(e.to_string()))
 }
 
 fn unix_now() -> u64 {
@@ -461,15 +653,16 @@ fn unavailable() -> Refusal {
     }
 }
 
-/// Reads whole client messages from the control stream.
+/// Reads whole client messages from the control stream, whichever
+/// transport carries it.
 struct FrameReader {
-    recv: quinn::RecvStream,
+    recv: Box<dyn AsyncRead + Unpin + Send + Sync>,
     decoder: FrameDecoder,
     buf: Vec<u8>,
 }
 
 impl FrameReader {
-    fn new(recv: quinn::RecvStream) -> Self {
+    fn new(recv: Box<dyn AsyncRead + Unpin + Send + Sync>) -> Self {
         Self {
             recv,
             decoder: FrameDecoder::with_limit(MAX_CLIENT_FRAME),
@@ -487,11 +680,16 @@ impl FrameReader {
                 Err(e) => return Err(decode_end(e)),
             }
             match self.recv.read(&mut self.buf).await {
-                Ok(Some(n)) => self.decoder.push(&self.buf[..n]),
-                Ok(None) => return self.decoder.finish().map(|()| None).map_err(decode_end),
+                Ok(0) => return self.decoder.finish().map(|()| None).map_err(decode_end),
+                Ok(n) => self.decoder.push(&self.buf[..n]),
                 Err(e) => return Err(End::Lost(e.to_string())),
             }
         }
+    }
+
+    /// Discards what the node still sends until it closes its side.
+    async fn drain(&mut self) {
+        while let Ok(1..) = self.recv.read(&mut self.buf).await {}
     }
 }
 

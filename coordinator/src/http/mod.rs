@@ -1,5 +1,6 @@
 //! The coordinator's HTTP endpoints, on TCP: the login link and the identity
-//! provider's callback.
+//! provider's callback. They share the control address's TCP port with
+//! control sessions over TLS unless `--http-listen` puts them elsewhere.
 //!
 //! Pages are plain HTML for the person at the browser; every value from the
 //! request or the identity provider is escaped.
@@ -18,6 +19,51 @@ use crate::oidc::{CallbackParams, LoginError, Logins, BROWSER_COOKIE, CALLBACK_P
 /// Binds the HTTP listener.
 pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+/// The HTTP connections of a port shared with control sessions, handed
+/// over by the control port's listener once their first byte showed they
+/// are not TLS.
+#[derive(Debug)]
+pub(crate) struct Handoff {
+    connections: tokio::sync::mpsc::Receiver<(tokio::net::TcpStream, SocketAddr)>,
+    local_addr: SocketAddr,
+}
+
+impl Handoff {
+    /// A listener for the port at `local_addr` and the sender its
+    /// connections come through.
+    pub(crate) fn new(
+        local_addr: SocketAddr,
+    ) -> (
+        Self,
+        tokio::sync::mpsc::Sender<(tokio::net::TcpStream, SocketAddr)>,
+    ) {
+        let (handoff, connections) = tokio::sync::mpsc::channel(64);
+        let listener = Self {
+            connections,
+            local_addr,
+        };
+        (listener, handoff)
+    }
+}
+
+impl axum::serve::Listener for Handoff {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.connections.recv().await {
+            Some(connection) => connection,
+            // The control listener stopped: no more connections, and the
+            // server ends by its graceful shutdown.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local_addr)
+    }
 }
 
 /// The routes. Without an identity provider configured, the login routes

@@ -10,7 +10,10 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
-use super::{ErrorBody, LoginRequest, Status, UpReply, UpRequest, WhoIs};
+use super::{
+    ErrorBody, LoginRequest, NetcheckReport, PingReply, PingRequest, Status, UpReply, UpRequest,
+    WhoIs,
+};
 
 /// Why a call to weftd failed.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +77,17 @@ impl ApiClient {
     /// `GET /v1/status`.
     pub async fn status(&self) -> Result<Status, ClientError> {
         self.call(Method::GET, "/v1/status", Vec::new()).await
+    }
+
+    /// `POST /v1/ping`: one probe.
+    pub async fn ping(&self, request: &PingRequest) -> Result<PingReply, ClientError> {
+        let body = serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.call(Method::POST, "/v1/ping", body).await
+    }
+
+    /// `GET /v1/netcheck`.
+    pub async fn netcheck(&self) -> Result<NetcheckReport, ClientError> {
+        self.call(Method::GET, "/v1/netcheck", Vec::new()).await
     }
 
     /// `GET /v1/whois?addr=ADDRESS`, `ADDRESS` being `IP`, `IP:PORT` or `[IPv6]:PORT`.
@@ -212,11 +226,37 @@ mod tests {
                         addresses: vec!["100.64.0.4".parse().unwrap(), "fd7a::4".parse().unwrap()],
                         identity: weft_proto::Identity::tagged(vec!["tag:db".into()]),
                         endpoint: None,
+                        path: None,
+                        relay: None,
                         last_handshake: None,
                         rx_bytes: 0,
                         tx_bytes: 0,
                     };
                     let _ = reply.send(crate::api::whois_lookup(&[peer], &[], addr));
+                }
+                Command::Ping(request, reply) => {
+                    let answer = match request.peer.as_str() {
+                        "db" => Ok(PingReply {
+                            peer: "db".into(),
+                            address: Some("100.64.0.4".parse().unwrap()),
+                            pong: true,
+                            path: Some(crate::api::PathKind::Relay),
+                            relay: Some("fra1".into()),
+                            endpoint: None,
+                            rtt_ms: Some(1.5),
+                        }),
+                        other => Err(ApiError::NotFound(format!("no peer named {other}"))),
+                    };
+                    let _ = reply.send(answer);
+                }
+                Command::Netcheck(reply) => {
+                    let _ = reply.send(NetcheckReport {
+                        udp: false,
+                        mapping: None,
+                        reflexive: vec![],
+                        local: vec!["198.18.1.2:51820".parse().unwrap()],
+                        relays: vec![],
+                    });
                 }
             }
         }
@@ -292,6 +332,37 @@ mod tests {
         }
         let err = client.whois("db & more").await.unwrap_err();
         assert!(err.to_string().contains("not an IP address"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn ping_and_netcheck_travel_over_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s");
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(serve(bind(&socket, None).unwrap(), tx));
+        tokio::spawn(answer(rx));
+        let client = ApiClient::new(&socket);
+        let pong = client
+            .ping(&PingRequest { peer: "db".into() })
+            .await
+            .unwrap();
+        assert_eq!((pong.pong, pong.relay.as_deref()), (true, Some("fra1")));
+        match client
+            .ping(&PingRequest {
+                peer: "nope".into(),
+            })
+            .await
+            .unwrap_err()
+        {
+            ClientError::Api { status, message } => {
+                assert_eq!(status, 404);
+                assert!(message.contains("nope"), "{message}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let report = client.netcheck().await.unwrap();
+        assert!(!report.udp);
+        assert_eq!(report.local, ["198.18.1.2:51820".parse().unwrap()]);
     }
 
     #[tokio::test]

@@ -7,6 +7,8 @@
 //! | `POST /v1/up`     | [`UpRequest`]: `coordinator`, `coordinator_key`, `auth_key?`, `hostname?` | [`SelfStatus`] once registered and the first netmap is applied (waits up to 30 s) |
 //! | `POST /v1/down`   | none                                                       | [`Status`]                       |
 //! | `GET /v1/status`  | none                                                       | [`Status`]                       |
+//! | `POST /v1/ping`   | [`PingRequest`]: `peer` (name or overlay address)           | [`PingReply`] for one disco ping over the peer's current path: `pong`, `path`, `relay` or `endpoint`, `rtt_ms`; `pong: false` after 2 s; 404 for an unknown peer |
+//! | `GET /v1/netcheck`| none                                                       | [`NetcheckReport`]: `udp`, `mapping`, `reflexive` endpoints, `local` endpoints, and each relay's `transport`, `rtt_ms`, `home`, `max_payload` and drop counters |
 //! | `GET /v1/whois?addr=IP[:PORT]` | none                                          | [`WhoIs`]: the peer owning that overlay address (`node`: `id`, `name`, `addresses`), its `identity` (`user`, `groups`, `workload`, `tags`) and the `capabilities` the policy's grants give it on this node (`{"NAME": [JSON values…]}`); 404 for an address no peer has |
 //!
 //! Errors are `{"error": "<sentence naming the problem and the fix>", "kind": "<kind>"}`
@@ -23,8 +25,9 @@ pub use client::{ApiClient, ClientError};
 pub use error::{ApiError, ErrorBody};
 pub use server::{bind, serve, Command, UP_TIMEOUT};
 pub use types::{
-    CoordinatorStatus, FilterStatus, LoginPending, LoginRequest, PeerSummary, RunState, SelfStatus,
-    Status, UpReply, UpRequest,
+    CoordinatorStatus, FilterStatus, LoginPending, LoginRequest, NetcheckReport, PathKind,
+    PeerSummary, PingReply, PingRequest, ReflexiveEndpoint, RelayReport, RelayTransport, RunState,
+    SelfStatus, Status, UpReply, UpRequest,
 };
 pub use whois::{
     lookup as whois_lookup, parse_address, WhoIs, WhoIsIdentity, WhoIsNode, WhoIsQuery,

@@ -17,10 +17,16 @@ use nix::unistd::Gid;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{parse_address, ApiError, LoginRequest, Status, UpReply, UpRequest, WhoIs, WhoIsQuery};
+use super::{
+    parse_address, ApiError, LoginRequest, NetcheckReport, PingReply, PingRequest, Status, UpReply,
+    UpRequest, WhoIs, WhoIsQuery,
+};
 
 /// How long `POST /v1/up` waits for registration and the first netmap.
 pub const UP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `POST /v1/ping` waits for the daemon's answer; the core gives
+/// up on a ping after 2 s, so this only bounds a daemon that lost it.
+const PING_WAIT: Duration = Duration::from_secs(5);
 
 /// A request for the daemon's main loop, with the channel for its answer.
 #[derive(Debug)]
@@ -35,6 +41,10 @@ pub enum Command {
     Status(oneshot::Sender<Status>),
     /// Say who owns an overlay address, and their capabilities here.
     WhoIs(IpAddr, oneshot::Sender<Result<WhoIs, ApiError>>),
+    /// Send one disco ping; answer with its pong or timeout.
+    Ping(PingRequest, oneshot::Sender<Result<PingReply, ApiError>>),
+    /// Report endpoint discovery and the relay sessions.
+    Netcheck(oneshot::Sender<NetcheckReport>),
 }
 
 /// Binds the API socket: creates its directory if missing, replaces a stale
@@ -120,6 +130,8 @@ fn router(commands: mpsc::Sender<Command>) -> Router {
         .route("/v1/down", post(down))
         .route("/v1/status", get(status))
         .route("/v1/whois", get(whois))
+        .route("/v1/ping", post(ping))
+        .route("/v1/netcheck", get(netcheck))
         .with_state(commands)
 }
 
@@ -207,6 +219,38 @@ async fn whois(
         .await
         .map_err(|_| ApiError::ShuttingDown)?;
     answer.await.map_err(|_| ApiError::ShuttingDown)?.map(Json)
+}
+
+async fn ping(
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    State(commands): State<mpsc::Sender<Command>>,
+    body: Result<Json<PingRequest>, JsonRejection>,
+) -> Result<Json<PingReply>, ApiError> {
+    caller.may_change()?;
+    let Json(request) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let (reply, answer) = oneshot::channel();
+    commands
+        .send(Command::Ping(request, reply))
+        .await
+        .map_err(|_| ApiError::ShuttingDown)?;
+    match tokio::time::timeout(PING_WAIT, answer).await {
+        Ok(Ok(result)) => result.map(Json),
+        Ok(Err(_)) => Err(ApiError::ShuttingDown),
+        Err(_) => Err(ApiError::Timeout(
+            "weftd did not answer the ping in time; see its log".into(),
+        )),
+    }
+}
+
+async fn netcheck(
+    State(commands): State<mpsc::Sender<Command>>,
+) -> Result<Json<NetcheckReport>, ApiError> {
+    let (reply, answer) = oneshot::channel();
+    commands
+        .send(Command::Netcheck(reply))
+        .await
+        .map_err(|_| ApiError::ShuttingDown)?;
+    answer.await.map(Json).map_err(|_| ApiError::ShuttingDown)
 }
 
 async fn ask(

@@ -5,6 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 use weft_proto::{AuthKey, PublicKey};
 
+pub use crate::core::PathKind;
+
 /// `POST /v1/up`: join (or rejoin) an overlay.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UpRequest {
@@ -140,12 +142,102 @@ pub struct PeerSummary {
     pub identity: String,
     /// The underlay endpoint its packets come from or go to.
     pub endpoint: Option<SocketAddr>,
+    /// How the peer is reached now: `direct` (to `endpoint`), `relay`
+    /// (through `relay`), or null while there is no way yet.
+    #[serde(default)]
+    pub path: Option<PathKind>,
+    /// The relay carrying the peer's packets when `path` is `relay`.
+    #[serde(default)]
+    pub relay: Option<String>,
     /// When the last WireGuard handshake completed, RFC 3339 (UTC).
     pub last_handshake: Option<String>,
     /// Bytes received through the tunnel.
     pub rx_bytes: u64,
     /// Bytes sent through the tunnel.
     pub tx_bytes: u64,
+}
+
+/// `POST /v1/ping`: one disco ping to a peer over its current path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingRequest {
+    /// The peer's name or one of its overlay addresses.
+    pub peer: String,
+}
+
+/// The answer to one ping: a pong, or a timeout after 2 s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PingReply {
+    /// The peer's name.
+    pub peer: String,
+    /// The peer's first overlay address.
+    pub address: Option<IpAddr>,
+    /// Whether a pong came back.
+    pub pong: bool,
+    /// The path the pong came over.
+    pub path: Option<PathKind>,
+    /// The relay it came through, for `path` `relay`.
+    pub relay: Option<String>,
+    /// The peer's underlay endpoint it came from, for `path` `direct`.
+    pub endpoint: Option<SocketAddr>,
+    /// The round-trip time in milliseconds.
+    pub rtt_ms: Option<f64>,
+}
+
+/// `GET /v1/netcheck`: what endpoint discovery found and how the relays are reached.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetcheckReport {
+    /// Whether STUN answers arrived on the WireGuard socket in the last round.
+    pub udp: bool,
+    /// How the NAT in front of this node maps the WireGuard socket:
+    /// `endpoint-independent`, `endpoint-dependent`, or null when fewer
+    /// than two STUN servers answered.
+    pub mapping: Option<String>,
+    /// The WireGuard socket's address as each relay's STUN server saw it.
+    pub reflexive: Vec<ReflexiveEndpoint>,
+    /// The host's own addresses with the WireGuard port.
+    pub local: Vec<SocketAddr>,
+    /// Every relay the coordinator lists, the home relay first.
+    pub relays: Vec<RelayReport>,
+}
+
+/// One STUN answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReflexiveEndpoint {
+    /// The relay whose STUN server answered.
+    pub relay: String,
+    /// The address it saw.
+    pub endpoint: SocketAddr,
+}
+
+/// One relay as this node reaches it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayReport {
+    /// The relay's name.
+    pub name: String,
+    /// Whether it is this node's home relay, the one peers reach it through.
+    pub home: bool,
+    /// The session's transport, or null while it is down.
+    pub transport: Option<RelayTransport>,
+    /// The round-trip time in milliseconds, while connected.
+    pub rtt_ms: Option<f64>,
+    /// The largest packet a QUIC session carries as one datagram now;
+    /// larger ones travel on the session's stream. Null over TCP, which
+    /// carries every packet on its stream.
+    pub max_payload: Option<usize>,
+    /// Packets larger than `max_payload` that went on the QUIC stream.
+    pub oversized: u64,
+    /// Packets dropped because the session was down or congested.
+    pub dropped: u64,
+}
+
+/// How a relay session is carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayTransport {
+    /// QUIC datagrams over UDP.
+    Quic,
+    /// Stream frames over TLS on TCP, where UDP is blocked.
+    Tcp,
 }
 
 /// Packet-filter counters for traffic arriving from the tunnel.
@@ -195,6 +287,8 @@ mod tests {
                 addresses: vec!["100.64.0.2".parse().unwrap()],
                 identity: "tag:db".into(),
                 endpoint: Some("192.0.2.20:51820".parse().unwrap()),
+                path: Some(PathKind::Direct),
+                relay: None,
                 last_handshake: Some("2026-01-01T00:00:00Z".into()),
                 rx_bytes: 10,
                 tx_bytes: 20,
@@ -232,6 +326,8 @@ mod tests {
                     "addresses": ["100.64.0.2"],
                     "identity": "tag:db",
                     "endpoint": "192.0.2.20:51820",
+                    "path": "direct",
+                    "relay": null,
                     "last_handshake": "2026-01-01T00:00:00Z",
                     "rx_bytes": 10,
                     "tx_bytes": 20

@@ -142,6 +142,8 @@ mod tests {
                 tags: vec![],
             },
             endpoint: None,
+            path: None,
+            relay: None,
             last_handshake: None,
             rx_bytes: 0,
             tx_bytes: 0,

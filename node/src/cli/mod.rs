@@ -1,6 +1,7 @@
 //! The `weft` command line: drives weftd over its local API, and checks
 //! policy files offline.
 
+mod paths;
 mod policy;
 mod render;
 mod whois;
@@ -47,7 +48,8 @@ pub enum Command {
     },
     /// Disconnect from the overlay and remove the overlay addresses.
     Down,
-    /// Show this node, the coordinator connection and the peers' tunnels.
+    /// Show this node, the coordinator connection and the peers' tunnels,
+    /// with the path each peer is reached by (direct or through a relay).
     Status {
         /// Print the status as JSON.
         #[arg(long)]
@@ -59,6 +61,33 @@ pub enum Command {
         /// The peer's overlay address: IP, IP:PORT or [IPv6]:PORT.
         address: String,
         /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ping a peer and show the path each answer took.
+    ///
+    /// The probes are weftd's own path probes (not ICMP, so the peer's
+    /// policy does not matter): each answer says whether it came directly
+    /// from an underlay endpoint or through a relay, and its round-trip
+    /// time. Exits 1 when no probe was answered.
+    Ping {
+        /// The peer: its name or one of its overlay addresses.
+        peer: String,
+        /// How many probes to send, one a second; each waits up to 2 s for its pong.
+        #[arg(short = 'c', long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+        count: u32,
+        /// Print one JSON object per probe.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what this node found out about its network and the relays.
+    ///
+    /// Whether UDP gets out, how the NAT in front of the node maps the
+    /// WireGuard port, the endpoints the relays' STUN servers saw, the
+    /// host's own endpoints, and each relay's transport (quic, tcp or down)
+    /// and latency, the home relay marked.
+    Netcheck {
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -174,6 +203,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Whois { address, json } => whois::run(&client, &address, json).await?,
+        Command::Ping { peer, count, json } => {
+            return paths::ping(&client, &peer, count, json).await
+        }
+        Command::Netcheck { json } => return paths::netcheck(&client, json).await,
         Command::Policy(PolicyCommand::Check { file, json }) => return policy::check(&file, json),
         Command::Policy(PolicyCommand::Explain {
             file,
@@ -389,6 +422,24 @@ mod tests {
             Command::Policy(PolicyCommand::Check { ref file, json: false }) if file == Path::new("p.hujson")
         ));
         assert!(Cli::try_parse_from(["weft", "up"]).is_err());
+        let cli = Cli::try_parse_from(["weft", "ping", "web-1", "-c", "2", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Ping { ref peer, count: 2, json: true } if peer == "web-1"
+        ));
+        let cli = Cli::try_parse_from(["weft", "ping", "100.64.0.2"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Ping {
+                count: 4,
+                json: false,
+                ..
+            }
+        ));
+        assert!(Cli::try_parse_from(["weft", "ping", "web-1", "-c", "0"]).is_err());
+        assert!(Cli::try_parse_from(["weft", "ping"]).is_err());
+        let cli = Cli::try_parse_from(["weft", "netcheck", "--json"]).unwrap();
+        assert!(matches!(cli.command, Command::Netcheck { json: true }));
         assert!(Cli::try_parse_from(["weft", "frobnicate"]).is_err());
     }
 }

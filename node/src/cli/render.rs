@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
-use crate::api::{RunState, SelfStatus, Status};
+use crate::api::{PathKind, PeerSummary, RunState, SelfStatus, Status};
 
 /// `connected as web-1 (100.64.0.1, fd7a:115c:a1e0::1) identity tag:web`.
 pub(super) fn connected(me: &SelfStatus) -> String {
@@ -65,7 +65,7 @@ pub(super) fn status(status: &Status, now: SystemTime) -> String {
         "HOSTNAME".to_owned(),
         "ADDRESSES".to_owned(),
         "IDENTITY".to_owned(),
-        "ENDPOINT".to_owned(),
+        "PATH".to_owned(),
         "HANDSHAKE".to_owned(),
         "RX".to_owned(),
         "TX".to_owned(),
@@ -75,8 +75,7 @@ pub(super) fn status(status: &Status, now: SystemTime) -> String {
             peer.hostname.clone(),
             join(&peer.addresses),
             peer.identity.clone(),
-            peer.endpoint
-                .map_or_else(|| "-".to_owned(), |e| e.to_string()),
+            path(peer),
             handshake_age(peer.last_handshake.as_deref(), now),
             bytes(peer.rx_bytes),
             bytes(peer.tx_bytes),
@@ -98,6 +97,18 @@ pub(super) fn status(status: &Status, now: SystemTime) -> String {
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
     out
+}
+
+/// `direct 203.0.113.7:51820`, `relay fra1`, or `-` while the peer
+/// cannot be reached yet.
+fn path(peer: &PeerSummary) -> String {
+    match (peer.path, &peer.relay, peer.endpoint) {
+        (Some(PathKind::Relay), Some(relay), _) => format!("relay {relay}"),
+        (Some(PathKind::Direct), _, Some(endpoint)) => format!("direct {endpoint}"),
+        (Some(PathKind::Relay), None, _) => "relay".to_owned(),
+        (Some(PathKind::Direct), _, None) => "direct".to_owned(),
+        (None, _, _) => "-".to_owned(),
+    }
 }
 
 fn join(addresses: &[IpAddr]) -> String {
@@ -170,6 +181,8 @@ mod tests {
                     addresses: vec!["100.64.0.2".parse().unwrap()],
                     identity: "tag:db".into(),
                     endpoint: Some("192.0.2.20:51820".parse().unwrap()),
+                    path: Some(PathKind::Direct),
+                    relay: None,
                     last_handshake: Some("2026-01-01T00:00:48Z".into()),
                     rx_bytes: 2048,
                     tx_bytes: 10,
@@ -179,6 +192,8 @@ mod tests {
                     addresses: vec![],
                     identity: "alice@example.com".into(),
                     endpoint: None,
+                    path: Some(PathKind::Relay),
+                    relay: Some("fra1".into()),
                     last_handshake: None,
                     rx_bytes: 0,
                     tx_bytes: 0,
@@ -216,7 +231,7 @@ mod tests {
         for part in [
             "100.64.0.2",
             "tag:db",
-            "192.0.2.20:51820",
+            "direct 192.0.2.20:51820",
             "12s ago",
             "2.0 KiB",
             "10 B",
@@ -225,6 +240,7 @@ mod tests {
         }
         let laptop = text.lines().find(|l| l.starts_with("laptop")).unwrap();
         assert!(laptop.contains("never"), "{laptop}");
+        assert!(laptop.contains("relay fra1"), "{laptop}");
     }
 
     #[test]

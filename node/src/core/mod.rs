@@ -1,9 +1,16 @@
 //! The node's data plane as a sans-IO state machine: one WireGuard session
-//! per peer over a single UDP socket, and the stateful inbound filter.
+//! per peer over a single UDP socket or through relays, the discovery and
+//! probing that choose between them, and the stateful inbound filter.
 
+mod disco;
+mod discovery;
+mod paths;
 mod peer;
+mod probe;
 #[cfg(test)]
 mod sim;
+#[cfg(test)]
+mod sim_nat;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -15,10 +22,14 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use serde::{Deserialize, Serialize};
-use weft_proto::{Identity, NetMap, NetMapDelta, NodeId, Peer, PrivateKey, PublicKey};
+use weft_proto::{
+    Advertisement, Identity, NetMap, NetMapDelta, NodeId, Peer, PrivateKey, PublicKey, RelayInfo,
+};
 
 use crate::filter::{self, Firewall, Verdict};
+use discovery::Discovery;
 use peer::{PeerTunnel, Slot};
+use probe::Pending;
 
 /// A weft node's data plane: WireGuard sessions to the netmap's peers and
 /// the inbound packet filter. It does no IO and reads no clock of its own.
@@ -29,15 +40,37 @@ use peer::{PeerTunnel, Slot};
 /// - [`Node::set_netmap`], [`Node::apply_delta`], [`Node::clear`] when the
 ///   coordinator's view changes;
 /// - [`Node::handle_tun_packet`] for every IP packet read from the TUN device;
-/// - [`Node::handle_udp`] for every datagram received on the WireGuard socket;
+/// - [`Node::handle_udp`] for every datagram received on the WireGuard
+///   socket (WireGuard, disco and STUN answers share it);
+/// - [`Node::set_relays`] with the coordinator's relay list,
+///   [`Node::relay_connected`] / [`Node::relay_disconnected`] as relay
+///   sessions come and go, and [`Node::handle_relayed`] for every datagram a
+///   relay session delivers;
+/// - [`Node::set_local_endpoints`] with the host's addresses, at start and
+///   whenever they may have changed;
+/// - [`Node::ping`] for `weft ping`;
 /// - [`Node::handle_timeout`] when the instant [`Node::poll_timeout`] named
 ///   has passed.
 ///
 /// After any input, drain the outputs until they return `None`:
-/// [`Node::poll_transmit`] (datagrams for the UDP socket) and
-/// [`Node::poll_tun_packet`] (packets for the TUN device). Then ask
-/// [`Node::poll_timeout`] and wait for IO or that instant, whichever comes
-/// first. Every input takes `now`, which must not go backwards.
+/// [`Node::poll_transmit`] (datagrams for the UDP socket),
+/// [`Node::poll_relay_transmit`] (datagrams for a relay session),
+/// [`Node::poll_tun_packet`] (packets for the TUN device) and
+/// [`Node::poll_event`] (advertisements for the coordinator, ping answers).
+/// Then ask [`Node::poll_timeout`] and wait for IO or that instant, whichever
+/// comes first. Every input takes `now`, which must not go backwards.
+///
+/// # Paths
+///
+/// A peer is reached directly while a direct path is *trusted* (a disco pong
+/// or an authenticated WireGuard packet from it in the last 5 s), else
+/// through a relay when one is connected, else at the best guess (the first
+/// endpoint it advertises, or where it last spoke from). While there is
+/// traffic and no trusted path the node probes every candidate endpoint with
+/// disco pings (and one through the relay, which makes the peer probe back at
+/// once and punches holes in both NATs). Disco messages are sealed with the
+/// node keys (Noise `K`) and share the WireGuard socket, so NAT mappings are
+/// shared with WireGuard.
 ///
 /// Feeding many inputs before draining is fine and cheaper (the shell reads
 /// whole batches per wakeup). Hand the buffers of drained outputs back with
@@ -87,7 +120,125 @@ pub struct Node {
     stats: FilterStats,
     /// Scratch space for boringtun's output, large enough for any IP packet plus overhead.
     buf: Box<[u8]>,
+    relay_transmits: VecDeque<RelayTransmit>,
+    discovery: Discovery,
+    events: VecDeque<Event>,
+    /// The advertisement last reported, to report only changes.
+    advertised: Option<Advertisement>,
+    /// Disco pings awaiting their pong, by transaction.
+    pending: HashMap<disco::Tx, Pending>,
+    /// `weft ping` probes awaiting an answer: the peer and the deadline.
+    user_pings: BTreeMap<u64, (NodeId, Instant)>,
+    next_ping_id: u64,
+    /// Disco messages the node still opens this tick (each costs two DH).
+    disco_budget: u32,
+    /// An extra wakeup: a peer became active and has to be probed at once.
+    wake: Option<Instant>,
+    /// The latest `now` of a timer or control input, for status.
+    last_now: Instant,
 }
+
+/// A datagram for a relay: WireGuard or disco, to the node holding `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayTransmit {
+    /// The relay's name, as in the coordinator's list.
+    pub relay: String,
+    /// The node key of the destination.
+    pub to: PublicKey,
+    /// The datagram.
+    pub payload: Vec<u8>,
+}
+
+/// How a peer is reached now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathKind {
+    /// Straight over the underlay, UDP.
+    Direct,
+    /// Through a relay.
+    Relay,
+}
+
+/// What the node asks the shell to do or report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Tell the coordinator (`ClientMessage::UpdateEndpoints`); emitted whenever it changes.
+    Advertise(Advertisement),
+    /// The answer to [`Node::ping`].
+    Pong {
+        /// The id [`Node::ping`] returned.
+        id: u64,
+        /// Who answered.
+        peer: NodeId,
+        /// The path the ping and its answer took.
+        path: PathKind,
+        /// The relay, when `path` is [`PathKind::Relay`].
+        relay: Option<String>,
+        /// The peer's endpoint, when `path` is [`PathKind::Direct`].
+        endpoint: Option<SocketAddr>,
+        /// Round-trip time.
+        rtt: Duration,
+    },
+    /// [`Node::ping`] got no answer within [`PING_TIMEOUT`].
+    PingTimeout {
+        /// The id [`Node::ping`] returned.
+        id: u64,
+        /// The peer that did not answer.
+        peer: NodeId,
+    },
+}
+
+/// What endpoint discovery found, for `weft netcheck`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Netcheck {
+    /// Reflexive endpoints of the WireGuard socket as each STUN server saw it.
+    pub reflexive: Vec<Reflection>,
+    /// Endpoint-independent when at least two STUN servers saw the same
+    /// mapped endpoint, dependent when they differ, `None` when fewer than
+    /// two answered.
+    pub mapping: Option<NatMapping>,
+    /// Whether any STUN answer arrived on the WireGuard socket in the last round (UDP works).
+    pub udp: bool,
+    /// Relay latencies as the shell reported them, home first.
+    pub relays: Vec<RelayLatency>,
+    /// The host's addresses with the WireGuard port.
+    pub local: Vec<SocketAddr>,
+}
+
+/// The WireGuard socket's endpoint as one relay's STUN server saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reflection {
+    /// The relay whose STUN server answered.
+    pub relay: String,
+    /// The source address and port it saw.
+    pub endpoint: SocketAddr,
+}
+
+/// How the NAT in front of this node maps the WireGuard socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NatMapping {
+    /// One public endpoint whatever the destination: peers can reach it once
+    /// a hole is punched.
+    EndpointIndependent,
+    /// A different public endpoint per destination (symmetric NAT): direct
+    /// paths work only to peers that need no hole punched.
+    EndpointDependent,
+}
+
+/// One relay's session, as the shell measured it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayLatency {
+    /// The relay's name.
+    pub name: String,
+    /// Round-trip time while connected; `None` when not connected.
+    pub rtt: Option<Duration>,
+    /// Whether it is this node's home relay.
+    pub home: bool,
+}
+
+/// How long [`Node::ping`] waits for an answer.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A datagram to send on the WireGuard UDP socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,8 +260,14 @@ pub struct PeerStatus {
     pub addresses: Vec<IpAddr>,
     /// Who it is.
     pub identity: Identity,
-    /// Where its WireGuard packets go now.
+    /// Its direct endpoint, when `path` is [`PathKind::Direct`].
     pub endpoint: Option<SocketAddr>,
+    /// How it is reached now; `None` when there is no way yet.
+    #[serde(default)]
+    pub path: Option<PathKind>,
+    /// The relay used, when `path` is [`PathKind::Relay`].
+    #[serde(default)]
+    pub relay: Option<String>,
     /// How long ago the current session's handshake completed.
     pub last_handshake: Option<Duration>,
     /// Payload bytes received from it.
@@ -166,12 +323,17 @@ const HANDSHAKE_INIT_LEN: usize = 148;
 const SPARE_BUFFERS: usize = 256;
 /// Session indices are 24 bits; boringtun uses the low 8 for rekeys.
 const INDEX_MASK: u32 = 0x00ff_ffff;
+/// How long the side with the higher key waits before sending its
+/// handshake again on a new path (the other side sends at once).
+const HANDSHAKE_DEFER: Duration = Duration::from_secs(1);
+/// Disco messages opened per [`TICK`] (200 a second): bounds the
+/// Diffie-Hellman work garbage from known keys can cause.
+const DISCO_RATE_LIMIT: u32 = 50;
 
 impl Node {
     /// A node with no peers and a deny-all filter. `private_key` is this
-    /// node's WireGuard key. Nothing is scheduled until peers arrive, so
-    /// `_now` is not needed yet.
-    pub fn new(private_key: PrivateKey, _now: Instant) -> Self {
+    /// node's WireGuard key. Nothing is scheduled until peers or relays arrive.
+    pub fn new(private_key: PrivateKey, now: Instant) -> Self {
         let static_private = private_key.to_x25519();
         let static_public = x25519_dalek::PublicKey::from(&static_private);
         Self {
@@ -193,6 +355,16 @@ impl Node {
             next_tick: None,
             stats: FilterStats::default(),
             buf: vec![0; MAX_PACKET + WIREGUARD_OVERHEAD].into_boxed_slice(),
+            relay_transmits: VecDeque::new(),
+            discovery: Discovery::default(),
+            events: VecDeque::new(),
+            advertised: None,
+            pending: HashMap::new(),
+            user_pings: BTreeMap::new(),
+            next_ping_id: 1,
+            disco_budget: DISCO_RATE_LIMIT,
+            wake: None,
+            last_now: now,
         }
     }
 
@@ -268,8 +440,14 @@ impl Node {
         self.by_address.clear();
         self.firewall.clear();
         self.transmits.clear();
+        self.relay_transmits.clear();
         self.tun_packets.clear();
+        self.pending.clear();
         self.next_tick = None;
+        self.wake = None;
+        for (id, (peer, _)) in std::mem::take(&mut self.user_pings) {
+            self.events.push_back(Event::PingTimeout { id, peer });
+        }
     }
 
     /// An IP packet read from the TUN device (outbound).
@@ -295,11 +473,14 @@ impl Node {
             tracing::trace!(dst = %headers.dst, "dropping packet: no peer has the address");
             return;
         };
-        let Some(endpoint) = peer.endpoint else {
+        let Some(dst) = route(peer, &self.discovery, now) else {
             self.stats.dropped_no_endpoint += 1;
             tracing::trace!(peer = %peer.peer.id, "dropping packet: peer has no endpoint yet");
             return;
         };
+        if peer.paths.touch(now) {
+            self.wake = Some(now);
+        }
         self.firewall.outbound(&headers, now);
         // Encrypted straight into the buffer that goes to the socket.
         let mut out = self.spare.pop().unwrap_or_default();
@@ -321,70 +502,215 @@ impl Node {
         match written {
             Some(len) => {
                 out.truncate(len);
-                self.transmits.push_back(Transmit {
-                    dst: endpoint,
-                    payload: out,
-                });
+                let to = peer.key();
+                push(&mut self.transmits, &mut self.relay_transmits, dst, to, out);
             }
             None => self.recycle(out),
         }
     }
 
-    /// A datagram received on the WireGuard UDP socket.
+    /// A datagram received on the WireGuard UDP socket: WireGuard, disco, or
+    /// a STUN answer, told apart by their first bytes.
     pub fn handle_udp(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
-        let Some((id, slot, authenticates)) = self.route_datagram(from, datagram, now) else {
+        match datagram {
+            // WireGuard: the type, then three zero bytes.
+            [1..=4, 0, 0, 0, ..] => {}
+            [first, ..] if *first == disco::MAGIC[0] && disco::is_disco(datagram) => {
+                self.handle_disco(Source::Udp(from), datagram, now);
+                return;
+            }
+            // STUN: the first two bits are zero.
+            [first, ..] if first & 0xc0 == 0 => {
+                if self.discovery.handle_stun(from, datagram) {
+                    self.advertise_changes();
+                } else {
+                    self.stats.dropped_invalid_datagram += 1;
+                    tracing::trace!(%from, "dropping datagram that is neither WireGuard, disco nor an expected STUN answer");
+                }
+                return;
+            }
+            _ => {}
+        }
+        self.handle_wireguard(Source::Udp(from), datagram, now);
+    }
+
+    /// The relays the coordinator lists (`ServerMessage::Relays`). STUN goes
+    /// to their `stun_address`.
+    pub fn set_relays(&mut self, relays: &[RelayInfo], now: Instant) {
+        self.last_now = now;
+        self.discovery.set_relays(relays, now, &mut self.transmits);
+        self.schedule_tick(now);
+        self.advertise_changes();
+    }
+
+    /// The shell's session to relay `name` is admitted (or its RTT was re-measured).
+    pub fn relay_connected(&mut self, name: &str, rtt: Duration, now: Instant) {
+        self.last_now = now;
+        if self.discovery.relay_connected(name, rtt) {
+            // Handshakes that went to a guess while no relay was up go again
+            // now, rather than on WireGuard's 5 s retry.
+            let waiting: Vec<NodeId> = self
+                .peers
+                .iter()
+                .filter(|(_, p)| {
+                    !p.has_session() && p.paths.active(now) && p.paths.trusted(now).is_none()
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in waiting {
+                self.handshake_on_new_path(id, now);
+            }
+        }
+        self.advertise_changes();
+    }
+
+    /// The shell's session to relay `name` ended; the node stops using it.
+    pub fn relay_disconnected(&mut self, name: &str, now: Instant) {
+        self.last_now = now;
+        self.discovery.relay_disconnected(name);
+        self.advertise_changes();
+    }
+
+    /// A datagram that arrived through relay `relay` from the node holding
+    /// `from` (as the relay authenticated it): WireGuard or disco.
+    pub fn handle_relayed(&mut self, relay: &str, from: PublicKey, datagram: &[u8], now: Instant) {
+        let source = Source::Relay { relay, key: from };
+        if disco::is_disco(datagram) {
+            self.handle_disco(source, datagram, now);
+        } else {
+            self.handle_wireguard(source, datagram, now);
+        }
+    }
+
+    /// Next datagram for a relay session.
+    pub fn poll_relay_transmit(&mut self) -> Option<RelayTransmit> {
+        self.relay_transmits.pop_front()
+    }
+
+    /// The host's usable addresses with the WireGuard port. A change from a
+    /// previous set means the node moved: every direct path has to prove
+    /// itself again (traffic takes the relay meanwhile), STUN runs at once,
+    /// and active peers are probed at once.
+    pub fn set_local_endpoints(&mut self, endpoints: Vec<SocketAddr>, now: Instant) {
+        self.last_now = now;
+        if self.discovery.set_local(endpoints) {
+            tracing::info!("local addresses changed; finding paths again");
+            for peer in self.peers.values_mut() {
+                peer.paths.distrust();
+                if peer.paths.active(now) {
+                    peer.paths.next_probe = Some(now);
+                }
+            }
+            self.wake = Some(now);
+            self.discovery.stun(now, &mut self.transmits);
+        }
+        self.advertise_changes();
+    }
+
+    /// Next event for the shell.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Sends one disco ping to `peer` over its current path (and probes its
+    /// direct candidates when no direct path is trusted); the answer comes as
+    /// [`Event::Pong`] or [`Event::PingTimeout`] with the returned id. `None`
+    /// when the peer is unknown.
+    pub fn ping(&mut self, peer: NodeId, now: Instant) -> Option<u64> {
+        self.last_now = now;
+        let tunnel = self.peers.get(&peer)?;
+        let id = self.next_ping_id;
+        self.next_ping_id += 1;
+        self.user_pings.insert(id, (peer, now + PING_TIMEOUT));
+        let trusted = tunnel.paths.trusted(now).is_some();
+        if let Some(dst) = route(tunnel, &self.discovery, now) {
+            self.send_ping(peer, dst, Some(id), now);
+        }
+        if !trusted {
+            self.probe_candidates(peer, now);
+        }
+        Some(id)
+    }
+
+    /// What endpoint discovery found, for `weft netcheck`.
+    pub fn netcheck(&self) -> Netcheck {
+        self.discovery.netcheck()
+    }
+
+    /// WireGuard from the socket or a relay.
+    fn handle_wireguard(&mut self, source: Source<'_>, datagram: &[u8], now: Instant) {
+        let Some((id, slot, authenticates)) = self.route_datagram(source, datagram, now) else {
             return;
         };
         let Self {
             peers,
             firewall,
             transmits,
+            relay_transmits,
             tun_packets,
             spare,
             stats,
             buf,
+            wake,
             ..
         } = self;
         let Some(peer) = peers.get_mut(&id) else {
             return;
         };
-        // Field by field, so the endpoint stays assignable below.
+        let key = peer.key();
+        if let Source::Relay { key: from, .. } = source {
+            if from != key {
+                stats.dropped_unknown_peer += 1;
+                tracing::trace!(peer = %id, "dropping relayed WireGuard whose session belongs to another key");
+                return;
+            }
+        }
+        // Field by field, so the paths stay assignable below.
         let tunn = match (slot, &mut peer.retiring) {
             (Slot::Current, _) => &mut peer.tunn,
             (Slot::Retiring, Some(retiring)) => &mut retiring.tunn,
             (Slot::Retiring, None) => return,
         };
-        let (packet, src) = match tunn.decapsulate(Some(from.ip()), datagram, buf) {
+        let (packet, src) = match tunn.decapsulate(source.ip(), datagram, buf) {
             TunnResult::Done => {
                 if authenticates {
-                    peer.endpoint = Some(from);
+                    source.heard(&mut peer.paths, now);
                 }
                 return;
             }
             TunnResult::Err(error) => {
                 stats.dropped_invalid_datagram += 1;
-                tracing::trace!(peer = %id, %from, ?error, "dropping datagram");
+                tracing::trace!(peer = %id, ?error, "dropping datagram");
                 return;
             }
             TunnResult::WriteToNetwork(reply) => {
-                peer.endpoint = Some(from);
-                transmits.push_back(Transmit {
-                    dst: from,
-                    payload: reply.to_vec(),
-                });
+                source.heard(&mut peer.paths, now);
+                push(
+                    transmits,
+                    relay_transmits,
+                    source.reply(),
+                    key,
+                    reply.to_vec(),
+                );
                 // boringtun's contract: flush what queued up behind the handshake.
                 while let TunnResult::WriteToNetwork(queued) = tunn.decapsulate(None, &[], buf) {
-                    transmits.push_back(Transmit {
-                        dst: from,
-                        payload: queued.to_vec(),
-                    });
+                    push(
+                        transmits,
+                        relay_transmits,
+                        source.reply(),
+                        key,
+                        queued.to_vec(),
+                    );
                 }
                 return;
             }
             TunnResult::WriteToTunnelV4(packet, src) => (packet, IpAddr::V4(src)),
             TunnResult::WriteToTunnelV6(packet, src) => (packet, IpAddr::V6(src)),
         };
-        peer.endpoint = Some(from);
+        source.heard(&mut peer.paths, now);
+        if peer.paths.touch(now) {
+            *wake = Some(now);
+        }
         if !peer.owns(src) {
             stats.dropped_spoofed += 1;
             tracing::trace!(peer = %id, %src, "dropping packet: source is not the peer's address");
@@ -427,26 +753,51 @@ impl Node {
     }
 
     /// Drives timers: boringtun's `update_timers` for every peer every 250 ms,
-    /// and flow expiry.
+    /// path probing, STUN, ping timeouts, and flow expiry.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.next_tick.is_some_and(|tick| tick <= now) {
+        self.last_now = now;
+        let tick = self.next_tick.is_some_and(|tick| tick <= now);
+        if tick || self.wake.is_some_and(|wake| wake <= now) {
+            self.wake = None;
+            self.probe_due(now);
+        }
+        if tick {
             for peer in self.peers.values_mut() {
                 match peer.tunn.update_timers(&mut self.buf) {
-                    TunnResult::WriteToNetwork(datagram) => match peer.endpoint {
-                        Some(dst) => self.transmits.push_back(Transmit {
-                            dst,
-                            payload: datagram.to_vec(),
-                        }),
-                        None => {
-                            tracing::trace!(peer = %peer.peer.id, "no endpoint for timer message")
+                    TunnResult::WriteToNetwork(datagram) => {
+                        match route(peer, &self.discovery, now) {
+                            Some(dst) => push(
+                                &mut self.transmits,
+                                &mut self.relay_transmits,
+                                dst,
+                                peer.peer.node_key,
+                                datagram.to_vec(),
+                            ),
+                            None => {
+                                tracing::trace!(peer = %peer.peer.id, "no path for timer message")
+                            }
                         }
-                    },
+                    }
                     TunnResult::Err(error) => {
                         tracing::trace!(peer = %peer.peer.id, ?error, "WireGuard timer");
                     }
                     TunnResult::Done
                     | TunnResult::WriteToTunnelV4(..)
                     | TunnResult::WriteToTunnelV6(..) => {}
+                }
+            }
+            let due: Vec<NodeId> = self
+                .peers
+                .iter_mut()
+                .filter(|(_, p)| p.handshake_due.is_some_and(|at| at <= now))
+                .map(|(id, p)| {
+                    p.handshake_due = None;
+                    *id
+                })
+                .collect();
+            for id in due {
+                if self.peers.get(&id).is_some_and(|p| !p.has_session()) {
+                    self.resend_handshake(id, now);
                 }
             }
             for peer in self.peers.values_mut() {
@@ -456,6 +807,10 @@ impl Node {
                 }
             }
             self.handshake_gate.reset_count();
+            self.disco_budget = DISCO_RATE_LIMIT;
+            self.expire_pings(now);
+            self.discovery.handle_timeout(now, &mut self.transmits);
+            self.advertise_changes();
             self.next_tick = Some(now + TICK);
         }
         self.firewall.handle_timeout(now);
@@ -481,25 +836,32 @@ impl Node {
 
     /// When [`Node::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let tick = self.next_tick.filter(|_| !self.peers.is_empty());
-        match (tick, self.firewall.poll_timeout()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.next_tick, self.wake, self.firewall.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
-    /// Per-peer status for `weft status`, ordered by node id.
+    /// Per-peer status for `weft status`, ordered by node id, as of the
+    /// latest timer or control input.
     pub fn peers(&self) -> Vec<PeerStatus> {
         self.peers
             .values()
             .map(|p| {
                 let (last_handshake, tx, rx, _, _) = p.tunn.stats();
+                let (path, endpoint, relay) = match route(p, &self.discovery, self.last_now) {
+                    Some(Dst::Udp(endpoint)) => (Some(PathKind::Direct), Some(endpoint), None),
+                    Some(Dst::Relay(relay)) => (Some(PathKind::Relay), None, Some(relay)),
+                    None => (None, None, None),
+                };
                 PeerStatus {
                     id: p.peer.id,
                     name: p.peer.name.clone(),
                     addresses: p.peer.addresses.clone(),
                     identity: p.peer.identity.clone(),
-                    endpoint: p.endpoint,
+                    endpoint,
+                    path,
+                    relay,
                     last_handshake,
                     rx_bytes: rx as u64,
                     tx_bytes: tx as u64,
@@ -522,7 +884,7 @@ impl Node {
     /// rest by the session index the peer's tunnel was created with.
     fn route_datagram(
         &mut self,
-        from: SocketAddr,
+        source: Source<'_>,
         datagram: &[u8],
         now: Instant,
     ) -> Option<(NodeId, Slot, bool)> {
@@ -530,7 +892,7 @@ impl Node {
             Ok(packet) => packet,
             Err(error) => {
                 self.stats.dropped_invalid_datagram += 1;
-                tracing::trace!(%from, ?error, "dropping datagram that is not WireGuard");
+                tracing::trace!(?source, ?error, "dropping datagram that is not WireGuard");
                 return None;
             }
         };
@@ -540,19 +902,21 @@ impl Node {
         ) {
             match self
                 .handshake_gate
-                .verify_packet(Some(from.ip()), datagram, &mut self.buf)
+                .verify_packet(source.ip(), datagram, &mut self.buf)
             {
                 Ok(_) => {}
                 Err(TunnResult::WriteToNetwork(cookie)) => {
-                    self.transmits.push_back(Transmit {
-                        dst: from,
-                        payload: cookie.to_vec(),
-                    });
+                    if let Source::Udp(from) = source {
+                        self.transmits.push_back(Transmit {
+                            dst: from,
+                            payload: cookie.to_vec(),
+                        });
+                    }
                     return None;
                 }
                 Err(_) => {
                     self.stats.dropped_invalid_datagram += 1;
-                    tracing::trace!(%from, "dropping handshake with a bad mac1");
+                    tracing::trace!(?source, "dropping handshake with a bad mac1 or under load");
                     return None;
                 }
             }
@@ -564,7 +928,7 @@ impl Node {
                     parse_handshake_anon(&self.static_private, &self.static_public, &init)
                 else {
                     self.stats.dropped_invalid_datagram += 1;
-                    tracing::trace!(%from, "dropping undecryptable handshake initiation");
+                    tracing::trace!(?source, "dropping undecryptable handshake initiation");
                     return None;
                 };
                 let key = PublicKey::from_bytes(half.peer_static_public);
@@ -576,9 +940,12 @@ impl Node {
         };
         let Some((id, slot)) = route else {
             self.stats.dropped_unknown_peer += 1;
-            tracing::trace!(%from, "dropping datagram from a key or session not in the netmap");
+            tracing::trace!(
+                ?source,
+                "dropping datagram from a key or session not in the netmap"
+            );
             if is_data {
-                self.nudge_stale_sender(from, now);
+                self.nudge_stale_sender(source, now);
             }
             return None;
         };
@@ -591,8 +958,17 @@ impl Node {
     /// peer at that endpoint a fresh handshake restores the tunnel in one
     /// round trip. The datagram itself proves nothing, so this only ever sends
     /// a handshake initiation, at most once per [`STALE_SESSION_NUDGE`] per peer.
-    fn nudge_stale_sender(&mut self, from: SocketAddr, now: Instant) {
-        let Some(peer) = self.peers.values_mut().find(|p| p.endpoint == Some(from)) else {
+    fn nudge_stale_sender(&mut self, source: Source<'_>, now: Instant) {
+        let peer = match source {
+            Source::Udp(from) => self
+                .peers
+                .values_mut()
+                .find(|p| p.paths.endpoint == Some(from)),
+            Source::Relay { key, .. } => {
+                self.by_key.get(&key).and_then(|id| self.peers.get_mut(id))
+            }
+        };
+        let Some(peer) = peer else {
             return;
         };
         if peer
@@ -602,13 +978,17 @@ impl Node {
             return;
         }
         peer.last_nudge = Some(now);
+        let key = peer.key();
         if let TunnResult::WriteToNetwork(init) =
             peer.tunn.format_handshake_initiation(&mut self.buf, false)
         {
-            self.transmits.push_back(Transmit {
-                dst: from,
-                payload: init.to_vec(),
-            });
+            push(
+                &mut self.transmits,
+                &mut self.relay_transmits,
+                source.reply(),
+                key,
+                init.to_vec(),
+            );
         }
     }
 
@@ -633,7 +1013,13 @@ impl Node {
                 self.firewall.forget_addresses(&gone);
             }
             if existing.key() == peer.node_key {
-                existing.update(peer.clone());
+                let reachable_anew = existing.peer.home_relay != peer.home_relay
+                    || existing.peer.endpoints != peer.endpoints;
+                existing.update(peer.clone(), now);
+                // A handshake that went nowhere goes again to where the peer is now.
+                if reachable_anew && !existing.has_session() && existing.paths.active(now) {
+                    self.handshake_on_new_path(peer.id, now);
+                }
                 return;
             }
             tracing::debug!(peer = %peer.id, key = %peer.node_key.short(), "peer key changed; new session");
@@ -653,15 +1039,18 @@ impl Node {
         if let Some(old) = self.peers.remove(&id) {
             tunnel.succeed(old, now);
         }
-        if let (Some(dst), Some(_)) = (tunnel.endpoint, &tunnel.retiring) {
+        if let (Some(dst), Some(_)) = (route(&tunnel, &self.discovery, now), &tunnel.retiring) {
             if let TunnResult::WriteToNetwork(init) = tunnel
                 .tunn
                 .format_handshake_initiation(&mut self.buf, false)
             {
-                self.transmits.push_back(Transmit {
+                push(
+                    &mut self.transmits,
+                    &mut self.relay_transmits,
                     dst,
-                    payload: init.to_vec(),
-                });
+                    tunnel.key(),
+                    init.to_vec(),
+                );
             }
         }
         self.peers.insert(id, tunnel);
@@ -714,10 +1103,65 @@ impl Node {
                 }
             }
         }
-        if self.peers.is_empty() {
+        self.schedule_tick(now);
+    }
+
+    /// Runs the tick while there are peers or relays (STUN), and only then.
+    fn schedule_tick(&mut self, now: Instant) {
+        if self.peers.is_empty() && !self.discovery.has_relays() {
             self.next_tick = None;
         } else if self.next_tick.is_none() {
             self.next_tick = Some(now + TICK);
+        }
+    }
+
+    /// A path appeared for `peer` while its handshake waits on one that did
+    /// not answer: send it again there, at once from the side with the
+    /// lower key and a little later from the other. Two initiations crossing
+    /// each other would each replace the other's handshake, again and again.
+    fn handshake_on_new_path(&mut self, peer: NodeId, now: Instant) {
+        let Some(tunnel) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if tunnel.handshake_due.is_some() {
+            return;
+        }
+        if self.static_public.as_bytes() < tunnel.peer.node_key.as_bytes() {
+            self.resend_handshake(peer, now);
+        } else {
+            tunnel.handshake_due = Some(now + HANDSHAKE_DEFER);
+        }
+    }
+
+    /// Sends `peer` a fresh handshake initiation over its current path.
+    fn resend_handshake(&mut self, peer: NodeId, now: Instant) {
+        let Some(tunnel) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Some(dst) = route(tunnel, &self.discovery, now) else {
+            return;
+        };
+        if let TunnResult::WriteToNetwork(init) =
+            tunnel.tunn.format_handshake_initiation(&mut self.buf, true)
+        {
+            tracing::trace!(%peer, ?dst, "handshake sent again on a new path");
+            push(
+                &mut self.transmits,
+                &mut self.relay_transmits,
+                dst,
+                tunnel.peer.node_key,
+                init.to_vec(),
+            );
+        }
+    }
+
+    /// Reports the advertisement when it differs from the last one reported.
+    fn advertise_changes(&mut self) {
+        let advertisement = self.discovery.advertisement();
+        if self.advertised.as_ref() != Some(&advertisement) {
+            tracing::debug!(?advertisement, "advertisement changed");
+            self.advertised = Some(advertisement.clone());
+            self.events.push_back(Event::Advertise(advertisement));
         }
     }
 }
@@ -729,5 +1173,83 @@ impl fmt::Debug for Node {
             .field("peers", &self.peers)
             .field("stats", &self.stats)
             .finish_non_exhaustive()
+    }
+}
+
+/// Where a datagram for a peer goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Dst {
+    Udp(SocketAddr),
+    Relay(String),
+}
+
+/// Where a datagram came from.
+#[derive(Debug, Clone, Copy)]
+enum Source<'a> {
+    Udp(SocketAddr),
+    /// Through relay `relay`, from the node the relay authenticated as `key`.
+    Relay {
+        relay: &'a str,
+        key: PublicKey,
+    },
+}
+
+impl Source<'_> {
+    /// The source address boringtun's cookie mechanism keys on.
+    fn ip(self) -> Option<IpAddr> {
+        match self {
+            Self::Udp(from) => Some(from.ip()),
+            Self::Relay { .. } => None,
+        }
+    }
+
+    /// Where an answer goes: back the way the datagram came.
+    fn reply(self) -> Dst {
+        match self {
+            Self::Udp(from) => Dst::Udp(from),
+            Self::Relay { relay, .. } => Dst::Relay(relay.to_owned()),
+        }
+    }
+
+    /// An authenticated WireGuard message came this way.
+    #[inline]
+    fn heard(self, paths: &mut paths::Paths, now: Instant) {
+        match self {
+            Self::Udp(from) => paths.heard_from(from, now),
+            Self::Relay { relay, .. } => {
+                if paths.relay_from.as_deref() != Some(relay) {
+                    paths.relay_from = Some(relay.to_owned());
+                }
+            }
+        }
+    }
+}
+
+/// How to reach `peer` now: its trusted direct path, else a connected
+/// relay, else the best guess.
+#[inline]
+fn route(peer: &PeerTunnel, discovery: &Discovery, now: Instant) -> Option<Dst> {
+    if let Some(endpoint) = peer.paths.trusted(now) {
+        return Some(Dst::Udp(endpoint));
+    }
+    if let Some(relay) = discovery.relay_for(
+        peer.peer.home_relay.as_deref(),
+        peer.paths.relay_from.as_deref(),
+    ) {
+        return Some(Dst::Relay(relay.to_owned()));
+    }
+    peer.paths.endpoint.map(Dst::Udp)
+}
+
+fn push(
+    transmits: &mut VecDeque<Transmit>,
+    relay_transmits: &mut VecDeque<RelayTransmit>,
+    dst: Dst,
+    to: PublicKey,
+    payload: Vec<u8>,
+) {
+    match dst {
+        Dst::Udp(dst) => transmits.push_back(Transmit { dst, payload }),
+        Dst::Relay(relay) => relay_transmits.push_back(RelayTransmit { relay, to, payload }),
     }
 }

@@ -2,13 +2,15 @@
 //! sessions — the current one, and across a key change the one it replaces.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::Tunn;
 use weft_proto::{Peer, PublicKey};
+
+use super::paths::Paths;
 
 /// How long the tunnel of a replaced key pair is kept at most.
 const RETIRE_MAX: Duration = Duration::from_secs(120);
@@ -26,12 +28,14 @@ pub(crate) struct PeerTunnel {
     /// The tunnel of the key pair before the last key change, while `tunn`
     /// has no session of its own yet (make-before-break).
     pub(crate) retiring: Option<Retiring>,
-    /// Where to send: the advertised endpoint until an authenticated packet
-    /// arrives from elsewhere (WireGuard roaming).
-    pub(crate) endpoint: Option<SocketAddr>,
+    /// The direct paths: candidates, the one in use and whether it is trusted.
+    pub(crate) paths: Paths,
     /// When this node last offered the peer a fresh handshake because it
     /// sent on a session this node no longer has.
     pub(crate) last_nudge: Option<Instant>,
+    /// When to send the handshake again on a new path, unless a session
+    /// exists by then.
+    pub(crate) handshake_due: Option<Instant>,
 }
 
 impl PeerTunnel {
@@ -50,14 +54,15 @@ impl PeerTunnel {
             index,
             Some(Arc::clone(limiter)),
         );
-        let endpoint = peer.endpoints.first().copied();
+        let paths = Paths::new(&peer.endpoints);
         Self {
             peer,
             tunn,
             index,
             retiring: None,
-            endpoint,
+            paths,
             last_nudge: None,
+            handshake_due: None,
         }
     }
 
@@ -68,7 +73,9 @@ impl PeerTunnel {
     /// derived, and the other side keeps its own old session just as long.
     pub(crate) fn succeed(&mut self, old: PeerTunnel, now: Instant) {
         if old.peer.endpoints == self.peer.endpoints {
-            self.endpoint = old.endpoint.or(self.endpoint);
+            let guess = self.paths.endpoint;
+            self.paths = old.paths;
+            self.paths.endpoint = self.paths.endpoint.or(guess);
         }
         if has_session(&old.tunn) {
             self.retiring = Some(Retiring {
@@ -104,6 +111,11 @@ impl PeerTunnel {
         self.retiring.take().map(|r| r.index)
     }
 
+    /// Whether any of the peer's tunnels has a session to send on.
+    pub(crate) fn has_session(&self) -> bool {
+        has_session(&self.tunn) || self.retiring.as_ref().is_some_and(|r| has_session(&r.tunn))
+    }
+
     /// The session indices this peer's tunnels answer to.
     pub(crate) fn indices(&self) -> impl Iterator<Item = (u32, Slot)> + '_ {
         std::iter::once((self.index, Slot::Current))
@@ -111,10 +123,10 @@ impl PeerTunnel {
     }
 
     /// Takes the details of `peer`, whose key is unchanged, keeping the session.
-    /// A changed list of advertised endpoints resets the endpoint to its first.
-    pub(crate) fn update(&mut self, peer: Peer) {
+    /// A changed list of advertised endpoints resets an untrusted endpoint to its first.
+    pub(crate) fn update(&mut self, peer: Peer, now: Instant) {
         if peer.endpoints != self.peer.endpoints {
-            self.endpoint = peer.endpoints.first().copied();
+            self.paths.set_advertised(&peer.endpoints, now);
         }
         self.peer = peer;
     }
@@ -157,7 +169,7 @@ impl fmt::Debug for PeerTunnel {
             .field("key", &self.peer.node_key)
             .field("index", &self.index)
             .field("retiring", &self.retiring.as_ref().map(|r| r.index))
-            .field("endpoint", &self.endpoint)
+            .field("endpoint", &self.paths.endpoint)
             .finish_non_exhaustive()
     }
 }

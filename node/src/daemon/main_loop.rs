@@ -19,6 +19,8 @@ const TUN_BUF: usize = 65_536;
 const TUN_BATCH: usize = 64;
 /// How often a workload's identity token file is checked for a new token.
 const TOKEN_CHECK: Duration = Duration::from_secs(1);
+/// How often the host's addresses are listed, to notice the node moved.
+const ENDPOINT_CHECK: Duration = Duration::from_secs(1);
 
 impl Daemon {
     /// Runs until SIGTERM or SIGINT.
@@ -34,6 +36,8 @@ impl Daemon {
         let mut outgoing = SendBatch::default();
         let mut token_check = tokio::time::interval(TOKEN_CHECK);
         token_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut endpoint_check = tokio::time::interval(ENDPOINT_CHECK);
+        endpoint_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let timeout = self.core.poll_timeout();
             tokio::select! {
@@ -52,10 +56,12 @@ impl Daemon {
                     }
                     Err(e) => tracing::debug!("UDP receive failed: {e}"),
                 },
+                event = self.relays.recv() => self.on_relay_event(&event),
                 Some(update) = updates.recv() => self.on_control(update).await,
                 Some(command) = commands.recv() => self.on_command(command).await,
                 () = sleep_until(timeout) => self.core.handle_timeout(Instant::now()),
                 _ = token_check.tick() => self.check_renewal(),
+                _ = endpoint_check.tick() => self.poll_local_endpoints(),
             }
             self.flush(&mut outgoing).await;
         }
@@ -78,6 +84,10 @@ impl Daemon {
             Command::Status(reply) => {
                 let _ = reply.send(self.status());
             }
+            Command::Ping(request, reply) => self.on_ping(&request, reply),
+            Command::Netcheck(reply) => {
+                let _ = reply.send(self.netcheck());
+            }
         }
     }
 
@@ -97,10 +107,12 @@ impl Daemon {
         Ok(())
     }
 
-    /// Writes out everything the core queued: datagrams to one peer in
-    /// GSO batches, then the packets for the TUN device. Buffers go back
-    /// to the core for reuse.
+    /// Acts on the core's events, then writes out everything it queued:
+    /// relay datagrams to their sessions, UDP datagrams to one peer in GSO
+    /// batches, then the packets for the TUN device. Buffers go back to
+    /// the core for reuse.
     async fn flush(&mut self, batch: &mut SendBatch) {
+        self.drain_events();
         let max_segments = self.underlay.max_segments();
         while let Some(transmit) = self.core.poll_transmit() {
             if !batch.fits(transmit.dst, transmit.payload.len(), max_segments) {

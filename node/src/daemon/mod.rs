@@ -6,6 +6,8 @@
 
 mod identity;
 mod main_loop;
+mod paths;
+mod relays;
 mod status;
 
 use std::path::PathBuf;
@@ -24,6 +26,7 @@ use crate::api::{
 };
 use crate::control::{ControlConfig, ControlError, ControlEvent, ControlTask, ControlUpdate};
 use crate::core::Node;
+use crate::netmap_cache;
 use crate::state::{Prefs, StateDir};
 use crate::tun_device::TunDevice;
 use crate::underlay::Underlay;
@@ -124,6 +127,9 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
                 .unwrap_or_default(),
             home_relay: None,
         }),
+        relays: relays::Relays::new(),
+        pings: std::collections::HashMap::new(),
+        local_endpoints: None,
         updates: updates_tx,
         control: None,
         sessions: 0,
@@ -156,6 +162,10 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     } else if let Some(prefs) = prefs.filter(|p| p.want_running) {
         tracing::info!(coordinator = %prefs.coordinator, "rejoining the overlay");
+        let node_key = daemon.node_key.public_key();
+        if let Some(netmap) = netmap_cache::restore_at_start(&config.state_dir, &prefs, node_key) {
+            daemon.on_netmap(&netmap).await;
+        }
         daemon.start_control(prefs, None);
     }
 
@@ -179,6 +189,12 @@ struct Daemon {
     wireguard_port: u16,
     /// Where this node can be reached, for the control session to report.
     advertisement: tokio::sync::watch::Sender<weft_proto::Advertisement>,
+    /// Sessions with the relays the coordinator lists.
+    relays: relays::Relays,
+    /// `weft ping` requests waiting for their pong, by ping id.
+    pings: std::collections::HashMap<u64, paths::PendingPing>,
+    /// The host's endpoints as last handed to the core.
+    local_endpoints: Option<Vec<std::net::SocketAddr>>,
     updates: mpsc::Sender<ControlUpdate>,
     control: Option<ControlTask>,
     /// Counts control sessions, so updates from a replaced session are ignored.
@@ -316,8 +332,10 @@ impl Daemon {
             advertisement: self.advertisement.subscribe(),
             posture: self.posture.clone(),
         };
-        self.control = Some(ControlTask::spawn(
+        let cache = netmap_cache::CacheWriter::new(self.state.path(), prefs.coordinator_key);
+        self.control = Some(ControlTask::spawn_caching(
             config,
+            cache,
             self.sessions,
             self.updates.clone(),
         ));
@@ -355,6 +373,7 @@ impl Daemon {
         self.connected_to = None;
         self.self_node = None;
         self.capabilities.clear();
+        self.stop_relays();
         self.core.clear();
         if let Err(e) = self.tun.unassign().await {
             tracing::warn!("{e}");
@@ -371,9 +390,7 @@ impl Daemon {
             ControlEvent::LoginRequired(prompt) => self.on_login_required(prompt),
             ControlEvent::NetMap(netmap) => self.on_netmap(&netmap).await,
             ControlEvent::Delta(delta) => self.on_delta(&delta).await,
-            ControlEvent::Relays(relays) => {
-                tracing::debug!(count = relays.len(), "relays listed");
-            }
+            ControlEvent::Relays(relays) => self.on_relays(&relays),
             ControlEvent::Refused(refusal) => self.on_refused(refusal).await,
             ControlEvent::Disconnected(error) => self.on_disconnected(error).await,
         }
@@ -389,6 +406,7 @@ impl Daemon {
                 tracing::error!("{e}");
             }
             self.node_key = next_key;
+            self.rekey_relays();
         }
         self.renewal
             .accepted(self.presenting.take(), unix_now(), node.key_expiry);

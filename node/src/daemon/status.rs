@@ -27,6 +27,8 @@ pub(crate) fn peer_summary(peer: &PeerStatus, now: SystemTime) -> PeerSummary {
         addresses: peer.addresses.clone(),
         identity: peer.identity.to_string(),
         endpoint: peer.endpoint,
+        path: peer.path,
+        relay: peer.relay.clone(),
         last_handshake: peer.last_handshake.map(|ago| rfc3339_ago(now, ago)),
         rx_bytes: peer.rx_bytes,
         tx_bytes: peer.tx_bytes,
@@ -52,6 +54,7 @@ mod tests {
     use weft_proto::{Identity, NodeId};
 
     use super::*;
+    use crate::core::PathKind;
 
     #[test]
     fn a_handshake_age_becomes_a_timestamp() {
@@ -66,6 +69,8 @@ mod tests {
                 ..Default::default()
             },
             endpoint: None,
+            path: Some(PathKind::Relay),
+            relay: Some("fra1".into()),
             last_handshake: Some(Duration::from_secs(12)),
             rx_bytes: 1,
             tx_bytes: 2,
@@ -76,6 +81,10 @@ mod tests {
             Some("2026-01-01T00:00:48Z")
         );
         assert_eq!(summary.identity, "tag:db");
+        assert_eq!(
+            (summary.path, summary.relay.as_deref()),
+            (Some(PathKind::Relay), Some("fra1"))
+        );
         let never = peer_summary(
             &PeerStatus {
                 last_handshake: None,

@@ -129,14 +129,17 @@ async fn session(
     reports: &mpsc::UnboundedSender<Report>,
 ) -> Result<()> {
     let (_connection, mut send, mut recv) = handshake(fleet, machine_key).await?;
+    let node_key = register.node_key;
     let frame =
         weft_proto::encode_frame(&ClientMessage::Register(register)).map_err(|e| anyhow!("{e}"))?;
     send.write_all(&frame).await.context("send Register")?;
 
     let mut view = View::default();
+    let mut opener = weft_proto::Opener::new(node_key);
     let mut decoder = FrameDecoder::new();
     loop {
         while let Some(message) = decoder.next_message::<ServerMessage>()? {
+            let message = opener.open(message)?.message;
             for milestone in view.apply(message, &fleet.joiner)? {
                 if milestone == Milestone::Synced {
                     *connecting = None;
@@ -211,8 +214,9 @@ impl View {
             _ if !self.registered => bail!("a netmap arrived before registration"),
             ServerMessage::NetMap(netmap) => (Some(netmap.filter), netmap.peers),
             ServerMessage::Delta(delta) => (delta.filter, delta.upsert_peers),
-            ServerMessage::Relays(_) => return Ok(Vec::new()),
+            ServerMessage::Relays(_) | ServerMessage::NetmapKey(_) => return Ok(Vec::new()),
             ServerMessage::RelayAdmissions { .. } => bail!("sent relay admissions"),
+            ServerMessage::Signed(_) => bail!("a signed record was not opened"),
         };
         let mut reached = Vec::new();
         if !self.synced {

@@ -383,6 +383,7 @@ struct Session {
     _send: quinn::SendStream,
     recv: quinn::RecvStream,
     decoder: FrameDecoder,
+    opener: weft_proto::Opener,
 }
 
 impl Session {
@@ -404,13 +405,18 @@ impl Session {
             _send: send,
             recv,
             decoder: FrameDecoder::new(),
+            opener: weft_proto::Opener::new(machine.node_key),
         })
     }
 
+    /// The next message, signed netmaps verified and opened.
     async fn next(&mut self) -> Result<ServerMessage> {
         loop {
             if let Some(message) = self.decoder.next_message::<ServerMessage>()? {
-                return Ok(message);
+                match self.opener.open(message)?.message {
+                    ServerMessage::NetmapKey(_) => continue,
+                    message => return Ok(message),
+                }
             }
             match self.recv.read_chunk(usize::MAX, true).await {
                 Ok(Some(chunk)) => self.decoder.push(&chunk.bytes),
