@@ -488,7 +488,10 @@ impl Node {
             (packet.len() + WIREGUARD_OVERHEAD).max(HANDSHAKE_INIT_LEN),
             0,
         );
-        let written = match peer.sending_tunn().encapsulate(packet, &mut out) {
+        let written = match peer
+            .sending_tunn(&self.static_private, &self.tunn_limiter)
+            .encapsulate(packet, &mut out)
+        {
             TunnResult::WriteToNetwork(datagram) => Some(datagram.len()),
             TunnResult::Err(error) => {
                 tracing::trace!(peer = %peer.peer.id, ?error, "cannot encapsulate packet");
@@ -652,6 +655,8 @@ impl Node {
             stats,
             buf,
             wake,
+            static_private,
+            tunn_limiter,
             ..
         } = self;
         let Some(peer) = peers.get_mut(&id) else {
@@ -667,7 +672,13 @@ impl Node {
         }
         // Field by field, so the paths stay assignable below.
         let tunn = match (slot, &mut peer.retiring) {
-            (Slot::Current, _) => &mut peer.tunn,
+            (Slot::Current, _) => peer::made(
+                &mut peer.tunn,
+                peer.peer.node_key,
+                peer.index,
+                static_private,
+                tunn_limiter,
+            ),
             (Slot::Retiring, Some(retiring)) => &mut retiring.tunn,
             (Slot::Retiring, None) => return,
         };
@@ -763,7 +774,10 @@ impl Node {
         }
         if tick {
             for peer in self.peers.values_mut() {
-                match peer.tunn.update_timers(&mut self.buf) {
+                let Some(tunn) = peer.tunn.as_deref_mut() else {
+                    continue;
+                };
+                match tunn.update_timers(&mut self.buf) {
                     TunnResult::WriteToNetwork(datagram) => {
                         match route(peer, &self.discovery, now) {
                             Some(dst) => push(
@@ -848,7 +862,10 @@ impl Node {
         self.peers
             .values()
             .map(|p| {
-                let (last_handshake, tx, rx, _, _) = p.tunn.stats();
+                let (last_handshake, tx, rx, _, _) = p
+                    .tunn
+                    .as_deref()
+                    .map_or((None, 0, 0, 0.0, None), Tunn::stats);
                 let (path, endpoint, relay) = match route(p, &self.discovery, self.last_now) {
                     Some(Dst::Udp(endpoint)) => (Some(PathKind::Direct), Some(endpoint), None),
                     Some(Dst::Relay(relay)) => (Some(PathKind::Relay), None, Some(relay)),
@@ -979,8 +996,9 @@ impl Node {
         }
         peer.last_nudge = Some(now);
         let key = peer.key();
-        if let TunnResult::WriteToNetwork(init) =
-            peer.tunn.format_handshake_initiation(&mut self.buf, false)
+        if let TunnResult::WriteToNetwork(init) = peer
+            .tunn(&self.static_private, &self.tunn_limiter)
+            .format_handshake_initiation(&mut self.buf, false)
         {
             push(
                 &mut self.transmits,
@@ -1035,13 +1053,13 @@ impl Node {
     fn replace_tunnel(&mut self, peer: Peer, now: Instant) {
         let index = self.allocate_index();
         let id = peer.id;
-        let mut tunnel = PeerTunnel::new(&self.static_private, peer, index, &self.tunn_limiter);
+        let mut tunnel = PeerTunnel::new(peer, index);
         if let Some(old) = self.peers.remove(&id) {
             tunnel.succeed(old, now);
         }
         if let (Some(dst), Some(_)) = (route(&tunnel, &self.discovery, now), &tunnel.retiring) {
             if let TunnResult::WriteToNetwork(init) = tunnel
-                .tunn
+                .tunn(&self.static_private, &self.tunn_limiter)
                 .format_handshake_initiation(&mut self.buf, false)
             {
                 push(
@@ -1141,8 +1159,9 @@ impl Node {
         let Some(dst) = route(tunnel, &self.discovery, now) else {
             return;
         };
-        if let TunnResult::WriteToNetwork(init) =
-            tunnel.tunn.format_handshake_initiation(&mut self.buf, true)
+        if let TunnResult::WriteToNetwork(init) = tunnel
+            .tunn(&self.static_private, &self.tunn_limiter)
+            .format_handshake_initiation(&mut self.buf, true)
         {
             tracing::trace!(%peer, ?dst, "handshake sent again on a new path");
             push(

@@ -22,7 +22,10 @@ const RETIRE_DRAIN: Duration = Duration::from_secs(5);
 /// node's key and the peer's) it was made for.
 pub(crate) struct PeerTunnel {
     pub(crate) peer: Peer,
-    pub(crate) tunn: Tunn,
+    /// The WireGuard tunnel, made when the peer is first reached or
+    /// reaches this node ([`PeerTunnel::tunn`]): boringtun's `Tunn` is
+    /// 11 KB, and most peers of a large netmap never exchange a packet.
+    pub(crate) tunn: Option<Box<Tunn>>,
     /// The 24-bit index the tunnel's session indices start with.
     pub(crate) index: u32,
     /// The tunnel of the key pair before the last key change, while `tunn`
@@ -39,25 +42,13 @@ pub(crate) struct PeerTunnel {
 }
 
 impl PeerTunnel {
-    /// A fresh tunnel to `peer` with session index `index`.
-    pub(crate) fn new(
-        static_private: &x25519_dalek::StaticSecret,
-        peer: Peer,
-        index: u32,
-        limiter: &Arc<RateLimiter>,
-    ) -> Self {
-        let tunn = Tunn::new(
-            static_private.clone(),
-            x25519_dalek::PublicKey::from(peer.node_key),
-            None,
-            None,
-            index,
-            Some(Arc::clone(limiter)),
-        );
+    /// A fresh tunnel to `peer` with session index `index`; boringtun's
+    /// state is made on first use.
+    pub(crate) fn new(peer: Peer, index: u32) -> Self {
         let paths = Paths::new(&peer.endpoints);
         Self {
             peer,
-            tunn,
+            tunn: None,
             index,
             retiring: None,
             paths,
@@ -77,23 +68,51 @@ impl PeerTunnel {
             self.paths = old.paths;
             self.paths.endpoint = self.paths.endpoint.or(guess);
         }
-        if has_session(&old.tunn) {
+        if let Some(tunn) = old.tunn.filter(|tunn| has_session(tunn)) {
             self.retiring = Some(Retiring {
-                tunn: old.tunn,
+                tunn,
                 index: old.index,
                 until: now + RETIRE_MAX,
             });
         }
     }
 
+    /// The current tunnel, made now if the peer has none yet.
+    pub(crate) fn tunn(
+        &mut self,
+        static_private: &x25519_dalek::StaticSecret,
+        limiter: &Arc<RateLimiter>,
+    ) -> &mut Tunn {
+        made(
+            &mut self.tunn,
+            self.peer.node_key,
+            self.index,
+            static_private,
+            limiter,
+        )
+    }
+
     /// The tunnel to encrypt with: the current one, or while it has no
     /// session yet the retiring one that still has.
-    pub(crate) fn sending_tunn(&mut self) -> &mut Tunn {
-        match &mut self.retiring {
-            Some(retiring) if !has_session(&self.tunn) && has_session(&retiring.tunn) => {
+    pub(crate) fn sending_tunn(
+        &mut self,
+        static_private: &x25519_dalek::StaticSecret,
+        limiter: &Arc<RateLimiter>,
+    ) -> &mut Tunn {
+        let Self {
+            peer,
+            tunn,
+            index,
+            retiring,
+            ..
+        } = self;
+        match retiring {
+            Some(retiring)
+                if !tunn.as_deref().is_some_and(has_session) && has_session(&retiring.tunn) =>
+            {
                 &mut retiring.tunn
             }
-            _ => &mut self.tunn,
+            _ => made(tunn, peer.node_key, *index, static_private, limiter),
         }
     }
 
@@ -102,7 +121,7 @@ impl PeerTunnel {
     /// that ended.
     pub(crate) fn expire_retiring(&mut self, now: Instant) -> Option<u32> {
         let retiring = self.retiring.as_mut()?;
-        if has_session(&self.tunn) {
+        if self.tunn.as_deref().is_some_and(has_session) {
             retiring.until = retiring.until.min(now + RETIRE_DRAIN);
         }
         if now < retiring.until {
@@ -113,7 +132,8 @@ impl PeerTunnel {
 
     /// Whether any of the peer's tunnels has a session to send on.
     pub(crate) fn has_session(&self) -> bool {
-        has_session(&self.tunn) || self.retiring.as_ref().is_some_and(|r| has_session(&r.tunn))
+        self.tunn.as_deref().is_some_and(has_session)
+            || self.retiring.as_ref().is_some_and(|r| has_session(&r.tunn))
     }
 
     /// The session indices this peer's tunnels answer to.
@@ -150,10 +170,30 @@ pub(crate) enum Slot {
 
 /// The tunnel of a replaced key pair.
 pub(crate) struct Retiring {
-    pub(crate) tunn: Tunn,
+    pub(crate) tunn: Box<Tunn>,
     pub(crate) index: u32,
     /// When it is dropped.
     pub(crate) until: Instant,
+}
+
+/// The tunnel in `slot`, made for the key pair and `index` if there is none.
+pub(crate) fn made<'a>(
+    slot: &'a mut Option<Box<Tunn>>,
+    peer_key: PublicKey,
+    index: u32,
+    static_private: &x25519_dalek::StaticSecret,
+    limiter: &Arc<RateLimiter>,
+) -> &'a mut Tunn {
+    slot.get_or_insert_with(|| {
+        Box::new(Tunn::new(
+            static_private.clone(),
+            x25519_dalek::PublicKey::from(peer_key),
+            None,
+            None,
+            index,
+            Some(Arc::clone(limiter)),
+        ))
+    })
 }
 
 /// Whether `tunn` has a session to send on (boringtun reports a handshake
@@ -171,5 +211,35 @@ impl fmt::Debug for PeerTunnel {
             .field("retiring", &self.retiring.as_ref().map(|r| r.index))
             .field("endpoint", &self.paths.endpoint)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_proto::{Identity, NodeId, PrivateKey};
+
+    #[test]
+    fn a_tunnel_is_made_on_first_use_only() {
+        let me = PrivateKey::generate().to_x25519();
+        let limiter = Arc::new(RateLimiter::new(
+            &x25519_dalek::PublicKey::from(&me),
+            u64::MAX,
+        ));
+        let peer = Peer {
+            id: NodeId(2),
+            name: "db".into(),
+            node_key: PrivateKey::generate().public_key(),
+            addresses: vec!["100.64.0.2".parse().unwrap()],
+            endpoints: vec!["192.0.2.2:51820".parse().unwrap()],
+            home_relay: None,
+            identity: Identity::default(),
+        };
+        let mut tunnel = PeerTunnel::new(peer, 7);
+        assert!(tunnel.tunn.is_none());
+        assert!(!tunnel.has_session());
+        tunnel.sending_tunn(&me, &limiter);
+        assert!(tunnel.tunn.is_some());
+        assert!(!tunnel.has_session());
     }
 }
