@@ -14,6 +14,7 @@ pub mod endpoints;
 pub mod filter;
 mod key_text;
 pub mod netmap_cache;
+pub mod offload;
 pub mod posture;
 pub mod state;
 pub mod tun_device;

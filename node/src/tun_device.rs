@@ -3,11 +3,24 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use std::os::fd::AsRawFd;
+
 use netlink_packet_route::address::AddressMessage;
 use netlink_packet_route::route::{RouteMessage, RouteScope};
 
+use crate::offload::{self, VIRTIO_NET_HDR_LEN};
+
 /// The TUN device's MTU: 1500 less WireGuard's 80 bytes of worst-case (IPv6) overhead.
 pub const MTU: u16 = 1420;
+
+/// A buffer for one frame read from the device: a virtio header and a
+/// super-packet of up to 64 KiB.
+pub const FRAME_BUF: usize = VIRTIO_NET_HDR_LEN + 65_536;
+
+/// The environment variable that turns TUN offloads off (`off`, `0`,
+/// `false`, `no`), for hosts whose kernel misbehaves and for tests of the
+/// plain path.
+pub const OFFLOAD_ENV: &str = "WEFT_TUN_OFFLOAD";
 
 /// The overlay's IPv4 range, routed into the device.
 const OVERLAY_V4: (Ipv4Addr, u8) = (Ipv4Addr::new(100, 64, 0, 0), 10);
@@ -44,6 +57,8 @@ pub enum TunError {
 /// An up TUN device and the overlay configuration applied to it.
 pub struct TunDevice {
     device: tun::AsyncDevice,
+    /// Set when the device carries virtio headers and super-packets.
+    offload: Option<Offload>,
     name: String,
     index: u32,
     netlink: rtnetlink::Handle,
@@ -56,9 +71,18 @@ impl std::fmt::Debug for TunDevice {
         f.debug_struct("TunDevice")
             .field("name", &self.name)
             .field("index", &self.index)
+            .field("offloads", &self.offload.is_some())
             .field("addresses", &self.addresses)
             .finish_non_exhaustive()
     }
+}
+
+/// The state the offloaded data path keeps between reads and writes.
+#[derive(Debug, Default)]
+struct Offload {
+    scratch: Vec<u8>,
+    coalescer: offload::Coalescer,
+    malformed: u64,
 }
 
 /// A piece of configuration we added, kept to remove exactly it later.
@@ -70,10 +94,18 @@ enum Applied {
 
 impl TunDevice {
     /// Creates the device, up, with MTU [`MTU`] and no addresses yet.
+    ///
+    /// Asks for TUN offloads (`IFF_VNET_HDR` and `TUNSETOFFLOAD`) so one
+    /// read or write carries up to 64 KiB of a TCP flow; if the kernel
+    /// refuses, or [`OFFLOAD_ENV`] is `off`, the device carries one packet
+    /// per read and write.
     pub async fn create(name: &str) -> Result<Self, TunError> {
-        let mut config = tun::Configuration::default();
-        config.tun_name(name).mtu(MTU).up();
-        let device = tun::create_as_async(&config).map_err(|e| create_error(name, e))?;
+        let (device, offload) = if offload_wanted(std::env::var(OFFLOAD_ENV).ok().as_deref()) {
+            create_with_offloads(name)?
+        } else {
+            tracing::info!("TUN offloads off ({OFFLOAD_ENV}); using one packet per read");
+            (open(name, false)?, None)
+        };
         let index = nix::net::if_::if_nametoindex(name).map_err(|e| TunError::Create {
             name: name.to_owned(),
             reason: format!("the device vanished after creation: {e}"),
@@ -85,9 +117,15 @@ impl TunDevice {
                 reason: e.to_string(),
             })?;
         tokio::spawn(connection);
-        tracing::info!(device = name, mtu = MTU, "created TUN device");
+        tracing::info!(
+            device = name,
+            mtu = MTU,
+            offloads = offload.is_some(),
+            "created TUN device"
+        );
         Ok(Self {
             device,
+            offload,
             name: name.to_owned(),
             index,
             netlink,
@@ -101,12 +139,22 @@ impl TunDevice {
         &self.name
     }
 
-    /// Reads one IP packet written to the device by the host.
+    /// Whether the device carries offloaded super-packets behind a
+    /// virtio header; [`TunDevice::packets`] and [`TunDevice::send`] hide
+    /// the difference.
+    pub fn offloads(&self) -> bool {
+        self.offload.is_some()
+    }
+
+    /// Reads one frame written to the device by the host: an IP packet,
+    /// or with offloads a virtio header and a packet of up to 64 KiB
+    /// (`buf` needs [`FRAME_BUF`] bytes). [`TunDevice::packets`] turns it
+    /// into IP packets.
     pub async fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.device.recv(buf).await
     }
 
-    /// Reads one more IP packet if the host has written one, without
+    /// Reads one more frame if the host has written one, without
     /// waiting: `WouldBlock` once the device is empty. Draining the device
     /// this way after [`TunDevice::recv`] lets one wakeup carry a batch.
     pub fn try_recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -115,9 +163,57 @@ impl TunDevice {
         device.recv(buf)
     }
 
-    /// Hands one IP packet to the host.
-    pub async fn send(&self, packet: &[u8]) -> std::io::Result<usize> {
-        self.device.send(packet).await
+    /// Hands `emit` the IP packets, of at most [`MTU`] bytes, of a frame
+    /// [`TunDevice::recv`] read: the frame itself, or with offloads its
+    /// segments, checksums completed. A malformed frame is dropped and
+    /// counted.
+    pub fn packets(&mut self, frame: &mut [u8], mut emit: impl FnMut(&[u8])) {
+        let Some(offload) = &mut self.offload else {
+            emit(frame);
+            return;
+        };
+        if let Err(e) = offload::split(frame, usize::from(MTU), &mut offload.scratch, emit) {
+            offload.malformed += 1;
+            tracing::debug!(
+                dropped = offload.malformed,
+                "dropped a frame from the TUN device: {e}"
+            );
+        }
+    }
+
+    /// Hands one IP packet to the host. With offloads the packet waits
+    /// for [`TunDevice::flush`], which joins consecutive TCP segments of a
+    /// flow into one write.
+    pub async fn send(&mut self, packet: &[u8]) -> std::io::Result<()> {
+        match &mut self.offload {
+            Some(offload) => offload.coalescer.push(packet),
+            None => {
+                self.device.send(packet).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the packets [`TunDevice::send`] queued. A failed write is
+    /// logged and the others still go.
+    pub async fn flush(&mut self) {
+        let Some(offload) = &mut self.offload else {
+            return;
+        };
+        if offload.coalescer.is_empty() {
+            return;
+        }
+        for frame in offload.coalescer.finish() {
+            if let Err(e) = self.device.send(frame).await {
+                tracing::debug!("TUN write failed: {e}");
+            }
+        }
+        offload.coalescer.clear();
+    }
+
+    /// Frames from the TUN device dropped as malformed.
+    pub fn malformed_frames(&self) -> u64 {
+        self.offload.as_ref().map_or(0, |o| o.malformed)
     }
 
     /// Gives the device the node's addresses (IPv4 /32, IPv6 /128) and routes
@@ -227,6 +323,56 @@ pub(crate) fn overlay_v6_prefix(own: Ipv6Addr) -> Ipv6Addr {
     Ipv6Addr::from(bits)
 }
 
+/// Whether the value of [`OFFLOAD_ENV`] leaves offloads on.
+fn offload_wanted(value: Option<&str>) -> bool {
+    !matches!(
+        value.map(|v| v.trim().to_ascii_lowercase()).as_deref(),
+        Some("off" | "0" | "false" | "no")
+    )
+}
+
+/// Opens the device with a virtio header and enables the offloads; if the
+/// kernel refuses either, reopens it without.
+fn create_with_offloads(name: &str) -> Result<(tun::AsyncDevice, Option<Offload>), TunError> {
+    let refused = match open(name, true) {
+        Ok(device) => match enable_offloads(&device) {
+            Ok(()) => return Ok((device, Some(Offload::default()))),
+            Err(e) => format!("TUNSETOFFLOAD: {e}"),
+        },
+        Err(e) => format!("IFF_VNET_HDR: {e}"),
+    };
+    tracing::info!("TUN offloads unavailable: {refused}; using one packet per read");
+    Ok((open(name, false)?, None))
+}
+
+/// Creates the device, up, with MTU [`MTU`], with or without a virtio header.
+fn open(name: &str, vnet_hdr: bool) -> Result<tun::AsyncDevice, TunError> {
+    let mut config = tun::Configuration::default();
+    config.tun_name(name).mtu(MTU).up();
+    config.platform_config(|p| {
+        p.vnet_hdr(vnet_hdr);
+    });
+    tun::create_as_async(&config).map_err(|e| create_error(name, e))
+}
+
+/// Lets the kernel hand over TCP super-packets with partial checksums, and
+/// UDP ones where the kernel knows how (Linux 6.2 and later).
+fn enable_offloads(device: &tun::AsyncDevice) -> std::io::Result<()> {
+    let tcp = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+    let fd = device.as_raw_fd();
+    let set = |flags: libc::c_uint| {
+        // SAFETY: TUNSETOFFLOAD takes its flags by value and reads no memory;
+        // `fd` is the open TUN device `device` owns.
+        let result = unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+        if result < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    set(tcp | libc::TUN_F_USO4 | libc::TUN_F_USO6).or_else(|_| set(tcp))
+}
+
 fn create_error(name: &str, error: tun::Error) -> TunError {
     let denied = match &error {
         tun::Error::Io(io) => io.kind() == std::io::ErrorKind::PermissionDenied,
@@ -255,6 +401,16 @@ mod tests {
             overlay_v6_prefix(own),
             "fd7a:115c:a1e0::".parse::<Ipv6Addr>().unwrap()
         );
+    }
+
+    #[test]
+    fn only_an_explicit_off_disables_offloads() {
+        for off in ["off", "OFF", "0", "false", " no "] {
+            assert!(!offload_wanted(Some(off)), "{off}");
+        }
+        for on in [None, Some("on"), Some("1"), Some("")] {
+            assert!(offload_wanted(on), "{on:?}");
+        }
     }
 
     #[test]

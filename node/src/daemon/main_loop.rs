@@ -10,11 +10,10 @@ use tokio::sync::mpsc;
 use super::Daemon;
 use crate::api::Command;
 use crate::control::ControlUpdate;
+use crate::tun_device::FRAME_BUF;
 use crate::underlay::{RecvBatch, SendBatch};
 
-/// Large enough for any packet the TUN device hands over at its MTU.
-const TUN_BUF: usize = 65_536;
-/// Packets read from the TUN device per wakeup at most, so a busy device
+/// Frames read from the TUN device per wakeup at most, so a busy device
 /// cannot starve the socket, the control session or the timers.
 const TUN_BATCH: usize = 64;
 /// How often a workload's identity token file is checked for a new token.
@@ -31,7 +30,7 @@ impl Daemon {
     ) -> anyhow::Result<()> {
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
-        let mut tun_buf = vec![0u8; TUN_BUF];
+        let mut tun_buf = vec![0u8; FRAME_BUF];
         let mut received = RecvBatch::new();
         let mut outgoing = SendBatch::default();
         let mut token_check = tokio::time::interval(TOKEN_CHECK);
@@ -91,15 +90,21 @@ impl Daemon {
         }
     }
 
-    /// Feeds the core the packet already read (`first` bytes of `buf`) and
-    /// then every packet the device has queued, up to [`TUN_BATCH`], so the
-    /// flush that follows sends them as one batch.
+    /// Feeds the core the frame already read (`first` bytes of `buf`) and
+    /// then every frame the device has queued, up to [`TUN_BATCH`], so the
+    /// flush that follows sends them as one batch. Offloaded super-packets
+    /// reach the core as packets of at most the MTU.
     fn drain_tun(&mut self, buf: &mut [u8], first: usize) -> anyhow::Result<()> {
         let now = Instant::now();
-        self.core.handle_tun_packet(&buf[..first], now);
+        let core = &mut self.core;
+        self.tun.packets(&mut buf[..first], |packet| {
+            core.handle_tun_packet(packet, now)
+        });
         for _ in 1..TUN_BATCH {
             match self.tun.try_recv(buf) {
-                Ok(n) => self.core.handle_tun_packet(&buf[..n], now),
+                Ok(n) => self
+                    .tun
+                    .packets(&mut buf[..n], |packet| core.handle_tun_packet(packet, now)),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(anyhow::anyhow!("reading the TUN device failed: {e}")),
             }
@@ -109,8 +114,9 @@ impl Daemon {
 
     /// Acts on the core's events, then writes out everything it queued:
     /// relay datagrams to their sessions, UDP datagrams to one peer in GSO
-    /// batches, then the packets for the TUN device. Buffers go back to
-    /// the core for reuse.
+    /// batches, then the packets for the TUN device (joined into
+    /// super-packets where the device takes them). Buffers go back to the
+    /// core for reuse.
     async fn flush(&mut self, batch: &mut SendBatch) {
         self.drain_events();
         let max_segments = self.underlay.max_segments();
@@ -128,6 +134,7 @@ impl Daemon {
             }
             self.core.recycle(packet);
         }
+        self.tun.flush().await;
     }
 
     async fn send_batch(&self, batch: &mut SendBatch) {
