@@ -73,6 +73,7 @@ pub(crate) fn bind(addr: SocketAddr, key: &PrivateKey) -> Result<quinn::Endpoint
     });
     let socket =
         std::net::UdpSocket::bind(addr).map_err(|source| ListenError::Bind { addr, source })?;
+    grow_receive_buffer(&socket);
     quinn::Endpoint::new(
         endpoint,
         Some(server),
@@ -80,6 +81,40 @@ pub(crate) fn bind(addr: SocketAddr, key: &PrivateKey) -> Result<quinn::Endpoint
         Arc::new(quinn::TokioRuntime),
     )
     .map_err(|source| ListenError::Bind { addr, source })
+}
+
+/// The control socket's receive buffer: every node's keep-alive lands on
+/// this one socket, and a burst that overflows the default (about 200 KiB)
+/// drops keep-alives until sessions time out.
+const RECEIVE_BUFFER: usize = 32 << 20;
+
+/// Raises the control socket's receive buffer to [`RECEIVE_BUFFER`]: past
+/// the system limit when running as root (`SO_RCVBUFFORCE`), else as far as
+/// `net.core.rmem_max` allows. A smaller buffer still works, so failure is
+/// only logged.
+fn grow_receive_buffer(socket: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd as _;
+    let size = libc::c_int::try_from(RECEIVE_BUFFER).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the descriptor is the open socket borrowed for this call, and
+    // the option value is a live c_int of the length passed.
+    let forced = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            std::ptr::from_ref(&size).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    let socket = socket2::SockRef::from(socket);
+    if !forced {
+        if let Err(e) = socket.set_recv_buffer_size(RECEIVE_BUFFER) {
+            tracing::info!("cannot raise the control socket's receive buffer: {e}");
+        }
+    }
+    if let Ok(size) = socket.recv_buffer_size() {
+        tracing::debug!(bytes = size, "control socket receive buffer");
+    }
 }
 
 /// Resolves once the coordinator shuts down (or was dropped without).

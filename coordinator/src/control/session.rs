@@ -409,7 +409,7 @@ impl Session {
         let Attached {
             netmap, mut events, ..
         } = attached;
-        let signer = NetmapSigner::derive(&self.ctx.key);
+        let signer = self.ctx.netmaps.signer(&self.ctx.key);
         let mut chain = Chain::new(record.id, record.node_key);
         let hello = [
             ServerMessage::Registered(record.self_node()),

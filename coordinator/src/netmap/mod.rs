@@ -64,6 +64,10 @@ pub(crate) enum Output {
 #[derive(Debug, Default)]
 pub(crate) struct Netmaps {
     nodes: BTreeMap<NodeId, (NodeRecord, u64)>,
+    /// Each node's peer record, built once per change and shared by every
+    /// view that holds it, so that a fan-out neither rebuilds nor copies it
+    /// per viewer and an unchanged peer compares by pointer.
+    peers: BTreeMap<NodeId, Arc<Peer>>,
     /// Revision at which each known node was deleted, so late updates do not revive it.
     tombstones: BTreeMap<NodeId, u64>,
     policy: Option<Arc<Policy>>,
@@ -77,6 +81,9 @@ pub(crate) struct Netmaps {
     /// Every session's view must be recomputed and diffed.
     all_dirty: bool,
     sessions: BTreeMap<SessionId, Session>,
+    /// The sessions of each node with any, so that a session's start and
+    /// end cost O(log n) rather than a scan of every session.
+    by_node: BTreeMap<NodeId, BTreeSet<SessionId>>,
     outputs: VecDeque<Output>,
     /// Unix seconds at the last [`Netmaps::handle_timeout`]; nodes whose
     /// login expired by then are in nobody's view.
@@ -96,7 +103,7 @@ struct Session {
 #[derive(Debug, Clone, PartialEq)]
 struct View {
     self_node: SelfNode,
-    peers: BTreeMap<NodeId, Peer>,
+    peers: BTreeMap<NodeId, Arc<Peer>>,
     filter: PacketFilter,
     capabilities: Vec<AppGrant>,
 }
@@ -205,13 +212,7 @@ impl Netmaps {
         if !self.nodes.contains_key(&id) {
             return Err(node_deleted());
         }
-        let replaced: Vec<SessionId> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.node == id)
-            .map(|(sid, _)| *sid)
-            .collect();
-        for old in replaced {
+        for old in self.by_node.remove(&id).unwrap_or_default() {
             self.sessions.remove(&old);
             self.outputs.push_back(Output::Replaced(old));
         }
@@ -222,7 +223,7 @@ impl Netmaps {
         let netmap = NetMap {
             revision: 1,
             self_node: view.self_node.clone(),
-            peers: view.peers.values().cloned().collect(),
+            peers: view.peers.values().map(|p| Peer::clone(p)).collect(),
             filter: view.filter.clone(),
             capabilities: view.capabilities.clone(),
         };
@@ -234,6 +235,7 @@ impl Netmaps {
                 view,
             },
         );
+        self.by_node.entry(id).or_default().insert(session);
         Ok(netmap)
     }
 
@@ -273,7 +275,15 @@ impl Netmaps {
 
     /// Forgets a session that ended.
     pub(crate) fn detach(&mut self, session: SessionId) {
-        self.sessions.remove(&session);
+        let Some(ended) = self.sessions.remove(&session) else {
+            return;
+        };
+        if let Some(of_node) = self.by_node.get_mut(&ended.node) {
+            of_node.remove(&session);
+            if of_node.is_empty() {
+                self.by_node.remove(&ended.node);
+            }
+        }
     }
 
     /// The node a session belongs to.
@@ -283,12 +293,12 @@ impl Netmaps {
 
     /// Whether any session of node `id` is connected.
     pub(crate) fn is_online(&self, id: NodeId) -> bool {
-        self.sessions.values().any(|s| s.node == id)
+        self.by_node.contains_key(&id)
     }
 
     /// Every node with a connected session.
     pub(crate) fn online(&self) -> BTreeSet<NodeId> {
-        self.sessions.values().map(|s| s.node).collect()
+        self.by_node.keys().copied().collect()
     }
 
     /// Every ephemeral node.
@@ -311,12 +321,15 @@ impl Netmaps {
         let all = std::mem::take(&mut self.all_dirty);
         let dirty = std::mem::take(&mut self.dirty);
         if all || !dirty.is_empty() {
-            let ids: Vec<(SessionId, NodeId)> = self
-                .sessions
-                .iter()
-                .filter(|(_, v)| all || dirty.contains(&v.node))
-                .map(|(s, v)| (*s, v.node))
-                .collect();
+            let ids: Vec<(SessionId, NodeId)> = if all {
+                self.sessions.iter().map(|(s, v)| (*s, v.node)).collect()
+            } else {
+                dirty
+                    .iter()
+                    .filter_map(|node| Some((node, self.by_node.get(node)?)))
+                    .flat_map(|(node, sessions)| sessions.iter().map(|s| (*s, *node)))
+                    .collect()
+            };
             for (sid, node) in ids {
                 let Some(view) = self.view_of(node) else {
                     continue;
@@ -343,6 +356,15 @@ impl Netmaps {
         self.dirty.insert(id);
         let new_peer = self.nodes.get(&id).map(|(n, _)| n.peer());
         let record_changed = old.as_ref().map(NodeRecord::peer) != new_peer;
+        match new_peer {
+            Some(peer) if record_changed => {
+                self.peers.insert(id, Arc::new(peer));
+            }
+            Some(_) => {}
+            None => {
+                self.peers.remove(&id);
+            }
+        }
         if record_changed {
             self.dirty.extend(self.peers_of(id));
         }
@@ -418,8 +440,7 @@ impl Netmaps {
                     .peers
                     .iter()
                     .filter(|p| **p != id)
-                    .filter_map(|p| self.nodes.get(p))
-                    .map(|(n, _)| (n.id, n.peer()))
+                    .filter_map(|p| self.peers.get(p).map(|peer| (*p, Arc::clone(peer))))
                     .collect(),
                 access.filter.clone(),
                 access.capabilities.clone(),
@@ -439,13 +460,7 @@ impl Netmaps {
     }
 
     fn close_sessions_with(&mut self, id: NodeId, refusal: Refusal) {
-        let closing: Vec<SessionId> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.node == id)
-            .map(|(sid, _)| *sid)
-            .collect();
-        for sid in closing {
+        for sid in self.by_node.remove(&id).unwrap_or_default() {
             self.sessions.remove(&sid);
             self.outputs.push_back(Output::Close(sid, refusal.clone()));
         }
@@ -457,8 +472,12 @@ fn diff(old: &View, new: &View, revision: u64) -> Option<NetMapDelta> {
     let upsert_peers: Vec<Peer> = new
         .peers
         .iter()
-        .filter(|(id, peer)| old.peers.get(id) != Some(peer))
-        .map(|(_, peer)| peer.clone())
+        .filter(|(id, peer)| {
+            !old.peers
+                .get(id)
+                .is_some_and(|was| Arc::ptr_eq(was, peer) || was == *peer)
+        })
+        .map(|(_, peer)| Peer::clone(peer))
         .collect();
     let remove_peers: Vec<NodeId> = old
         .peers
@@ -773,6 +792,11 @@ mod tests {
                     }
                 }
                 netmaps.flush();
+                let mut by_node: BTreeMap<NodeId, BTreeSet<SessionId>> = BTreeMap::new();
+                for (sid, session) in &netmaps.sessions {
+                    by_node.entry(session.node).or_default().insert(*sid);
+                }
+                prop_assert_eq!(&netmaps.by_node, &by_node);
                 for session in netmaps.sessions.values() {
                     let expected = from_scratch(&netmaps, session.node);
                     prop_assert_eq!(Some(&session.view), expected.as_ref(), "node {}", session.node);
@@ -792,6 +816,31 @@ mod tests {
             "only db gains a peer; web and lonely are not told: {sent:?}"
         );
         assert_eq!(sent[&2].upsert_peers[0].id, NodeId(4));
+    }
+
+    #[test]
+    fn views_share_one_record_per_peer_until_it_changes() {
+        let (mut netmaps, _) = overlay(POLICY);
+        netmaps
+            .attach(SessionId(14), node(4, "tag:web"), 20)
+            .unwrap();
+        netmaps.flush();
+        let db_seen_by = |netmaps: &Netmaps, sid| {
+            Arc::clone(&netmaps.sessions[&SessionId(sid)].view.peers[&NodeId(2)])
+        };
+        assert!(Arc::ptr_eq(
+            &db_seen_by(&netmaps, 11),
+            &db_seen_by(&netmaps, 14)
+        ));
+        let before = db_seen_by(&netmaps, 11);
+        let mut db = netmaps.node(NodeId(2)).unwrap().clone();
+        db.endpoints = vec!["198.51.100.9:4000".parse().unwrap()];
+        netmaps.apply(put(db.clone(), 30));
+        netmaps.flush();
+        let after = db_seen_by(&netmaps, 11);
+        assert!(!Arc::ptr_eq(&before, &after));
+        assert_eq!(*after, db.peer());
+        assert!(Arc::ptr_eq(&after, &db_seen_by(&netmaps, 14)));
     }
 
     #[test]

@@ -82,25 +82,8 @@ pub(crate) async fn run(
         let mut changes = Vec::new();
         tokio::select! {
             _ = tick.tick() => {
-                let held = match lease {
-                    Some(id) => match store.keep_alive(id) {
-                        Ok(true) => Some(id),
-                        Ok(false) => {
-                            tracing::warn!("the coordinator's store lease expired; granting a new one");
-                            None
-                        }
-                        Err(e) => {
-                            tracing::warn!("cannot renew the coordinator's store lease: {e}");
-                            Some(id)
-                        }
-                    },
-                    None => None,
-                };
-                lease = match held {
-                    Some(id) => Some(id),
-                    None => grant(&*store, &online),
-                };
-                let now = lease.and_then(|id| campaign(&*store, id));
+                let (held, now) = off_runtime(|| renew(&*store, lease, &online));
+                lease = held;
                 if now != leader {
                     match now {
                         Some(fence) => tracing::info!(fence = fence.0, "this coordinator now runs the singleton jobs"),
@@ -118,8 +101,11 @@ pub(crate) async fn run(
         while let Ok(change) = presence.try_recv() {
             changes.push(change);
         }
+        if changes.is_empty() {
+            continue;
+        }
         if let Some(id) = lease {
-            if write_presence(&*store, id, &mut online, &changes).is_err() {
+            if off_runtime(|| write_presence(&*store, id, &mut online, &changes)).is_err() {
                 lease = None;
             }
         } else {
@@ -127,9 +113,51 @@ pub(crate) async fn run(
         }
     }
     if let Some(id) = lease {
-        if let Err(e) = store.revoke_lease(id) {
+        if let Err(e) = off_runtime(|| store.revoke_lease(id)) {
             tracing::warn!("cannot revoke the coordinator's store lease: {e}");
         }
+    }
+}
+
+/// Renews `lease` (or grants a new one, publishing `online` under it) and
+/// campaigns for leadership with it: the lease now held, and the fence if
+/// this replica leads.
+fn renew(
+    store: &dyn Store,
+    lease: Option<LeaseId>,
+    online: &BTreeSet<NodeId>,
+) -> (Option<LeaseId>, Option<Fence>) {
+    let held = match lease {
+        Some(id) => match store.keep_alive(id) {
+            Ok(true) => Some(id),
+            Ok(false) => {
+                tracing::warn!("the coordinator's store lease expired; granting a new one");
+                None
+            }
+            Err(e) => {
+                tracing::warn!("cannot renew the coordinator's store lease: {e}");
+                Some(id)
+            }
+        },
+        None => None,
+    };
+    let lease = match held {
+        Some(id) => Some(id),
+        None => grant(store, online),
+    };
+    (lease, lease.and_then(|id| campaign(store, id)))
+}
+
+/// Runs `f`, which blocks on the store (an embedded commit waits for the
+/// disk), without stalling the tasks queued behind it on this worker, such
+/// as the QUIC endpoint's: on a multi-threaded runtime the worker hands them
+/// to another thread meanwhile.
+fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 

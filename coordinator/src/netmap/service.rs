@@ -4,14 +4,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use weft_policy::Policy;
-use weft_proto::{NetMap, NodeId, Refusal, RefusalCode, ServerMessage};
+use weft_proto::signing::NetmapSigner;
+use weft_proto::{NetMap, NodeId, PrivateKey, Refusal, RefusalCode, ServerMessage};
 
 use super::replica::{self, Fence, Presence, PRESENCE_PREFIX};
 use super::{Lockout, Netmaps, NodeUpdate, Output, SessionId};
@@ -43,6 +44,7 @@ pub(crate) enum SessionEvent {
 pub(crate) struct NetmapHandle {
     commands: mpsc::UnboundedSender<Command>,
     next_session: Arc<AtomicU64>,
+    signer: Arc<OnceLock<Arc<NetmapSigner>>>,
 }
 
 /// A session attached to the netmap task: its first netmap, then its events.
@@ -96,6 +98,7 @@ impl NetmapHandle {
         let handle = Self {
             commands,
             next_session: Arc::new(AtomicU64::new(1)),
+            signer: Arc::default(),
         };
         let (presence, presence_rx) = mpsc::unbounded_channel();
         let leadership = handle.commands.downgrade();
@@ -147,6 +150,17 @@ impl NetmapHandle {
             netmap,
             events: events_rx,
         })
+    }
+
+    /// The key every session signs its netmaps with, derived from the
+    /// coordinator's static `key` on first use: the derivation costs a scalar
+    /// multiplication, too much to repeat for each of thousands of sessions.
+    /// A coordinator has one static key, so every call passes the same.
+    pub(crate) fn signer(&self, key: &PrivateKey) -> Arc<NetmapSigner> {
+        Arc::clone(
+            self.signer
+                .get_or_init(|| Arc::new(NetmapSigner::derive(key))),
+        )
     }
 
     /// Ends a session.

@@ -55,8 +55,16 @@ impl Fleet {
     /// (1 s keep-alive, 3 s idle timeout), so the coordinator sees the
     /// packet rate a real fleet causes.
     pub(crate) fn new(coordinator: SocketAddr, coordinator_key: PublicKey) -> Result<Self> {
-        let mut endpoint = quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into())
+        let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))
             .context("bind the simulated nodes' UDP socket")?;
+        widen_receive_buffer(&socket);
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .context("start the simulated nodes' QUIC endpoint")?;
         endpoint.set_default_client_config(tls::client_config()?);
         Ok(Self {
             endpoint,
@@ -65,6 +73,34 @@ impl Fleet {
             joiner: Arc::from("joiner"),
             retries: Arc::default(),
         })
+    }
+}
+
+/// The kernel receive buffer of the fleet's one UDP socket. Ten thousand
+/// real nodes would each have their own; one shared socket with the default
+/// buffer (about 200 KiB) overflows in bursts, and the datagrams it drops
+/// would show as sessions the coordinator lost.
+const FLEET_RECEIVE_BUFFER: libc::c_int = 32 * 1024 * 1024;
+
+/// Raises the socket's receive buffer to [`FLEET_RECEIVE_BUFFER`]: past the
+/// system limit where permitted (root), else up to it.
+fn widen_receive_buffer(socket: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd as _;
+    let size = FLEET_RECEIVE_BUFFER;
+    for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt reads a c_int from `size`, the length given.
+        let set = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                std::ptr::from_ref(&size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if set == 0 {
+            return;
+        }
     }
 }
 
