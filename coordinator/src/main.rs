@@ -36,7 +36,7 @@ enum Command {
         /// an invalid one is logged and ignored. Without it every node is denied all traffic.
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
-        /// UDP address of the QUIC control listener [default: 0.0.0.0:7443].
+        /// Control address: QUIC on UDP, and TLS over TCP on the same port for nodes without UDP [default: 0.0.0.0:7443].
         #[arg(long, value_name = "ADDR:PORT")]
         listen: Option<SocketAddr>,
         /// TCP address of the HTTP endpoints (login, callback) [default: the --listen address].
