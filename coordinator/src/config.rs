@@ -53,7 +53,7 @@ const DEFAULT_WORKLOAD_KEY_EXPIRY: Duration = Duration::from_secs(60 * 60);
 pub struct FileConfig {
     /// The base URL browsers use to reach the coordinator's HTTP endpoints.
     pub public_url: Option<String>,
-    /// UDP address of the QUIC control listener.
+    /// Control address: QUIC on UDP, and TLS over TCP on the same port.
     pub listen: Option<SocketAddr>,
     /// TCP address of the HTTP endpoints; defaults to `listen`'s address and port.
     pub http_listen: Option<SocketAddr>,
