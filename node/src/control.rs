@@ -1180,22 +1180,49 @@ mod tests {
         ]
     }
 
-    #[tokio::test]
-    async fn a_netmap_that_does_not_verify_ends_the_session_unapplied() {
+    /// A caching control task against a fake coordinator that answers with
+    /// the signed first netmap (its signature broken when `tamper`).
+    struct CachingSession {
+        key: PrivateKey,
+        node_key: PublicKey,
+        netmap: NetMap,
+        state: tempfile::TempDir,
+        seen: mpsc::UnboundedReceiver<Register>,
+        updates: mpsc::Receiver<ControlUpdate>,
+        _task: ControlTask,
+    }
+
+    fn caching_session(tamper: bool) -> CachingSession {
         let key = PrivateKey::generate();
         let node_key = PrivateKey::generate().public_key();
         let netmap = empty_netmap();
-        let (addr, _seen) = fake_coordinator::start(
+        let (addr, seen) = fake_coordinator::start(
             key.clone(),
-            signed_hello(&key, node_key, &netmap, true),
+            signed_hello(&key, node_key, &netmap, tamper),
             false,
         );
         let mut config = config(addr, key.public_key());
         config.node_key = node_key;
         let state = tempfile::tempdir().unwrap();
         let cache = CacheWriter::new(state.path(), key.public_key());
-        let (tx, mut updates) = mpsc::channel(8);
+        let (tx, updates) = mpsc::channel(8);
         let _task = ControlTask::spawn_caching(config, cache, 9, tx);
+        CachingSession {
+            key,
+            node_key,
+            netmap,
+            state,
+            seen,
+            updates,
+            _task,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_netmap_that_does_not_verify_ends_the_session_unapplied() {
+        let CachingSession {
+            state, mut updates, ..
+        } = caching_session(true);
 
         assert!(matches!(
             next(&mut updates).await.event,
@@ -1420,20 +1447,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_node_registers_and_receives_its_netmap() {
-        let key = PrivateKey::generate();
-        let node_key = PrivateKey::generate().public_key();
-        let netmap = empty_netmap();
-        let (addr, mut seen) = fake_coordinator::start(
-            key.clone(),
-            signed_hello(&key, node_key, &netmap, false),
-            false,
-        );
-        let mut config = config(addr, key.public_key());
-        config.node_key = node_key;
-        let state = tempfile::tempdir().unwrap();
-        let cache = CacheWriter::new(state.path(), key.public_key());
-        let (tx, mut updates) = mpsc::channel(8);
-        let _task = ControlTask::spawn_caching(config, cache, 9, tx);
+        let CachingSession {
+            key,
+            node_key,
+            netmap,
+            state,
+            mut seen,
+            mut updates,
+            _task,
+        } = caching_session(false);
 
         let update = next(&mut updates).await;
         assert_eq!(update.session, 9);
