@@ -1221,7 +1221,11 @@ mod tests {
     #[tokio::test]
     async fn a_netmap_that_does_not_verify_ends_the_session_unapplied() {
         let CachingSession {
-            state, mut updates, ..
+            state,
+            mut updates,
+            _task,
+            seen: _seen,
+            ..
         } = caching_session(true);
 
         assert!(matches!(
