@@ -78,11 +78,30 @@ impl std::fmt::Debug for TunDevice {
 }
 
 /// The state the offloaded data path keeps between reads and writes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Offload {
     scratch: Vec<u8>,
     coalescer: offload::Coalescer,
     malformed: u64,
+}
+
+impl Offload {
+    fn new(accepted: Accepted) -> Self {
+        Self {
+            scratch: Vec::new(),
+            coalescer: offload::Coalescer::new(accepted == Accepted::TcpAndUdp),
+            malformed: 0,
+        }
+    }
+}
+
+/// Which segmentation offloads the kernel accepted for the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Accepted {
+    /// TCP only: UDP datagrams are written one by one.
+    Tcp,
+    /// TCP and UDP (USO, Linux 6.2 and later).
+    TcpAndUdp,
 }
 
 /// A piece of configuration we added, kept to remove exactly it later.
@@ -100,12 +119,13 @@ impl TunDevice {
     /// refuses, or [`OFFLOAD_ENV`] is `off`, the device carries one packet
     /// per read and write.
     pub async fn create(name: &str) -> Result<Self, TunError> {
-        let (device, offload) = if offload_wanted(std::env::var(OFFLOAD_ENV).ok().as_deref()) {
+        let (device, accepted) = if offload_wanted(std::env::var(OFFLOAD_ENV).ok().as_deref()) {
             create_with_offloads(name)?
         } else {
             tracing::info!("TUN offloads off ({OFFLOAD_ENV}); using one packet per read");
             (open(name, false)?, None)
         };
+        let offload = accepted.map(Offload::new);
         let index = nix::net::if_::if_nametoindex(name).map_err(|e| TunError::Create {
             name: name.to_owned(),
             reason: format!("the device vanished after creation: {e}"),
@@ -120,7 +140,11 @@ impl TunDevice {
         tracing::info!(
             device = name,
             mtu = MTU,
-            offloads = offload.is_some(),
+            offloads = match accepted {
+                Some(Accepted::TcpAndUdp) => "tcp+udp",
+                Some(Accepted::Tcp) => "tcp",
+                None => "off",
+            },
             "created TUN device"
         );
         Ok(Self {
@@ -182,8 +206,8 @@ impl TunDevice {
     }
 
     /// Hands one IP packet to the host. With offloads the packet waits
-    /// for [`TunDevice::flush`], which joins consecutive TCP segments of a
-    /// flow into one write.
+    /// for [`TunDevice::flush`], which joins consecutive TCP segments (and
+    /// UDP datagrams, if the kernel accepted USO) of a flow into one write.
     pub async fn send(&mut self, packet: &[u8]) -> std::io::Result<()> {
         match &mut self.offload {
             Some(offload) => offload.coalescer.push(packet),
@@ -333,10 +357,10 @@ fn offload_wanted(value: Option<&str>) -> bool {
 
 /// Opens the device with a virtio header and enables the offloads; if the
 /// kernel refuses either, reopens it without.
-fn create_with_offloads(name: &str) -> Result<(tun::AsyncDevice, Option<Offload>), TunError> {
+fn create_with_offloads(name: &str) -> Result<(tun::AsyncDevice, Option<Accepted>), TunError> {
     let refused = match open(name, true) {
         Ok(device) => match enable_offloads(&device) {
-            Ok(()) => return Ok((device, Some(Offload::default()))),
+            Ok(accepted) => return Ok((device, Some(accepted))),
             Err(e) => format!("TUNSETOFFLOAD: {e}"),
         },
         Err(e) => format!("IFF_VNET_HDR: {e}"),
@@ -356,8 +380,10 @@ fn open(name: &str, vnet_hdr: bool) -> Result<tun::AsyncDevice, TunError> {
 }
 
 /// Lets the kernel hand over TCP super-packets with partial checksums, and
-/// UDP ones where the kernel knows how (Linux 6.2 and later).
-fn enable_offloads(device: &tun::AsyncDevice) -> std::io::Result<()> {
+/// UDP ones where the kernel knows how (Linux 6.2 and later), and says
+/// which it accepted: only then does it take UDP super-packets written to
+/// the device as well.
+fn enable_offloads(device: &tun::AsyncDevice) -> std::io::Result<Accepted> {
     let tcp = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
     let fd = device.as_raw_fd();
     let set = |flags: libc::c_uint| {
@@ -370,7 +396,10 @@ fn enable_offloads(device: &tun::AsyncDevice) -> std::io::Result<()> {
             Ok(())
         }
     };
-    set(tcp | libc::TUN_F_USO4 | libc::TUN_F_USO6).or_else(|_| set(tcp))
+    match set(tcp | libc::TUN_F_USO4 | libc::TUN_F_USO6) {
+        Ok(()) => Ok(Accepted::TcpAndUdp),
+        Err(_) => set(tcp).map(|()| Accepted::Tcp),
+    }
 }
 
 fn create_error(name: &str, error: tun::Error) -> TunError {

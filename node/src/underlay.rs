@@ -133,6 +133,12 @@ impl Underlay {
                     tracing::info!("UDP GSO refused ({e}); sending datagrams one by one");
                     self.send_each(dst, batch).await
                 }
+                // A segment larger than the path MTU: the kernel fragments
+                // lone datagrams but never GSO segments.
+                Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                    tracing::trace!(%dst, "GSO segments exceed the path MTU; sending one by one");
+                    self.send_each(dst, batch).await
+                }
                 other => other,
             }
         } else {

@@ -105,6 +105,32 @@ impl Lab {
             .ok_or_else(|| anyhow::anyhow!("no host {name} in the lab"))
     }
 
+    /// Sets the MTU of both ends of `host`'s underlay link (a host added
+    /// with [`Lab::add_host`]): a narrower path for its traffic either way.
+    pub fn set_underlay_mtu(&self, host: &str, mtu: u16) -> Result<()> {
+        let ns = self.host(host)?.netns.clone();
+        let mtu = mtu.to_string();
+        // `N: eth0@ifM: …`: M is the peer end's index in the hub.
+        let link = crate::process::run("ip", &["-n", &ns, "-o", "link", "show", "eth0"])?;
+        let peer = link
+            .split_once("eth0@if")
+            .and_then(|(_, rest)| rest.split(':').next())
+            .ok_or_else(|| anyhow::anyhow!("{host}'s eth0 is not a veth: {link}"))?;
+        let hub_links = self.hub.ip(&["-o", "link", "show"])?;
+        let hub_end = hub_links
+            .lines()
+            .find_map(|line| {
+                let (index, rest) = line.split_once(": ")?;
+                let name = rest.split([':', '@']).next()?;
+                (index == peer).then(|| name.to_owned())
+            })
+            .ok_or_else(|| anyhow::anyhow!("{host}'s underlay link does not end on the hub"))?;
+        self.hub.ip(&["link", "set", &hub_end, "mtu", &mtu])?;
+        crate::process::run("ip", &["-n", &ns, "link", "set", "eth0", "mtu", &mtu])
+            .with_context(|| format!("set {host}'s underlay MTU"))?;
+        Ok(())
+    }
+
     /// A scratch directory for one host's state and logs.
     pub fn host_dir(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)

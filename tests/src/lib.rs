@@ -13,6 +13,7 @@
 //! harness started), then namespaces — including when a check panics. Leftovers
 //! of a harness process that was killed outright are swept by the next run.
 
+mod bulk;
 mod lab;
 pub mod load;
 mod natlab;
@@ -24,6 +25,7 @@ mod process;
 mod relay;
 mod workload;
 
+pub use bulk::hashed_transfer;
 pub use lab::{Host, Lab};
 pub use natlab::{observed_sources, Nat, Router, Site, UdpReflector};
 pub use netns::in_netns;

@@ -255,10 +255,36 @@ impl Overlay {
             host,
             process: None,
             extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
+            env: Vec::new(),
         };
         node.start()?;
         let name = node.host.name.clone();
         Ok(self.nodes.entry(name).or_insert(node))
+    }
+
+    /// Starts the coordinator on `coordinator` with `policy`, joins `a` and
+    /// `b` with auth keys for `tags` (one each), and waits up to 10 s for a
+    /// ping from `a` to cross to `b`; returns their namespaces.
+    pub fn join_pair(
+        &mut self,
+        coordinator: &str,
+        policy: &Path,
+        [(a, a_tag), (b, b_tag)]: [(&str, &str); 2],
+    ) -> Result<(String, String)> {
+        self.start_coordinator(coordinator, policy)?;
+        for (host, tag) in [(a, a_tag), (b, b_tag)] {
+            self.start_node(host)?;
+            let key = self.coordinator()?.authkey(&[tag], false)?;
+            self.join(host, &key)?;
+        }
+        let a_ns = self.lab.host(a)?.netns.clone();
+        let b_ns = self.lab.host(b)?.netns.clone();
+        let b_addr = self.node(b)?.overlay_ipv4()?;
+        wait_until(Duration::from_secs(10), || {
+            crate::ping(&a_ns, b_addr, Duration::from_millis(300))
+        })
+        .context("no ping crossed the tunnel within 10 s of joining")?;
+        Ok((a_ns, b_ns))
     }
 
     /// A started node by host name.
@@ -478,9 +504,17 @@ pub struct NodeHandle {
     host: Host,
     process: Option<Process>,
     extra_args: Vec<String>,
+    /// Extra environment for weftd, from the next (re)start on.
+    env: Vec<(String, String)>,
 }
 
 impl NodeHandle {
+    /// Sets `key=value` in weftd's environment from its next (re)start on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
     fn start(&mut self) -> Result<()> {
         let state_dir = self.state_dir.to_string_lossy().into_owned();
         let socket = self.socket.to_string_lossy().into_owned();
@@ -494,13 +528,15 @@ impl NodeHandle {
             &port,
         ];
         args.extend(self.extra_args.iter().map(String::as_str));
+        let mut env = vec![("RUST_LOG", LOG_FILTER)];
+        env.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let process = Process::spawn(
             &format!("weftd@{}", self.host.name),
             &self.host.netns,
             &self.weftd,
             &args,
             self.state_dir.join("weftd.log"),
-            &[("RUST_LOG", LOG_FILTER)],
+            &env,
         )?;
         self.process = Some(process);
         let ready = wait_until(Duration::from_secs(10), || {
@@ -607,6 +643,18 @@ impl NodeHandle {
             .filter_map(|a| a.as_str()?.parse::<IpAddr>().ok())
             .find(IpAddr::is_ipv4)
             .ok_or_else(|| anyhow::anyhow!("no overlay IPv4 in status: {status}"))
+    }
+
+    /// The node's overlay IPv6 address, from its status.
+    pub fn overlay_ipv6(&self) -> Result<IpAddr> {
+        let status = self.status()?;
+        status["self"]["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str()?.parse::<IpAddr>().ok())
+            .find(IpAddr::is_ipv6)
+            .ok_or_else(|| anyhow::anyhow!("no overlay IPv6 in status: {status}"))
     }
 
     /// The coordinator replica (`IP:PORT`) the node's control session is

@@ -254,6 +254,14 @@ pub struct FilterStatus {
     /// audit mode (each logged as a would-be denial).
     #[serde(default)]
     pub audit_passed: u64,
+    /// Outbound packets longer than the tunnel's MTU answered with ICMP
+    /// "fragmentation needed" / ICMPv6 "packet too big" (path MTU discovery).
+    #[serde(default)]
+    pub too_big_sent: u64,
+    /// Outbound packets longer than the tunnel's MTU dropped without an
+    /// answer (rate limit, ICMP errors, sources other than this node).
+    #[serde(default)]
+    pub too_big_suppressed: u64,
 }
 
 #[cfg(test)]
@@ -332,7 +340,14 @@ mod tests {
                     "rx_bytes": 10,
                     "tx_bytes": 20
                 }],
-                "filter": {"accepted": 3, "dropped": 4, "denied_by_rule": 0, "audit_passed": 0}
+                "filter": {
+                    "accepted": 3,
+                    "dropped": 4,
+                    "denied_by_rule": 0,
+                    "audit_passed": 0,
+                    "too_big_sent": 0,
+                    "too_big_suppressed": 0
+                }
             })
         );
         let back: Status = serde_json::from_value(value).unwrap();

@@ -11,6 +11,7 @@ mod probe;
 mod sim;
 #[cfg(test)]
 mod sim_nat;
+mod too_big;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -30,6 +31,7 @@ use crate::filter::{self, Firewall, Verdict};
 use discovery::Discovery;
 use peer::{PeerTunnel, Slot};
 use probe::Pending;
+use too_big::TokenBucket;
 
 /// A weft node's data plane: WireGuard sessions to the netmap's peers and
 /// the inbound packet filter. It does no IO and reads no clock of its own.
@@ -91,6 +93,14 @@ use probe::Pending;
 /// is dropped. A peer may only send packets from its own overlay addresses,
 /// and those packets then pass the filter ([`crate::filter`]).
 ///
+/// # MTU
+///
+/// Packets from the TUN device longer than the tunnel's MTU
+/// ([`Node::with_mtu`]) get the answer a router would give: ICMP
+/// "fragmentation needed" for IPv4 with DF set, ICMPv6 "packet too big" for
+/// IPv6, at most 100 a second, queued for the TUN device; IPv4 without DF
+/// is sent, for the underlay to fragment.
+///
 /// # Key changes
 ///
 /// When this node's key rotates ([`Node::rotate_key`]) or a peer's key
@@ -136,6 +146,14 @@ pub struct Node {
     wake: Option<Instant>,
     /// The latest `now` of a timer or control input, for status.
     last_now: Instant,
+    /// The tunnel's MTU: longer packets from the TUN device are answered
+    /// with ICMP "too big" ([`too_big`]).
+    mtu: u16,
+    /// This node's overlay addresses, from the netmap's `self_node`: only
+    /// packets from them get "too big" answers.
+    own: Vec<IpAddr>,
+    /// Limits "too big" answers.
+    too_big_limit: TokenBucket,
 }
 
 /// A datagram for a relay: WireGuard or disco, to the node holding `to`.
@@ -300,6 +318,14 @@ pub struct FilterStats {
     pub dropped_unknown_peer: u64,
     /// Datagrams that are not valid WireGuard, or fail authentication.
     pub dropped_invalid_datagram: u64,
+    /// Outbound packets longer than the tunnel's MTU answered with ICMP
+    /// "fragmentation needed" or ICMPv6 "packet too big" (and dropped).
+    #[serde(default)]
+    pub too_big_sent: u64,
+    /// Outbound packets longer than the tunnel's MTU dropped without an
+    /// answer: rate-limited, ICMP errors themselves, or not from this node.
+    #[serde(default)]
+    pub too_big_suppressed: u64,
     /// Flows currently tracked.
     pub flows: u64,
 }
@@ -329,10 +355,16 @@ const HANDSHAKE_DEFER: Duration = Duration::from_secs(1);
 /// Disco messages opened per [`TICK`] (200 a second): bounds the
 /// Diffie-Hellman work garbage from known keys can cause.
 const DISCO_RATE_LIMIT: u32 = 50;
+/// "Too big" answers sent at once, then one per [`TOO_BIG_INTERVAL`]
+/// (100 a second), like a router's ICMP rate limit.
+const TOO_BIG_BURST: u32 = 20;
+const TOO_BIG_INTERVAL: Duration = Duration::from_millis(10);
 
 impl Node {
     /// A node with no peers and a deny-all filter. `private_key` is this
-    /// node's WireGuard key. Nothing is scheduled until peers or relays arrive.
+    /// node's WireGuard key. Nothing is scheduled until peers or relays
+    /// arrive. The tunnel's MTU is the TUN device's, [`crate::tun_device::MTU`];
+    /// [`Node::with_mtu`] sets another.
     pub fn new(private_key: PrivateKey, now: Instant) -> Self {
         let static_private = private_key.to_x25519();
         let static_public = x25519_dalek::PublicKey::from(&static_private);
@@ -365,12 +397,25 @@ impl Node {
             disco_budget: DISCO_RATE_LIMIT,
             wake: None,
             last_now: now,
+            mtu: crate::tun_device::MTU,
+            own: Vec::new(),
+            too_big_limit: TokenBucket::new(TOO_BIG_BURST, TOO_BIG_INTERVAL, now),
         }
+    }
+
+    /// Sets the tunnel's MTU, the TUN device's: the largest packet whose
+    /// WireGuard datagram still fits the underlay. Longer packets from the
+    /// TUN device get ICMP "too big" answers (see "MTU" above); for IPv6
+    /// the limit is never below 1280 bytes.
+    pub fn with_mtu(mut self, mtu: u16) -> Self {
+        self.mtu = mtu;
+        self
     }
 
     /// Installs a complete netmap (first sync). Peers no longer present are
     /// dropped with their sessions; peers whose key is unchanged keep theirs.
     pub fn set_netmap(&mut self, netmap: &NetMap, now: Instant) {
+        self.own = netmap.self_node.addresses().to_vec();
         let keep: Vec<NodeId> = netmap.peers.iter().map(|p| p.id).collect();
         let gone: Vec<NodeId> = self
             .peers
@@ -389,9 +434,13 @@ impl Node {
     }
 
     /// Applies a delta. Removed peers' sessions are dropped at once (their
-    /// tunnels are cut); a peer both upserted and removed is removed. The
-    /// node's own details (`self_node`) do not concern the data plane.
+    /// tunnels are cut); a peer both upserted and removed is removed. Of
+    /// the node's own details (`self_node`) the data plane keeps only its
+    /// addresses.
     pub fn apply_delta(&mut self, delta: &NetMapDelta, now: Instant) {
+        if let Some(node) = &delta.self_node {
+            self.own = node.addresses().to_vec();
+        }
         for peer in &delta.upsert_peers {
             self.upsert_peer(peer, now);
         }
@@ -434,6 +483,7 @@ impl Node {
 
     /// Forgets every peer and the filter (on `weft down`, or when the node is deleted).
     pub fn clear(&mut self) {
+        self.own.clear();
         self.peers.clear();
         self.by_key.clear();
         self.by_index.clear();
@@ -464,13 +514,17 @@ impl Node {
                 return;
             }
         };
-        let Some(peer) = self
-            .by_address
-            .get(&headers.dst)
-            .and_then(|id| self.peers.get_mut(id))
-        else {
+        let Some(&id) = self.by_address.get(&headers.dst) else {
             self.stats.dropped_no_peer += 1;
             tracing::trace!(dst = %headers.dst, "dropping packet: no peer has the address");
+            return;
+        };
+        if packet.len() > usize::from(self.mtu) && !self.send_oversized(packet, now) {
+            return;
+        }
+        let Some(peer) = self.peers.get_mut(&id) else {
+            // `by_address` is rebuilt from `peers` whenever they change.
+            self.stats.dropped_no_peer += 1;
             return;
         };
         let Some(dst) = route(peer, &self.discovery, now) else {
@@ -510,6 +564,39 @@ impl Node {
             }
             None => self.recycle(out),
         }
+    }
+
+    /// Decides about a packet from the TUN device longer than the MTU:
+    /// `true` to send it anyway, `false` when it is dropped, after queueing
+    /// a "too big" answer for the TUN device when one is due.
+    fn send_oversized(&mut self, packet: &[u8], now: Instant) -> bool {
+        let silence = match too_big::classify(packet, self.mtu, &self.own) {
+            too_big::Verdict::Fits | too_big::Verdict::Fragmentable => return true,
+            too_big::Verdict::Silent(silence) => Some(silence),
+            too_big::Verdict::Answer => None,
+        };
+        if silence.is_none() && self.too_big_limit.take(now) {
+            let mut answer = self.spare.pop().unwrap_or_default();
+            if too_big::write_answer(packet, self.mtu, &mut answer) {
+                self.stats.too_big_sent += 1;
+                tracing::trace!(
+                    len = packet.len(),
+                    mtu = self.mtu,
+                    "packet too big; answered"
+                );
+                self.tun_packets.push_back(answer);
+                return false;
+            }
+            self.recycle(answer);
+        }
+        self.stats.too_big_suppressed += 1;
+        tracing::trace!(
+            len = packet.len(),
+            mtu = self.mtu,
+            ?silence,
+            "packet too big; dropped without an answer"
+        );
+        false
     }
 
     /// A datagram received on the WireGuard UDP socket: WireGuard, disco, or
@@ -835,7 +922,8 @@ impl Node {
         self.transmits.pop_front()
     }
 
-    /// Next decrypted, filter-admitted IP packet to write to the TUN device.
+    /// Next packet to write to the TUN device: a decrypted, filter-admitted
+    /// IP packet, or the ICMP answer to a packet too big for the tunnel.
     pub fn poll_tun_packet(&mut self) -> Option<Vec<u8>> {
         self.tun_packets.pop_front()
     }

@@ -824,3 +824,5 @@ fn both_sides_rotating_at_once_lose_no_packet() {
         sim.nodes[A].key.public_key()
     );
 }
+
+mod mtu;

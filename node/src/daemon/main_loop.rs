@@ -16,6 +16,10 @@ use crate::underlay::{RecvBatch, SendBatch};
 /// Frames read from the TUN device per wakeup at most, so a busy device
 /// cannot starve the socket, the control session or the timers.
 const TUN_BATCH: usize = 64;
+/// Bytes read from the TUN device per wakeup at most: offloaded frames
+/// carry up to 64 KiB each, and encrypting megabytes before the socket is
+/// read again would hold up acknowledgements and pings coming the other way.
+const TUN_BATCH_BYTES: usize = 256 * 1024;
 /// How often a workload's identity token file is checked for a new token.
 const TOKEN_CHECK: Duration = Duration::from_secs(1);
 /// How often the host's addresses are listed, to notice the node moved.
@@ -91,23 +95,28 @@ impl Daemon {
     }
 
     /// Feeds the core the frame already read (`first` bytes of `buf`) and
-    /// then every frame the device has queued, up to [`TUN_BATCH`], so the
-    /// flush that follows sends them as one batch. Offloaded super-packets
-    /// reach the core as packets of at most the MTU.
+    /// then every frame the device has queued, up to [`TUN_BATCH`] frames
+    /// and [`TUN_BATCH_BYTES`], so the flush that follows sends them as one
+    /// batch. Offloaded super-packets reach the core as packets of at most
+    /// the MTU.
     fn drain_tun(&mut self, buf: &mut [u8], first: usize) -> anyhow::Result<()> {
         let now = Instant::now();
         let core = &mut self.core;
-        self.tun.packets(&mut buf[..first], |packet| {
-            core.handle_tun_packet(packet, now)
-        });
-        for _ in 1..TUN_BATCH {
-            match self.tun.try_recv(buf) {
-                Ok(n) => self
-                    .tun
-                    .packets(&mut buf[..n], |packet| core.handle_tun_packet(packet, now)),
+        let mut len = first;
+        let mut read = 0;
+        for _ in 0..TUN_BATCH {
+            read += len;
+            self.tun.packets(&mut buf[..len], |packet| {
+                core.handle_tun_packet(packet, now)
+            });
+            if read >= TUN_BATCH_BYTES {
+                break;
+            }
+            len = match self.tun.try_recv(buf) {
+                Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(anyhow::anyhow!("reading the TUN device failed: {e}")),
-            }
+            };
         }
         Ok(())
     }

@@ -41,6 +41,8 @@ pub(crate) fn filter_status(stats: &FilterStats) -> FilterStatus {
         dropped: stats.dropped,
         denied_by_rule: stats.denied_by_rule,
         audit_passed: stats.audit_passed,
+        too_big_sent: stats.too_big_sent,
+        too_big_suppressed: stats.too_big_suppressed,
     }
 }
 

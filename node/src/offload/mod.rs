@@ -1,11 +1,11 @@
 //! TUN offloads, sans-IO: the kernel hands the TUN device TCP (and UDP)
 //! super-packets of up to 64 KiB behind a [`VirtioNetHdr`]; [`split`] cuts
 //! them into packets of at most the MTU for the core, and [`Coalescer`]
-//! joins the core's consecutive TCP segments of a flow back into one
-//! super-packet for the kernel. One system call and one trip through the
+//! joins the core's consecutive TCP segments, or UDP datagrams, of a flow
+//! back into one super-packet for the kernel. One system call and one trip through the
 //! host's stack then carry up to 64 KiB instead of one MTU.
 
-mod checksum;
+pub(crate) mod checksum;
 mod coalesce;
 mod headers;
 mod split;

@@ -277,3 +277,56 @@ fn headerless(spec: &Spec) -> Vec<u8> {
     packet.extend_from_slice(&spec.payload);
     packet
 }
+
+/// A UDP datagram to build, with the IP fields coalescing compares.
+#[derive(Debug, Clone)]
+pub(crate) struct Datagram {
+    pub(crate) v6: bool,
+    pub(crate) ports: (u16, u16),
+    /// The IPv4 id (unused for IPv6).
+    pub(crate) id: u16,
+    /// TOS, or the IPv6 traffic class.
+    pub(crate) class: u8,
+    /// TTL, or the IPv6 hop limit.
+    pub(crate) ttl: u8,
+    /// The IPv6 flow label (20 bits).
+    pub(crate) flow_label: u32,
+    pub(crate) payload: Vec<u8>,
+}
+
+impl Datagram {
+    pub(crate) fn example(v6: bool, len: usize) -> Self {
+        Self {
+            v6,
+            ports: (40000, 5201),
+            id: 7,
+            class: 0,
+            ttl: 64,
+            flow_label: 0,
+            payload: (0..len).map(|i| i as u8).collect(),
+        }
+    }
+}
+
+/// The datagram `d` describes, with a complete checksum.
+pub(crate) fn datagram(d: &Datagram) -> Vec<u8> {
+    let mut packet = packet(&Spec {
+        v6: d.v6,
+        tcp: false,
+        ports: d.ports,
+        ip_id: d.id,
+        payload: d.payload.clone(),
+        ..Spec::example()
+    });
+    // None of these fields is in the UDP checksum's pseudo-header.
+    if d.v6 {
+        let word = (6u32 << 28) | (u32::from(d.class) << 20) | (d.flow_label & 0xf_ffff);
+        packet[..4].copy_from_slice(&word.to_be_bytes());
+        packet[7] = d.ttl;
+    } else {
+        packet[1] = d.class;
+        packet[8] = d.ttl;
+        checksum::fix_ipv4_header(&mut packet[..20]);
+    }
+    packet
+}
