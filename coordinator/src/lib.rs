@@ -34,5 +34,6 @@ pub use config::{
 pub use config::{
     EtcdSettings, EtcdTls, EtcdTlsFileConfig, StoreFileConfig, StoreKind, StoreSettings,
 };
+pub use control::QuicThread;
 pub use keyfile::{ensure_data_dir, load_or_create_key, KeyFileError};
 pub use server::{Coordinator, ServeOptions, StartError};

@@ -2,9 +2,12 @@
 //! with overlay addresses and unique hostnames.
 //!
 //! Every change is one store transaction guarded by compares on the keys it
-//! claims (`machines/`, `names/`, `ipv4/`, the node id counter and, for
+//! claims (`machines/`, `names/`, `ipv4/`, the node's record and, for
 //! single-use keys, the auth key), so concurrent registrations never share a
-//! name, an address or a key; a loser of a race simply retries.
+//! name, an address or a key; a loser of a race simply retries. Node ids
+//! come from blocks reserved in the store (see `ids`), so concurrent
+//! registrations of different nodes touch no key in common and commit
+//! together.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -24,10 +27,11 @@ use crate::store::{self, Compare, Op, Store, StoreError};
 use crate::users;
 use crate::workload::WorkloadLogin;
 
+mod ids;
+
 /// Key prefix of node records.
 pub(crate) const NODES_PREFIX: &str = "nodes/";
 const OVERLAY_KEY: &str = "config/overlay";
-const NEXT_ID_KEY: &str = "config/next-node-id";
 const SCHEMA_KEY: &str = "config/schema";
 const SCHEMA_VERSION: u32 = 1;
 const MAX_ATTEMPTS: usize = 64;
@@ -197,6 +201,7 @@ pub(crate) enum DeleteError {
 pub(crate) struct Registry {
     store: Arc<dyn Store>,
     ula: Ipv6Net,
+    ids: Arc<ids::Ids>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -240,6 +245,7 @@ impl Registry {
         Ok(Self {
             store,
             ula: config.ula,
+            ids: Arc::default(),
         })
     }
 
@@ -275,11 +281,34 @@ impl Registry {
         if let Some(Login::User(login)) = login {
             users::check_enabled(&*self.store, &login.user)?;
         }
+        // A new node's id, once taken, is kept across attempts.
+        let mut reserved = None;
+        let outcome = self.attempt(machine_key, request, login, now, &mut reserved);
+        if let Some(id) = reserved {
+            let used = matches!(&outcome, Ok((record, _)) if record.id == id);
+            // After a store error the node may have been written all the same.
+            let maybe_written = matches!(&outcome, Err(AdmitError::Store(_)));
+            if !used && !maybe_written {
+                self.ids.give_back(id);
+            }
+        }
+        outcome
+    }
+
+    /// Rejoins or joins, retrying when a concurrent change got in the way.
+    fn attempt(
+        &self,
+        machine_key: PublicKey,
+        request: &Register,
+        login: Option<&Login>,
+        now: SystemTime,
+        reserved: &mut Option<NodeId>,
+    ) -> Result<(NodeRecord, u64), AdmitError> {
         for _ in 0..MAX_ATTEMPTS {
             let attempt =
                 match store::get_json::<NodeId>(&*self.store, &machine_path(&machine_key))? {
                     Some((id, _)) => self.rejoin(id, request, login, now),
-                    None => self.join(machine_key, request, login, now),
+                    None => self.join(machine_key, request, login, now, reserved),
                 };
             match attempt {
                 Err(AdmitError::Store(StoreError::Conflict)) => continue,
@@ -525,6 +554,7 @@ impl Registry {
         request: &Register,
         login: Option<&Login>,
         now: SystemTime,
+        reserved: &mut Option<NodeId>,
     ) -> Result<(NodeRecord, u64), AdmitError> {
         let admission = match (login, &request.credential) {
             (Some(_), _) => None,
@@ -540,11 +570,10 @@ impl Registry {
         };
 
         self.check_node_key_free(&request.node_key)?;
-        let (next_id, id_compare) = match store::get_json::<u64>(&*self.store, NEXT_ID_KEY)? {
-            Some((next, rev)) => (next, Compare::ModRevision(NEXT_ID_KEY.into(), rev)),
-            None => (1, Compare::Absent(NEXT_ID_KEY.into())),
+        let id = match *reserved {
+            Some(id) => id,
+            None => *reserved.insert(self.ids.take(&*self.store)?),
         };
-        let id = NodeId(next_id);
         // Probes single keys rather than listing every name and address:
         // a registration costs the same with ten nodes or ten thousand.
         let name = unique_hostname(
@@ -552,7 +581,7 @@ impl Registry {
                 .ok_or_else(|| empty_hostname(&request.hostname))?,
             |candidate| Ok(self.store.get(&name_path(candidate))?.is_some()),
         )?;
-        let ipv4 = free_ipv4(next_id.saturating_sub(1), |candidate| {
+        let ipv4 = free_ipv4(id.0.saturating_sub(1), |candidate| {
             Ok(self.store.get(&ipv4_path(candidate))?.is_some())
         })?;
         let Some(ipv4) = ipv4 else {
@@ -588,14 +617,13 @@ impl Registry {
             None => (Vec::new(), Vec::new()),
         };
         compares.extend([
-            id_compare,
+            Compare::Absent(node_path(id)),
             Compare::Absent(machine_path(&machine_key)),
             Compare::Absent(name_path(&name)),
             Compare::Absent(ipv4_path(ipv4)),
             Compare::Absent(node_key_path(&request.node_key)),
         ]);
         ops.extend([
-            Op::Put(NEXT_ID_KEY.into(), store::encode(&(next_id + 1))?),
             Op::Put(machine_path(&machine_key), store::encode(&id)?),
             Op::Put(node_key_path(&request.node_key), store::encode(&id)?),
             Op::Put(name_path(&name), store::encode(&id)?),
@@ -1054,7 +1082,11 @@ mod tests {
             .unwrap()
             .is_none());
         assert_ne!(c.ipv4, deleted.ipv4);
-        assert_eq!(c.ipv4, Ipv4Addr::new(100, 64, 0, 3));
+        assert!(
+            c.ipv4 > kept.ipv4,
+            "a fresh address, past every one held: {}",
+            c.ipv4
+        );
         assert!(c.id.0 > kept.id.0, "node ids are never reused");
     }
 
@@ -1095,6 +1127,37 @@ mod tests {
             .iter()
             .all(|o| matches!(o, Ok(_) | Err(RefusalCode::AuthKeyUsed))));
         assert_eq!(registry.nodes().unwrap().len(), 1);
+    }
+
+    /// Two coordinators on one store register concurrently: their id
+    /// allocators know nothing of each other, yet no id, name or address
+    /// is shared.
+    #[test]
+    fn concurrent_registrations_through_two_coordinators_share_nothing() {
+        let (_dir, first) = open();
+        let second = Registry::open(Arc::clone(first.store())).unwrap();
+        let key = key(&first, true);
+        let nodes: Vec<NodeRecord> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..16)
+                .map(|i| {
+                    let registry = if i % 2 == 0 { &first } else { &second };
+                    let key = key.clone();
+                    s.spawn(move || {
+                        let machine = PrivateKey::generate().public_key();
+                        registry
+                            .register(machine, &request("web", Some(key)), SystemTime::now())
+                            .unwrap()
+                            .0
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let ids: BTreeSet<NodeId> = nodes.iter().map(|n| n.id).collect();
+        let names: BTreeSet<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+        let addresses: BTreeSet<Ipv4Addr> = nodes.iter().map(|n| n.ipv4).collect();
+        assert_eq!((ids.len(), names.len(), addresses.len()), (16, 16, 16));
+        assert_eq!(first.nodes().unwrap().len(), 16);
     }
 
     #[test]

@@ -5,17 +5,18 @@
 use std::sync::Arc;
 
 use crate::netmap::NetmapHandle;
-use crate::policy_watch::{self, StoredPolicy, CURRENT_KEY};
+use crate::policy_watch::{self, InForce, StoredPolicy, CURRENT_KEY};
 use crate::store::{self, Store, Watch, WatchError};
 
 /// Installs every valid policy `watch` (on [`CURRENT_KEY`], made before
-/// `initial`, the source in force at start, was read) reports. A record that does not validate, which
-/// only a newer coordinator version could write, leaves the policy as it is.
+/// `in_force` was first read) reports, unless this coordinator installed it
+/// already. A record that does not validate, which only a newer coordinator
+/// version could write, leaves the policy as it is.
 pub(crate) async fn follow(
     store: Arc<dyn Store>,
     mut watch: Watch,
     netmaps: NetmapHandle,
-    mut initial: Option<String>,
+    in_force: InForce,
 ) {
     loop {
         let stored = match watch.next().await {
@@ -35,14 +36,12 @@ pub(crate) async fn follow(
                 continue;
             }
         };
-        if initial.as_deref() == Some(stored.source.as_str()) {
-            continue;
-        }
         match policy_watch::validate(&stored.source, &stored.file_name) {
             Ok(validated) => {
-                tracing::info!(file = %stored.file_name, "installing the policy another coordinator put in force");
-                netmaps.set_policy(Some(Arc::new(validated.policy))).await;
-                initial = Some(stored.source);
+                if in_force.claim(&stored.source) {
+                    tracing::info!(file = %stored.file_name, "installing the policy another coordinator put in force");
+                    netmaps.set_policy(Some(Arc::new(validated.policy))).await;
+                }
             }
             Err(diagnostics) => {
                 tracing::error!("ignoring a stored policy that does not validate:\n{diagnostics}");

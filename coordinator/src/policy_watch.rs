@@ -32,6 +32,32 @@ pub(crate) struct StoredPolicy {
     pub(crate) source: String,
 }
 
+/// The source of the policy this coordinator last installed. A policy
+/// reaches it twice — from where it was given (file or admin API) and back
+/// through the store's watch — and is compiled only the first time.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct InForce(Arc<std::sync::Mutex<Option<String>>>);
+
+impl InForce {
+    pub(crate) fn new(source: Option<String>) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(source)))
+    }
+
+    /// Records `source` as installed; false when it already was, so the
+    /// caller need not install it again.
+    pub(crate) fn claim(&self, source: &str) -> bool {
+        let mut current = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.as_deref() == Some(source) {
+            return false;
+        }
+        *current = Some(source.to_owned());
+        true
+    }
+}
+
 /// Records `policy` as the policy in force.
 pub(crate) fn remember(store: &dyn Store, policy: &StoredPolicy) -> Result<(), StoreError> {
     store
@@ -154,6 +180,7 @@ pub(crate) async fn follow(
     netmaps: NetmapHandle,
     store: Arc<dyn Store>,
     admins: Arc<[String]>,
+    in_force: InForce,
 ) {
     let mut interval = tokio::time::interval(POLL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -199,7 +226,9 @@ pub(crate) async fn follow(
                     tracing::error!("{e}; the changed policy is not installed, retrying");
                     continue;
                 }
-                netmaps.set_policy(Some(policy)).await;
+                if in_force.claim(&stored.source) {
+                    netmaps.set_policy(Some(policy)).await;
+                }
                 tracing::info!("installed the changed policy from {}", path.display());
             }
             Err(e) => tracing::warn!(
@@ -221,6 +250,15 @@ fn validate_bytes(path: &Path, content: &[u8]) -> Result<Validated, LoadError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_policy_is_claimed_once() {
+        let in_force = InForce::new(Some("a".into()));
+        assert!(!in_force.claim("a"));
+        assert!(in_force.claim("b"));
+        assert!(!in_force.clone().claim("b"), "clones share the record");
+        assert!(in_force.claim("a"));
+    }
     use crate::store::RedbStore;
 
     const GOOD: &str = r#"{"tagOwners": {"tag:a": []}, "acls": [{"action": "accept", "src": ["tag:a"], "dst": ["tag:a:*"]}]}"#;

@@ -163,16 +163,18 @@ impl Coordinator {
             None => (policy_watch::installed(&**registry.store())?, None),
         };
         let policy_changes = registry.store().watch(policy_watch::CURRENT_KEY);
-        let in_force = policy_watch::last_good(&**registry.store())
-            .map_err(LoadError::Store)?
-            .map(|stored| stored.source);
+        let in_force = policy_watch::InForce::new(
+            policy_watch::last_good(&**registry.store())
+                .map_err(LoadError::Store)?
+                .map(|stored| stored.source),
+        );
         let (netmaps, netmap) =
             NetmapHandle::spawn(registry.clone(), initial, options.ephemeral_timeout)?;
         let policy_follower = tokio::spawn(policy_follow::follow(
             registry.store().clone(),
             policy_changes,
             netmaps.clone(),
-            in_force,
+            in_force.clone(),
         ));
         let admins: Arc<[String]> = options.admins.clone().into();
 
@@ -193,6 +195,7 @@ impl Coordinator {
                 netmaps.clone(),
                 registry.store().clone(),
                 admins.clone(),
+                in_force.clone(),
             ))
         });
         let (admin_stop, stopped) = oneshot::channel();
@@ -200,6 +203,7 @@ impl Coordinator {
             registry: registry.clone(),
             netmaps: netmaps.clone(),
             admins,
+            in_force,
         });
         let admin = tokio::spawn(async move {
             let serve = axum::serve(listener, router).with_graceful_shutdown(async move {

@@ -22,6 +22,7 @@ pub(crate) struct AdminState {
     pub(crate) netmaps: NetmapHandle,
     /// Principals a new policy must not cut off, unless forced.
     pub(crate) admins: Arc<[String]>,
+    pub(crate) in_force: policy_watch::InForce,
 }
 
 /// The admin API's routes.
@@ -134,7 +135,9 @@ async fn set_policy(
         source: request.source,
     };
     policy_watch::remember(&**state.registry.store(), &stored)?;
-    state.netmaps.set_policy(Some(policy)).await;
+    if state.in_force.claim(&stored.source) {
+        state.netmaps.set_policy(Some(policy)).await;
+    }
     tracing::info!("installed a policy through the admin API");
     Ok(Json(PolicyInstalled {
         tests_passed: validated.tests_passed,

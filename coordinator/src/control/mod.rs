@@ -1,7 +1,9 @@
 //! The control listeners: QUIC on UDP, and TLS on TCP for networks that
 //! block UDP; one task per node connection.
 
-mod session;
+mod quic_thread;
+
+pub(crate) mod session;
 mod tcp;
 mod tls;
 
@@ -12,6 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use weft_proto::{PrivateKey, RelayInfo};
 
+pub use self::quic_thread::QuicThread;
 pub(crate) use self::tcp::accept as accept_tcp;
 pub(crate) use self::tls::{acceptor as tls_acceptor, TlsError};
 use crate::netmap::NetmapHandle;
@@ -46,9 +49,12 @@ pub(crate) enum ListenError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start the QUIC thread: {0}")]
+    QuicThread(std::io::Error),
 }
 
-/// Binds the QUIC endpoint on `addr`.
+/// Binds the QUIC endpoint on `addr`, driven by the QUIC thread (see
+/// [`quic_thread`]) so that sessions' work never delays keep-alives.
 ///
 /// The endpoint's stateless-reset key and connection-ID key are derived from
 /// the coordinator's static key, so they are the same across restarts: a
@@ -74,13 +80,9 @@ pub(crate) fn bind(addr: SocketAddr, key: &PrivateKey) -> Result<quinn::Endpoint
     let socket =
         std::net::UdpSocket::bind(addr).map_err(|source| ListenError::Bind { addr, source })?;
     grow_receive_buffer(&socket);
-    quinn::Endpoint::new(
-        endpoint,
-        Some(server),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|source| ListenError::Bind { addr, source })
+    let runtime = QuicThread::shared().map_err(ListenError::QuicThread)?;
+    quinn::Endpoint::new(endpoint, Some(server), socket, runtime)
+        .map_err(|source| ListenError::Bind { addr, source })
 }
 
 /// The control socket's receive buffer: every node's keep-alive lands on

@@ -238,6 +238,16 @@ impl Link {
         }
     }
 
+    /// Why QUIC ended the connection (an idle timeout, a reset, the node's
+    /// close code), which a stream error does not tell; `None` on TLS or
+    /// while the connection is open.
+    fn close_reason(&self) -> Option<String> {
+        match self {
+            Link::Quic { conn, .. } => conn.close_reason().map(|e| e.to_string()),
+            Link::Tls { .. } => None,
+        }
+    }
+
     /// Lets what was written reach the node before the session closes.
     async fn linger(&mut self) {
         match self {
@@ -604,7 +614,12 @@ impl Session {
                 self.close(CLOSE_PROTOCOL_ERROR, b"protocol error").await;
             }
             End::Closed | End::Lost(_) => {
-                tracing::debug!(remote = %self.remote, "control session ended: {end}");
+                match self.link.close_reason() {
+                    Some(why) => {
+                        tracing::debug!(remote = %self.remote, "control session ended: {end} ({why})")
+                    }
+                    None => tracing::debug!(remote = %self.remote, "control session ended: {end}"),
+                }
                 self.close(0, b"").await;
             }
         }

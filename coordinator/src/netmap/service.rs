@@ -24,6 +24,9 @@ use crate::store::{self, StoreError, Watch, WatchError};
 /// netmap, so a node that stops reading cannot grow the coordinator's memory.
 const SESSION_BACKLOG: usize = 64;
 
+/// Fan-outs of at least this many messages log how long computing them took.
+const LOGGED_FAN_OUT: usize = 100;
+
 /// How often expired logins are looked for: peers drop an expired node
 /// within this of its expiry.
 const EXPIRY_SWEEP: Duration = Duration::from_millis(500);
@@ -406,7 +409,16 @@ impl Task {
     }
 
     fn deliver(&mut self) {
-        for output in self.core.flush() {
+        let started = Instant::now();
+        let outputs = self.core.flush();
+        if outputs.len() >= LOGGED_FAN_OUT {
+            tracing::debug!(
+                messages = outputs.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "netmap views recomputed"
+            );
+        }
+        for output in outputs {
             let (session, event) = match output {
                 Output::Send(session, message) => (session, SessionEvent::Message(message)),
                 Output::Close(session, refusal) => (session, SessionEvent::Close(refusal)),

@@ -15,6 +15,10 @@
 //! drives the client on its own thread, so no runtime is ever nested, and
 //! every request is bounded by the configured request timeout: a cluster that
 //! is down is a clear [`StoreError::Backend`], never a hang.
+//!
+//! Transactions submitted while another is being committed are committed
+//! together as one request when it returns (see `group`), so concurrent
+//! registrations share etcd's disk syncs instead of queueing for one each.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{
     Certificate, Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions,
-    Identity, KeyValue, KvClient, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+    Identity, KeyValue, KvClient, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
 use tokio::sync::broadcast;
@@ -32,6 +36,8 @@ use super::{
     Compare, LeaseId, Notice, Op, Store, StoreError, Versioned, Watch, WatchError, WatchEvent,
 };
 use crate::config::EtcdSettings;
+
+mod group;
 
 const WATCH_CAPACITY: usize = 4096;
 /// Keys per range request when listing: bounded responses, however many nodes.
@@ -68,6 +74,8 @@ pub(crate) struct EtcdStore {
     cluster: String,
     request_timeout: Duration,
     events: broadcast::Sender<Notice>,
+    /// Transactions waiting to be committed together.
+    group: group::GroupCommit,
 }
 
 /// One etcd member's clients.
@@ -128,6 +136,7 @@ impl EtcdStore {
             cluster,
             request_timeout: settings.request_timeout,
             events,
+            group: group::GroupCommit::default(),
         };
         let start = store.revision()?;
         store.handle.spawn(follow(
@@ -266,67 +275,12 @@ impl Store for EtcdStore {
     }
 
     fn txn(&self, compares: &[Compare], ops: &[Op]) -> Result<u64, StoreError> {
-        let mut when = Vec::with_capacity(compares.len());
-        for compare in compares {
-            when.push(match compare {
-                Compare::Absent(key) => {
-                    EtcdCompare::create_revision(self.key(key), CompareOp::Equal, 0)
-                }
-                Compare::ModRevision(key, revision) => {
-                    // No key was ever written at revision 0 (or beyond i64): the
-                    // compare cannot hold, so the transaction cannot either.
-                    match i64::try_from(*revision) {
-                        Ok(r) if r > 0 => {
-                            EtcdCompare::mod_revision(self.key(key), CompareOp::Equal, r)
-                        }
-                        _ => return Err(StoreError::Conflict),
-                    }
-                }
-            });
-        }
-        let then: Vec<TxnOp> = last_op_per_key(ops)
-            .into_iter()
-            .map(|op| match op {
-                Op::Put(key, value) => TxnOp::put(self.key(key), value.clone(), None),
-                Op::PutLeased(key, value, lease) => TxnOp::put(
-                    self.key(key),
-                    value.clone(),
-                    Some(PutOptions::new().with_lease(lease.0)),
-                ),
-                Op::Delete(key) => TxnOp::delete(self.key(key), None),
-            })
-            .collect();
-        let size: usize = ops
-            .iter()
-            .map(|op| match op {
-                Op::Put(key, value) | Op::PutLeased(key, value, _) => key.len() + value.len(),
-                Op::Delete(key) => key.len(),
-            })
-            .sum();
-        let txn = Txn::new().when(when).and_then(then);
-        let response = self
-            .call_raw(|mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .map_err(|f| match f {
-                Failure::Refused(message) if message.contains("lease not found") => {
-                    StoreError::LeaseExpired
-                }
-                Failure::Refused(message) => StoreError::Backend(format!(
-                    "etcd at {} refused a transaction of {} compares, {} operations and {size} \
-                     bytes: {message} (etcd accepts 128 operations and 1.5 MiB per transaction \
-                     unless started with larger --max-txn-ops and --max-request-bytes)",
-                    self.cluster,
-                    compares.len(),
-                    ops.len()
-                )),
-                other => other.into_error(&self.cluster),
-            })?;
-        if !response.succeeded() {
-            return Err(StoreError::Conflict);
-        }
-        header_revision(response.header().map(|h| h.revision()))
+        let txn = group::Txn {
+            compares: compares.to_vec(),
+            ops: ops.to_vec(),
+        };
+        self.group
+            .submit(txn, &|batch: &[&group::Txn]| self.commit_batch(batch))
     }
 
     fn watch(&self, prefix: &str) -> Watch {
@@ -383,6 +337,135 @@ impl Store for EtcdStore {
 }
 
 impl EtcdStore {
+    /// Commits a batch of transactions with disjoint keys as one etcd
+    /// request: each is nested in it with its own compares, so each
+    /// succeeds or conflicts on its own, and all that succeed share the
+    /// request's revision. If etcd refuses the batch (an expired lease in
+    /// one of them, a limit), each is committed on its own for its own answer.
+    fn commit_batch(&self, batch: &[&group::Txn]) -> Vec<Result<u64, StoreError>> {
+        if let [only] = batch {
+            return vec![self.commit_one(only)];
+        }
+        // `None` for those sent; those that cannot hold are answered now.
+        let mut answered = Vec::with_capacity(batch.len());
+        let mut nested = Vec::with_capacity(batch.len());
+        for txn in batch {
+            match self.etcd_txn(&txn.compares, &txn.ops) {
+                Ok(txn) => {
+                    nested.push(TxnOp::txn(txn));
+                    answered.push(None);
+                }
+                Err(e) => answered.push(Some(Err(e))),
+            }
+        }
+        if nested.is_empty() {
+            return answered.into_iter().flatten().collect();
+        }
+        let request = Txn::new().and_then(nested);
+        let response = self.call_raw(|mut c| {
+            let request = request.clone();
+            async move { c.txn(request).await }
+        });
+        match response {
+            Ok(response) => {
+                let revision = response.header().map(|h| h.revision());
+                let mut replies = response.op_responses().into_iter();
+                answered
+                    .into_iter()
+                    .map(|answer| {
+                        answer.unwrap_or_else(|| match replies.next() {
+                            Some(TxnOpResponse::Txn(reply)) if reply.succeeded() => {
+                                header_revision(revision)
+                            }
+                            Some(TxnOpResponse::Txn(_)) => Err(StoreError::Conflict),
+                            _ => Err(StoreError::Backend(
+                                "etcd answered a batch of transactions with something else".into(),
+                            )),
+                        })
+                    })
+                    .collect()
+            }
+            Err(Failure::Refused(reason)) => {
+                tracing::debug!(%reason, transactions = batch.len(), "etcd refused a batch; committing its transactions one by one");
+                batch
+                    .iter()
+                    .zip(answered)
+                    .map(|(txn, answer)| answer.unwrap_or_else(|| self.commit_one(txn)))
+                    .collect()
+            }
+            Err(failure) => answered
+                .into_iter()
+                .map(|answer| {
+                    answer.unwrap_or_else(|| Err(failure.clone().into_error(&self.cluster)))
+                })
+                .collect(),
+        }
+    }
+
+    /// Commits one transaction as a request of its own.
+    fn commit_one(&self, txn: &group::Txn) -> Result<u64, StoreError> {
+        let (compares, ops, size) = (&txn.compares, &txn.ops, txn.bytes());
+        let txn = self.etcd_txn(compares, ops)?;
+        let response = self
+            .call_raw(|mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .map_err(|f| match f {
+                Failure::Refused(message) if message.contains("lease not found") => {
+                    StoreError::LeaseExpired
+                }
+                Failure::Refused(message) => StoreError::Backend(format!(
+                    "etcd at {} refused a transaction of {} compares, {} operations and {size} \
+                     bytes: {message} (etcd accepts 128 operations and 1.5 MiB per transaction \
+                     unless started with larger --max-txn-ops and --max-request-bytes)",
+                    self.cluster,
+                    compares.len(),
+                    ops.len()
+                )),
+                other => other.into_error(&self.cluster),
+            })?;
+        if !response.succeeded() {
+            return Err(StoreError::Conflict);
+        }
+        header_revision(response.header().map(|h| h.revision()))
+    }
+
+    /// The etcd transaction for `compares` and `ops`.
+    fn etcd_txn(&self, compares: &[Compare], ops: &[Op]) -> Result<Txn, StoreError> {
+        let mut when = Vec::with_capacity(compares.len());
+        for compare in compares {
+            when.push(match compare {
+                Compare::Absent(key) => {
+                    EtcdCompare::create_revision(self.key(key), CompareOp::Equal, 0)
+                }
+                Compare::ModRevision(key, revision) => {
+                    // No key was ever written at revision 0 (or beyond i64): the
+                    // compare cannot hold, so the transaction cannot either.
+                    match i64::try_from(*revision) {
+                        Ok(r) if r > 0 => {
+                            EtcdCompare::mod_revision(self.key(key), CompareOp::Equal, r)
+                        }
+                        _ => return Err(StoreError::Conflict),
+                    }
+                }
+            });
+        }
+        let then: Vec<TxnOp> = last_op_per_key(ops)
+            .into_iter()
+            .map(|op| match op {
+                Op::Put(key, value) => TxnOp::put(self.key(key), value.clone(), None),
+                Op::PutLeased(key, value, lease) => TxnOp::put(
+                    self.key(key),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(lease.0)),
+                ),
+                Op::Delete(key) => TxnOp::delete(self.key(key), None),
+            })
+            .collect();
+        Ok(Txn::new().when(when).and_then(then))
+    }
+
     fn strip(&self, key: &[u8]) -> Result<String, StoreError> {
         let lossy = || String::from_utf8_lossy(key).into_owned();
         let Some(rest) = key.strip_prefix(self.prefix.as_bytes()) else {
@@ -495,7 +578,7 @@ fn header_revision(revision: Option<i64>) -> Result<u64, StoreError> {
 }
 
 /// Why an etcd request failed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Failure {
     /// No member answered: down, partitioned, or without a leader.
     Unreachable(String),
@@ -794,6 +877,131 @@ mod tests {
             .collect();
         let expected: Vec<String> = (0..1100).map(|i| format!("nodes/{i:05}")).collect();
         assert_eq!(keys, expected);
+    }
+
+    fn batch_txn(compares: Vec<Compare>, ops: Vec<Op>) -> group::Txn {
+        group::Txn { compares, ops }
+    }
+
+    #[test]
+    fn a_batch_commits_each_transaction_on_its_own_compares() {
+        let etcd = Etcd::single();
+        let store = etcd.connect(etcd.cluster.endpoints());
+        let taken = store.txn(&[], &[put("names/web", "1")]).unwrap();
+        let batch = [
+            batch_txn(
+                vec![Compare::Absent("names/db".into())],
+                vec![put("names/db", "2"), put("nodes/2", "db")],
+            ),
+            // Claims a name that is taken: conflicts, alone.
+            batch_txn(
+                vec![Compare::Absent("names/web".into())],
+                vec![put("names/web", "3"), put("nodes/3", "web")],
+            ),
+            batch_txn(
+                vec![Compare::ModRevision("names/web-1".into(), 0)],
+                vec![put("nodes/4", "never")],
+            ),
+            batch_txn(
+                vec![Compare::ModRevision("config/x".into(), taken)],
+                vec![put("nodes/5", "x")],
+            ),
+            batch_txn(
+                Vec::new(),
+                vec![put("nodes/6", "y"), Op::Delete("gone".into())],
+            ),
+        ];
+        let outcomes = store.commit_batch(&batch.iter().collect::<Vec<_>>());
+        assert_eq!(outcomes.len(), 5);
+        assert!(
+            matches!(outcomes[1], Err(StoreError::Conflict)),
+            "{outcomes:?}"
+        );
+        assert!(
+            matches!(outcomes[2], Err(StoreError::Conflict)),
+            "{outcomes:?}"
+        );
+        assert!(
+            matches!(outcomes[3], Err(StoreError::Conflict)),
+            "{outcomes:?}"
+        );
+        let committed = match (&outcomes[0], &outcomes[4]) {
+            (Ok(a), Ok(b)) if a == b && *a > taken => *a,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(store.get("names/web").unwrap().unwrap().value, b"1");
+        let nodes: Vec<(String, u64)> = store
+            .list("nodes/")
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k, v.mod_revision))
+            .collect();
+        assert_eq!(
+            nodes,
+            [("nodes/2".into(), committed), ("nodes/6".into(), committed)]
+        );
+        assert_eq!(store.revision().unwrap(), committed);
+    }
+
+    #[test]
+    fn a_refused_batch_is_committed_one_by_one() {
+        let etcd = Etcd::single();
+        let store = etcd.connect(etcd.cluster.endpoints());
+        let lease = store.grant_lease(Duration::from_secs(30)).unwrap();
+        store.revoke_lease(lease).unwrap();
+        let batch = [
+            batch_txn(Vec::new(), vec![put("a", "1")]),
+            batch_txn(
+                Vec::new(),
+                vec![Op::PutLeased("presence/b".into(), b"x".to_vec(), lease)],
+            ),
+            batch_txn(vec![Compare::Absent("c".into())], vec![put("c", "1")]),
+        ];
+        let outcomes = store.commit_batch(&batch.iter().collect::<Vec<_>>());
+        assert!(
+            matches!(outcomes[1], Err(StoreError::LeaseExpired)),
+            "{outcomes:?}"
+        );
+        assert!(outcomes[0].is_ok() && outcomes[2].is_ok(), "{outcomes:?}");
+        assert!(store.get("a").unwrap().is_some());
+        assert!(store.get("c").unwrap().is_some());
+        assert!(store.get("presence/b").unwrap().is_none());
+    }
+
+    /// Concurrent callers of `txn` share commits, and each is told the
+    /// revision its own keys carry.
+    #[test]
+    fn concurrent_transactions_share_commits() {
+        const CALLERS: usize = 48;
+        let etcd = Etcd::single();
+        let store = etcd.connect(etcd.cluster.endpoints());
+        let start = std::sync::Barrier::new(CALLERS);
+        let revisions: Vec<(String, u64)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..CALLERS)
+                .map(|i| {
+                    let (store, start) = (&store, &start);
+                    s.spawn(move || {
+                        let key = format!("nodes/{i:03}");
+                        start.wait();
+                        let rev = store
+                            .txn(&[Compare::Absent(key.clone())], &[put(&key, "x")])
+                            .unwrap();
+                        (key, rev)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (key, rev) in &revisions {
+            assert_eq!(store.get(key).unwrap().unwrap().mod_revision, *rev);
+        }
+        let commits: std::collections::BTreeSet<u64> =
+            revisions.iter().map(|(_, rev)| *rev).collect();
+        assert!(
+            commits.len() < CALLERS,
+            "{} commits for {CALLERS} transactions",
+            commits.len()
+        );
     }
 
     #[test]

@@ -26,7 +26,8 @@ pub(crate) use self::redb::RedbStore;
 /// committed transaction that writes gets a new one, and every key it wrote
 /// carries it as its `mod_revision`. They need not start at 0 nor grow by exactly one per
 /// transaction: etcd counts from 1 and counts writes made by others on the
-/// same cluster too.
+/// same cluster too, and it commits concurrent transactions on disjoint keys
+/// together, under one revision.
 pub(crate) trait Store: Send + Sync + 'static {
     /// The value at `key`, if any.
     fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError>;

@@ -92,6 +92,8 @@ pub struct Report {
     pub idle_cpu_percent: f64,
     /// After writing a policy that changes every node's filter: when nodes had it.
     pub policy_change: Spread,
+    /// Coordinator CPU time from writing that policy until the last node had it.
+    pub policy_cpu: Duration,
     /// After one more node joined: when the peers that should see it had it.
     pub join: Spread,
     /// The joining node's own time to be registered and synced.
@@ -158,6 +160,7 @@ pub async fn run(options: &LoadOptions) -> Result<Report> {
     let idle_cpu = after_idle.cpu.saturating_sub(after_connect.cpu);
     let idle_cpu_percent = 100.0 * idle_cpu.as_secs_f64() / options.idle_window.as_secs_f64();
 
+    let before_change = coordinator.usage()?;
     let changed = coordinator.change_policy(groups)?;
     tracker
         .wait(
@@ -170,6 +173,7 @@ pub async fn run(options: &LoadOptions) -> Result<Report> {
         connected,
         tracker.arrivals(Milestone::PolicyApplied, changed, 0..options.nodes),
     );
+    let policy_cpu = coordinator.usage()?.cpu.saturating_sub(before_change.cpu);
 
     let joiner_group = 0;
     let expected = (0..options.nodes)
@@ -201,6 +205,14 @@ pub async fn run(options: &LoadOptions) -> Result<Report> {
             joining + options.phase_timeout,
         )
         .await;
+    // The joiner's own report can trail its peers' in the channel.
+    tracker
+        .wait_node(
+            Milestone::Synced,
+            options.nodes,
+            joining + options.phase_timeout,
+        )
+        .await;
     let join = Spread::new(
         expected,
         tracker.arrivals(Milestone::SawJoiner, joining, 0..options.nodes),
@@ -221,6 +233,7 @@ pub async fn run(options: &LoadOptions) -> Result<Report> {
         connect_cpu: after_connect.cpu,
         idle_cpu_percent,
         policy_change,
+        policy_cpu,
         join,
         join_self,
         coordinator: coordinator.usage()?,
@@ -277,6 +290,10 @@ impl Report {
                 format!("{:.1} % of a core", self.idle_cpu_percent),
             ),
             ("policy change reached", spread(&self.policy_change)),
+            (
+                "coordinator CPU for the change",
+                format!("{:.2} s", self.policy_cpu.as_secs_f64()),
+            ),
             ("join reached peers", spread(&self.join)),
             ("joiner synced", ms(self.join_self)),
             (
@@ -328,6 +345,7 @@ impl Report {
             "connect_cpu_s": self.connect_cpu.as_secs_f64(),
             "idle_cpu_percent": self.idle_cpu_percent,
             "policy_change": spread(&self.policy_change),
+            "policy_cpu_s": self.policy_cpu.as_secs_f64(),
             "join": spread(&self.join),
             "join_self_ms": ms(self.join_self),
             "coordinator_cpu_s": self.coordinator.cpu.as_secs_f64(),
@@ -436,6 +454,16 @@ impl Tracker {
         }
     }
 
+    /// Records reports until node `index` reached `milestone` or `deadline` passes.
+    async fn wait_node(&mut self, milestone: Milestone, index: usize, deadline: Instant) {
+        while !self.reached(milestone, index) {
+            match tokio::time::timeout_at(deadline, self.next()).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return,
+            }
+        }
+    }
+
     /// Records reports until `deadline`.
     async fn drain_until(&mut self, deadline: Instant) {
         while let Ok(true) = tokio::time::timeout_at(deadline, self.next()).await {}
@@ -490,5 +518,29 @@ mod tests {
             [Duration::from_millis(5), Duration::from_millis(7)],
             "the first arrival of a node counts"
         );
+    }
+
+    #[tokio::test]
+    async fn waiting_for_one_node_takes_the_reports_before_it_and_stops_at_the_deadline() {
+        let (reports_tx, reports) = mpsc::unbounded_channel();
+        let (_failures_tx, failures) = mpsc::unbounded_channel();
+        let mut tracker = Tracker::new(3, reports, failures);
+        let report = |index, milestone| sim::Report {
+            index,
+            milestone,
+            at: Instant::now(),
+        };
+        reports_tx.send(report(0, Milestone::SawJoiner)).unwrap();
+        reports_tx.send(report(2, Milestone::Synced)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        tracker.wait_node(Milestone::Synced, 2, deadline).await;
+        assert!(tracker.reached(Milestone::Synced, 2));
+        assert!(tracker.reached(Milestone::SawJoiner, 0));
+        let waited = Instant::now();
+        tracker
+            .wait_node(Milestone::Synced, 1, waited + Duration::from_millis(50))
+            .await;
+        assert!(!tracker.reached(Milestone::Synced, 1));
+        assert!(waited.elapsed() >= Duration::from_millis(50));
     }
 }

@@ -53,7 +53,8 @@ pub(crate) struct Fleet {
 impl Fleet {
     /// One client endpoint on loopback with weftd's transport settings
     /// (1 s keep-alive, 3 s idle timeout), so the coordinator sees the
-    /// packet rate a real fleet causes.
+    /// packet rate a real fleet causes, driven by the QUIC thread so that
+    /// the simulated nodes' own work cannot starve it.
     pub(crate) fn new(coordinator: SocketAddr, coordinator_key: PublicKey) -> Result<Self> {
         let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))
             .context("bind the simulated nodes' UDP socket")?;
@@ -62,7 +63,10 @@ impl Fleet {
             quinn::EndpointConfig::default(),
             None,
             socket,
-            Arc::new(quinn::TokioRuntime),
+            // QUIC on its own thread, as in the coordinator: ten thousand
+            // node tasks waking at once must not delay keep-alives.
+            weft_coordinator::QuicThread::shared()
+                .context("start the simulated nodes' QUIC thread")?,
         )
         .context("start the simulated nodes' QUIC endpoint")?;
         endpoint.set_default_client_config(tls::client_config()?);

@@ -91,7 +91,9 @@ pub enum ViolationKind {
     Duplicate,
     /// A node that retried never got registered.
     Unregistered,
-    /// Node ids are not the unbroken sequence the counter hands out.
+    /// A node id was handed out again: a node registered after the storm
+    /// got an id no higher than one already held. (Ids may have gaps: a
+    /// killed coordinator's unused reserved ids are skipped.)
     Counter,
 }
 
@@ -563,32 +565,18 @@ fn check(outcomes: &[Outcome], listed: &[ListedNode], observed: &Observed) -> Ve
         }
     }
 
-    let expected: Vec<u64> = (1..=listed.len() as u64).collect();
-    if !ids.iter().copied().eq(expected.iter().copied()) {
-        let missing: Vec<_> = expected.iter().filter(|id| !ids.contains(id)).collect();
-        flag(
-            ViolationKind::Counter,
-            format!(
-                "{} nodes should hold ids 1..={}; missing ids {missing:?}, highest {:?}",
-                listed.len(),
-                listed.len(),
-                ids.last()
-            ),
-        );
-    }
-
     match observed {
         Err(e) => flag(
             ViolationKind::Counter,
             format!("a node registering after the storm failed: {e}"),
         ),
         Ok((node, netmap)) => {
-            let next = ids.last().copied().unwrap_or(0) + 1;
-            if node.id.0 != next {
+            let highest = ids.last().copied().unwrap_or(0);
+            if node.id.0 <= highest {
                 flag(
                     ViolationKind::Counter,
                     format!(
-                        "the node registered after the storm got id {}, not {next}",
+                        "the node registered after the storm got id {}, not above the highest held, {highest}",
                         node.id.0
                     ),
                 );
@@ -762,7 +750,7 @@ mod tests {
     }
 
     #[test]
-    fn a_reissued_or_skipped_id_breaks_the_counter() {
+    fn a_reissued_id_breaks_the_counter() {
         let (outcomes, listed, mut observed) = healthy();
         if let Ok((node, _)) = &mut observed {
             node.id = NodeId(2);
