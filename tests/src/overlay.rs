@@ -635,26 +635,23 @@ impl NodeHandle {
 
     /// The node's overlay IPv4 address, from its status.
     pub fn overlay_ipv4(&self) -> Result<IpAddr> {
-        let status = self.status()?;
-        status["self"]["addresses"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|a| a.as_str()?.parse::<IpAddr>().ok())
-            .find(IpAddr::is_ipv4)
-            .ok_or_else(|| anyhow::anyhow!("no overlay IPv4 in status: {status}"))
+        self.overlay_address(IpAddr::is_ipv4, "IPv4")
     }
 
     /// The node's overlay IPv6 address, from its status.
     pub fn overlay_ipv6(&self) -> Result<IpAddr> {
+        self.overlay_address(IpAddr::is_ipv6, "IPv6")
+    }
+
+    fn overlay_address(&self, family: fn(&IpAddr) -> bool, name: &str) -> Result<IpAddr> {
         let status = self.status()?;
         status["self"]["addresses"]
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|a| a.as_str()?.parse::<IpAddr>().ok())
-            .find(IpAddr::is_ipv6)
-            .ok_or_else(|| anyhow::anyhow!("no overlay IPv6 in status: {status}"))
+            .find(family)
+            .ok_or_else(|| anyhow::anyhow!("no overlay {name} in status: {status}"))
     }
 
     /// The coordinator replica (`IP:PORT`) the node's control session is
