@@ -2,11 +2,12 @@
 //! that send overlay traffic into it, configured over netlink.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-
 use std::os::fd::AsRawFd;
 
 use netlink_packet_route::address::AddressMessage;
 use netlink_packet_route::route::{RouteMessage, RouteScope};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 
 use crate::offload::{self, VIRTIO_NET_HDR_LEN};
 
@@ -56,7 +57,7 @@ pub enum TunError {
 
 /// An up TUN device and the overlay configuration applied to it.
 pub struct TunDevice {
-    device: tun::AsyncDevice,
+    device: AsyncFd<tun::Device>,
     /// Set when the device carries virtio headers and super-packets.
     offload: Option<Offload>,
     name: String,
@@ -175,16 +176,20 @@ impl TunDevice {
     /// (`buf` needs [`FRAME_BUF`] bytes). [`TunDevice::packets`] turns it
     /// into IP packets.
     pub async fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.device.recv(buf).await
+        self.device
+            .async_io(Interest::READABLE, |device| device.recv(buf))
+            .await
     }
 
     /// Reads one more frame if the host has written one, without
     /// waiting: `WouldBlock` once the device is empty. Draining the device
     /// this way after [`TunDevice::recv`] lets one wakeup carry a batch.
+    /// A `WouldBlock` also tells the runtime the device is empty, so the
+    /// next [`TunDevice::recv`] waits for the kernel instead of trying a
+    /// read that would fail again.
     pub fn try_recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
-        // The device's own non-blocking read, under the async wrapper.
-        let device: &tun::Device = &self.device;
-        device.recv(buf)
+        self.device
+            .try_io(Interest::READABLE, |device| device.recv(buf))
     }
 
     /// Hands `emit` the IP packets, of at most [`MTU`] bytes, of a frame
@@ -212,7 +217,7 @@ impl TunDevice {
         match &mut self.offload {
             Some(offload) => offload.coalescer.push(packet),
             None => {
-                self.device.send(packet).await?;
+                self.write(packet).await?;
             }
         }
         Ok(())
@@ -228,11 +233,21 @@ impl TunDevice {
             return;
         }
         for frame in offload.coalescer.finish() {
-            if let Err(e) = self.device.send(frame).await {
+            if let Err(e) = Self::write_to(&self.device, frame).await {
                 tracing::debug!("TUN write failed: {e}");
             }
         }
         offload.coalescer.clear();
+    }
+
+    async fn write(&self, frame: &[u8]) -> std::io::Result<usize> {
+        Self::write_to(&self.device, frame).await
+    }
+
+    async fn write_to(device: &AsyncFd<tun::Device>, frame: &[u8]) -> std::io::Result<usize> {
+        device
+            .async_io(Interest::WRITABLE, |device| device.send(frame))
+            .await
     }
 
     /// Frames from the TUN device dropped as malformed.
@@ -357,7 +372,7 @@ fn offload_wanted(value: Option<&str>) -> bool {
 
 /// Opens the device with a virtio header and enables the offloads; if the
 /// kernel refuses either, reopens it without.
-fn create_with_offloads(name: &str) -> Result<(tun::AsyncDevice, Option<Accepted>), TunError> {
+fn create_with_offloads(name: &str) -> Result<(AsyncFd<tun::Device>, Option<Accepted>), TunError> {
     let refused = match open(name, true) {
         Ok(device) => match enable_offloads(&device) {
             Ok(accepted) => return Ok((device, Some(accepted))),
@@ -370,20 +385,33 @@ fn create_with_offloads(name: &str) -> Result<(tun::AsyncDevice, Option<Accepted
 }
 
 /// Creates the device, up, with MTU [`MTU`], with or without a virtio header.
-fn open(name: &str, vnet_hdr: bool) -> Result<tun::AsyncDevice, TunError> {
+///
+/// The device is non-blocking and registered with the runtime here rather
+/// than through the `tun` crate's async wrapper, which offers no read that
+/// returns at once: batching reads after a wakeup needs one.
+fn open(name: &str, vnet_hdr: bool) -> Result<AsyncFd<tun::Device>, TunError> {
     let mut config = tun::Configuration::default();
     config.tun_name(name).mtu(MTU).up();
     config.platform_config(|p| {
         p.vnet_hdr(vnet_hdr);
     });
-    tun::create_as_async(&config).map_err(|e| create_error(name, e))
+    let device = tun::create(&config).map_err(|e| create_error(name, e))?;
+    let registered = device.set_nonblock().and_then(|()| {
+        // SAFETY: `tun::Device` owns its descriptor, closes it only when
+        // dropped, and returns that same descriptor from every `as_raw_fd`.
+        unsafe { AsyncFd::register(device) }.map_err(std::io::Error::from)
+    });
+    registered.map_err(|e| TunError::Create {
+        name: name.to_owned(),
+        reason: format!("cannot register the device with the runtime: {e}"),
+    })
 }
 
 /// Lets the kernel hand over TCP super-packets with partial checksums, and
 /// UDP ones where the kernel knows how (Linux 6.2 and later), and says
 /// which it accepted: only then does it take UDP super-packets written to
 /// the device as well.
-fn enable_offloads(device: &tun::AsyncDevice) -> std::io::Result<Accepted> {
+fn enable_offloads(device: &AsyncFd<tun::Device>) -> std::io::Result<Accepted> {
     let tcp = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
     let fd = device.as_raw_fd();
     let set = |flags: libc::c_uint| {

@@ -4,21 +4,26 @@ use std::net::IpAddr;
 
 /// Adds `data` to a running one's-complement sum, as big-endian 16-bit
 /// words; an odd trailing byte is padded with zero.
+///
+/// The words are summed in the machine's byte order, which the compiler
+/// vectorises, and the folded result is swapped once: the one's-complement
+/// sum does not depend on byte order except for that final swap (RFC 1071,
+/// section 2(B)).
 pub(crate) fn sum(data: &[u8], initial: u64) -> u64 {
-    let mut acc = initial;
+    let mut acc = 0u64;
     let mut words = data.chunks_exact(4);
     for word in &mut words {
-        acc += u64::from(u32::from_be_bytes([word[0], word[1], word[2], word[3]]));
+        acc += u64::from(u32::from_ne_bytes([word[0], word[1], word[2], word[3]]));
     }
     let rest = words.remainder();
     let mut pairs = rest.chunks_exact(2);
     for pair in &mut pairs {
-        acc += u64::from(u16::from_be_bytes([pair[0], pair[1]]));
+        acc += u64::from(u16::from_ne_bytes([pair[0], pair[1]]));
     }
     if let [last] = pairs.remainder() {
-        acc += u64::from(*last) << 8;
+        acc += u64::from(u16::from_ne_bytes([*last, 0]));
     }
-    acc
+    initial + u64::from(u16::from_be_bytes(fold(acc).to_ne_bytes()))
 }
 
 /// Folds a running sum to 16 bits (not complemented).
@@ -74,6 +79,20 @@ mod tests {
             fold(sum(&data[..7], 0)),
             fold(sum(&[0, 1, 0xf2, 3, 0xf4, 0xf5, 0xf6, 0], 0))
         );
+    }
+
+    /// The definition, word by word in network byte order.
+    fn reference(data: &[u8]) -> u64 {
+        data.chunks(2)
+            .map(|pair| u64::from(pair[0]) << 8 | u64::from(pair.get(1).copied().unwrap_or(0)))
+            .sum()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn sums_like_the_definition(data in proptest::collection::vec(proptest::num::u8::ANY, 0..3000), initial in 0u64..1 << 40) {
+            proptest::prop_assert_eq!(fold(sum(&data, initial)), fold(reference(&data) + initial));
+        }
     }
 
     #[test]
