@@ -861,6 +861,7 @@ mod tests {
             endpoints: vec!["192.0.2.1:51820".parse().unwrap()],
             home_relay: None,
             attributes: BTreeMap::new(),
+            resume: None,
         }
     }
 

@@ -278,6 +278,7 @@ impl Coordinator {
             workloads,
             relays: options.relays,
             shutdown: shutting_down.clone(),
+            first_frames: control::first_frame_budget(),
         });
         let control_tcp = tokio::spawn(control::accept_tcp(
             control_tcp,

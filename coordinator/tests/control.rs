@@ -182,6 +182,7 @@ impl Harness {
                 endpoints: vec!["192.0.2.10:51820".parse().unwrap()],
                 home_relay: None,
                 attributes: BTreeMap::new(),
+                resume: None,
             }))
             .await;
         let me = match control.next().await {

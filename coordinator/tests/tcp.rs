@@ -119,7 +119,8 @@ impl Node {
             .event
     }
 
-    /// Waits for a session to register and receive its netmap; the address it connected to.
+    /// Waits for a session to register and receive its netmap (a delta when
+    /// it resumed); the address it connected to.
     async fn registered(&mut self) -> SocketAddr {
         let mut connected = None;
         loop {
@@ -129,6 +130,9 @@ impl Node {
                 ControlEvent::NetMap(netmap) => {
                     assert_eq!(netmap.self_node.name, "web-1");
                     return connected.expect("a netmap before the session connected");
+                }
+                ControlEvent::Delta(_) => {
+                    return connected.expect("a delta before the session connected");
                 }
                 ControlEvent::Disconnected(_) => {}
                 other => panic!("unexpected {other:?}"),

@@ -16,6 +16,12 @@
 //! backoff. The daemon keeps the last netmap in force meanwhile, so tunnels
 //! keep working while the coordinator is away. A refusal that retrying
 //! cannot fix (deleted node, missing or spent auth key) ends the task.
+//!
+//! The task folds every verified netmap and delta into the view it holds
+//! ([`Held`]), and a reconnect resumes from it ([`weft_proto::resume`]): the
+//! coordinator answers with a delta against that view, chained after its
+//! last record, instead of a full netmap. A task started on a verified cache
+//! resumes from the cache.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -29,14 +35,15 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use weft_proto::handshake::{HandshakeError, Initiator, RESPONSE_LEN};
+use weft_proto::signing::{Digest, NetmapKey};
 use weft_proto::{
     Advertisement, ClientMessage, Credential, DecodeError, FrameDecoder, LoginPrompt, NetMap,
-    NetMapDelta, Opener, PrivateKey, PublicKey, Refusal, RefusalCode, Register, RelayInfo,
+    NetMapDelta, Opener, PrivateKey, PublicKey, Refusal, RefusalCode, Register, RelayInfo, Resume,
     SelfNode, ServerMessage, SignatureError,
 };
 
 use crate::coordinators::Coordinators;
-use crate::netmap_cache::CacheWriter;
+use crate::netmap_cache::{fold, CacheError, CacheWriter};
 
 /// How often a registered node re-reports its attributes even when its
 /// posture file did not change; the coordinator stores only changes.
@@ -250,6 +257,9 @@ enum Ended {
 }
 
 async fn run(mut config: ControlConfig, emitter: Emitter, mut cache: Option<CacheWriter>) {
+    let mut held = cache
+        .as_mut()
+        .and_then(|cache| Held::from_cache(cache, config.node_key));
     let mut failover = Failover::new();
     let mut transports = TransportMemory::default();
     let mut targets = Vec::new();
@@ -269,6 +279,7 @@ async fn run(mut config: ControlConfig, emitter: Emitter, mut cache: Option<Cach
                     &emitter,
                     &mut registered,
                     &mut cache,
+                    &mut held,
                 )
                 .await
             }
@@ -405,9 +416,19 @@ async fn session(
     emitter: &Emitter,
     registered: &mut bool,
     cache: &mut Option<CacheWriter>,
+    held: &mut Option<Held>,
 ) -> Result<Ended, ControlError> {
     let mut channel = connect(target, transports).await?;
-    let result = exchange(config, &mut channel, target, emitter, registered, cache).await;
+    let result = exchange(
+        config,
+        &mut channel,
+        target,
+        emitter,
+        registered,
+        cache,
+        held,
+    )
+    .await;
     channel.close().await;
     result
 }
@@ -419,6 +440,7 @@ async fn exchange(
     emitter: &Emitter,
     registered: &mut bool,
     cache: &mut Option<CacheWriter>,
+    held: &mut Option<Held>,
 ) -> Result<Ended, ControlError> {
     let Channel {
         transport,
@@ -440,13 +462,23 @@ async fn exchange(
 
     config.posture.mark_unchanged();
     config.advertisement.mark_unchanged();
-    let register = ClientMessage::Register(register_message(config));
+    // Resume only from a view the cache (if any) holds in full: a cache
+    // dropped as too large restarts from the full netmap this asks for.
+    let resume_from = held
+        .as_ref()
+        .filter(|_| cache.as_ref().is_none_or(CacheWriter::is_current))
+        .map(|held| (Resume::of(held.last_record, &held.netmap), held.key));
+    let mut opener = match &resume_from {
+        Some((resume, _)) => Opener::resume(config.node_key, resume.last_record),
+        None => Opener::new(config.node_key),
+    };
+    let resume_key = resume_from.as_ref().map(|(_, key)| *key);
+    let register = ClientMessage::Register(register_message(config, resume_from.map(|(r, _)| r)));
     let frame = weft_proto::encode_frame(&register)
         .map_err(|_| ControlError::Protocol("registration too large to send"))?;
     write(send, &frame).await?;
 
     let mut decoder = FrameDecoder::new();
-    let mut opener = Opener::new(config.node_key);
     let mut buf = vec![0u8; 64 * 1024];
     // System attributes (OS version after an upgrade, disk encryption) change
     // without the posture file changing: re-report them periodically so
@@ -463,7 +495,11 @@ async fn exchange(
             if let (Some(cache), Some(signed)) = (cache.as_mut(), &opened.signed) {
                 keep(cache, &opened.message, signed);
             }
-            let event = match opened.message {
+            let message = match (&opened.signed, opener.key()) {
+                (Some(signed), Some(key)) => Held::advance(held, opened.message, signed, key),
+                _ => opened.message,
+            };
+            let event = match message {
                 ServerMessage::Refused(refusal) => return Ok(Ended::Refused(refusal)),
                 ServerMessage::LoginRequired(prompt) => {
                     let interactive = matches!(config.credential, Some(Credential::Interactive(_)));
@@ -488,6 +524,12 @@ async fn exchange(
                 ServerMessage::Delta(delta) => ControlEvent::Delta(delta),
                 ServerMessage::Relays(relays) => ControlEvent::Relays(relays),
                 ServerMessage::NetmapKey(key) => {
+                    if resume_key.is_some_and(|held_key| held_key != key) {
+                        *held = None;
+                        return Err(ControlError::Protocol(
+                            "the coordinator signs with another netmap key than the view this node resumed from; reconnecting for a full netmap",
+                        ));
+                    }
                     if let Some(Err(e)) = cache.as_ref().map(|cache| cache.save_key(key)) {
                         tracing::warn!("cannot keep the coordinator's netmap key; a restart during an outage will start without peers: {e}");
                     }
@@ -537,6 +579,86 @@ async fn exchange(
             }
             Ok(n) => decoder.push(&buf[..n]),
             Err(e) => return Err(ControlError::Lost(describe_io_error(&e))),
+        }
+    }
+}
+
+/// The verified view the control task holds, which a reconnect resumes
+/// from ([`weft_proto::resume`]): the fold of every record since the last
+/// full netmap, across sessions.
+#[derive(Debug, Clone)]
+struct Held {
+    netmap: NetMap,
+    /// The digest of the last record folded in.
+    last_record: Digest,
+    /// The key the records verified with: a coordinator signing with
+    /// another is not resumed from them.
+    key: NetmapKey,
+    /// Read from the cache, not yet reported to the daemon by this task,
+    /// which may hold something else: the first record is reported folded,
+    /// as a full netmap.
+    from_cache: bool,
+}
+
+impl Held {
+    /// The cache's view, when it verifies and is fresh ([`CacheWriter::reopen`]).
+    fn from_cache(cache: &mut CacheWriter, node_key: PublicKey) -> Option<Self> {
+        match cache.reopen(node_key, std::time::SystemTime::now()) {
+            Ok(restored) => {
+                tracing::debug!(
+                    revision = restored.netmap.revision,
+                    peers = restored.netmap.peers.len(),
+                    "the first session resumes from the cached netmap"
+                );
+                Some(Self {
+                    netmap: restored.netmap,
+                    last_record: restored.last_record,
+                    key: restored.key,
+                    from_cache: true,
+                })
+            }
+            Err(CacheError::Missing) => None,
+            Err(e) => {
+                tracing::debug!("not resuming from the cached netmap: {e}");
+                None
+            }
+        }
+    }
+
+    /// Folds a verified record into `held` and returns the message to
+    /// report for it: the record's own, except a delta onto a view the
+    /// daemon was not given by this task, reported as the folded netmap.
+    fn advance(
+        held: &mut Option<Held>,
+        message: ServerMessage,
+        signed: &weft_proto::SignedRecord,
+        key: NetmapKey,
+    ) -> ServerMessage {
+        let last_record = signed.digest();
+        match message {
+            ServerMessage::NetMap(netmap) => {
+                *held = Some(Held {
+                    netmap: netmap.clone(),
+                    last_record,
+                    key,
+                    from_cache: false,
+                });
+                ServerMessage::NetMap(netmap)
+            }
+            ServerMessage::Delta(delta) => {
+                let Some(view) = held.as_mut() else {
+                    return ServerMessage::Delta(delta);
+                };
+                fold(&mut view.netmap, delta.clone());
+                view.last_record = last_record;
+                view.key = key;
+                if std::mem::take(&mut view.from_cache) {
+                    ServerMessage::NetMap(view.netmap.clone())
+                } else {
+                    ServerMessage::Delta(delta)
+                }
+            }
+            other => other,
         }
     }
 }
@@ -667,7 +789,7 @@ fn describe_read_error(error: &ReadError) -> String {
     }
 }
 
-fn register_message(config: &ControlConfig) -> Register {
+fn register_message(config: &ControlConfig, resume: Option<Resume>) -> Register {
     let Advertisement {
         endpoints,
         home_relay,
@@ -680,6 +802,7 @@ fn register_message(config: &ControlConfig) -> Register {
         endpoints,
         home_relay,
         attributes: attributes(&config.hostname, &config.posture.borrow()),
+        resume: resume.map(Box::new),
     }
 }
 
@@ -1094,6 +1217,16 @@ mod tests {
             answers: Vec<ServerMessage>,
             close_after_answers: bool,
         ) -> (SocketAddr, mpsc::UnboundedReceiver<Register>) {
+            start_with(key, move |_| answers.clone(), close_after_answers)
+        }
+
+        /// Like [`start`], answering each registration with what `answer`
+        /// makes of it.
+        pub(super) fn start_with(
+            key: PrivateKey,
+            answer: impl Fn(&Register) -> Vec<ServerMessage> + Send + 'static,
+            close_after_answers: bool,
+        ) -> (SocketAddr, mpsc::UnboundedReceiver<Register>) {
             let cert = rcgen::generate_simple_self_signed(vec!["weft-coordinator".into()]).unwrap();
             let provider = Arc::new(rustls::crypto::ring::default_provider());
             let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -1138,6 +1271,7 @@ mod tests {
                         let n = recv.read(&mut buf).await.unwrap().unwrap();
                         decoder.push(&buf[..n]);
                     };
+                    let answers = answer(&register);
                     seen_tx.send(register).unwrap();
                     for answer in &answers {
                         send.write_all(&encode_frame(answer).unwrap())
@@ -1243,7 +1377,230 @@ mod tests {
         assert!(!state.path().join("netmap.cache").exists());
     }
 
+    /// A coordinator that answers a registration without a resume with a
+    /// netmap of peers 5 and 6, and one resuming after that netmap with a
+    /// delta chained after it (peer 7 joined, 5 left), closing each session.
+    fn resuming_coordinator(
+        key: &PrivateKey,
+        node_key: PublicKey,
+    ) -> (
+        SocketAddr,
+        mpsc::UnboundedReceiver<Register>,
+        NetMap,
+        NetMapDelta,
+    ) {
+        use weft_proto::signing::{Chain, NetmapSigner, Record};
+        let signer = NetmapSigner::derive(key);
+        let mut netmap = empty_netmap();
+        netmap.peers = vec![peer(5), peer(6)];
+        let first = Chain::new(netmap.self_node.id, node_key)
+            .sign(&signer, &Record::NetMap(netmap.clone()))
+            .unwrap();
+        let delta = NetMapDelta {
+            revision: 2,
+            upsert_peers: vec![peer(7)],
+            remove_peers: vec![weft_proto::NodeId(5)],
+            filter: None,
+            capabilities: None,
+            self_node: None,
+        };
+        let resumed = Chain::resume(netmap.self_node.id, node_key, first.digest())
+            .sign(&signer, &Record::Delta(delta.clone()))
+            .unwrap();
+        let full = netmap.clone();
+        let (addr, seen) = fake_coordinator::start_with(
+            key.clone(),
+            move |register| {
+                let record = match &register.resume {
+                    Some(resume) if resume.last_record == first.digest() => resumed.clone(),
+                    _ => first.clone(),
+                };
+                vec![
+                    ServerMessage::Registered(full.self_node.clone()),
+                    ServerMessage::NetmapKey(signer.public_key()),
+                    ServerMessage::Signed(record),
+                ]
+            },
+            true,
+        );
+        (addr, seen, netmap, delta)
+    }
+
+    fn peer(id: u64) -> weft_proto::Peer {
+        weft_proto::Peer {
+            id: weft_proto::NodeId(id),
+            name: format!("peer-{id}"),
+            node_key: PrivateKey::from_bytes([id as u8; 32]).public_key(),
+            addresses: vec![format!("100.64.0.{id}").parse().unwrap()],
+            endpoints: vec![format!("192.0.2.{id}:41641").parse().unwrap()],
+            home_relay: None,
+            identity: weft_proto::Identity::tagged(vec!["tag:db".into()]),
+        }
+    }
+
+    /// The next netmap or delta reported.
+    async fn next_view(updates: &mut mpsc::Receiver<ControlUpdate>) -> ControlEvent {
+        loop {
+            let event = next(updates).await.event;
+            if matches!(event, ControlEvent::NetMap(_) | ControlEvent::Delta(_)) {
+                return event;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reconnect_resumes_from_the_held_view_and_the_cache_continues() {
+        let key = PrivateKey::generate();
+        let node_key = PrivateKey::generate().public_key();
+        let (addr, mut seen, netmap, delta) = resuming_coordinator(&key, node_key);
+        let mut config = config(addr, key.public_key());
+        config.node_key = node_key;
+        let state = tempfile::tempdir().unwrap();
+        let cache = CacheWriter::new(state.path(), key.public_key());
+        let (tx, mut updates) = mpsc::channel(8);
+        let task = ControlTask::spawn_caching(config.clone(), cache, 9, tx);
+
+        assert!(matches!(next_view(&mut updates).await, ControlEvent::NetMap(n) if n == netmap));
+        assert_eq!(seen.recv().await.unwrap().resume, None);
+        // The coordinator closed the session; the next one resumes.
+        let ControlEvent::Delta(got) = next_view(&mut updates).await else {
+            panic!("the resumed session did not report a delta");
+        };
+        assert_eq!(got, delta);
+        let resume = seen.recv().await.unwrap().resume.expect("a resume");
+        assert_eq!(*resume, Resume::of(resume.last_record, &netmap));
+        let mut folded = netmap.clone();
+        fold(&mut folded, delta);
+        let cached = restored(&state, &key, node_key);
+        assert_eq!(cached, folded, "the delta was appended to the cached chain");
+        drop(task);
+
+        // A new task (a restarted daemon) resumes from the cache, and
+        // reports the folded view whole: the daemon may hold anything.
+        let cache = CacheWriter::new(state.path(), key.public_key());
+        let (tx, mut updates) = mpsc::channel(8);
+        let _task = ControlTask::spawn_caching(config, cache, 10, tx);
+        let resume = seen
+            .recv()
+            .await
+            .unwrap()
+            .resume
+            .expect("a resume from the cache");
+        assert_eq!(resume.revision, 2);
+        assert_eq!(resume.peers.len(), 2);
+        // This coordinator only knows how to resume after its netmap, so it
+        // answers the later chain with a full netmap, which replaces the cache.
+        assert!(matches!(next_view(&mut updates).await, ControlEvent::NetMap(n) if n == netmap));
+    }
+
+    #[tokio::test]
+    async fn a_task_started_on_a_cache_resumes_and_reports_the_folded_view() {
+        let key = PrivateKey::generate();
+        let node_key = PrivateKey::generate().public_key();
+        let (addr, mut seen, netmap, delta) = resuming_coordinator(&key, node_key);
+        let state = tempfile::tempdir().unwrap();
+        {
+            use weft_proto::signing::{Chain, NetmapSigner, Record};
+            let signer = NetmapSigner::derive(&key);
+            let mut writer = CacheWriter::new(state.path(), key.public_key());
+            writer.save_key(signer.public_key()).unwrap();
+            let first = Chain::new(netmap.self_node.id, node_key)
+                .sign(&signer, &Record::NetMap(netmap.clone()))
+                .unwrap();
+            writer.netmap(netmap.self_node.id, &first).unwrap();
+        }
+        let mut config = config(addr, key.public_key());
+        config.node_key = node_key;
+        let cache = CacheWriter::new(state.path(), key.public_key());
+        let (tx, mut updates) = mpsc::channel(8);
+        let _task = ControlTask::spawn_caching(config, cache, 9, tx);
+        assert!(seen.recv().await.unwrap().resume.is_some());
+        let mut folded = netmap.clone();
+        fold(&mut folded, delta);
+        let ControlEvent::NetMap(reported) = next_view(&mut updates).await else {
+            panic!("a resume from the cache must report the whole view");
+        };
+        assert_eq!(reported, folded);
+    }
+
+    #[tokio::test]
+    async fn a_coordinator_signing_with_another_key_is_not_resumed_from() {
+        use weft_proto::signing::{Chain, NetmapSigner, Record};
+        let key = PrivateKey::generate();
+        let node_key = PrivateKey::generate().public_key();
+        let before = NetmapSigner::derive(&key);
+        let after = NetmapSigner::derive(&PrivateKey::generate());
+        let netmap = empty_netmap();
+        let id = netmap.self_node.id;
+        let first = Chain::new(id, node_key)
+            .sign(&before, &Record::NetMap(netmap.clone()))
+            .unwrap();
+        let resumed = Chain::resume(id, node_key, first.digest())
+            .sign(
+                &after,
+                &Record::Delta(NetMapDelta {
+                    revision: 2,
+                    upsert_peers: vec![peer(7)],
+                    remove_peers: Vec::new(),
+                    filter: None,
+                    capabilities: None,
+                    self_node: None,
+                }),
+            )
+            .unwrap();
+        let fresh = Chain::new(id, node_key)
+            .sign(&after, &Record::NetMap(netmap.clone()))
+            .unwrap();
+        let sessions = std::sync::atomic::AtomicUsize::new(0);
+        let (addr, mut seen) = fake_coordinator::start_with(
+            key.clone(),
+            move |_| {
+                let (signer, record) =
+                    match sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+                        0 => (&before, first.clone()),
+                        1 => (&after, resumed.clone()),
+                        _ => (&after, fresh.clone()),
+                    };
+                vec![
+                    ServerMessage::Registered(self_node()),
+                    ServerMessage::NetmapKey(signer.public_key()),
+                    ServerMessage::Signed(record),
+                ]
+            },
+            true,
+        );
+        let mut config = config(addr, key.public_key());
+        config.node_key = node_key;
+        let (tx, mut updates) = mpsc::channel(8);
+        let _task = ControlTask::spawn(config, 9, tx);
+        assert!(seen.recv().await.unwrap().resume.is_none());
+        assert!(seen.recv().await.unwrap().resume.is_some());
+        loop {
+            if let ControlEvent::Disconnected(ControlError::Protocol(why)) =
+                next(&mut updates).await.event
+            {
+                assert!(why.contains("another netmap key"), "{why}");
+                break;
+            }
+        }
+        assert!(
+            seen.recv().await.unwrap().resume.is_none(),
+            "after a key change the node asks for a full netmap"
+        );
+    }
+
     /// A first netmap with no peers.
+    /// The cache in `state`, verified as a restarted node would.
+    fn restored(state: &tempfile::TempDir, key: &PrivateKey, node_key: PublicKey) -> NetMap {
+        crate::netmap_cache::restore(
+            state.path(),
+            key.public_key(),
+            node_key,
+            std::time::SystemTime::now(),
+        )
+        .unwrap()
+    }
+
     fn empty_netmap() -> NetMap {
         NetMap {
             revision: 1,
@@ -1470,13 +1827,7 @@ mod tests {
         assert!(
             matches!(next(&mut updates).await.event, ControlEvent::NetMap(ref m) if *m == netmap)
         );
-        let cached = crate::netmap_cache::restore(
-            state.path(),
-            key.public_key(),
-            node_key,
-            std::time::SystemTime::now(),
-        )
-        .unwrap();
+        let cached = restored(&state, &key, node_key);
         assert_eq!(
             cached, netmap,
             "the verified netmap is cached before it is reported"

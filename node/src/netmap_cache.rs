@@ -25,9 +25,13 @@
 //! whose node key expired, is refused.
 //!
 //! Limits: each session's netmap replaces the file (written beside it and
-//! renamed), so it holds one session's records; a delta is appended and
-//! synced before the daemon applies it. A file that would outgrow
-//! [`MAX_CACHE_BYTES`] is removed rather than left behind the live netmap.
+//! renamed); a delta is appended and synced before the daemon applies it.
+//! A session that resumed ([`weft_proto::resume`]) starts with a delta
+//! chained after the file's last record, appended like any other, so the
+//! file holds one netmap and the deltas of every session since.
+//! A file that would outgrow [`MAX_CACHE_BYTES`] is removed rather than left
+//! behind the live netmap, and the writer stops offering a base to resume
+//! from ([`CacheWriter::is_current`]) until a full netmap restarts it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
@@ -35,7 +39,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use weft_proto::signing::{Chain, NetmapKey, Record, SignatureError, SignedRecord};
+use weft_proto::signing::{Chain, Digest, NetmapKey, Record, SignatureError, SignedRecord};
 use weft_proto::{NetMap, NetMapDelta, NodeId, PublicKey};
 
 use crate::state::Prefs;
@@ -109,6 +113,16 @@ pub fn restore(
     node_key: PublicKey,
     now: SystemTime,
 ) -> Result<NetMap, CacheError> {
+    read_verified(dir, coordinator_key, node_key, now).map(|(restored, _)| restored.netmap)
+}
+
+/// [`restore`], keeping the last record's digest and key, and the file's length.
+fn read_verified(
+    dir: &Path,
+    coordinator_key: PublicKey,
+    node_key: PublicKey,
+    now: SystemTime,
+) -> Result<(Restored, u64), CacheError> {
     let key = load_key(dir, coordinator_key)?;
     let path = dir.join(CACHE_FILE);
     let bytes = match fs::read(&path) {
@@ -119,9 +133,25 @@ pub fn restore(
     let confirmed = fs::metadata(&path)
         .and_then(|m| m.modified())
         .map_err(|source| io_error("inspect", &path, source))?;
-    let netmap = verify(&bytes, &key, node_key)?;
+    let (netmap, last_record) = verify_chain(&bytes, &key, node_key)?;
     check_fresh(&netmap, confirmed, now)?;
-    Ok(netmap)
+    let restored = Restored {
+        netmap,
+        last_record,
+        key,
+    };
+    Ok((restored, bytes.len() as u64))
+}
+
+/// A verified cache, as a base to resume a session from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Restored {
+    /// The fold of every record.
+    pub netmap: NetMap,
+    /// The digest of the last record, which a resumed session chains after.
+    pub last_record: Digest,
+    /// The netmap key the records verified with.
+    pub key: NetmapKey,
 }
 
 /// [`restore`] for weftd's start: the netmap to install before any
@@ -147,16 +177,27 @@ pub fn restore_at_start(dir: &Path, prefs: &Prefs, node_key: PublicKey) -> Optio
 
 /// Verifies a whole cache file and folds its records into one netmap.
 pub fn verify(bytes: &[u8], key: &NetmapKey, node_key: PublicKey) -> Result<NetMap, CacheError> {
+    verify_chain(bytes, key, node_key).map(|(netmap, _)| netmap)
+}
+
+/// [`verify`], also returning the digest of the last record.
+fn verify_chain(
+    bytes: &[u8],
+    key: &NetmapKey,
+    node_key: PublicKey,
+) -> Result<(NetMap, Digest), CacheError> {
     let rest = bytes
         .strip_prefix(MAGIC)
         .ok_or_else(|| CacheError::Malformed("not a weft netmap cache (bad magic)".into()))?;
     let (node, mut rest) = take::<NodeId>(rest)?;
     let mut chain = Chain::new(node, node_key);
     let mut netmap: Option<NetMap> = None;
+    let mut last = None;
     let mut index = 0;
     while !rest.is_empty() {
         let (signed, tail) = take::<SignedRecord>(rest)?;
         rest = tail;
+        last = Some(signed.digest());
         let record = chain
             .verify(key, &signed)
             .map_err(|source| CacheError::Signature { index, source })?;
@@ -177,7 +218,10 @@ pub fn verify(bytes: &[u8], key: &NetmapKey, node_key: PublicKey) -> Result<NetM
         }
         index += 1;
     }
-    netmap.ok_or_else(|| CacheError::Malformed("the cache holds no netmap".into()))
+    match (netmap, last) {
+        (Some(netmap), Some(last)) => Ok((netmap, last)),
+        _ => Err(CacheError::Malformed("the cache holds no netmap".into())),
+    }
 }
 
 /// Applies a delta to a netmap as the daemon does: upserts replace peers by
@@ -246,6 +290,28 @@ impl CacheWriter {
             file: None,
             len: 0,
         }
+    }
+
+    /// Verifies the cache on file, as [`restore`] does, and keeps it open to
+    /// append the deltas of a session that resumes from it. `Err` leaves
+    /// the writer as it was (no file open until a session's netmap).
+    pub fn reopen(&mut self, node_key: PublicKey, now: SystemTime) -> Result<Restored, CacheError> {
+        let (restored, len) = read_verified(&self.dir, self.coordinator_key, node_key, now)?;
+        let path = self.dir.join(CACHE_FILE);
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|source| io_error("open", &path, source))?;
+        self.file = Some(file);
+        self.len = len;
+        Ok(restored)
+    }
+
+    /// Whether the file holds every record verified so far, so a session
+    /// may resume from them: false before any netmap and once the cache
+    /// was dropped (too large, or a write failed).
+    pub fn is_current(&self) -> bool {
+        self.file.is_some()
     }
 
     /// Keeps the netmap key the coordinator sent, unless already on file.
@@ -577,6 +643,91 @@ mod tests {
         };
         assert_eq!(view(&live), view(&restored));
         assert_eq!(view(&live).len(), 2);
+    }
+
+    #[test]
+    fn a_resumed_session_appends_to_the_chain_and_restore_verifies_it() {
+        let fixture = Fixture::new();
+        fixture.cache(&netmap(), &deltas());
+        let mut writer = CacheWriter::new(fixture.dir.path(), fixture.coordinator.public_key());
+        assert!(!writer.is_current());
+        let base = writer
+            .reopen(fixture.node_key.public_key(), SystemTime::now())
+            .unwrap();
+        assert!(writer.is_current());
+        assert_eq!(base.netmap, folded());
+        let (_, records) = fixture.records();
+        let (last, _) = take::<SignedRecord>(records.last().unwrap()).unwrap();
+        assert_eq!(base.last_record, last.digest());
+
+        // The next session's first record: a delta chained after the last one.
+        let signer = NetmapSigner::derive(&fixture.coordinator);
+        let mut chain = Chain::resume(NODE, fixture.node_key.public_key(), base.last_record);
+        let resumed = NetMapDelta {
+            revision: 5,
+            upsert_peers: vec![peer(9, 1)],
+            remove_peers: vec![NodeId(6)],
+            filter: None,
+            capabilities: None,
+            self_node: None,
+        };
+        let signed = chain
+            .sign(&signer, &Record::Delta(resumed.clone()))
+            .unwrap();
+        writer.delta(&signed).unwrap();
+        let mut expected = folded();
+        fold(&mut expected, resumed);
+        assert_eq!(fixture.restore().unwrap(), expected);
+
+        // A delta chained after anything else breaks the whole cache.
+        let stray = Chain::resume(NODE, fixture.node_key.public_key(), [0; 32])
+            .sign(&signer, &Record::Delta(deltas()[0].clone()))
+            .unwrap();
+        writer.delta(&stray).unwrap();
+        assert!(matches!(
+            fixture.restore(),
+            Err(CacheError::Signature {
+                index: 5,
+                source: SignatureError::BadSignature
+            })
+        ));
+    }
+
+    #[test]
+    fn a_cache_that_outgrows_its_limit_is_dropped_and_offers_no_base() {
+        let fixture = Fixture::new();
+        fixture.cache(&netmap(), &[]);
+        let mut writer = CacheWriter::new(fixture.dir.path(), fixture.coordinator.public_key());
+        writer
+            .reopen(fixture.node_key.public_key(), SystemTime::now())
+            .unwrap();
+        let huge = SignedRecord {
+            body: vec![0; MAX_CACHE_BYTES as usize],
+            signature: Vec::new(),
+        };
+        assert!(matches!(writer.delta(&huge), Err(CacheError::TooLarge)));
+        assert!(!writer.is_current(), "nothing to resume from");
+        assert!(matches!(fixture.restore(), Err(CacheError::Missing)));
+        assert!(matches!(
+            writer.reopen(fixture.node_key.public_key(), SystemTime::now()),
+            Err(CacheError::Missing)
+        ));
+    }
+
+    #[test]
+    fn a_stale_or_foreign_cache_is_no_base_to_resume_from() {
+        let fixture = Fixture::new();
+        fixture.cache(&netmap(), &deltas());
+        let mut writer = CacheWriter::new(fixture.dir.path(), fixture.coordinator.public_key());
+        let later = SystemTime::now() + MAX_AGE + Duration::from_secs(60);
+        assert!(matches!(
+            writer.reopen(fixture.node_key.public_key(), later),
+            Err(CacheError::Stale { .. })
+        ));
+        assert!(writer
+            .reopen(PrivateKey::generate().public_key(), SystemTime::now())
+            .is_err());
+        assert!(!writer.is_current());
     }
 
     #[test]

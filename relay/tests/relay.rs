@@ -105,6 +105,7 @@ async fn register(
         endpoints: Vec::new(),
         home_relay: None,
         attributes: BTreeMap::new(),
+        resume: None,
     });
     send.write_all(&encode_frame(&register).unwrap())
         .await

@@ -1,5 +1,6 @@
 //! The load tool works: 200 simulated nodes connect to a real coordinator,
-//! a policy change reaches every one, and a joining node reaches its group.
+//! a policy change reaches every one, a joining node reaches its group, and
+//! after the coordinator is killed and restarted every node resumes.
 //! The large runs are the documented `weft-load` command (README, "Scale").
 
 use std::time::Duration;
@@ -16,6 +17,7 @@ async fn two_hundred_simulated_nodes_get_a_policy_change_and_a_join() {
         coordinator_bin: load::default_binary().expect("binaries built"),
         phase_timeout: Duration::from_secs(60),
         idle_window: Duration::from_secs(1),
+        resume: true,
     };
     let report = load::run(&options).await.expect("load run");
     print!("{}", report.table());
@@ -27,6 +29,12 @@ async fn two_hundred_simulated_nodes_get_a_policy_change_and_a_join() {
     assert!(report.join.complete(), "{report:?}");
     assert!(report.join_self.is_some());
     assert!(report.coordinator.peak_rss > 0);
+    assert!(report.reconnect.complete(), "{report:?}");
+    assert_eq!(
+        (report.reconnect_resumed, report.reconnect_full),
+        (201, 0),
+        "every node resumes after the restart: {report:?}"
+    );
     let ms = |d: Option<std::time::Duration>| {
         d.map_or("-".to_owned(), |d| format!("{} ms", d.as_millis()))
     };

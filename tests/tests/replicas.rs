@@ -266,6 +266,120 @@ fn etcd_faults_keep_tunnels_and_refuse_changes_only_without_quorum() {
 }
 
 /// `ping -i 0.1 -c COUNT` from one node to another, in the background.
+#[test]
+fn a_node_back_after_its_coordinator_restarts_resumes_with_a_delta() {
+    with_replicas(&[("a", 11), ("b", 12), ("c", 13), ("d", 14)], |overlay| {
+        let first = overlay.replica(0)?.address().to_owned();
+        let second = overlay.replica(1)?.address().to_owned();
+        let replica = overlay.replica(1)?;
+        let a_key = replica.authkey(&["tag:a"], false)?;
+        let b_keys = [
+            replica.authkey(&["tag:b"], false)?,
+            replica.authkey(&["tag:b"], false)?,
+            replica.authkey(&["tag:b"], false)?,
+        ];
+        // a knows only the first replica, so it waits for it to return.
+        overlay.join_via("a", &a_key, &first)?;
+        for (node, key) in ["b", "c", "d"].iter().zip(&b_keys) {
+            overlay.join_via(node, key, &second)?;
+        }
+        wait_peers(overlay, "a", &["b", "c", "d"], WAIT)?;
+        expect_ping(overlay, "a", "c", true)?;
+
+        // While a's coordinator is away, c's endpoints change and d is deleted.
+        overlay.replica_mut(0)?.stop(false);
+        let c_ns = overlay.lab().host("c")?.netns.clone();
+        let added = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &c_ns,
+                "ip",
+                "addr",
+                "add",
+                "198.18.0.13/32",
+                "dev",
+                "lo",
+            ])
+            .status()?;
+        ensure!(added.success(), "cannot add an address to c");
+        let c_moved = wait_until(WAIT, || {
+            overlay
+                .replica(1)
+                .and_then(|r| r.nodes())
+                .is_ok_and(|nodes| nodes.to_string().contains("198.18.0.13"))
+        });
+        c_moved.context("c's new endpoint never reached the coordinator")?;
+        overlay.replica(1)?.delete_node("d")?;
+
+        // The replica returns: a resumes, and gets exactly what changed.
+        let restarted = Instant::now();
+        overlay.replica_mut(0)?.start_again()?;
+        wait_connected_within(overlay, "a", &first, Duration::from_secs(45))?;
+        wait_peers(overlay, "a", &["b", "c"], WAIT)?;
+        let log = overlay.replica(0)?.log();
+        let resumed = log
+            .lines()
+            .find(|line| line.contains("session resumed with a delta"))
+            .with_context(|| format!("a did not resume:\n{log}"))?;
+        ensure!(
+            resumed.contains("upserts=1") && resumed.contains("removals=1"),
+            "the resumed delta should carry c's new record and d's removal: {resumed}"
+        );
+        ensure!(
+            !log.contains("session starts with a full netmap"),
+            "a got a full netmap:\n{log}"
+        );
+        record_metric(&format!(
+            "replicas: node back on its restarted replica resumed with a delta (1 upsert, 1 removal) {} ms after the restart",
+            restarted.elapsed().as_millis()
+        ));
+        expect_ping(overlay, "a", "c", true)?;
+        expect_ping(overlay, "a", "b", true)?;
+        Ok(())
+    });
+}
+
+/// Waits until `node`'s peers are exactly `expected`.
+fn wait_peers(overlay: &Overlay, node: &str, expected: &[&str], within: Duration) -> Result<()> {
+    let mut seen = Vec::new();
+    let ok = wait_until(within, || {
+        seen = overlay
+            .node(node)
+            .and_then(|n| n.peer_names())
+            .unwrap_or_default();
+        seen.sort();
+        seen == expected
+    });
+    ensure!(
+        ok.is_some(),
+        "{node} has peers {seen:?}, expected {expected:?}"
+    );
+    Ok(())
+}
+
+fn wait_connected_within(
+    overlay: &Overlay,
+    node: &str,
+    replica: &str,
+    within: Duration,
+) -> Result<()> {
+    let ok = wait_until(within, || {
+        overlay
+            .node(node)
+            .and_then(|n| n.connected_to())
+            .ok()
+            .flatten()
+            .as_deref()
+            == Some(replica)
+    });
+    ensure!(
+        ok.is_some(),
+        "{node} did not reconnect to {replica} within {within:?}"
+    );
+    Ok(())
+}
+
 struct ContinuousPing {
     child: Option<Child>,
 }

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// The control protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The largest frame accepted, header excluded: 16 MiB holds a netmap of well
 /// over 50,000 peers.
@@ -110,6 +110,20 @@ impl FrameDecoder {
             buf: Vec::new(),
             max_len: max_len.min(MAX_FRAME_LEN),
         }
+    }
+
+    /// Changes the limit for frames from now on; a frame whose length
+    /// prefix already arrived is held to the new limit too.
+    pub fn set_limit(&mut self, max_len: usize) {
+        self.max_len = max_len.min(MAX_FRAME_LEN);
+    }
+
+    /// The length of the frame being received, once its length prefix
+    /// arrived: what a reader must be ready to buffer before the frame is
+    /// whole.
+    pub fn pending_len(&self) -> Option<usize> {
+        let len = self.buf.get(..LEN_BYTES)?;
+        Some(u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize)
     }
 
     /// Appends bytes received from the stream.
@@ -248,11 +262,20 @@ mod tests {
             })
     }
 
+    /// Up to `max - 1` IPv4 underlay endpoints.
+    fn arb_endpoints(max: usize) -> impl Strategy<Value = Vec<SocketAddr>> {
+        proptest::collection::vec(
+            (any::<u32>(), any::<u16>())
+                .prop_map(|(ip, port)| SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), port)),
+            0..max,
+        )
+    }
+
     fn arb_peer() -> impl Strategy<Value = Peer> {
         (
             arb_self_node(),
             arb_key(),
-            proptest::collection::vec((any::<u32>(), any::<u16>()), 0..3),
+            arb_endpoints(3),
             proptest::option::of("[a-z0-9-]{1,12}"),
         )
             .prop_map(|(node, node_key, endpoints, home_relay)| Peer {
@@ -260,10 +283,7 @@ mod tests {
                 addresses: node.addresses().to_vec(),
                 name: node.name,
                 node_key,
-                endpoints: endpoints
-                    .into_iter()
-                    .map(|(ip, port)| SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), port))
-                    .collect(),
+                endpoints,
                 home_relay,
                 identity: node.identity,
             })
@@ -361,7 +381,56 @@ mod tests {
             endpoints: vec!["192.0.2.10:51820".parse().unwrap()],
             home_relay: Some("fra1".into()),
             attributes: BTreeMap::from([("node:os".into(), "linux".into())]),
+            resume: None,
         })
+    }
+
+    fn arb_resume() -> impl Strategy<Value = Resume> {
+        (
+            any::<u64>(),
+            any::<[u8; 32]>(),
+            any::<u64>(),
+            proptest::collection::vec((any::<u64>(), any::<[u8; 16]>()), 0..32),
+            any::<[[u8; 16]; 3]>(),
+        )
+            .prop_map(
+                |(node, last_record, revision, peers, [filter, capabilities, self_node])| Resume {
+                    node: NodeId(node),
+                    last_record,
+                    revision,
+                    peers: peers
+                        .into_iter()
+                        .map(|(id, version)| PeerVersion {
+                            id: NodeId(id),
+                            version,
+                        })
+                        .collect(),
+                    filter,
+                    capabilities,
+                    self_node,
+                },
+            )
+    }
+
+    fn arb_register() -> impl Strategy<Value = ClientMessage> {
+        (
+            "[a-z0-9-]{1,32}",
+            arb_key(),
+            arb_endpoints(4),
+            proptest::option::of("[a-z0-9]{1,8}"),
+            proptest::option::of(arb_resume()),
+        )
+            .prop_map(|(hostname, node_key, endpoints, home_relay, resume)| {
+                ClientMessage::Register(Register {
+                    credential: None,
+                    hostname,
+                    node_key,
+                    endpoints,
+                    home_relay,
+                    attributes: BTreeMap::new(),
+                    resume: resume.map(Box::new),
+                })
+            })
     }
 
     #[test]
@@ -417,6 +486,22 @@ mod tests {
     }
 
     #[test]
+    fn the_pending_length_shows_once_the_prefix_arrived() {
+        let frame = encode_frame(&ClientMessage::UpdateAttributes(BTreeMap::new())).unwrap();
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&frame[..3]);
+        assert_eq!(decoder.pending_len(), None);
+        decoder.push(&frame[3..5]);
+        assert_eq!(decoder.pending_len(), Some(frame.len() - LEN_BYTES));
+        decoder.set_limit(frame.len() - LEN_BYTES - 1);
+        decoder.push(&frame[5..]);
+        assert!(matches!(
+            decoder.next_message::<ClientMessage>(),
+            Err(DecodeError::BadLength { .. })
+        ));
+    }
+
+    #[test]
     fn a_decoder_with_a_small_limit_refuses_larger_frames() {
         let frame = encode_frame(&register()).unwrap();
         let mut decoder = FrameDecoder::with_limit(frame.len() - 5);
@@ -450,6 +535,13 @@ mod tests {
             let mut decoder = FrameDecoder::new();
             decoder.push(&encode_frame(&message).unwrap());
             prop_assert_eq!(decoder.next_message::<ServerMessage>().unwrap(), Some(message));
+        }
+
+        #[test]
+        fn registers_round_trip(message in arb_register()) {
+            let mut decoder = FrameDecoder::new();
+            decoder.push(&encode_frame(&message).unwrap());
+            prop_assert_eq!(decoder.next_message::<ClientMessage>().unwrap(), Some(message));
         }
 
         #[test]

@@ -19,6 +19,8 @@
 //!    registration, then a full [`NetMap`] and a [`NetMapDelta`] for every
 //!    change that concerns the node, each signed by the coordinator
 //!    ([`signing`]) so a node can keep them and trust them after a restart.
+//!    A node that reconnects may resume instead: it states what it holds and
+//!    gets only the difference ([`resume`]).
 //!
 //! Nodes that cannot reach each other directly pass WireGuard packets through
 //! relays; [`relay`] is that protocol, and how relays learn whom to admit.
@@ -28,6 +30,7 @@ pub mod handshake;
 pub mod keys;
 pub mod messages;
 pub mod relay;
+pub mod resume;
 pub mod signing;
 pub mod tls;
 
@@ -38,7 +41,8 @@ pub use keys::{AuthKey, KeyParseError, PrivateKey, PublicKey};
 pub use messages::{
     Advertisement, AppGrant, ClientMessage, Credential, DefaultAction, FilterRule, Identity,
     IdentityToken, LoginFlow, LoginPrompt, NetMap, NetMapDelta, NodeId, PacketFilter, Peer,
-    PortRange, Protocol, Refusal, RefusalCode, Register, RuleAction, SelfNode, ServerMessage,
+    PeerVersion, PortRange, Protocol, Refusal, RefusalCode, Register, Resume, RuleAction, SelfNode,
+    ServerMessage, ViewDigest,
 };
 pub use relay::RelayInfo;
 pub use signing::{NetmapKey, Opener, SignatureError, SignedRecord};

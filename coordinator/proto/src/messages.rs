@@ -5,7 +5,9 @@
 //! answers [`ServerMessage::Registered`] or [`ServerMessage::Refused`], then
 //! its netmap-signing key, then a full [`NetMap`], then a [`NetMapDelta`]
 //! whenever something the node may see changes — each of those two signed
-//! ([`crate::signing`]).
+//! ([`crate::signing`]). A node that reconnects with a [`Resume`] in its
+//! `Register` may get a [`NetMapDelta`] against the view it holds in place of
+//! the full netmap ([`crate::resume`]).
 //!
 //! The netmap is the node's whole view of the overlay: the peers the policy
 //! lets it reach or be reached by — nothing about any other node — and the
@@ -20,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::keys::{AuthKey, PublicKey};
 use crate::relay::RelayInfo;
-use crate::signing::{NetmapKey, SignedRecord};
+use crate::signing::{Digest, NetmapKey, SignedRecord};
 
 /// A node's stable id, assigned by the coordinator at registration.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -88,7 +90,47 @@ pub struct Register {
     pub home_relay: Option<String>,
     /// Attributes the node reports about itself (OS, client version, `custom:*` posture).
     pub attributes: BTreeMap<String, String>,
+    /// The verified view the node holds from an earlier session, so the
+    /// coordinator may answer with a delta against it instead of a full
+    /// netmap ([`crate::resume`]); `None` to ask for a full netmap.
+    pub resume: Option<Box<Resume>>,
 }
+
+/// What a reconnecting node holds, stated compactly: any replica can compute
+/// the delta from it without keeping per-node state across sessions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// The node the view was for: a view of another id (the node was
+    /// deleted and joined again) is not resumed.
+    pub node: NodeId,
+    /// [`SignedRecord::digest`] of the last record the node verified; a
+    /// resumed session's first record chains after it.
+    pub last_record: Digest,
+    /// The revision of the view the node holds.
+    pub revision: u64,
+    /// Every peer the node holds, sorted by id without repeats, with the
+    /// digest of its record as held ([`crate::resume::peer_digest`]).
+    pub peers: Vec<PeerVersion>,
+    /// [`crate::resume::filter_digest`] of the filter the node holds.
+    pub filter: ViewDigest,
+    /// [`crate::resume::capabilities_digest`] of the capabilities the node holds.
+    pub capabilities: ViewDigest,
+    /// [`crate::resume::self_node_digest`] of the node's own details as held.
+    pub self_node: ViewDigest,
+}
+
+/// One peer a resuming node holds, and which version of its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerVersion {
+    /// The peer's id.
+    pub id: NodeId,
+    /// The digest of its record as the node holds it.
+    pub version: ViewDigest,
+}
+
+/// A truncated SHA-256 of one item of a view ([`crate::resume`]): enough to
+/// tell versions apart, not a commitment anyone signs.
+pub type ViewDigest = [u8; 16];
 
 /// Where a node can be reached: what it reports in
 /// [`ClientMessage::UpdateEndpoints`] and what peers receive in [`Peer`].

@@ -16,6 +16,12 @@
 //! dropped or repeated without breaking a signature, and signing costs one
 //! Ed25519 signature over bytes already encoded — O(change), never O(world).
 //!
+//! A node that reconnects may ask to resume ([`crate::resume`]): the new
+//! session's chain then continues the old one ([`Chain::resume`]), its first
+//! record a delta signed after the last record the node verified, so the
+//! node's cached chain grows across sessions and still verifies from its
+//! netmap. A coordinator that sends a full netmap instead starts a new chain.
+//!
 //! [`Opener`] is the node's side: it takes the coordinator's messages in
 //! order and turns each [`ServerMessage::Signed`] back into the
 //! [`ServerMessage::NetMap`] or [`ServerMessage::Delta`] it carries, after
@@ -206,6 +212,17 @@ impl Chain {
         }
     }
 
+    /// A chain that continues, in a new session, the chain whose last
+    /// record had digest `prev`: its first record is a delta signed after
+    /// `prev`, or a netmap that starts the chain afresh.
+    pub fn resume(node: NodeId, node_key: PublicKey, prev: Digest) -> Self {
+        Self {
+            node,
+            node_key,
+            prev: Some(prev),
+        }
+    }
+
     /// The node the chain is for.
     pub fn node(&self) -> NodeId {
         self.node
@@ -276,6 +293,9 @@ pub struct Opener {
     node_key: PublicKey,
     key: Option<NetmapKey>,
     chain: Option<Chain>,
+    /// The digest of the last record the node verified before this
+    /// session, when it asked to resume after it.
+    resume_after: Option<Digest>,
 }
 
 /// A message as [`Opener::open`] returns it.
@@ -294,6 +314,19 @@ impl Opener {
             node_key,
             key: None,
             chain: None,
+            resume_after: None,
+        }
+    }
+
+    /// A session of the node whose WireGuard key is `node_key` that asked to
+    /// resume after the record with digest `prev`
+    /// ([`crate::messages::Resume::last_record`]): the first record may be a
+    /// delta chained after `prev`, or a netmap if the coordinator chose a
+    /// full one.
+    pub fn resume(node_key: PublicKey, prev: Digest) -> Self {
+        Self {
+            resume_after: Some(prev),
+            ..Self::new(node_key)
         }
     }
 
@@ -306,7 +339,10 @@ impl Opener {
     pub fn open(&mut self, message: ServerMessage) -> Result<Opened, SignatureError> {
         match message {
             ServerMessage::Registered(node) => {
-                self.chain = Some(Chain::new(node.id, self.node_key));
+                self.chain = Some(match self.resume_after {
+                    Some(prev) => Chain::resume(node.id, self.node_key, prev),
+                    None => Chain::new(node.id, self.node_key),
+                });
                 Ok(Opened {
                     message: ServerMessage::Registered(node),
                     signed: None,
@@ -507,7 +543,111 @@ mod tests {
         assert_eq!(opened.signed, Some(signed));
     }
 
+    #[test]
+    fn a_resumed_delta_verifies_only_after_the_record_it_continues() {
+        let signer = NetmapSigner::derive(&PrivateKey::generate());
+        let key = signer.public_key();
+        let node_key = PrivateKey::generate().public_key();
+        let (_, signed) = signed_session(&signer, node_key, 2);
+        let last = signed[2].digest();
+        let mut next = Chain::resume(NodeId(4), node_key, last);
+        let resumed = next.sign(&signer, &delta(9)).unwrap();
+
+        // The node's chain, and its cache, continue across the sessions.
+        let mut whole = signed.clone();
+        whole.push(resumed.clone());
+        assert_eq!(verify_all(&key, node_key, &whole).unwrap().len(), 4);
+        let mut fresh = Chain::resume(NodeId(4), node_key, last);
+        assert_eq!(fresh.verify(&key, &resumed), Ok(delta(9)));
+
+        // After any other record, or in another node's chain, it fails.
+        let mut early = signed[..2].to_vec();
+        early.push(resumed.clone());
+        assert_eq!(
+            verify_all(&key, node_key, &early),
+            Err(SignatureError::BadSignature)
+        );
+        let mut other_node = Chain::resume(NodeId(5), node_key, last);
+        assert_eq!(
+            other_node.verify(&key, &resumed),
+            Err(SignatureError::BadSignature)
+        );
+        let other_key = PrivateKey::generate().public_key();
+        let mut other_key_chain = Chain::resume(NodeId(4), other_key, last);
+        assert_eq!(
+            other_key_chain.verify(&key, &resumed),
+            Err(SignatureError::BadSignature)
+        );
+        // A delta of a fresh session cannot be replayed into a resumed one.
+        let mut replay = Chain::resume(NodeId(4), node_key, last);
+        assert_eq!(
+            replay.verify(&key, &signed[1]),
+            Err(SignatureError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn a_resuming_opener_takes_a_chained_delta_or_a_fresh_netmap() {
+        let signer = NetmapSigner::derive(&PrivateKey::generate());
+        let node_key = PrivateKey::generate().public_key();
+        let (_, signed) = signed_session(&signer, node_key, 1);
+        let last = signed[1].digest();
+        let hello = |opener: &mut Opener| {
+            opener
+                .open(ServerMessage::Registered(self_node(4)))
+                .unwrap();
+            opener
+                .open(ServerMessage::NetmapKey(signer.public_key()))
+                .unwrap();
+        };
+
+        let resumed = Chain::resume(NodeId(4), node_key, last)
+            .sign(&signer, &delta(5))
+            .unwrap();
+        let mut opener = Opener::resume(node_key, last);
+        hello(&mut opener);
+        let opened = opener.open(ServerMessage::Signed(resumed.clone())).unwrap();
+        assert_eq!(opened.message, delta(5).into_message());
+
+        let full = Chain::new(NodeId(4), node_key)
+            .sign(&signer, &netmap(6))
+            .unwrap();
+        let mut opener = Opener::resume(node_key, last);
+        hello(&mut opener);
+        let opened = opener.open(ServerMessage::Signed(full)).unwrap();
+        assert_eq!(opened.message, netmap(6).into_message());
+
+        // A plain session refuses the resumed delta; a resume after
+        // another record does too.
+        let mut plain = Opener::new(node_key);
+        hello(&mut plain);
+        assert_eq!(
+            plain.open(ServerMessage::Signed(resumed.clone())),
+            Err(SignatureError::DeltaFirst)
+        );
+        let mut elsewhere = Opener::resume(node_key, signed[0].digest());
+        hello(&mut elsewhere);
+        assert_eq!(
+            elsewhere.open(ServerMessage::Signed(resumed)),
+            Err(SignatureError::BadSignature)
+        );
+    }
+
     proptest! {
+        #[test]
+        fn a_resumed_chain_verifies_only_from_its_own_prev(prev: [u8; 32], other: [u8; 32]) {
+            prop_assume!(prev != other);
+            let signer = NetmapSigner::derive(&PrivateKey::from_bytes([7; 32]));
+            let node_key = PublicKey::from_bytes([9; 32]);
+            let signed = Chain::resume(NodeId(4), node_key, prev).sign(&signer, &delta(3)).unwrap();
+            let key = signer.public_key();
+            prop_assert!(Chain::resume(NodeId(4), node_key, prev).verify(&key, &signed).is_ok());
+            prop_assert_eq!(
+                Chain::resume(NodeId(4), node_key, other).verify(&key, &signed),
+                Err(SignatureError::BadSignature)
+            );
+        }
+
         #[test]
         fn any_flipped_bit_is_refused(record in 0usize..3, bit in 0usize..4096, in_signature: bool) {
             let signer = NetmapSigner::derive(&PrivateKey::from_bytes([7; 32]));

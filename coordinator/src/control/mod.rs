@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use weft_proto::{PrivateKey, RelayInfo};
 
 pub use self::quic_thread::QuicThread;
+pub(crate) use self::session::first_frame_budget;
 pub(crate) use self::tcp::accept as accept_tcp;
 pub(crate) use self::tls::{acceptor as tls_acceptor, TlsError};
 use crate::netmap::NetmapHandle;
@@ -37,6 +38,9 @@ pub(crate) struct Context {
     pub(crate) relays: Vec<RelayInfo>,
     /// Becomes `true` when the coordinator shuts down; sessions on TCP end then.
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// Bytes that nodes' unregistered sessions may hold in large first
+    /// frames together (see [`session::FIRST_FRAME_BUDGET`]).
+    pub(crate) first_frames: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why the control listener could not start.

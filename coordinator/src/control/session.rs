@@ -17,10 +17,11 @@ use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_rustls::server::TlsStream;
 use weft_proto::handshake::{self, HandshakeError, INITIATION_LEN};
+use weft_proto::resume;
 use weft_proto::signing::{Chain, NetmapSigner, Record};
 use weft_proto::{
     encode_frame, ClientMessage, Credential, DecodeError, FrameDecoder, LoginFlow, NodeId,
@@ -30,7 +31,7 @@ use weft_proto::{
 
 use super::{stopping, Context};
 use crate::authkey::AdmitError;
-use crate::netmap::{Attached, SessionEvent};
+use crate::netmap::{Attached, Opening, SessionEvent};
 use crate::nodes;
 use crate::nodes::{Login, NodeRecord, Registry, UserLogin};
 use crate::oidc::LOGIN_TTL;
@@ -38,10 +39,19 @@ use crate::relays::{self, Admissions};
 use crate::store::WatchError;
 use crate::workload::WorkloadLogin;
 
+/// The largest frame a node may send once registered, and any frame that
+/// needs no share of [`FIRST_FRAME_BUDGET`]: a `Register` within every other
+/// limit (hostname, 32 endpoints, 64 attributes of 256 bytes) stays well below.
+const SMALL_FRAME: usize = 64 * 1024;
+/// The largest first frame: a `Register` with the largest resume
+/// ([`resume::MAX_RESUME_BYTES`], 65,536 peers).
+const MAX_FIRST_FRAME: usize = SMALL_FRAME + resume::MAX_RESUME_BYTES;
+/// The bytes of large first frames that all unregistered sessions together
+/// may buffer. A session waits for its share (while flow control holds the
+/// node's bytes back) rather than every connection a peer opens making the
+/// coordinator hold megabytes; after a failover, resumes queue here briefly.
+pub(crate) const FIRST_FRAME_BUDGET: usize = 64 << 20;
 /// Time allowed from the first packet to a completed Noise handshake.
-/// The largest frame a node may send. A `Register` within every other limit
-/// (hostname, 32 endpoints, 64 attributes of 256 bytes) stays well below.
-const MAX_CLIENT_FRAME: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a node may take to accept one message from the coordinator.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -85,7 +95,7 @@ pub(crate) async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
     };
     let mut session = Session {
         link: Link::Quic { conn, send },
-        reader: FrameReader::new(Box::new(recv)),
+        reader: FrameReader::new(Box::new(recv), Arc::clone(&ctx.first_frames)),
         remote,
         shutdown: ctx.shutdown.clone(),
         ctx,
@@ -118,7 +128,7 @@ pub(crate) async fn serve_tls(
         _ => Ok(Err(AuthError::Alpn)),
     };
     let (recv, send) = tokio::io::split(tls);
-    let mut reader = FrameReader::new(Box::new(recv));
+    let mut reader = FrameReader::new(Box::new(recv), Arc::clone(&ctx.first_frames));
     let mut link = Link::Tls { send };
     let machine_key = match authenticated {
         Ok(Ok(machine_key)) => machine_key,
@@ -284,9 +294,10 @@ enum End {
 
 impl Session {
     async fn run(&mut self, machine_key: PublicKey) {
-        let register = match timeout(REGISTER_TIMEOUT, self.reader.next()).await {
+        let mut register = match timeout(REGISTER_TIMEOUT, self.reader.next()).await {
             Ok(Ok(Some(ClientMessage::Register(register)))) => register,
             Ok(Ok(Some(ClientMessage::RelayFeed { name }))) => {
+                self.reader.registered();
                 return self.relay_feed(machine_key, &name).await;
             }
             Ok(Ok(Some(other))) => {
@@ -308,6 +319,8 @@ impl Session {
             }
         };
         tracing::debug!(remote = %self.remote, machine = %machine_key.short(), credential = ?register.credential, "registration");
+        self.reader.registered();
+        let resume = register.resume.take();
         let login = match &register.credential {
             Some(Credential::Interactive(flow)) => match self.login(*flow).await {
                 Ok(login) => Some(Login::User(login)),
@@ -341,7 +354,12 @@ impl Session {
         };
         tracing::info!(node = %record.id, ipv4 = %record.ipv4, machine = %machine_key.short(), "node registered");
         tracing::debug!(node = %record.id, name = %record.name, identity = %record.identity, "node details");
-        let attached = match self.ctx.netmaps.attach(record.clone(), revision).await {
+        let attached = match self
+            .ctx
+            .netmaps
+            .attach(record.clone(), revision, resume)
+            .await
+        {
             Ok(attached) => attached,
             Err(refusal) => return self.refuse(refusal).await,
         };
@@ -417,14 +435,36 @@ impl Session {
     /// `None` when the session already closed the connection itself.
     async fn stream(&mut self, record: &NodeRecord, attached: Attached) -> Option<End> {
         let Attached {
-            netmap, mut events, ..
+            opening,
+            mut events,
+            ..
         } = attached;
         let signer = self.ctx.netmaps.signer(&self.ctx.key);
-        let mut chain = Chain::new(record.id, record.node_key);
+        let (mut chain, first) = match opening {
+            Opening::Full(netmap, why) => {
+                tracing::debug!(node = %record.id, peers = netmap.peers.len(), "session starts with a full netmap: {why}");
+                (
+                    Chain::new(record.id, record.node_key),
+                    ServerMessage::NetMap(netmap),
+                )
+            }
+            Opening::Resumed { delta, after } => {
+                tracing::debug!(
+                    node = %record.id,
+                    upserts = delta.upsert_peers.len(),
+                    removals = delta.remove_peers.len(),
+                    "session resumed with a delta"
+                );
+                (
+                    Chain::resume(record.id, record.node_key, after),
+                    ServerMessage::Delta(delta),
+                )
+            }
+        };
         let hello = [
             ServerMessage::Registered(record.self_node()),
             ServerMessage::NetmapKey(signer.public_key()),
-            ServerMessage::NetMap(netmap),
+            first,
         ];
         for message in hello {
             if let Err(end) = self.write_sealed(&signer, &mut chain, message).await {
@@ -674,25 +714,63 @@ struct FrameReader {
     recv: Box<dyn AsyncRead + Unpin + Send + Sync>,
     decoder: FrameDecoder,
     buf: Vec<u8>,
+    /// The first-frame budget, shared by every session.
+    budget: Arc<Semaphore>,
+    /// The budget share of the large frame being received.
+    held: Option<OwnedSemaphorePermit>,
+}
+
+/// The first-frame budget, as a semaphore of [`SMALL_FRAME`]-sized units.
+pub(crate) fn first_frame_budget() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(budget_units(FIRST_FRAME_BUDGET) as usize))
+}
+
+fn budget_units(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(SMALL_FRAME)).unwrap_or(u32::MAX)
 }
 
 impl FrameReader {
-    fn new(recv: Box<dyn AsyncRead + Unpin + Send + Sync>) -> Self {
+    fn new(recv: Box<dyn AsyncRead + Unpin + Send + Sync>, budget: Arc<Semaphore>) -> Self {
         Self {
             recv,
-            decoder: FrameDecoder::with_limit(MAX_CLIENT_FRAME),
+            decoder: FrameDecoder::with_limit(MAX_FIRST_FRAME),
             buf: vec![0; READ_CHUNK],
+            budget,
+            held: None,
         }
+    }
+
+    /// Holds every later frame to [`SMALL_FRAME`]: only the first may
+    /// carry a resume.
+    fn registered(&mut self) {
+        self.decoder.set_limit(SMALL_FRAME);
     }
 
     /// The next message; `None` when the node finished the stream cleanly.
     /// Cancel-safe: bytes are only consumed once a read completes.
+    ///
+    /// A frame larger than [`SMALL_FRAME`] is buffered only with its share
+    /// of the first-frame budget, held until the frame is whole.
     async fn next(&mut self) -> Result<Option<ClientMessage>, End> {
         loop {
             match self.decoder.next_message::<ClientMessage>() {
-                Ok(Some(message)) => return Ok(Some(message)),
+                Ok(Some(message)) => {
+                    self.held = None;
+                    return Ok(Some(message));
+                }
                 Ok(None) => {}
                 Err(e) => return Err(decode_end(e)),
+            }
+            if let (None, Some(len)) = (&self.held, self.decoder.pending_len()) {
+                if len > SMALL_FRAME {
+                    let budget = Arc::clone(&self.budget);
+                    let share = budget_units(len).min(budget_units(FIRST_FRAME_BUDGET));
+                    let permit = budget
+                        .acquire_many_owned(share)
+                        .await
+                        .map_err(|_| End::Lost("the coordinator is shutting down".into()))?;
+                    self.held = Some(permit);
+                }
             }
             match self.recv.read(&mut self.buf).await {
                 Ok(0) => return self.decoder.finish().map(|()| None).map_err(decode_end),
@@ -710,4 +788,71 @@ impl FrameReader {
 
 fn decode_end(e: DecodeError) -> End {
     End::Protocol(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt as _;
+
+    use super::*;
+
+    fn large_message() -> (ClientMessage, Vec<u8>) {
+        let attributes = BTreeMap::from([("custom:blob".to_owned(), "x".repeat(3 * SMALL_FRAME))]);
+        let message = ClientMessage::UpdateAttributes(attributes);
+        let frame = encode_frame(&message).unwrap();
+        (message, frame)
+    }
+
+    fn reader(budget: &Arc<Semaphore>) -> (FrameReader, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(8 * SMALL_FRAME);
+        (FrameReader::new(Box::new(ours), Arc::clone(budget)), theirs)
+    }
+
+    #[tokio::test]
+    async fn a_large_first_frame_holds_its_share_until_it_is_whole() {
+        let budget = first_frame_budget();
+        let all = budget.available_permits();
+        let (mut reader, mut node) = reader(&budget);
+        let (message, frame) = large_message();
+        node.write_all(&frame[..SMALL_FRAME]).await.unwrap();
+        let read = tokio::spawn(async move { (reader.next().await.unwrap(), reader) });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            budget.available_permits(),
+            all - 4,
+            "3 units of payload and the frame header"
+        );
+        node.write_all(&frame[SMALL_FRAME..]).await.unwrap();
+        let (got, _reader) = read.await.unwrap();
+        assert_eq!(got, Some(message));
+        assert_eq!(budget.available_permits(), all);
+    }
+
+    #[tokio::test]
+    async fn a_large_first_frame_waits_while_the_budget_is_spent() {
+        let budget = first_frame_budget();
+        let spent = Arc::clone(&budget)
+            .acquire_many_owned(budget.available_permits() as u32)
+            .await
+            .unwrap();
+        let (mut reader, mut node) = reader(&budget);
+        let (message, frame) = large_message();
+        node.write_all(&frame).await.unwrap();
+        let waited = timeout(Duration::from_millis(200), reader.next()).await;
+        assert!(waited.is_err(), "read a large frame without budget");
+        drop(spent);
+        assert_eq!(reader.next().await.unwrap(), Some(message));
+    }
+
+    #[tokio::test]
+    async fn once_registered_a_large_frame_is_refused() {
+        let budget = first_frame_budget();
+        let (mut reader, mut node) = reader(&budget);
+        reader.registered();
+        node.write_all(&large_message().1).await.unwrap();
+        assert!(matches!(reader.next().await, Err(End::Protocol(_))));
+    }
 }

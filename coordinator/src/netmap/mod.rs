@@ -14,6 +14,10 @@
 //! that, a node change or a policy change recompiles only the nodes whose
 //! access it affects (see [`Engine`]), and only the sessions of those nodes,
 //! and of the peers of a node whose peer record changed, are re-diffed.
+//!
+//! A session that attaches with a [`Resume`] starts with the delta from the
+//! view the node says it holds rather than a full netmap ([`Opening`]); the
+//! rule for when a full netmap is sent instead is [`FullReason`].
 
 mod lockout;
 mod replica;
@@ -23,9 +27,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use weft_policy::{Engine, Policy};
+use weft_proto::resume::{self, ResumeError};
+use weft_proto::signing::Digest;
 use weft_proto::{
-    AppGrant, NetMap, NetMapDelta, NodeId, PacketFilter, Peer, Refusal, RefusalCode, SelfNode,
-    ServerMessage,
+    AppGrant, NetMap, NetMapDelta, NodeId, PacketFilter, Peer, Refusal, RefusalCode, Resume,
+    SelfNode, ServerMessage, ViewDigest,
 };
 
 pub(crate) use self::lockout::Lockout;
@@ -68,6 +74,10 @@ pub(crate) struct Netmaps {
     /// view that holds it, so that a fan-out neither rebuilds nor copies it
     /// per viewer and an unchanged peer compares by pointer.
     peers: BTreeMap<NodeId, Arc<Peer>>,
+    /// The resume digest of each record in `peers`, computed once per
+    /// change, so a fleet resuming at once hashes each peer once rather
+    /// than once per viewer.
+    peer_digests: BTreeMap<NodeId, ViewDigest>,
     /// Revision at which each known node was deleted, so late updates do not revive it.
     tombstones: BTreeMap<NodeId, u64>,
     policy: Option<Arc<Policy>>,
@@ -196,14 +206,16 @@ impl Netmaps {
     }
 
     /// Starts a session for the node in `record` (just written at
-    /// `revision`) and returns its full netmap. A newer session replaces
-    /// older ones of the same node.
+    /// `revision`) and returns its first record: the full netmap, or the
+    /// delta from the view the node resumes from (see [`Opening`]). A newer
+    /// session replaces older ones of the same node.
     pub(crate) fn attach(
         &mut self,
         session: SessionId,
         record: NodeRecord,
         revision: u64,
-    ) -> Result<NetMap, Refusal> {
+        resume: Option<&Resume>,
+    ) -> Result<Opening, Refusal> {
         let id = record.id;
         self.apply(NodeUpdate::Put {
             record: Box::new(record),
@@ -220,23 +232,78 @@ impl Netmaps {
         let Some(view) = self.view_of(id) else {
             return Err(node_deleted());
         };
-        let netmap = NetMap {
-            revision: 1,
-            self_node: view.self_node.clone(),
-            peers: view.peers.values().map(|p| Peer::clone(p)).collect(),
-            filter: view.filter.clone(),
-            capabilities: view.capabilities.clone(),
+        let resumed = match resume {
+            Some(resume) => self
+                .resumed(id, &view, resume)
+                .map(|delta| (delta, resume.last_record)),
+            None => Err(FullReason::NotAsked),
+        };
+        let opening = match resumed {
+            Ok((delta, after)) => Opening::Resumed { delta, after },
+            Err(why) => Opening::Full(full_netmap(&view), why),
+        };
+        let revision = match &opening {
+            Opening::Full(netmap, _) => netmap.revision,
+            Opening::Resumed { delta, .. } => delta.revision,
         };
         self.sessions.insert(
             session,
             Session {
                 node: id,
-                revision: 1,
+                revision,
                 view,
             },
         );
         self.by_node.entry(id).or_default().insert(session);
-        Ok(netmap)
+        Ok(opening)
+    }
+
+    /// The delta that brings the view `resume` describes to `view`, the
+    /// current view of node `id`; an error says why a full netmap is sent
+    /// instead. Peer digests come from `peer_digests`, so the cost is one
+    /// lookup per peer on either side, no hashing of peers.
+    fn resumed(&self, id: NodeId, view: &View, resume: &Resume) -> Result<NetMapDelta, FullReason> {
+        resume.check().map_err(FullReason::Malformed)?;
+        if resume.node != id {
+            return Err(FullReason::OtherNode);
+        }
+        let mut upsert_peers = Vec::new();
+        for (peer_id, peer) in &view.peers {
+            let current = self
+                .peer_digests
+                .get(peer_id)
+                .copied()
+                .unwrap_or_else(|| resume::peer_digest(peer));
+            if resume.peer(*peer_id) != Some(current) {
+                upsert_peers.push(Peer::clone(peer));
+            }
+        }
+        if 2 * upsert_peers.len() > view.peers.len() {
+            return Err(FullReason::MostlyChanged {
+                changed: upsert_peers.len(),
+                peers: view.peers.len(),
+            });
+        }
+        let remove_peers: Vec<NodeId> = resume
+            .peers
+            .iter()
+            .map(|p| p.id)
+            .filter(|held| !view.peers.contains_key(held))
+            .collect();
+        let filter =
+            (resume::filter_digest(&view.filter) != resume.filter).then(|| view.filter.clone());
+        let capabilities = (resume::capabilities_digest(&view.capabilities) != resume.capabilities)
+            .then(|| view.capabilities.clone());
+        let self_node = (resume::self_node_digest(&view.self_node) != resume.self_node)
+            .then(|| view.self_node.clone());
+        Ok(NetMapDelta {
+            revision: resume.revision.saturating_add(1),
+            upsert_peers,
+            remove_peers,
+            filter,
+            capabilities,
+            self_node,
+        })
     }
 
     /// Advances the clock to `now` (Unix seconds): nodes whose login expired
@@ -358,11 +425,13 @@ impl Netmaps {
         let record_changed = old.as_ref().map(NodeRecord::peer) != new_peer;
         match new_peer {
             Some(peer) if record_changed => {
+                self.peer_digests.insert(id, resume::peer_digest(&peer));
                 self.peers.insert(id, Arc::new(peer));
             }
             Some(_) => {}
             None => {
                 self.peers.remove(&id);
+                self.peer_digests.remove(&id);
             }
         }
         if record_changed {
@@ -464,6 +533,42 @@ impl Netmaps {
             self.sessions.remove(&sid);
             self.outputs.push_back(Output::Close(sid, refusal.clone()));
         }
+    }
+}
+
+/// A session's first record.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Opening {
+    /// The node's whole view, starting a new signing chain; and why it was
+    /// not resumed.
+    Full(NetMap, FullReason),
+    /// What changed since the view the node resumed from, signed as the
+    /// next record after `after`, the node's last verified record.
+    Resumed { delta: NetMapDelta, after: Digest },
+}
+
+/// Why a session starts with a full netmap.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum FullReason {
+    #[error("the node did not ask to resume")]
+    NotAsked,
+    #[error("the node's resume is malformed: {0}")]
+    Malformed(ResumeError),
+    #[error("the node's resume is for another node id")]
+    OtherNode,
+    /// More than half of the peers changed: a delta would save little and
+    /// cost the node its removals on top.
+    #[error("{changed} of {peers} peers changed")]
+    MostlyChanged { changed: usize, peers: usize },
+}
+
+fn full_netmap(view: &View) -> NetMap {
+    NetMap {
+        revision: 1,
+        self_node: view.self_node.clone(),
+        peers: view.peers.values().map(|p| Peer::clone(p)).collect(),
+        filter: view.filter.clone(),
+        capabilities: view.capabilities.clone(),
     }
 }
 
@@ -582,10 +687,17 @@ mod tests {
         let mut maps = BTreeMap::new();
         for n in nodes {
             let id = n.id.0;
-            maps.insert(id, netmaps.attach(SessionId(10 + id), n, 1).unwrap());
+            maps.insert(id, full(netmaps.attach(SessionId(10 + id), n, 1, None)));
         }
         netmaps.flush();
         (netmaps, maps)
+    }
+
+    fn full(opening: Result<Opening, Refusal>) -> NetMap {
+        match opening.unwrap() {
+            Opening::Full(netmap, _) => netmap,
+            other => panic!("expected a full netmap, got {other:?}"),
+        }
     }
 
     fn peer_ids(map: &NetMap) -> Vec<u64> {
@@ -610,11 +722,11 @@ mod tests {
         let mut netmaps = Netmaps::new(policy(POLICY));
         let web = node(1, "tag:web");
         netmaps.apply(put(web.clone(), 1));
-        netmaps.attach(SessionId(11), web, 1).unwrap();
+        netmaps.attach(SessionId(11), web, 1, None).unwrap();
         netmaps.flush();
         // db's session attaches first; its store watch event arrives after.
         let db = node(2, "tag:db");
-        netmaps.attach(SessionId(12), db.clone(), 2).unwrap();
+        netmaps.attach(SessionId(12), db.clone(), 2, None).unwrap();
         let sent = deltas(netmaps.flush());
         assert_eq!(
             sent[&1].upsert_peers.len(),
@@ -648,7 +760,7 @@ mod tests {
     fn without_a_policy_everything_is_denied() {
         let mut netmaps = Netmaps::new(None);
         netmaps.apply(put(node(1, "tag:web"), 1));
-        let map = netmaps.attach(SessionId(1), node(2, "tag:db"), 2).unwrap();
+        let map = full(netmaps.attach(SessionId(1), node(2, "tag:db"), 2, None));
         assert!(map.peers.is_empty() && map.filter.rules.is_empty());
     }
 
@@ -693,7 +805,7 @@ mod tests {
         assert_eq!(removal.unwrap().remove_peers, [NodeId(2)]);
         assert_eq!(outputs.len(), 2, "lonely never knew db: {outputs:?}");
         assert!(!netmaps.is_online(NodeId(2)));
-        let late = netmaps.attach(SessionId(99), node(2, "tag:db"), 9);
+        let late = netmaps.attach(SessionId(99), node(2, "tag:db"), 9, None);
         assert_eq!(late.unwrap_err().code, RefusalCode::NodeDeleted);
     }
 
@@ -718,7 +830,7 @@ mod tests {
     fn a_new_session_replaces_the_old_one_of_the_same_node() {
         let (mut netmaps, _) = overlay(POLICY);
         let web = netmaps.node(NodeId(1)).unwrap().clone();
-        netmaps.attach(SessionId(50), web, 30).unwrap();
+        netmaps.attach(SessionId(50), web, 30, None).unwrap();
         assert_eq!(netmaps.flush(), [Output::Replaced(SessionId(11))]);
         assert!(netmaps.is_online(NodeId(1)));
         netmaps.detach(SessionId(50));
@@ -785,7 +897,7 @@ mod tests {
                     Step::Timeout(now) => netmaps.handle_timeout(now),
                     Step::Attach(id) => {
                         if let Some((record, rev)) = netmaps.nodes.get(&NodeId(id)).cloned() {
-                            let attached = netmaps.attach(SessionId(next_session), record, rev);
+                            let attached = netmaps.attach(SessionId(next_session), record, rev, None);
                             prop_assert!(attached.is_ok());
                             next_session += 1;
                         }
@@ -822,7 +934,7 @@ mod tests {
     fn views_share_one_record_per_peer_until_it_changes() {
         let (mut netmaps, _) = overlay(POLICY);
         netmaps
-            .attach(SessionId(14), node(4, "tag:web"), 20)
+            .attach(SessionId(14), node(4, "tag:web"), 20, None)
             .unwrap();
         netmaps.flush();
         let db_seen_by = |netmaps: &Netmaps, sid| {
@@ -841,6 +953,222 @@ mod tests {
         assert!(!Arc::ptr_eq(&before, &after));
         assert_eq!(*after, db.peer());
         assert!(Arc::ptr_eq(&after, &db_seen_by(&netmaps, 14)));
+    }
+
+    /// Applies `delta` as a node does: upserts by id, removals win.
+    fn fold(mut netmap: NetMap, delta: NetMapDelta) -> NetMap {
+        for peer in delta.upsert_peers {
+            netmap.peers.retain(|p| p.id != peer.id);
+            netmap.peers.push(peer);
+        }
+        netmap.peers.retain(|p| !delta.remove_peers.contains(&p.id));
+        netmap.peers.sort_by_key(|p| p.id);
+        netmap.filter = delta.filter.unwrap_or(netmap.filter);
+        netmap.capabilities = delta.capabilities.unwrap_or(netmap.capabilities);
+        netmap.self_node = delta.self_node.unwrap_or(netmap.self_node);
+        netmap.revision = delta.revision;
+        netmap
+    }
+
+    /// db (2) seen by five web nodes (1, 4, 5, 6, 7), db's session attached
+    /// with a full netmap, which db holds.
+    fn fleet() -> (Netmaps, NetMap) {
+        let mut netmaps = Netmaps::new(policy(POLICY));
+        for (rev, id) in [1u64, 4, 5, 6, 7].into_iter().enumerate() {
+            netmaps.apply(put(node(id, "tag:web"), rev as u64 + 1));
+        }
+        let held = full(netmaps.attach(SessionId(2), node(2, "tag:db"), 10, None));
+        netmaps.flush();
+        (netmaps, held)
+    }
+
+    fn reattach(netmaps: &mut Netmaps, session: u64, resume: &Resume) -> Opening {
+        let db = netmaps.node(NodeId(2)).unwrap().clone();
+        let opening = netmaps
+            .attach(SessionId(session), db, 100, Some(resume))
+            .unwrap();
+        netmaps.flush();
+        opening
+    }
+
+    /// What a fresh session of db would be sent now.
+    fn current(netmaps: &mut Netmaps) -> NetMap {
+        let db = netmaps.node(NodeId(2)).unwrap().clone();
+        let netmap = full(netmaps.attach(SessionId(999), db, 100, None));
+        netmaps.flush();
+        netmap
+    }
+
+    #[test]
+    fn resuming_an_unchanged_view_sends_an_empty_delta_after_the_last_record() {
+        let (mut netmaps, held) = fleet();
+        let resume = Resume::of([7; 32], &held);
+        let Opening::Resumed { delta, after } = reattach(&mut netmaps, 3, &resume) else {
+            panic!("not resumed");
+        };
+        assert_eq!(after, [7; 32]);
+        assert_eq!(
+            delta,
+            NetMapDelta {
+                revision: held.revision + 1,
+                upsert_peers: Vec::new(),
+                remove_peers: Vec::new(),
+                filter: None,
+                capabilities: None,
+                self_node: None,
+            }
+        );
+        assert!(netmaps.is_online(NodeId(2)));
+    }
+
+    #[test]
+    fn a_resume_gets_changed_new_and_removed_peers_and_the_new_filter() {
+        let (mut netmaps, held) = fleet();
+        let mut changed = netmaps.node(NodeId(4)).unwrap().clone();
+        changed.endpoints = vec!["198.51.100.4:4000".parse().unwrap()];
+        netmaps.apply(put(changed, 20));
+        netmaps.apply(NodeUpdate::Delete {
+            id: NodeId(5),
+            revision: 21,
+        });
+        netmaps.apply(put(node(8, "tag:web"), 22));
+        netmaps.flush();
+        let resume = Resume::of([1; 32], &held);
+        let Opening::Resumed { delta, .. } = reattach(&mut netmaps, 3, &resume) else {
+            panic!("not resumed");
+        };
+        let upserted: Vec<NodeId> = delta.upsert_peers.iter().map(|p| p.id).collect();
+        assert_eq!(upserted, [NodeId(4), NodeId(8)]);
+        assert_eq!(delta.remove_peers, [NodeId(5)]);
+        assert!(delta.filter.is_some(), "db's filter names its sources");
+        assert_eq!(
+            (delta.capabilities.clone(), delta.self_node.clone()),
+            (None, None)
+        );
+        let mut now = current(&mut netmaps);
+        now.revision = delta.revision;
+        assert_eq!(fold(held, delta), now);
+    }
+
+    #[test]
+    fn a_resume_after_a_policy_change_gets_the_filter_alone_when_peers_stay() {
+        let (mut netmaps, held) = fleet();
+        netmaps.set_policy(policy(
+            r#"{
+                "tagOwners": {"tag:web": [], "tag:db": []},
+                "acls": [{"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5433"], "proto": "tcp"}],
+            }"#,
+        ));
+        netmaps.flush();
+        let Opening::Resumed { delta, .. } = reattach(&mut netmaps, 3, &Resume::of([1; 32], &held))
+        else {
+            panic!("not resumed");
+        };
+        assert!(delta.upsert_peers.is_empty() && delta.remove_peers.is_empty());
+        assert_eq!(delta.filter, Some(current(&mut netmaps).filter));
+    }
+
+    #[test]
+    fn malformed_foreign_or_mostly_stale_resumes_get_a_full_netmap() {
+        let (mut netmaps, held) = fleet();
+        let mut unsorted = Resume::of([1; 32], &held);
+        unsorted.peers.reverse();
+        assert!(matches!(
+            reattach(&mut netmaps, 3, &unsorted),
+            Opening::Full(_, FullReason::Malformed(ResumeError::Unsorted(_)))
+        ));
+        let mut foreign = Resume::of([1; 32], &held);
+        foreign.node = NodeId(4);
+        assert!(matches!(
+            reattach(&mut netmaps, 4, &foreign),
+            Opening::Full(_, FullReason::OtherNode)
+        ));
+        let mut stale = Resume::of([1; 32], &held);
+        for peer in &mut stale.peers[..3] {
+            peer.version = [0; 16];
+        }
+        let opening = reattach(&mut netmaps, 5, &stale);
+        assert!(
+            matches!(
+                opening,
+                Opening::Full(
+                    _,
+                    FullReason::MostlyChanged {
+                        changed: 3,
+                        peers: 5
+                    }
+                )
+            ),
+            "{opening:?}"
+        );
+        // A full netmap of a resumed-too-late session is still the whole view.
+        let Opening::Full(netmap, _) = opening else {
+            unreachable!()
+        };
+        assert_eq!(netmap, current(&mut netmaps));
+    }
+
+    #[test]
+    fn a_resume_never_adds_peers_the_policy_does_not_grant() {
+        let (mut netmaps, held) = fleet();
+        let mut greedy = Resume::of([1; 32], &held);
+        // Claims to hold lonely (3), which it may not see: it is told to drop it.
+        netmaps.apply(put(node(3, "tag:lonely"), 30));
+        greedy.peers.push(weft_proto::PeerVersion {
+            id: NodeId(3),
+            version: [0; 16],
+        });
+        greedy.peers.sort_by_key(|p| p.id);
+        let Opening::Resumed { delta, .. } = reattach(&mut netmaps, 3, &greedy) else {
+            panic!("not resumed");
+        };
+        assert_eq!(delta.remove_peers, [NodeId(3)]);
+        assert!(delta.upsert_peers.is_empty());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever changed while db (2) was away, its resume brings it
+        /// exactly to the view a fresh session would get.
+        #[test]
+        fn a_resumed_view_equals_a_fresh_one(
+            steps in prop::collection::vec(arb_step(), 1..12),
+        ) {
+            let (mut netmaps, held) = fleet();
+            netmaps.detach(SessionId(2));
+            let mut keys: BTreeMap<u64, NodeRecord> = BTreeMap::new();
+            for (revision, step) in (100u64..).zip(steps) {
+                match step {
+                    Step::Put { id, tag, port, expires } => {
+                        let id = id + 2;
+                        let mut record = keys.entry(id).or_insert_with(|| node(id, tag)).clone();
+                        record.identity.tags = vec![tag.into()];
+                        record.endpoints = vec![format!("192.0.2.{id}:{port}").parse().unwrap()];
+                        record.key_expiry = expires.then_some(100);
+                        netmaps.apply(put(record, revision));
+                    }
+                    Step::Delete(id) => netmaps.apply(NodeUpdate::Delete { id: NodeId(id + 2), revision }),
+                    Step::Policy(source) => netmaps.set_policy(source.and_then(policy)),
+                    Step::Timeout(now) => netmaps.handle_timeout(now),
+                    Step::Attach(_) => {}
+                }
+                netmaps.flush();
+            }
+            let opening = reattach(&mut netmaps, 3, &Resume::of([5; 32], &held));
+            let mut fresh = current(&mut netmaps);
+            match opening {
+                Opening::Resumed { delta, after } => {
+                    prop_assert_eq!(after, [5; 32]);
+                    fresh.revision = delta.revision;
+                    prop_assert_eq!(fold(held, delta), fresh);
+                }
+                Opening::Full(netmap, why) => {
+                    prop_assert!(matches!(why, FullReason::MostlyChanged { .. }), "{}", why);
+                    prop_assert_eq!(netmap, fresh);
+                }
+            }
+        }
     }
 
     #[test]

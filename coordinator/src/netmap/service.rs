@@ -12,10 +12,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use weft_policy::Policy;
 use weft_proto::signing::NetmapSigner;
-use weft_proto::{NetMap, NodeId, PrivateKey, Refusal, RefusalCode, ServerMessage};
+use weft_proto::{NodeId, PrivateKey, Refusal, RefusalCode, Resume, ServerMessage};
 
 use super::replica::{self, Fence, Presence, PRESENCE_PREFIX};
-use super::{Lockout, Netmaps, NodeUpdate, Output, SessionId};
+use super::{Lockout, Netmaps, NodeUpdate, Opening, Output, SessionId};
 use crate::nodes::{self, NodeRecord, Registry};
 use crate::store::{self, StoreError, Watch, WatchError};
 
@@ -50,11 +50,11 @@ pub(crate) struct NetmapHandle {
     signer: Arc<OnceLock<Arc<NetmapSigner>>>,
 }
 
-/// A session attached to the netmap task: its first netmap, then its events.
+/// A session attached to the netmap task: its first record, then its events.
 #[derive(Debug)]
 pub(crate) struct Attached {
     pub(crate) id: SessionId,
-    pub(crate) netmap: NetMap,
+    pub(crate) opening: Opening,
     pub(crate) events: mpsc::Receiver<SessionEvent>,
 }
 
@@ -64,8 +64,9 @@ enum Command {
         session: SessionId,
         record: Box<NodeRecord>,
         revision: u64,
+        resume: Option<Box<Resume>>,
         events: mpsc::Sender<SessionEvent>,
-        reply: oneshot::Sender<Result<NetMap, Refusal>>,
+        reply: oneshot::Sender<Result<Opening, Refusal>>,
     },
     Detach(SessionId),
     SetPolicy(Option<Arc<Policy>>, oneshot::Sender<()>),
@@ -131,11 +132,13 @@ impl NetmapHandle {
         Ok((handle, tokio::spawn(task.run())))
     }
 
-    /// Attaches a session for the node in `record`, written at `revision`.
+    /// Attaches a session for the node in `record`, written at `revision`,
+    /// resuming from the view the node holds when it sent `resume`.
     pub(crate) async fn attach(
         &self,
         record: NodeRecord,
         revision: u64,
+        resume: Option<Box<Resume>>,
     ) -> Result<Attached, Refusal> {
         let id = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed));
         let (events, events_rx) = mpsc::channel(SESSION_BACKLOG);
@@ -144,13 +147,14 @@ impl NetmapHandle {
             session: id,
             record: Box::new(record),
             revision,
+            resume,
             events,
             reply,
         });
-        let netmap = reply_rx.await.map_err(|_| shutting_down())??;
+        let opening = reply_rx.await.map_err(|_| shutting_down())??;
         Ok(Attached {
             id,
-            netmap,
+            opening,
             events: events_rx,
         })
     }
@@ -316,11 +320,14 @@ impl Task {
                 session,
                 record,
                 revision,
+                resume,
                 events,
                 reply,
             } => {
                 let node = record.id;
-                let result = self.core.attach(session, *record, revision);
+                let result = self
+                    .core
+                    .attach(session, *record, revision, resume.as_deref());
                 if result.is_ok() {
                     self.sessions.insert(session, events);
                     self.offline.came_online(node);

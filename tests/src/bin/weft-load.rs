@@ -1,6 +1,7 @@
 //! `weft-load`: measures one coordinator under N simulated nodes — time to
 //! connect them, CPU and memory, and how fast a policy change and a join
-//! reach the nodes they affect. Loopback only; it stops what it starts.
+//! reach the nodes they affect, and how fast the fleet is back in sync after
+//! the coordinator restarts. Loopback only; it stops what it starts.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -34,6 +35,10 @@ struct Cli {
     /// How long to watch the connected, idle fleet for the keep-alive cost.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     idle_window: Duration,
+    /// Reconnect after the coordinator restart with full netmaps instead
+    /// of resuming from the views the nodes hold, for comparison.
+    #[arg(long)]
+    no_resume: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -61,6 +66,7 @@ fn main() -> Result<()> {
         },
         phase_timeout: cli.phase_timeout,
         idle_window: cli.idle_window,
+        resume: !cli.no_resume,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -5,6 +5,10 @@
 //! every node's filter changes, then lets one more node join, and measures how
 //! long each takes to reach the nodes it affects, and what the coordinator
 //! spent (CPU time, peak RSS, CPU while the fleet idles on keep-alives).
+//! Last it kills the coordinator (SIGKILL) and starts it again, and measures
+//! how long the fleet takes to be back in sync and how many bytes the
+//! coordinator sent for it: with [`LoadOptions::resume`] the nodes resume
+//! from the views they hold and get deltas, without it full netmaps.
 //!
 //! [`trial`] is the registration-storm fault trial: the coordinator is killed
 //! with SIGKILL during a storm of new nodes, restarted on the same state, and
@@ -21,6 +25,7 @@ pub use stats::{Spread, Usage};
 pub use storm::{trial, SplitMix64, StormOptions, TrialReport, Violation, ViolationKind};
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,6 +72,9 @@ pub struct LoadOptions {
     pub phase_timeout: Duration,
     /// How long to watch the idle fleet for the keep-alive cost.
     pub idle_window: Duration,
+    /// Whether nodes reconnecting after the coordinator restart resume
+    /// from the views they hold (else they ask for full netmaps).
+    pub resume: bool,
 }
 
 /// What a run measured.
@@ -98,6 +106,21 @@ pub struct Report {
     pub join: Spread,
     /// The joining node's own time to be registered and synced.
     pub join_self: Option<Duration>,
+    /// Whether nodes resumed on reconnect.
+    pub resume: bool,
+    /// From the kill until the restarted coordinator answered its admin socket.
+    pub restart_ready: Duration,
+    /// After the coordinator was killed and started again: when each
+    /// synced node was back in sync, from the kill.
+    pub reconnect: Spread,
+    /// Control-stream bytes the coordinator sent from the kill until the
+    /// last node was back in sync.
+    pub reconnect_bytes: u64,
+    /// Reconnected sessions that started with a delta, and with a full netmap.
+    pub reconnect_resumed: usize,
+    pub reconnect_full: usize,
+    /// The restarted coordinator's CPU time until the last node was back in sync.
+    pub reconnect_cpu: Duration,
     /// The coordinator at the end of the run.
     pub coordinator: Usage,
     /// The load tool itself, which shares the machine.
@@ -112,9 +135,11 @@ pub async fn run(options: &LoadOptions) -> Result<Report> {
     }
     raise_fd_limit();
     let groups = Groups::new(options.nodes, options.group_size);
-    let coordinator = CoordinatorProcess::start(options, groups).await?;
+    let mut coordinator = CoordinatorProcess::start(options, groups).await?;
     let keys = coordinator.create_auth_keys(groups).await?;
-    let fleet = Fleet::new(coordinator.listen(), coordinator.public_key())?;
+    let mut fleet = Fleet::new(coordinator.listen(), coordinator.public_key())?;
+    fleet.resume = options.resume;
+    fleet.reconnects = Arc::new(Semaphore::new(options.wave));
     let (reports_tx, reports) = mpsc::unbounded_channel();
     let (failures_tx, failures) = mpsc::unbounded_channel();
     let mut tracker = Tracker::new(options.nodes + 1, reports, failures);
@@ -222,6 +247,24 @@ pub async fn run(options: &LoadOptions) -> Result<Report> {
         .first()
         .copied();
 
+    let in_sync = tracker.count(Milestone::Synced);
+    let bytes_before = fleet.received.load(Ordering::Relaxed);
+    let resumed_before = fleet.resumed.load(Ordering::Relaxed);
+    let full_before = fleet.full_syncs.load(Ordering::Relaxed);
+    coordinator.kill_hard()?;
+    let killed = Instant::now();
+    coordinator.restart().await?;
+    let restart_ready = killed.elapsed();
+    tracker
+        .wait(Milestone::Resynced, in_sync, killed + options.phase_timeout)
+        .await;
+    let reconnect_bytes = fleet.received.load(Ordering::Relaxed) - bytes_before;
+    let reconnect_cpu = coordinator.usage()?.cpu;
+    let reconnect = Spread::new(
+        in_sync,
+        tracker.arrivals(Milestone::Resynced, killed, 0..options.nodes + 1),
+    );
+
     let report = Report {
         nodes: options.nodes,
         backend: options.backend,
@@ -236,6 +279,13 @@ pub async fn run(options: &LoadOptions) -> Result<Report> {
         policy_cpu,
         join,
         join_self,
+        resume: options.resume,
+        restart_ready,
+        reconnect,
+        reconnect_bytes,
+        reconnect_resumed: fleet.resumed.load(Ordering::Relaxed) - resumed_before,
+        reconnect_full: fleet.full_syncs.load(Ordering::Relaxed) - full_before,
+        reconnect_cpu,
         coordinator: coordinator.usage()?,
         load_tool: Usage::of(std::process::id())?,
     };
@@ -297,6 +347,25 @@ impl Report {
             ("join reached peers", spread(&self.join)),
             ("joiner synced", ms(self.join_self)),
             (
+                "coordinator kill -9 and restart",
+                format!(
+                    "resume {}: up again after {}, back in sync {}",
+                    if self.resume { "on" } else { "off" },
+                    ms(Some(self.restart_ready)),
+                    spread(&self.reconnect)
+                ),
+            ),
+            (
+                "  coordinator sent",
+                format!(
+                    "{:.2} MiB ({} resumed, {} full netmaps), CPU {:.2} s",
+                    mib(self.reconnect_bytes),
+                    self.reconnect_resumed,
+                    self.reconnect_full,
+                    self.reconnect_cpu.as_secs_f64()
+                ),
+            ),
+            (
                 "coordinator total",
                 format!(
                     "CPU {:.2} s, peak RSS {:.0} MiB",
@@ -348,6 +417,13 @@ impl Report {
             "policy_cpu_s": self.policy_cpu.as_secs_f64(),
             "join": spread(&self.join),
             "join_self_ms": ms(self.join_self),
+            "resume": self.resume,
+            "restart_ready_ms": ms(Some(self.restart_ready)),
+            "reconnect": spread(&self.reconnect),
+            "reconnect_bytes": self.reconnect_bytes,
+            "reconnect_resumed": self.reconnect_resumed,
+            "reconnect_full": self.reconnect_full,
+            "reconnect_cpu_s": self.reconnect_cpu.as_secs_f64(),
             "coordinator_cpu_s": self.coordinator.cpu.as_secs_f64(),
             "coordinator_peak_rss_bytes": self.coordinator.peak_rss,
             "load_tool_cpu_s": self.load_tool.cpu.as_secs_f64(),
@@ -358,11 +434,11 @@ impl Report {
 
 /// Collects the simulated nodes' milestones as they arrive.
 struct Tracker {
-    times: [Vec<Option<Instant>>; 3],
+    times: [Vec<Option<Instant>>; 4],
     /// How many nodes reached each milestone, kept as reports arrive:
     /// counting `times` per report would cost O(n²) at 10k nodes on the
     /// cores the coordinator under test shares.
-    counts: [usize; 3],
+    counts: [usize; 4],
     reports: mpsc::UnboundedReceiver<sim::Report>,
     failures: mpsc::UnboundedReceiver<String>,
     failure_count: usize,
@@ -377,7 +453,7 @@ impl Tracker {
     ) -> Self {
         Self {
             times: std::array::from_fn(|_| vec![None; nodes]),
-            counts: [0; 3],
+            counts: [0; 4],
             reports,
             failures,
             failure_count: 0,
@@ -390,6 +466,7 @@ impl Tracker {
             Milestone::Synced => 0,
             Milestone::PolicyApplied => 1,
             Milestone::SawJoiner => 2,
+            Milestone::Resynced => 3,
         }
     }
 

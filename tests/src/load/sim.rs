@@ -3,8 +3,9 @@
 //! TUN device or WireGuard socket. All nodes share one QUIC client endpoint —
 //! one UDP socket — so ten thousand of them fit in the file descriptor limit.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,9 +13,11 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use weft_proto::handshake::{Initiator, RESPONSE_LEN};
+use weft_proto::resume;
+use weft_proto::signing::Digest;
 use weft_proto::{
-    AuthKey, ClientMessage, Credential, FrameDecoder, PacketFilter, Peer, PrivateKey, PublicKey,
-    Register, ServerMessage,
+    AuthKey, ClientMessage, Credential, FrameDecoder, NodeId, PacketFilter, Peer, PeerVersion,
+    PrivateKey, PublicKey, Register, Resume, ServerMessage, SignedRecord, ViewDigest,
 };
 
 use super::scenario;
@@ -28,6 +31,8 @@ pub(crate) enum Milestone {
     PolicyApplied,
     /// It has the joining node among its peers.
     SawJoiner,
+    /// Back in sync in a later session, after its first one ended.
+    Resynced,
 }
 
 /// A milestone of node `index`.
@@ -48,6 +53,16 @@ pub(crate) struct Fleet {
     pub(crate) joiner: Arc<str>,
     /// Connection attempts that failed before the node synced.
     pub(crate) retries: Arc<AtomicUsize>,
+    /// Whether a reconnecting node resumes from the view it holds.
+    pub(crate) resume: bool,
+    /// Bounds concurrent reconnects (until resynced) as the first wave
+    /// bounds first connections.
+    pub(crate) reconnects: Arc<tokio::sync::Semaphore>,
+    /// Control-stream bytes the fleet received from the coordinator.
+    pub(crate) received: Arc<AtomicU64>,
+    /// Sessions whose first record was a delta (resumed) or a netmap.
+    pub(crate) resumed: Arc<AtomicUsize>,
+    pub(crate) full_syncs: Arc<AtomicUsize>,
 }
 
 impl Fleet {
@@ -76,6 +91,11 @@ impl Fleet {
             coordinator_key,
             joiner: Arc::from("joiner"),
             retries: Arc::default(),
+            resume: true,
+            reconnects: Arc::new(tokio::sync::Semaphore::new(200)),
+            received: Arc::default(),
+            resumed: Arc::default(),
+            full_syncs: Arc::default(),
         })
     }
 }
@@ -108,10 +128,12 @@ fn widen_receive_buffer(socket: &std::net::UdpSocket) {
     }
 }
 
-/// Runs node `index` named `hostname` until its connection ends: registers
-/// with `auth_key`, then reports milestones as frames arrive. Like weftd, it
+/// Runs node `index` named `hostname` until aborted: registers with
+/// `auth_key`, then reports milestones as frames arrive. Like weftd, it
 /// retries with backoff (0.5 s doubling, same keys) while it has not synced;
-/// `connecting` is held until then, bounding concurrent handshakes.
+/// `connecting` is held until then, bounding concurrent handshakes. Once
+/// synced, a session that ends is reconnected at once and then with backoff,
+/// resuming from the view held when the fleet resumes ([`Held`]).
 pub(crate) async fn run_node(
     fleet: Fleet,
     index: usize,
@@ -125,6 +147,8 @@ pub(crate) async fn run_node(
     let mut connecting = Some(connecting);
     let mut delay = Duration::from_millis(500);
     let mut attempt = 1;
+    let mut held = Held::default();
+    let mut jitter = super::SplitMix64(index as u64);
     loop {
         let register = Register {
             credential: Some(Credential::AuthKey(AuthKey::new(auth_key.clone()))),
@@ -133,7 +157,9 @@ pub(crate) async fn run_node(
             endpoints: Vec::new(),
             home_relay: None,
             attributes: Default::default(),
+            resume: held.resume().filter(|_| fleet.resume).map(Box::new),
         };
+        let was_synced = held.node.is_some();
         let result = session(
             &fleet,
             index,
@@ -141,25 +167,120 @@ pub(crate) async fn run_node(
             register,
             &mut connecting,
             &reports,
+            &mut held,
         )
         .await;
-        match result {
-            Err(_) if connecting.is_some() && attempt < MAX_ATTEMPTS => {
-                fleet.retries.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(8));
-                attempt += 1;
+        let Err(e) = result;
+        if !was_synced && held.node.is_none() {
+            // Never synced yet: the first connection's retries.
+            if attempt >= MAX_ATTEMPTS {
+                return Err(e.context(format!("after {attempt} attempt(s)")));
             }
-            Err(e) => return Err(e.context(format!("after {attempt} attempt(s)"))),
-            Ok(()) => return Ok(()),
+            fleet.retries.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(8));
+            attempt += 1;
+            continue;
         }
+        if connecting.is_none() {
+            // The session had synced: reconnect at once, as weftd does.
+            delay = Duration::from_millis(500);
+        } else {
+            let jitter = 0.8 + 0.4 * (jitter.below(1000) as f64 / 1000.0);
+            tokio::time::sleep(delay.mul_f64(jitter)).await;
+            delay = (delay * 2).min(Duration::from_secs(8));
+        }
+        if connecting.is_none() {
+            connecting = Some(
+                Arc::clone(&fleet.reconnects)
+                    .acquire_owned()
+                    .await
+                    .context("reconnect semaphore closed")?,
+            );
+        }
+    }
+}
+
+/// What a simulated node holds of its view, as digests: enough to resume
+/// ([`weft_proto::resume`]) and to follow deltas, at a few bytes per peer.
+#[derive(Debug, Default)]
+struct Held {
+    /// Set once the node holds a view.
+    node: Option<NodeId>,
+    revision: u64,
+    last_record: Digest,
+    peers: BTreeMap<NodeId, ViewDigest>,
+    filter: ViewDigest,
+    capabilities: ViewDigest,
+    self_node: ViewDigest,
+}
+
+impl Held {
+    /// Folds in a verified record.
+    fn record(&mut self, message: &ServerMessage, signed: &SignedRecord) {
+        match message {
+            ServerMessage::NetMap(netmap) => {
+                self.node = Some(netmap.self_node.id);
+                self.revision = netmap.revision;
+                self.peers = netmap
+                    .peers
+                    .iter()
+                    .map(|p| (p.id, resume::peer_digest(p)))
+                    .collect();
+                self.filter = resume::filter_digest(&netmap.filter);
+                self.capabilities = resume::capabilities_digest(&netmap.capabilities);
+                self.self_node = resume::self_node_digest(&netmap.self_node);
+            }
+            ServerMessage::Delta(delta) => {
+                self.revision = delta.revision;
+                for peer in &delta.upsert_peers {
+                    self.peers.insert(peer.id, resume::peer_digest(peer));
+                }
+                for id in &delta.remove_peers {
+                    self.peers.remove(id);
+                }
+                if let Some(filter) = &delta.filter {
+                    self.filter = resume::filter_digest(filter);
+                }
+                if let Some(capabilities) = &delta.capabilities {
+                    self.capabilities = resume::capabilities_digest(capabilities);
+                }
+                if let Some(node) = &delta.self_node {
+                    self.node = Some(node.id);
+                    self.self_node = resume::self_node_digest(node);
+                }
+            }
+            _ => return,
+        }
+        self.last_record = signed.digest();
+    }
+
+    /// The resume for the view held, if any.
+    fn resume(&self) -> Option<Resume> {
+        Some(Resume {
+            node: self.node?,
+            last_record: self.last_record,
+            revision: self.revision,
+            peers: self
+                .peers
+                .iter()
+                .map(|(id, version)| PeerVersion {
+                    id: *id,
+                    version: *version,
+                })
+                .collect(),
+            filter: self.filter,
+            capabilities: self.capabilities,
+            self_node: self.self_node,
+        })
     }
 }
 
 /// Connection attempts before a node that never synced gives up.
 const MAX_ATTEMPTS: u32 = 6;
 
-/// One control session; `connecting` is released once synced.
+/// One control session, until it fails; `connecting` is released once
+/// synced, and `held` follows every verified record.
 async fn session(
     fleet: &Fleet,
     index: usize,
@@ -167,23 +288,42 @@ async fn session(
     register: Register,
     connecting: &mut Option<tokio::sync::OwnedSemaphorePermit>,
     reports: &mpsc::UnboundedSender<Report>,
-) -> Result<()> {
+    held: &mut Held,
+) -> Result<std::convert::Infallible> {
     let (_connection, mut send, mut recv) = handshake(fleet, machine_key).await?;
     let node_key = register.node_key;
+    let mut opener = match &register.resume {
+        Some(resume) => weft_proto::Opener::resume(node_key, resume.last_record),
+        None => weft_proto::Opener::new(node_key),
+    };
+    let resync = held.node.is_some();
     let frame =
         weft_proto::encode_frame(&ClientMessage::Register(register)).map_err(|e| anyhow!("{e}"))?;
     send.write_all(&frame).await.context("send Register")?;
 
     let mut view = View::default();
-    let mut opener = weft_proto::Opener::new(node_key);
     let mut decoder = FrameDecoder::new();
     loop {
         while let Some(message) = decoder.next_message::<ServerMessage>()? {
-            let message = opener.open(message)?.message;
-            for milestone in view.apply(message, &fleet.joiner)? {
+            let opened = opener.open(message)?;
+            if let Some(signed) = &opened.signed {
+                if !view.synced {
+                    let counter = match opened.message {
+                        ServerMessage::Delta(_) => &fleet.resumed,
+                        _ => &fleet.full_syncs,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                held.record(&opened.message, signed);
+            }
+            for milestone in view.apply(opened.message, &fleet.joiner)? {
                 if milestone == Milestone::Synced {
                     *connecting = None;
                 }
+                let milestone = match milestone {
+                    Milestone::Synced if resync => Milestone::Resynced,
+                    other => other,
+                };
                 let _ = reports.send(Report {
                     index,
                     milestone,
@@ -192,7 +332,12 @@ async fn session(
             }
         }
         match recv.read_chunk(usize::MAX, true).await {
-            Ok(Some(chunk)) => decoder.push(&chunk.bytes),
+            Ok(Some(chunk)) => {
+                fleet
+                    .received
+                    .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+                decoder.push(&chunk.bytes);
+            }
             Ok(None) => bail!("the coordinator closed the control stream"),
             Err(e) => return Err(e).context("control stream"),
         }
@@ -368,6 +513,37 @@ mod tests {
         assert!(view
             .apply(ServerMessage::Delta(again), "joiner")
             .is_ok_and(|m| m.is_empty()));
+    }
+
+    #[test]
+    fn the_held_digests_resume_like_a_node_holding_the_folded_view() {
+        let signed = |n: u8| SignedRecord {
+            body: vec![n],
+            signature: Vec::new(),
+        };
+        let mut netmap = NetMap {
+            revision: 1,
+            self_node: self_node(),
+            peers: vec![
+                peer("n2"),
+                Peer {
+                    id: NodeId(3),
+                    ..peer("n3")
+                },
+            ],
+            filter: PacketFilter::default(),
+            capabilities: Vec::new(),
+        };
+        let mut held = Held::default();
+        assert_eq!(held.resume(), None, "nothing held, nothing to resume");
+        held.record(&ServerMessage::NetMap(netmap.clone()), &signed(1));
+        let joined = peer("n9");
+        let mut change = delta(vec![joined.clone()]);
+        change.remove_peers = vec![NodeId(3)];
+        held.record(&ServerMessage::Delta(change), &signed(2));
+        netmap.peers = vec![joined];
+        netmap.revision = 2;
+        assert_eq!(held.resume(), Some(Resume::of(signed(2).digest(), &netmap)));
     }
 
     #[test]

@@ -150,6 +150,7 @@ pub async fn trial(options: &StormOptions) -> Result<TrialReport> {
         coordinator_bin: options.coordinator_bin.clone(),
         phase_timeout: options.timeout,
         idle_window: Duration::ZERO,
+        resume: true,
     };
     let mut coordinator = CoordinatorProcess::start(&load_options, groups).await?;
     let auth_key = coordinator
@@ -398,6 +399,7 @@ impl Session {
             endpoints: Vec::new(),
             home_relay: None,
             attributes: BTreeMap::new(),
+            resume: None,
         };
         let frame = weft_proto::encode_frame(&ClientMessage::Register(register))
             .map_err(|e| anyhow!("{e}"))?;
