@@ -121,8 +121,11 @@ pub struct Report {
     pub reconnect_full: usize,
     /// The restarted coordinator's CPU time until the last node was back in sync.
     pub reconnect_cpu: Duration,
-    /// The coordinator at the end of the run.
+    /// The coordinator that served the fleet, just before it was killed:
+    /// the run's CPU time and peak RSS.
     pub coordinator: Usage,
+    /// The restarted coordinator once every node was back in sync.
+    pub restarted: Usage,
     /// The load tool itself, which shares the machine.
     pub load_tool: Usage,
 }
@@ -251,6 +254,7 @@ pub async fn run(options: &LoadOptions) -> Result<Report> {
     let bytes_before = fleet.received.load(Ordering::Relaxed);
     let resumed_before = fleet.resumed.load(Ordering::Relaxed);
     let full_before = fleet.full_syncs.load(Ordering::Relaxed);
+    let before_kill = coordinator.usage()?;
     coordinator.kill_hard()?;
     let killed = Instant::now();
     coordinator.restart().await?;
@@ -259,7 +263,7 @@ pub async fn run(options: &LoadOptions) -> Result<Report> {
         .wait(Milestone::Resynced, in_sync, killed + options.phase_timeout)
         .await;
     let reconnect_bytes = fleet.received.load(Ordering::Relaxed) - bytes_before;
-    let reconnect_cpu = coordinator.usage()?.cpu;
+    let restarted = coordinator.usage()?;
     let reconnect = Spread::new(
         in_sync,
         tracker.arrivals(Milestone::Resynced, killed, 0..options.nodes + 1),
@@ -285,8 +289,9 @@ pub async fn run(options: &LoadOptions) -> Result<Report> {
         reconnect_bytes,
         reconnect_resumed: fleet.resumed.load(Ordering::Relaxed) - resumed_before,
         reconnect_full: fleet.full_syncs.load(Ordering::Relaxed) - full_before,
-        reconnect_cpu,
-        coordinator: coordinator.usage()?,
+        reconnect_cpu: restarted.cpu,
+        coordinator: before_kill,
+        restarted,
         load_tool: Usage::of(std::process::id())?,
     };
     tasks.abort_all();
@@ -366,12 +371,16 @@ impl Report {
                 ),
             ),
             (
-                "coordinator total",
+                "coordinator before the kill",
                 format!(
                     "CPU {:.2} s, peak RSS {:.0} MiB",
                     self.coordinator.cpu.as_secs_f64(),
                     mib(self.coordinator.peak_rss)
                 ),
+            ),
+            (
+                "restarted coordinator",
+                format!("peak RSS {:.0} MiB", mib(self.restarted.peak_rss)),
             ),
             (
                 "load tool total",
@@ -426,6 +435,7 @@ impl Report {
             "reconnect_cpu_s": self.reconnect_cpu.as_secs_f64(),
             "coordinator_cpu_s": self.coordinator.cpu.as_secs_f64(),
             "coordinator_peak_rss_bytes": self.coordinator.peak_rss,
+            "restarted_peak_rss_bytes": self.restarted.peak_rss,
             "load_tool_cpu_s": self.load_tool.cpu.as_secs_f64(),
             "load_tool_peak_rss_bytes": self.load_tool.peak_rss,
         })
