@@ -11,13 +11,17 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn6};
 use quinn_udp::{RecvMeta, UdpSocketState};
+use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::net::UdpSocket;
+
+/// The socket as the standard library owns it; [`Underlay`] registers it
+/// with the runtime itself, to tell the runtime when a receive emptied it.
+type UdpSocket = std::net::UdpSocket;
 
 /// The node's underlay socket.
 #[derive(Debug)]
 pub struct Underlay {
-    socket: UdpSocket,
+    socket: AsyncFd<UdpSocket>,
     state: UdpSocketState,
     dual_stack: bool,
     /// Whether to use GSO where the kernel has it; off only to test the fallback.
@@ -65,14 +69,17 @@ impl Underlay {
             Ok(socket) => (socket, true),
             Err(e) => {
                 tracing::debug!("no dual-stack UDP socket ({e}); using IPv4 only");
-                let std = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
-                std.set_nonblocking(true)?;
-                (UdpSocket::from_std(std)?, false)
+                let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
+                socket.set_nonblocking(true)?;
+                (socket, false)
             }
         };
         let state = UdpSocketState::new((&socket).into())?;
         allow_fragmentation(&socket, dual_stack);
         enlarge_buffers(&socket);
+        // SAFETY: the standard library's socket owns its descriptor and
+        // closes it only when dropped, with the `AsyncFd` that holds it.
+        let socket = unsafe { AsyncFd::register(socket) }.map_err(io::Error::from)?;
         tracing::info!(
             gso_segments = state.max_gso_segments(),
             gro_segments = state.gro_segments(),
@@ -88,7 +95,7 @@ impl Underlay {
 
     /// The bound port.
     pub fn port(&self) -> std::io::Result<u16> {
-        Ok(self.socket.local_addr()?.port())
+        Ok(self.socket.get_ref().local_addr()?.port())
     }
 
     /// How many datagrams one send may carry: 1 without UDP GSO.
@@ -101,21 +108,34 @@ impl Underlay {
     }
 
     /// Waits for datagrams and receives as many as are queued, up to the
-    /// batch's capacity; read them with [`RecvBatch::datagrams`].
+    /// batch's capacity; read them with [`RecvBatch::datagrams`]. A batch
+    /// that did not fill up emptied the socket, and the runtime is told so:
+    /// the next call waits at once instead of first trying a receive that
+    /// finds nothing.
     pub async fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<()> {
         batch.filled = 0;
         let RecvBatch { storage, meta, .. } = batch;
-        let filled = self
-            .socket
-            .async_io(Interest::READABLE, || {
+        loop {
+            let mut ready = self.socket.readable().await?;
+            let received = ready.try_io(|socket| {
                 let mut chunks = storage.chunks_mut(RECV_SLOT_LEN);
                 let mut slices: [IoSliceMut<'_>; RECV_SLOTS] =
                     std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
-                self.state.recv((&self.socket).into(), &mut slices, meta)
-            })
-            .await?;
-        batch.filled = filled;
-        Ok(())
+                self.state.recv(socket.get_ref().into(), &mut slices, meta)
+            });
+            match received {
+                Ok(Ok(filled)) => {
+                    if filled < RECV_SLOTS {
+                        ready.clear_ready();
+                    }
+                    batch.filled = filled;
+                    return Ok(());
+                }
+                Ok(Err(e)) => return Err(e),
+                // The socket was empty after all; readiness is cleared.
+                Err(_) => {}
+            }
+        }
     }
 
     /// Sends the batch's datagrams and empties it: one GSO send, or one
@@ -172,8 +192,8 @@ impl Underlay {
             src_ip: None,
         };
         self.socket
-            .async_io(Interest::WRITABLE, || {
-                self.state.try_send((&self.socket).into(), &transmit)
+            .async_io(Interest::WRITABLE, |socket| {
+                self.state.try_send(socket.into(), &transmit)
             })
             .await
     }
@@ -283,7 +303,7 @@ fn bind_dual_stack(port: u16) -> std::io::Result<UdpSocket> {
     socket::setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
     let addr = SockaddrIn6::from(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0));
     socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
-    UdpSocket::from_std(std::net::UdpSocket::from(fd))
+    Ok(UdpSocket::from(fd))
 }
 
 /// Undoes the "no fragmentation" the offload setup chose: the node's
