@@ -43,7 +43,7 @@ use weft_proto::{
 };
 
 use crate::coordinators::Coordinators;
-use crate::netmap_cache::{fold, CacheError, CacheWriter};
+use crate::netmap_cache::{CacheError, CacheWriter};
 
 /// How often a registered node re-reports its attributes even when its
 /// posture file did not change; the coordinator stores only changes.
@@ -649,7 +649,7 @@ impl Held {
                 let Some(view) = held.as_mut() else {
                     return ServerMessage::Delta(delta);
                 };
-                fold(&mut view.netmap, delta.clone());
+                view.netmap.apply(delta.clone());
                 view.last_record = last_record;
                 view.key = key;
                 if std::mem::take(&mut view.from_cache) {
@@ -1470,7 +1470,7 @@ mod tests {
         let resume = seen.recv().await.unwrap().resume.expect("a resume");
         assert_eq!(*resume, Resume::of(resume.last_record, &netmap));
         let mut folded = netmap.clone();
-        fold(&mut folded, delta);
+        folded.apply(delta);
         let cached = restored(&state, &key, node_key);
         assert_eq!(cached, folded, "the delta was appended to the cached chain");
         drop(task);
@@ -1516,7 +1516,7 @@ mod tests {
         let _task = ControlTask::spawn_caching(config, cache, 9, tx);
         assert!(seen.recv().await.unwrap().resume.is_some());
         let mut folded = netmap.clone();
-        fold(&mut folded, delta);
+        folded.apply(delta);
         let ControlEvent::NetMap(reported) = next_view(&mut updates).await else {
             panic!("a resume from the cache must report the whole view");
         };

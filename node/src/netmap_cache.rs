@@ -40,7 +40,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use weft_proto::signing::{Chain, Digest, NetmapKey, Record, SignatureError, SignedRecord};
-use weft_proto::{NetMap, NetMapDelta, NodeId, PublicKey};
+use weft_proto::{NetMap, NodeId, PublicKey};
 
 use crate::state::Prefs;
 
@@ -203,7 +203,7 @@ fn verify_chain(
             .map_err(|source| CacheError::Signature { index, source })?;
         match (record, netmap.as_mut()) {
             (Record::NetMap(full), None) if full.self_node.id == node => netmap = Some(full),
-            (Record::Delta(delta), Some(netmap)) => fold(netmap, delta),
+            (Record::Delta(delta), Some(netmap)) => netmap.apply(delta),
             (Record::NetMap(_), _) => {
                 return Err(CacheError::Malformed(format!(
                     "record {index} is a netmap of the wrong node or a second netmap"
@@ -222,30 +222,6 @@ fn verify_chain(
         (Some(netmap), Some(last)) => Ok((netmap, last)),
         _ => Err(CacheError::Malformed("the cache holds no netmap".into())),
     }
-}
-
-/// Applies a delta to a netmap as the daemon does: upserts replace peers by
-/// id, then removals win.
-pub fn fold(netmap: &mut NetMap, delta: NetMapDelta) {
-    for peer in delta.upsert_peers {
-        match netmap.peers.iter_mut().find(|p| p.id == peer.id) {
-            Some(old) => *old = peer,
-            None => netmap.peers.push(peer),
-        }
-    }
-    netmap
-        .peers
-        .retain(|peer| !delta.remove_peers.contains(&peer.id));
-    if let Some(filter) = delta.filter {
-        netmap.filter = filter;
-    }
-    if let Some(capabilities) = delta.capabilities {
-        netmap.capabilities = capabilities;
-    }
-    if let Some(node) = delta.self_node {
-        netmap.self_node = node;
-    }
-    netmap.revision = delta.revision;
 }
 
 /// Refuses a cache last confirmed more than [`MAX_AGE`] before `now`, or
@@ -483,7 +459,7 @@ mod tests {
 
     use proptest::prelude::*;
     use weft_proto::signing::NetmapSigner;
-    use weft_proto::{Identity, PacketFilter, Peer, PrivateKey, SelfNode};
+    use weft_proto::{Identity, NetMapDelta, PacketFilter, Peer, PrivateKey, SelfNode};
 
     use super::*;
     use crate::core::Node;
@@ -608,7 +584,7 @@ mod tests {
 
     fn folded() -> NetMap {
         let mut expected = netmap();
-        deltas().into_iter().for_each(|d| fold(&mut expected, d));
+        deltas().into_iter().for_each(|d| expected.apply(d));
         expected
     }
 
@@ -676,7 +652,7 @@ mod tests {
             .unwrap();
         writer.delta(&signed).unwrap();
         let mut expected = folded();
-        fold(&mut expected, resumed);
+        expected.apply(resumed);
         assert_eq!(fixture.restore().unwrap(), expected);
 
         // A delta chained after anything else breaks the whole cache.

@@ -529,7 +529,73 @@ mod tests {
         ));
     }
 
+    /// Peers with ids from a handful, so upserts and removals meet.
+    fn arb_close_peers(max: usize) -> impl Strategy<Value = Vec<Peer>> {
+        proptest::collection::vec(
+            arb_peer().prop_map(|mut peer| {
+                peer.id = NodeId(peer.id.0 % 6);
+                peer
+            }),
+            0..max,
+        )
+    }
+
+    /// A delta applied the obvious way: each upsert replaces the peer with
+    /// its id or is appended, then removals drop theirs.
+    fn apply_by_definition(netmap: &mut NetMap, delta: NetMapDelta) {
+        for peer in delta.upsert_peers {
+            match netmap.peers.iter_mut().find(|p| p.id == peer.id) {
+                Some(old) => *old = peer,
+                None => netmap.peers.push(peer),
+            }
+        }
+        netmap.peers.retain(|p| !delta.remove_peers.contains(&p.id));
+        if let Some(filter) = delta.filter {
+            netmap.filter = filter;
+        }
+        if let Some(capabilities) = delta.capabilities {
+            netmap.capabilities = capabilities;
+        }
+        if let Some(node) = delta.self_node {
+            netmap.self_node = node;
+        }
+        netmap.revision = delta.revision;
+    }
+
     proptest! {
+        #[test]
+        fn a_delta_applies_as_defined(
+            self_node in arb_self_node(),
+            held in arb_close_peers(6),
+            upsert_peers in arb_close_peers(6),
+            remove in proptest::collection::vec(0u64..6, 0..3),
+            filter in proptest::option::of(arb_filter()),
+            new_self in proptest::option::of(arb_self_node()),
+        ) {
+            let mut seen = std::collections::HashSet::new();
+            let held: Vec<Peer> = held.into_iter().filter(|p| seen.insert(p.id)).collect();
+            let netmap = NetMap {
+                revision: 1,
+                self_node,
+                peers: held,
+                filter: PacketFilter::default(),
+                capabilities: Vec::new(),
+            };
+            let delta = NetMapDelta {
+                revision: 2,
+                upsert_peers,
+                remove_peers: remove.into_iter().map(NodeId).collect(),
+                filter,
+                capabilities: None,
+                self_node: new_self,
+            };
+            let mut expected = netmap.clone();
+            apply_by_definition(&mut expected, delta.clone());
+            let mut applied = netmap;
+            applied.apply(delta);
+            prop_assert_eq!(applied, expected);
+        }
+
         #[test]
         fn server_messages_round_trip(message in arb_server_message()) {
             let mut decoder = FrameDecoder::new();

@@ -13,7 +13,7 @@
 //! lets it reach or be reached by — nothing about any other node — and the
 //! inbound packet-filter rules that concern its own addresses.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -379,6 +379,51 @@ pub struct NetMap {
     pub filter: PacketFilter,
     /// Application capabilities that grants give sources on this node.
     pub capabilities: Vec<AppGrant>,
+}
+
+impl NetMap {
+    /// Applies `delta` as every holder of a view does: upserted peers
+    /// replace the peer with their id or join at the end (in the delta's
+    /// order, the last of repeated ids winning), removals win over upserts,
+    /// and the filter, capabilities and self are replaced when present.
+    /// Linear in the peers held and the delta's size, so a node folding
+    /// every delta into its view never pays peers × changes.
+    pub fn apply(&mut self, delta: NetMapDelta) {
+        let removed: HashSet<NodeId> = delta.remove_peers.into_iter().collect();
+        let mut order = Vec::new();
+        let mut latest = HashMap::with_capacity(delta.upsert_peers.len());
+        for peer in delta.upsert_peers {
+            let id = peer.id;
+            if latest.insert(id, peer).is_none() {
+                order.push(id);
+            }
+        }
+        self.peers.retain_mut(|peer| {
+            if removed.contains(&peer.id) {
+                return false;
+            }
+            if let Some(newer) = latest.remove(&peer.id) {
+                *peer = newer;
+            }
+            true
+        });
+        self.peers.extend(
+            order
+                .into_iter()
+                .filter(|id| !removed.contains(id))
+                .filter_map(|id| latest.remove(&id)),
+        );
+        if let Some(filter) = delta.filter {
+            self.filter = filter;
+        }
+        if let Some(capabilities) = delta.capabilities {
+            self.capabilities = capabilities;
+        }
+        if let Some(node) = delta.self_node {
+            self.self_node = node;
+        }
+        self.revision = delta.revision;
+    }
 }
 
 /// A change to a [`NetMap`].

@@ -955,18 +955,10 @@ mod tests {
         assert!(Arc::ptr_eq(&after, &db_seen_by(&netmaps, 14)));
     }
 
-    /// Applies `delta` as a node does: upserts by id, removals win.
+    /// Applies `delta` as a node does, peers sorted by id to compare views.
     fn fold(mut netmap: NetMap, delta: NetMapDelta) -> NetMap {
-        for peer in delta.upsert_peers {
-            netmap.peers.retain(|p| p.id != peer.id);
-            netmap.peers.push(peer);
-        }
-        netmap.peers.retain(|p| !delta.remove_peers.contains(&p.id));
+        netmap.apply(delta);
         netmap.peers.sort_by_key(|p| p.id);
-        netmap.filter = delta.filter.unwrap_or(netmap.filter);
-        netmap.capabilities = delta.capabilities.unwrap_or(netmap.capabilities);
-        netmap.self_node = delta.self_node.unwrap_or(netmap.self_node);
-        netmap.revision = delta.revision;
         netmap
     }
 
