@@ -52,18 +52,22 @@ fn relay_key(data_dir: &Path) -> PublicKey {
         .unwrap()
 }
 
-fn free_udp() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+/// Loopback ports for the relay, held until it starts: the coordinator
+/// starts first and binds ports of its own, which must not be these.
+struct RelayPorts {
+    udp: std::net::UdpSocket,
+    tcp: std::net::TcpListener,
+    stun: std::net::UdpSocket,
 }
 
-fn free_tcp() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+impl RelayPorts {
+    fn reserve() -> Self {
+        Self {
+            udp: std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
+            tcp: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+            stun: std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
+        }
+    }
 }
 
 fn control_endpoint() -> quinn::Endpoint {
@@ -182,12 +186,13 @@ async fn the_relay_forwards_between_admitted_nodes_only() {
     let dir = tempfile::tempdir().unwrap();
     let relay_dir = dir.path().join("relay");
     let relay_pub = relay_key(&relay_dir);
+    let ports = RelayPorts::reserve();
     let relay = RelayInfo {
         name: "test1".into(),
-        address: free_udp(),
+        address: ports.udp.local_addr().unwrap(),
         key: relay_pub,
-        tcp_address: Some(free_tcp()),
-        stun_address: Some(free_udp()),
+        tcp_address: Some(ports.tcp.local_addr().unwrap()),
+        stun_address: Some(ports.stun.local_addr().unwrap()),
     };
     let coordinator = Coordinator::start(ServeOptions {
         data_dir: dir.path().join("coordinator"),
@@ -204,6 +209,7 @@ async fn the_relay_forwards_between_admitted_nodes_only() {
     })
     .await
     .unwrap();
+    drop(ports);
     let _process = RelayProcess(
         Command::new(env!("CARGO_BIN_EXE_weft-relay"))
             .arg("serve")
