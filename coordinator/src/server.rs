@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use weft_proto::{PublicKey, RelayInfo, CLOSE_BY_COORDINATOR};
+use weft_proto::{PrivateKey, PublicKey, RelayInfo, CLOSE_BY_COORDINATOR};
 
 use crate::admin::{self, AdminState};
 use crate::config::{check_public_url, OidcSettings, StoreSettings, WorkloadIssuer};
@@ -120,6 +120,42 @@ impl From<ListenError> for StartError {
     }
 }
 
+/// Times to look for a port free for both QUIC and TCP when the listen
+/// address leaves the port to the kernel.
+const CONTROL_PORT_ATTEMPTS: usize = 16;
+
+/// The control listener: QUIC on UDP and, on the same port, TCP for nodes
+/// whose network blocks UDP. Asked for port 0, it takes a port free for
+/// both: the kernel's pick for TCP may be in use for UDP.
+async fn bind_control(
+    listen: SocketAddr,
+    key: &PrivateKey,
+) -> Result<(quinn::Endpoint, tokio::net::TcpListener), StartError> {
+    let bind_tcp = |addr: SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::ControlTcp { addr, source })
+    };
+    if listen.port() != 0 {
+        let endpoint = control::bind(listen, key)?;
+        return Ok((endpoint, bind_tcp(listen).await?));
+    }
+    let mut attempts = 0;
+    loop {
+        let tcp = bind_tcp(listen).await?;
+        let addr = tcp.local_addr().map_err(|source| StartError::ControlTcp {
+            addr: listen,
+            source,
+        })?;
+        attempts += 1;
+        match control::bind(addr, key) {
+            Ok(endpoint) => return Ok((endpoint, tcp)),
+            Err(e) if attempts >= CONTROL_PORT_ATTEMPTS => return Err(e.into()),
+            Err(_) => {}
+        }
+    }
+}
+
 /// A running coordinator.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -178,7 +214,7 @@ impl Coordinator {
         ));
         let admins: Arc<[String]> = options.admins.clone().into();
 
-        let endpoint = control::bind(options.listen, &key)?;
+        let (endpoint, control_tcp) = bind_control(options.listen, &key).await?;
         let local_addr = endpoint.local_addr().map_err(|e| {
             StartError::Listen(format!("cannot read the control listener's address: {e}"))
         })?;
@@ -213,12 +249,6 @@ impl Coordinator {
                 tracing::error!("admin API stopped: {e}");
             }
         });
-        let control_tcp = tokio::net::TcpListener::bind(local_addr)
-            .await
-            .map_err(|source| StartError::ControlTcp {
-                addr: local_addr,
-                source,
-            })?;
         let acceptor = control::tls_acceptor().map_err(|e| StartError::Listen(e.to_string()))?;
         let http_elsewhere = options
             .http_listen
