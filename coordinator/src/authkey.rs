@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use weft_proto::{AuthKey, NodeId, Refusal, RefusalCode};
+use weft_proto::{canonical, AuthKey, NodeId, Refusal, RefusalCode};
 
 use crate::store::{self, Compare, Op, Store, StoreError};
 
@@ -96,7 +96,11 @@ pub(crate) fn create(
     for tag in &spec.tags {
         validate_tag(tag).map_err(CreateError::BadTag)?;
     }
-    let mut tags = spec.tags.clone();
+    let mut tags: Vec<String> = spec
+        .tags
+        .iter()
+        .map(|t| canonical::tag(t).into_owned())
+        .collect();
     tags.sort();
     tags.dedup();
     let created = unix_secs(now);
@@ -245,7 +249,7 @@ mod tests {
 
     fn spec(reusable: bool) -> AuthKeySpec {
         AuthKeySpec {
-            tags: vec!["tag:web".into(), "tag:db".into(), "tag:web".into()],
+            tags: vec!["tag:web".into(), "tag:db".into(), "tag:Web".into()],
             reusable,
             ephemeral: false,
             expiry: Duration::from_secs(3600),

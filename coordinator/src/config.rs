@@ -18,11 +18,13 @@
 //!
 //! Every key is documented in the README's "Coordinator configuration" section.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use weft_proto::canonical;
 
 mod relays;
 mod store;
@@ -442,9 +444,9 @@ impl OidcFileConfig {
                 "[oidc] key_expiry must be at least one second".into(),
             ));
         }
-        let lower = |v: &[String]| -> Vec<String> {
+        let canonical = |v: &[String], form: fn(&str) -> Cow<'_, str>| -> Vec<String> {
             v.iter()
-                .map(|s| s.trim().trim_start_matches('@').to_ascii_lowercase())
+                .map(|s| form(s.trim().trim_start_matches('@')).into_owned())
                 .collect()
         };
         Ok(OidcSettings {
@@ -452,8 +454,8 @@ impl OidcFileConfig {
             client_id: self.client_id.clone(),
             client_secret,
             scopes,
-            allowed_domains: lower(&self.allowed_domains),
-            allowed_users: lower(&self.allowed_users),
+            allowed_domains: canonical(&self.allowed_domains, canonical::domain),
+            allowed_users: canonical(&self.allowed_users, canonical::email),
             allowed_groups: self.allowed_groups.clone(),
             groups_claim: self.groups_claim.clone(),
             key_expiry,

@@ -18,8 +18,8 @@ use ipnet::Ipv6Net;
 use serde::{Deserialize, Serialize};
 use weft_policy::NodeInfo;
 use weft_proto::{
-    Advertisement, Credential, Identity, NodeId, Peer, PublicKey, Refusal, RefusalCode, Register,
-    SelfNode,
+    canonical, Advertisement, Credential, Identity, NodeId, Peer, PublicKey, Refusal, RefusalCode,
+    Register, SelfNode,
 };
 
 use crate::authkey::{self, AdmitError};
@@ -101,7 +101,7 @@ impl NodeRecord {
             id: self.id,
             name: self.name.clone(),
             addresses: self.addresses(),
-            identity: self.identity.clone(),
+            identity: self.identity.clone().into_canonical(),
             attributes: self.attributes.clone(),
         }
     }
@@ -409,10 +409,10 @@ impl Registry {
         now: SystemTime,
     ) -> Result<Vec<NodeRecord>, StoreError> {
         users::set_disabled(&*self.store, email, true)?;
-        let email = email.trim().to_ascii_lowercase();
+        let email = canonical::email(email.trim());
         let mut cut = Vec::new();
         for (record, _) in self.nodes()? {
-            if record.identity.user.as_deref() == Some(email.as_str()) {
+            if record.identity.user.as_deref() == Some(&*email) {
                 self.expire(record.id, authkey::unix_secs(now))
                     .map_err(into_store_error)?;
                 cut.push(record);

@@ -2,7 +2,7 @@
 //! switch that locks one out.
 
 use serde::{Deserialize, Serialize};
-use weft_proto::{Refusal, RefusalCode};
+use weft_proto::{canonical, Refusal, RefusalCode};
 
 use crate::authkey::AdmitError;
 use crate::store::{self, Op, Store, StoreError};
@@ -34,9 +34,9 @@ pub(crate) fn set_disabled(
     store.txn(&[], &[op]).map(|_| ())
 }
 
-/// Emails are case-insensitive in practice; store them lowercase.
+/// Emails are case-insensitive in practice; store them in canonical form.
 fn user_path(email: &str) -> String {
-    format!("users/{}", email.trim().to_ascii_lowercase())
+    format!("users/{}", canonical::email(email.trim()))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! [`compile_for`] computes the access of only some nodes, for incremental
 //! recompilation (see [`crate::Engine`]).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -35,6 +36,30 @@ pub struct NodeInfo {
     pub attributes: BTreeMap<String, String>,
 }
 
+impl NodeInfo {
+    /// The node with its identity in canonical form, the form policy
+    /// selectors are parsed into.
+    pub fn into_canonical(mut self) -> NodeInfo {
+        self.identity = self.identity.into_canonical();
+        self
+    }
+}
+
+/// `nodes` with identities in canonical form; borrowed when they are already.
+pub(crate) fn canonical_nodes(nodes: &[NodeInfo]) -> Cow<'_, [NodeInfo]> {
+    if nodes.iter().all(|n| n.identity.is_canonical()) {
+        Cow::Borrowed(nodes)
+    } else {
+        Cow::Owned(
+            nodes
+                .iter()
+                .cloned()
+                .map(NodeInfo::into_canonical)
+                .collect(),
+        )
+    }
+}
+
 /// What every node may do, keyed by node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Compiled {
@@ -57,6 +82,7 @@ pub struct NodeAccess {
 
 /// Compiles `rules` for all `nodes`.
 pub(crate) fn compile(rules: &Rules, nodes: &[NodeInfo]) -> Compiled {
+    let nodes = &*canonical_nodes(nodes);
     let mut compiled = Compiled::default();
     for (i, access) in compile_for(rules, nodes, None) {
         let entry = compiled.nodes.entry(nodes[i].id).or_default();
@@ -349,7 +375,7 @@ impl Builder<'_, '_> {
             }
         }
         for access in self.access.values_mut() {
-            access.filter.rules.dedup();
+            access.filter.compact();
         }
         self.access
     }
@@ -803,6 +829,43 @@ mod tests {
             }]
         );
         assert!(alice.filter.rules.is_empty(), "nothing may reach alice");
+    }
+
+    /// A deny naming a person in another case than their login denies them:
+    /// identifiers compare in one canonical form on both sides.
+    #[test]
+    fn a_deny_in_another_case_still_denies() {
+        let source = r#"{
+  "tagOwners": {"tag:web": []},
+  "acls": [
+    {"action": "deny", "src": ["Mallory@Example.COM"], "dst": ["tag:web:*"]},
+    {"action": "accept", "src": ["autogroup:member"], "dst": ["TAG:web:*"]},
+  ],
+  "tests": [{"src": "mallory@example.com", "deny": ["tag:web:443"]}],
+}"#
+        .replace("TAG:web", "tag:web");
+        let policy = Policy::parse(&source, "p").unwrap();
+        policy.run_tests().unwrap();
+        for login in ["mallory@example.com", "MALLORY@example.com"] {
+            let nodes = [
+                tagged(1, &["tag:Web"]),
+                user(2, login),
+                user(3, "alice@example.com"),
+            ];
+            let web = &policy.compile(&nodes).nodes[&NodeId(1)];
+            let v4 = |n: u8| IpAddr::V4(Ipv4Addr::new(100, 64, 0, n));
+            assert!(
+                !allows(&web.filter, v4(2), v4(1), Protocol::Tcp, 443),
+                "{login} is denied"
+            );
+            assert!(allows(&web.filter, v4(3), v4(1), Protocol::Tcp, 443));
+            let engine = crate::Engine::new(policy.clone(), nodes.to_vec());
+            assert_eq!(engine.access()[&NodeId(1)], *web, "{login}: engine agrees");
+        }
+        let explained = policy
+            .explain("Mallory@example.com", "tag:WEB", 443, Protocol::Tcp)
+            .unwrap();
+        assert_eq!(explained.verdict, crate::Verdict::Deny);
     }
 
     #[test]

@@ -59,7 +59,10 @@ pub struct Engine {
 impl Engine {
     /// Compiles `policy` for `nodes` (a later node replaces an earlier one with the same id).
     pub fn new(policy: Policy, nodes: Vec<NodeInfo>) -> Engine {
-        let nodes: BTreeMap<NodeId, NodeInfo> = nodes.into_iter().map(|n| (n.id, n)).collect();
+        let nodes: BTreeMap<NodeId, NodeInfo> = nodes
+            .into_iter()
+            .map(|n| (n.id, n.into_canonical()))
+            .collect();
         let list: Vec<NodeInfo> = nodes.values().cloned().collect();
         let access = compile(&policy.rules, &list).nodes;
         let mut engine = Engine {
@@ -137,6 +140,7 @@ impl Engine {
 
     /// Adds or replaces a node; returns the nodes whose access was recompiled or patched.
     pub fn upsert(&mut self, node: NodeInfo) -> BTreeSet<NodeId> {
+        let node = node.into_canonical();
         let old = self.nodes.insert(node.id, node.clone());
         if let Some(old) = &old {
             self.forget(old);

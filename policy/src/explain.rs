@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 use weft_proto::{Protocol, RuleAction};
 
+use crate::compile::canonical_nodes;
 use crate::diagnostic::{Diagnostic, Diagnostics, Severity};
 use crate::eval::{decide, Subject, Verdict};
 use crate::resolve::{host_hint, Names};
@@ -60,6 +61,7 @@ impl Policy {
     /// identities and attributes, and the principal as written besides; a
     /// node reaching itself does not count.
     pub fn reaches_anything(&self, principal: &str, nodes: &[NodeInfo]) -> bool {
+        let nodes = &*canonical_nodes(nodes);
         let Ok(target) = self.principal_target(principal, "the principal") else {
             return false;
         };

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use weft_proto::{PortRange, Protocol};
+use weft_proto::{canonical, PortRange, Protocol};
 
 use crate::ast::{
     Acl, Action, Dst, File, Grant, GroupDef, HostDef, PostureDef, Spanned, TagOwnerDef, TestDst,
@@ -128,7 +128,7 @@ impl Walker<'_, '_> {
                 ) else {
                     continue;
                 };
-                match selector::parse(text) {
+                match self.selector(text, item.span) {
                     Ok(Selector::User(user)) => users.push(Spanned { value: user, span: item.span }),
                     Ok(Selector::Group(_)) => self.error(
                         item.span,
@@ -178,7 +178,7 @@ impl Walker<'_, '_> {
                 if text.starts_with("autogroup:") {
                     continue;
                 }
-                match selector::parse(text) {
+                match self.selector(text, item.span) {
                     Ok(owner @ (Selector::User(_) | Selector::Group(_) | Selector::Tag(_))) => {
                         owners.push(Spanned {
                             value: owner,
@@ -632,7 +632,7 @@ impl Walker<'_, '_> {
             "a \"src\" entry",
             "src entries are selectors such as \"group:eng\"",
         )?;
-        match selector::parse(text) {
+        match self.selector(text, item.span) {
             Ok(value) => Some(Spanned {
                 value,
                 span: item.span,
@@ -651,8 +651,8 @@ impl Walker<'_, '_> {
             "a \"dst\" entry",
             "dst entries are SELECTOR:PORTS, e.g. \"tag:db:5432\"",
         )?;
-        let parsed =
-            selector::split_dst(text).and_then(|(sel, ports)| Ok((selector::parse(sel)?, ports)));
+        let parsed = selector::split_dst(text)
+            .and_then(|(sel, ports)| Ok((self.selector(sel, item.span)?, ports)));
         let (selector, port_text) = match parsed {
             Ok(parsed) => parsed,
             Err(err) => {
@@ -816,7 +816,7 @@ impl Walker<'_, '_> {
 
     /// A test's src or dst: one concrete principal, not `*`.
     fn principal(&mut self, text: &str, span: Span) -> Option<Selector> {
-        match selector::parse(text) {
+        match self.selector(text, span) {
             Ok(Selector::Any) => {
                 self.error(
                     span,
@@ -869,6 +869,24 @@ impl Walker<'_, '_> {
         items
     }
 
+    /// Parses a selector, warning when it is not written in the canonical
+    /// form it is compared in.
+    fn selector(&mut self, text: &str, span: Span) -> Result<Selector, SelectorError> {
+        let selector = selector::parse(text)?;
+        if let Some(canonical) = selector::canonical_spelling(text, &selector) {
+            self.non_canonical(span, text, canonical);
+        }
+        Ok(selector)
+    }
+
+    fn non_canonical(&mut self, span: Span, text: &str, canonical: &str) {
+        self.diags.push(self.map.warning(
+            span,
+            format!("\"{text}\" is compared as \"{canonical}\": emails, tags and SPIFFE trust domains are case-insensitive"),
+            Some(format!("write \"{canonical}\"")),
+        ));
+    }
+
     /// Checks that a `groups`/`tagOwners` key carries its prefix.
     fn prefixed_name(&mut self, member: &Member, kind: &str) -> Option<Spanned<String>> {
         let key = member.key.as_str();
@@ -885,8 +903,17 @@ impl Walker<'_, '_> {
             self.selector_error(member.key_span, err);
             return None;
         }
+        let value = if kind == "tag" {
+            let canonical = canonical::tag(key);
+            if canonical != key {
+                self.non_canonical(member.key_span, key, &canonical);
+            }
+            canonical.into_owned()
+        } else {
+            key.to_owned()
+        };
         Some(Spanned {
-            value: key.to_owned(),
+            value,
             span: member.key_span,
         })
     }
@@ -1017,6 +1044,48 @@ mod tests {
             .warnings()
             .iter()
             .all(|w| w.severity == Severity::Warning));
+    }
+
+    #[test]
+    fn identifiers_in_another_case_warn_and_load_canonical() {
+        let source = r#"{
+  "groups": {"group:eng": ["Alice@Example.com"]},
+  "tagOwners": {"tag:Web": ["group:eng"]},
+  "acls": [
+    {"action": "deny", "src": ["Mallory@Example.COM"], "dst": ["tag:web:*"]},
+    {"action": "accept", "src": ["SPIFFE://Prod.Example.com/ns/Shop/sa/api"], "dst": ["TAG:web:443"]},
+  ],
+}"#;
+        let diags = Policy::parse(source, "p.hujson").unwrap_err();
+        assert_eq!(
+            diags
+                .0
+                .iter()
+                .filter(|d| d.severity == Severity::Error)
+                .count(),
+            1,
+            "only the unknown prefix TAG: is an error: {diags:?}"
+        );
+        let source = source.replace("TAG:web", "tag:web");
+        let policy = Policy::parse(&source, "p.hujson").unwrap();
+        let warnings: Vec<(u32, &str)> = policy
+            .warnings()
+            .iter()
+            .map(|w| (w.line, w.message.as_str()))
+            .collect();
+        assert_eq!(
+            warnings,
+            [
+                (2, "\"Alice@Example.com\" is compared as \"alice@example.com\": emails, tags and SPIFFE trust domains are case-insensitive"),
+                (3, "\"tag:Web\" is compared as \"tag:web\": emails, tags and SPIFFE trust domains are case-insensitive"),
+                (5, "\"Mallory@Example.COM\" is compared as \"mallory@example.com\": emails, tags and SPIFFE trust domains are case-insensitive"),
+                (6, "\"SPIFFE://Prod.Example.com/ns/Shop/sa/api\" is compared as \"spiffe://prod.example.com/ns/Shop/sa/api\": emails, tags and SPIFFE trust domains are case-insensitive"),
+            ]
+        );
+        assert_eq!(
+            policy.warnings()[0].hint.as_deref(),
+            Some("write \"alice@example.com\"")
+        );
     }
 
     #[test]

@@ -2,11 +2,15 @@
 //! SPIFFE IDs, `autogroup:`, host names, IPs and CIDRs.
 //!
 //! This module only decides what a string *says*; whether a named group, tag
-//! or host exists is the resolver's business.
+//! or host exists is the resolver's business. Users, tags and SPIFFE IDs
+//! come out in their canonical form ([`weft_proto::canonical`]), the form
+//! nodes' identities are compared in, so `Mallory@Example.COM` in a deny
+//! rule denies the person who logs in as `mallory@example.com`.
 
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use weft_proto::canonical;
 
 /// What a selector string names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +98,8 @@ impl SelectorError {
     }
 }
 
+const SPIFFE_SCHEME: &str = "spiffe://";
+
 const SELECTOR_FORMS: &str = "a selector is *, user@domain, group:NAME, group:idp:NAME, tag:NAME, spiffe://DOMAIN/PATH, autogroup:member|tagged|self, a name from \"hosts\", an IP or a CIDR";
 
 /// Parses a `src` selector (or the part of a `dst` before the ports).
@@ -123,12 +129,15 @@ pub(crate) fn parse(text: &str) -> Result<Selector, SelectorError> {
         }
         return Ok(Selector::Group(text.to_owned()));
     }
-    if text.starts_with("spiffe://") {
-        return parse_spiffe(text).map(Selector::Workload);
+    if text
+        .get(..SPIFFE_SCHEME.len())
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case(SPIFFE_SCHEME))
+    {
+        return parse_spiffe(&canonical::spiffe_id(text)).map(Selector::Workload);
     }
     if let Some(name) = text.strip_prefix("tag:") {
         check_name("tag", name, text)?;
-        return Ok(Selector::Tag(text.to_owned()));
+        return Ok(Selector::Tag(canonical::tag(text).into_owned()));
     }
     if text.starts_with("autogroup:") {
         return match text {
@@ -148,7 +157,7 @@ pub(crate) fn parse(text: &str) -> Result<Selector, SelectorError> {
                 "users are written as their login, e.g. alice@example.com".to_owned(),
             ));
         }
-        return Ok(Selector::User(text.to_owned()));
+        return Ok(Selector::User(canonical::email(text).into_owned()));
     }
     if let Some(prefix) = parse_prefix(text)? {
         return Ok(Selector::Prefix(prefix));
@@ -172,7 +181,7 @@ fn parse_spiffe(text: &str) -> Result<String, SelectorError> {
             "write spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/ACCOUNT; * matches one segment, a final /** the rest".to_owned(),
         )
     };
-    let rest = text.strip_prefix("spiffe://").unwrap_or(text);
+    let rest = text.strip_prefix(SPIFFE_SCHEME).unwrap_or(text);
     let mut segments = rest.split('/');
     let domain = segments.next().unwrap_or_default();
     if domain.is_empty() || !domain.chars().all(is_name_char) {
@@ -194,6 +203,20 @@ fn parse_spiffe(text: &str) -> Result<String, SelectorError> {
         }
     }
     Ok(text.to_owned())
+}
+
+/// The canonical spelling of a selector written as `text`, when `text` is
+/// not already it: for the checker's warning, since a reader of the file
+/// may not know that `Alice@Example.com` and `alice@example.com` are one.
+pub(crate) fn canonical_spelling<'s>(text: &str, selector: &'s Selector) -> Option<&'s str> {
+    match selector {
+        Selector::User(canonical) | Selector::Tag(canonical) | Selector::Workload(canonical)
+            if canonical != text =>
+        {
+            Some(canonical)
+        }
+        _ => None,
+    }
 }
 
 /// Whether the SPIFFE ID `id` matches `pattern` (see [`Selector::Workload`]).

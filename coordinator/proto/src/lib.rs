@@ -25,6 +25,7 @@
 //! Nodes that cannot reach each other directly pass WireGuard packets through
 //! relays; [`relay`] is that protocol, and how relays learn whom to admit.
 
+pub mod canonical;
 pub mod frame;
 pub mod handshake;
 pub mod keys;

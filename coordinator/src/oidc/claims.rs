@@ -2,6 +2,7 @@
 //! configuration admits them.
 
 use serde_json::Value;
+use weft_proto::canonical;
 
 use crate::config::OidcSettings;
 
@@ -13,7 +14,7 @@ const MAX_GROUPS: usize = 256;
 /// A person the identity provider vouched for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LoginIdentity {
-    /// The verified email address, lowercase.
+    /// The verified email address, in canonical form.
     pub(crate) email: String,
     /// Their groups as principals (`group:idp:NAME`), sorted.
     pub(crate) groups: Vec<String>,
@@ -44,14 +45,16 @@ pub(crate) fn admit(
     payload: &Value,
 ) -> Result<LoginIdentity, AdmissionError> {
     let email = email
-        .map(|e| e.trim().to_ascii_lowercase())
+        .map(|e| canonical::email(e.trim()).into_owned())
         .filter(|e| !e.is_empty())
         .ok_or(AdmissionError::NoEmail)?;
     if email_verified == Some(false) {
         return Err(AdmissionError::Unverified(email));
     }
     let domain = email.rsplit_once('@').map(|(_, d)| d).unwrap_or_default();
-    if !settings.allowed_domains.is_empty() && !settings.allowed_domains.iter().any(|d| d == domain)
+    let domain = canonical::domain(domain);
+    if !settings.allowed_domains.is_empty()
+        && !settings.allowed_domains.iter().any(|d| *d == domain)
     {
         return Err(AdmissionError::Domain(
             email.clone(),
