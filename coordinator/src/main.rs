@@ -127,15 +127,15 @@ enum NodesCommand {
     Expire {
         #[command(flatten)]
         dir: DataDir,
-        /// The node's name, as `nodes list` shows it.
-        name: String,
+        /// The node's id (`n7`) or name, as `nodes list` shows them; `id:n7` or `name:web` to say which.
+        node: String,
     },
     /// Delete a node; its session ends and its peers forget it.
     Delete {
         #[command(flatten)]
         dir: DataDir,
-        /// The node's name, as `nodes list` shows it.
-        name: String,
+        /// The node's id (`n7`) or name, as `nodes list` shows them; `id:n7` or `name:web` to say which.
+        node: String,
     },
 }
 
@@ -292,19 +292,22 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Nodes {
-            command: NodesCommand::Delete { dir, name },
+            command: NodesCommand::Delete { dir, node },
         } => {
-            let node = AdminClient::new(&dir.data_dir).delete_node(&name).await?;
-            println!("deleted node {} ({}, {})", node.name, node.id, node.ipv4);
+            let node = AdminClient::new(&dir.data_dir).delete_node(&node).await?;
+            println!(
+                "deleted node {} named {} ({})",
+                node.id, node.name, node.ipv4
+            );
             Ok(())
         }
         Command::Nodes {
-            command: NodesCommand::Expire { dir, name },
+            command: NodesCommand::Expire { dir, node },
         } => {
-            let node = AdminClient::new(&dir.data_dir).expire_node(&name).await?;
+            let node = AdminClient::new(&dir.data_dir).expire_node(&node).await?;
             println!(
-                "expired the login of node {} ({}, {})",
-                node.name, node.id, node.ipv4
+                "expired the login of node {} named {} ({})",
+                node.id, node.name, node.ipv4
             );
             Ok(())
         }

@@ -187,11 +187,20 @@ struct OverlayConfig {
     ula: Ipv6Net,
 }
 
-/// Why a node could not be deleted.
+/// Why an administrator's command found no single node to act on.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum DeleteError {
-    #[error("there is no node named {0:?}; `weft-coordinator nodes list` shows the nodes")]
+    #[error("there is no node named {0:?} or with that id; `weft-coordinator nodes list` shows the nodes")]
     NotFound(String),
+    /// The argument is one node's id and another node's name (a name given
+    /// before names that read as ids were refused).
+    #[error("{arg:?} is the id of node {by_id} (named {by_id_name}) and the name of node {by_name}; say `id:{arg}` or `name:{arg}`")]
+    Ambiguous {
+        arg: String,
+        by_id: NodeId,
+        by_id_name: String,
+        by_name: NodeId,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -383,21 +392,50 @@ impl Registry {
         Err(StoreError::Conflict.into())
     }
 
-    /// Ends the login of the node called `name` at `now`: its peers drop it
-    /// and it must log in again (`weft login`).
-    pub(crate) fn expire_by_name(
-        &self,
-        name: &str,
-        now: SystemTime,
-    ) -> Result<NodeRecord, DeleteError> {
-        let Some((id, _)) = store::get_json::<NodeId>(&*self.store, &name_path(name))? else {
-            return Err(DeleteError::NotFound(name.to_owned()));
+    /// The node an administrator named: `arg` is its id (`n7`) or its name,
+    /// or says which with `id:n7` or `name:web`. An argument that is one
+    /// node's id and another's name is refused as ambiguous, never guessed.
+    pub(crate) fn find(&self, arg: &str) -> Result<NodeRecord, DeleteError> {
+        let not_found = || DeleteError::NotFound(arg.to_owned());
+        let by_id = |text: &str| -> Result<Option<NodeRecord>, StoreError> {
+            let Some(id) = ids::parse(text) else {
+                return Ok(None);
+            };
+            Ok(store::get_json::<NodeRecord>(&*self.store, &node_path(id))?.map(|(r, _)| r))
         };
+        let by_name = |name: &str| -> Result<Option<NodeRecord>, StoreError> {
+            let Some((id, _)) = store::get_json::<NodeId>(&*self.store, &name_path(name))? else {
+                return Ok(None);
+            };
+            Ok(store::get_json::<NodeRecord>(&*self.store, &node_path(id))?.map(|(r, _)| r))
+        };
+        if let Some(id) = arg.strip_prefix("id:") {
+            return by_id(id)?.ok_or_else(not_found);
+        }
+        if let Some(name) = arg.strip_prefix("name:") {
+            return by_name(name)?.ok_or_else(not_found);
+        }
+        match (by_id(arg)?, by_name(arg)?) {
+            (Some(a), Some(b)) if a.id != b.id => Err(DeleteError::Ambiguous {
+                arg: arg.to_owned(),
+                by_id: a.id,
+                by_id_name: a.name,
+                by_name: b.id,
+            }),
+            (Some(record), _) | (None, Some(record)) => Ok(record),
+            (None, None) => Err(not_found()),
+        }
+    }
+
+    /// Ends the login of the node `arg` names (see [`Registry::find`]) at
+    /// `now`: its peers drop it and it must log in again (`weft login`).
+    pub(crate) fn expire_by(&self, arg: &str, now: SystemTime) -> Result<NodeRecord, DeleteError> {
+        let id = self.find(arg)?.id;
         self.expire(id, authkey::unix_secs(now))
             .map_err(|e| DeleteError::Store(into_store_error(e)))?;
         match store::get_json::<NodeRecord>(&*self.store, &node_path(id))? {
             Some((record, _)) => Ok(record),
-            None => Err(DeleteError::NotFound(name.to_owned())),
+            None => Err(DeleteError::NotFound(arg.to_owned())),
         }
     }
 
@@ -432,12 +470,10 @@ impl Registry {
         })
     }
 
-    /// Deletes the node called `name`.
-    pub(crate) fn delete_by_name(&self, name: &str) -> Result<NodeRecord, DeleteError> {
+    /// Deletes the node `arg` names (see [`Registry::find`]).
+    pub(crate) fn delete_by(&self, arg: &str) -> Result<NodeRecord, DeleteError> {
         for _ in 0..MAX_ATTEMPTS {
-            let Some((id, _)) = store::get_json::<NodeId>(&*self.store, &name_path(name))? else {
-                return Err(DeleteError::NotFound(name.to_owned()));
-            };
+            let id = self.find(arg)?.id;
             match self.delete(id) {
                 Ok(Some(record)) => return Ok(record),
                 Ok(None) | Err(StoreError::Conflict) => continue,
@@ -576,10 +612,15 @@ impl Registry {
         };
         // Probes single keys rather than listing every name and address:
         // a registration costs the same with ten nodes or ten thousand.
+        // A name that reads as a node id (`n7`) is held by that id, so a log
+        // line or a command naming `n7` means one node.
         let name = unique_hostname(
             &sanitize_hostname(&request.hostname)
                 .ok_or_else(|| empty_hostname(&request.hostname))?,
-            |candidate| Ok(self.store.get(&name_path(candidate))?.is_some()),
+            |candidate| {
+                Ok(ids::parse(candidate).is_some()
+                    || self.store.get(&name_path(candidate))?.is_some())
+            },
         )?;
         let ipv4 = free_ipv4(id.0.saturating_sub(1), |candidate| {
             Ok(self.store.get(&ipv4_path(candidate))?.is_some())
@@ -1054,7 +1095,7 @@ mod tests {
             let (b, _) = registry
                 .register(machine, &request("b", Some(key.clone())), SystemTime::now())
                 .unwrap();
-            registry.delete_by_name("a").unwrap();
+            registry.delete_by("a").unwrap();
             (b, a)
         };
         let registry = Registry::open(Arc::new(RedbStore::open(&path).unwrap())).unwrap();
@@ -1094,9 +1135,91 @@ mod tests {
     #[test]
     fn deleting_an_unknown_node_names_it() {
         let (_dir, registry) = open();
-        let err = registry.delete_by_name("ghost").unwrap_err();
+        let err = registry.delete_by("ghost").unwrap_err();
         assert!(matches!(err, DeleteError::NotFound(_)));
         assert!(err.to_string().contains("ghost"));
+    }
+
+    /// A node asking for a hostname that is another node's id: an
+    /// administrator naming that id must reach the node with the id.
+    #[test]
+    fn a_hostname_that_is_another_nodes_id_does_not_take_its_place() {
+        let (_dir, registry) = open();
+        let auth = key(&registry, true);
+        let (first, _) = registry
+            .register(
+                PrivateKey::generate().public_key(),
+                &request("web", Some(auth.clone())),
+                SystemTime::now(),
+            )
+            .unwrap();
+        let (second, _) = registry
+            .register(
+                PrivateKey::generate().public_key(),
+                &request(&first.id.to_string(), Some(auth)),
+                SystemTime::now(),
+            )
+            .unwrap();
+        assert_ne!(second.name, first.id.to_string());
+        let deleted = registry.delete_by(&first.id.to_string()).unwrap();
+        assert_eq!(deleted.id, first.id);
+        let left: Vec<NodeId> = registry
+            .nodes()
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n.id)
+            .collect();
+        assert_eq!(left, [second.id]);
+    }
+
+    /// A node named like another's id before such names were refused:
+    /// the bare argument is refused with both candidates, and `id:` or
+    /// `name:` picks one.
+    #[test]
+    fn an_argument_that_is_one_nodes_id_and_another_nodes_name_is_ambiguous() {
+        let (_dir, registry) = open();
+        let auth = key(&registry, true);
+        let mut nodes = (0..2).map(|i| {
+            registry
+                .register(
+                    PrivateKey::generate().public_key(),
+                    &request(&format!("web{i}"), Some(auth.clone())),
+                    SystemTime::now(),
+                )
+                .unwrap()
+                .0
+        });
+        let (first, mut second) = (nodes.next().unwrap(), nodes.next().unwrap());
+        let old_name = std::mem::replace(&mut second.name, first.id.to_string());
+        let ops = [
+            Op::Delete(name_path(&old_name)),
+            Op::Put(name_path(&second.name), store::encode(&second.id).unwrap()),
+            Op::Put(node_path(second.id), store::encode(&second).unwrap()),
+        ];
+        registry.store.txn(&[], &ops).unwrap();
+
+        let arg = first.id.to_string();
+        let err = registry.delete_by(&arg).unwrap_err();
+        assert!(matches!(err, DeleteError::Ambiguous { .. }), "{err:?}");
+        let text = err.to_string();
+        for expected in [
+            first.id.to_string(),
+            first.name.clone(),
+            second.id.to_string(),
+            format!("id:{arg}"),
+            format!("name:{arg}"),
+        ] {
+            assert!(text.contains(&expected), "{expected} in {text}");
+        }
+        assert_eq!(registry.nodes().unwrap().len(), 2, "nothing deleted");
+        assert_eq!(registry.find(&format!("id:{arg}")).unwrap().id, first.id);
+        assert_eq!(registry.find(&format!("name:{arg}")).unwrap().id, second.id);
+        assert_eq!(registry.delete_by(&first.name).unwrap().id, first.id);
+        assert_eq!(registry.find(&arg).unwrap().id, second.id);
+        assert!(matches!(
+            registry.find("id:n999"),
+            Err(DeleteError::NotFound(_))
+        ));
     }
 
     #[test]

@@ -30,8 +30,8 @@ pub(crate) fn router(state: AdminState) -> Router {
     Router::new()
         .route("/v1/authkeys", post(create_auth_key))
         .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{name}", delete(delete_node))
-        .route("/v1/nodes/{name}/expire", post(expire_node))
+        .route("/v1/nodes/{node}", delete(delete_node))
+        .route("/v1/nodes/{node}/expire", post(expire_node))
         .route("/v1/users/{email}/disable", post(disable_user))
         .route("/v1/policy", put(set_policy))
         .with_state(Arc::new(state))
@@ -85,21 +85,22 @@ async fn list_nodes(State(state): Shared) -> Result<Json<Vec<NodeView>>, ApiErro
     ))
 }
 
+/// `node` is an id, a name, `id:ID` or `name:NAME` (see `Registry::find`).
 async fn delete_node(
     State(state): Shared,
-    Path(name): Path<String>,
+    Path(node): Path<String>,
 ) -> Result<Json<NodeView>, ApiError> {
-    let record = state.registry.delete_by_name(&name)?;
-    tracing::info!(node = %record.id, "node deleted by an administrator");
+    let record = state.registry.delete_by(&node)?;
+    tracing::info!(node = %record.id, name = %record.name, "node deleted by an administrator");
     Ok(Json(view(record, false)))
 }
 
 async fn expire_node(
     State(state): Shared,
-    Path(name): Path<String>,
+    Path(node): Path<String>,
 ) -> Result<Json<NodeView>, ApiError> {
-    let record = state.registry.expire_by_name(&name, SystemTime::now())?;
-    tracing::info!(node = %record.id, "node's login expired by an administrator");
+    let record = state.registry.expire_by(&node, SystemTime::now())?;
+    tracing::info!(node = %record.id, name = %record.name, "node's login expired by an administrator");
     Ok(Json(view(record, false)))
 }
 

@@ -67,15 +67,16 @@ impl AdminClient {
         self.call(Method::GET, "/v1/nodes", None::<&()>).await
     }
 
-    /// Deletes the node called `name`.
-    pub async fn delete_node(&self, name: &str) -> Result<NodeView, ClientError> {
-        let path = format!("/v1/nodes/{}", percent_encode(name));
+    /// Deletes the node `node` names: its id (`n7`), its name, or either
+    /// spelled out (`id:n7`, `name:web`).
+    pub async fn delete_node(&self, node: &str) -> Result<NodeView, ClientError> {
+        let path = format!("/v1/nodes/{}", percent_encode(node));
         self.call(Method::DELETE, &path, None::<&()>).await
     }
 
-    /// Ends the login of the node called `name`.
-    pub async fn expire_node(&self, name: &str) -> Result<NodeView, ClientError> {
-        let path = format!("/v1/nodes/{}/expire", percent_encode(name));
+    /// Ends the login of the node `node` names, as for [`AdminClient::delete_node`].
+    pub async fn expire_node(&self, node: &str) -> Result<NodeView, ClientError> {
+        let path = format!("/v1/nodes/{}/expire", percent_encode(node));
         self.call(Method::POST, &path, None::<&()>).await
     }
 

@@ -63,6 +63,7 @@ impl From<DeleteError> for ApiError {
     fn from(e: DeleteError) -> Self {
         match e {
             DeleteError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            DeleteError::Ambiguous { .. } => ApiError::BadRequest(e.to_string()),
             DeleteError::Store(e) => e.into(),
         }
     }

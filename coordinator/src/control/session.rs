@@ -352,8 +352,8 @@ impl Session {
                 return self.refuse(unavailable()).await;
             }
         };
-        tracing::info!(node = %record.id, ipv4 = %record.ipv4, machine = %machine_key.short(), "node registered");
-        tracing::debug!(node = %record.id, name = %record.name, identity = %record.identity, "node details");
+        tracing::info!(node = %record.id, name = %record.name, ipv4 = %record.ipv4, machine = %machine_key.short(), "node registered");
+        tracing::debug!(node = %record.id, identity = %record.identity, "node details");
         let attached = match self
             .ctx
             .netmaps

@@ -76,6 +76,16 @@ impl Ids {
     }
 }
 
+/// The node id `text` spells as ids are shown (`n7`), if it is one.
+/// No node may take a name that parses here.
+pub(crate) fn parse(text: &str) -> Option<NodeId> {
+    let digits = text.strip_prefix('n')?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().map(NodeId)
+}
+
 /// Advances the store's counter by `count`; the first id of the block.
 fn reserve(store: &dyn Store, count: u64) -> Result<u64, StoreError> {
     for _ in 0..MAX_ATTEMPTS {
