@@ -11,7 +11,7 @@
 //!   the whole address case-insensitively, so the local part is folded too.
 //!   Non-ASCII characters are left as they are (Unicode case folding would
 //!   let look-alike characters such as the Kelvin sign `K` become ASCII).
-//! - **domains**: ASCII-lowercased, without a trailing dot.
+//! - **domains**: ASCII-lowercased, without trailing dots.
 //! - **tags**: `tag:NAME` with NAME ASCII-lowercased.
 //! - **SPIFFE IDs**: the scheme and trust domain lowercased (the SPIFFE
 //!   standard makes them case-insensitive); the path is case-sensitive and
@@ -31,9 +31,9 @@ pub fn email(text: &str) -> Cow<'_, str> {
 
 /// A DNS domain (as in an email domain allow-list) in canonical form.
 pub fn domain(text: &str) -> Cow<'_, str> {
-    match text.strip_suffix('.') {
-        Some(bare) => Cow::Owned(bare.to_ascii_lowercase()),
-        None => ascii_lower(text),
+    match text.trim_end_matches('.') {
+        bare if bare.len() < text.len() => Cow::Owned(bare.to_ascii_lowercase()),
+        _ => ascii_lower(text),
     }
 }
 
@@ -138,6 +138,7 @@ mod tests {
     fn domains_lose_case_and_trailing_dot() {
         assert_eq!(domain("Example.COM."), "example.com");
         assert_eq!(domain("example.com"), "example.com");
+        assert_eq!(domain(".."), "");
     }
 
     #[test]
