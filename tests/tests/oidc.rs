@@ -245,6 +245,18 @@ key_expiry = "1h"
         "laptop",
     ];
     let (url, child) = login_url(overlay.node("laptop")?.weft_spawn(&up_args)?)?;
+    // Whoever opens the link first chooses whose identity the node joins
+    // as: it goes to the `weft up` that asked, and to root's status, never
+    // into the status message that socket-group readers see, nor the log.
+    let waiting = overlay.node("laptop")?.status()?;
+    ensure!(
+        waiting["login_url"] == url.as_str() && !waiting["message"].to_string().contains("/login/"),
+        "status while a login waits: {waiting}"
+    );
+    ensure!(
+        !overlay.node("laptop")?.log().contains("/login/"),
+        "weftd logged the login link"
+    );
     let mut browser = Browser::new(&coord.netns);
     let page = browser.login(&url, "alice")?;
     let logged_in = Instant::now();

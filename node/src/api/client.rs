@@ -176,6 +176,7 @@ mod tests {
         Status {
             state,
             message: None,
+            login_url: None,
             self_node: None,
             coordinator: CoordinatorStatus {
                 address: None,

@@ -202,8 +202,17 @@ async fn down(
     ask(&commands, Command::Down).await.map(Json)
 }
 
-async fn status(State(commands): State<mpsc::Sender<Command>>) -> Result<Json<Status>, ApiError> {
-    ask(&commands, Command::Status).await.map(Json)
+/// Anyone on the socket reads the status; only those who may change the
+/// node see a pending login link.
+async fn status(
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    State(commands): State<mpsc::Sender<Command>>,
+) -> Result<Json<Status>, ApiError> {
+    let mut status = ask(&commands, Command::Status).await?;
+    if caller.may_change().is_err() {
+        status.login_url = None;
+    }
+    Ok(Json(status))
 }
 
 async fn whois(
@@ -284,6 +293,48 @@ mod tests {
         assert_eq!(err.status(), StatusCode::FORBIDDEN);
         assert!(err.to_string().contains("--socket-group"), "{err}");
         assert!(Caller { uid: None }.may_change().is_err());
+    }
+
+    /// A reader on the socket's group must not see a pending login link:
+    /// whoever opens it first chooses whose identity the node joins as.
+    #[tokio::test]
+    async fn only_those_who_may_change_the_node_see_the_login_link() {
+        let (commands, mut requests) = mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Some(Command::Status(reply)) = requests.recv().await {
+                let status = crate::api::Status {
+                    state: crate::api::RunState::NeedsLogin,
+                    message: Some("waiting for a person to log in".into()),
+                    login_url: Some("https://coord.example.com/login/secret".into()),
+                    self_node: None,
+                    coordinator: crate::api::CoordinatorStatus {
+                        address: None,
+                        connected: false,
+                        connected_to: None,
+                    },
+                    peers: Vec::new(),
+                    filter: crate::api::FilterStatus::default(),
+                };
+                let _ = reply.send(status);
+            }
+        });
+        let own = nix::unistd::geteuid().as_raw();
+        let reader = Caller {
+            uid: Some(own.wrapping_add(4242).max(1)),
+        };
+        let Json(seen) = status(ConnectInfo(reader), State(commands.clone()))
+            .await
+            .unwrap();
+        assert_eq!(seen.login_url, None);
+        let text = serde_json::to_string(&seen).unwrap();
+        assert!(!text.contains("/login/"), "{text}");
+        let Json(seen) = status(ConnectInfo(Caller { uid: Some(0) }), State(commands))
+            .await
+            .unwrap();
+        assert_eq!(
+            seen.login_url.as_deref(),
+            Some("https://coord.example.com/login/secret")
+        );
     }
 
     #[tokio::test]

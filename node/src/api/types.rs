@@ -89,6 +89,12 @@ pub struct Status {
     /// Why the state is what it is, when that needs saying (a refusal, a connection error).
     #[serde(default)]
     pub message: Option<String>,
+    /// The link a person must open to log this node in, while a login
+    /// waits. Whoever opens it first decides whose identity the node joins
+    /// as, so only root and weftd's own user see it: never members of the
+    /// socket's group, and never the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login_url: Option<String>,
     /// This node, once registered.
     #[serde(rename = "self")]
     pub self_node: Option<SelfStatus>,
@@ -274,6 +280,7 @@ mod tests {
         Status {
             state: RunState::Running,
             message: None,
+            login_url: None,
             self_node: Some(SelfStatus {
                 hostname: "web-1".into(),
                 addresses: vec![

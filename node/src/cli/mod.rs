@@ -251,10 +251,7 @@ async fn finish_up(client: &ApiClient, reply: UpReply) -> anyhow::Result<()> {
                 }
             }
             RunState::NeedsLogin | RunState::Connecting
-                if status
-                    .message
-                    .as_deref()
-                    .is_none_or(|m| m.starts_with("To log in")) => {}
+                if status.login_url.is_some() || status.message.is_none() => {}
             RunState::Connecting => {}
             _ => {
                 let why = status.message.unwrap_or_else(|| "no reason given".into());

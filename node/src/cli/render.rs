@@ -31,6 +31,9 @@ pub(super) fn status(status: &Status, now: SystemTime) -> String {
     if let Some(message) = &status.message {
         let _ = writeln!(out, "message:     {message}");
     }
+    if let Some(url) = &status.login_url {
+        let _ = writeln!(out, "log in at:   {url}");
+    }
     if let Some(address) = &status.coordinator.address {
         let link = match (
             status.coordinator.connected,
@@ -162,6 +165,7 @@ mod tests {
         let status = Status {
             state: RunState::Running,
             message: None,
+            login_url: None,
             self_node: Some(SelfStatus {
                 hostname: "web-1".into(),
                 addresses: vec!["100.64.0.1".parse().unwrap()],

@@ -138,6 +138,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         pending_up: None,
         run_state: RunState::Stopped,
         message: None,
+        login_url: None,
         self_node: None,
         connected: false,
         connected_to: None,
@@ -206,6 +207,8 @@ struct Daemon {
     pending_up: Option<oneshot::Sender<Result<UpReply, ApiError>>>,
     run_state: RunState,
     message: Option<String>,
+    /// The pending login link (see [`Status::login_url`]).
+    login_url: Option<String>,
     self_node: Option<SelfNode>,
     connected: bool,
     /// The replica the control session is connected to.
@@ -361,6 +364,7 @@ impl Daemon {
         }
         self.run_state = RunState::Stopped;
         self.message = None;
+        self.login_url = None;
         tracing::info!("stopped by `weft down`");
         self.status()
     }
@@ -413,6 +417,7 @@ impl Daemon {
         tracing::debug!(name = %node.name, identity = %node.identity, "registered as");
         self.connected = true;
         self.message = None;
+        self.login_url = None;
         self.self_node = Some(node);
         if let Some(prefs) = self.pending_prefs.take() {
             if let Err(e) = self.state.save_prefs(&prefs) {
@@ -424,9 +429,14 @@ impl Daemon {
     /// Hands the login URL to the waiting `weft up` or `weft login`, which
     /// prints it and follows the status until the person logged in.
     fn on_login_required(&mut self, prompt: LoginPrompt) {
-        tracing::info!(url = %prompt.url, "waiting for a person to log in");
+        tracing::info!(
+            "waiting for a person to log in at the link given to `weft up` or `weft login`"
+        );
         self.run_state = RunState::NeedsLogin;
-        self.message = Some(format!("To log in, visit: {}", prompt.url));
+        self.message = Some(
+            "waiting for a person to log in at the link given to `weft up` or `weft login`".into(),
+        );
+        self.login_url = Some(prompt.url.clone());
         if let Some(pending) = self.pending_up.take() {
             let _ = pending.send(Ok(UpReply::LoginRequired(LoginPending {
                 login_url: prompt.url,
@@ -645,6 +655,10 @@ impl Daemon {
         Status {
             state: self.run_state,
             message: self.message.clone(),
+            login_url: self
+                .login_url
+                .clone()
+                .filter(|_| self.run_state == RunState::NeedsLogin),
             self_node: self
                 .self_node
                 .as_ref()
