@@ -11,6 +11,7 @@ mod config;
 mod control;
 mod http;
 mod keyfile;
+mod limits;
 mod netmap;
 mod nodes;
 mod oidc;
@@ -36,4 +37,5 @@ pub use config::{
 };
 pub use control::QuicThread;
 pub use keyfile::{ensure_data_dir, load_or_create_key, KeyFileError};
+pub use limits::Limits;
 pub use server::{Coordinator, ServeOptions, StartError};

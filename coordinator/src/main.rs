@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use weft_coordinator::{
-    AdminClient, AuthKeyRequest, Coordinator, FileConfig, NodeView, ServeOptions,
+    AdminClient, AuthKeyRequest, Coordinator, FileConfig, Limits, NodeView, ServeOptions,
 };
 
 /// The control listener's address unless flags or the configuration file say otherwise.
@@ -57,6 +57,22 @@ enum Command {
         /// name and addresses (e.g. `30s`, `10m`) [default: `ephemeral_timeout` or 10m].
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         ephemeral_timeout: Option<Duration>,
+        /// TCP connections (control sessions over TLS and HTTP together) one source address
+        /// may hold, IPv6 addresses counting per /64; more are closed at once [default: 256].
+        /// Raise it when many nodes without UDP share one NAT address.
+        #[arg(long, value_name = "N")]
+        max_connections_per_address: Option<usize>,
+        /// Interactive logins that may wait at once for someone to finish them; more are
+        /// refused with a message to retry [default: 1024].
+        #[arg(long, value_name = "N")]
+        max_pending_logins: Option<usize>,
+        /// Time an HTTP client has to send a request's head, and that a kept-alive
+        /// connection may wait for its next request [default: 10s].
+        #[arg(long, hide = true, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        http_header_timeout: Option<Duration>,
+        /// An HTTP connection on which nothing moves for this long is closed [default: 60s].
+        #[arg(long, hide = true, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        http_idle_timeout: Option<Duration>,
     },
     /// Print the coordinator's public key (nodes pin it); creates the key if absent.
     Key {
@@ -198,7 +214,17 @@ async fn run(command: Command) -> Result<()> {
             public_url,
             admins,
             ephemeral_timeout,
+            max_connections_per_address,
+            max_pending_logins,
+            http_header_timeout,
+            http_idle_timeout,
         } => {
+            let limits = limits(
+                max_connections_per_address,
+                max_pending_logins,
+                http_header_timeout,
+                http_idle_timeout,
+            )?;
             let file = match &config {
                 Some(path) => weft_coordinator::load_config(path)?,
                 None => FileConfig::default(),
@@ -231,6 +257,7 @@ async fn run(command: Command) -> Result<()> {
                 workload_issuers,
                 ephemeral_timeout,
                 relays,
+                limits,
             })
             .await
         }
@@ -322,6 +349,45 @@ async fn run(command: Command) -> Result<()> {
             command: PolicyCommand::Set { dir, file, force },
         } => set_policy(&dir.data_dir, &file, force).await,
     }
+}
+
+/// The defaults, with what the flags override.
+fn limits(
+    per_address: Option<usize>,
+    pending_logins: Option<usize>,
+    header_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+) -> Result<Limits> {
+    let mut limits = Limits::default();
+    if let Some(n) = per_address {
+        if n == 0 {
+            bail!("--max-connections-per-address must be at least 1");
+        }
+        limits.connections_per_address = n;
+    }
+    if let Some(n) = pending_logins {
+        limits.pending_logins = n;
+    }
+    for (flag, value, field) in [
+        (
+            "--http-header-timeout",
+            header_timeout,
+            &mut limits.http_header_timeout,
+        ),
+        (
+            "--http-idle-timeout",
+            idle_timeout,
+            &mut limits.http_idle_timeout,
+        ),
+    ] {
+        if let Some(value) = value {
+            if value.is_zero() {
+                bail!("{flag} must be more than zero");
+            }
+            *field = value;
+        }
+    }
+    Ok(limits)
 }
 
 async fn serve(options: ServeOptions) -> Result<()> {

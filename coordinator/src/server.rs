@@ -1,6 +1,8 @@
 //! Wires the coordinator together: store, registry, netmap task, control
 //! listeners (QUIC, and TLS on TCP sharing the port with HTTP), admin
-//! socket and policy watcher.
+//! socket and policy watcher. Client connections on TCP are capped so that
+//! the admin socket and the policy watcher always find a descriptor (see
+//! [`crate::limits`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,6 +18,7 @@ use crate::config::{check_public_url, OidcSettings, StoreSettings, WorkloadIssue
 use crate::control::{self, ListenError};
 use crate::http;
 use crate::keyfile::{self, KeyFileError};
+use crate::limits::{self, ConnectionGate, Limits};
 use crate::netmap::NetmapHandle;
 use crate::nodes::Registry;
 use crate::oidc::Logins;
@@ -56,6 +59,8 @@ pub struct ServeOptions {
     pub ephemeral_timeout: Duration,
     /// The relays nodes are told about and that may follow the admitted node keys.
     pub relays: Vec<RelayInfo>,
+    /// Timeouts and caps on what clients may hold.
+    pub limits: Limits,
 }
 
 /// Why the coordinator could not start.
@@ -169,8 +174,9 @@ pub struct Coordinator {
     admin: JoinHandle<()>,
     admin_stop: oneshot::Sender<()>,
     http_addr: SocketAddr,
-    http: JoinHandle<()>,
-    http_stop: oneshot::Sender<()>,
+    /// Serves the HTTP endpoints' own listener (`--http-listen`); on a
+    /// shared port the control listener serves them.
+    http: Option<JoinHandle<()>>,
     discovery: Option<JoinHandle<()>>,
     prefetch: Option<JoinHandle<()>>,
     watcher: Option<JoinHandle<()>>,
@@ -253,11 +259,8 @@ impl Coordinator {
         let http_elsewhere = options
             .http_listen
             .filter(|addr| !is_control_address(*addr, options.listen, local_addr));
-        let (http_listener, handoff, http_addr) = match http_elsewhere {
-            None => {
-                let (listener, handoff) = http::Handoff::new(local_addr);
-                (HttpListener::Shared(listener), Some(handoff), local_addr)
-            }
+        let (http_listener, http_addr) = match http_elsewhere {
+            None => (None, local_addr),
             Some(addr) => {
                 let listener = http::bind(addr)
                     .await
@@ -265,7 +268,7 @@ impl Coordinator {
                 let http_addr = listener
                     .local_addr()
                     .map_err(|source| StartError::Http { addr, source })?;
-                (HttpListener::Own(listener), None, http_addr)
+                (Some(listener), http_addr)
             }
         };
         let public_url = public_url(
@@ -274,19 +277,35 @@ impl Coordinator {
             options.oidc.is_some(),
         )?;
         let logins = match options.oidc {
-            Some(settings) => Some(Logins::new(settings, &public_url).map_err(StartError::Config)?),
+            Some(settings) => Some(
+                Logins::new(settings, &public_url, options.limits.pending_logins)
+                    .map_err(StartError::Config)?,
+            ),
             None => None,
         };
         let discovery = logins
             .clone()
             .map(|logins| tokio::spawn(logins.discover_in_background()));
-        let (http_stop, http_stopped) = oneshot::channel();
-        let router = http::router(logins.clone(), public_url.starts_with("https://"));
-        let http = match http_listener {
-            HttpListener::Shared(listener) => {
-                tokio::spawn(serve_http(listener, router, http_stopped))
+        let (shutdown, shutting_down) = watch::channel(false);
+        let http_server = http::Server::new(
+            http::router(logins.clone(), public_url.starts_with("https://")),
+            &options.limits,
+        );
+        let gate = ConnectionGate::new(
+            limits::connection_budget(),
+            options.limits.connections_per_address,
+        );
+        let (http, handoff) = match http_listener {
+            Some(listener) => {
+                let serve = http::accept(
+                    listener,
+                    http_server,
+                    Arc::clone(&gate),
+                    shutting_down.clone(),
+                );
+                (Some(tokio::spawn(serve)), None)
             }
-            HttpListener::Own(listener) => tokio::spawn(serve_http(listener, router, http_stopped)),
+            None => (None, Some(http_server)),
         };
         tracing::info!(%http_addr, %public_url, "HTTP endpoints listening");
         let workloads = if options.workload_issuers.is_empty() {
@@ -299,7 +318,6 @@ impl Coordinator {
             .clone()
             .map(|workloads| tokio::spawn(async move { workloads.prefetch().await }));
         let public_key = key.public_key();
-        let (shutdown, shutting_down) = watch::channel(false);
         let context = Arc::new(control::Context {
             key,
             registry,
@@ -315,6 +333,7 @@ impl Coordinator {
             acceptor,
             Arc::clone(&context),
             handoff,
+            gate,
             shutting_down,
         ));
         let control = tokio::spawn(control::accept(endpoint.clone(), context));
@@ -331,7 +350,6 @@ impl Coordinator {
             admin_stop,
             http_addr,
             http,
-            http_stop,
             discovery,
             prefetch,
             watcher,
@@ -361,7 +379,6 @@ impl Coordinator {
             .close(CLOSE_BY_COORDINATOR.into(), b"coordinator shutting down");
         let _ = self.shutdown.send(true);
         let _ = self.admin_stop.send(());
-        let _ = self.http_stop.send(());
         if let Some(discovery) = self.discovery {
             discovery.abort();
         }
@@ -377,7 +394,9 @@ impl Coordinator {
         let _ = tokio::time::timeout(DRAIN, self.control).await;
         let _ = tokio::time::timeout(DRAIN, self.control_tcp).await;
         let _ = tokio::time::timeout(DRAIN, self.admin).await;
-        let _ = tokio::time::timeout(DRAIN, self.http).await;
+        if let Some(http) = self.http {
+            let _ = tokio::time::timeout(DRAIN, http).await;
+        }
         // The netmap task ends once the last handle (held by sessions, the
         // admin API and the watcher) is gone, and with it the database.
         let _ = tokio::time::timeout(DRAIN, self.netmap).await;
@@ -391,27 +410,6 @@ impl Coordinator {
 /// sharing its port (an unspecified port is a port of its own).
 fn is_control_address(http: SocketAddr, listen: SocketAddr, bound: SocketAddr) -> bool {
     http == bound || (http.port() != 0 && http == listen)
-}
-
-/// Where the HTTP endpoints take their connections from.
-enum HttpListener {
-    /// The control port's TCP listener, which keeps the TLS connections.
-    Shared(http::Handoff),
-    /// Their own port (`--http-listen`).
-    Own(tokio::net::TcpListener),
-}
-
-async fn serve_http<L>(listener: L, router: axum::Router, stopped: oneshot::Receiver<()>)
-where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
-        let _ = stopped.await;
-    });
-    if let Err(e) = serve.await {
-        tracing::error!("HTTP server stopped: {e}");
-    }
 }
 
 /// Opens the configured backend. Connecting to etcd blocks for up to its

@@ -99,6 +99,7 @@ impl Harness {
             workload_issuers: self.workload_issuers.clone(),
             ephemeral_timeout: self.ephemeral_timeout,
             relays: Vec::new(),
+            limits: Default::default(),
         })
         .await
         .unwrap();

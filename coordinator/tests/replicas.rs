@@ -63,6 +63,7 @@ async fn start(data_dir: &Path, etcd: &EtcdCluster, ephemeral_timeout: Duration)
         workload_issuers: Vec::new(),
         ephemeral_timeout,
         relays: Vec::new(),
+        limits: Default::default(),
     })
     .await
     .unwrap()

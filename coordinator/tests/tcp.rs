@@ -57,6 +57,7 @@ impl Lab {
             workload_issuers: Vec::new(),
             ephemeral_timeout: weft_coordinator::DEFAULT_EPHEMERAL_TIMEOUT,
             relays: Vec::new(),
+            limits: Default::default(),
         })
         .await
         .unwrap();

@@ -205,6 +205,7 @@ async fn the_relay_forwards_between_admitted_nodes_only() {
         workload_issuers: Vec::new(),
         ephemeral_timeout: weft_coordinator::DEFAULT_EPHEMERAL_TIMEOUT,
         relays: vec![relay.clone()],
+        limits: Default::default(),
     })
     .await
     .unwrap();

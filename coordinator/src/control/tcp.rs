@@ -4,18 +4,25 @@
 //! unless they listen elsewhere: the first byte of a connection tells them
 //! apart, since a TLS connection starts with a handshake record (`0x16`)
 //! and an HTTP request with a method name.
+//!
+//! Every connection first takes a place under the [`ConnectionGate`]'s
+//! caps (per source address and in total, sized so that client connections
+//! never take the descriptors the coordinator keeps for itself); one beyond
+//! them is closed as soon as it is accepted.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::TlsAcceptor;
 
 use super::{session, stopping, Context};
+use crate::http;
+use crate::limits::{AcceptBackoff, ConnectionGate, Permit};
 
 /// What a connection on the control port speaks, by its first byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +46,7 @@ pub(crate) fn classify(first: u8) -> Protocol {
 
 /// Where connections that are not TLS go: the HTTP server sharing the
 /// port, or nowhere when HTTP listens elsewhere (`--http-listen`).
-pub(crate) type HttpHandoff = Option<mpsc::Sender<(TcpStream, SocketAddr)>>;
+pub(crate) type HttpHandoff = Option<Arc<http::Server>>;
 
 /// Time a new connection has to send its first byte, and then to complete
 /// the TLS and Noise handshakes.
@@ -58,27 +65,31 @@ pub(crate) async fn accept(
     acceptor: TlsAcceptor,
     ctx: Arc<Context>,
     http: HttpHandoff,
+    gate: Arc<ConnectionGate>,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut sessions = JoinSet::new();
     let mut stop = shutdown.clone();
+    let mut backoff = AcceptBackoff::new("control port's TCP listener");
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
-                    sessions.spawn(route(
-                        stream,
-                        remote,
-                        acceptor.clone(),
-                        Arc::clone(&ctx),
-                        http.clone(),
-                        shutdown.clone(),
-                    ));
+                    backoff.succeeded();
+                    // Beyond a cap the stream is dropped here: closed at once.
+                    if let Ok(permit) = gate.admit(remote.ip(), Instant::now()) {
+                        sessions.spawn(route(
+                            stream,
+                            remote,
+                            permit,
+                            acceptor.clone(),
+                            Arc::clone(&ctx),
+                            http.clone(),
+                            shutdown.clone(),
+                        ));
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!("cannot accept a TCP connection on the control port: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                Err(e) => tokio::time::sleep(backoff.failed(&e, Instant::now())).await,
             },
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             () = stopping(&mut stop) => break,
@@ -88,10 +99,12 @@ pub(crate) async fn accept(
     while sessions.join_next().await.is_some() {}
 }
 
-/// Sends one connection where its first byte says it belongs.
+/// Serves one connection as its first byte says, holding its place under
+/// the caps until it closes.
 async fn route(
     stream: TcpStream,
     remote: SocketAddr,
+    _permit: Permit,
     acceptor: TlsAcceptor,
     ctx: Arc<Context>,
     http: HttpHandoff,
@@ -123,10 +136,7 @@ async fn route(
             }
             session::serve_tls(stream, remote, acceptor, ctx, deadline).await;
         }
-        (Protocol::Other, Some(http)) => {
-            // The HTTP server is gone only while shutting down.
-            let _ = http.send((stream, remote)).await;
-        }
+        (Protocol::Other, Some(http)) => http.serve(stream, remote, &mut shutdown).await,
         (Protocol::Other, None) => {
             tracing::info!(%remote, first_byte = first[0], "closing a connection on the control port that is not TLS (the HTTP endpoints listen elsewhere, see --http-listen)");
         }

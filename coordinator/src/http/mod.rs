@@ -3,7 +3,10 @@
 //! control sessions over TLS unless `--http-listen` puts them elsewhere.
 //!
 //! Pages are plain HTML for the person at the browser; every value from the
-//! request or the identity provider is escaped.
+//! request or the identity provider is escaped. Connections are served with
+//! timeouts and under the connection caps (`serve.rs`).
+
+mod serve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,56 +17,12 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
+pub(crate) use self::serve::{accept, Server};
 use crate::oidc::{CallbackParams, LoginError, Logins, BROWSER_COOKIE, CALLBACK_PATH};
 
 /// Binds the HTTP listener.
 pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
-}
-
-/// The HTTP connections of a port shared with control sessions, handed
-/// over by the control port's listener once their first byte showed they
-/// are not TLS.
-#[derive(Debug)]
-pub(crate) struct Handoff {
-    connections: tokio::sync::mpsc::Receiver<(tokio::net::TcpStream, SocketAddr)>,
-    local_addr: SocketAddr,
-}
-
-impl Handoff {
-    /// A listener for the port at `local_addr` and the sender its
-    /// connections come through.
-    pub(crate) fn new(
-        local_addr: SocketAddr,
-    ) -> (
-        Self,
-        tokio::sync::mpsc::Sender<(tokio::net::TcpStream, SocketAddr)>,
-    ) {
-        let (handoff, connections) = tokio::sync::mpsc::channel(64);
-        let listener = Self {
-            connections,
-            local_addr,
-        };
-        (listener, handoff)
-    }
-}
-
-impl axum::serve::Listener for Handoff {
-    type Io = tokio::net::TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.connections.recv().await {
-            Some(connection) => connection,
-            // The control listener stopped: no more connections, and the
-            // server ends by its graceful shutdown.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local_addr)
-    }
 }
 
 /// The routes. Without an identity provider configured, the login routes

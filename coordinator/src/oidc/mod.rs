@@ -17,6 +17,10 @@
 //! The provider is discovered in the background with backoff, so the
 //! coordinator starts and serves existing nodes while it is unreachable;
 //! logins meanwhile fail with a refusal that says so.
+//!
+//! Anyone who completes the control handshake can start a login, so the
+//! logins waiting at once are capped; one beyond the cap is refused before
+//! the provider is asked anything.
 
 mod claims;
 mod pending;
@@ -30,7 +34,7 @@ use std::time::{Duration, Instant, SystemTime};
 use base64::Engine as _;
 use openidconnect::RedirectUrl;
 use rand::RngCore as _;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use weft_proto::{LoginFlow, LoginPrompt, Refusal, RefusalCode};
 
 pub(crate) use self::claims::LoginIdentity;
@@ -38,6 +42,7 @@ pub(crate) use self::pending::LOGIN_TTL;
 use self::pending::{PendingError, PendingLogins};
 use self::provider::{Authorization, DeviceLogin, Provider, ProviderError, REQUEST_TIMEOUT};
 use crate::config::OidcSettings;
+use crate::limits::Report;
 
 /// The name of the cookie that binds a login to the browser that opened its link.
 pub(crate) const BROWSER_COOKIE: &str = "weft_login";
@@ -59,6 +64,10 @@ pub(crate) struct Logins {
     http: reqwest::Client,
     provider: Mutex<Option<(Arc<Provider>, Instant)>>,
     pending: Mutex<PendingLogins<Reply, Authorization>>,
+    /// One permit per login that may wait at once.
+    waiting: Arc<Semaphore>,
+    max_waiting: usize,
+    refusals: Mutex<Report>,
 }
 
 impl std::fmt::Debug for Logins {
@@ -79,6 +88,8 @@ pub(crate) struct Waiting {
     poll: Option<tokio::task::AbortHandle>,
     /// Receives the person once they logged in, or why they could not.
     pub(crate) result: oneshot::Receiver<Result<LoginIdentity, Refusal>>,
+    /// This login's place under the cap, freed when it ends.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Drop for Waiting {
@@ -123,8 +134,13 @@ pub(crate) struct Redirect {
 }
 
 impl Logins {
-    /// A relying party for `settings`, reachable by browsers at `public_url`.
-    pub(crate) fn new(settings: OidcSettings, public_url: &str) -> Result<Arc<Self>, String> {
+    /// A relying party for `settings`, reachable by browsers at `public_url`,
+    /// with at most `max_waiting` logins waiting at once.
+    pub(crate) fn new(
+        settings: OidcSettings,
+        public_url: &str,
+        max_waiting: usize,
+    ) -> Result<Arc<Self>, String> {
         let redirect = RedirectUrl::new(format!("{public_url}{CALLBACK_PATH}"))
             .map_err(|e| format!("public_url {public_url:?} gives no valid callback URL: {e}"))?;
         let http = reqwest::Client::builder()
@@ -140,6 +156,9 @@ impl Logins {
             http,
             provider: Mutex::new(None),
             pending: Mutex::new(PendingLogins::default()),
+            waiting: Arc::new(Semaphore::new(max_waiting)),
+            max_waiting,
+            refusals: Mutex::new(Report::default()),
         }))
     }
 
@@ -172,6 +191,7 @@ impl Logins {
         self: &Arc<Self>,
         flow: LoginFlow,
     ) -> Result<(LoginPrompt, Waiting), Refusal> {
+        let slot = self.reserve()?;
         // Asked afresh at every login, so an outage is reported at once
         // instead of after the person opened the link.
         let provider = self.discover().await.map_err(|e| Refusal {
@@ -179,7 +199,7 @@ impl Logins {
             message: format!("{e}; logins work again once it is reachable, retry later"),
         })?;
         if flow == LoginFlow::DeviceCode {
-            return self.start_device(provider).await;
+            return self.start_device(provider, slot).await;
         }
         let id = random_token();
         let (reply, result) = oneshot::channel();
@@ -194,14 +214,42 @@ impl Logins {
             logins: Arc::clone(self),
             poll: None,
             result,
+            _slot: slot,
         };
         Ok((prompt, waiting))
+    }
+
+    /// A place for one more waiting login, or the refusal saying there is none.
+    fn reserve(&self) -> Result<OwnedSemaphorePermit, Refusal> {
+        Arc::clone(&self.waiting).try_acquire_owned().map_err(|_| {
+            let hit = self
+                .refusals
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .hit(tokio::time::Instant::now());
+            if let Some((refused, since_start)) = hit {
+                tracing::warn!(
+                    refused,
+                    refused_since_start = since_start,
+                    "refusing interactive logins: {} are waiting to be finished, the most allowed (--max-pending-logins)",
+                    self.max_waiting
+                );
+            }
+            Refusal {
+                code: RefusalCode::Unavailable,
+                message: format!(
+                    "the coordinator has {} logins waiting to be finished, the most it allows at once; retry in a few minutes",
+                    self.max_waiting
+                ),
+            }
+        })
     }
 
     /// Starts a device login and polls for its outcome in the background.
     async fn start_device(
         self: &Arc<Self>,
         provider: Arc<Provider>,
+        slot: OwnedSemaphorePermit,
     ) -> Result<(LoginPrompt, Waiting), Refusal> {
         let login = provider
             .start_device_login(&self.settings.scopes, &self.http)
@@ -237,6 +285,7 @@ impl Logins {
             logins: Arc::clone(self),
             poll: Some(poll.abort_handle()),
             result,
+            _slot: slot,
         };
         Ok((prompt, waiting))
     }
@@ -391,4 +440,29 @@ fn random_token() -> String {
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_issuer::TestIssuer;
+    use super::*;
+
+    #[tokio::test]
+    async fn logins_beyond_the_cap_are_refused_until_one_ends() {
+        let issuer = TestIssuer::start(false).await;
+        let logins = Logins::new(issuer.settings(), "http://127.0.0.1:9", 1).unwrap();
+        let (_, first) = logins.start(LoginFlow::Browser).await.unwrap();
+        let refusal = logins.start(LoginFlow::Browser).await.unwrap_err();
+        assert_eq!(refusal.code, RefusalCode::Unavailable);
+        assert!(
+            refusal.message.contains("logins waiting"),
+            "{}",
+            refusal.message
+        );
+        drop(first);
+        assert!(
+            logins.start(LoginFlow::Browser).await.is_ok(),
+            "an abandoned login frees its place"
+        );
+    }
 }
