@@ -139,3 +139,21 @@ fn diff_lists_newly_allowed_and_denied_flows() {
     let out = weft(&["policy", "diff", &old, &fixture("syntax_error.hujson")]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// `weft … | head` ends quietly when the reader goes away, like any Unix
+/// tool: no panic, no backtrace.
+#[test]
+fn a_closed_pipe_ends_output_quietly() {
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["policy", "check", &fixture("valid.hujson")])
+        .stdout(std::process::Stdio::from(writer))
+        .output()
+        .unwrap();
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(libc::SIGPIPE)
+    );
+}

@@ -268,6 +268,14 @@ pub struct FilterStatus {
     /// answer (rate limit, ICMP errors, sources other than this node).
     #[serde(default)]
     pub too_big_suppressed: u64,
+    /// Packets from a peer whose source address is not one of that peer's:
+    /// a compromised or misconfigured peer trying to speak for another.
+    #[serde(default)]
+    pub spoofed: u64,
+    /// Datagrams on the WireGuard port that are not valid WireGuard, fail
+    /// authentication, or come from a key the netmap does not have.
+    #[serde(default)]
+    pub invalid_datagrams: u64,
 }
 
 #[cfg(test)]
@@ -353,7 +361,9 @@ mod tests {
                     "denied_by_rule": 0,
                     "audit_passed": 0,
                     "too_big_sent": 0,
-                    "too_big_suppressed": 0
+                    "too_big_suppressed": 0,
+                    "spoofed": 0,
+                    "invalid_datagrams": 0
                 }
             })
         );

@@ -222,6 +222,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Makes output piped into `head` end the way it does for any Unix tool,
+/// quietly, rather than with a panic in `println!`: Rust's runtime ignores
+/// SIGPIPE, and this restores the default. Only for command-line tools;
+/// servers keep ignoring it and handle EPIPE on their sockets.
+pub fn exit_quietly_on_broken_pipe() {
+    // SAFETY: called first thing in `main`; setting a signal's action to
+    // its default installs no handler code and races with nothing.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Prints the login URL when a person must log in and follows the daemon's
 /// status until they did (or the login failed or expired).
 async fn finish_up(client: &ApiClient, reply: UpReply) -> anyhow::Result<()> {

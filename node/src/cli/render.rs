@@ -55,11 +55,20 @@ pub(super) fn status(status: &Status, now: SystemTime) -> String {
             let _ = writeln!(out, "key expires: {expiry}");
         }
     }
-    let _ = writeln!(
+    let filter = &status.filter;
+    let _ = write!(
         out,
         "filter:      {} accepted, {} dropped",
-        status.filter.accepted, status.filter.dropped
+        filter.accepted, filter.dropped
     );
+    // Signs of an attack or a broken peer: shown only when there are any.
+    if filter.spoofed > 0 {
+        let _ = write!(out, ", {} with a spoofed source", filter.spoofed);
+    }
+    if filter.invalid_datagrams > 0 {
+        let _ = write!(out, ", {} invalid datagrams", filter.invalid_datagrams);
+    }
+    out.push('\n');
     if status.peers.is_empty() {
         let _ = writeln!(out, "no peers");
         return out;
@@ -206,10 +215,15 @@ mod tests {
             filter: FilterStatus {
                 accepted: 1,
                 dropped: 2,
+                spoofed: 3,
                 ..FilterStatus::default()
             },
         };
         let text = super::status(&status, now);
+        assert!(
+            text.contains("filter:      1 accepted, 2 dropped, 3 with a spoofed source\n"),
+            "{text}"
+        );
         assert!(
             text.contains("coordinator: 198.51.100.1:7443 (not connected)"),
             "{text}"

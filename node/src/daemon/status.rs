@@ -43,6 +43,8 @@ pub(crate) fn filter_status(stats: &FilterStats) -> FilterStatus {
         audit_passed: stats.audit_passed,
         too_big_sent: stats.too_big_sent,
         too_big_suppressed: stats.too_big_suppressed,
+        spoofed: stats.dropped_spoofed,
+        invalid_datagrams: stats.dropped_invalid_datagram + stats.dropped_unknown_peer,
     }
 }
 
