@@ -5,6 +5,10 @@
 //! replaces a valid policy: its diagnostics go to the log and the policy in
 //! force stays.
 //!
+//! Every path that installs a policy (this file at start and on change,
+//! `policy set`) holds it to one budget: at most [`MAX_POLICY_BYTES`] of
+//! text, and no node's netmap over [`crate::netmap::NETMAP_BUDGET`].
+//!
 //! Every installed policy is also written to the store, so the policy in
 //! force survives a restart: a coordinator that restarts while the file holds
 //! a broken edit keeps serving the last good policy instead of refusing to
@@ -17,8 +21,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use weft_policy::{Diagnostics, Policy};
 
-use crate::netmap::NetmapHandle;
+use crate::netmap::{NetmapHandle, OverBudget};
 use crate::store::{self, Op, Store, StoreError};
+
+/// The largest policy accepted, from a file or through `policy set`: room
+/// for some 100,000 rules, while parsing one stays within a few hundred
+/// megabytes of memory.
+pub(crate) const MAX_POLICY_BYTES: usize = 8 << 20;
 
 /// Where the policy in force is kept.
 pub(crate) const CURRENT_KEY: &str = "policy/current";
@@ -96,8 +105,13 @@ pub(crate) fn installed(store: &dyn Store) -> Result<Option<Arc<Policy>>, LoadEr
 pub(crate) fn load_at_start(
     path: &Path,
     store: &dyn Store,
+    budget: impl FnOnce(&Policy) -> Result<(), OverBudget>,
 ) -> Result<(Validated, Vec<u8>), LoadError> {
-    let error = match load(path) {
+    let loaded = load(path).and_then(|(validated, content)| {
+        budget(&validated.policy)?;
+        Ok((validated, content))
+    });
+    let error = match loaded {
         Ok((validated, content)) => {
             let stored = StoredPolicy {
                 file_name: path.display().to_string(),
@@ -116,8 +130,8 @@ pub(crate) fn load_at_start(
         "{error}\nkeeping the policy that was in force before the restart until {} is fixed",
         path.display()
     );
-    // Follow from the file's current (invalid) bytes: only a change is retried.
-    let content = std::fs::read(path).unwrap_or_default();
+    // Follow from the file's current (refused) bytes: only a change is retried.
+    let content = read_bounded(path).unwrap_or_default();
     Ok((validated, content))
 }
 
@@ -144,6 +158,10 @@ pub(crate) enum LoadError {
     },
     #[error("policy file {path} is not UTF-8 text")]
     NotUtf8 { path: PathBuf },
+    #[error("{}", too_large(&path.display().to_string(), *len))]
+    TooLarge { path: PathBuf, len: u64 },
+    #[error(transparent)]
+    OverBudget(#[from] OverBudget),
     #[error("{0}")]
     Invalid(#[from] Diagnostics),
     #[error("cannot record the policy in force: {0}")]
@@ -162,14 +180,43 @@ pub(crate) fn validate(source: &str, file_name: &str) -> Result<Validated, Diagn
     })
 }
 
+/// Why a policy of `len` bytes from `origin` is refused.
+pub(crate) fn too_large(origin: &str, len: u64) -> String {
+    format!(
+        "policy {origin} is {len} bytes, over the {MAX_POLICY_BYTES}-byte limit for policies \
+         (the same for --policy files and `policy set`); split rules that list many addresses \
+         into groups or tags"
+    )
+}
+
 /// Reads and validates the policy file; also returns the bytes read.
 pub(crate) fn load(path: &Path) -> Result<(Validated, Vec<u8>), LoadError> {
-    let content = std::fs::read(path).map_err(|source| LoadError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let content = read_bounded(path)?;
     let validated = validate_bytes(path, &content)?;
     Ok((validated, content))
+}
+
+/// Reads the policy file, refusing one over [`MAX_POLICY_BYTES`] without
+/// reading more than one byte past the limit.
+fn read_bounded(path: &Path) -> Result<Vec<u8>, LoadError> {
+    use std::io::Read as _;
+    let read_error = |source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let mut content = Vec::new();
+    file.take(MAX_POLICY_BYTES as u64 + 1)
+        .read_to_end(&mut content)
+        .map_err(read_error)?;
+    if content.len() > MAX_POLICY_BYTES {
+        let len = std::fs::metadata(path).map_or(content.len() as u64, |m| m.len());
+        return Err(LoadError::TooLarge {
+            path: path.to_owned(),
+            len,
+        });
+    }
+    Ok(content)
 }
 
 /// Follows the policy file at `path`, whose last installed content was
@@ -185,22 +232,37 @@ pub(crate) async fn follow(
     let mut interval = tokio::time::interval(POLL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut unreadable = false;
+    let mut oversized = None;
     loop {
         interval.tick().await;
-        let content = match tokio::fs::read(&path).await {
-            Ok(content) => content,
-            Err(e) => {
-                if !unreadable {
-                    tracing::warn!(
-                        "cannot read policy file {}: {e}; keeping the policy in force",
-                        path.display()
+        let reading = path.clone();
+        let read = tokio::task::spawn_blocking(move || read_bounded(&reading)).await;
+        let content = match read {
+            Ok(Ok(content)) => content,
+            Ok(Err(LoadError::TooLarge { len, .. })) => {
+                if oversized != Some(len) {
+                    tracing::error!(
+                        "{}; keeping the policy in force",
+                        too_large(&path.display().to_string(), len)
                     );
+                    oversized = Some(len);
+                }
+                continue;
+            }
+            Ok(Err(e)) => {
+                if !unreadable {
+                    tracing::warn!("{e}; keeping the policy in force");
                     unreadable = true;
                 }
                 continue;
             }
+            Err(e) => {
+                tracing::error!("reading policy file {} failed: {e}", path.display());
+                continue;
+            }
         };
         unreadable = false;
+        oversized = None;
         if content == last {
             continue;
         }
@@ -213,6 +275,14 @@ pub(crate) async fn follow(
                 if let Err(lockout) = netmaps.check_lockout(policy.clone(), admins.clone()).await {
                     tracing::error!(
                         "the changed policy file {} is refused; keeping the policy in force: {lockout}",
+                        path.display()
+                    );
+                    last = content;
+                    continue;
+                }
+                if let Err(over) = netmaps.check_budget(policy.clone()).await {
+                    tracing::error!(
+                        "the changed policy file {} is refused; keeping the policy in force: {over}",
                         path.display()
                     );
                     last = content;
@@ -272,11 +342,11 @@ mod tests {
         let file = dir.path().join("policy.hujson");
 
         std::fs::write(&file, GOOD).unwrap();
-        load_at_start(&file, &store).unwrap();
+        load_at_start(&file, &store, |_| Ok(())).unwrap();
         assert_eq!(last_good(&store).unwrap().unwrap().source, GOOD);
 
         std::fs::write(&file, BROKEN).unwrap();
-        let (_, content) = load_at_start(&file, &store).unwrap();
+        let (_, content) = load_at_start(&file, &store, |_| Ok(())).unwrap();
         assert_eq!(
             content,
             BROKEN.as_bytes(),
@@ -307,7 +377,9 @@ mod tests {
         let store = RedbStore::open(&dir.path().join("weft.redb")).unwrap();
         let file = dir.path().join("policy.hujson");
         std::fs::write(&file, BROKEN).unwrap();
-        let error = load_at_start(&file, &store).unwrap_err().to_string();
+        let error = load_at_start(&file, &store, |_| Ok(()))
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("group:nobody"), "{error}");
         assert!(last_good(&store).unwrap().is_none());
     }

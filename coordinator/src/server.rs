@@ -19,7 +19,7 @@ use crate::control::{self, ListenError};
 use crate::http;
 use crate::keyfile::{self, KeyFileError};
 use crate::limits::{self, ConnectionGate, Limits};
-use crate::netmap::NetmapHandle;
+use crate::netmap::{self, NetmapHandle};
 use crate::nodes::Registry;
 use crate::oidc::Logins;
 use crate::policy_follow;
@@ -192,7 +192,14 @@ impl Coordinator {
         let registry = Registry::open(store)?;
         let policy = match &options.policy {
             Some(path) => {
-                let (validated, content) = policy_watch::load_at_start(path, &**registry.store())?;
+                let nodes = registry.nodes()?;
+                let now = crate::authkey::unix_secs(std::time::SystemTime::now());
+                let live = nodes.iter().map(|(n, _)| n).filter(|n| !n.is_expired(now));
+                let budget = |policy: &weft_policy::Policy| {
+                    netmap::budget_check(policy, live, netmap::NETMAP_BUDGET)
+                };
+                let (validated, content) =
+                    policy_watch::load_at_start(path, &**registry.store(), budget)?;
                 for warning in &validated.warnings {
                     tracing::warn!("{warning}");
                 }

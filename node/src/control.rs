@@ -290,6 +290,10 @@ async fn run(mut config: ControlConfig, emitter: Emitter, mut cache: Option<Cach
             Err(error) => ControlEvent::Disconnected(error),
         };
         let stop = event.is_final();
+        // A refusal to retry (the coordinator unavailable, or this node's
+        // netmap too large to send) waits out the backoff like a failed
+        // connection: registering again at once would only be refused again.
+        let refused = matches!(event, ControlEvent::Refused(_));
         if stop {
             // A node the coordinator no longer admits keeps no netmap to restart with.
             if let Some(cache) = cache.as_mut() {
@@ -307,7 +311,7 @@ async fn run(mut config: ControlConfig, emitter: Emitter, mut cache: Option<Cach
             return;
         }
         let jitter = rand::thread_rng().gen();
-        if let Some(delay) = failover.finished(registered, targets.len(), jitter) {
+        if let Some(delay) = failover.finished(registered && !refused, targets.len(), jitter) {
             tracing::info!(
                 delay_ms = delay.as_millis() as u64,
                 "no coordinator address answered; retrying"

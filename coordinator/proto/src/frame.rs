@@ -60,22 +60,36 @@ pub enum DecodeError {
 
 /// A message that cannot be sent as one frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("cannot encode control message: {reason}")]
-pub struct EncodeError {
-    reason: String,
+pub enum EncodeError {
+    /// The encoded message is larger than a frame may be: the receiver
+    /// would refuse it, so it is never sent.
+    #[error("cannot encode control message: {len} bytes exceeds the {max}-byte frame limit")]
+    TooLarge {
+        /// The encoded length, version included.
+        len: usize,
+        /// [`MAX_FRAME_LEN`].
+        max: usize,
+    },
+    /// The message does not serialize.
+    #[error("cannot encode control message: {reason}")]
+    Serialize {
+        /// What the serializer found wrong.
+        reason: String,
+    },
 }
 
 /// Encodes one message as a frame.
 pub fn encode_frame<M: Serialize>(message: &M) -> Result<Vec<u8>, EncodeError> {
     let mut out = vec![0u8; LEN_BYTES];
     out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
-    let mut out = postcard::to_extend(message, out).map_err(|e| EncodeError {
+    let mut out = postcard::to_extend(message, out).map_err(|e| EncodeError::Serialize {
         reason: e.to_string(),
     })?;
     let len = out.len() - LEN_BYTES;
     if len > MAX_FRAME_LEN {
-        return Err(EncodeError {
-            reason: format!("{len} bytes exceeds the {MAX_FRAME_LEN}-byte frame limit"),
+        return Err(EncodeError::TooLarge {
+            len,
+            max: MAX_FRAME_LEN,
         });
     }
     out[..LEN_BYTES].copy_from_slice(&(len as u32).to_be_bytes());

@@ -479,6 +479,57 @@ pub struct PacketFilter {
     pub default: DefaultAction,
 }
 
+impl PacketFilter {
+    /// Shrinks the filter without changing any decision or the policy line
+    /// a decision names, so large policies make small netmaps: every rule's
+    /// prefixes are aggregated (repeats and adjacent prefixes merged), a rule
+    /// that repeats an earlier one of the same action but another line is
+    /// dropped (the earlier rule always names the line), and consecutive
+    /// rules of one line that differ only in their sources become one.
+    /// Ports are never merged: an accept rule admits fragments only when it
+    /// admits every port, which a union of ranges could change.
+    pub fn compact(&mut self) {
+        for rule in &mut self.rules {
+            rule.src = IpNet::aggregate(&rule.src);
+            rule.dst = IpNet::aggregate(&rule.dst);
+        }
+        let keep: Vec<bool> = {
+            let mut seen = HashSet::with_capacity(self.rules.len());
+            self.rules
+                .iter()
+                .map(|r| seen.insert((&r.src, &r.dst, &r.ports, &r.protocols, r.action)))
+                .collect()
+        };
+        let mut keep = keep.into_iter();
+        self.rules.retain(|_| keep.next().unwrap_or(true));
+        let mut merged: Vec<(FilterRule, bool)> = Vec::with_capacity(self.rules.len());
+        for rule in self.rules.drain(..) {
+            match merged.last_mut() {
+                Some((last, grown))
+                    if last.policy_line == rule.policy_line
+                        && last.action == rule.action
+                        && last.dst == rule.dst
+                        && last.ports == rule.ports
+                        && last.protocols == rule.protocols =>
+                {
+                    last.src.extend(rule.src);
+                    *grown = true;
+                }
+                _ => merged.push((rule, false)),
+            }
+        }
+        self.rules = merged
+            .into_iter()
+            .map(|(mut rule, grown)| {
+                if grown {
+                    rule.src = IpNet::aggregate(&rule.src);
+                }
+                rule
+            })
+            .collect();
+    }
+}
+
 /// What a filter does with a packet no rule matches.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DefaultAction {

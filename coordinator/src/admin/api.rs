@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Path, State};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
@@ -33,7 +34,10 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/v1/nodes/{node}", delete(delete_node))
         .route("/v1/nodes/{node}/expire", post(expire_node))
         .route("/v1/users/{email}/disable", post(disable_user))
-        .route("/v1/policy", put(set_policy))
+        .route(
+            "/v1/policy",
+            put(set_policy).layer(DefaultBodyLimit::max(POLICY_BODY_LIMIT)),
+        )
         .with_state(Arc::new(state))
 }
 
@@ -113,10 +117,31 @@ async fn disable_user(
     Ok(Json(cut.into_iter().map(|r| view(r, false)).collect()))
 }
 
+/// The largest `policy set` body: a policy of [`policy_watch::MAX_POLICY_BYTES`]
+/// as a JSON string, where escaping can double its quotes and backslashes.
+const POLICY_BODY_LIMIT: usize = 2 * policy_watch::MAX_POLICY_BYTES + 64 * 1024;
+
 async fn set_policy(
     State(state): Shared,
-    Json(request): Json<PolicyRequest>,
+    request: Result<Json<PolicyRequest>, JsonRejection>,
 ) -> Result<Json<PolicyInstalled>, ApiError> {
+    let request = match request {
+        Ok(Json(request)) => request,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(ApiError::TooLarge(format!(
+                "the policy is over the {}-byte limit for policies (the same for --policy \
+                 files and `policy set`)",
+                policy_watch::MAX_POLICY_BYTES
+            )))
+        }
+        Err(rejection) => return Err(ApiError::BadRequest(rejection.body_text())),
+    };
+    if request.source.len() > policy_watch::MAX_POLICY_BYTES {
+        return Err(ApiError::TooLarge(policy_watch::too_large(
+            &request.file_name,
+            request.source.len() as u64,
+        )));
+    }
     let validated = policy_watch::validate(&request.source, &request.file_name)
         .map_err(|diagnostics| ApiError::PolicyRejected(diagnostics.to_string()))?;
     let policy = Arc::new(validated.policy);
@@ -131,6 +156,11 @@ async fn set_policy(
             .await
             .map_err(|lockout| ApiError::PolicyRejected(lockout.to_string()))?;
     }
+    state
+        .netmaps
+        .check_budget(policy.clone())
+        .await
+        .map_err(|over| ApiError::PolicyRejected(over.to_string()))?;
     let stored = policy_watch::StoredPolicy {
         file_name: request.file_name,
         source: request.source,

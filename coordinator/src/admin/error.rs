@@ -19,6 +19,9 @@ pub(crate) enum ApiError {
     /// The policy did not parse or failed its tests; the policy in force is unchanged.
     #[error("policy refused; the policy in force is unchanged:\n{0}")]
     PolicyRejected(String),
+    /// The request body is over the size the endpoint takes.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -29,6 +32,7 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PolicyRejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {

@@ -24,9 +24,9 @@ use weft_proto::handshake::{self, HandshakeError, INITIATION_LEN};
 use weft_proto::resume;
 use weft_proto::signing::{Chain, NetmapSigner, Record};
 use weft_proto::{
-    encode_frame, ClientMessage, Credential, DecodeError, FrameDecoder, LoginFlow, NodeId,
-    PublicKey, Refusal, RefusalCode, ServerMessage, CLOSE_BY_COORDINATOR, CLOSE_HANDSHAKE_FAILED,
-    CLOSE_PROTOCOL_ERROR, EXPORTER_LABEL,
+    encode_frame, ClientMessage, Credential, DecodeError, EncodeError, FrameDecoder, LoginFlow,
+    NodeId, PublicKey, Refusal, RefusalCode, ServerMessage, CLOSE_BY_COORDINATOR,
+    CLOSE_HANDSHAKE_FAILED, CLOSE_PROTOCOL_ERROR, EXPORTER_LABEL,
 };
 
 use super::{stopping, Context};
@@ -290,6 +290,10 @@ enum End {
     Lost(String),
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A netmap or delta too large for one frame: the node is refused (a
+    /// refusal it retries after a backoff) instead of losing the connection.
+    #[error("netmap too large: {len} bytes exceeds the {max}-byte control frame limit")]
+    TooLarge { len: usize, max: usize },
 }
 
 impl Session {
@@ -617,7 +621,10 @@ impl Session {
     /// Sends one message. A node that does not take it within
     /// [`WRITE_TIMEOUT`] is stuck or hostile; the session ends.
     async fn write(&mut self, message: &ServerMessage) -> Result<(), End> {
-        let frame = encode_frame(message).map_err(|e| End::Protocol(e.to_string()))?;
+        let frame = encode_frame(message).map_err(|e| match e {
+            EncodeError::TooLarge { len, max } => End::TooLarge { len, max },
+            e => End::Protocol(e.to_string()),
+        })?;
         match timeout(WRITE_TIMEOUT, self.link.write_all(&frame)).await {
             Ok(written) => written.map_err(|e| End::Lost(e.to_string())),
             Err(_) => Err(End::Lost(format!(
@@ -649,6 +656,16 @@ impl Session {
 
     async fn fail(&mut self, end: End) {
         match &end {
+            End::TooLarge { .. } => {
+                let refusal = Refusal {
+                    code: RefusalCode::Unavailable,
+                    message: format!(
+                        "{end}: the policy gives this node more peers or rules than one \
+                         frame holds; the policy's operator must shrink it"
+                    ),
+                };
+                self.refuse(refusal).await;
+            }
             End::Protocol(_) => {
                 tracing::info!(remote = %self.remote, "closing control session: {end}");
                 self.close(CLOSE_PROTOCOL_ERROR, b"protocol error").await;

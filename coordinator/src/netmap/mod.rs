@@ -19,6 +19,7 @@
 //! view the node says it holds rather than a full netmap ([`Opening`]); the
 //! rule for when a full netmap is sent instead is [`FullReason`].
 
+mod budget;
 mod lockout;
 mod replica;
 mod service;
@@ -34,6 +35,7 @@ use weft_proto::{
     SelfNode, ServerMessage, ViewDigest,
 };
 
+pub(crate) use self::budget::{check as budget_check, OverBudget, NETMAP_BUDGET};
 pub(crate) use self::lockout::Lockout;
 pub(crate) use self::service::{Attached, NetmapHandle, SessionEvent};
 use crate::nodes::{key_expired, NodeRecord};
@@ -187,6 +189,17 @@ impl Netmaps {
             .map(|(n, _)| n.info())
             .collect();
         lockout::check(admins, self.policy.as_deref(), policy, &infos)
+    }
+
+    /// Whether installing `policy` would give a node that is registered and
+    /// not expired now a netmap over the budget (see [`OverBudget`]).
+    pub(crate) fn check_budget(&self, policy: &Policy) -> Result<(), OverBudget> {
+        let nodes = self
+            .nodes
+            .values()
+            .filter(|(n, _)| !n.is_expired(self.now))
+            .map(|(n, _)| n);
+        budget::check(policy, nodes, NETMAP_BUDGET)
     }
 
     /// Installs a new policy (`None`: deny all); only the nodes whose access

@@ -15,7 +15,7 @@ use weft_proto::signing::NetmapSigner;
 use weft_proto::{NodeId, PrivateKey, Refusal, RefusalCode, Resume, ServerMessage};
 
 use super::replica::{self, Fence, Presence, PRESENCE_PREFIX};
-use super::{Lockout, Netmaps, NodeUpdate, Opening, Output, SessionId};
+use super::{Lockout, Netmaps, NodeUpdate, Opening, Output, OverBudget, SessionId};
 use crate::nodes::{self, NodeRecord, Registry};
 use crate::store::{self, StoreError, Watch, WatchError};
 
@@ -75,6 +75,7 @@ enum Command {
         Arc<[String]>,
         oneshot::Sender<Result<(), Lockout>>,
     ),
+    CheckBudget(Arc<Policy>, oneshot::Sender<Result<(), OverBudget>>),
     Online(oneshot::Sender<BTreeSet<NodeId>>),
     ReapIfOffline(NodeId),
     /// This replica won or lost leadership of the singleton jobs.
@@ -181,6 +182,14 @@ impl NetmapHandle {
         self.send(Command::SetPolicy(policy, reply));
         // An error means the task is gone, and with it every session.
         let _ = rx.await;
+    }
+
+    /// Refuses `policy` when it would give a node a netmap over the budget.
+    pub(crate) async fn check_budget(&self, policy: Arc<Policy>) -> Result<(), OverBudget> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::CheckBudget(policy, reply));
+        // The task is gone only at shutdown, when nothing is installed anyway.
+        rx.await.unwrap_or(Ok(()))
     }
 
     /// Refuses `policy` when it would lock out one of `admins`.
@@ -344,6 +353,9 @@ impl Task {
             }
             Command::CheckLockout(policy, admins, reply) => {
                 let _ = reply.send(self.core.check_lockout(&policy, &admins));
+            }
+            Command::CheckBudget(policy, reply) => {
+                let _ = reply.send(self.core.check_budget(&policy));
             }
             Command::Online(reply) => {
                 let _ = reply.send(self.core.online());

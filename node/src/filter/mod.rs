@@ -930,4 +930,46 @@ mod tests {
             }
         }
     }
+
+    proptest! {
+        /// Compacting a filter ([`PacketFilter::compact`]) changes no
+        /// decision and no policy line a decision names, for filters with
+        /// repeated rules and runs of one line that differ in sources.
+        #[test]
+        fn compacting_changes_no_decision(
+            rules in proptest::collection::vec(rule(), 0..6),
+            repeats in proptest::collection::vec((0..6usize, 0..100u32, any::<bool>(), net()), 0..6),
+            default in default_action(),
+        ) {
+            let mut all = rules.clone();
+            for (at, line, same_line, src) in repeats {
+                let Some(original) = rules.get(at % rules.len().max(1)) else { continue };
+                let mut copy = original.clone();
+                if same_line {
+                    copy.src = vec![src];
+                } else {
+                    copy.policy_line = line;
+                }
+                let at = (at % (all.len() + 1)).min(all.len());
+                all.insert(at, copy);
+            }
+            let filter = PacketFilter { rules: all, default };
+            let mut compacted = filter.clone();
+            compacted.compact();
+            prop_assert!(compacted.rules.len() <= filter.rules.len());
+            let (before, after) = (Filter::new(&filter), Filter::new(&compacted));
+            let protocols = [Protocol::Tcp, Protocol::Udp, Protocol::Icmp, Protocol::Other(47)];
+            let ports = [Some(PORTS[0]), Some(PORTS[1]), Some(PORTS[2]), Some(PORTS[3]), None];
+            let queries = protocols.iter().flat_map(|&protocol| {
+                PEERS.iter().flat_map(move |&src| {
+                    SELVES.iter().flat_map(move |&dst| {
+                        ports.into_iter().map(move |dst_port| Query { protocol, src, dst, dst_port })
+                    })
+                })
+            });
+            for query in queries {
+                prop_assert_eq!(before.evaluate(&query), after.evaluate(&query), "{:?}", query);
+            }
+        }
+    }
 }
