@@ -334,6 +334,7 @@ impl Coordinator {
             relays: options.relays,
             shutdown: shutting_down.clone(),
             first_frames: control::first_frame_budget(),
+            claims: Arc::default(),
         });
         let control_tcp = tokio::spawn(control::accept_tcp(
             control_tcp,

@@ -252,6 +252,23 @@ impl Control {
         .expect("no message from the coordinator in time")
     }
 
+    /// The next message, unsigned and unverified; `None` when the
+    /// connection ends or nothing arrives within [`WAIT`].
+    async fn try_next(&mut self) -> Option<ServerMessage> {
+        tokio::time::timeout(WAIT, async {
+            let mut buf = [0u8; 4096];
+            loop {
+                if let Some(message) = self.decoder.next_message().unwrap() {
+                    return Some(message);
+                }
+                let n = self.recv.read(&mut buf).await.ok()??;
+                self.decoder.push(&buf[..n]);
+            }
+        })
+        .await
+        .ok()?
+    }
+
     async fn closed_with(&self) -> Option<u32> {
         let reason = tokio::time::timeout(WAIT, self.conn.closed())
             .await
@@ -646,11 +663,127 @@ async fn a_workload_joins_with_its_token_and_is_deleted_once_offline() {
     }
 }
 
-fn client_endpoint() -> quinn::Endpoint {
-    // Nodes authenticate the coordinator by the Noise handshake, not its certificate.
+/// Two machines with one machine key (a cloned VM image) that reconnect
+/// at once whenever they lose the session: the coordinator lets a few
+/// replacements through, then refuses the newcomer while the other holds
+/// the key, naming the holder's address, instead of registering the node
+/// hundreds of times a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_machines_with_one_machine_key_do_not_take_the_node_from_each_other() {
+    const RUN: Duration = Duration::from_secs(5);
+    let harness = Harness::start().await;
+    let machine = PrivateKey::generate();
+    let key = harness.auth_key("tag:web", false).await;
+    let first = harness.join(&machine, "vm", Some(key)).await.unwrap();
+    drop(first);
+
+    let pinned = harness.coordinator().public_key();
+    let addr = harness.coordinator().local_addr();
+    let node_key = PrivateKey::generate().public_key();
+    let clone = |local: &str| {
+        let endpoint = endpoint_at(local);
+        let (machine, pinned) = (machine.clone(), pinned);
+        tokio::spawn(async move {
+            let local = endpoint.local_addr().unwrap();
+            let (mut registered, mut refusals) = (0u32, Vec::new());
+            let deadline = Instant::now() + RUN;
+            for _ in 0..100_000 {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let Ok(mut control) = connect_from(&endpoint, addr, &machine, &pinned).await else {
+                    continue;
+                };
+                let register = ClientMessage::Register(Register {
+                    credential: None,
+                    hostname: "vm".into(),
+                    node_key,
+                    endpoints: Vec::new(),
+                    home_relay: None,
+                    attributes: BTreeMap::new(),
+                    resume: None,
+                });
+                if control
+                    .send
+                    .write_all(&encode_frame(&register).unwrap())
+                    .await
+                    .is_err()
+                {
+                    continue;
+                }
+                // The other machine may take the node before this one reads its answer.
+                match control.try_next().await {
+                    Some(ServerMessage::Registered(_)) => {
+                        registered += 1;
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        let _ = tokio::time::timeout(left, control.conn.closed()).await;
+                    }
+                    Some(ServerMessage::Refused(refusal)) => refusals.push(refusal),
+                    Some(other) => panic!("expected Registered or Refused, got {other:?}"),
+                    None => {}
+                }
+            }
+            (local, registered, refusals)
+        })
+    };
+    let (a, b) = (clone("127.0.0.1:0"), clone("127.0.0.2:0"));
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    let registrations = a.1 + b.1;
+    let per_second = f64::from(registrations) / RUN.as_secs_f64();
+    eprintln!("registrations of one machine key from two machines: {registrations} in {RUN:?} ({per_second:.1}/s)");
+    assert!(per_second < 5.0, "{registrations} registrations in {RUN:?}");
+    for (me, other) in [(&a, &b), (&b, &a)] {
+        for refusal in &me.2 {
+            assert_eq!(refusal.code, RefusalCode::MachineKeyInUse, "{refusal:?}");
+            assert!(refusal.message.contains("cloned"), "{}", refusal.message);
+            assert!(
+                refusal.message.contains(&other.0.to_string()),
+                "{} names {}",
+                refusal.message,
+                other.0
+            );
+        }
+    }
+    assert!(!a.2.is_empty() || !b.2.is_empty(), "nobody was refused");
+}
+
+/// A client endpoint on `local`. Nodes authenticate the coordinator by the
+/// Noise handshake, not its certificate.
+fn endpoint_at(local: &str) -> quinn::Endpoint {
     let tls = weft_proto::tls::client_config(ALPN).unwrap();
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut endpoint = quinn::Endpoint::client(local.parse().unwrap()).unwrap();
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     endpoint
+}
+
+/// The node side of the handshake from `endpoint`, like [`Harness::connect`].
+async fn connect_from(
+    endpoint: &quinn::Endpoint,
+    addr: std::net::SocketAddr,
+    machine: &PrivateKey,
+    pinned: &PublicKey,
+) -> Result<Control, quinn::ConnectionError> {
+    let conn = endpoint.connect(addr, "weft-coordinator").unwrap().await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut binding = [0u8; 32];
+    conn.export_keying_material(&mut binding, EXPORTER_LABEL, b"")
+        .unwrap();
+    let (initiator, first) = Initiator::start(machine, pinned, &binding).unwrap();
+    let mut response = [0u8; RESPONSE_LEN];
+    if send.write_all(&first).await.is_err() || recv.read_exact(&mut response).await.is_err() {
+        return Err(conn.closed().await);
+    }
+    initiator.finish(&response).unwrap();
+    Ok(Control {
+        conn,
+        send,
+        recv,
+        decoder: FrameDecoder::new(),
+        opener: None,
+    })
+}
+
+fn client_endpoint() -> quinn::Endpoint {
+    endpoint_at("127.0.0.1:0")
 }

@@ -202,8 +202,16 @@ impl ControlEvent {
 
 /// Refusals that reconnecting cannot cure; only the operator can.
 fn is_final_refusal(code: RefusalCode) -> bool {
-    !matches!(code, RefusalCode::Unavailable)
+    !matches!(
+        code,
+        RefusalCode::Unavailable | RefusalCode::MachineKeyInUse
+    )
 }
+
+/// The least wait after the coordinator said another connection holds this
+/// machine key (a clone of this machine): retrying sooner would only take
+/// the node from the other machine or be refused again.
+const IN_USE_RETRY: Duration = Duration::from_secs(30);
 
 /// Reconnect delays: 0.5 s doubling to 30 s, each scaled by a jitter factor
 /// so a fleet of nodes does not reconnect in lockstep after an outage.
@@ -294,6 +302,8 @@ async fn run(mut config: ControlConfig, emitter: Emitter, mut cache: Option<Cach
         // netmap too large to send) waits out the backoff like a failed
         // connection: registering again at once would only be refused again.
         let refused = matches!(event, ControlEvent::Refused(_));
+        let in_use =
+            matches!(&event, ControlEvent::Refused(r) if r.code == RefusalCode::MachineKeyInUse);
         if stop {
             // A node the coordinator no longer admits keeps no netmap to restart with.
             if let Some(cache) = cache.as_mut() {
@@ -310,12 +320,22 @@ async fn run(mut config: ControlConfig, emitter: Emitter, mut cache: Option<Cach
         if emitter.emit(event).await.is_err() || stop {
             return;
         }
-        let jitter = rand::thread_rng().gen();
-        if let Some(delay) = failover.finished(registered && !refused, targets.len(), jitter) {
-            tracing::info!(
-                delay_ms = delay.as_millis() as u64,
-                "no coordinator address answered; retrying"
-            );
+        let jitter: f64 = rand::thread_rng().gen();
+        let mut delay = failover.finished(registered && !refused, targets.len(), jitter);
+        if in_use {
+            let least = IN_USE_RETRY.mul_f64(0.8 + 0.4 * jitter);
+            delay = Some(delay.map_or(least, |d| d.max(least)));
+        }
+        if let Some(delay) = delay {
+            let delay_ms = delay.as_millis() as u64;
+            if in_use {
+                tracing::info!(
+                    delay_ms,
+                    "another connection holds this machine key; retrying"
+                );
+            } else {
+                tracing::info!(delay_ms, "no coordinator address answered; retrying");
+            }
             tokio::time::sleep(delay).await;
         }
     }

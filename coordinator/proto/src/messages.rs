@@ -303,6 +303,11 @@ pub enum RefusalCode {
     BadRequest,
     /// The coordinator could not serve the request (e.g. storage unavailable); retry later.
     Unavailable,
+    /// Another connection holds this machine key and newcomers keep taking
+    /// it (two machines with one state directory); retry much later. Last,
+    /// so every earlier code keeps its number on the wire: a node that
+    /// predates it fails to decode the refusal and backs off all the same.
+    MachineKeyInUse,
 }
 
 /// The registered node itself.

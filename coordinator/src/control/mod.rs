@@ -1,6 +1,7 @@
 //! The control listeners: QUIC on UDP, and TLS on TCP for networks that
 //! block UDP; one task per node connection.
 
+mod claims;
 mod quic_thread;
 
 pub(crate) mod session;
@@ -14,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use weft_proto::{PrivateKey, RelayInfo};
 
+pub(crate) use self::claims::Claims;
 pub use self::quic_thread::QuicThread;
 pub(crate) use self::session::first_frame_budget;
 pub(crate) use self::tcp::accept as accept_tcp;
@@ -41,6 +43,8 @@ pub(crate) struct Context {
     /// Bytes that nodes' unregistered sessions may hold in large first
     /// frames together (see [`session::FIRST_FRAME_BUDGET`]).
     pub(crate) first_frames: Arc<tokio::sync::Semaphore>,
+    /// The machine keys with a live session on this coordinator.
+    pub(crate) claims: Arc<Claims>,
 }
 
 /// Why the control listener could not start.

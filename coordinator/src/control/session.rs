@@ -29,6 +29,7 @@ use weft_proto::{
     CLOSE_HANDSHAKE_FAILED, CLOSE_PROTOCOL_ERROR, EXPORTER_LABEL,
 };
 
+use super::claims::Claim;
 use super::{stopping, Context};
 use crate::authkey::AdmitError;
 use crate::netmap::{Attached, Opening, SessionEvent};
@@ -324,6 +325,25 @@ impl Session {
         };
         tracing::debug!(remote = %self.remote, machine = %machine_key.short(), credential = ?register.credential, "registration");
         self.reader.registered();
+        let _claim = match self
+            .ctx
+            .claims
+            .claim(machine_key, self.remote, Instant::now())
+        {
+            Claim::Granted(guard) => guard,
+            Claim::InUse(in_use) => {
+                if in_use.first {
+                    tracing::warn!(
+                        machine = %machine_key.short(),
+                        holder = %in_use.holder,
+                        newcomer = %self.remote,
+                        "machine key in use by two connections: was this machine cloned? \
+                         Refusing newcomers while the holder is connected (logged once a minute per key)"
+                    );
+                }
+                return self.refuse(in_use.refusal()).await;
+            }
+        };
         let resume = register.resume.take();
         let login = match &register.credential {
             Some(Credential::Interactive(flow)) => match self.login(*flow).await {
@@ -647,7 +667,12 @@ impl Session {
 
     /// Sends `refusal`, waits briefly for it to arrive, and closes.
     async fn refuse(&mut self, refusal: Refusal) {
-        tracing::info!(remote = %self.remote, code = ?refusal.code, "refusing node: {}", refusal.message);
+        if refusal.code == RefusalCode::MachineKeyInUse {
+            // Logged once a minute per key by the caller, not per attempt.
+            tracing::debug!(remote = %self.remote, "refusing node: {}", refusal.message);
+        } else {
+            tracing::info!(remote = %self.remote, code = ?refusal.code, "refusing node: {}", refusal.message);
+        }
         if self.write(&ServerMessage::Refused(refusal)).await.is_ok() {
             self.link.linger().await;
         }

@@ -501,7 +501,11 @@ impl Daemon {
             let _ = pending.send(Err(ApiError::Refused(refusal.message.clone())));
         }
         self.connected = false;
-        if refusal.code == RefusalCode::Unavailable {
+        // The control task retries these itself; the node keeps running.
+        if matches!(
+            refusal.code,
+            RefusalCode::Unavailable | RefusalCode::MachineKeyInUse
+        ) {
             self.message = Some(refusal.message);
             return;
         }
