@@ -335,6 +335,7 @@ impl Coordinator {
             shutdown: shutting_down.clone(),
             first_frames: control::first_frame_budget(),
             claims: Arc::default(),
+            failed_handshakes: Default::default(),
         });
         let control_tcp = tokio::spawn(control::accept_tcp(
             control_tcp,

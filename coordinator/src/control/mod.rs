@@ -20,6 +20,7 @@ pub use self::quic_thread::QuicThread;
 pub(crate) use self::session::first_frame_budget;
 pub(crate) use self::tcp::accept as accept_tcp;
 pub(crate) use self::tls::{acceptor as tls_acceptor, TlsError};
+use crate::limits::Report;
 use crate::netmap::NetmapHandle;
 use crate::nodes::Registry;
 use crate::oidc::Logins;
@@ -45,6 +46,9 @@ pub(crate) struct Context {
     pub(crate) first_frames: Arc<tokio::sync::Semaphore>,
     /// The machine keys with a live session on this coordinator.
     pub(crate) claims: Arc<Claims>,
+    /// Control handshakes that failed, for a log line every few seconds
+    /// rather than one per attempt.
+    pub(crate) failed_handshakes: std::sync::Mutex<Report>,
 }
 
 /// Why the control listener could not start.

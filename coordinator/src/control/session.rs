@@ -84,12 +84,16 @@ pub(crate) async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
     let (send, recv, machine_key) = match timeout_at(deadline, authenticate(&conn, &ctx)).await {
         Ok(Ok(done)) => done,
         Ok(Err(e)) => {
-            tracing::info!(%remote, "control handshake failed: {e}");
+            failed_handshake(&ctx, remote, &e);
             conn.close(CLOSE_HANDSHAKE_FAILED.into(), b"handshake failed");
             return;
         }
         Err(_) => {
-            tracing::info!(%remote, "control handshake timed out after {HANDSHAKE_TIMEOUT:?}");
+            failed_handshake(
+                &ctx,
+                remote,
+                &format!("timed out after {HANDSHAKE_TIMEOUT:?}"),
+            );
             conn.close(CLOSE_HANDSHAKE_FAILED.into(), b"handshake timed out");
             return;
         }
@@ -102,6 +106,27 @@ pub(crate) async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
         ctx,
     };
     session.run(machine_key).await;
+}
+
+/// Logs a failed control handshake: at DEBUG each time, and at INFO at
+/// first and then at most every few seconds with how many failed since.
+/// Unauthenticated clients can fail handshakes by the thousand; the log
+/// must say that they do without a line for each.
+fn failed_handshake(ctx: &Context, remote: SocketAddr, why: &dyn std::fmt::Display) {
+    tracing::debug!(%remote, "control handshake failed: {why}");
+    let due = ctx
+        .failed_handshakes
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .hit(Instant::now());
+    if let Some((failed, failed_since_start)) = due {
+        tracing::info!(
+            %remote,
+            failed,
+            failed_since_start,
+            "control handshakes failing (wrong coordinator key, or not a weft node); the latest: {why}"
+        );
+    }
 }
 
 /// Runs one control session over TLS on TCP to its end. `deadline` bounds
@@ -134,13 +159,17 @@ pub(crate) async fn serve_tls(
     let machine_key = match authenticated {
         Ok(Ok(machine_key)) => machine_key,
         Ok(Err(e)) => {
-            tracing::info!(%remote, "control handshake over TCP failed: {e}");
+            failed_handshake(&ctx, remote, &e);
             link.close(CLOSE_HANDSHAKE_FAILED, b"handshake failed", &mut reader)
                 .await;
             return;
         }
         Err(_) => {
-            tracing::info!(%remote, "control handshake over TCP timed out after {HANDSHAKE_TIMEOUT:?}");
+            failed_handshake(
+                &ctx,
+                remote,
+                &format!("timed out after {HANDSHAKE_TIMEOUT:?}"),
+            );
             link.close(CLOSE_HANDSHAKE_FAILED, b"handshake timed out", &mut reader)
                 .await;
             return;
