@@ -187,6 +187,9 @@ enum PolicyCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        exit_quietly_on_broken_pipe();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -200,6 +203,17 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Admin commands piped into `head` end quietly, like any Unix tool, rather
+/// than with a panic in `println!`; `serve` keeps ignoring SIGPIPE and
+/// handles EPIPE on its sockets.
+fn exit_quietly_on_broken_pipe() {
+    // SAFETY: called first thing in `main`, before the runtime starts any
+    // thread; the default action installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

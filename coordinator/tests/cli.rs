@@ -4,6 +4,7 @@
     reason = "test harness: a failed step fails the test"
 )]
 
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -140,5 +141,52 @@ fn auth_keys_nodes_and_policies_through_the_admin_socket() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `weft-coordinator … | head` ends quietly when the reader goes away,
+/// like any Unix tool: no panic, no backtrace.
+#[test]
+fn a_closed_pipe_ends_admin_output_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(BIN)
+        .arg("key")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "{stderr}");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(libc::SIGPIPE)
+    );
+}
+
+/// A user who may not use the admin socket is told so, not that the
+/// server is down.
+#[test]
+fn admin_commands_without_permission_say_so() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _socket = std::os::unix::net::UnixListener::bind(dir.path().join("admin.sock")).unwrap();
+    let out = Command::new(BIN)
+        .args(["nodes", "list", "--data-dir"])
+        .arg(dir.path())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("permission denied on the coordinator's admin socket"),
+        "{stderr}"
     );
 }

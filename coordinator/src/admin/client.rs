@@ -28,6 +28,18 @@ pub enum ClientError {
         socket: PathBuf,
         /// The data directory it belongs to.
         data_dir: PathBuf,
+        /// Why connecting failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The socket is there, but this user may not use it.
+    #[error("permission denied on the coordinator's admin socket at {}: admin commands run as root or as the user that runs `weft-coordinator serve`", socket.display())]
+    PermissionDenied {
+        /// The socket tried.
+        socket: PathBuf,
+        /// The refusal.
+        #[source]
+        source: std::io::Error,
     },
     /// The connection failed mid-request.
     #[error("admin request to the coordinator failed: {0}")]
@@ -109,9 +121,16 @@ impl AdminClient {
     ) -> Result<T, ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
-            .map_err(|_| ClientError::Unreachable {
-                socket: self.socket.clone(),
-                data_dir: self.data_dir.clone(),
+            .map_err(|source| match source.kind() {
+                std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied {
+                    socket: self.socket.clone(),
+                    source,
+                },
+                _ => ClientError::Unreachable {
+                    socket: self.socket.clone(),
+                    data_dir: self.data_dir.clone(),
+                    source,
+                },
             })?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
