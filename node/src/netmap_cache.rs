@@ -462,7 +462,7 @@ mod tests {
     use weft_proto::{Identity, NetMapDelta, PacketFilter, Peer, PrivateKey, SelfNode};
 
     use super::*;
-    use crate::core::Node;
+    use weft_dataplane::core::Node;
 
     const NODE: NodeId = NodeId(4);
 

@@ -9,10 +9,11 @@ use netlink_packet_route::route::{RouteMessage, RouteScope};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use crate::offload::{self, VIRTIO_NET_HDR_LEN};
+use weft_dataplane::offload::{self, VIRTIO_NET_HDR_LEN};
 
-/// The TUN device's MTU: 1500 less WireGuard's 80 bytes of worst-case (IPv6) overhead.
-pub const MTU: u16 = 1420;
+/// The TUN device's MTU: the data plane's, 1500 less WireGuard's 80 bytes
+/// of worst-case (IPv6) overhead.
+pub const MTU: u16 = weft_dataplane::core::DEFAULT_MTU;
 
 /// A buffer for one frame read from the device: a virtio header and a
 /// super-packet of up to 64 KiB.

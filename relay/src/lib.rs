@@ -13,7 +13,7 @@ mod feed;
 mod keyfile;
 mod quic;
 mod server;
-pub mod stun;
+mod stun;
 mod tcp;
 mod tls;
 

@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 use weft_coordinator::{AdminClient, AuthKeyRequest, Coordinator, ServeOptions};
 use weft_proto::handshake::{Initiator, RESPONSE_LEN};
 use weft_proto::relay::{CLOSE_RELAY_NOT_ADMITTED, CLOSE_RELAY_REMOVED, CLOSE_RELAY_REPLACED};
+use weft_proto::stun;
 use weft_proto::{
     encode_frame, AuthKey, ClientMessage, Credential, FrameDecoder, PrivateKey, PublicKey,
     Register, RelayInfo, ServerMessage, ALPN, EXPORTER_LABEL,
 };
-use weft_relay::{stun, ClientError, RelayClient, TcpRelayClient};
+use weft_relay::{ClientError, RelayClient, TcpRelayClient};
 
 const WAIT: Duration = Duration::from_secs(10);
 

@@ -221,7 +221,7 @@ mod tests {
                     let _ = reply.send(Err(ApiError::BadRequest("not joined".into())));
                 }
                 Command::WhoIs(addr, reply) => {
-                    let peer = crate::core::PeerStatus {
+                    let peer = weft_dataplane::core::PeerStatus {
                         id: weft_proto::NodeId(4),
                         name: "db".into(),
                         addresses: vec!["100.64.0.4".parse().unwrap(), "fd7a::4".parse().unwrap()],

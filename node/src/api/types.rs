@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 use weft_proto::{AuthKey, PublicKey};
 
-pub use crate::core::PathKind;
+pub use weft_dataplane::core::PathKind;
 
 /// `POST /v1/up`: join (or rejoin) an overlay.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use weft_proto::{AppGrant, Identity, NodeId};
 
 use super::ApiError;
-use crate::core::PeerStatus;
+use weft_dataplane::core::PeerStatus;
 
 /// The answer to `GET /v1/whois`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -25,11 +25,11 @@ use crate::api::{
     UpRequest,
 };
 use crate::control::{ControlConfig, ControlError, ControlEvent, ControlTask, ControlUpdate};
-use crate::core::Node;
 use crate::netmap_cache;
 use crate::state::{Prefs, StateDir};
 use crate::tun_device::TunDevice;
 use crate::underlay::Underlay;
+use weft_dataplane::core::Node;
 
 /// Where weftd keeps its keys and preferences unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/weft";

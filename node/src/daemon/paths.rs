@@ -13,7 +13,7 @@ use super::Daemon;
 use crate::api::{
     ApiError, NetcheckReport, PingReply, PingRequest, ReflexiveEndpoint, RelayReport,
 };
-use crate::core::{Event, NatMapping, Netcheck, PeerStatus};
+use weft_dataplane::core::{Event, NatMapping, Netcheck, PeerStatus};
 
 /// A `weft ping` probe waiting for its pong.
 #[derive(Debug)]
@@ -264,7 +264,7 @@ mod tests {
 
     use super::*;
     use crate::api::RelayTransport;
-    use crate::core::{Reflection, RelayLatency};
+    use weft_dataplane::core::{Reflection, RelayLatency};
 
     fn peer(id: u64, name: &str, address: &str) -> PeerStatus {
         PeerStatus {

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use weft_proto::{PublicKey, SelfNode};
 
 use crate::api::{FilterStatus, PeerSummary, SelfStatus};
-use crate::core::{FilterStats, PeerStatus};
+use weft_dataplane::core::{FilterStats, PeerStatus};
 
 pub(crate) fn self_status(node: &SelfNode, key: PublicKey) -> SelfStatus {
     SelfStatus {
@@ -58,7 +58,7 @@ mod tests {
     use weft_proto::{Identity, NodeId};
 
     use super::*;
-    use crate::core::PathKind;
+    use weft_dataplane::core::PathKind;
 
     #[test]
     fn a_handshake_age_becomes_a_timestamp() {

@@ -312,7 +312,7 @@ impl Net {
         };
         match delivery {
             Delivery::Stun(server) => {
-                let Some(response) = weft_relay::stun::respond(&transmit.payload, src) else {
+                let Some(response) = weft_proto::stun::respond(&transmit.payload, src) else {
                     return;
                 };
                 // The answer crosses the NAT back like any inbound datagram.

@@ -360,11 +360,15 @@ const DISCO_RATE_LIMIT: u32 = 50;
 const TOO_BIG_BURST: u32 = 20;
 const TOO_BIG_INTERVAL: Duration = Duration::from_millis(10);
 
+/// The tunnel's MTU over a 1500-byte underlay: 1500 less WireGuard's 80
+/// bytes of worst-case (IPv6) overhead. The TUN device is given the same.
+pub const DEFAULT_MTU: u16 = 1420;
+
 impl Node {
     /// A node with no peers and a deny-all filter. `private_key` is this
     /// node's WireGuard key. Nothing is scheduled until peers or relays
-    /// arrive. The tunnel's MTU is the TUN device's, [`crate::tun_device::MTU`];
-    /// [`Node::with_mtu`] sets another.
+    /// arrive. The tunnel's MTU is [`DEFAULT_MTU`]; [`Node::with_mtu`] sets
+    /// another.
     pub fn new(private_key: PrivateKey, now: Instant) -> Self {
         let static_private = private_key.to_x25519();
         let static_public = x25519_dalek::PublicKey::from(&static_private);
@@ -397,7 +401,7 @@ impl Node {
             disco_budget: DISCO_RATE_LIMIT,
             wake: None,
             last_now: now,
-            mtu: crate::tun_device::MTU,
+            mtu: DEFAULT_MTU,
             own: Vec::new(),
             too_big_limit: TokenBucket::new(TOO_BIG_BURST, TOO_BIG_INTERVAL, now),
         }

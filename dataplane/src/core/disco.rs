@@ -266,7 +266,7 @@ mod tests {
         assert!(!(1..=4).contains(&datagram[0]));
         assert_ne!(datagram[0] & 0xc0, 0);
         assert!(!is_disco(&[4, 0, 0, 0, 1, 2, 3]));
-        assert!(!is_disco(&weft_relay::stun::request(&[9; 12])));
+        assert!(!is_disco(&weft_proto::stun::request(&[9; 12])));
     }
 
     fn arb_message() -> impl Strategy<Value = Message> {

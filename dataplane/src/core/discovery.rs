@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use weft_proto::stun;
 use weft_proto::{Advertisement, RelayInfo};
-use weft_relay::stun;
 
 use super::{NatMapping, Netcheck, Reflection, RelayLatency, Transmit};
 
@@ -394,7 +394,7 @@ mod tests {
         d.set_relays(&[relay("fra1", 1), relay("ams1", 2)], now, &mut out);
         let mapped = SocketAddr::from(([203, 0, 113, 1], 41641));
         let answer = |d: &mut Discovery, t: &Transmit, seen: SocketAddr| {
-            let response = weft_relay::stun::respond(&t.payload, seen).unwrap();
+            let response = weft_proto::stun::respond(&t.payload, seen).unwrap();
             d.handle_stun(t.dst, &response)
         };
         assert!(answer(&mut d, &out[0], mapped));
@@ -412,7 +412,7 @@ mod tests {
         let before = out.len();
         d.handle_timeout(now + STUN_RETRY, &mut out);
         assert_eq!(out.len(), before, "answered requests are not repeated");
-        let forged = weft_relay::stun::respond(&out[0].payload, mapped).unwrap();
+        let forged = weft_proto::stun::respond(&out[0].payload, mapped).unwrap();
         let mut d2 = Discovery::default();
         assert!(
             !d2.handle_stun(out[0].dst, &forged),

@@ -33,6 +33,7 @@ pub mod messages;
 pub mod relay;
 pub mod resume;
 pub mod signing;
+pub mod stun;
 pub mod tls;
 
 pub use frame::{

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use ipnet::IpNet;
-use weft_node::filter::{parse, Filter, Firewall, Query};
+use weft_dataplane::filter::{parse, Filter, Firewall, Query};
 use weft_proto::{DefaultAction, FilterRule, PacketFilter, PortRange, Protocol, RuleAction};
 
 const ME: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);

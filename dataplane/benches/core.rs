@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ipnet::IpNet;
-use weft_node::core::Node;
+use weft_dataplane::core::Node;
 use weft_proto::{
     DefaultAction, FilterRule, Identity, NetMap, NodeId, PacketFilter, Peer, PortRange, PrivateKey,
     Protocol, PublicKey, RelayInfo, RuleAction, SelfNode,

@@ -3,7 +3,7 @@
 use super::*;
 use crate::offload::{self, GsoType, VirtioNetHdr, NEEDS_CSUM, VIRTIO_NET_HDR_LEN};
 
-const MTU: usize = crate::tun_device::MTU as usize;
+const MTU: usize = crate::core::DEFAULT_MTU as usize;
 
 /// `packet` padded with zeros to `len` bytes, its IP length fields and
 /// IPv4 header checksum updated.

@@ -6,7 +6,9 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use weft_node::offload::{split, Coalescer, GsoType, VirtioNetHdr, NEEDS_CSUM, VIRTIO_NET_HDR_LEN};
+use weft_dataplane::offload::{
+    split, Coalescer, GsoType, VirtioNetHdr, NEEDS_CSUM, VIRTIO_NET_HDR_LEN,
+};
 
 const MTU: usize = 1420;
 const MSS: u16 = 1380;

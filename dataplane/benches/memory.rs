@@ -2,14 +2,14 @@
 //! heap bytes with an empty netmap, then with 1,000 peers (each with two
 //! endpoints and a home relay), counted by a global allocator. Peers that
 //! never exchange a packet hold no WireGuard tunnel. Prints the per-peer
-//! figure; `cargo bench -p weft-node --bench memory`.
+//! figure; `cargo bench -p weft-dataplane --bench memory`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
-use weft_node::core::Node;
+use weft_dataplane::core::Node;
 use weft_proto::{Identity, NetMap, NodeId, PacketFilter, Peer, PrivateKey, SelfNode};
 
 /// Counts live heap bytes.
