@@ -426,6 +426,13 @@ impl Daemon {
         }
     }
 
+    /// Says why the state is what it is. A pending login link is void once
+    /// anything else is said: the login it was for has failed or moved on.
+    fn say(&mut self, message: String) {
+        self.message = Some(message);
+        self.login_url = None;
+    }
+
     /// Hands the login URL to the waiting `weft up` or `weft login`, which
     /// prints it and follows the status until the person logged in.
     fn on_login_required(&mut self, prompt: LoginPrompt) {
@@ -482,13 +489,14 @@ impl Daemon {
             Ok(()) => {
                 self.run_state = RunState::Running;
                 self.message = None;
+                self.login_url = None;
                 if let Some(pending) = self.pending_up.take() {
                     let _ = pending.send(Ok(UpReply::Running(me)));
                 }
             }
             Err(e) => {
                 tracing::error!("{e}");
-                self.message = Some(e.to_string());
+                self.say(e.to_string());
                 if let Some(pending) = self.pending_up.take() {
                     let _ = pending.send(Err(ApiError::Internal(e.to_string())));
                 }
@@ -506,13 +514,13 @@ impl Daemon {
             refusal.code,
             RefusalCode::Unavailable | RefusalCode::MachineKeyInUse
         ) {
-            self.message = Some(refusal.message);
+            self.say(refusal.message);
             return;
         }
         if self.renewal_refused(&refusal) || self.renew_expired_key(&refusal) {
             return;
         }
-        self.message = Some(refusal.message);
+        self.say(refusal.message);
         // Fail closed: a node the coordinator no longer admits keeps no tunnels.
         // Preferences of a join that never succeeded are not saved, so the
         // next `weft up` joins afresh instead of rejoining.
@@ -603,7 +611,7 @@ impl Daemon {
             return false;
         }
         tracing::warn!(code = ?refusal.code, "the coordinator refused the renewed identity: {}; keeping the current key until it expires", refusal.message);
-        self.message = Some(format!(
+        self.say(format!(
             "renewing the workload identity failed: {}",
             refusal.message
         ));
@@ -643,7 +651,7 @@ impl Daemon {
     async fn on_disconnected(&mut self, error: ControlError) {
         self.connected = false;
         self.connected_to = None;
-        self.message = Some(error.to_string());
+        self.say(error.to_string());
         let handshake_failed = matches!(error, ControlError::Handshake(_));
         if let (true, Some(pending)) = (handshake_failed, self.pending_up.take()) {
             // A wrong pinned key will not fix itself: give the operator the answer now.
