@@ -161,6 +161,10 @@ fn encapsulate_filter_decapsulate(c: &mut Criterion) {
     group.finish();
 }
 
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the nodes start at the real clock and a fixed seed, like the daemon's"
+)]
 fn bench_path(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     name: &str,
@@ -168,8 +172,9 @@ fn bench_path(
 ) {
     let now = Instant::now();
     let (sa, sb) = (Side::new(1), Side::new(2));
-    let mut a = Node::new(sa.key.clone(), now);
-    let mut b = Node::new(sb.key.clone(), now);
+    let wall = std::time::SystemTime::now();
+    let mut a = Node::new(sa.key.clone(), now, wall, 1);
+    let mut b = Node::new(sb.key.clone(), now, wall, 2);
     if relayed {
         let relay = RelayInfo {
             name: RELAY.into(),

@@ -64,6 +64,10 @@ fn tcp(src: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     p
 }
 
+#[expect(
+    clippy::disallowed_methods,
+    reason = "flows are stamped with the real clock"
+)]
 fn bench(c: &mut Criterion) {
     let mut established = c.benchmark_group("established_flow");
     for count in [10u32, 100, 1_000] {

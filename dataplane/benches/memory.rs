@@ -87,13 +87,17 @@ fn netmap(peers: Vec<Peer>) -> NetMap {
     }
 }
 
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the node starts at the real clock"
+)]
 fn main() {
     println!(
         "a WireGuard tunnel, made on a peer's first packet: {} B",
-        std::mem::size_of::<boringtun::noise::Tunn>()
+        weft_dataplane::core::TUNNEL_SIZE
     );
     let now = Instant::now();
-    let mut node = Node::new(PrivateKey::generate(), now);
+    let mut node = Node::new(PrivateKey::generate(), now, std::time::SystemTime::now(), 1);
     node.set_netmap(&netmap(Vec::new()), now);
     let peers = netmap((0..PEERS).map(peer).collect());
     let before = LIVE.load(Ordering::Relaxed);

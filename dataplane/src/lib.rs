@@ -10,9 +10,24 @@
 //! - [`offload`]: splitting and coalescing the TUN device's TCP and UDP
 //!   super-packets (virtio-net headers, GSO/GRO).
 //!
-//! No sockets, no tokio, no TUN device: the daemon around it (`weft-node`)
-//! owns those and moves bytes between them and this crate.
+//! No sockets, no tokio, no TUN device, no clock and no ambient randomness:
+//! the daemon around it (`weft-node`) owns those, moves bytes between them
+//! and this crate, and passes the time and a random seed in. WireGuard's
+//! Noise layer is vendored from boringtun (`wireguard`) so that its timers
+//! run on that time too.
 
 pub mod core;
 pub mod filter;
 pub mod offload;
+mod wireguard;
+
+/// The start of a test's clock: an arbitrary instant, since the crate
+/// reads no clock of its own and tests only measure from it.
+#[cfg(test)]
+#[expect(
+    clippy::disallowed_methods,
+    reason = "tests need one real instant to count from"
+)]
+fn test_clock() -> std::time::Instant {
+    std::time::Instant::now()
+}

@@ -604,12 +604,13 @@ mod tests {
     fn the_fold_matches_what_the_data_plane_does_with_the_messages() {
         let now = Instant::now();
         let key = PrivateKey::generate();
-        let mut live = Node::new(key.clone(), now);
+        let wall = std::time::SystemTime::now();
+        let mut live = Node::new(key.clone(), now, wall, 1);
         live.set_netmap(&netmap(), now);
         for delta in deltas() {
             live.apply_delta(&delta, now);
         }
-        let mut restored = Node::new(key, now);
+        let mut restored = Node::new(key, now, wall, 2);
         restored.set_netmap(&folded(), now);
         let view = |node: &Node| {
             node.peers()

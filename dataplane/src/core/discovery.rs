@@ -6,6 +6,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
 use weft_proto::stun;
 use weft_proto::{Advertisement, RelayInfo};
 
@@ -24,7 +27,7 @@ const HOME_SWITCH_RATIO: (u32, u32) = (4, 5);
 const HOME_SWITCH_MARGIN: Duration = Duration::from_millis(5);
 
 /// Relays, home relay, local and reflexive endpoints.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Discovery {
     /// In the coordinator's order.
     relays: Vec<Relay>,
@@ -39,6 +42,8 @@ pub(crate) struct Discovery {
     next_stun: Option<Instant>,
     next_retry: Option<Instant>,
     retries_left: u8,
+    /// STUN transaction ids come from here, seeded by the node.
+    rng: StdRng,
 }
 
 #[derive(Debug)]
@@ -49,6 +54,24 @@ struct Relay {
 }
 
 impl Discovery {
+    /// No relays and no endpoints yet; STUN transaction ids are drawn from
+    /// a generator seeded with `rng_seed`.
+    pub(crate) fn new(rng_seed: u64) -> Self {
+        Self {
+            relays: Vec::new(),
+            home: None,
+            local: Vec::new(),
+            reflexive: BTreeMap::new(),
+            pending: HashMap::new(),
+            answered_this_round: false,
+            answered_last_round: false,
+            next_stun: None,
+            next_retry: None,
+            retries_left: 0,
+            rng: StdRng::seed_from_u64(rng_seed),
+        }
+    }
+
     /// The coordinator's relay list. Sessions to relays still listed keep
     /// their state; STUN runs again at once when the list changed.
     pub(crate) fn set_relays(
@@ -160,7 +183,7 @@ impl Discovery {
             let Some(server) = relay.info.stun_address else {
                 continue;
             };
-            let tx: stun::TransactionId = rand::random();
+            let tx: stun::TransactionId = self.rng.gen();
             self.pending.insert(tx, relay.info.name.clone());
             out.push_back(Transmit {
                 dst: server,
@@ -342,9 +365,9 @@ mod tests {
 
     #[test]
     fn the_home_relay_moves_only_when_clearly_faster_or_down() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut out = VecDeque::new();
-        let mut d = Discovery::default();
+        let mut d = Discovery::new(1);
         d.set_relays(&[relay("fra1", 1), relay("ams1", 2)], now, &mut out);
         assert_eq!(out.len(), 2, "one STUN request per relay");
         assert_eq!(d.home(), None);
@@ -367,9 +390,9 @@ mod tests {
 
     #[test]
     fn unanswered_stun_requests_are_repeated_a_few_times() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut out = VecDeque::new();
-        let mut d = Discovery::default();
+        let mut d = Discovery::new(1);
         d.set_relays(&[relay("fra1", 1)], now, &mut out);
         let first = out.pop_front().unwrap();
         let mut at = now;
@@ -387,9 +410,9 @@ mod tests {
 
     #[test]
     fn stun_answers_make_reflexive_endpoints_and_the_mapping() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut out = VecDeque::new();
-        let mut d = Discovery::default();
+        let mut d = Discovery::new(1);
         d.set_local(vec![SocketAddr::from(([198, 18, 1, 2], 41641))]);
         d.set_relays(&[relay("fra1", 1), relay("ams1", 2)], now, &mut out);
         let mapped = SocketAddr::from(([203, 0, 113, 1], 41641));
@@ -413,7 +436,7 @@ mod tests {
         d.handle_timeout(now + STUN_RETRY, &mut out);
         assert_eq!(out.len(), before, "answered requests are not repeated");
         let forged = weft_proto::stun::respond(&out[0].payload, mapped).unwrap();
-        let mut d2 = Discovery::default();
+        let mut d2 = Discovery::new(1);
         assert!(
             !d2.handle_stun(out[0].dst, &forged),
             "no request outstanding"

@@ -16,25 +16,29 @@ mod too_big;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::{Packet, Tunn, TunnResult};
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
 use serde::{Deserialize, Serialize};
 use weft_proto::{
     Advertisement, Identity, NetMap, NetMapDelta, NodeId, Peer, PrivateKey, PublicKey, RelayInfo,
 };
 
 use crate::filter::{self, Firewall, Verdict};
+use crate::wireguard::handshake::parse_handshake_anon;
+use crate::wireguard::rate_limiter::RateLimiter;
+use crate::wireguard::{Packet, Tunn, TunnResult};
 use discovery::Discovery;
-use peer::{PeerTunnel, Slot};
+use peer::{Maker, PeerTunnel, Slot};
 use probe::Pending;
 use too_big::TokenBucket;
 
 /// A weft node's data plane: WireGuard sessions to the netmap's peers and
-/// the inbound packet filter. It does no IO and reads no clock of its own.
+/// the inbound packet filter. It does no IO, reads no clock of its own and
+/// draws every random number (session indices, ephemeral keys, disco and
+/// STUN transaction ids) from a generator seeded by the caller, so a run
+/// replays exactly from its inputs and seed.
 ///
 /// # Driving it
 ///
@@ -81,11 +85,12 @@ use too_big::TokenBucket;
 ///
 /// # Clocks
 ///
-/// The node's own timers (its 250 ms WireGuard tick and flow expiry) run on
-/// the `now` passed in. boringtun's `Tunn` reads the system clock for its
-/// WireGuard timers (rekeying, retransmission, keepalives, handshake age in
-/// [`PeerStatus`]); that is a limitation of boringtun 0.7, so a simulation
-/// that advances `now` faster than real time does not age sessions.
+/// Every timer runs on the `now` passed in: the node's 250 ms tick, flow
+/// expiry, and WireGuard's own (rekeying, handshake retransmission,
+/// keepalives, session expiry, the handshake age in [`PeerStatus`]), so a
+/// simulation that advances `now` faster than real time ages sessions too.
+/// The wall clock given to [`Node::new`] only dates handshake initiations,
+/// which peers require to grow across restarts.
 ///
 /// # Admission
 ///
@@ -109,13 +114,11 @@ use too_big::TokenBucket;
 /// seconds more, for packets already in flight), so a rotation loses no
 /// packets whichever side learns of it first.
 pub struct Node {
-    static_private: x25519_dalek::StaticSecret,
-    static_public: x25519_dalek::PublicKey,
+    /// This node's key, and what its peers' tunnels are made from.
+    maker: Maker,
     /// Checks mac1 and applies the node-wide handshake rate limit (cookie
     /// replies under load) before the Diffie-Hellman that identifies a sender.
     handshake_gate: RateLimiter,
-    /// Shared by every `Tunn`; never under load, since the gate already decided.
-    tunn_limiter: Arc<RateLimiter>,
     peers: BTreeMap<NodeId, PeerTunnel>,
     by_key: HashMap<PublicKey, NodeId>,
     by_index: HashMap<u32, (NodeId, Slot)>,
@@ -128,7 +131,7 @@ pub struct Node {
     spare: Vec<Vec<u8>>,
     next_tick: Option<Instant>,
     stats: FilterStats,
-    /// Scratch space for boringtun's output, large enough for any IP packet plus overhead.
+    /// Scratch space for WireGuard's output, large enough for any IP packet plus overhead.
     buf: Box<[u8]>,
     relay_transmits: VecDeque<RelayTransmit>,
     discovery: Discovery,
@@ -330,7 +333,7 @@ pub struct FilterStats {
     pub flows: u64,
 }
 
-/// The interval of the WireGuard timer tick, as in boringtun's own device.
+/// The interval of the WireGuard timer tick, as in boringtun's device.
 const TICK: Duration = Duration::from_millis(250);
 /// How often a peer that sends on a session this node no longer has is
 /// offered a fresh handshake (WireGuard's REKEY_TIMEOUT).
@@ -347,7 +350,7 @@ const HANDSHAKE_INIT_LEN: usize = 148;
 /// Spare buffers kept for reuse: a batch's worth, so a burst's buffers come
 /// back to the allocator rather than staying pinned.
 const SPARE_BUFFERS: usize = 256;
-/// Session indices are 24 bits; boringtun uses the low 8 for rekeys.
+/// Session indices are 24 bits; the low 8 count rekeys.
 const INDEX_MASK: u32 = 0x00ff_ffff;
 /// How long the side with the higher key waits before sending its
 /// handshake again on a new path (the other side sends at once).
@@ -360,30 +363,50 @@ const DISCO_RATE_LIMIT: u32 = 50;
 const TOO_BIG_BURST: u32 = 20;
 const TOO_BIG_INTERVAL: Duration = Duration::from_millis(10);
 
+/// The memory a peer's WireGuard tunnel takes once made (on its first
+/// packet), for sizing large netmaps.
+pub const TUNNEL_SIZE: usize = std::mem::size_of::<Tunn>();
+
 /// The tunnel's MTU over a 1500-byte underlay: 1500 less WireGuard's 80
 /// bytes of worst-case (IPv6) overhead. The TUN device is given the same.
 pub const DEFAULT_MTU: u16 = 1420;
 
 impl Node {
     /// A node with no peers and a deny-all filter. `private_key` is this
-    /// node's WireGuard key. Nothing is scheduled until peers or relays
-    /// arrive. The tunnel's MTU is [`DEFAULT_MTU`]; [`Node::with_mtu`] sets
-    /// another.
-    pub fn new(private_key: PrivateKey, now: Instant) -> Self {
+    /// node's WireGuard key; `wall_clock` is the wall-clock time at `now`;
+    /// every random number the node needs comes from a generator seeded
+    /// with `rng_seed` (the daemon passes a random one; simulations a fixed
+    /// one). Nothing is scheduled until peers or relays arrive. The
+    /// tunnel's MTU is [`DEFAULT_MTU`]; [`Node::with_mtu`] sets another.
+    pub fn new(
+        private_key: PrivateKey,
+        now: Instant,
+        wall_clock: SystemTime,
+        rng_seed: u64,
+    ) -> Self {
+        let mut rng = StdRng::seed_from_u64(rng_seed);
+        let wall = wall_clock
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let discovery = Discovery::new(rng.next_u64());
+        // A random start, so a restarted node's indices do not meet the
+        // datagrams of its previous run's sessions.
+        let next_index = (rng.gen::<u32>() & INDEX_MASK).max(1);
         let static_private = private_key.to_x25519();
-        let static_public = x25519_dalek::PublicKey::from(&static_private);
+        let handshake_gate = RateLimiter::new_at(
+            &x25519_dalek::PublicKey::from(&static_private),
+            HANDSHAKE_RATE_LIMIT,
+            &mut rng,
+            now,
+        );
         Self {
-            handshake_gate: RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT),
-            tunn_limiter: Arc::new(RateLimiter::new(&static_public, u64::MAX)),
-            static_private,
-            static_public,
+            handshake_gate,
+            maker: Maker::new(static_private, now, wall, rng),
             peers: BTreeMap::new(),
             by_key: HashMap::new(),
             by_index: HashMap::new(),
             by_address: HashMap::new(),
-            // A random start, so a restarted node's indices do not meet the
-            // datagrams of its previous run's sessions.
-            next_index: (rand::random::<u32>() & INDEX_MASK).max(1),
+            next_index,
             firewall: Firewall::default(),
             transmits: VecDeque::new(),
             tun_packets: VecDeque::new(),
@@ -392,7 +415,7 @@ impl Node {
             stats: FilterStats::default(),
             buf: vec![0; MAX_PACKET + WIREGUARD_OVERHEAD].into_boxed_slice(),
             relay_transmits: VecDeque::new(),
-            discovery: Discovery::default(),
+            discovery,
             events: VecDeque::new(),
             advertised: None,
             pending: HashMap::new(),
@@ -465,24 +488,27 @@ impl Node {
     pub fn rotate_key(&mut self, private_key: PrivateKey, now: Instant) {
         let static_private = private_key.to_x25519();
         let static_public = x25519_dalek::PublicKey::from(&static_private);
-        if static_public == self.static_public {
+        if static_public == self.maker.static_public {
             return;
         }
-        self.handshake_gate = RateLimiter::new(&static_public, HANDSHAKE_RATE_LIMIT);
-        self.tunn_limiter = Arc::new(RateLimiter::new(&static_public, u64::MAX));
-        self.static_private = static_private;
-        self.static_public = static_public;
+        self.handshake_gate = RateLimiter::new_at(
+            &static_public,
+            HANDSHAKE_RATE_LIMIT,
+            &mut self.maker.rng,
+            now,
+        );
+        self.maker.set_key(static_private, now);
         let peers: Vec<Peer> = self.peers.values().map(|p| p.peer.clone()).collect();
         for peer in peers {
             self.replace_tunnel(peer, now);
         }
         self.reindex(now);
-        tracing::info!(key = %PublicKey::from(self.static_public).short(), "node key rotated");
+        tracing::info!(key = %PublicKey::from(self.maker.static_public).short(), "node key rotated");
     }
 
     /// This node's WireGuard public key.
     pub fn public_key(&self) -> PublicKey {
-        PublicKey::from(self.static_public)
+        PublicKey::from(self.maker.static_public)
     }
 
     /// Forgets every peer and the filter (on `weft down`, or when the node is deleted).
@@ -547,8 +573,8 @@ impl Node {
             0,
         );
         let written = match peer
-            .sending_tunn(&self.static_private, &self.tunn_limiter)
-            .encapsulate(packet, &mut out)
+            .sending_tunn(&mut self.maker, now)
+            .encapsulate_at(packet, &mut out, now)
         {
             TunnResult::WriteToNetwork(datagram) => Some(datagram.len()),
             TunnResult::Err(error) => {
@@ -746,8 +772,7 @@ impl Node {
             stats,
             buf,
             wake,
-            static_private,
-            tunn_limiter,
+            maker,
             ..
         } = self;
         let Some(peer) = peers.get_mut(&id) else {
@@ -763,17 +788,11 @@ impl Node {
         }
         // Field by field, so the paths stay assignable below.
         let tunn = match (slot, &mut peer.retiring) {
-            (Slot::Current, _) => peer::made(
-                &mut peer.tunn,
-                peer.peer.node_key,
-                peer.index,
-                static_private,
-                tunn_limiter,
-            ),
+            (Slot::Current, _) => maker.made(&mut peer.tunn, peer.peer.node_key, peer.index, now),
             (Slot::Retiring, Some(retiring)) => &mut retiring.tunn,
             (Slot::Retiring, None) => return,
         };
-        let (packet, src) = match tunn.decapsulate(source.ip(), datagram, buf) {
+        let (packet, src) = match tunn.decapsulate_at(source.ip(), datagram, buf, now) {
             TunnResult::Done => {
                 if authenticates {
                     source.heard(&mut peer.paths, now);
@@ -794,8 +813,10 @@ impl Node {
                     key,
                     reply.to_vec(),
                 );
-                // boringtun's contract: flush what queued up behind the handshake.
-                while let TunnResult::WriteToNetwork(queued) = tunn.decapsulate(None, &[], buf) {
+                // The tunnel's contract: flush what queued up behind the handshake.
+                while let TunnResult::WriteToNetwork(queued) =
+                    tunn.decapsulate_at(None, &[], buf, now)
+                {
                     push(
                         transmits,
                         relay_transmits,
@@ -854,7 +875,7 @@ impl Node {
         }
     }
 
-    /// Drives timers: boringtun's `update_timers` for every peer every 250 ms,
+    /// Drives timers: WireGuard's for every peer every 250 ms,
     /// path probing, STUN, ping timeouts, and flow expiry.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
@@ -868,7 +889,7 @@ impl Node {
                 let Some(tunn) = peer.tunn.as_deref_mut() else {
                     continue;
                 };
-                match tunn.update_timers(&mut self.buf) {
+                match tunn.update_timers_at(&mut self.buf, now) {
                     TunnResult::WriteToNetwork(datagram) => {
                         match route(peer, &self.discovery, now) {
                             Some(dst) => push(
@@ -911,7 +932,7 @@ impl Node {
                     self.by_index.remove(&index);
                 }
             }
-            self.handshake_gate.reset_count();
+            self.handshake_gate.reset_count_at(now);
             self.disco_budget = DISCO_RATE_LIMIT;
             self.expire_pings(now);
             self.discovery.handle_timeout(now, &mut self.transmits);
@@ -954,10 +975,10 @@ impl Node {
         self.peers
             .values()
             .map(|p| {
-                let (last_handshake, tx, rx, _, _) = p
+                let (last_handshake, tx, rx) = p
                     .tunn
                     .as_deref()
-                    .map_or((None, 0, 0, 0.0, None), Tunn::stats);
+                    .map_or((None, 0, 0), |tunn| tunn.stats_at(self.last_now));
                 let (path, endpoint, relay) = match route(p, &self.discovery, self.last_now) {
                     Some(Dst::Udp(endpoint)) => (Some(PathKind::Direct), Some(endpoint), None),
                     Some(Dst::Relay(relay)) => (Some(PathKind::Relay), None, Some(relay)),
@@ -1011,7 +1032,7 @@ impl Node {
         ) {
             match self
                 .handshake_gate
-                .verify_packet(source.ip(), datagram, &mut self.buf)
+                .verify_packet_at(source.ip(), datagram, &mut self.buf, now)
             {
                 Ok(_) => {}
                 Err(TunnResult::WriteToNetwork(cookie)) => {
@@ -1033,9 +1054,11 @@ impl Node {
         let is_data = matches!(packet, Packet::PacketData(_));
         let (route, authenticates) = match packet {
             Packet::HandshakeInit(init) => {
-                let Ok(half) =
-                    parse_handshake_anon(&self.static_private, &self.static_public, &init)
-                else {
+                let Ok(half) = parse_handshake_anon(
+                    &self.maker.static_private,
+                    &self.maker.static_public,
+                    &init,
+                ) else {
                     self.stats.dropped_invalid_datagram += 1;
                     tracing::trace!(?source, "dropping undecryptable handshake initiation");
                     return None;
@@ -1089,8 +1112,8 @@ impl Node {
         peer.last_nudge = Some(now);
         let key = peer.key();
         if let TunnResult::WriteToNetwork(init) = peer
-            .tunn(&self.static_private, &self.tunn_limiter)
-            .format_handshake_initiation(&mut self.buf, false)
+            .tunn(&mut self.maker, now)
+            .format_handshake_initiation_at(&mut self.buf, false, now)
         {
             push(
                 &mut self.transmits,
@@ -1107,7 +1130,7 @@ impl Node {
     }
 
     fn upsert_peer(&mut self, peer: &Peer, now: Instant) {
-        if peer.node_key.as_bytes() == self.static_public.as_bytes() {
+        if peer.node_key.as_bytes() == self.maker.static_public.as_bytes() {
             tracing::warn!(peer = %peer.id, "ignoring a peer that has this node's own key");
             return;
         }
@@ -1151,8 +1174,8 @@ impl Node {
         }
         if let (Some(dst), Some(_)) = (route(&tunnel, &self.discovery, now), &tunnel.retiring) {
             if let TunnResult::WriteToNetwork(init) = tunnel
-                .tunn(&self.static_private, &self.tunn_limiter)
-                .format_handshake_initiation(&mut self.buf, false)
+                .tunn(&mut self.maker, now)
+                .format_handshake_initiation_at(&mut self.buf, false, now)
             {
                 push(
                     &mut self.transmits,
@@ -1236,7 +1259,7 @@ impl Node {
         if tunnel.handshake_due.is_some() {
             return;
         }
-        if self.static_public.as_bytes() < tunnel.peer.node_key.as_bytes() {
+        if self.maker.static_public.as_bytes() < tunnel.peer.node_key.as_bytes() {
             self.resend_handshake(peer, now);
         } else {
             tunnel.handshake_due = Some(now + HANDSHAKE_DEFER);
@@ -1252,8 +1275,8 @@ impl Node {
             return;
         };
         if let TunnResult::WriteToNetwork(init) = tunnel
-            .tunn(&self.static_private, &self.tunn_limiter)
-            .format_handshake_initiation(&mut self.buf, true)
+            .tunn(&mut self.maker, now)
+            .format_handshake_initiation_at(&mut self.buf, true, now)
         {
             tracing::trace!(%peer, ?dst, "handshake sent again on a new path");
             push(
@@ -1280,7 +1303,7 @@ impl Node {
 impl fmt::Debug for Node {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Node")
-            .field("public_key", &PublicKey::from(self.static_public))
+            .field("public_key", &PublicKey::from(self.maker.static_public))
             .field("peers", &self.peers)
             .field("stats", &self.stats)
             .finish_non_exhaustive()
@@ -1306,7 +1329,7 @@ enum Source<'a> {
 }
 
 impl Source<'_> {
-    /// The source address boringtun's cookie mechanism keys on.
+    /// The source address WireGuard's cookie mechanism keys on.
     fn ip(self) -> Option<IpAddr> {
         match self {
             Self::Udp(from) => Some(from.ip()),

@@ -281,7 +281,7 @@ mod tests {
 
     #[test]
     fn the_first_advertised_endpoint_is_the_guess_until_one_is_confirmed() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut paths = Paths::new(&[addr(1), addr(2)]);
         assert_eq!(paths.endpoint, Some(addr(1)));
         assert_eq!(paths.trusted(now), None);
@@ -292,7 +292,7 @@ mod tests {
 
     #[test]
     fn a_faster_path_wins_only_when_clearly_faster() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut paths = Paths::new(&[addr(1), addr(2), addr(3)]);
         paths.confirm(addr(1), Duration::from_millis(10), now);
         paths.confirm(addr(2), Duration::from_millis(9), now);
@@ -303,7 +303,7 @@ mod tests {
 
     #[test]
     fn a_lapsed_path_falls_back_to_another_confirmed_one() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut paths = Paths::new(&[addr(1), addr(2)]);
         paths.confirm(addr(1), Duration::from_millis(1), now);
         paths.confirm(
@@ -320,7 +320,7 @@ mod tests {
 
     #[test]
     fn a_doubted_path_lapses_soon_and_yields_to_any_confirmed_one() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut paths = Paths::new(&[addr(1), addr(2)]);
         paths.confirm(addr(1), Duration::from_millis(1), now);
         assert_eq!(paths.doubt(now), Some(addr(1)));
@@ -338,7 +338,7 @@ mod tests {
 
     #[test]
     fn pings_to_one_candidate_are_spaced() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut paths = Paths::new(&[addr(1)]);
         assert_eq!(paths.probe_targets(now), vec![addr(1)]);
         assert!(!paths.may_ping(addr(1), now));
@@ -355,7 +355,7 @@ mod tests {
 
     #[test]
     fn learned_candidates_are_bounded_and_expire() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut paths = Paths::new(&[addr(1)]);
         for port in 100..120 {
             paths.learn(addr(port), now);

@@ -6,9 +6,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::Tunn;
+use rand::rngs::StdRng;
+use rand::RngCore;
 use weft_proto::{Peer, PublicKey};
+
+use crate::wireguard::rate_limiter::RateLimiter;
+use crate::wireguard::Tunn;
 
 use super::paths::Paths;
 
@@ -23,7 +26,7 @@ const RETIRE_DRAIN: Duration = Duration::from_secs(5);
 pub(crate) struct PeerTunnel {
     pub(crate) peer: Peer,
     /// The WireGuard tunnel, made when the peer is first reached or
-    /// reaches this node ([`PeerTunnel::tunn`]): boringtun's `Tunn` is
+    /// reaches this node ([`PeerTunnel::tunn`]): a `Tunn` is
     /// 11 KB, and most peers of a large netmap never exchange a packet.
     pub(crate) tunn: Option<Box<Tunn>>,
     /// The 24-bit index the tunnel's session indices start with.
@@ -42,7 +45,7 @@ pub(crate) struct PeerTunnel {
 }
 
 impl PeerTunnel {
-    /// A fresh tunnel to `peer` with session index `index`; boringtun's
+    /// A fresh tunnel to `peer` with session index `index`; the WireGuard
     /// state is made on first use.
     pub(crate) fn new(peer: Peer, index: u32) -> Self {
         let paths = Paths::new(&peer.endpoints);
@@ -78,27 +81,13 @@ impl PeerTunnel {
     }
 
     /// The current tunnel, made now if the peer has none yet.
-    pub(crate) fn tunn(
-        &mut self,
-        static_private: &x25519_dalek::StaticSecret,
-        limiter: &Arc<RateLimiter>,
-    ) -> &mut Tunn {
-        made(
-            &mut self.tunn,
-            self.peer.node_key,
-            self.index,
-            static_private,
-            limiter,
-        )
+    pub(crate) fn tunn(&mut self, maker: &mut Maker, now: Instant) -> &mut Tunn {
+        maker.made(&mut self.tunn, self.peer.node_key, self.index, now)
     }
 
     /// The tunnel to encrypt with: the current one, or while it has no
     /// session yet the retiring one that still has.
-    pub(crate) fn sending_tunn(
-        &mut self,
-        static_private: &x25519_dalek::StaticSecret,
-        limiter: &Arc<RateLimiter>,
-    ) -> &mut Tunn {
+    pub(crate) fn sending_tunn(&mut self, maker: &mut Maker, now: Instant) -> &mut Tunn {
         let Self {
             peer,
             tunn,
@@ -112,7 +101,7 @@ impl PeerTunnel {
             {
                 &mut retiring.tunn
             }
-            _ => made(tunn, peer.node_key, *index, static_private, limiter),
+            _ => maker.made(tunn, peer.node_key, *index, now),
         }
     }
 
@@ -176,30 +165,88 @@ pub(crate) struct Retiring {
     pub(crate) until: Instant,
 }
 
-/// The tunnel in `slot`, made for the key pair and `index` if there is none.
-pub(crate) fn made<'a>(
-    slot: &'a mut Option<Box<Tunn>>,
-    peer_key: PublicKey,
-    index: u32,
-    static_private: &x25519_dalek::StaticSecret,
-    limiter: &Arc<RateLimiter>,
-) -> &'a mut Tunn {
-    slot.get_or_insert_with(|| {
-        Box::new(Tunn::new(
-            static_private.clone(),
-            x25519_dalek::PublicKey::from(peer_key),
-            None,
-            None,
-            index,
-            Some(Arc::clone(limiter)),
-        ))
-    })
+/// What a peer's tunnel is made from: this node's key, the rate limiter
+/// its handshakes share, the wall clock for handshake timestamps, and the
+/// generator every tunnel's ephemeral keys are seeded from.
+pub(crate) struct Maker {
+    pub(crate) static_private: x25519_dalek::StaticSecret,
+    pub(crate) static_public: x25519_dalek::PublicKey,
+    /// Shared by every `Tunn`; never under load, since the node's gate
+    /// already decided.
+    pub(crate) limiter: Arc<RateLimiter>,
+    /// An instant of the caller's clock and the wall-clock time then, as
+    /// a duration since the Unix epoch.
+    pub(crate) wall: (Instant, Duration),
+    pub(crate) rng: StdRng,
 }
 
-/// Whether `tunn` has a session to send on (boringtun reports a handshake
-/// age exactly then).
+impl Maker {
+    /// A maker for `static_private`'s tunnels; `wall` is the wall-clock
+    /// time at `now` as a duration since the Unix epoch.
+    pub(crate) fn new(
+        static_private: x25519_dalek::StaticSecret,
+        now: Instant,
+        wall: Duration,
+        mut rng: StdRng,
+    ) -> Self {
+        let static_public = x25519_dalek::PublicKey::from(&static_private);
+        Self {
+            limiter: Arc::new(RateLimiter::new_at(&static_public, u64::MAX, &mut rng, now)),
+            static_private,
+            static_public,
+            wall: (now, wall),
+            rng,
+        }
+    }
+
+    /// Makes the tunnels of `static_private` from now on.
+    pub(crate) fn set_key(&mut self, static_private: x25519_dalek::StaticSecret, now: Instant) {
+        self.static_public = x25519_dalek::PublicKey::from(&static_private);
+        self.static_private = static_private;
+        self.limiter = Arc::new(RateLimiter::new_at(
+            &self.static_public,
+            u64::MAX,
+            &mut self.rng,
+            now,
+        ));
+    }
+
+    /// The tunnel in `slot`, made at `now` for the key pair and `index` if
+    /// there is none.
+    pub(crate) fn made<'a>(
+        &mut self,
+        slot: &'a mut Option<Box<Tunn>>,
+        peer_key: PublicKey,
+        index: u32,
+        now: Instant,
+    ) -> &'a mut Tunn {
+        slot.get_or_insert_with(|| {
+            let (at, unix) = self.wall;
+            Box::new(Tunn::new_at(
+                self.static_private.clone(),
+                x25519_dalek::PublicKey::from(peer_key),
+                index,
+                Arc::clone(&self.limiter),
+                now,
+                unix + now.saturating_duration_since(at),
+                self.rng.next_u64(),
+            ))
+        })
+    }
+}
+
+impl fmt::Debug for Maker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Maker")
+            .field("static_public", &PublicKey::from(self.static_public))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `tunn` has a session to send on (it reports a handshake age
+/// exactly then).
 fn has_session(tunn: &Tunn) -> bool {
-    tunn.stats().0.is_some()
+    tunn.has_session()
 }
 
 impl fmt::Debug for PeerTunnel {
@@ -217,15 +264,14 @@ impl fmt::Debug for PeerTunnel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
     use weft_proto::{Identity, NodeId, PrivateKey};
 
     #[test]
     fn a_tunnel_is_made_on_first_use_only() {
+        let now = crate::test_clock();
         let me = PrivateKey::generate().to_x25519();
-        let limiter = Arc::new(RateLimiter::new(
-            &x25519_dalek::PublicKey::from(&me),
-            u64::MAX,
-        ));
+        let mut maker = Maker::new(me, now, Duration::from_secs(1), StdRng::seed_from_u64(1));
         let peer = Peer {
             id: NodeId(2),
             name: "db".into(),
@@ -238,7 +284,7 @@ mod tests {
         let mut tunnel = PeerTunnel::new(peer, 7);
         assert!(tunnel.tunn.is_none());
         assert!(!tunnel.has_session());
-        tunnel.sending_tunn(&me, &limiter);
+        tunnel.sending_tunn(&mut maker, now);
         assert!(tunnel.tunn.is_some());
         assert!(!tunnel.has_session());
     }

@@ -3,6 +3,8 @@
 
 use std::time::Instant;
 
+use rand::Rng;
+
 use weft_proto::NodeId;
 
 use super::disco::{self, Message, Tx};
@@ -53,7 +55,7 @@ impl Node {
             return;
         }
         self.disco_budget -= 1;
-        let message = match disco::open(&self.static_private.to_bytes(), &key, datagram) {
+        let message = match disco::open(&self.maker.static_private.to_bytes(), &key, datagram) {
             Ok(message) => message,
             Err(error) => {
                 self.stats.dropped_invalid_datagram += 1;
@@ -87,7 +89,7 @@ impl Node {
             tracing::debug!(%peer, "too many pings outstanding; not sending another");
             return;
         }
-        let tx: Tx = rand::random();
+        let tx: Tx = self.maker.rng.gen();
         self.pending.insert(
             tx,
             Pending {
@@ -264,7 +266,7 @@ impl Node {
         };
         let to = tunnel.key();
         let from = self.public_key();
-        match disco::seal(&self.static_private.to_bytes(), &from, &to, message) {
+        match disco::seal(&self.maker.static_private.to_bytes(), &from, &to, message) {
             Ok(datagram) => push(
                 &mut self.transmits,
                 &mut self.relay_transmits,

@@ -69,9 +69,18 @@ struct Sent {
 
 struct Sim {
     nodes: Vec<SimNode>,
+    /// When the simulation started, on the virtual clock.
+    start: Instant,
     now: Instant,
     sent: Vec<Sent>,
+    /// Datagrams are lost rather than delivered while set.
+    cut: bool,
+    /// Seeds the nodes' keys and random generators.
+    seed: u64,
 }
+
+/// The wall-clock time, since the Unix epoch, when every simulation starts.
+const WALL_START: Duration = Duration::from_secs(1_700_000_000);
 
 const A: usize = 0;
 const B: usize = 1;
@@ -80,17 +89,28 @@ const C: usize = 2;
 impl Sim {
     /// Three nodes, none knowing any other yet.
     fn new() -> Self {
-        let now = Instant::now();
+        Self::seeded(1)
+    }
+
+    /// Three nodes whose keys and random numbers all derive from `seed`.
+    fn seeded(seed: u64) -> Self {
+        let now = crate::test_clock();
+        let mut keys = StdRng::seed_from_u64(seed);
         let nodes = ["alpha", "bravo", "charlie"]
             .into_iter()
             .enumerate()
             .map(|(i, name)| {
                 let n = u8::try_from(i + 1).unwrap();
-                let key = PrivateKey::generate();
+                let key = PrivateKey::from_bytes(keys.gen());
                 SimNode {
                     id: NodeId(u64::from(n)),
                     name,
-                    node: Node::new(key.clone(), now),
+                    node: Node::new(
+                        key.clone(),
+                        now,
+                        SystemTime::UNIX_EPOCH + WALL_START,
+                        keys.next_u64(),
+                    ),
                     key,
                     underlay: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, n)), 41641),
                     v4: IpAddr::V4(Ipv4Addr::new(100, 64, 0, n)),
@@ -110,9 +130,20 @@ impl Sim {
             .collect();
         Self {
             nodes,
+            start: now,
             now,
             sent: Vec::new(),
+            cut: false,
+            seed,
         }
+    }
+
+    /// A fresh node for `key` as it would start now (a restart or a
+    /// reinstall).
+    fn fresh_node(&mut self, key: PrivateKey) -> Node {
+        self.seed = self.seed.wrapping_add(1);
+        let wall = SystemTime::UNIX_EPOCH + WALL_START + (self.now - self.start);
+        Node::new(key, self.now, wall, self.seed)
     }
 
     /// Gives node `me` a netmap with `peers` and `filter`.
@@ -152,7 +183,7 @@ impl Sim {
                     moved = true;
                     let source = self.nodes[from].underlay;
                     let to = self.nodes.iter().position(|n| n.underlay == transmit.dst);
-                    if let Some(to) = to {
+                    if let (Some(to), false) = (to, self.cut) {
                         let now = self.now;
                         self.nodes[to]
                             .node
@@ -497,7 +528,7 @@ fn a_key_change_recreates_the_session() {
 
     // B is reinstalled with a fresh key.
     let key = PrivateKey::generate();
-    sim.nodes[B].node = Node::new(key.clone(), sim.now);
+    sim.nodes[B].node = sim.fresh_node(key.clone());
     sim.nodes[B].key = key;
     let rule = sim.allow(A, B, &[Protocol::Icmp], &[]);
     sim.set_netmap(B, &[A], vec![rule]);
@@ -711,8 +742,7 @@ fn timers_tick_while_peers_exist_and_flows_expire() {
 fn a_restarted_peer_gets_the_tunnel_back_at_once() {
     let mut sim = Sim::established();
     // B restarts: same key, no sessions, fresh indices.
-    let now = sim.now;
-    sim.nodes[B].node = Node::new(sim.nodes[B].key.clone(), now);
+    sim.nodes[B].node = sim.fresh_node(sim.nodes[B].key.clone());
     let rule = sim.allow(A, B, &[Protocol::Icmp], &[]);
     sim.set_netmap(B, &[A], vec![rule]);
 
@@ -734,7 +764,7 @@ fn a_restarted_peer_gets_the_tunnel_back_at_once() {
     stale.extend_from_slice(&[0; 24]);
     let from = sim.nodes[A].underlay;
     for _ in 0..10 {
-        sim.nodes[B].node.handle_udp(from, &stale, now);
+        sim.nodes[B].node.handle_udp(from, &stale, sim.now);
     }
     let handshakes = std::iter::from_fn(|| sim.nodes[B].node.poll_transmit())
         .filter(|t| message_type(&t.payload) == 1)

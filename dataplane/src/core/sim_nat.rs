@@ -146,7 +146,7 @@ impl Net {
     /// `kinds` (`None`: a public address, no NAT), and relays `r1` (10 ms)
     /// and `r2` (20 ms) with STUN servers, every node connected to both.
     fn new(kinds: [Option<NatKind>; 2]) -> Self {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let relays = [("r1", 1, 10), ("r2", 2, 20)]
             .into_iter()
             .map(|(name, n, rtt)| SimRelay {
@@ -176,7 +176,12 @@ impl Net {
                 };
                 Host {
                     id: NodeId(u64::from(n)),
-                    node: Node::new(key.clone(), now),
+                    node: Node::new(
+                        key.clone(),
+                        now,
+                        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+                        u64::from(n),
+                    ),
                     key,
                     lan,
                     nat,

@@ -534,7 +534,7 @@ mod tests {
 
     #[test]
     fn the_bucket_allows_a_burst_then_the_rate() {
-        let start = Instant::now();
+        let start = crate::test_clock();
         let mut bucket = TokenBucket::new(20, Duration::from_millis(10), start);
         assert_eq!((0..30).filter(|_| bucket.take(start)).count(), 20);
         assert!(!bucket.take(start + Duration::from_millis(9)));

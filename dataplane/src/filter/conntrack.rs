@@ -458,7 +458,7 @@ mod tests {
 
     #[test]
     fn flows_expire_after_their_idle_time_unless_touched() {
-        let start = Instant::now();
+        let start = crate::test_clock();
         let mut table = ConnTrack::new(16);
         table.insert(key(1), Origin::Outbound, start);
         table.insert(key(2), Origin::Outbound, start);
@@ -487,7 +487,7 @@ mod tests {
 
     #[test]
     fn a_full_table_evicts_the_flow_closest_to_expiry() {
-        let start = Instant::now();
+        let start = crate::test_clock();
         let mut table = ConnTrack::new(3);
         for port in 1..=3 {
             table.insert(
@@ -508,7 +508,7 @@ mod tests {
 
     #[test]
     fn rechecking_marks_only_peer_opened_flows() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut table = ConnTrack::new(16);
         table.insert(key(1), Origin::Outbound, now);
         table.insert(key(2), Origin::Inbound { allowed: true }, now);
@@ -527,7 +527,7 @@ mod tests {
 
     #[test]
     fn forgetting_an_address_drops_its_flows_and_their_deadlines() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut table = ConnTrack::new(16);
         table.insert(key(1), Origin::Outbound, now);
         let mut elsewhere = key(2);
@@ -559,7 +559,7 @@ mod tests {
 
     #[test]
     fn both_directions_of_a_flow_share_one_entry() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut table = ConnTrack::new(16);
         let opening = key(1);
         let answering = opening.reversed();
@@ -584,7 +584,7 @@ mod tests {
 
     #[test]
     fn a_flow_between_identical_ends_reads_the_same_both_ways() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut table = ConnTrack::new(16);
         let mut looped = key(53);
         looped.dst = looped.src;
@@ -596,7 +596,7 @@ mod tests {
 
     #[test]
     fn probing_refreshes_only_when_asked() {
-        let start = Instant::now();
+        let start = crate::test_clock();
         let mut table = ConnTrack::new(16);
         table.insert(key(1), Origin::Outbound, start);
         let later = start + UDP_IDLE / 2;
@@ -642,7 +642,7 @@ mod tests {
             opened in any_key(),
             other in any_key(),
         ) {
-            let now = Instant::now();
+            let now = crate::test_clock();
             let mut table = ConnTrack::new(16);
             table.insert(opened, Origin::Outbound, now);
             let symmetric = opened == opened.reversed();
@@ -670,7 +670,7 @@ mod tests {
         /// Rechecking hands over the key of the packet that opened the flow.
         #[test]
         fn rechecks_see_the_opening_key(opened in any_key()) {
-            let now = Instant::now();
+            let now = crate::test_clock();
             let mut table = ConnTrack::new(16);
             table.insert(opened, Origin::Inbound { allowed: true }, now);
             let mut seen = Vec::new();

@@ -325,7 +325,7 @@ mod tests {
 
     #[test]
     fn a_deny_rule_overrides_an_accept_but_not_return_traffic() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut fw = Firewall::default();
         fw.set_filter(&enforcing(&[
             allow(PEER, ME, &[(0, 65535)], &[]),
@@ -352,7 +352,7 @@ mod tests {
 
     #[test]
     fn audit_rules_and_audit_default_pass_and_say_so_once_per_flow() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut fw = Firewall::default();
         fw.set_filter(&enforcing(&[
             allow(PEER, ME, &[(0, 65535)], &[]),
@@ -390,7 +390,7 @@ mod tests {
 
     #[test]
     fn a_new_deny_rule_cuts_flows_an_accept_let_in() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut fw = Firewall::default();
         let open = allow(PEER, ME, &[(22, 22)], &[Protocol::Tcp]);
         fw.set_filter(&enforcing(std::slice::from_ref(&open)));
@@ -414,7 +414,7 @@ mod tests {
 
     #[test]
     fn return_traffic_of_an_outbound_flow_is_admitted_but_new_flows_are_not() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut fw = Firewall::default();
         fw.outbound(&headers(&test_packets::tcp(ME, 40000, PEER, 22, SYN)), now);
         let answer = headers(&test_packets::tcp(PEER, 22, ME, 40000, SYN | ACK));
@@ -427,7 +427,7 @@ mod tests {
 
     #[test]
     fn echo_replies_are_return_traffic_but_echo_requests_are_not() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut fw = Firewall::default();
         fw.outbound(&headers(&test_packets::echo(ME, PEER, false, 5, 1)), now);
         assert!(admitted(fw.inbound(
@@ -446,7 +446,7 @@ mod tests {
 
     #[test]
     fn answering_a_peer_opens_nothing() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut fw = Firewall::default();
         fw.outbound(&headers(&test_packets::echo(ME, PEER, true, 5, 1)), now);
         assert_eq!(fw.flows(), 0);
@@ -458,7 +458,7 @@ mod tests {
 
     #[test]
     fn rule_admitted_flows_are_tracked_and_revoked_with_their_rule() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut fw = Firewall::default();
         fw.set_filter(&enforcing(&[allow(
             PEER,
@@ -500,7 +500,7 @@ mod tests {
 
     #[test]
     fn answers_never_reopen_a_revoked_flow_once_it_expired() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut fw = Firewall::default();
         fw.set_filter(&enforcing(&[allow(
             PEER,
@@ -534,7 +534,7 @@ mod tests {
 
     #[test]
     fn flows_expire() {
-        let start = Instant::now();
+        let start = crate::test_clock();
         let mut fw = Firewall::default();
         fw.outbound(
             &headers(&test_packets::udp(ME, 5000, PEER, 53, b"q")),
@@ -554,7 +554,7 @@ mod tests {
 
     #[test]
     fn fragments_and_icmp_errors_are_decided_by_rules_alone() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut fw = Firewall::default();
         fw.outbound(&headers(&test_packets::udp(ME, 5000, PEER, 53, b"q")), now);
         let fragment = headers(&test_packets::non_first_fragment(test_packets::udp(
@@ -573,7 +573,7 @@ mod tests {
 
     #[test]
     fn forgotten_addresses_lose_their_return_traffic() {
-        let now = Instant::now();
+        let now = crate::test_clock();
         let mut fw = Firewall::default();
         fw.outbound(&headers(&test_packets::udp(ME, 5000, PEER, 53, b"q")), now);
         fw.forget_addresses(&[PEER]);
@@ -845,7 +845,7 @@ mod tests {
             default in default_action(),
             ops in proptest::collection::vec(op(), 1..40),
         ) {
-            let now = Instant::now();
+            let now = crate::test_clock();
             let filter = PacketFilter { rules, default };
             let mut fw = Firewall::default();
             fw.set_filter(&filter);
@@ -878,7 +878,7 @@ mod tests {
             before in proptest::collection::vec(op(), 0..30),
             after in proptest::collection::vec(op(), 1..30),
         ) {
-            let now = Instant::now();
+            let now = crate::test_clock();
             let mut narrower = rules.clone();
             if add_deny {
                 narrower.push(FilterRule { action: RuleAction::Deny, ..deny });

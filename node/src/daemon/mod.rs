@@ -113,7 +113,12 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     tracing::info!(path = %posture_file.display(), "watching the posture file");
     let posture = crate::posture::watch(posture_file);
     let mut daemon = Daemon {
-        core: Node::new(node_key.clone(), Instant::now()),
+        core: Node::new(
+            node_key.clone(),
+            Instant::now(),
+            std::time::SystemTime::now(),
+            rand::random(),
+        ),
         posture,
         capabilities: Vec::new(),
         node_key,

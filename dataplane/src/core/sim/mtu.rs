@@ -126,7 +126,7 @@ fn packets_from_another_source_are_not_answered() {
 fn a_smaller_configured_mtu_is_the_one_reported() {
     let mut sim = Sim::established();
     let key = sim.nodes[A].key.clone();
-    sim.nodes[A].node = Node::new(key, sim.now).with_mtu(1280);
+    sim.nodes[A].node = sim.fresh_node(key).with_mtu(1280);
     sim.set_netmap(A, &[B], vec![]);
     let packet = sim.big_ping(A, B, false, 1300);
     sim.send(A, &packet);
