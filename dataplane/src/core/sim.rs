@@ -65,6 +65,8 @@ struct Sent {
     from: usize,
     to: Option<usize>,
     payload: Vec<u8>,
+    /// When, on the virtual clock.
+    at: Instant,
 }
 
 struct Sim {
@@ -196,6 +198,7 @@ impl Sim {
                             from,
                             to,
                             payload: transmit.payload,
+                            at: self.now,
                         });
                     }
                 }
@@ -856,3 +859,4 @@ fn both_sides_rotating_at_once_lose_no_packet() {
 }
 
 mod mtu;
+mod timers;

@@ -16,6 +16,11 @@ pub(crate) mod rate_limiter;
 mod session;
 mod timers;
 
+#[cfg(test)]
+pub(crate) use timers::{
+    KEEPALIVE_TIMEOUT, REJECT_AFTER_TIME, REKEY_AFTER_TIME, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT,
+};
+
 use errors::WireGuardError;
 use handshake::Handshake;
 use rate_limiter::RateLimiter;
