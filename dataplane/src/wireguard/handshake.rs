@@ -630,11 +630,8 @@ impl Handshake {
         &mut self,
         packet: PacketCookieReply,
     ) -> Result<(), WireGuardError> {
-        let mac1 = match self.cookies.last_mac1 {
-            Some(mac) => mac,
-            None => {
-                return Err(WireGuardError::UnexpectedPacket);
-            }
+        let Some(mac1) = self.cookies.last_mac1 else {
+            return Err(WireGuardError::UnexpectedPacket);
         };
 
         let local_index = self.cookies.index;

@@ -26,6 +26,7 @@ type Cookie = [u8; COOKIE_SIZE];
 /// There are two places where WireGuard requires "randomness" for cookies
 /// * The 24 byte nonce in the cookie massage - here the only goal is to avoid nonce reuse
 /// * A secret value that changes every two minutes
+///
 /// Because the main goal of the cookie is simply for a party to prove ownership of an IP address
 /// we can relax the randomness definition a bit, in order to avoid locking, because using less
 /// resources is the main goal of any DoS prevention mechanism.
@@ -177,9 +178,8 @@ impl RateLimiter {
             }
 
             if self.is_under_load() {
-                let addr = match src_addr {
-                    None => return Err(TunnResult::Err(WireGuardError::UnderLoad)),
-                    Some(addr) => addr,
+                let Some(addr) = src_addr else {
+                    return Err(TunnResult::Err(WireGuardError::UnderLoad));
                 };
 
                 // Only given an address can we validate mac2
