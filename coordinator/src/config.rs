@@ -233,12 +233,12 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML or has unknown or mistyped keys.
-    #[error("invalid configuration file {path}: {message}")]
+    #[error("invalid configuration file {path}: {source}")]
     Parse {
         /// The file.
         path: PathBuf,
         /// What is wrong and where.
-        message: String,
+        source: toml::de::Error,
     },
     /// A value is unusable.
     #[error("invalid configuration: {0}")]
@@ -251,14 +251,14 @@ pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    parse(&text).map_err(|message| ConfigError::Parse {
+    parse(&text).map_err(|source| ConfigError::Parse {
         path: path.to_owned(),
-        message,
+        source,
     })
 }
 
-fn parse(text: &str) -> Result<FileConfig, String> {
-    toml::from_str(text).map_err(|e| e.to_string())
+fn parse(text: &str) -> Result<FileConfig, toml::de::Error> {
+    toml::from_str(text)
 }
 
 impl FileConfig {
@@ -555,9 +555,13 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_named() {
-        let err = parse("listen = \"0.0.0.0:7443\"\nlisten_udp = 1\n").unwrap_err();
+        let err = parse("listen = \"0.0.0.0:7443\"\nlisten_udp = 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("listen_udp"), "{err}");
-        let err = parse("listen = \"not an address\"\n").unwrap_err();
+        let err = parse("listen = \"not an address\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("listen"), "{err}");
     }
 
@@ -673,7 +677,7 @@ mod tests {
         "#;
         let text = format!("{}{extra}\n", base.replace(replace.0, replace.1));
         match parse(&text) {
-            Err(e) => e,
+            Err(e) => e.to_string(),
             Ok(config) => config.resolve_workload_issuers().unwrap_err().to_string(),
         }
     }

@@ -97,7 +97,7 @@ impl EtcdStore {
             .thread_name("weft-etcd")
             .enable_all()
             .build()
-            .map_err(|e| StoreError::Backend(format!("cannot start the etcd client: {e}")))?;
+            .map_err(|e| StoreError::io("cannot start the etcd client", e))?;
         let handle = runtime.handle().clone();
         let options = connect_options(settings);
         let mut members = Vec::with_capacity(settings.endpoints.len());
@@ -472,11 +472,13 @@ impl EtcdStore {
             return Err(StoreError::Corrupt {
                 key: lossy(),
                 reason: format!("etcd returned a key outside the prefix {}", self.prefix),
+                source: None,
             });
         };
         String::from_utf8(rest.to_vec()).map_err(|_| StoreError::Corrupt {
             key: lossy(),
             reason: "the key is not UTF-8".into(),
+            source: None,
         })
     }
 }
@@ -563,6 +565,7 @@ fn versioned(key: &str, kv: &KeyValue) -> Result<Versioned, StoreError> {
     let mod_revision = u64::try_from(kv.mod_revision()).map_err(|_| StoreError::Corrupt {
         key: key.to_owned(),
         reason: format!("negative mod_revision {}", kv.mod_revision()),
+        source: None,
     })?;
     Ok(Versioned {
         value: kv.value().to_vec(),

@@ -122,12 +122,39 @@ pub(crate) enum StoreError {
     /// The backend failed (disk full, I/O error, corrupted file, etcd unreachable).
     #[error("coordinator database error: {0}")]
     Backend(String),
+    /// The backend failed with an error of its own (redb, the file system,
+    /// the JSON encoder), kept as the cause; `message` already says it.
+    #[error("coordinator database error: {message}")]
+    Io {
+        message: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The lease of a [`Op::PutLeased`] has expired or was revoked.
     #[error("the coordinator's store lease expired; it is being renewed")]
     LeaseExpired,
-    /// A stored record could not be decoded.
+    /// A stored record could not be decoded; `source` is the decoder's
+    /// error when there is one (`reason` already says it).
     #[error("coordinator database holds a malformed record at {key}: {reason}")]
-    Corrupt { key: String, reason: String },
+    Corrupt {
+        key: String,
+        reason: String,
+        #[source]
+        source: Option<serde_json::Error>,
+    },
+}
+
+impl StoreError {
+    /// A backend failure with its cause: "`what`: `cause`".
+    pub(crate) fn io(
+        what: impl std::fmt::Display,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        StoreError::Io {
+            message: format!("{what}: {cause}"),
+            source: Box::new(cause),
+        }
+    }
 }
 
 /// Why a watcher missed changes.
@@ -212,10 +239,11 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
         key: key.to_owned(),
         reason: e.to_string(),
+        source: Some(e),
     })
 }
 
 /// Encodes a JSON record.
 pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|e| StoreError::Backend(format!("cannot encode record: {e}")))
+    serde_json::to_vec(value).map_err(|e| StoreError::io("cannot encode record", e))
 }

@@ -45,10 +45,10 @@ impl RedbStore {
     /// Opens (or creates) the database file.
     pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
         let db = Database::create(path)
-            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
+            .map_err(|e| StoreError::io(format_args!("cannot open {}", path.display()), e))?;
         // Node records and key hashes are for the coordinator's eyes only.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| StoreError::Backend(format!("cannot restrict {}: {e}", path.display())))?;
+            .map_err(|e| StoreError::io(format_args!("cannot restrict {}", path.display()), e))?;
         let tx = db.begin_write().map_err(backend)?;
         tx.open_table(KV).map_err(backend)?;
         tx.open_table(META).map_err(backend)?;
@@ -232,6 +232,7 @@ fn split(key: &str, stored: &[u8]) -> Result<Versioned, StoreError> {
         return Err(StoreError::Corrupt {
             key: key.to_owned(),
             reason: "value shorter than its revision header".into(),
+            source: None,
         });
     };
     Ok(Versioned {
@@ -241,7 +242,11 @@ fn split(key: &str, stored: &[u8]) -> Result<Versioned, StoreError> {
 }
 
 fn backend(e: impl Into<redb::Error>) -> StoreError {
-    StoreError::Backend(e.into().to_string())
+    let e = e.into();
+    StoreError::Io {
+        message: e.to_string(),
+        source: Box::new(e),
+    }
 }
 
 #[cfg(test)]
