@@ -18,6 +18,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
+use snow::params::{CipherChoice, DHChoice, HashChoice};
+use snow::resolvers::{CryptoResolver, DefaultResolver, FallbackResolver};
+use snow::types::{Cipher, Dh, Hash, Random};
 use weft_proto::PublicKey;
 
 /// The first bytes of every disco datagram.
@@ -82,18 +87,22 @@ pub(crate) fn sender(datagram: &[u8]) -> Result<PublicKey, DiscoError> {
     Ok(PublicKey::from_bytes(key))
 }
 
-/// Seals `message` from the holder of `private` (whose public key is `from`) to `to`.
+/// Seals `message` from the holder of `private` (whose public key is `from`)
+/// to `to`; Noise `K`'s ephemeral key is drawn from a generator seeded with
+/// `rng_seed`.
 pub(crate) fn seal(
     private: &[u8; 32],
     from: &PublicKey,
     to: &PublicKey,
     message: &Message,
+    rng_seed: u64,
 ) -> Result<Vec<u8>, DiscoError> {
     let payload = encode(message);
     let params = PATTERN
         .parse()
         .map_err(|e: snow::Error| DiscoError::Seal(e.to_string()))?;
-    let mut noise = snow::Builder::new(params)
+    let resolver = FallbackResolver::new(Box::new(SeededRng(rng_seed)), Box::new(DefaultResolver));
+    let mut noise = snow::Builder::with_resolver(params, Box::new(resolver))
         .local_private_key(private)
         .and_then(|b| b.remote_public_key(to.as_bytes()))
         .and_then(|b| b.prologue(PROLOGUE))
@@ -107,6 +116,37 @@ pub(crate) fn seal(
         .map_err(|e| DiscoError::Seal(e.to_string()))?;
     out.truncate(HEADER + written);
     Ok(out)
+}
+
+/// Gives snow a generator seeded by the node rather than the OS's, so disco
+/// messages replay from the node's seed too; snow's defaults do the rest.
+struct SeededRng(u64);
+
+impl CryptoResolver for SeededRng {
+    fn resolve_rng(&self) -> Option<Box<dyn Random>> {
+        Some(Box::new(Seeded(StdRng::seed_from_u64(self.0))))
+    }
+
+    fn resolve_dh(&self, _: &DHChoice) -> Option<Box<dyn Dh>> {
+        None
+    }
+
+    fn resolve_hash(&self, _: &HashChoice) -> Option<Box<dyn Hash>> {
+        None
+    }
+
+    fn resolve_cipher(&self, _: &CipherChoice) -> Option<Box<dyn Cipher>> {
+        None
+    }
+}
+
+struct Seeded(StdRng);
+
+impl Random for Seeded {
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), snow::Error> {
+        self.0.fill_bytes(dest);
+        Ok(())
+    }
 }
 
 /// Opens `datagram`, which must come from `sender` (the key in its header)
@@ -224,7 +264,7 @@ mod tests {
     }
 
     fn sealed(from: &Keys, to: &Keys, message: &Message) -> Vec<u8> {
-        seal(&from.private, &from.public, &to.public, message).unwrap()
+        seal(&from.private, &from.public, &to.public, message, 1).unwrap()
     }
 
     #[test]

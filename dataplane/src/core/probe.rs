@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use rand::Rng;
+use rand::{Rng, RngCore};
 
 use weft_proto::NodeId;
 
@@ -266,7 +266,14 @@ impl Node {
         };
         let to = tunnel.key();
         let from = self.public_key();
-        match disco::seal(&self.maker.static_private.to_bytes(), &from, &to, message) {
+        let seed = self.maker.rng.next_u64();
+        match disco::seal(
+            &self.maker.static_private.to_bytes(),
+            &from,
+            &to,
+            message,
+            seed,
+        ) {
             Ok(datagram) => push(
                 &mut self.transmits,
                 &mut self.relay_transmits,

@@ -75,6 +75,8 @@ struct Sim {
     start: Instant,
     now: Instant,
     sent: Vec<Sent>,
+    /// Every datagram sent, disco included: sender, destination, bytes.
+    wire: Vec<(usize, SocketAddr, Vec<u8>)>,
     /// Datagrams are lost rather than delivered while set.
     cut: bool,
     /// Seeds the nodes' keys and random generators.
@@ -135,6 +137,7 @@ impl Sim {
             start: now,
             now,
             sent: Vec::new(),
+            wire: Vec::new(),
             cut: false,
             seed,
         }
@@ -184,6 +187,8 @@ impl Sim {
                 while let Some(transmit) = self.nodes[from].node.poll_transmit() {
                     moved = true;
                     let source = self.nodes[from].underlay;
+                    self.wire
+                        .push((from, transmit.dst, transmit.payload.clone()));
                     let to = self.nodes.iter().position(|n| n.underlay == transmit.dst);
                     if let (Some(to), false) = (to, self.cut) {
                         let now = self.now;

@@ -706,6 +706,7 @@ fn forged_replayed_and_garbage_disco_never_changes_a_path() {
             tx: [0x42; 12],
             observed: Some(attacker),
         },
+        1,
     )
     .unwrap();
     let stranger = PrivateKey::generate();
@@ -714,6 +715,7 @@ fn forged_replayed_and_garbage_disco_never_changes_a_path() {
         &stranger.public_key(),
         &a_key,
         &Message::Ping { tx: [1; 12] },
+        2,
     )
     .unwrap();
     let mut forged_sender = from_stranger.clone();

@@ -6,8 +6,10 @@
 //! they run on the caller's clock and randomness: every entry point that
 //! reads the time takes `now`, and ephemeral keys, cookie secrets and the
 //! timestamp's wall-clock anchor come from the caller. The cryptography is
-//! boringtun's, unchanged; its device loop, FFI, persistent keepalive and
-//! own per-peer rate limiter are left out, since weft uses none of them.
+//! boringtun's (a local constant-time comparison replaces ring's deprecated
+//! one); its device loop, FFI, persistent keepalive, loss and RTT
+//! estimates and own per-peer rate limiter are left out, since weft uses
+//! none of them.
 
 pub(crate) mod errors;
 pub(crate) mod handshake;

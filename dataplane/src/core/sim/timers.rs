@@ -158,9 +158,9 @@ fn a_lost_initiation_is_retried_every_rekey_timeout_until_rekey_attempt_time() {
 }
 
 /// A scripted run: A and B meet, then exchange a ping and its reply every
-/// 5 s for 130 s (a rekey on the way). Returns every WireGuard datagram
-/// that crossed the network, with its sender and receiver.
-fn trace(seed: u64) -> Vec<(usize, Option<usize>, Vec<u8>)> {
+/// 5 s for 130 s (a rekey on the way). Returns every datagram sent,
+/// WireGuard and disco, with its sender and destination.
+fn trace(seed: u64) -> Vec<(usize, SocketAddr, Vec<u8>)> {
     let mut sim = Sim::seeded(seed);
     let rule = sim.allow(A, B, &[Protocol::Icmp], &[]);
     sim.set_netmap(A, &[B], vec![]);
@@ -169,10 +169,7 @@ fn trace(seed: u64) -> Vec<(usize, Option<usize>, Vec<u8>)> {
         sim.round_trip(id);
         sim.advance(Duration::from_secs(5));
     }
-    sim.sent
-        .into_iter()
-        .map(|s| (s.from, s.to, s.payload))
-        .collect()
+    sim.wire
 }
 
 #[test]
@@ -185,6 +182,10 @@ fn the_same_seed_replays_the_same_datagrams_and_another_seed_does_not() {
             .count()
             >= 2,
         "the script covers a rekey"
+    );
+    assert!(
+        first.iter().any(|(_, _, p)| disco::is_disco(p)),
+        "and disco"
     );
     assert_eq!(first, trace(7));
     assert_ne!(first, trace(8));
