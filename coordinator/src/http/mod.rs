@@ -101,7 +101,9 @@ fn failure(error: &LoginError) -> Response {
     let status = match error {
         LoginError::Link(_) | LoginError::MissingParameter(_) => StatusCode::BAD_REQUEST,
         LoginError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        LoginError::Refused(_) => StatusCode::FORBIDDEN,
+        LoginError::Refused(_) | LoginError::ProviderRefused(_) | LoginError::NotAdmitted(_) => {
+            StatusCode::FORBIDDEN
+        }
         LoginError::DeviceGone => StatusCode::GONE,
     };
     page(status, "Login failed", &escape(&error.to_string()))

@@ -37,6 +37,7 @@ use rand::RngCore as _;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use weft_proto::{LoginFlow, LoginPrompt, Refusal, RefusalCode};
 
+use self::claims::AdmissionError;
 pub(crate) use self::claims::LoginIdentity;
 pub(crate) use self::pending::LOGIN_TTL;
 use self::pending::{PendingError, PendingLogins};
@@ -106,10 +107,17 @@ impl Drop for Waiting {
 pub(crate) enum LoginError {
     #[error("{0}")]
     Link(#[from] PendingError),
-    #[error("{0}")]
-    Unavailable(String),
+    #[error(transparent)]
+    Unavailable(ProviderError),
     #[error("login refused: {0}")]
     Refused(String),
+    /// The identity provider refused the code, the ID token or the device
+    /// login.
+    #[error("login refused: {0}")]
+    ProviderRefused(#[source] ProviderError),
+    /// The person the verified token names is not admitted.
+    #[error("login refused: {0}")]
+    NotAdmitted(#[source] AdmissionError),
     #[error("the device stopped waiting for this login; run `weft login` again")]
     DeviceGone,
     #[error("the callback is missing its `{0}` parameter; open the login link again")]
@@ -256,7 +264,7 @@ impl Logins {
             .await
             .map_err(|e| Refusal {
                 code: match e {
-                    ProviderError::DeviceAuthorization(_) => {
+                    ProviderError::DeviceAuthorization { .. } => {
                         RefusalCode::IdentityProviderUnavailable
                     }
                     _ => RefusalCode::LoginFailed,
@@ -299,14 +307,14 @@ impl Logins {
         let verified = provider
             .finish_device_login(login, &self.http, timeout)
             .await
-            .map_err(|e| LoginError::Refused(e.to_string()))?;
+            .map_err(LoginError::ProviderRefused)?;
         claims::admit(
             &self.settings,
             verified.email.as_deref(),
             verified.email_verified,
             &verified.payload,
         )
-        .map_err(|e| LoginError::Refused(e.to_string()))
+        .map_err(LoginError::NotAdmitted)
     }
 
     /// A browser opened login link `id`.
@@ -314,7 +322,7 @@ impl Logins {
         let provider = self
             .current_provider()
             .await
-            .map_err(|e| LoginError::Unavailable(e.to_string()))?;
+            .map_err(LoginError::Unavailable)?;
         let (location, state, authorization) = provider.authorize(&self.settings.scopes);
         let cookie = random_token();
         self.pending()
@@ -374,13 +382,13 @@ impl Logins {
         let provider = self
             .current_provider()
             .await
-            .map_err(|e| LoginError::Unavailable(e.to_string()))?;
+            .map_err(LoginError::Unavailable)?;
         let verified = provider
             .redeem(code, authorization, &self.http, SystemTime::now())
             .await
             .map_err(|e| match e {
-                ProviderError::Discovery { .. } => LoginError::Unavailable(e.to_string()),
-                other => LoginError::Refused(other.to_string()),
+                ProviderError::Discovery { .. } => LoginError::Unavailable(e),
+                other => LoginError::ProviderRefused(other),
             })?;
         claims::admit(
             &self.settings,
@@ -388,7 +396,7 @@ impl Logins {
             verified.email_verified,
             &verified.payload,
         )
-        .map_err(|e| LoginError::Refused(e.to_string()))
+        .map_err(LoginError::NotAdmitted)
     }
 
     /// The provider, discovered now if it never was or is due for a refresh.

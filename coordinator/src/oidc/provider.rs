@@ -95,19 +95,49 @@ pub(crate) struct VerifiedClaims {
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ProviderError {
     #[error("the identity provider at {issuer} is unreachable or its discovery document is invalid: {reason}")]
-    Discovery { issuer: String, reason: String },
-    #[error("the identity provider refused the authorization code: {0}")]
-    Exchange(String),
+    Discovery {
+        issuer: String,
+        reason: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("the identity provider refused the authorization code: {reason}")]
+    Exchange {
+        reason: String,
+        #[source]
+        source: BoxError,
+    },
     #[error("the identity provider returned no ID token; check that the `openid` scope is allowed for this client")]
     NoIdToken,
-    #[error("the ID token was refused: {0}")]
-    Token(String),
+    #[error("the ID token was refused: {reason}")]
+    Token {
+        reason: String,
+        #[source]
+        source: BoxError,
+    },
     #[error("the identity provider does not offer the device-code login (its discovery document has no device_authorization_endpoint); run `weft up` without --device-code and open the printed link in a browser, or enable the device authorization grant for this client at the identity provider")]
     NoDeviceFlow,
-    #[error("the identity provider refused to start a device-code login: {0}")]
-    DeviceAuthorization(String),
-    #[error("the device-code login did not complete: {0}")]
-    DevicePoll(String),
+    #[error("the identity provider refused to start a device-code login: {reason}")]
+    DeviceAuthorization {
+        reason: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("the device-code login did not complete: {reason}")]
+    DevicePoll {
+        reason: String,
+        #[source]
+        source: BoxError,
+    },
+}
+
+/// The cause of a [`ProviderError`], kept for `source()`.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `error`'s whole chain as text (the variant's message) and `error` itself
+/// (its cause).
+fn cause(error: impl std::error::Error + Send + Sync + 'static) -> (String, BoxError) {
+    (error_chain(&error), Box::new(error))
 }
 
 impl Provider {
@@ -117,14 +147,15 @@ impl Provider {
         redirect: &RedirectUrl,
         http: &reqwest::Client,
     ) -> Result<Self, ProviderError> {
-        let fail = |reason: String| ProviderError::Discovery {
+        let fail = |(reason, source): (String, BoxError)| ProviderError::Discovery {
             issuer: settings.issuer.clone(),
             reason,
+            source,
         };
-        let issuer = IssuerUrl::new(settings.issuer.clone()).map_err(|e| fail(e.to_string()))?;
+        let issuer = IssuerUrl::new(settings.issuer.clone()).map_err(|e| fail(cause(e)))?;
         let metadata = Metadata::discover_async(issuer, http)
             .await
-            .map_err(|e| fail(error_chain(&e)))?;
+            .map_err(|e| fail(cause(e)))?;
         let device_endpoint = metadata
             .additional_metadata()
             .device_authorization_endpoint
@@ -171,11 +202,17 @@ impl Provider {
         let response = self
             .client
             .exchange_code(AuthorizationCode::new(code))
-            .map_err(|e| ProviderError::Exchange(e.to_string()))?
+            .map_err(|e| {
+                let (reason, source) = cause(e);
+                ProviderError::Exchange { reason, source }
+            })?
             .set_pkce_verifier(authorization.pkce)
             .request_async(http)
             .await
-            .map_err(|e| ProviderError::Exchange(error_chain(&e)))?;
+            .map_err(|e| {
+                let (reason, source) = cause(e);
+                ProviderError::Exchange { reason, source }
+            })?;
         self.verify(&response, &authorization.nonce, true, now)
     }
 
@@ -199,10 +236,10 @@ impl Provider {
         for scope in scopes.iter().filter(|s| *s != "openid") {
             request = request.add_scope(Scope::new(scope.clone()));
         }
-        let details = request
-            .request_async(http)
-            .await
-            .map_err(|e| ProviderError::DeviceAuthorization(error_chain(&e)))?;
+        let details = request.request_async(http).await.map_err(|e| {
+            let (reason, source) = cause(e);
+            ProviderError::DeviceAuthorization { reason, source }
+        })?;
         Ok(DeviceLogin { details, nonce })
     }
 
@@ -219,10 +256,16 @@ impl Provider {
         let response = self
             .client
             .exchange_device_access_token(&login.details)
-            .map_err(|e| ProviderError::DevicePoll(error_chain(&e)))?
+            .map_err(|e| {
+                let (reason, source) = cause(e);
+                ProviderError::DevicePoll { reason, source }
+            })?
             .request_async(http, tokio::time::sleep, Some(timeout))
             .await
-            .map_err(|e| ProviderError::DevicePoll(error_chain(&e)))?;
+            .map_err(|e| {
+                let (reason, source) = cause(e);
+                ProviderError::DevicePoll { reason, source }
+            })?;
         self.verify(&response, &login.nonce, false, SystemTime::now())
     }
 
@@ -266,9 +309,10 @@ impl Provider {
             None if nonce_required => Err("the nonce is missing".to_owned()),
             None => Ok(()),
         };
-        let claims = token
-            .claims(&verifier, check_nonce)
-            .map_err(|e| ProviderError::Token(error_chain(&e)))?;
+        let claims = token.claims(&verifier, check_nonce).map_err(|e| {
+            let (reason, source) = cause(e);
+            ProviderError::Token { reason, source }
+        })?;
         // The signature over this exact text was just verified.
         let payload = token
             .to_string()
