@@ -15,12 +15,12 @@ use weft_coordinator::{
     AdminClient, AuthKeyRequest, ClientError, Coordinator, ServeOptions, WorkloadIssuer,
     WorkloadIssuerConfig, WorkloadKind, DEFAULT_EPHEMERAL_TIMEOUT,
 };
-use weft_proto::handshake::{Initiator, RESPONSE_LEN};
+use weft_net::handshake::{self, InitiateError, QuicInitiateError};
+use weft_net::Service;
 use weft_proto::{
     encode_frame, AuthKey, ClientMessage, Credential, FrameDecoder, IdentityToken, NodeId, Opener,
     PacketFilter, Peer, PrivateKey, PublicKey, Refusal, RefusalCode, Register, SelfNode,
     ServerMessage, ALPN, CLOSE_BY_COORDINATOR, CLOSE_HANDSHAKE_FAILED, CLOSE_PROTOCOL_ERROR,
-    EXPORTER_LABEL,
 };
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -129,30 +129,13 @@ impl Harness {
         machine: &PrivateKey,
         pinned: &PublicKey,
     ) -> Result<Control, quinn::ConnectionError> {
-        let addr = self.coordinator().local_addr();
-        let conn = self
-            .client
-            .connect(addr, "weft-coordinator")
-            .unwrap()
-            .await?;
-        let (mut send, mut recv) = conn.open_bi().await?;
-        let mut binding = [0u8; 32];
-        conn.export_keying_material(&mut binding, EXPORTER_LABEL, b"")
-            .unwrap();
-        let (initiator, first) = Initiator::start(machine, pinned, &binding).unwrap();
-        send.write_all(&first).await.unwrap();
-        let mut response = [0u8; RESPONSE_LEN];
-        if recv.read_exact(&mut response).await.is_err() {
-            return Err(conn.closed().await);
-        }
-        initiator.finish(&response).unwrap();
-        Ok(Control {
-            conn,
-            send,
-            recv,
-            decoder: FrameDecoder::new(),
-            opener: None,
-        })
+        connect_from(
+            &self.client,
+            self.coordinator().local_addr(),
+            machine,
+            pinned,
+        )
+        .await
     }
 
     async fn join(
@@ -750,7 +733,7 @@ async fn two_machines_with_one_machine_key_do_not_take_the_node_from_each_other(
 /// A client endpoint on `local`. Nodes authenticate the coordinator by the
 /// Noise handshake, not its certificate.
 fn endpoint_at(local: &str) -> quinn::Endpoint {
-    let tls = weft_proto::tls::client_config(ALPN).unwrap();
+    let tls = weft_net::tls::client_config(ALPN).unwrap();
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut endpoint = quinn::Endpoint::client(local.parse().unwrap()).unwrap();
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
@@ -764,17 +747,15 @@ async fn connect_from(
     machine: &PrivateKey,
     pinned: &PublicKey,
 ) -> Result<Control, quinn::ConnectionError> {
-    let conn = endpoint.connect(addr, "weft-coordinator").unwrap().await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let mut binding = [0u8; 32];
-    conn.export_keying_material(&mut binding, EXPORTER_LABEL, b"")
-        .unwrap();
-    let (initiator, first) = Initiator::start(machine, pinned, &binding).unwrap();
-    let mut response = [0u8; RESPONSE_LEN];
-    if send.write_all(&first).await.is_err() || recv.read_exact(&mut response).await.is_err() {
-        return Err(conn.closed().await);
-    }
-    initiator.finish(&response).unwrap();
+    let server_name = Service::Control.server_name();
+    let conn = endpoint.connect(addr, server_name).unwrap().await?;
+    let (send, recv) =
+        match handshake::initiate_quic(&conn, Service::Control, machine, pinned).await {
+            Ok(streams) => streams,
+            Err(QuicInitiateError::Stream(e)) => return Err(e),
+            Err(QuicInitiateError::Handshake(InitiateError::Noise(e))) => panic!("{e}"),
+            Err(_) => return Err(conn.closed().await),
+        };
     Ok(Control {
         conn,
         send,

@@ -63,7 +63,7 @@ async fn failed_handshakes_are_logged_in_aggregate() {
     };
 
     let tls = tokio_rustls::TlsConnector::from(Arc::new(
-        weft_proto::tls::client_config(weft_proto::ALPN).unwrap(),
+        weft_net::tls::client_config(weft_proto::ALPN).unwrap(),
     ));
     let name = rustls::pki_types::ServerName::try_from("weft").unwrap();
     let started = Instant::now();

@@ -25,7 +25,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{ConnectionError, ReadError};
@@ -34,7 +33,10 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use weft_proto::handshake::{HandshakeError, Initiator, RESPONSE_LEN};
+use weft_net::handshake::{self, InitiateError};
+use weft_net::tls::Liveness;
+use weft_net::Service;
+use weft_proto::handshake::HandshakeError;
 use weft_proto::signing::{Digest, NetmapKey};
 use weft_proto::{
     Advertisement, ClientMessage, Credential, DecodeError, FrameDecoder, LoginPrompt, NetMap,
@@ -58,6 +60,17 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// TCP worked: long enough for a network that unblocked UDP, short enough
 /// that reconnecting where UDP stays blocked is quick.
 const QUIC_RETRY_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// QUIC's liveness on the control connection. A coordinator that dies
+/// without closing the connection (crash, kill -9, restart) is noticed
+/// within the idle timeout, so the node reconnects and takes netmap changes
+/// again within seconds. The keep-alives cost one small packet a second; a
+/// spurious timeout costs only a reconnect, since tunnels do not depend on
+/// the session.
+const LIVENESS: Liveness = Liveness {
+    keep_alive: Duration::from_secs(1),
+    idle_timeout: Duration::from_secs(3),
+};
 
 /// What the control task needs to register the node.
 #[derive(Debug, Clone)]
@@ -745,21 +758,22 @@ async fn handshake(
     send: &mut Writer,
     recv: &mut Reader,
 ) -> Result<(), ControlError> {
-    let (initiator, initiation) =
-        Initiator::start(&config.machine_key, &config.coordinator_key, binding)?;
-    write(send, &initiation).await?;
-    let mut response = [0u8; RESPONSE_LEN];
-    let mut filled = 0;
-    while filled < RESPONSE_LEN {
-        match recv.read(&mut response[filled..]).await {
-            // Closed instead of answering: QUIC's stream finished, or TLS's close_notify.
-            Ok(0) => return Err(ControlError::Handshake(HandshakeError::Authentication)),
-            Ok(n) => filled += n,
-            Err(e) => return Err(handshake_read_error(&e)),
-        }
-    }
-    initiator.finish(&response)?;
-    Ok(())
+    let mut stream = tokio::io::join(recv, send);
+    handshake::initiate(
+        &mut stream,
+        Service::Control,
+        &config.machine_key,
+        &config.coordinator_key,
+        binding,
+    )
+    .await
+    .map_err(|e| match e {
+        InitiateError::Noise(e) => ControlError::Handshake(e),
+        InitiateError::Send(e) => ControlError::Lost(describe_io_error(&e)),
+        InitiateError::Receive(e) => handshake_read_error(&e),
+        // Closed instead of answering: QUIC's stream finished, or TLS's close_notify.
+        InitiateError::Ended => ControlError::Handshake(HandshakeError::Authentication),
+    })
 }
 
 /// A coordinator that cannot authenticate us closes the connection (QUIC
@@ -972,10 +986,10 @@ async fn connect_quic(remote: SocketAddr, wait: Duration) -> Result<Channel, Qui
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| local(&e))?;
-    endpoint.set_default_client_config(tls::client_config().map_err(|e| local(&e))?);
+    let endpoint =
+        weft_net::tls::quic_client(bind, Service::Control, LIVENESS).map_err(|e| local(&e))?;
     let connecting = endpoint
-        .connect(remote, tls::SERVER_NAME)
+        .connect(remote, Service::Control.server_name())
         .map_err(|e| local(&e))?;
     let connection = match tokio::time::timeout(wait, connecting).await {
         Ok(Ok(connection)) => connection,
@@ -990,10 +1004,8 @@ async fn connect_quic(remote: SocketAddr, wait: Duration) -> Result<Channel, Qui
         }
     };
     let opened = async {
-        let mut binding = [0u8; 32];
-        connection
-            .export_keying_material(&mut binding, weft_proto::EXPORTER_LABEL, b"")
-            .map_err(|_| "the TLS session cannot export a channel binding".to_owned())?;
+        let binding =
+            handshake::binding(&connection, Service::Control).map_err(|e| e.to_string())?;
         let (send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
         Ok::<_, String>((binding, send, recv))
     };
@@ -1021,19 +1033,10 @@ async fn connect_tcp(remote: SocketAddr) -> Result<Channel, String> {
     if let Err(e) = tcp::keep_alive(&tcp) {
         tracing::debug!("cannot enable TCP keep-alive on the control connection: {e}");
     }
-    let config = weft_proto::tls::client_config(weft_proto::ALPN).map_err(|e| e.to_string())?;
-    let name = tokio_rustls::rustls::pki_types::ServerName::try_from(tls::SERVER_NAME)
-        .map_err(|e| e.to_string())?;
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
+    let stream = handshake::connect_tls(tcp, Service::Control)
         .await
         .map_err(|e| format!("TLS: {e}"))?;
-    let mut binding = [0u8; 32];
-    stream
-        .get_ref()
-        .1
-        .export_keying_material(&mut binding, weft_proto::EXPORTER_LABEL, Some(b""))
-        .map_err(|_| "the TLS session cannot export a channel binding".to_owned())?;
+    let binding = handshake::binding(&stream, Service::Control).map_err(|e| e.to_string())?;
     let (recv, send) = tokio::io::split(stream);
     Ok(Channel {
         transport: Transport::Tcp,
@@ -1067,39 +1070,6 @@ mod tcp {
         setsockopt(stream, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL_S)?;
         setsockopt(stream, sockopt::TcpKeepCount, &KEEPALIVE_PROBES)?;
         setsockopt(stream, sockopt::TcpUserTimeout, &USER_TIMEOUT_MS)
-    }
-}
-
-mod tls {
-    //! QUIC for the control connection. The coordinator's self-signed
-    //! certificate is not checked; the Noise handshake authenticates it
-    //! ([`weft_proto::tls`] says why that is safe).
-
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    /// The TLS server name sent; the coordinator's certificate is not checked against it.
-    pub(super) const SERVER_NAME: &str = "weft-coordinator";
-    const KEEP_ALIVE: Duration = Duration::from_secs(1);
-    const IDLE_TIMEOUT_MS: u32 = 3_000;
-
-    pub(super) fn client_config() -> Result<quinn::ClientConfig, String> {
-        let tls = weft_proto::tls::client_config(weft_proto::ALPN).map_err(|e| e.to_string())?;
-        let crypto =
-            quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        // A coordinator that dies without closing the connection (crash,
-        // kill -9, restart) is noticed within the idle timeout, so the node
-        // reconnects and takes netmap changes again within seconds. The
-        // keep-alives cost one small packet a second; a spurious timeout
-        // costs only a reconnect, since tunnels do not depend on the session.
-        let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(KEEP_ALIVE));
-        transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
-            IDLE_TIMEOUT_MS,
-        ))));
-        config.transport_config(Arc::new(transport));
-        Ok(config)
     }
 }
 
@@ -1219,17 +1189,17 @@ mod tests {
 
     #[test]
     fn the_tls_config_builds() {
-        tls::client_config().unwrap();
+        weft_net::tls::quic_client_config(Service::Control, LIVENESS).unwrap();
     }
 
     /// The coordinator's side of a session, over real QUIC on loopback.
     mod fake_coordinator {
         use std::net::SocketAddr;
-        use std::sync::Arc;
+        use std::time::Duration;
 
-        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
         use tokio::sync::mpsc;
-        use weft_proto::handshake::{respond, INITIATION_LEN};
+        use weft_net::handshake::respond_quic;
+        use weft_net::Service;
         use weft_proto::{
             encode_frame, ClientMessage, FrameDecoder, PrivateKey, Register, ServerMessage,
         };
@@ -1251,41 +1221,27 @@ mod tests {
             answer: impl Fn(&Register) -> Vec<ServerMessage> + Send + 'static,
             close_after_answers: bool,
         ) -> (SocketAddr, mpsc::UnboundedReceiver<Register>) {
-            let cert = rcgen::generate_simple_self_signed(vec!["weft-coordinator".into()]).unwrap();
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-                .with_protocol_versions(&[&rustls::version::TLS13])
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(
-                    vec![cert.cert.der().clone()],
-                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der())),
-                )
-                .unwrap();
-            tls.alpn_protocols = vec![weft_proto::ALPN.to_vec()];
-            let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
-            let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+            let config = weft_net::tls::quic_server_config(
+                Service::Control,
+                Duration::from_secs(30),
+                quinn::TransportConfig::default(),
+            )
+            .unwrap();
             let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
             let addr = endpoint.local_addr().unwrap();
             let (seen_tx, seen) = mpsc::unbounded_channel();
             tokio::spawn(async move {
                 while let Some(incoming) = endpoint.accept().await {
                     let connection = incoming.await.unwrap();
-                    let (mut send, mut recv) = connection.accept_bi().await.unwrap();
-                    let mut initiation = [0u8; INITIATION_LEN];
-                    recv.read_exact(&mut initiation).await.unwrap();
-                    let mut binding = [0u8; 32];
-                    connection
-                        .export_keying_material(&mut binding, weft_proto::EXPORTER_LABEL, b"")
-                        .unwrap();
-                    let Ok((_, response)) = respond(&key, &binding, &initiation) else {
+                    let Ok((_, mut send, mut recv)) =
+                        respond_quic(&connection, Service::Control, &key).await
+                    else {
                         connection.close(
                             weft_proto::CLOSE_HANDSHAKE_FAILED.into(),
                             b"handshake failed",
                         );
                         continue;
                     };
-                    send.write_all(&response).await.unwrap();
                     let mut decoder = FrameDecoder::new();
                     let mut buf = [0u8; 4096];
                     let register = loop {

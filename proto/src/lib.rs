@@ -34,7 +34,6 @@ pub mod relay;
 pub mod resume;
 pub mod signing;
 pub mod stun;
-pub mod tls;
 
 pub use frame::{
     encode_frame, DecodeError, EncodeError, FrameDecoder, MAX_FRAME_LEN, PROTOCOL_VERSION,

@@ -8,13 +8,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use weft_proto::handshake::{Initiator, Purpose, RESPONSE_LEN};
-use weft_proto::{
-    encode_frame, ClientMessage, FrameDecoder, PublicKey, ServerMessage, ALPN, EXPORTER_LABEL,
-};
+use weft_net::handshake::{self, InitiateError, QuicInitiateError};
+use weft_net::tls::{self, Liveness};
+use weft_net::Service;
+use weft_proto::{encode_frame, ClientMessage, FrameDecoder, PublicKey, ServerMessage};
 
 use crate::server::Shared;
-use crate::tls;
 
 /// The first wait before reconnecting, doubled up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
@@ -23,6 +22,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const STABLE: Duration = Duration::from_secs(10);
 /// The largest coordinator frame a relay accepts: one key set of 500,000 nodes.
 const MAX_FRAME: usize = 16 << 20;
+/// How the relay notices a coordinator that went away.
+const LIVENESS: Liveness = Liveness {
+    keep_alive: Duration::from_secs(5),
+    idle_timeout: Duration::from_secs(15),
+};
 
 /// Where the coordinator is and who the relay is to it.
 #[derive(Debug, Clone)]
@@ -76,11 +80,9 @@ pub(crate) async fn follow(config: FeedConfig, shared: Arc<Shared>) {
     }
 }
 
-fn client_endpoint() -> Result<quinn::Endpoint, String> {
+fn client_endpoint() -> Result<quinn::Endpoint, tls::ClientEndpointError> {
     let bind = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| e.to_string())?;
-    endpoint.set_default_client_config(tls::quic_client(ALPN).map_err(|e| e.to_string())?);
-    Ok(endpoint)
+    tls::quic_client(bind, Service::Control, LIVENESS)
 }
 
 async fn session(endpoint: &quinn::Endpoint, config: &FeedConfig, shared: &Shared) -> FeedError {
@@ -102,29 +104,22 @@ async fn run(
         .ok_or_else(|| FeedError::Resolve(config.coordinator.clone()))?;
     let lost = |e: &dyn std::fmt::Display| FeedError::Lost(e.to_string());
     let conn = endpoint
-        .connect(addr, "weft-coordinator")
+        .connect(addr, Service::Control.server_name())
         .map_err(|e| FeedError::Connect(e.to_string()))?
         .await
         .map_err(|e| FeedError::Connect(e.to_string()))?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
-    let mut binding = [0u8; 32];
-    conn.export_keying_material(&mut binding, EXPORTER_LABEL, b"")
-        .map_err(|_| FeedError::Handshake("cannot derive the TLS binding".into()))?;
-    let (initiator, initiation) = Initiator::start_for(
-        Purpose::Control,
+    let (mut send, mut recv) = handshake::initiate_quic(
+        &conn,
+        Service::Control,
         &shared.key,
         &config.coordinator_key,
-        &binding,
     )
-    .map_err(|e| FeedError::Handshake(e.to_string()))?;
-    send.write_all(&initiation).await.map_err(|e| lost(&e))?;
-    let mut response = [0u8; RESPONSE_LEN];
-    recv.read_exact(&mut response)
-        .await
-        .map_err(|e| FeedError::Handshake(e.to_string()))?;
-    initiator
-        .finish(&response)
-        .map_err(|e| FeedError::Handshake(e.to_string()))?;
+    .await
+    .map_err(|e| match e {
+        QuicInitiateError::Stream(e) => lost(&e),
+        QuicInitiateError::Handshake(InitiateError::Send(e)) => lost(&e),
+        e => FeedError::Handshake(e.to_string()),
+    })?;
     let hello = encode_frame(&ClientMessage::RelayFeed {
         name: config.name.clone(),
     })

@@ -3,11 +3,11 @@
 //! the coordinator lists.
 //!
 //! The wire contract is [`weft_proto::relay`]. This crate holds the sans-IO
-//! forwarding [`core`], the server around it ([`Relay`]: QUIC, TLS-over-TCP
-//! fallback, STUN responder, coordinator feed) and the node side
-//! ([`client`]).
+//! forwarding [`core`] and the server around it ([`Relay`]: QUIC,
+//! TLS-over-TCP fallback, STUN responder, coordinator feed) on the
+//! connection layer of [`weft_net`], where the node side of the protocol
+//! lives too ([`weft_net::relay`]).
 
-pub mod client;
 pub mod core;
 mod feed;
 mod keyfile;
@@ -15,9 +15,8 @@ mod quic;
 mod server;
 mod stun;
 mod tcp;
-mod tls;
 
-pub use client::{ClientError, RelayClient, TcpRelayClient};
-pub use keyfile::{load_or_create_key, KeyFileError};
+pub use keyfile::load_or_create_key;
 pub use server::{Relay, RelayOptions, StartError};
-pub use tls::TlsError;
+pub use weft_net::keyfile::KeyFileError;
+pub use weft_net::tls::TlsError;

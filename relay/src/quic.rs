@@ -13,13 +13,14 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
-use weft_proto::handshake::{self, Purpose, INITIATION_LEN};
-use weft_proto::relay::{StreamDecoder, RELAY_ALPN, RELAY_EXPORTER_LABEL};
+use weft_net::handshake::{self, AuthError};
+use weft_net::relay::{close_reason, write_frame};
+use weft_net::tls::{self, TlsError};
+use weft_net::Service;
+use weft_proto::relay::StreamDecoder;
 use weft_proto::{PublicKey, CLOSE_HANDSHAKE_FAILED};
 
-use crate::server::{admitted_frame, closed_frame, reason, Link, Shared};
-use crate::tcp::write_frame;
-use crate::tls::{self, TlsError};
+use crate::server::{admitted_frame, closed_frame, Link, Shared};
 
 /// Time allowed from the first packet to a completed Noise handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,6 +29,8 @@ const LINGER: Duration = Duration::from_secs(1);
 /// Oversized messages queued for one client's stream before further ones
 /// are dropped, as a congested path would.
 const STREAM_QUEUE: usize = 64;
+/// A client silent this long is gone.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum BindError {
@@ -39,10 +42,12 @@ pub(crate) enum BindError {
 
 /// Binds the QUIC endpoint.
 pub(crate) fn bind(addr: SocketAddr) -> Result<quinn::Endpoint, BindError> {
-    Ok(quinn::Endpoint::server(
-        tls::quic_server(RELAY_ALPN)?,
-        addr,
-    )?)
+    let mut transport = quinn::TransportConfig::default();
+    // Clients open only the handshake stream.
+    transport.max_concurrent_uni_streams(0u8.into());
+    transport.max_concurrent_bidi_streams(1u8.into());
+    let config = tls::quic_server_config(Service::Relay, IDLE_TIMEOUT, transport)?;
+    Ok(quinn::Endpoint::server(config, addr)?)
 }
 
 /// Accepts connections until the endpoint closes.
@@ -61,27 +66,15 @@ pub(crate) async fn accept(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-enum AuthError {
-    #[error("QUIC handshake failed: {0}")]
-    Connection(#[from] quinn::ConnectionError),
-    #[error("cannot read the handshake: {0}")]
-    Read(#[from] quinn::ReadExactError),
-    #[error("cannot write the handshake: {0}")]
-    Write(#[from] quinn::WriteError),
-    #[error("cannot derive the TLS binding")]
-    Binding,
-    #[error(transparent)]
-    Noise(#[from] handshake::HandshakeError),
-}
-
 async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
     let authenticated = timeout(HANDSHAKE_TIMEOUT, async {
         let conn = incoming.await?;
-        let (key, send, recv) = authenticate(&conn, &shared).await.inspect_err(|_| {
-            conn.close(CLOSE_HANDSHAKE_FAILED.into(), b"relay handshake failed");
-        })?;
+        let (key, send, recv) = handshake::respond_quic(&conn, Service::Relay, &shared.key)
+            .await
+            .inspect_err(|_| {
+                conn.close(CLOSE_HANDSHAKE_FAILED.into(), b"relay handshake failed");
+            })?;
         Ok::<_, AuthError>((conn, key, send, recv))
     })
     .await;
@@ -107,7 +100,7 @@ async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) {
         let _ = send.write_all(&closed_frame(refused.code())).await;
         let _ = send.finish();
         let _ = timeout(LINGER, send.stopped()).await;
-        conn.close(refused.code().into(), reason(refused.code()));
+        conn.close(refused.code().into(), close_reason(refused.code()));
         return;
     }
     if send.write_all(&admitted_frame()).await.is_err() {
@@ -164,22 +157,4 @@ async fn pump(
             }
         }
     }
-}
-
-/// Runs the relay side of the Noise handshake; returns the proven node key
-/// and the stream to answer on.
-async fn authenticate(
-    conn: &quinn::Connection,
-    shared: &Shared,
-) -> Result<(PublicKey, quinn::SendStream, quinn::RecvStream), AuthError> {
-    let (mut send, mut recv) = conn.accept_bi().await?;
-    let mut initiation = [0u8; INITIATION_LEN];
-    recv.read_exact(&mut initiation).await?;
-    let mut binding = [0u8; 32];
-    conn.export_keying_material(&mut binding, RELAY_EXPORTER_LABEL, b"")
-        .map_err(|_| AuthError::Binding)?;
-    let (accepted, response) =
-        handshake::respond_for(Purpose::Relay, &shared.key, &binding, &initiation)?;
-    send.write_all(&response).await?;
-    Ok((accepted.machine_key, send, recv))
 }

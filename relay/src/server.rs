@@ -9,11 +9,12 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+use weft_net::relay::close_reason;
+use weft_net::tls::TlsError;
 use weft_proto::relay::Message;
 use weft_proto::{PrivateKey, PublicKey};
 
 use crate::core::{ConnId, Core, Counters, NotAdmitted, RateLimit};
-use crate::tls::TlsError;
 use crate::{feed, quic, stun, tcp};
 
 /// How to run a relay.
@@ -284,23 +285,9 @@ impl State {
         while let Some(cut) = self.core.poll_disconnect() {
             if let Some(link) = self.links.remove(&cut.conn) {
                 tracing::debug!(node_key = %cut.key.short(), code = cut.code, "ending relay session");
-                link.close(cut.code, reason(cut.code));
+                link.close(cut.code, close_reason(cut.code));
             }
         }
-    }
-}
-
-/// The operator-facing reason sent with a close code.
-pub(crate) fn reason(code: u32) -> &'static [u8] {
-    match code {
-        weft_proto::relay::CLOSE_RELAY_NOT_ADMITTED => {
-            b"node key not admitted by the coordinator; register the node first"
-        }
-        weft_proto::relay::CLOSE_RELAY_REMOVED => {
-            b"node key no longer admitted by the coordinator (deleted, expired or rotated)"
-        }
-        weft_proto::relay::CLOSE_RELAY_REPLACED => b"replaced by a newer session with this key",
-        _ => b"",
     }
 }
 

@@ -11,12 +11,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
-use weft_proto::handshake::{self, Purpose, INITIATION_LEN};
-use weft_proto::relay::{StreamDecoder, RELAY_ALPN, RELAY_EXPORTER_LABEL};
+use weft_net::handshake::{self, AuthError};
+use weft_net::relay::write_frame;
+use weft_net::tls::{self, TlsError};
+use weft_net::Service;
+use weft_proto::relay::StreamDecoder;
 use weft_proto::PublicKey;
 
 use crate::server::{admitted_frame, closed_frame, Link, Shared};
-use crate::tls::{self, TlsError};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages queued for one TCP client before further ones are dropped, as
@@ -27,7 +29,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The TLS acceptor of the fallback listener.
 pub(crate) fn acceptor() -> Result<TlsAcceptor, TlsError> {
-    Ok(TlsAcceptor::from(Arc::new(tls::server_tls(RELAY_ALPN)?)))
+    tls::acceptor(Service::Relay)
 }
 
 /// Accepts connections forever.
@@ -48,21 +50,9 @@ pub(crate) async fn accept(listener: TcpListener, acceptor: TlsAcceptor, shared:
 
 async fn serve(stream: TcpStream, remote: SocketAddr, acceptor: TlsAcceptor, shared: Arc<Shared>) {
     let authenticated = timeout(HANDSHAKE_TIMEOUT, async {
-        let mut tls = acceptor.accept(stream).await.map_err(|e| e.to_string())?;
-        let mut initiation = [0u8; INITIATION_LEN];
-        tls.read_exact(&mut initiation)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut binding = [0u8; 32];
-        tls.get_ref()
-            .1
-            .export_keying_material(&mut binding, RELAY_EXPORTER_LABEL, Some(b""))
-            .map_err(|e| e.to_string())?;
-        let (accepted, response) =
-            handshake::respond_for(Purpose::Relay, &shared.key, &binding, &initiation)
-                .map_err(|e| e.to_string())?;
-        tls.write_all(&response).await.map_err(|e| e.to_string())?;
-        Ok::<_, String>((tls, accepted.machine_key))
+        let mut tls = acceptor.accept(stream).await.map_err(AuthError::Tls)?;
+        let key = handshake::respond_tls(&mut tls, Service::Relay, &shared.key).await?;
+        Ok::<_, AuthError>((tls, key))
     })
     .await;
     let (mut tls, key) = match authenticated {
@@ -150,17 +140,4 @@ where
             }
         }
     }
-}
-
-/// Writes one message as a stream frame.
-pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    message: &[u8],
-) -> std::io::Result<()> {
-    let len = u16::try_from(message.len())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "message too large"))?;
-    let mut frame = Vec::with_capacity(2 + message.len());
-    frame.extend_from_slice(&len.to_be_bytes());
-    frame.extend_from_slice(message);
-    writer.write_all(&frame).await
 }

@@ -9,18 +9,18 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use weft_coordinator::{AdminClient, AuthKeyRequest, Coordinator, ServeOptions};
-use weft_proto::handshake::{Initiator, RESPONSE_LEN};
+use weft_net::relay::{endpoint, ClientError, RelayClient, TcpRelayClient};
+use weft_net::tls::Liveness;
+use weft_net::{handshake, tls, Service};
 use weft_proto::relay::{CLOSE_RELAY_NOT_ADMITTED, CLOSE_RELAY_REMOVED, CLOSE_RELAY_REPLACED};
 use weft_proto::stun;
 use weft_proto::{
     encode_frame, AuthKey, ClientMessage, Credential, FrameDecoder, PrivateKey, PublicKey,
-    Register, RelayInfo, ServerMessage, ALPN, EXPORTER_LABEL,
+    Register, RelayInfo, ServerMessage,
 };
-use weft_relay::{ClientError, RelayClient, TcpRelayClient};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -71,11 +71,11 @@ impl RelayPorts {
 }
 
 fn control_endpoint() -> quinn::Endpoint {
-    let tls = weft_proto::tls::client_config(ALPN).unwrap();
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    endpoint
+    let liveness = Liveness {
+        keep_alive: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(15),
+    };
+    tls::quic_client("127.0.0.1:0".parse().unwrap(), Service::Control, liveness).unwrap()
 }
 
 /// Registers a node whose WireGuard key is `node_key`; returns the messages
@@ -88,20 +88,19 @@ async fn register(
     node_key: &PublicKey,
 ) -> Vec<RelayInfo> {
     let conn = endpoint
-        .connect(coordinator.local_addr(), "weft-coordinator")
+        .connect(coordinator.local_addr(), Service::Control.server_name())
         .unwrap()
         .await
         .unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let mut binding = [0u8; 32];
-    conn.export_keying_material(&mut binding, EXPORTER_LABEL, b"")
-        .unwrap();
-    let (initiator, first) =
-        Initiator::start(&PrivateKey::generate(), &coordinator.public_key(), &binding).unwrap();
-    send.write_all(&first).await.unwrap();
-    let mut response = [0u8; RESPONSE_LEN];
-    recv.read_exact(&mut response).await.unwrap();
-    initiator.finish(&response).unwrap();
+    let machine_key = PrivateKey::generate();
+    let (mut send, mut recv) = handshake::initiate_quic(
+        &conn,
+        Service::Control,
+        &machine_key,
+        &coordinator.public_key(),
+    )
+    .await
+    .unwrap();
     let register = ClientMessage::Register(Register {
         credential: Some(Credential::AuthKey(auth.clone())),
         hostname: hostname.into(),
@@ -251,7 +250,7 @@ async fn the_relay_forwards_between_admitted_nodes_only() {
     );
     register(&control, &coordinator, &auth, "node-b", &kb).await;
 
-    let endpoint = weft_relay::client::endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+    let endpoint = endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
     let client_a = admitted(&endpoint, &relay, &a).await;
     let client_b = admitted(&endpoint, &relay, &b).await;
     exchange(&client_a, &ka, &client_b, &kb).await;

@@ -6,20 +6,21 @@ mod quic_thread;
 
 pub(crate) mod session;
 mod tcp;
-mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use weft_net::tls::{self, TlsError};
+use weft_net::Service;
 use weft_proto::{PrivateKey, RelayInfo};
 
 pub(crate) use self::claims::Claims;
 pub use self::quic_thread::QuicThread;
 pub(crate) use self::session::first_frame_budget;
 pub(crate) use self::tcp::accept as accept_tcp;
-pub(crate) use self::tls::{acceptor as tls_acceptor, TlsError};
 use crate::limits::Report;
 use crate::netmap::NetmapHandle;
 use crate::nodes::Registry;
@@ -65,6 +66,16 @@ pub(crate) enum ListenError {
     QuicThread(std::io::Error),
 }
 
+/// Nodes keep their session alive; a node silent this long is gone.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The TLS acceptor of control sessions on TCP, for nodes whose network
+/// blocks UDP: the same protocol (ALPN) and the same unchecked certificate
+/// as QUIC.
+pub(crate) fn tls_acceptor() -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    tls::acceptor(Service::Control)
+}
+
 /// Binds the QUIC endpoint on `addr`, driven by the QUIC thread (see
 /// [`quic_thread`]) so that sessions' work never delays keep-alives.
 ///
@@ -75,7 +86,11 @@ pub(crate) enum ListenError {
 /// reconnect within a keep-alive interval instead of waiting for their idle
 /// timeout.
 pub(crate) fn bind(addr: SocketAddr, key: &PrivateKey) -> Result<quinn::Endpoint, ListenError> {
-    let server = tls::server_config()?;
+    let server = tls::quic_server_config(
+        Service::Control,
+        IDLE_TIMEOUT,
+        quinn::TransportConfig::default(),
+    )?;
     let derived = derive(key, b"weft coordinator QUIC stateless reset v1");
     let mut endpoint = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
         ring::hmac::HMAC_SHA256,

@@ -20,13 +20,14 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_rustls::server::TlsStream;
-use weft_proto::handshake::{self, HandshakeError, INITIATION_LEN};
+use weft_net::handshake::{respond_quic, respond_tls};
+use weft_net::Service;
 use weft_proto::resume;
 use weft_proto::signing::{Chain, NetmapSigner, Record};
 use weft_proto::{
     encode_frame, ClientMessage, Credential, DecodeError, EncodeError, FrameDecoder, LoginFlow,
     NodeId, PublicKey, Refusal, RefusalCode, ServerMessage, CLOSE_BY_COORDINATOR,
-    CLOSE_HANDSHAKE_FAILED, CLOSE_PROTOCOL_ERROR, EXPORTER_LABEL,
+    CLOSE_HANDSHAKE_FAILED, CLOSE_PROTOCOL_ERROR,
 };
 
 use super::claims::Claim;
@@ -81,7 +82,8 @@ pub(crate) async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
             return;
         }
     };
-    let (send, recv, machine_key) = match timeout_at(deadline, authenticate(&conn, &ctx)).await {
+    let authenticated = timeout_at(deadline, respond_quic(&conn, Service::Control, &ctx.key));
+    let (machine_key, send, recv) = match authenticated.await {
         Ok(Ok(done)) => done,
         Ok(Err(e)) => {
             failed_handshake(&ctx, remote, &e);
@@ -149,10 +151,8 @@ pub(crate) async fn serve_tls(
             return;
         }
     };
-    let authenticated = match tls.get_ref().1.alpn_protocol() {
-        Some(weft_proto::ALPN) => timeout_at(deadline, authenticate_tls(&mut tls, &ctx)).await,
-        _ => Ok(Err(AuthError::Alpn)),
-    };
+    let authenticated =
+        timeout_at(deadline, respond_tls(&mut tls, Service::Control, &ctx.key)).await;
     let (recv, send) = tokio::io::split(tls);
     let mut reader = FrameReader::new(Box::new(recv), Arc::clone(&ctx.first_frames));
     let mut link = Link::Tls { send };
@@ -184,58 +184,6 @@ pub(crate) async fn serve_tls(
         ctx,
     };
     session.run(machine_key).await;
-}
-
-/// Why the handshake failed.
-#[derive(Debug, thiserror::Error)]
-enum AuthError {
-    #[error("no control stream: {0}")]
-    Stream(#[from] quinn::ConnectionError),
-    #[error("cannot read the handshake: {0}")]
-    Read(#[from] quinn::ReadExactError),
-    #[error("cannot write the handshake: {0}")]
-    Write(#[from] quinn::WriteError),
-    #[error("cannot derive the TLS binding")]
-    Binding,
-    #[error("the client does not speak the weft control protocol (TLS ALPN)")]
-    Alpn,
-    #[error("cannot exchange the handshake over TLS: {0}")]
-    Io(#[from] std::io::Error),
-    #[error(transparent)]
-    Noise(#[from] HandshakeError),
-}
-
-async fn authenticate(
-    conn: &quinn::Connection,
-    ctx: &Context,
-) -> Result<(quinn::SendStream, quinn::RecvStream, PublicKey), AuthError> {
-    let (mut send, mut recv) = conn.accept_bi().await?;
-    let mut initiation = [0u8; INITIATION_LEN];
-    recv.read_exact(&mut initiation).await?;
-    let mut binding = [0u8; 32];
-    conn.export_keying_material(&mut binding, EXPORTER_LABEL, b"")
-        .map_err(|_| AuthError::Binding)?;
-    let (accepted, response) = handshake::respond(&ctx.key, &binding, &initiation)?;
-    send.write_all(&response).await?;
-    Ok((send, recv, accepted.machine_key))
-}
-
-/// The same handshake as [`authenticate`], bound to the TLS session on TCP.
-async fn authenticate_tls(
-    tls: &mut TlsStream<TcpStream>,
-    ctx: &Context,
-) -> Result<PublicKey, AuthError> {
-    let mut initiation = [0u8; INITIATION_LEN];
-    tls.read_exact(&mut initiation).await?;
-    let mut binding = [0u8; 32];
-    tls.get_ref()
-        .1
-        .export_keying_material(&mut binding, EXPORTER_LABEL, Some(b""))
-        .map_err(|_| AuthError::Binding)?;
-    let (accepted, response) = handshake::respond(&ctx.key, &binding, &initiation)?;
-    tls.write_all(&response).await?;
-    tls.flush().await?;
-    Ok(accepted.machine_key)
 }
 
 /// How the session reaches the node: the write side of its transport and

@@ -2,7 +2,7 @@
 //! loop as [`Command`]s, so all state lives in one place.
 
 use std::net::IpAddr;
-use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::Path;
 use std::time::Duration;
 
@@ -63,29 +63,17 @@ pub fn bind(path: &Path, group: Option<Gid>) -> std::io::Result<UnixListener> {
             }
         }
     }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
-        Ok(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!(
-                    "{} exists and is not a socket; refusing to replace it (pass another --socket)",
-                    path.display()
-                ),
-            ))
+    let listener = weft_net::unix::bind_private(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            std::io::Error::new(e.kind(), format!("{e} (pass another --socket)"))
+        } else {
+            e
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    })?;
+    if let Some(gid) = group {
+        nix::unistd::chown(path, None, Some(gid))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     }
-    let listener = UnixListener::bind(path)?;
-    let mode = match group {
-        Some(gid) => {
-            nix::unistd::chown(path, None, Some(gid))?;
-            0o660
-        }
-        None => 0o600,
-    };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }
 

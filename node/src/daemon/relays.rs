@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use weft_net::relay::{ClientError, RelayClient, TcpRelayClient};
 use weft_proto::{PrivateKey, PublicKey, RelayInfo};
-use weft_relay::client::{ClientError, RelayClient, TcpRelayClient};
 
 use crate::api::RelayTransport as Transport;
 
@@ -297,7 +297,7 @@ impl Relays {
         if self.endpoint.is_none() {
             let bind = |addr: &str| {
                 let addr: SocketAddr = addr.parse().ok()?;
-                weft_relay::client::endpoint_with_timers(addr, KEEP_ALIVE, IDLE_TIMEOUT)
+                weft_net::relay::endpoint_with_timers(addr, KEEP_ALIVE, IDLE_TIMEOUT)
                     .inspect_err(|e| tracing::debug!(%addr, "no relay QUIC endpoint: {e}"))
                     .ok()
             };

@@ -12,7 +12,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _, Result};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use weft_proto::handshake::{Initiator, RESPONSE_LEN};
+use weft_net::handshake::initiate_quic;
+use weft_net::tls::Liveness;
+use weft_net::Service;
 use weft_proto::resume;
 use weft_proto::signing::Digest;
 use weft_proto::{
@@ -84,7 +86,10 @@ impl Fleet {
                 .context("start the simulated nodes' QUIC thread")?,
         )
         .context("start the simulated nodes' QUIC endpoint")?;
-        endpoint.set_default_client_config(tls::client_config()?);
+        endpoint.set_default_client_config(weft_net::tls::quic_client_config(
+            Service::Control,
+            LIVENESS,
+        )?);
         Ok(Self {
             endpoint,
             coordinator,
@@ -344,6 +349,13 @@ async fn session(
     }
 }
 
+/// The node's QUIC liveness (weftd's): keep-alives every second, gone
+/// after three silent seconds.
+const LIVENESS: Liveness = Liveness {
+    keep_alive: Duration::from_secs(1),
+    idle_timeout: Duration::from_secs(3),
+};
+
 /// Opens a control session proving `machine_key`: QUIC, one stream, and the
 /// Noise `IK` handshake bound to the QUIC session. The connection is returned
 /// so the caller holds it open for as long as it uses the stream.
@@ -353,25 +365,18 @@ pub(crate) async fn handshake(
 ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
     let connection = fleet
         .endpoint
-        .connect(fleet.coordinator, tls::SERVER_NAME)
+        .connect(fleet.coordinator, Service::Control.server_name())
         .context("start QUIC connection")?
         .await
         .context("QUIC connection")?;
-    let (mut send, mut recv) = connection.open_bi().await.context("open control stream")?;
-
-    let mut binding = [0u8; 32];
-    connection
-        .export_keying_material(&mut binding, weft_proto::EXPORTER_LABEL, b"")
-        .map_err(|_| anyhow!("the TLS session cannot export a channel binding"))?;
-    let (initiator, initiation) = Initiator::start(machine_key, &fleet.coordinator_key, &binding)?;
-    send.write_all(&initiation)
-        .await
-        .context("send initiation")?;
-    let mut response = [0u8; RESPONSE_LEN];
-    recv.read_exact(&mut response)
-        .await
-        .context("read handshake response")?;
-    initiator.finish(&response)?;
+    let (send, recv) = initiate_quic(
+        &connection,
+        Service::Control,
+        machine_key,
+        &fleet.coordinator_key,
+    )
+    .await
+    .context("control handshake")?;
     Ok((connection, send, recv))
 }
 
@@ -419,32 +424,6 @@ impl View {
             reached.push(Milestone::SawJoiner);
         }
         Ok(reached)
-    }
-}
-
-mod tls {
-    //! The node's TLS settings: the certificate is not checked because the
-    //! Noise handshake, bound to the TLS session by an exporter value,
-    //! authenticates the coordinator by its pinned key.
-
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use anyhow::Result;
-
-    pub(super) const SERVER_NAME: &str = "weft-coordinator";
-
-    pub(super) fn client_config() -> Result<quinn::ClientConfig> {
-        let tls = weft_proto::tls::client_config(weft_proto::ALPN)?;
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(Duration::from_secs(1)));
-        transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
-            3_000,
-        ))));
-        config.transport_config(Arc::new(transport));
-        Ok(config)
     }
 }
 

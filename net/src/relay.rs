@@ -1,27 +1,34 @@
 //! The node side of the relay protocol, over QUIC ([`RelayClient`]) or the
-//! TLS-over-TCP fallback ([`TcpRelayClient`]).
+//! TLS-over-TCP fallback ([`TcpRelayClient`]), and what both sides of it
+//! share: stream frames ([`write_frame`]) and the reasons sent with close
+//! codes ([`close_reason`]).
 //!
-//! Both prove the node's WireGuard key, pin the relay's key, and return only
-//! once the relay admitted the key.
+//! Both clients prove the node's WireGuard key, pin the relay's key, and
+//! return only once the relay admitted the key.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _, ReadHalf, WriteHalf};
+use tokio::io::{
+    AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadHalf, WriteHalf,
+};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
-use weft_proto::handshake::{HandshakeError, Initiator, Purpose, RESPONSE_LEN};
-use weft_proto::relay::{
-    self, Message, MessageError, StreamDecoder, StreamError, RELAY_ALPN, RELAY_EXPORTER_LABEL,
-};
+use weft_proto::handshake::HandshakeError;
+use weft_proto::relay::{self, Message, MessageError, StreamDecoder, StreamError};
 use weft_proto::{PrivateKey, PublicKey, CLOSE_HANDSHAKE_FAILED};
 
-use crate::tcp::write_frame;
-use crate::tls::{self, SERVER_NAME};
+use crate::handshake::{self, InitiateError, QuicInitiateError};
+use crate::tls::{self, Liveness};
+use crate::Service;
+
+/// How a relay session notices a relay that went away, unless the node
+/// asks for its own ([`endpoint_with_timers`]).
+const LIVENESS: Liveness = Liveness {
+    keep_alive: Duration::from_secs(5),
+    idle_timeout: Duration::from_secs(15),
+};
 
 /// Why a relay session failed or ended.
 #[derive(Debug, thiserror::Error)]
@@ -70,11 +77,7 @@ impl From<StreamError> for ClientError {
 
 /// A QUIC client endpoint for relay sessions, bound to `bind`.
 pub fn endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
-    let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect(e.to_string()))?;
-    let config = tls::quic_client(RELAY_ALPN).map_err(|e| ClientError::Connect(e.to_string()))?;
-    endpoint.set_default_client_config(config);
-    Ok(endpoint)
+    endpoint_with_timers(bind, LIVENESS.keep_alive, LIVENESS.idle_timeout)
 }
 
 /// A QUIC client endpoint for relay sessions, bound to `bind`, whose
@@ -86,19 +89,12 @@ pub fn endpoint_with_timers(
     keep_alive: Duration,
     idle_timeout: Duration,
 ) -> Result<quinn::Endpoint, ClientError> {
-    let connect = |e: &dyn std::fmt::Display| ClientError::Connect(e.to_string());
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect(&e))?;
-    let tls = tls::client_tls(RELAY_ALPN).map_err(|e| connect(&e))?;
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| connect(&e))?;
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(keep_alive));
-    transport.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(idle_timeout).map_err(|e| connect(&e))?,
-    ));
-    config.transport_config(Arc::new(transport));
-    endpoint.set_default_client_config(config);
-    Ok(endpoint)
+    let liveness = Liveness {
+        keep_alive,
+        idle_timeout,
+    };
+    tls::quic_client(bind, Service::Relay, liveness)
+        .map_err(|e| ClientError::Connect(e.to_string()))
 }
 
 /// Oversized messages queued for the handshake stream before further ones
@@ -138,27 +134,21 @@ impl RelayClient {
         node_key: &PrivateKey,
     ) -> Result<Self, ClientError> {
         let conn = endpoint
-            .connect(addr, SERVER_NAME)
+            .connect(addr, Service::Relay.server_name())
             .map_err(|e| ClientError::Connect(e.to_string()))?
             .await
             .map_err(|e| ClientError::Connect(e.to_string()))?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(closed)?;
-        let mut binding = [0u8; 32];
-        conn.export_keying_material(&mut binding, RELAY_EXPORTER_LABEL, b"")
-            .map_err(|_| ClientError::Connect("cannot derive the TLS binding".into()))?;
-        let (initiator, initiation) =
-            Initiator::start_for(Purpose::Relay, node_key, relay_key, &binding)?;
-        send.write_all(&initiation)
+        let (send, mut recv) = handshake::initiate_quic(&conn, Service::Relay, node_key, relay_key)
             .await
-            .map_err(|e| ClientError::Lost(e.to_string()))?;
-        let mut response = [0u8; RESPONSE_LEN];
-        if let Err(e) = recv.read_exact(&mut response).await {
-            return Err(match conn.close_reason() {
-                Some(reason) => closed(reason),
-                None => ClientError::Lost(e.to_string()),
-            });
-        }
-        initiator.finish(&response)?;
+            .map_err(|e| match e {
+                QuicInitiateError::Stream(e) => closed(e),
+                QuicInitiateError::Binding(e) => ClientError::Connect(e.to_string()),
+                QuicInitiateError::Handshake(InitiateError::Noise(e)) => ClientError::Handshake(e),
+                QuicInitiateError::Handshake(e) => match conn.close_reason() {
+                    Some(reason) => closed(reason),
+                    None => ClientError::Lost(e.to_string()),
+                },
+            })?;
         let mut decoder = StreamDecoder::new();
         let mut buf = [0u8; 64];
         loop {
@@ -227,17 +217,8 @@ impl RelayClient {
         let reader = &mut *guard;
         loop {
             while let Some(frame) = reader.decoder.next_frame()? {
-                match relay::decode(frame)? {
-                    Message::Recv { from, payload } => {
-                        return Ok((from, Bytes::copy_from_slice(payload)))
-                    }
-                    Message::Closed { code } => {
-                        return Err(ClientError::Closed {
-                            code,
-                            reason: reason_of(code),
-                        })
-                    }
-                    _ => {}
+                if let Some(packet) = packet_of(frame)? {
+                    return Ok(packet);
                 }
             }
             tokio::select! {
@@ -314,42 +295,28 @@ impl TcpRelayClient {
         relay_key: &PublicKey,
         node_key: &PrivateKey,
     ) -> Result<Self, ClientError> {
-        let config =
-            tls::client_tls(RELAY_ALPN).map_err(|e| ClientError::Connect(e.to_string()))?;
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| ClientError::Connect(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let name =
-            ServerName::try_from(SERVER_NAME).map_err(|e| ClientError::Connect(e.to_string()))?;
-        let mut stream = TlsConnector::from(Arc::new(config))
-            .connect(name, tcp)
+        let mut stream = handshake::connect_tls(tcp, Service::Relay)
             .await
             .map_err(|e| ClientError::Connect(e.to_string()))?;
-        let mut binding = [0u8; 32];
-        stream
-            .get_ref()
-            .1
-            .export_keying_material(&mut binding, RELAY_EXPORTER_LABEL, Some(b""))
+        let binding = handshake::binding(&stream, Service::Relay)
             .map_err(|e| ClientError::Connect(e.to_string()))?;
-        let (initiator, initiation) =
-            Initiator::start_for(Purpose::Relay, node_key, relay_key, &binding)?;
         let sent = Instant::now();
-        stream
-            .write_all(&initiation)
+        handshake::initiate(&mut stream, Service::Relay, node_key, relay_key, &binding)
             .await
-            .map_err(|e| ClientError::Lost(e.to_string()))?;
-        let mut response = [0u8; RESPONSE_LEN];
-        stream
-            .read_exact(&mut response)
-            .await
-            .map_err(|_| ClientError::Closed {
-                code: CLOSE_HANDSHAKE_FAILED,
-                reason: "the relay ended the connection during the handshake".into(),
+            .map_err(|e| match e {
+                InitiateError::Noise(e) => ClientError::Handshake(e),
+                InitiateError::Send(e) => ClientError::Lost(e.to_string()),
+                InitiateError::Receive(_) | InitiateError::Ended => ClientError::Closed {
+                    code: CLOSE_HANDSHAKE_FAILED,
+                    reason: "the relay ended the connection during the handshake".into(),
+                },
             })?;
         // One round trip over this very path, TLS and TCP included.
         let rtt = sent.elapsed();
-        initiator.finish(&response)?;
         let mut client = Self {
             stream,
             decoder: StreamDecoder::new(),
@@ -439,7 +406,7 @@ impl TcpRelayReceiver {
     }
 }
 
-async fn send_frame<W: tokio::io::AsyncWrite + Unpin>(
+async fn send_frame<W: AsyncWrite + Unpin>(
     stream: &mut W,
     to: &PublicKey,
     payload: &[u8],
@@ -459,20 +426,26 @@ async fn next_packet<R: AsyncRead + Unpin>(
 ) -> Result<(PublicKey, Bytes), ClientError> {
     loop {
         if let Some(frame) = decoder.next_frame()? {
-            match relay::decode(frame)? {
-                Message::Recv { from, payload } => {
-                    return Ok((from, Bytes::copy_from_slice(payload)))
-                }
-                Message::Closed { code } => {
-                    return Err(ClientError::Closed {
-                        code,
-                        reason: reason_of(code),
-                    })
-                }
-                _ => continue,
+            if let Some(packet) = packet_of(frame)? {
+                return Ok(packet);
             }
+            continue;
         }
         fill(stream, decoder, buf).await?;
+    }
+}
+
+/// What a stream frame from the relay means to a client waiting for
+/// packets: a packet, the end of the session, or nothing (anything else is
+/// ignored).
+fn packet_of(frame: &[u8]) -> Result<Option<(PublicKey, Bytes)>, ClientError> {
+    match relay::decode(frame)? {
+        Message::Recv { from, payload } => Ok(Some((from, Bytes::copy_from_slice(payload)))),
+        Message::Closed { code } => Err(ClientError::Closed {
+            code,
+            reason: reason_of(code),
+        }),
+        _ => Ok(None),
     }
 }
 
@@ -526,5 +499,32 @@ fn closed(e: quinn::ConnectionError) -> ClientError {
 }
 
 fn reason_of(code: u32) -> String {
-    String::from_utf8_lossy(crate::server::reason(code)).into_owned()
+    String::from_utf8_lossy(close_reason(code)).into_owned()
+}
+
+/// The operator-facing reason a relay sends with a close code.
+pub fn close_reason(code: u32) -> &'static [u8] {
+    match code {
+        relay::CLOSE_RELAY_NOT_ADMITTED => {
+            b"node key not admitted by the coordinator; register the node first"
+        }
+        relay::CLOSE_RELAY_REMOVED => {
+            b"node key no longer admitted by the coordinator (deleted, expired or rotated)"
+        }
+        relay::CLOSE_RELAY_REPLACED => b"replaced by a newer session with this key",
+        _ => b"",
+    }
+}
+
+/// Writes one message as a stream frame: a `u16` length, then the message.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    message: &[u8],
+) -> std::io::Result<()> {
+    let len = u16::try_from(message.len())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "message too large"))?;
+    let mut frame = Vec::with_capacity(2 + message.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(message);
+    writer.write_all(&frame).await
 }
