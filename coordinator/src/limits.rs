@@ -10,10 +10,14 @@
 //! not once per connection.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 /// Descriptors kept for the coordinator itself (admin connections, the
@@ -248,10 +252,52 @@ impl Report {
     }
 }
 
+/// Accepts TCP connections on `listener` until `shutdown`, then waits for
+/// their tasks to end. Each connection is admitted through `gate` (one
+/// beyond a cap is closed at once) and handed to `serve` with its
+/// [`Permit`]; while accepting fails (out of descriptors, above all) the
+/// loop backs off instead of spinning. `listener` names it in the log.
+pub(crate) async fn accept_until<S, F>(
+    listener: TcpListener,
+    name: &'static str,
+    gate: Arc<ConnectionGate>,
+    mut shutdown: watch::Receiver<bool>,
+    mut serve: S,
+) where
+    S: FnMut(TcpStream, SocketAddr, Permit) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let mut connections = JoinSet::new();
+    let mut backoff = AcceptBackoff::new(name);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, remote)) => {
+                    backoff.succeeded();
+                    // Beyond a cap the stream is dropped here: closed at once.
+                    if let Ok(permit) = gate.admit(remote.ip(), Instant::now()) {
+                        connections.spawn(serve(stream, remote, permit));
+                    }
+                }
+                Err(e) => tokio::time::sleep(backoff.failed(&e, Instant::now())).await,
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            () = stopping(&mut shutdown) => break,
+        }
+    }
+    drop((listener, serve));
+    while connections.join_next().await.is_some() {}
+}
+
+/// Resolves once the coordinator shuts down (or was dropped without).
+pub(crate) async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
 /// Backs an accept loop off while accepting fails (out of descriptors,
 /// above all), instead of retrying at once, and reports the failures.
 #[derive(Debug)]
-pub(crate) struct AcceptBackoff {
+struct AcceptBackoff {
     listener: &'static str,
     delay: Duration,
     failures: Report,

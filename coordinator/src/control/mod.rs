@@ -21,7 +21,7 @@ pub(crate) use self::claims::Claims;
 pub use self::quic_thread::QuicThread;
 pub(crate) use self::session::first_frame_budget;
 pub(crate) use self::tcp::accept as accept_tcp;
-use crate::limits::Report;
+use crate::limits::{stopping, Report};
 use crate::netmap::NetmapHandle;
 use crate::nodes::Registry;
 use crate::oidc::Logins;
@@ -144,11 +144,6 @@ fn grow_receive_buffer(socket: &std::net::UdpSocket) {
     if let Ok(size) = socket.recv_buffer_size() {
         tracing::debug!(bytes = size, "control socket receive buffer");
     }
-}
-
-/// Resolves once the coordinator shuts down (or was dropped without).
-async fn stopping(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// A secret bound to the coordinator's identity, domain-separated from every

@@ -16,13 +16,12 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::TlsAcceptor;
 
 use super::{session, stopping, Context};
 use crate::http;
-use crate::limits::{AcceptBackoff, ConnectionGate, Permit};
+use crate::limits::{self, ConnectionGate, Permit};
 
 /// What a connection on the control port speaks, by its first byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,35 +67,20 @@ pub(crate) async fn accept(
     gate: Arc<ConnectionGate>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let mut sessions = JoinSet::new();
-    let mut stop = shutdown.clone();
-    let mut backoff = AcceptBackoff::new("control port's TCP listener");
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, remote)) => {
-                    backoff.succeeded();
-                    // Beyond a cap the stream is dropped here: closed at once.
-                    if let Ok(permit) = gate.admit(remote.ip(), Instant::now()) {
-                        sessions.spawn(route(
-                            stream,
-                            remote,
-                            permit,
-                            acceptor.clone(),
-                            Arc::clone(&ctx),
-                            http.clone(),
-                            shutdown.clone(),
-                        ));
-                    }
-                }
-                Err(e) => tokio::time::sleep(backoff.failed(&e, Instant::now())).await,
-            },
-            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
-            () = stopping(&mut stop) => break,
-        }
-    }
-    drop((listener, http, ctx));
-    while sessions.join_next().await.is_some() {}
+    let serving = shutdown.clone();
+    let name = "control port's TCP listener";
+    limits::accept_until(listener, name, gate, shutdown, |stream, remote, permit| {
+        route(
+            stream,
+            remote,
+            permit,
+            acceptor.clone(),
+            Arc::clone(&ctx),
+            http.clone(),
+            serving.clone(),
+        )
+    })
+    .await;
 }
 
 /// Serves one connection as its first byte says, holding its place under

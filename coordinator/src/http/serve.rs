@@ -19,10 +19,9 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 
-use crate::limits::{AcceptBackoff, ConnectionGate, Limits, Permit};
+use crate::limits::{self, stopping, ConnectionGate, Limits, Permit};
 
 /// The HTTP endpoints and the timeouts their connections run under.
 #[derive(Debug)]
@@ -78,38 +77,17 @@ pub(crate) async fn accept(
     gate: Arc<ConnectionGate>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let mut connections = JoinSet::new();
-    let mut stop = shutdown.clone();
-    let mut backoff = AcceptBackoff::new("HTTP listener");
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, remote)) => {
-                    backoff.succeeded();
-                    // Beyond a cap the stream is dropped here: closed at once.
-                    if let Ok(permit) = gate.admit(remote.ip(), Instant::now()) {
-                        connections.spawn(serve_admitted(
-                            Arc::clone(&server),
-                            stream,
-                            remote,
-                            permit,
-                            shutdown.clone(),
-                        ));
-                    }
-                }
-                Err(e) => tokio::time::sleep(backoff.failed(&e, Instant::now())).await,
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            () = stopping(&mut stop) => break,
-        }
-    }
-    drop(listener);
-    while connections.join_next().await.is_some() {}
-}
-
-/// Resolves once the coordinator shuts down (or was dropped without).
-async fn stopping(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
+    let serving = shutdown.clone();
+    limits::accept_until(
+        listener,
+        "HTTP listener",
+        gate,
+        shutdown,
+        |stream, remote, permit| {
+            serve_admitted(Arc::clone(&server), stream, remote, permit, serving.clone())
+        },
+    )
+    .await;
 }
 
 async fn serve_admitted(
