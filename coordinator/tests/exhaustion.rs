@@ -28,7 +28,7 @@ const IDLE: usize = 1100;
 const SLOW: usize = 20;
 /// Short enough for the test, long enough that the checks below run while
 /// the quiet connections are held.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(6);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(12);
 /// The longest any single check may take.
 const CHECK: Duration = Duration::from_secs(10);
 const POLICY_INITIAL: &str = "../tests/fixtures/policy-initial.hujson";
