@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use weft_coordinator::{AdminClient, AuthKeyRequest, ClientError};
-use weft_node::control::{ControlConfig, ControlEvent, ControlTask, ControlUpdate};
+use weft_engine::control::{ControlConfig, ControlEvent, ControlTask, ControlUpdate};
 use weft_proto::{Advertisement, AuthKey, Credential, PrivateKey, PublicKey, RefusalCode};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weft-coordinator");
@@ -182,6 +182,7 @@ impl Server {
                 home_relay: None,
             })
             .1,
+            system_attributes: |_| Default::default(),
             posture: tokio::sync::watch::channel(Default::default()).1,
         };
         let (tx, updates) = mpsc::channel(64);

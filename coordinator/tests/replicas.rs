@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use weft_coordinator::{
     AdminClient, AuthKeyRequest, Coordinator, EtcdSettings, ServeOptions, StoreSettings,
 };
-use weft_node::control::{ControlConfig, ControlEvent, ControlTask, ControlUpdate};
+use weft_engine::control::{ControlConfig, ControlEvent, ControlTask, ControlUpdate};
 use weft_proto::{AuthKey, Credential, NodeId, PrivateKey, SelfNode};
 use weft_test_etcd::EtcdCluster;
 
@@ -89,6 +89,7 @@ fn control_config(
             home_relay: None,
         })
         .1,
+        system_attributes: |_| Default::default(),
         posture,
     }
 }

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use weft_coordinator::{AdminClient, AuthKeyRequest, Coordinator, ServeOptions};
-use weft_node::control::{
+use weft_engine::control::{
     ControlConfig, ControlError, ControlEvent, ControlTask, ControlUpdate, CONNECT_TIMEOUT,
 };
 use weft_proto::handshake::HandshakeError;
@@ -96,6 +96,7 @@ impl Lab {
                 home_relay: None,
             })
             .1,
+            system_attributes: |_| Default::default(),
             posture: tokio::sync::watch::channel(Default::default()).1,
         };
         let (tx, updates) = mpsc::channel(64);

@@ -17,8 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::watch as channel;
 
-/// Custom attributes, as the posture file last said.
-pub type Attributes = BTreeMap<String, String>;
+pub use weft_engine::posture::Attributes;
 
 /// How often the posture file is re-read.
 pub const POLL: Duration = Duration::from_secs(2);
@@ -334,6 +333,7 @@ mod tests {
         let attributes = system_attributes("web-1");
         assert_eq!(attributes["node:os"], "linux");
         assert_eq!(attributes["node:hostname"], "web-1");
+        assert_eq!(attributes["node:clientVersion"], env!("CARGO_PKG_VERSION"));
         assert!(attributes.contains_key("node:osVersion"));
     }
 

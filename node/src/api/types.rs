@@ -12,9 +12,9 @@ pub use weft_dataplane::core::PathKind;
 pub struct UpRequest {
     /// The coordinator's replicas, `HOST:PORT` each, tried in order: a
     /// JSON list, or one string (comma-separated).
-    pub coordinator: crate::coordinators::Coordinators,
+    pub coordinator: weft_engine::coordinators::Coordinators,
     /// The coordinator's public key, base64, as `weft-coordinator key` prints it.
-    #[serde(with = "crate::key_text")]
+    #[serde(with = "weft_engine::key_text")]
     pub coordinator_key: PublicKey,
     /// A pre-auth key; not needed when this machine is already a node.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
+use weft_engine::coordinators::{CoordinatorAddress, Coordinators};
 use weft_node::cli::DEFAULT_SOCKET;
-use weft_node::coordinators::{CoordinatorAddress, Coordinators};
 use weft_node::daemon::{
     self, DaemonConfig, JoinConfig, DEFAULT_PORT, DEFAULT_STATE_DIR, DEFAULT_TUN,
 };

@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use weft_proto::{AuthKey, PublicKey};
 
 use crate::api::{ApiClient, LoginRequest, RunState, UpReply, UpRequest};
-use crate::coordinators::{CoordinatorAddress, Coordinators};
+use weft_engine::coordinators::{CoordinatorAddress, Coordinators};
 
 /// How often `weft up` checks whether a pending login completed.
 const LOGIN_POLL: Duration = Duration::from_millis(200);

@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
+use weft_engine::control::ControlUpdate;
 
 use super::Daemon;
 use crate::api::Command;
-use crate::control::ControlUpdate;
 use crate::tun_device::FRAME_BUF;
 use crate::underlay::{RecvBatch, SendBatch};
 

@@ -24,12 +24,12 @@ use crate::api::{
     self, ApiError, CoordinatorStatus, LoginPending, LoginRequest, RunState, Status, UpReply,
     UpRequest,
 };
-use crate::control::{ControlConfig, ControlError, ControlEvent, ControlTask, ControlUpdate};
-use crate::netmap_cache;
-use crate::state::{Prefs, StateDir};
 use crate::tun_device::TunDevice;
 use crate::underlay::Underlay;
 use weft_dataplane::core::Node;
+use weft_engine::control::{ControlConfig, ControlError, ControlEvent, ControlTask, ControlUpdate};
+use weft_engine::netmap_cache;
+use weft_engine::state::{Prefs, StateDir};
 
 /// Where weftd keeps its keys and preferences unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/weft";
@@ -64,7 +64,7 @@ pub struct DaemonConfig {
 #[derive(Debug, Clone)]
 pub struct JoinConfig {
     /// The coordinator's replicas, tried in order.
-    pub coordinator: crate::coordinators::Coordinators,
+    pub coordinator: weft_engine::coordinators::Coordinators,
     /// The coordinator's pinned public key.
     pub coordinator_key: PublicKey,
     /// The name to ask for; the host's name by default.
@@ -338,6 +338,7 @@ impl Daemon {
             hostname: prefs.hostname.clone(),
             node_key,
             advertisement: self.advertisement.subscribe(),
+            system_attributes: crate::posture::system_attributes,
             posture: self.posture.clone(),
         };
         let cache = netmap_cache::CacheWriter::new(self.state.path(), prefs.coordinator_key);

@@ -23,7 +23,7 @@
 //! last record, instead of a full netmap. A task started on a verified cache
 //! resumes from the cache.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -46,6 +46,7 @@ use weft_proto::{
 
 use crate::coordinators::Coordinators;
 use crate::netmap_cache::{CacheError, CacheWriter};
+use crate::posture::{self, Attributes, SystemAttributes};
 
 /// How often a registered node re-reports its attributes even when its
 /// posture file did not change; the coordinator stores only changes.
@@ -93,9 +94,12 @@ pub struct ControlConfig {
     /// current by the daemon; sent with the registration and again
     /// whenever it changes.
     pub advertisement: tokio::sync::watch::Receiver<Advertisement>,
+    /// weft's own `node:*` posture attributes, read from the host each
+    /// time the node reports them.
+    pub system_attributes: SystemAttributes,
     /// The node's `custom:*` posture attributes ([`crate::posture`]); sent
     /// with the registration and again whenever they change.
-    pub posture: tokio::sync::watch::Receiver<crate::posture::Attributes>,
+    pub posture: tokio::sync::watch::Receiver<Attributes>,
 }
 
 /// Something the control task learned, tagged with the session that learned it.
@@ -720,7 +724,11 @@ async fn send_attributes(
     send: &mut Writer,
 ) -> Result<(), ControlError> {
     let custom = config.posture.borrow_and_update().clone();
-    let message = ClientMessage::UpdateAttributes(attributes(&config.hostname, &custom));
+    let message = ClientMessage::UpdateAttributes(posture::report(
+        config.system_attributes,
+        &config.hostname,
+        &custom,
+    ));
     let frame = weft_proto::encode_frame(&message)
         .map_err(|_| ControlError::Protocol("attributes too large to send"))?;
     write(send, &frame).await?;
@@ -839,20 +847,13 @@ fn register_message(config: &ControlConfig, resume: Option<Resume>) -> Register 
         node_key: config.node_key,
         endpoints,
         home_relay,
-        attributes: attributes(&config.hostname, &config.posture.borrow()),
+        attributes: posture::report(
+            config.system_attributes,
+            &config.hostname,
+            &config.posture.borrow(),
+        ),
         resume: resume.map(Box::new),
     }
-}
-
-/// What the node reports about itself: weft's own `node:*` attributes and
-/// the posture file's `custom:*` ones.
-pub(crate) fn attributes(
-    hostname: &str,
-    custom: &crate::posture::Attributes,
-) -> BTreeMap<String, String> {
-    let mut attributes = crate::posture::system_attributes(hostname);
-    attributes.extend(custom.iter().map(|(k, v)| (k.clone(), v.clone())));
-    attributes
 }
 
 /// How a control session reaches the coordinator.
@@ -1115,17 +1116,6 @@ mod tests {
             assert!(refused(code).is_final(), "{code:?}");
         }
         assert!(!ControlEvent::Disconnected(ControlError::Lost("x".into())).is_final());
-    }
-
-    #[test]
-    fn registration_reports_the_platform_and_version() {
-        let custom =
-            crate::posture::Attributes::from([("custom:managed".to_owned(), "true".to_owned())]);
-        let attrs = attributes("web-1", &custom);
-        assert_eq!(attrs["custom:managed"], "true");
-        assert_eq!(attrs["node:os"], "linux");
-        assert_eq!(attrs["node:hostname"], "web-1");
-        assert_eq!(attrs["node:clientVersion"], env!("CARGO_PKG_VERSION"));
     }
 
     #[test]
@@ -1602,6 +1592,14 @@ mod tests {
         }
     }
 
+    /// The host's attributes, as a Linux host would report them.
+    fn system(hostname: &str) -> Attributes {
+        Attributes::from([
+            ("node:os".to_owned(), "linux".to_owned()),
+            ("node:hostname".to_owned(), hostname.to_owned()),
+        ])
+    }
+
     fn config(coordinator: SocketAddr, coordinator_key: PublicKey) -> ControlConfig {
         ControlConfig {
             coordinator: coordinator.into(),
@@ -1617,7 +1615,8 @@ mod tests {
                 home_relay: None,
             })
             .1,
-            posture: tokio::sync::watch::channel(crate::posture::Attributes::new()).1,
+            system_attributes: system,
+            posture: tokio::sync::watch::channel(Attributes::new()).1,
         }
     }
 
@@ -1821,6 +1820,7 @@ mod tests {
             Some(Credential::AuthKey(ref key)) if key.expose_secret() == "weft-auth-0123456789ab-secret"
         ));
         assert_eq!(register.attributes["node:os"], "linux");
+        assert_eq!(register.attributes["node:hostname"], "web-1");
         assert!(register
             .endpoints
             .iter()
