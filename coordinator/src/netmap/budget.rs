@@ -134,34 +134,8 @@ impl fmt::Display for Worst<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::net::{Ipv4Addr, Ipv6Addr};
-
-    use weft_proto::{Identity, PrivateKey};
-
     use super::*;
-
-    fn node(id: u64, tag: &str) -> NodeRecord {
-        NodeRecord {
-            id: NodeId(id),
-            name: format!("{}-{id}", tag.trim_start_matches("tag:")),
-            machine_key: PrivateKey::generate().public_key(),
-            node_key: PrivateKey::generate().public_key(),
-            ipv4: Ipv4Addr::new(100, 64, 0, id as u8),
-            ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0x6440, id as u16),
-            identity: Identity {
-                user: None,
-                tags: vec![tag.into()],
-                ..Default::default()
-            },
-            endpoints: vec![format!("192.0.2.{id}:51820").parse().unwrap()],
-            home_relay: None,
-            attributes: BTreeMap::new(),
-            created: 0,
-            ephemeral: false,
-            key_expiry: None,
-        }
-    }
+    use crate::netmap::tests::node;
 
     /// `rules` accept rules from distinct addresses to `tag:db`, one port each.
     fn policy(rules: usize) -> Policy {

@@ -660,7 +660,8 @@ mod tests {
         Some(Arc::new(Policy::parse(source, "test.hujson").unwrap()))
     }
 
-    fn node(id: u64, tag: &str) -> NodeRecord {
+    /// A tagged node record, for this module's tests and its children's.
+    pub(super) fn node(id: u64, tag: &str) -> NodeRecord {
         let ipv4 = Ipv4Addr::new(100, 64, 0, id as u8);
         NodeRecord {
             id: NodeId(id),
