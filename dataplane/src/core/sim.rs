@@ -331,14 +331,19 @@ impl Sim {
     /// `ping -i 0.1` sends them; every one must arrive.
     fn exchange(&mut self, ids: std::ops::Range<u16>) {
         for id in ids {
-            let ping = self.ping(A, B, id);
-            self.send(A, &ping);
-            assert_eq!(self.take_tun(B), vec![ping], "ping {id} lost");
-            let pong = self.pong(B, A, id);
-            self.send(B, &pong);
-            assert_eq!(self.take_tun(A), vec![pong], "reply {id} lost");
+            self.round_trip(id);
             self.advance(Duration::from_millis(100));
         }
+    }
+
+    /// A pings B and B answers; both must arrive.
+    fn round_trip(&mut self, id: u16) {
+        let ping = self.ping(A, B, id);
+        self.send(A, &ping);
+        assert_eq!(self.take_tun(B), vec![ping], "ping {id} lost");
+        let pong = self.pong(B, A, id);
+        self.send(B, &pong);
+        assert_eq!(self.take_tun(A), vec![pong], "reply {id} lost");
     }
 
     /// WireGuard message types A and B sent since `before`.

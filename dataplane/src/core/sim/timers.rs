@@ -20,16 +20,6 @@ impl Sim {
             .map(|s| s.at - since)
             .collect()
     }
-
-    /// A pings B and B answers; both must arrive.
-    fn round_trip(&mut self, id: u16) {
-        let ping = self.ping(A, B, id);
-        self.send(A, &ping);
-        assert_eq!(self.take_tun(B), vec![ping], "ping {id} lost");
-        let pong = self.pong(B, A, id);
-        self.send(B, &pong);
-        assert_eq!(self.take_tun(A), vec![pong], "reply {id} lost");
-    }
 }
 
 #[test]
