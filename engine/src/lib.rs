@@ -12,6 +12,7 @@
 
 pub mod control;
 pub mod coordinators;
+pub mod device;
 pub mod key_text;
 pub mod netmap_cache;
 pub mod posture;

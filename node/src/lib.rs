@@ -9,6 +9,6 @@ pub mod api;
 pub mod cli;
 pub mod daemon;
 pub mod endpoints;
+pub mod host;
 pub mod posture;
 pub mod tun_device;
-pub mod underlay;

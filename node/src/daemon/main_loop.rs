@@ -10,8 +10,8 @@ use weft_engine::control::ControlUpdate;
 
 use super::Daemon;
 use crate::api::Command;
-use crate::tun_device::FRAME_BUF;
-use crate::underlay::{RecvBatch, SendBatch};
+use crate::tun_device::TunDevice;
+use weft_engine::device::{PacketIo, RecvBatch, SendBatch};
 
 /// Frames read from the TUN device per wakeup at most, so a busy device
 /// cannot starve the socket, the control session or the timers.
@@ -34,7 +34,7 @@ impl Daemon {
     ) -> anyhow::Result<()> {
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
-        let mut tun_buf = vec![0u8; FRAME_BUF];
+        let mut tun_buf = vec![0u8; TunDevice::FRAME_LEN];
         let mut received = RecvBatch::new();
         let mut outgoing = SendBatch::default();
         let mut token_check = tokio::time::interval(TOKEN_CHECK);

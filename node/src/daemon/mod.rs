@@ -24,10 +24,11 @@ use crate::api::{
     self, ApiError, CoordinatorStatus, LoginPending, LoginRequest, RunState, Status, UpReply,
     UpRequest,
 };
+use crate::host::LinuxHost;
 use crate::tun_device::TunDevice;
-use crate::underlay::Underlay;
 use weft_dataplane::core::Node;
 use weft_engine::control::{ControlConfig, ControlError, ControlEvent, ControlTask, ControlUpdate};
+use weft_engine::device::{Platform, Underlay};
 use weft_engine::netmap_cache;
 use weft_engine::state::{Prefs, StateDir};
 
@@ -86,12 +87,14 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let prefs = state.load_prefs()?;
 
     let tun = TunDevice::create(&config.tun_name).await?;
+    let host = LinuxHost::new(&config.tun_name)?;
     let underlay = Underlay::bind(config.port).with_context(|| {
         format!(
             "cannot bind the WireGuard UDP port {} (in use? pass --port)",
             config.port
         )
     })?;
+    host.protect(underlay.as_fd())?;
     let wireguard_port = underlay.port()?;
     tracing::info!(port = wireguard_port, "WireGuard socket bound");
 
@@ -112,6 +115,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         .unwrap_or_else(|| config.state_dir.join(DEFAULT_POSTURE_FILE));
     tracing::info!(path = %posture_file.display(), "watching the posture file");
     let posture = crate::posture::watch(posture_file);
+    let endpoints = crate::endpoints::local_endpoints(&host, wireguard_port).unwrap_or_default();
     let mut daemon = Daemon {
         core: Node::new(
             node_key.clone(),
@@ -125,11 +129,11 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         machine_key,
         state,
         tun,
+        host,
         underlay,
         wireguard_port,
         advertisement: tokio::sync::watch::Sender::new(weft_proto::Advertisement {
-            endpoints: crate::endpoints::local_endpoints(wireguard_port, &config.tun_name)
-                .unwrap_or_default(),
+            endpoints,
             home_relay: None,
         }),
         relays: relays::Relays::new(),
@@ -191,6 +195,7 @@ struct Daemon {
     machine_key: PrivateKey,
     state: StateDir,
     tun: TunDevice,
+    host: LinuxHost,
     underlay: Underlay,
     wireguard_port: u16,
     /// Where this node can be reached, for the control session to report.
@@ -253,7 +258,7 @@ impl Daemon {
     fn start_up(&mut self, request: UpRequest) -> Result<(), ApiError> {
         let hostname = match request.hostname {
             Some(name) => name,
-            None => host_name(),
+            None => self.host.host_name(),
         };
         if hostname.trim().is_empty() {
             return Err(ApiError::BadRequest(
@@ -338,7 +343,7 @@ impl Daemon {
             hostname: prefs.hostname.clone(),
             node_key,
             advertisement: self.advertisement.subscribe(),
-            system_attributes: crate::posture::system_attributes,
+            system_attributes: LinuxHost::system_attributes,
             posture: self.posture.clone(),
         };
         let cache = netmap_cache::CacheWriter::new(self.state.path(), prefs.coordinator_key);
@@ -385,7 +390,7 @@ impl Daemon {
         self.capabilities.clear();
         self.stop_relays();
         self.core.clear();
-        if let Err(e) = self.tun.unassign().await {
+        if let Err(e) = self.host.unassign().await {
             tracing::warn!("{e}");
         }
     }
@@ -488,7 +493,7 @@ impl Daemon {
 
     /// Puts the node's own addresses on the TUN device and answers a waiting `weft up`.
     async fn apply_self(&mut self, node: SelfNode) {
-        let result = self.tun.assign(node.ipv4, node.ipv6).await;
+        let result = self.host.assign(node.ipv4, node.ipv6).await;
         let me = status::self_status(&node, self.core.public_key());
         self.self_node = Some(node);
         match result {
@@ -709,11 +714,4 @@ fn flow(device_code: bool) -> LoginFlow {
     } else {
         LoginFlow::Browser
     }
-}
-
-fn host_name() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|name| name.into_string().ok())
-        .unwrap_or_default()
 }

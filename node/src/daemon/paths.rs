@@ -78,14 +78,13 @@ impl Daemon {
     /// Tells the core the host's addresses when they changed: the node
     /// moved (roaming), or an interface came or went.
     pub(super) fn poll_local_endpoints(&mut self) {
-        let endpoints =
-            match crate::endpoints::local_endpoints(self.wireguard_port, self.tun.name()) {
-                Ok(endpoints) => endpoints,
-                Err(e) => {
-                    tracing::debug!("cannot list the host's addresses: {e}");
-                    return;
-                }
-            };
+        let endpoints = match crate::endpoints::local_endpoints(&self.host, self.wireguard_port) {
+            Ok(endpoints) => endpoints,
+            Err(e) => {
+                tracing::debug!("cannot list the host's addresses: {e}");
+                return;
+            }
+        };
         if self.local_endpoints.as_ref() == Some(&endpoints) {
             return;
         }

@@ -7,7 +7,7 @@
 
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn6};
 use quinn_udp::{RecvMeta, UdpSocketState};
@@ -91,6 +91,11 @@ impl Underlay {
             dual_stack,
             gso: true,
         })
+    }
+
+    /// The socket, for [`Platform::protect`](super::Platform::protect).
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.get_ref().as_fd()
     }
 
     /// The bound port.
