@@ -11,7 +11,7 @@ use std::process::Output;
 
 use tokio::sync::mpsc;
 use weft_node::api::{
-    bind, serve, ApiError, Command, NetcheckReport, PathKind, PingReply, RelayReport,
+    bind, serve, Command, CommandError, NetcheckReport, PathKind, PingReply, RelayReport,
     RelayTransport,
 };
 
@@ -43,7 +43,7 @@ async fn daemon(mut commands: mpsc::Receiver<Command>) {
                         rtt_ms: None,
                         ..pong(PathKind::Relay, None, None)
                     }),
-                    other => Err(ApiError::NotFound(format!(
+                    other => Err(CommandError::NotFound(format!(
                         "no peer named or addressed {other}; `weft status` lists the peers"
                     ))),
                 };

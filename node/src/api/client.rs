@@ -168,8 +168,8 @@ mod tests {
 
     use super::*;
     use crate::api::{
-        bind, serve, ApiError, Command, CoordinatorStatus, FilterStatus, LoginPending, RunState,
-        SelfStatus,
+        bind, serve, Command, CommandError, CoordinatorStatus, FilterStatus, LoginPending,
+        RunState, SelfStatus,
     };
 
     fn status(state: RunState) -> Status {
@@ -188,7 +188,7 @@ mod tests {
         }
     }
 
-    /// Stands in for the daemon's main loop: answers commands from a fixed script.
+    /// Stands in for the device loop: answers commands from a fixed script.
     async fn answer(mut commands: mpsc::Receiver<Command>) {
         while let Some(command) = commands.recv().await {
             match command {
@@ -213,12 +213,12 @@ mod tests {
                             user_code: None,
                             expires_in_secs: 600,
                         })),
-                        (None, true) => Err(ApiError::Refused("no device-code login".into())),
+                        (None, true) => Err(CommandError::Refused("no device-code login".into())),
                     };
                     let _ = reply.send(answer);
                 }
                 Command::Login(_, reply) => {
-                    let _ = reply.send(Err(ApiError::BadRequest("not joined".into())));
+                    let _ = reply.send(Err(CommandError::Invalid("not joined".into())));
                 }
                 Command::WhoIs(addr, reply) => {
                     let peer = weft_dataplane::core::PeerStatus {
@@ -246,7 +246,7 @@ mod tests {
                             endpoint: None,
                             rtt_ms: Some(1.5),
                         }),
-                        other => Err(ApiError::NotFound(format!("no peer named {other}"))),
+                        other => Err(CommandError::NotFound(format!("no peer named {other}"))),
                     };
                     let _ = reply.send(answer);
                 }

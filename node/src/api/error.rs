@@ -4,6 +4,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
+use weft_engine::device::CommandError;
 
 /// Why an API call failed. Every message names the problem and the fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,6 +42,18 @@ pub struct ErrorBody {
     pub error: String,
     /// A machine-readable kind: `bad-request`, `refused`, `forbidden`, `handshake`, `timeout`, `not-found`, `shutting-down`, `internal`.
     pub kind: String,
+}
+
+impl From<CommandError> for ApiError {
+    fn from(error: CommandError) -> Self {
+        match error {
+            CommandError::Invalid(message) => ApiError::BadRequest(message),
+            CommandError::Refused(message) => ApiError::Refused(message),
+            CommandError::Handshake(message) => ApiError::Handshake(message),
+            CommandError::NotFound(message) => ApiError::NotFound(message),
+            CommandError::Internal(message) => ApiError::Internal(message),
+        }
+    }
 }
 
 impl ApiError {

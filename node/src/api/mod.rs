@@ -18,17 +18,15 @@
 mod client;
 mod error;
 mod server;
-mod types;
 mod whois;
 
 pub use client::{ApiClient, ClientError};
 pub use error::{ApiError, ErrorBody};
-pub use server::{bind, serve, Command, UP_TIMEOUT};
-pub use types::{
-    CoordinatorStatus, FilterStatus, LoginPending, LoginRequest, NetcheckReport, PathKind,
-    PeerSummary, PingReply, PingRequest, ReflexiveEndpoint, RelayReport, RelayTransport, RunState,
-    SelfStatus, Status, UpReply, UpRequest,
+pub use server::{bind, serve, UP_TIMEOUT};
+pub use weft_engine::device::{
+    whois_lookup, Command, CommandError, CoordinatorStatus, FilterStatus, LoginPending,
+    LoginRequest, NetcheckReport, PathKind, PeerSummary, PingReply, PingRequest, ReflexiveEndpoint,
+    RelayReport, RelayTransport, RunState, SelfStatus, Status, UpReply, UpRequest, WhoIs,
+    WhoIsIdentity, WhoIsNode,
 };
-pub use whois::{
-    lookup as whois_lookup, parse_address, WhoIs, WhoIsIdentity, WhoIsNode, WhoIsQuery,
-};
+pub use whois::{parse_address, WhoIsQuery};

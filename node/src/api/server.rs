@@ -1,7 +1,6 @@
-//! The local API server: decodes requests and hands them to the daemon's main
-//! loop as [`Command`]s, so all state lives in one place.
+//! The local API server: decodes requests and hands them to the device loop
+//! as [`Command`]s, so all state lives in one place.
 
-use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::Path;
 use std::time::Duration;
@@ -18,34 +17,15 @@ use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    parse_address, ApiError, LoginRequest, NetcheckReport, PingReply, PingRequest, Status, UpReply,
-    UpRequest, WhoIs, WhoIsQuery,
+    parse_address, ApiError, Command, CommandError, LoginRequest, NetcheckReport, PingReply,
+    PingRequest, Status, UpReply, UpRequest, WhoIs, WhoIsQuery,
 };
 
 /// How long `POST /v1/up` waits for registration and the first netmap.
 pub const UP_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long `POST /v1/ping` waits for the daemon's answer; the core gives
+/// How long `POST /v1/ping` waits for the device's answer; the core gives
 /// up on a ping after 2 s, so this only bounds a daemon that lost it.
 const PING_WAIT: Duration = Duration::from_secs(5);
-
-/// A request for the daemon's main loop, with the channel for its answer.
-#[derive(Debug)]
-pub enum Command {
-    /// Connect to a coordinator; answer once registered and the netmap is applied.
-    Up(UpRequest, oneshot::Sender<Result<UpReply, ApiError>>),
-    /// Log a person in again; answer with the login URL, or once running.
-    Login(LoginRequest, oneshot::Sender<Result<UpReply, ApiError>>),
-    /// Disconnect and remove the overlay addresses.
-    Down(oneshot::Sender<Status>),
-    /// Report the current status.
-    Status(oneshot::Sender<Status>),
-    /// Say who owns an overlay address, and their capabilities here.
-    WhoIs(IpAddr, oneshot::Sender<Result<WhoIs, ApiError>>),
-    /// Send one disco ping; answer with its pong or timeout.
-    Ping(PingRequest, oneshot::Sender<Result<PingReply, ApiError>>),
-    /// Report endpoint discovery and the relay sessions.
-    Netcheck(oneshot::Sender<NetcheckReport>),
-}
 
 /// Binds the API socket: creates its directory if missing, replaces a stale
 /// socket left by a crash — never any other kind of file — and restricts the
@@ -156,10 +136,10 @@ async fn login(
 /// 200 once running, 202 with the login URL when a person must log in.
 async fn wait_for_up(
     commands: &mpsc::Sender<Command>,
-    answer: oneshot::Receiver<Result<UpReply, ApiError>>,
+    answer: oneshot::Receiver<Result<UpReply, CommandError>>,
 ) -> Result<(StatusCode, Json<UpReply>), ApiError> {
     match tokio::time::timeout(UP_TIMEOUT, answer).await {
-        Ok(Ok(result)) => result.map(|reply| {
+        Ok(Ok(result)) => result.map_err(ApiError::from).map(|reply| {
             let status = match reply {
                 UpReply::Running(_) => StatusCode::OK,
                 UpReply::LoginRequired(_) => StatusCode::ACCEPTED,
@@ -215,7 +195,11 @@ async fn whois(
         .send(Command::WhoIs(addr, reply))
         .await
         .map_err(|_| ApiError::ShuttingDown)?;
-    answer.await.map_err(|_| ApiError::ShuttingDown)?.map(Json)
+    answer
+        .await
+        .map_err(|_| ApiError::ShuttingDown)?
+        .map(Json)
+        .map_err(ApiError::from)
 }
 
 async fn ping(
@@ -231,7 +215,7 @@ async fn ping(
         .await
         .map_err(|_| ApiError::ShuttingDown)?;
     match tokio::time::timeout(PING_WAIT, answer).await {
-        Ok(Ok(result)) => result.map(Json),
+        Ok(Ok(result)) => result.map(Json).map_err(ApiError::from),
         Ok(Err(_)) => Err(ApiError::ShuttingDown),
         Err(_) => Err(ApiError::Timeout(
             "weftd did not answer the ping in time; see its log".into(),

@@ -1,248 +1,187 @@
-//! `weftd`: owns the TUN device, the WireGuard socket, the data-plane core,
-//! the control session and the local API, and connects them.
-//!
-//! All state lives in [`Daemon`], driven by one loop ([`main_loop`]); the API
-//! server and the control client are tasks that talk to it over channels.
-
-mod identity;
-mod main_loop;
-mod paths;
-mod relays;
-mod status;
+//! The device's life: joining (`weft up`, `weft login`, a workload's
+//! token), leaving (`weft down`, a refusal), the control session's events,
+//! and a workload's identity renewal with node-key rotation.
 
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime};
 
-use anyhow::Context as _;
-use tokio::sync::{mpsc, oneshot};
-use weft_proto::{
-    Credential, IdentityToken, LoginFlow, LoginPrompt, NetMap, NetMapDelta, PrivateKey, PublicKey,
-    Refusal, RefusalCode, SelfNode,
-};
-
-use crate::api::{
-    self, ApiError, CoordinatorStatus, LoginPending, LoginRequest, RunState, Status, UpReply,
-    UpRequest,
-};
-use crate::host::LinuxHost;
-use crate::tun_device::TunDevice;
+use tokio::sync::{mpsc, oneshot, watch};
 use weft_dataplane::core::Node;
-use weft_engine::control::{ControlConfig, ControlError, ControlEvent, ControlTask, ControlUpdate};
-use weft_engine::device::{Platform, Underlay};
-use weft_engine::netmap_cache;
-use weft_engine::state::{Prefs, StateDir};
+use weft_proto::{
+    Credential, IdentityToken, LoginFlow, LoginPrompt, NetMap, NetMapDelta, PrivateKey, Refusal,
+    RefusalCode, SelfNode,
+};
 
-/// Where weftd keeps its keys and preferences unless told otherwise.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/weft";
-/// The default WireGuard UDP port.
-pub const DEFAULT_PORT: u16 = 51820;
-/// The default TUN device name.
-pub const DEFAULT_TUN: &str = "weft0";
+use super::control_surface::{
+    CoordinatorStatus, LoginPending, LoginRequest, RunState, Status, UpReply, UpRequest,
+};
+use super::{endpoints, identity, paths, relays, status};
+use super::{CommandError, DeviceError, PacketIo, Platform, Underlay};
+use crate::control::{ControlConfig, ControlError, ControlEvent, ControlTask, ControlUpdate};
+use crate::netmap_cache;
+use crate::posture::Attributes;
+use crate::state::{Prefs, StateDir};
 
-/// How weftd was started.
-#[derive(Debug, Clone)]
-pub struct DaemonConfig {
-    /// The state directory.
-    pub state_dir: PathBuf,
-    /// The local API socket.
-    pub socket: PathBuf,
-    /// A group whose members may read the local API (status, `whois`) but
-    /// not change the node: the applications that ask who is calling.
-    pub socket_group: Option<nix::unistd::Gid>,
-    /// The WireGuard UDP port; 0 picks a free one.
-    pub port: u16,
-    /// The TUN device name.
-    pub tun_name: String,
-    /// The posture file ([`crate::posture`]); `None` for
-    /// `STATE_DIR/posture.json`, read when present.
-    pub posture_file: Option<PathBuf>,
-    /// Join this overlay at start without waiting for `weft up` (pods, VMs
-    /// and CI runners).
-    pub join: Option<JoinConfig>,
-}
+/// Control updates queued for the device loop.
+const CONTROL_UPDATES: usize = 64;
 
-/// An unattended join, as `weftd --coordinator … --identity-token-file …` asks.
-#[derive(Debug, Clone)]
-pub struct JoinConfig {
-    /// The coordinator's replicas, tried in order.
-    pub coordinator: weft_engine::coordinators::Coordinators,
-    /// The coordinator's pinned public key.
-    pub coordinator_key: PublicKey,
-    /// The name to ask for; the host's name by default.
-    pub hostname: Option<String>,
-    /// The workload's identity token file.
-    pub identity_token_file: Option<PathBuf>,
-}
-
-pub use identity::{read_token, TokenFileError};
-
-/// The posture file read unless `--posture-file` names another.
-pub const DEFAULT_POSTURE_FILE: &str = "posture.json";
-
-/// Runs weftd until SIGTERM or SIGINT.
-pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
-    let state = StateDir::open(&config.state_dir)?;
-    let machine_key = state.machine_key()?;
-    let node_key = state.node_key()?;
-    let prefs = state.load_prefs()?;
-
-    let tun = TunDevice::create(&config.tun_name).await?;
-    let host = LinuxHost::new(&config.tun_name)?;
-    let underlay = Underlay::bind(config.port).with_context(|| {
-        format!(
-            "cannot bind the WireGuard UDP port {} (in use? pass --port)",
-            config.port
-        )
-    })?;
-    host.protect(underlay.as_fd())?;
-    let wireguard_port = underlay.port()?;
-    tracing::info!(port = wireguard_port, "WireGuard socket bound");
-
-    let listener = api::bind(&config.socket, config.socket_group).with_context(|| {
-        format!(
-            "cannot listen on {} (pass --socket to use another path)",
-            config.socket.display()
-        )
-    })?;
-    let (commands_tx, commands) = mpsc::channel(16);
-    let server = tokio::spawn(api::serve(listener, commands_tx));
-    tracing::info!(socket = %config.socket.display(), "local API listening");
-
-    let (updates_tx, updates) = mpsc::channel(64);
-    let posture_file = config
-        .posture_file
-        .clone()
-        .unwrap_or_else(|| config.state_dir.join(DEFAULT_POSTURE_FILE));
-    tracing::info!(path = %posture_file.display(), "watching the posture file");
-    let posture = crate::posture::watch(posture_file);
-    let endpoints = crate::endpoints::local_endpoints(&host, wireguard_port).unwrap_or_default();
-    let mut daemon = Daemon {
-        core: Node::new(
-            node_key.clone(),
-            Instant::now(),
-            std::time::SystemTime::now(),
-            rand::random(),
-        ),
-        posture,
-        capabilities: Vec::new(),
-        node_key,
-        machine_key,
-        state,
-        tun,
-        host,
-        underlay,
-        wireguard_port,
-        advertisement: tokio::sync::watch::Sender::new(weft_proto::Advertisement {
-            endpoints,
-            home_relay: None,
-        }),
-        relays: relays::Relays::new(),
-        pings: std::collections::HashMap::new(),
-        local_endpoints: None,
-        updates: updates_tx,
-        control: None,
-        sessions: 0,
-        prefs: None,
-        pending_prefs: None,
-        pending_up: None,
-        run_state: RunState::Stopped,
-        message: None,
-        login_url: None,
-        self_node: None,
-        connected: false,
-        connected_to: None,
-        rotation: None,
-        presenting: None,
-        renewal: identity::Renewal::default(),
-        started: Instant::now(),
-        token_error: None,
-    };
-    if let Some(join) = config.join {
-        tracing::info!(coordinator = %join.coordinator, "joining the overlay");
-        let request = UpRequest {
-            coordinator: join.coordinator,
-            coordinator_key: join.coordinator_key,
-            auth_key: None,
-            hostname: join.hostname,
-            device_code: false,
-            identity_token_file: join.identity_token_file,
-        };
-        daemon
-            .start_up(request)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-    } else if let Some(prefs) = prefs.filter(|p| p.want_running) {
-        tracing::info!(coordinator = %prefs.coordinator, "rejoining the overlay");
-        let node_key = daemon.node_key.public_key();
-        if let Some(netmap) = netmap_cache::restore_at_start(&config.state_dir, &prefs, node_key) {
-            daemon.on_netmap(&netmap).await;
-        }
-        daemon.start_control(prefs, None);
-    }
-
-    let result = daemon.run(commands, updates).await;
-    server.abort();
-    if let Err(e) = std::fs::remove_file(&config.socket) {
-        tracing::warn!("cannot remove {}: {e}", config.socket.display());
-    }
-    daemon.stop_control().await;
-    result
-}
-
-/// The daemon's state.
-struct Daemon {
-    core: Node,
-    node_key: PrivateKey,
-    machine_key: PrivateKey,
-    state: StateDir,
-    tun: TunDevice,
-    host: LinuxHost,
-    underlay: Underlay,
-    wireguard_port: u16,
+/// A node's device: the data-plane core and everything that feeds it,
+/// driven by one loop ([`Device::run`]).
+pub struct Device<T, P> {
+    pub(super) core: Node,
+    pub(super) node_key: PrivateKey,
+    pub(super) machine_key: PrivateKey,
+    pub(super) state: StateDir,
+    pub(super) packets: T,
+    pub(super) platform: P,
+    pub(super) underlay: Underlay,
+    pub(super) wireguard_port: u16,
     /// Where this node can be reached, for the control session to report.
-    advertisement: tokio::sync::watch::Sender<weft_proto::Advertisement>,
+    pub(super) advertisement: watch::Sender<weft_proto::Advertisement>,
     /// Sessions with the relays the coordinator lists.
-    relays: relays::Relays,
+    pub(super) relays: relays::Relays,
     /// `weft ping` requests waiting for their pong, by ping id.
-    pings: std::collections::HashMap<u64, paths::PendingPing>,
+    pub(super) pings: std::collections::HashMap<u64, paths::PendingPing>,
     /// The host's endpoints as last handed to the core.
-    local_endpoints: Option<Vec<std::net::SocketAddr>>,
-    updates: mpsc::Sender<ControlUpdate>,
-    control: Option<ControlTask>,
+    pub(super) local_endpoints: Option<Vec<std::net::SocketAddr>>,
+    pub(super) updates: mpsc::Sender<ControlUpdate>,
+    pub(super) control_updates: mpsc::Receiver<ControlUpdate>,
+    pub(super) control: Option<ControlTask>,
     /// Counts control sessions, so updates from a replaced session are ignored.
-    sessions: u64,
+    pub(super) sessions: u64,
     /// The preferences of the running session.
-    prefs: Option<Prefs>,
+    pub(super) prefs: Option<Prefs>,
     /// Preferences from `weft up`, saved once the coordinator accepts them.
-    pending_prefs: Option<Prefs>,
-    pending_up: Option<oneshot::Sender<Result<UpReply, ApiError>>>,
-    run_state: RunState,
-    message: Option<String>,
+    pub(super) pending_prefs: Option<Prefs>,
+    pub(super) pending_up: Option<oneshot::Sender<Result<UpReply, CommandError>>>,
+    pub(super) run_state: RunState,
+    pub(super) message: Option<String>,
     /// The pending login link (see [`Status::login_url`]).
-    login_url: Option<String>,
-    self_node: Option<SelfNode>,
-    connected: bool,
+    pub(super) login_url: Option<String>,
+    pub(super) self_node: Option<SelfNode>,
+    pub(super) connected: bool,
     /// The replica the control session is connected to.
-    connected_to: Option<std::net::SocketAddr>,
+    pub(super) connected_to: Option<std::net::SocketAddr>,
     /// The posture file's attributes, for every control session.
-    posture: tokio::sync::watch::Receiver<crate::posture::Attributes>,
+    pub(super) posture: watch::Receiver<Attributes>,
     /// Application capabilities the netmap grants peers on this node, for `whois`.
-    capabilities: Vec<weft_proto::AppGrant>,
+    pub(super) capabilities: Vec<weft_proto::AppGrant>,
     /// The next WireGuard key, while a session re-authenticates with it.
-    rotation: Option<PrivateKey>,
+    pub(super) rotation: Option<PrivateKey>,
     /// The identity token the current session registers with.
-    presenting: Option<IdentityToken>,
+    pub(super) presenting: Option<IdentityToken>,
     /// When to renew a workload's identity.
-    renewal: identity::Renewal,
+    pub(super) renewal: identity::Renewal,
     /// The renewal policy's clock starts here.
-    started: Instant,
+    pub(super) started: Instant,
     /// The last problem with the identity token file, logged once.
-    token_error: Option<String>,
+    pub(super) token_error: Option<String>,
 }
 
-impl Daemon {
-    fn on_up(&mut self, request: UpRequest, reply: oneshot::Sender<Result<UpReply, ApiError>>) {
+impl<T, P> std::fmt::Debug for Device<T, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("node_key", &self.node_key.public_key())
+            .field("wireguard_port", &self.wireguard_port)
+            .field("run_state", &self.run_state)
+            .field("connected_to", &self.connected_to)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: PacketIo, P: Platform> Device<T, P> {
+    /// A device that is not in an overlay yet, with the node's keys from
+    /// `state`: `packets` carries the overlay's packets, `platform` the
+    /// rest of the operating system, `underlay` WireGuard's datagrams
+    /// (kept out of the tunnel here), and `posture` the administrator's
+    /// `custom:*` attributes for every control session.
+    pub fn new(
+        state: StateDir,
+        packets: T,
+        platform: P,
+        underlay: Underlay,
+        posture: watch::Receiver<Attributes>,
+    ) -> Result<Self, DeviceError> {
+        let machine_key = state.machine_key()?;
+        let node_key = state.node_key()?;
+        platform
+            .protect(underlay.as_fd())
+            .map_err(DeviceError::Protect)?;
+        let wireguard_port = underlay.port().map_err(DeviceError::Socket)?;
+        let endpoints = endpoints::local_endpoints(&platform, wireguard_port).unwrap_or_default();
+        let (updates, control_updates) = mpsc::channel(CONTROL_UPDATES);
+        Ok(Self {
+            core: Node::new(
+                node_key.clone(),
+                Instant::now(),
+                SystemTime::now(),
+                rand::random(),
+            ),
+            posture,
+            capabilities: Vec::new(),
+            node_key,
+            machine_key,
+            state,
+            packets,
+            platform,
+            underlay,
+            wireguard_port,
+            advertisement: watch::Sender::new(weft_proto::Advertisement {
+                endpoints,
+                home_relay: None,
+            }),
+            relays: relays::Relays::new(),
+            pings: std::collections::HashMap::new(),
+            local_endpoints: None,
+            updates,
+            control_updates,
+            control: None,
+            sessions: 0,
+            prefs: None,
+            pending_prefs: None,
+            pending_up: None,
+            run_state: RunState::Stopped,
+            message: None,
+            login_url: None,
+            self_node: None,
+            connected: false,
+            connected_to: None,
+            rotation: None,
+            presenting: None,
+            renewal: identity::Renewal::default(),
+            started: Instant::now(),
+            token_error: None,
+        })
+    }
+
+    /// Joins the overlay `join` names, as `weft up` would; without one,
+    /// rejoins the overlay the saved preferences want running, in force at
+    /// once with the cached netmap while the coordinator is reached.
+    pub async fn resume(&mut self, join: Option<UpRequest>) -> Result<(), DeviceError> {
+        let prefs = self.state.load_prefs()?;
+        if let Some(join) = join {
+            tracing::info!(coordinator = %join.coordinator, "joining the overlay");
+            self.start_up(join).map_err(DeviceError::Join)?;
+        } else if let Some(prefs) = prefs.filter(|p| p.want_running) {
+            tracing::info!(coordinator = %prefs.coordinator, "rejoining the overlay");
+            let node_key = self.node_key.public_key();
+            if let Some(netmap) =
+                netmap_cache::restore_at_start(self.state.path(), &prefs, node_key)
+            {
+                self.on_netmap(&netmap).await;
+            }
+            self.start_control(prefs, None);
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_up(
+        &mut self,
+        request: UpRequest,
+        reply: oneshot::Sender<Result<UpReply, CommandError>>,
+    ) {
         if let Some(previous) = self.pending_up.take() {
-            let _ = previous.send(Err(ApiError::BadRequest(
+            let _ = previous.send(Err(CommandError::Invalid(
                 "superseded by a newer `weft up`".into(),
             )));
         }
@@ -255,13 +194,13 @@ impl Daemon {
     }
 
     /// Starts joining the overlay `request` names.
-    fn start_up(&mut self, request: UpRequest) -> Result<(), ApiError> {
+    pub(super) fn start_up(&mut self, request: UpRequest) -> Result<(), CommandError> {
         let hostname = match request.hostname {
             Some(name) => name,
-            None => self.host.host_name(),
+            None => self.platform.host_name(),
         };
         if hostname.trim().is_empty() {
-            return Err(ApiError::BadRequest(
+            return Err(CommandError::Invalid(
                 "the hostname is empty; pass --hostname NAME".into(),
             ));
         }
@@ -281,7 +220,7 @@ impl Daemon {
         let credential = match (request.auth_key, &prefs.identity_token_file) {
             (Some(key), _) => Some(Credential::AuthKey(key)),
             (None, Some(path)) => Some(Credential::IdentityToken(
-                identity::read_token(path).map_err(|e| ApiError::BadRequest(e.to_string()))?,
+                identity::read_token(path).map_err(|e| CommandError::Invalid(e.to_string()))?,
             )),
             (None, None) if joined => None,
             (None, None) => Some(Credential::Interactive(flow(request.device_code))),
@@ -294,23 +233,23 @@ impl Daemon {
 
     /// `weft login`: log a person in again for the overlay this machine
     /// joined; the node keeps its id and addresses.
-    fn on_login(
+    pub(super) fn on_login(
         &mut self,
         request: LoginRequest,
-        reply: oneshot::Sender<Result<UpReply, ApiError>>,
+        reply: oneshot::Sender<Result<UpReply, CommandError>>,
     ) {
         let saved = self
             .prefs
             .clone()
             .or_else(|| self.state.load_prefs().ok().flatten());
         let Some(mut prefs) = saved else {
-            let _ = reply.send(Err(ApiError::BadRequest(
+            let _ = reply.send(Err(CommandError::Invalid(
                 "this machine has not joined an overlay; run `weft up --coordinator HOST:PORT --coordinator-key KEY`".into(),
             )));
             return;
         };
         if let Some(previous) = self.pending_up.take() {
-            let _ = previous.send(Err(ApiError::BadRequest(
+            let _ = previous.send(Err(CommandError::Invalid(
                 "superseded by `weft login`".into(),
             )));
         }
@@ -324,7 +263,7 @@ impl Daemon {
 
     /// Starts a control session registering with `credential`, and with the
     /// next node key while a rotation is under way.
-    fn start_control(&mut self, prefs: Prefs, credential: Option<Credential>) {
+    pub(super) fn start_control(&mut self, prefs: Prefs, credential: Option<Credential>) {
         self.sessions += 1;
         self.presenting = match &credential {
             Some(Credential::IdentityToken(token)) => Some(token.clone()),
@@ -343,7 +282,7 @@ impl Daemon {
             hostname: prefs.hostname.clone(),
             node_key,
             advertisement: self.advertisement.subscribe(),
-            system_attributes: LinuxHost::system_attributes,
+            system_attributes: P::system_attributes,
             posture: self.posture.clone(),
         };
         let cache = netmap_cache::CacheWriter::new(self.state.path(), prefs.coordinator_key);
@@ -361,9 +300,11 @@ impl Daemon {
         }
     }
 
-    async fn on_down(&mut self) -> Status {
+    pub(super) async fn on_down(&mut self) -> Status {
         if let Some(pending) = self.pending_up.take() {
-            let _ = pending.send(Err(ApiError::BadRequest("cancelled by `weft down`".into())));
+            let _ = pending.send(Err(CommandError::Invalid(
+                "cancelled by `weft down`".into(),
+            )));
         }
         self.pending_prefs = None;
         self.stop_control().await;
@@ -381,7 +322,7 @@ impl Daemon {
     }
 
     /// Ends the control session and withdraws the overlay: no tunnels, no addresses.
-    async fn stop_control(&mut self) {
+    pub(super) async fn stop_control(&mut self) {
         self.control = None;
         self.rotation = None;
         self.connected = false;
@@ -390,12 +331,12 @@ impl Daemon {
         self.capabilities.clear();
         self.stop_relays();
         self.core.clear();
-        if let Err(e) = self.host.unassign().await {
+        if let Err(e) = self.platform.unassign().await {
             tracing::warn!("{e}");
         }
     }
 
-    async fn on_control(&mut self, update: ControlUpdate) {
+    pub(super) async fn on_control(&mut self, update: ControlUpdate) {
         if self.control.as_ref().map(ControlTask::session) != Some(update.session) {
             return;
         }
@@ -411,7 +352,7 @@ impl Daemon {
         }
     }
 
-    fn on_registered(&mut self, node: SelfNode) {
+    pub(super) fn on_registered(&mut self, node: SelfNode) {
         tracing::info!(id = %node.id, "registered with the coordinator");
         if let Some(next_key) = self.rotation.take() {
             self.core.rotate_key(next_key.clone(), Instant::now());
@@ -439,14 +380,14 @@ impl Daemon {
 
     /// Says why the state is what it is. A pending login link is void once
     /// anything else is said: the login it was for has failed or moved on.
-    fn say(&mut self, message: String) {
+    pub(super) fn say(&mut self, message: String) {
         self.message = Some(message);
         self.login_url = None;
     }
 
     /// Hands the login URL to the waiting `weft up` or `weft login`, which
     /// prints it and follows the status until the person logged in.
-    fn on_login_required(&mut self, prompt: LoginPrompt) {
+    pub(super) fn on_login_required(&mut self, prompt: LoginPrompt) {
         tracing::info!(
             "waiting for a person to log in at the link given to `weft up` or `weft login`"
         );
@@ -464,7 +405,7 @@ impl Daemon {
         }
     }
 
-    async fn on_netmap(&mut self, netmap: &NetMap) {
+    pub(super) async fn on_netmap(&mut self, netmap: &NetMap) {
         tracing::info!(
             revision = netmap.revision,
             peers = netmap.peers.len(),
@@ -475,7 +416,7 @@ impl Daemon {
         self.apply_self(netmap.self_node.clone()).await;
     }
 
-    async fn on_delta(&mut self, delta: &NetMapDelta) {
+    pub(super) async fn on_delta(&mut self, delta: &NetMapDelta) {
         tracing::debug!(
             revision = delta.revision,
             upserts = delta.upsert_peers.len(),
@@ -491,9 +432,9 @@ impl Daemon {
         }
     }
 
-    /// Puts the node's own addresses on the TUN device and answers a waiting `weft up`.
-    async fn apply_self(&mut self, node: SelfNode) {
-        let result = self.host.assign(node.ipv4, node.ipv6).await;
+    /// Puts the node's own addresses on the overlay interface and answers a waiting `weft up`.
+    pub(super) async fn apply_self(&mut self, node: SelfNode) {
+        let result = self.platform.assign(node.ipv4, node.ipv6).await;
         let me = status::self_status(&node, self.core.public_key());
         self.self_node = Some(node);
         match result {
@@ -509,15 +450,15 @@ impl Daemon {
                 tracing::error!("{e}");
                 self.say(e.to_string());
                 if let Some(pending) = self.pending_up.take() {
-                    let _ = pending.send(Err(ApiError::Internal(e.to_string())));
+                    let _ = pending.send(Err(CommandError::Internal(e.to_string())));
                 }
             }
         }
     }
 
-    async fn on_refused(&mut self, refusal: Refusal) {
+    pub(super) async fn on_refused(&mut self, refusal: Refusal) {
         if let Some(pending) = self.pending_up.take() {
-            let _ = pending.send(Err(ApiError::Refused(refusal.message.clone())));
+            let _ = pending.send(Err(CommandError::Refused(refusal.message.clone())));
         }
         self.connected = false;
         // The control task retries these itself; the node keeps running.
@@ -560,7 +501,7 @@ impl Daemon {
     /// Re-authenticates with the workload's identity token if the file
     /// holds a fresh one or the node key is close to expiry, rotating the
     /// node key.
-    fn check_renewal(&mut self) {
+    pub(super) fn check_renewal(&mut self) {
         let Some(path) = self.token_file() else {
             return;
         };
@@ -588,7 +529,7 @@ impl Daemon {
 
     /// Registers again with `token` and a fresh node key, which the data
     /// plane switches to once the coordinator accepted it.
-    fn rotate_with(&mut self, token: IdentityToken) {
+    pub(super) fn rotate_with(&mut self, token: IdentityToken) {
         let Some(prefs) = self.prefs.clone() else {
             return;
         };
@@ -603,7 +544,7 @@ impl Daemon {
     /// A refused renewal leaves the node on its current key while that is
     /// valid: it rejoins without the token and tries again later. `true`
     /// when handled.
-    fn renewal_refused(&mut self, refusal: &Refusal) -> bool {
+    pub(super) fn renewal_refused(&mut self, refusal: &Refusal) -> bool {
         if self.rotation.take().is_none() {
             return false;
         }
@@ -632,7 +573,7 @@ impl Daemon {
 
     /// A workload whose key expired (it was offline too long) renews it
     /// with the token file's token at once. `true` when handled.
-    fn renew_expired_key(&mut self, refusal: &Refusal) -> bool {
+    pub(super) fn renew_expired_key(&mut self, refusal: &Refusal) -> bool {
         if refusal.code != RefusalCode::KeyExpired {
             return false;
         }
@@ -652,28 +593,28 @@ impl Daemon {
     }
 
     /// The identity token file of the overlay this node is in, if it is a workload.
-    fn token_file(&self) -> Option<PathBuf> {
+    pub(super) fn token_file(&self) -> Option<PathBuf> {
         self.prefs
             .as_ref()
             .filter(|p| p.want_running)
             .and_then(|p| p.identity_token_file.clone())
     }
 
-    async fn on_disconnected(&mut self, error: ControlError) {
+    pub(super) async fn on_disconnected(&mut self, error: ControlError) {
         self.connected = false;
         self.connected_to = None;
         self.say(error.to_string());
         let handshake_failed = matches!(error, ControlError::Handshake(_));
         if let (true, Some(pending)) = (handshake_failed, self.pending_up.take()) {
             // A wrong pinned key will not fix itself: give the operator the answer now.
-            let _ = pending.send(Err(ApiError::Handshake(error.to_string())));
+            let _ = pending.send(Err(CommandError::Handshake(error.to_string())));
             self.pending_prefs = None;
             self.stop_control().await;
             self.run_state = RunState::Stopped;
         }
     }
 
-    fn status(&self) -> Status {
+    pub(super) fn status(&self) -> Status {
         let now = SystemTime::now();
         Status {
             state: self.run_state,

@@ -3,11 +3,11 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use weft_engine::device::Platform;
+use super::Platform;
 
 /// Every usable address of the host's interfaces with the WireGuard port,
 /// skipping the overlay interface itself.
-pub fn local_endpoints(host: &impl Platform, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+pub(crate) fn local_endpoints(host: &impl Platform, port: u16) -> std::io::Result<Vec<SocketAddr>> {
     Ok(usable_endpoints(host.local_addresses()?, port))
 }
 

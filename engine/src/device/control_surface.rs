@@ -1,4 +1,6 @@
-//! The JSON bodies of the local API.
+//! The device's control surface: what it is asked ([`Command`](super::Command)
+//! carries these requests) and what it reports. `weftd` serves them as the
+//! JSON bodies of its local API, whose paths the docs name.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -12,9 +14,9 @@ pub use weft_dataplane::core::PathKind;
 pub struct UpRequest {
     /// The coordinator's replicas, `HOST:PORT` each, tried in order: a
     /// JSON list, or one string (comma-separated).
-    pub coordinator: weft_engine::coordinators::Coordinators,
+    pub coordinator: crate::coordinators::Coordinators,
     /// The coordinator's public key, base64, as `weft-coordinator key` prints it.
-    #[serde(with = "weft_engine::key_text")]
+    #[serde(with = "crate::key_text")]
     pub coordinator_key: PublicKey,
     /// A pre-auth key; not needed when this machine is already a node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -62,7 +64,7 @@ pub struct LoginPending {
     pub expires_in_secs: u64,
 }
 
-/// The daemon's connection state.
+/// The device's connection state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RunState {

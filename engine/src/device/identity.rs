@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use weft_proto::IdentityToken;
 
-/// The largest token file weftd reads; platform tokens are a few KiB.
+/// The largest token file the device reads; platform tokens are a few KiB.
 const MAX_TOKEN_BYTES: u64 = 16 * 1024;
 /// The least time between two re-authentications a changed file triggers,
 /// so a platform rewriting the file in several steps causes one rotation.
@@ -21,7 +21,7 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
 
 /// Why the token file cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum TokenFileError {
+pub(crate) enum TokenFileError {
     /// The file cannot be read.
     #[error("cannot read the identity token file {path}: {source} (check --identity-token-file and that the platform mounts the token there)")]
     Read {
@@ -45,7 +45,7 @@ pub enum TokenFileError {
 }
 
 /// Reads the token in `path`: one JWT, surrounding whitespace ignored.
-pub fn read_token(path: &Path) -> Result<IdentityToken, TokenFileError> {
+pub(crate) fn read_token(path: &Path) -> Result<IdentityToken, TokenFileError> {
     let read_error = |source| TokenFileError::Read {
         path: path.to_path_buf(),
         source,

@@ -1,6 +1,6 @@
 //! Sessions with the relays the coordinator lists: one task per relay,
 //! over QUIC, or TLS over TCP where QUIC cannot connect (TCP races QUIC
-//! after a head start), reconnecting with backoff. The main loop hands
+//! after a head start), reconnecting with backoff. The device loop hands
 //! them the core's relay datagrams and gets back what arrives, admissions,
 //! RTTs and losses as [`RelayEvent`]s. Sessions authenticate with the
 //! node's current WireGuard key and restart when it rotates.
@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use weft_net::relay::{ClientError, RelayClient, TcpRelayClient};
 use weft_proto::{PrivateKey, PublicKey, RelayInfo};
 
-use crate::api::RelayTransport as Transport;
+use super::control_surface::RelayTransport as Transport;
 
 /// QUIC keep-alive: also keeps the NAT mapping to the relay open.
 const KEEP_ALIVE: Duration = Duration::from_millis(500);
@@ -47,10 +47,10 @@ const RTT_REPORT: Duration = Duration::from_secs(2);
 /// Datagrams queued for one session; more are dropped, as a full UDP
 /// socket buffer would.
 const QUEUE: usize = 512;
-/// Events from all sessions to the main loop.
+/// Events from all sessions to the device loop.
 const EVENTS: usize = 1024;
 
-/// What a session task reports to the main loop.
+/// What a session task reports to the device loop.
 #[derive(Debug)]
 pub(crate) struct RelayEvent {
     relay: Arc<str>,
@@ -97,7 +97,7 @@ pub(crate) struct SessionState {
     pub(crate) dropped: u64,
 }
 
-/// The daemon's relay sessions.
+/// The device's relay sessions.
 #[derive(Debug)]
 pub(crate) struct Relays {
     sessions: BTreeMap<String, Session>,
@@ -375,7 +375,7 @@ impl Redial {
     }
 }
 
-/// A session task's way back to the main loop.
+/// A session task's way back to the device loop.
 #[derive(Debug)]
 struct Link {
     relay: Arc<str>,
@@ -385,7 +385,7 @@ struct Link {
 }
 
 impl Link {
-    /// `false` once the daemon dropped the sessions.
+    /// `false` once the device dropped the sessions.
     async fn report(&self, kind: EventKind) -> bool {
         let event = RelayEvent {
             relay: Arc::clone(&self.relay),
@@ -403,7 +403,7 @@ enum Connected {
 
 /// Why a connected session ended.
 enum End {
-    /// The daemon stopped the session.
+    /// The device stopped the session.
     Stopped,
     Failed(ClientError),
 }

@@ -1,22 +1,18 @@
-//! The daemon's one loop: wait for the TUN device, the UDP socket, the
-//! control session, the API or the core's timer; feed the core; drain its
-//! output.
+//! The device's one loop: wait for the overlay interface, the UDP socket,
+//! the control session, a command or the core's timer; feed the core;
+//! drain its output.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
-use weft_engine::control::ControlUpdate;
 
-use super::Daemon;
-use crate::api::Command;
-use crate::tun_device::TunDevice;
-use weft_engine::device::{PacketIo, RecvBatch, SendBatch};
+use super::{Command, Device, DeviceError, PacketIo, Platform, RecvBatch, SendBatch};
 
-/// Frames read from the TUN device per wakeup at most, so a busy device
+/// Frames read from the overlay interface per wakeup at most, so a busy device
 /// cannot starve the socket, the control session or the timers.
 const TUN_BATCH: usize = 64;
-/// Bytes read from the TUN device per wakeup at most: offloaded frames
+/// Bytes read from the overlay interface per wakeup at most: offloaded frames
 /// carry up to 64 KiB each, and encrypting megabytes before the socket is
 /// read again would hold up acknowledgements and pings coming the other way.
 const TUN_BATCH_BYTES: usize = 256 * 1024;
@@ -25,16 +21,27 @@ const TOKEN_CHECK: Duration = Duration::from_secs(1);
 /// How often the host's addresses are listed, to notice the node moved.
 const ENDPOINT_CHECK: Duration = Duration::from_secs(1);
 
-impl Daemon {
-    /// Runs until SIGTERM or SIGINT.
-    pub(super) async fn run(
+impl<T: PacketIo, P: Platform> Device<T, P> {
+    /// Runs the device, taking `commands`, until `shutdown` completes or
+    /// reading the overlay interface fails; then leaves the overlay: no
+    /// tunnels, no addresses.
+    pub async fn run(
+        mut self,
+        commands: mpsc::Receiver<Command>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), DeviceError> {
+        let result = self.serve(commands, shutdown).await;
+        self.stop_control().await;
+        result
+    }
+
+    async fn serve(
         &mut self,
         mut commands: mpsc::Receiver<Command>,
-        mut updates: mpsc::Receiver<ControlUpdate>,
-    ) -> anyhow::Result<()> {
-        let mut sigterm = signal(SignalKind::terminate())?;
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut tun_buf = vec![0u8; TunDevice::FRAME_LEN];
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), DeviceError> {
+        tokio::pin!(shutdown);
+        let mut tun_buf = vec![0u8; T::FRAME_LEN];
         let mut received = RecvBatch::new();
         let mut outgoing = SendBatch::default();
         let mut token_check = tokio::time::interval(TOKEN_CHECK);
@@ -44,11 +51,10 @@ impl Daemon {
         loop {
             let timeout = self.core.poll_timeout();
             tokio::select! {
-                _ = sigterm.recv() => break,
-                _ = sigint.recv() => break,
-                read = self.tun.recv(&mut tun_buf) => match read {
+                () = &mut shutdown => break,
+                read = self.packets.recv(&mut tun_buf) => match read {
                     Ok(n) => self.drain_tun(&mut tun_buf, n)?,
-                    Err(e) => return Err(anyhow::anyhow!("reading the TUN device failed: {e}")),
+                    Err(e) => return Err(DeviceError::Read(e)),
                 },
                 read = self.underlay.recv_batch(&mut received) => match read {
                     Ok(()) => {
@@ -60,7 +66,7 @@ impl Daemon {
                     Err(e) => tracing::debug!("UDP receive failed: {e}"),
                 },
                 event = self.relays.recv() => self.on_relay_event(&event),
-                Some(update) = updates.recv() => self.on_control(update).await,
+                Some(update) = self.control_updates.recv() => self.on_control(update).await,
                 Some(command) = commands.recv() => self.on_command(command).await,
                 () = sleep_until(timeout) => self.core.handle_timeout(Instant::now()),
                 _ = token_check.tick() => self.check_renewal(),
@@ -82,7 +88,7 @@ impl Daemon {
             }
             Command::WhoIs(addr, reply) => {
                 let peers = self.core.peers();
-                let _ = reply.send(crate::api::whois_lookup(&peers, &self.capabilities, addr));
+                let _ = reply.send(super::whois::lookup(&peers, &self.capabilities, addr));
             }
             Command::Status(reply) => {
                 let _ = reply.send(self.status());
@@ -99,23 +105,23 @@ impl Daemon {
     /// and [`TUN_BATCH_BYTES`], so the flush that follows sends them as one
     /// batch. Offloaded super-packets reach the core as packets of at most
     /// the MTU.
-    fn drain_tun(&mut self, buf: &mut [u8], first: usize) -> anyhow::Result<()> {
+    fn drain_tun(&mut self, buf: &mut [u8], first: usize) -> Result<(), DeviceError> {
         let now = Instant::now();
         let core = &mut self.core;
         let mut len = first;
         let mut read = 0;
         for _ in 0..TUN_BATCH {
             read += len;
-            self.tun.packets(&mut buf[..len], |packet| {
+            self.packets.packets(&mut buf[..len], |packet| {
                 core.handle_tun_packet(packet, now)
             });
             if read >= TUN_BATCH_BYTES {
                 break;
             }
-            len = match self.tun.try_recv(buf) {
+            len = match self.packets.try_recv(buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(anyhow::anyhow!("reading the TUN device failed: {e}")),
+                Err(e) => return Err(DeviceError::Read(e)),
             };
         }
         Ok(())
@@ -138,12 +144,12 @@ impl Daemon {
         }
         self.send_batch(batch).await;
         while let Some(packet) = self.core.poll_tun_packet() {
-            if let Err(e) = self.tun.send(&packet).await {
+            if let Err(e) = self.packets.send(&packet).await {
                 tracing::debug!("TUN write failed: {e}");
             }
             self.core.recycle(packet);
         }
-        self.tun.flush().await;
+        self.packets.flush().await;
     }
 
     async fn send_batch(&self, batch: &mut SendBatch) {

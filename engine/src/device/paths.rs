@@ -1,4 +1,4 @@
-//! How the daemon connects the core's path finding to the world: relay
+//! How the device connects the core's path finding to the world: relay
 //! sessions, the host's addresses, the advertisement the control session
 //! reports, `weft ping` and `weft netcheck`.
 
@@ -8,22 +8,22 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use weft_proto::RelayInfo;
 
-use super::relays::{CoreUpdate, RelayEvent, SessionState};
-use super::Daemon;
-use crate::api::{
-    ApiError, NetcheckReport, PingReply, PingRequest, ReflexiveEndpoint, RelayReport,
+use super::control_surface::{
+    NetcheckReport, PingReply, PingRequest, ReflexiveEndpoint, RelayReport,
 };
+use super::relays::{CoreUpdate, RelayEvent, SessionState};
+use super::{endpoints, CommandError, Device, PacketIo, Platform};
 use weft_dataplane::core::{Event, NatMapping, Netcheck, PeerStatus};
 
 /// A `weft ping` probe waiting for its pong.
 #[derive(Debug)]
 pub(super) struct PendingPing {
-    reply: oneshot::Sender<Result<PingReply, ApiError>>,
+    reply: oneshot::Sender<Result<PingReply, CommandError>>,
     peer: String,
     address: Option<IpAddr>,
 }
 
-impl Daemon {
+impl<T: PacketIo, P: Platform> Device<T, P> {
     /// The coordinator listed the relays: the core learns them (for STUN
     /// and relayed paths) and a session runs for each.
     pub(super) fn on_relays(&mut self, relays: &[RelayInfo]) {
@@ -55,7 +55,7 @@ impl Daemon {
         // The coordinator lists them again to the next session.
         self.core.set_relays(&[], now);
         for (_, pending) in self.pings.drain() {
-            let _ = pending.reply.send(Err(ApiError::BadRequest(
+            let _ = pending.reply.send(Err(CommandError::Invalid(
                 "the node left the overlay (`weft down`) before the pong".into(),
             )));
         }
@@ -78,7 +78,7 @@ impl Daemon {
     /// Tells the core the host's addresses when they changed: the node
     /// moved (roaming), or an interface came or went.
     pub(super) fn poll_local_endpoints(&mut self) {
-        let endpoints = match crate::endpoints::local_endpoints(&self.host, self.wireguard_port) {
+        let endpoints = match endpoints::local_endpoints(&self.platform, self.wireguard_port) {
             Ok(endpoints) => endpoints,
             Err(e) => {
                 tracing::debug!("cannot list the host's addresses: {e}");
@@ -149,11 +149,11 @@ impl Daemon {
         }
     }
 
-    /// `weft ping`: one disco ping, answered from [`Daemon::drain_events`].
+    /// `weft ping`: one disco ping, answered from [`Device::drain_events`].
     pub(super) fn on_ping(
         &mut self,
         request: &PingRequest,
-        reply: oneshot::Sender<Result<PingReply, ApiError>>,
+        reply: oneshot::Sender<Result<PingReply, CommandError>>,
     ) {
         let peers = self.core.peers();
         let peer = match find_peer(&peers, &request.peer) {
@@ -164,7 +164,7 @@ impl Daemon {
             }
         };
         let Some(id) = self.core.ping(peer.id, Instant::now()) else {
-            let _ = reply.send(Err(ApiError::NotFound(format!(
+            let _ = reply.send(Err(CommandError::NotFound(format!(
                 "{} left the netmap; `weft status` lists the peers",
                 peer.name
             ))));
@@ -187,10 +187,10 @@ impl Daemon {
 }
 
 /// The peer named `query`, or owning the overlay address `query`.
-fn find_peer<'a>(peers: &'a [PeerStatus], query: &str) -> Result<&'a PeerStatus, ApiError> {
+fn find_peer<'a>(peers: &'a [PeerStatus], query: &str) -> Result<&'a PeerStatus, CommandError> {
     let query = query.trim();
     if query.is_empty() {
-        return Err(ApiError::BadRequest(
+        return Err(CommandError::Invalid(
             "no peer given; name a peer or one of its overlay addresses".into(),
         ));
     }
@@ -199,7 +199,7 @@ fn find_peer<'a>(peers: &'a [PeerStatus], query: &str) -> Result<&'a PeerStatus,
         .iter()
         .find(|p| p.name == query || by_address.is_some_and(|a| p.addresses.contains(&a)))
         .ok_or_else(|| {
-            ApiError::NotFound(format!(
+            CommandError::NotFound(format!(
                 "no peer named or addressed {query}; `weft status` lists the peers"
             ))
         })
@@ -262,7 +262,7 @@ mod tests {
     use weft_proto::{Identity, NodeId};
 
     use super::*;
-    use crate::api::RelayTransport;
+    use crate::device::RelayTransport;
     use weft_dataplane::core::{Reflection, RelayLatency};
 
     fn peer(id: u64, name: &str, address: &str) -> PeerStatus {
@@ -286,11 +286,11 @@ mod tests {
         assert_eq!(find_peer(&peers, "db").unwrap().id, NodeId(2));
         assert_eq!(find_peer(&peers, " 100.64.0.1 ").unwrap().id, NodeId(1));
         let unknown = find_peer(&peers, "100.64.0.9").unwrap_err();
-        assert!(matches!(unknown, ApiError::NotFound(_)), "{unknown}");
+        assert!(matches!(unknown, CommandError::NotFound(_)), "{unknown}");
         assert!(unknown.to_string().contains("weft status"), "{unknown}");
         assert!(matches!(
             find_peer(&peers, "  ").unwrap_err(),
-            ApiError::BadRequest(_)
+            CommandError::Invalid(_)
         ));
     }
 

@@ -1,10 +1,10 @@
-//! Builds the API's status values from the daemon's and the core's state.
+//! Builds the status reports from the device's and the core's state.
 
 use std::time::{Duration, SystemTime};
 
 use weft_proto::{PublicKey, SelfNode};
 
-use crate::api::{FilterStatus, PeerSummary, SelfStatus};
+use super::control_surface::{FilterStatus, PeerSummary, SelfStatus};
 use weft_dataplane::core::{FilterStats, PeerStatus};
 
 pub(crate) fn self_status(node: &SelfNode, key: PublicKey) -> SelfStatus {
