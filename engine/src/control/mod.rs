@@ -6,72 +6,57 @@
 //! (networks that block UDP) the same session runs over TLS on TCP to the
 //! same address and port, with the same handshake (bound to that TLS
 //! session) and the same frames; QUIC is tried first again on every later
-//! attempt ([`TransportMemory`]), so a network that unblocks UDP goes back to
-//! it. The node may know several
-//! replicas of the coordinator ([`Coordinators`]): the task tries their
-//! addresses in order (every address a name resolves to), gives each
-//! [`CONNECT_TIMEOUT`] to answer, stays with the first that works, and when
-//! that session drops moves straight on to the next address. Only after a
-//! whole round of addresses failed does it wait, with jittered exponential
-//! backoff. The daemon keeps the last netmap in force meanwhile, so tunnels
-//! keep working while the coordinator is away. A refusal that retrying
-//! cannot fix (deleted node, missing or spent auth key) ends the task.
+//! attempt ([`connect`]), so a network that unblocks UDP goes back to it.
+//! The node may know several replicas of the coordinator ([`Coordinators`]):
+//! the task tries their addresses in order (every address a name resolves
+//! to), gives each [`CONNECT_TIMEOUT`] to answer, stays with the first that
+//! works, and when that session drops moves straight on to the next
+//! address. Only after a whole round of addresses failed does it wait, with
+//! jittered exponential backoff ([`failover`]). The daemon keeps the last
+//! netmap in force meanwhile, so tunnels keep working while the coordinator
+//! is away. A refusal that retrying cannot fix (deleted node, missing or
+//! spent auth key) ends the task.
 //!
-//! The task folds every verified netmap and delta into the view it holds
-//! ([`Held`]), and a reconnect resumes from it ([`weft_proto::resume`]): the
+//! The protocol's rules live in a sans-IO [`session::Session`]; this task
+//! only connects, moves bytes and timeouts to it and carries out what it
+//! asks: frames to write, events for the daemon, cache writes. It folds
+//! every verified netmap and delta into the view it holds ([`held::Held`]),
+//! and a reconnect resumes from it ([`weft_proto::resume`]): the
 //! coordinator answers with a delta against that view, chained after its
 //! last record, instead of a full netmap. A task started on a verified cache
 //! resumes from the cache.
 
-use std::collections::HashSet;
+mod connect;
+mod failover;
+#[cfg(test)]
+mod fixtures;
+mod held;
+mod session;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use quinn::{ConnectionError, ReadError};
 use rand::Rng as _;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use weft_net::handshake::{self, InitiateError};
-use weft_net::tls::Liveness;
-use weft_net::Service;
 use weft_proto::handshake::HandshakeError;
-use weft_proto::signing::{Digest, NetmapKey};
 use weft_proto::{
-    Advertisement, ClientMessage, Credential, DecodeError, FrameDecoder, LoginPrompt, NetMap,
-    NetMapDelta, Opener, PrivateKey, PublicKey, Refusal, RefusalCode, Register, RelayInfo, Resume,
-    SelfNode, ServerMessage, SignatureError,
+    Advertisement, Credential, DecodeError, LoginPrompt, NetMap, NetMapDelta, PrivateKey,
+    PublicKey, Refusal, RelayInfo, SelfNode, SignatureError,
 };
 
 use crate::coordinators::Coordinators;
 use crate::netmap_cache::{CacheError, CacheWriter};
 use crate::posture::{self, Attributes, SystemAttributes};
-
-/// How often a registered node re-reports its attributes even when its
-/// posture file did not change; the coordinator stores only changes.
-const ATTRIBUTE_REFRESH: Duration = Duration::from_secs(180);
+use connect::{Channel, Target, TransportMemory};
+use failover::{Failover, Next};
+use held::Held;
+use session::{CacheUpdate, End, Hello, Session, SessionEvent};
 
 /// How long one coordinator address gets to complete the QUIC handshake
 /// before TLS on TCP, and then the next address, is tried; a live replica
 /// answers within milliseconds.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// How long QUIC gets at an address where it got no answer last time but
-/// TCP worked: long enough for a network that unblocked UDP, short enough
-/// that reconnecting where UDP stays blocked is quick.
-const QUIC_RETRY_TIMEOUT: Duration = Duration::from_millis(300);
-
-/// QUIC's liveness on the control connection. A coordinator that dies
-/// without closing the connection (crash, kill -9, restart) is noticed
-/// within the idle timeout, so the node reconnects and takes netmap changes
-/// again within seconds. The keep-alives cost one small packet a second; a
-/// spurious timeout costs only a reconnect, since tunnels do not depend on
-/// the session.
-const LIVENESS: Liveness = Liveness {
-    keep_alive: Duration::from_secs(1),
-    idle_timeout: Duration::from_secs(3),
-};
 
 /// What the control task needs to register the node.
 #[derive(Debug, Clone)]
@@ -142,6 +127,9 @@ pub enum ControlError {
         address: String,
         /// Why it did not resolve.
         reason: String,
+        /// The last lookup's error, if a lookup failed.
+        #[source]
+        source: Option<std::io::Error>,
     },
     /// No connection could be made, over QUIC or TCP.
     #[error("cannot connect to the coordinator at {address}: {reason}")]
@@ -150,13 +138,22 @@ pub enum ControlError {
         address: String,
         /// The transport's reason.
         reason: String,
+        /// The error behind the reason (TCP's, when TCP was tried too).
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
     /// The Noise handshake failed.
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
     /// The connection dropped after the handshake.
-    #[error("lost the connection to the coordinator: {0}")]
-    Lost(String),
+    #[error("lost the connection to the coordinator: {reason}")]
+    Lost {
+        /// What happened to the connection.
+        reason: String,
+        /// The transport's error; `None` when the coordinator ended the stream.
+        #[source]
+        source: Option<std::io::Error>,
+    },
     /// The coordinator sent something undecodable.
     #[error(transparent)]
     Decode(#[from] DecodeError),
@@ -182,7 +179,7 @@ impl ControlTask {
         session: u64,
         updates: mpsc::Sender<ControlUpdate>,
     ) -> Self {
-        let handle = tokio::spawn(run(config, Emitter { session, updates }, None));
+        let handle = tokio::spawn(Task::new(config, Emitter { session, updates }, None).run());
         Self { session, handle }
     }
 
@@ -194,7 +191,8 @@ impl ControlTask {
         session: u64,
         updates: mpsc::Sender<ControlUpdate>,
     ) -> Self {
-        let handle = tokio::spawn(run(config, Emitter { session, updates }, Some(cache)));
+        let emitter = Emitter { session, updates };
+        let handle = tokio::spawn(Task::new(config, emitter, Some(cache)).run());
         Self { session, handle }
     }
 
@@ -213,51 +211,12 @@ impl Drop for ControlTask {
 impl ControlEvent {
     /// Whether the control task stopped after this event.
     pub fn is_final(&self) -> bool {
-        matches!(self, ControlEvent::Refused(refusal) if is_final_refusal(refusal.code))
-    }
-}
-
-/// Refusals that reconnecting cannot cure; only the operator can.
-fn is_final_refusal(code: RefusalCode) -> bool {
-    !matches!(
-        code,
-        RefusalCode::Unavailable | RefusalCode::MachineKeyInUse
-    )
-}
-
-/// The least wait after the coordinator said another connection holds this
-/// machine key (a clone of this machine): retrying sooner would only take
-/// the node from the other machine or be refused again.
-const IN_USE_RETRY: Duration = Duration::from_secs(30);
-
-/// Reconnect delays: 0.5 s doubling to 30 s, each scaled by a jitter factor
-/// so a fleet of nodes does not reconnect in lockstep after an outage.
-#[derive(Debug, Clone)]
-pub(crate) struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(500);
-    const MAX: Duration = Duration::from_secs(30);
-
-    pub(crate) fn new() -> Self {
-        Self { next: Self::FIRST }
-    }
-
-    /// The next delay; `jitter` in `[0, 1)` picks a point in 80–120 % of the base.
-    pub(crate) fn next_delay(&mut self, jitter: f64) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        base.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.next = Self::FIRST;
+        matches!(self, ControlEvent::Refused(refusal) if failover::is_final_refusal(refusal.code))
     }
 }
 
 /// Sends updates to the daemon; `Err` means the daemon is gone.
+#[derive(Debug)]
 struct Emitter {
     session: u64,
     updates: mpsc::Sender<ControlUpdate>,
@@ -281,150 +240,273 @@ enum Ended {
     DaemonGone,
 }
 
-async fn run(mut config: ControlConfig, emitter: Emitter, mut cache: Option<CacheWriter>) {
-    let mut held = cache
-        .as_mut()
-        .and_then(|cache| Held::from_cache(cache, config.node_key));
-    let mut failover = Failover::new();
-    let mut transports = TransportMemory::default();
-    let mut targets = Vec::new();
-    loop {
-        if failover.round_starts(targets.len()) {
-            targets = resolve(&config.coordinator).await;
-        }
-        let mut registered = false;
-        let outcome = match targets.as_slice() {
-            [] => Err(unresolved(&config.coordinator)),
-            all => {
-                let target = &all[failover.pick(all.len())];
-                session(
-                    &mut config,
-                    target,
-                    &mut transports,
-                    &emitter,
-                    &mut registered,
-                    &mut cache,
-                    &mut held,
-                )
-                .await
-            }
-        };
-        let event = match outcome {
-            Ok(Ended::DaemonGone) => return,
-            Ok(Ended::Refused(refusal)) => ControlEvent::Refused(refusal),
-            Err(error) => ControlEvent::Disconnected(error),
-        };
-        let stop = event.is_final();
-        // A refusal to retry (the coordinator unavailable, or this node's
-        // netmap too large to send) waits out the backoff like a failed
-        // connection: registering again at once would only be refused again.
-        let refused = matches!(event, ControlEvent::Refused(_));
-        let in_use =
-            matches!(&event, ControlEvent::Refused(r) if r.code == RefusalCode::MachineKeyInUse);
-        if stop {
-            // A node the coordinator no longer admits keeps no netmap to restart with.
-            if let Some(cache) = cache.as_mut() {
-                cache.discard();
-            }
-        }
-        match &event {
-            ControlEvent::Refused(r) => {
-                tracing::warn!(code = ?r.code, "coordinator refused the node: {}", r.message);
-            }
-            ControlEvent::Disconnected(e) => tracing::warn!("control session ended: {e}"),
-            _ => {}
-        }
-        if emitter.emit(event).await.is_err() || stop {
-            return;
-        }
-        let jitter: f64 = rand::thread_rng().gen();
-        let mut delay = failover.finished(registered && !refused, targets.len(), jitter);
-        if in_use {
-            let least = IN_USE_RETRY.mul_f64(0.8 + 0.4 * jitter);
-            delay = Some(delay.map_or(least, |d| d.max(least)));
-        }
-        if let Some(delay) = delay {
-            let delay_ms = delay.as_millis() as u64;
-            if in_use {
-                tracing::info!(
-                    delay_ms,
-                    "another connection holds this machine key; retrying"
-                );
-            } else {
-                tracing::info!(delay_ms, "no coordinator address answered; retrying");
-            }
-            tokio::time::sleep(delay).await;
-        }
-    }
+/// The control task's state across sessions.
+#[derive(Debug)]
+struct Task {
+    config: ControlConfig,
+    emitter: Emitter,
+    cache: Option<CacheWriter>,
+    /// The view the next session resumes from.
+    held: Option<Held>,
+    transports: TransportMemory,
 }
 
-/// Which coordinator address the control task tries next, and whether it
-/// must wait first: it moves to the next address after every attempt that
-/// ends (a session that dropped, or one that never started), and backs off
-/// only once every address in a round failed.
-#[derive(Debug, Clone)]
-pub(crate) struct Failover {
-    next: usize,
-    failed: usize,
-    backoff: Backoff,
-}
-
-impl Failover {
-    pub(crate) fn new() -> Self {
+impl Task {
+    fn new(config: ControlConfig, emitter: Emitter, mut cache: Option<CacheWriter>) -> Self {
+        let held = cache
+            .as_mut()
+            .and_then(|cache| restore(cache, config.node_key));
         Self {
-            next: 0,
-            failed: 0,
-            backoff: Backoff::new(),
+            config,
+            emitter,
+            cache,
+            held,
+            transports: TransportMemory::default(),
         }
     }
 
-    /// Whether the next attempt starts a new round over `count` addresses,
-    /// so names should be resolved again.
-    pub(crate) fn round_starts(&self, count: usize) -> bool {
-        self.next == 0 || self.next >= count
+    async fn run(mut self) {
+        let mut failover = Failover::new();
+        let mut targets = Vec::new();
+        let mut lookup_error = None;
+        loop {
+            if failover.round_starts(targets.len()) {
+                (targets, lookup_error) = resolve(&self.config.coordinator).await;
+            }
+            let (outcome, registered) = match targets.as_slice() {
+                [] => {
+                    let error = ControlError::Resolve {
+                        address: self.config.coordinator.to_string(),
+                        reason: "no address resolved".into(),
+                        source: lookup_error.take(),
+                    };
+                    (Err(error), false)
+                }
+                all => self.attempt(&all[failover.pick(all.len())]).await,
+            };
+            let event = match outcome {
+                Ok(Ended::DaemonGone) => return,
+                Ok(Ended::Refused(refusal)) => ControlEvent::Refused(refusal),
+                Err(error) => ControlEvent::Disconnected(error),
+            };
+            let refusal = match &event {
+                ControlEvent::Refused(r) => {
+                    tracing::warn!(code = ?r.code, "coordinator refused the node: {}", r.message);
+                    Some(r.code)
+                }
+                _ => None,
+            };
+            if let ControlEvent::Disconnected(e) = &event {
+                tracing::warn!("control session ended: {e}");
+            }
+            let jitter: f64 = rand::thread_rng().gen();
+            let next = failover.after(refusal, registered, targets.len(), jitter);
+            if next == Next::Stop {
+                // A node the coordinator no longer admits keeps no netmap to restart with.
+                if let Some(cache) = self.cache.as_mut() {
+                    cache.discard();
+                }
+            }
+            if self.emitter.emit(event).await.is_err() || next == Next::Stop {
+                return;
+            }
+            if let Next::Wait { delay, in_use } = next {
+                let delay_ms = delay.as_millis() as u64;
+                if in_use {
+                    tracing::info!(
+                        delay_ms,
+                        "another connection holds this machine key; retrying"
+                    );
+                } else {
+                    tracing::info!(delay_ms, "no coordinator address answered; retrying");
+                }
+                tokio::time::sleep(delay).await;
+            }
+        }
     }
 
-    /// The index, among `count` addresses, to try now.
-    pub(crate) fn pick(&mut self, count: usize) -> usize {
-        let index = self.next % count.max(1);
-        self.next = index + 1;
-        index
+    /// One session at `target`; also says whether the coordinator accepted
+    /// the node in it.
+    async fn attempt(&mut self, target: &Target) -> (Result<Ended, ControlError>, bool) {
+        let mut channel = match connect::connect(target, &mut self.transports).await {
+            Ok(channel) => channel,
+            Err(error) => return (Err(error), false),
+        };
+        let outcome = self.converse(&mut channel, target).await;
+        channel.close().await;
+        outcome
     }
 
-    /// Records how an attempt ended (`registered`: the coordinator accepted
-    /// the node) and returns how long to wait before the next attempt.
-    pub(crate) fn finished(
+    async fn converse(
         &mut self,
-        registered: bool,
-        count: usize,
-        jitter: f64,
-    ) -> Option<Duration> {
+        channel: &mut Channel,
+        target: &Target,
+    ) -> (Result<Ended, ControlError>, bool) {
+        let config = &mut self.config;
+        if let Err(error) = channel
+            .handshake(&config.machine_key, &config.coordinator_key)
+            .await
+        {
+            return (Err(error), false);
+        }
+        tracing::info!(coordinator = %target.name, address = %target.remote, transport = %channel.transport(), "connected to the coordinator");
+        if self
+            .emitter
+            .emit(ControlEvent::Connected(target.remote))
+            .await
+            .is_err()
+        {
+            return (Ok(Ended::DaemonGone), false);
+        }
+        let advertisement = config.advertisement.borrow_and_update().clone();
+        let hello = Hello {
+            credential: config.credential.clone(),
+            hostname: config.hostname.clone(),
+            node_key: config.node_key,
+            advertisement,
+            attributes: report(config),
+        };
+        // Resume only from a view the cache (if any) holds in full: a cache
+        // dropped as too large restarts from the full netmap this asks for.
+        let resume = self
+            .held
+            .take()
+            .filter(|_| self.cache.as_ref().is_none_or(CacheWriter::is_current));
+        let mut session = Session::new(hello, resume, now());
+        let outcome = self.drive(&mut session, channel).await;
+        let registered = session.is_registered();
         if registered {
-            self.failed = 0;
-            self.backoff.reset();
-            return None;
+            self.config.credential = None;
         }
-        self.failed += 1;
-        if self.failed < count {
-            return None;
+        self.held = session.into_held();
+        (outcome, registered)
+    }
+
+    /// Moves bytes, changes and timeouts into `session` and carries out
+    /// what it asks, until it ends.
+    async fn drive(
+        &mut self,
+        session: &mut Session,
+        channel: &mut Channel,
+    ) -> Result<Ended, ControlError> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut posture_open = true;
+        let mut advertisement_open = true;
+        loop {
+            while let Some(event) = session.poll_event() {
+                match event {
+                    SessionEvent::Control(event) => {
+                        if self.emitter.emit(event).await.is_err() {
+                            return Ok(Ended::DaemonGone);
+                        }
+                    }
+                    SessionEvent::Cache(update) => self.keep(update),
+                    SessionEvent::RefreshAttributes => {
+                        session.attributes_changed(report(&mut self.config));
+                    }
+                    SessionEvent::Ended(End::Refused(refusal)) => {
+                        return Ok(Ended::Refused(refusal))
+                    }
+                    SessionEvent::Ended(End::Closed) => return Err(channel.ended()),
+                    SessionEvent::Ended(End::Failed(error)) => return Err(error),
+                }
+            }
+            while let Some(frame) = session.poll_transmit() {
+                channel.write(&frame).await?;
+            }
+            let deadline = session.poll_timeout();
+            let config = &mut self.config;
+            tokio::select! {
+                read = channel.read(&mut buf) => match read? {
+                    0 => session.handle_eof(),
+                    n => session.handle_input(&buf[..n]),
+                },
+                changed = config.posture.changed(), if posture_open => match changed {
+                    Ok(()) => session.attributes_changed(report(config)),
+                    Err(_) => posture_open = false,
+                },
+                changed = config.advertisement.changed(), if advertisement_open => match changed {
+                    Ok(()) => session.advertisement_changed(config.advertisement.borrow_and_update().clone()),
+                    Err(_) => advertisement_open = false,
+                },
+                () = sleep_until(deadline), if deadline.is_some() => session.handle_timeout(now()),
+            }
         }
-        self.failed = 0;
-        Some(self.backoff.next_delay(jitter))
+    }
+
+    /// Carries out a cache update. A cache that cannot keep up is dropped
+    /// (the writer removes it), never left behind.
+    fn keep(&mut self, update: CacheUpdate) {
+        let Some(cache) = self.cache.as_mut() else {
+            return;
+        };
+        let result = match update {
+            CacheUpdate::NetMap { node, record } => cache.netmap(node, &record),
+            CacheUpdate::Delta(record) => cache.delta(&record),
+            CacheUpdate::Key(key) => {
+                if let Err(e) = cache.save_key(key) {
+                    tracing::warn!("cannot keep the coordinator's netmap key; a restart during an outage will start without peers: {e}");
+                }
+                return;
+            }
+            CacheUpdate::Touch => {
+                cache.touch();
+                return;
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(
+                "not caching the netmap; a restart during an outage will start without peers: {e}"
+            );
+        }
     }
 }
 
-/// One address to try: a coordinator address as given, and one of the
-/// socket addresses it resolves to.
-#[derive(Debug, Clone)]
-struct Target {
-    name: String,
-    remote: SocketAddr,
+/// The node's attributes as they are now, system and custom; marks the
+/// custom ones seen.
+fn report(config: &mut ControlConfig) -> Attributes {
+    let custom = config.posture.borrow_and_update().clone();
+    posture::report(config.system_attributes, &config.hostname, &custom)
+}
+
+/// The session clock: tokio's, so tests with a paused clock can jump it.
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The cache's view, when it verifies and is fresh ([`CacheWriter::reopen`]).
+fn restore(cache: &mut CacheWriter, node_key: PublicKey) -> Option<Held> {
+    match cache.reopen(node_key, std::time::SystemTime::now()) {
+        Ok(restored) => {
+            tracing::debug!(
+                revision = restored.netmap.revision,
+                peers = restored.netmap.peers.len(),
+                "the first session resumes from the cached netmap"
+            );
+            Some(Held::restored(restored))
+        }
+        Err(CacheError::Missing) => None,
+        Err(e) => {
+            tracing::debug!("not resuming from the cached netmap: {e}");
+            None
+        }
+    }
 }
 
 /// Every socket address the coordinator addresses resolve to, in order and
-/// without repeats; names that do not resolve are logged and skipped.
-async fn resolve(coordinators: &Coordinators) -> Vec<Target> {
+/// without repeats; names that do not resolve are logged and skipped. Also
+/// the last lookup's error, for when none resolves.
+async fn resolve(coordinators: &Coordinators) -> (Vec<Target>, Option<std::io::Error>) {
     let mut targets: Vec<Target> = Vec::new();
+    let mut failed = None;
     for address in coordinators.addresses() {
         match tokio::net::lookup_host(address.as_str()).await {
             Ok(remotes) => {
@@ -437,665 +519,20 @@ async fn resolve(coordinators: &Coordinators) -> Vec<Target> {
                     }
                 }
             }
-            Err(e) => tracing::warn!("cannot resolve coordinator address {address}: {e}"),
-        }
-    }
-    targets
-}
-
-fn unresolved(coordinators: &Coordinators) -> ControlError {
-    ControlError::Resolve {
-        address: coordinators.to_string(),
-        reason: "no address resolved".into(),
-    }
-}
-
-async fn session(
-    config: &mut ControlConfig,
-    target: &Target,
-    transports: &mut TransportMemory,
-    emitter: &Emitter,
-    registered: &mut bool,
-    cache: &mut Option<CacheWriter>,
-    held: &mut Option<Held>,
-) -> Result<Ended, ControlError> {
-    let mut channel = connect(target, transports).await?;
-    let result = exchange(
-        config,
-        &mut channel,
-        target,
-        emitter,
-        registered,
-        cache,
-        held,
-    )
-    .await;
-    channel.close().await;
-    result
-}
-
-async fn exchange(
-    config: &mut ControlConfig,
-    channel: &mut Channel,
-    target: &Target,
-    emitter: &Emitter,
-    registered: &mut bool,
-    cache: &mut Option<CacheWriter>,
-    held: &mut Option<Held>,
-) -> Result<Ended, ControlError> {
-    let Channel {
-        transport,
-        send,
-        recv,
-        binding,
-        ..
-    } = channel;
-    let transport = *transport;
-    handshake(config, binding, send, recv).await?;
-    tracing::info!(coordinator = %target.name, address = %target.remote, %transport, "connected to the coordinator");
-    if emitter
-        .emit(ControlEvent::Connected(target.remote))
-        .await
-        .is_err()
-    {
-        return Ok(Ended::DaemonGone);
-    }
-
-    config.posture.mark_unchanged();
-    config.advertisement.mark_unchanged();
-    // Resume only from a view the cache (if any) holds in full: a cache
-    // dropped as too large restarts from the full netmap this asks for.
-    let resume_from = held
-        .as_ref()
-        .filter(|_| cache.as_ref().is_none_or(CacheWriter::is_current))
-        .map(|held| (Resume::of(held.last_record, &held.netmap), held.key));
-    let mut opener = match &resume_from {
-        Some((resume, _)) => Opener::resume(config.node_key, resume.last_record),
-        None => Opener::new(config.node_key),
-    };
-    let resume_key = resume_from.as_ref().map(|(_, key)| *key);
-    let register = ClientMessage::Register(register_message(config, resume_from.map(|(r, _)| r)));
-    let frame = weft_proto::encode_frame(&register)
-        .map_err(|_| ControlError::Protocol("registration too large to send"))?;
-    write(send, &frame).await?;
-
-    let mut decoder = FrameDecoder::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    // System attributes (OS version after an upgrade, disk encryption) change
-    // without the posture file changing: re-report them periodically so
-    // posture rules are re-evaluated at least this often.
-    let mut refresh = tokio::time::interval_at(
-        tokio::time::Instant::now() + ATTRIBUTE_REFRESH,
-        ATTRIBUTE_REFRESH,
-    );
-    let mut posture_open = true;
-    let mut advertisement_open = true;
-    loop {
-        while let Some(message) = decoder.next_message::<ServerMessage>()? {
-            let opened = opener.open(message)?;
-            if let (Some(cache), Some(signed)) = (cache.as_mut(), &opened.signed) {
-                keep(cache, &opened.message, signed);
-            }
-            let message = match (&opened.signed, opener.key()) {
-                (Some(signed), Some(key)) => Held::advance(held, opened.message, signed, key),
-                _ => opened.message,
-            };
-            let event = match message {
-                ServerMessage::Refused(refusal) => return Ok(Ended::Refused(refusal)),
-                ServerMessage::LoginRequired(prompt) => {
-                    let interactive = matches!(config.credential, Some(Credential::Interactive(_)));
-                    if !interactive || *registered {
-                        return Err(ControlError::Protocol(
-                            "the coordinator asked for an interactive login, which this node did not request",
-                        ));
-                    }
-                    ControlEvent::LoginRequired(prompt)
-                }
-                ServerMessage::Registered(node) => {
-                    *registered = true;
-                    config.credential = None;
-                    ControlEvent::Registered(node)
-                }
-                _ if !*registered => {
-                    return Err(ControlError::Protocol(
-                        "a netmap arrived before registration",
-                    ));
-                }
-                ServerMessage::NetMap(netmap) => ControlEvent::NetMap(netmap),
-                ServerMessage::Delta(delta) => ControlEvent::Delta(delta),
-                ServerMessage::Relays(relays) => ControlEvent::Relays(relays),
-                ServerMessage::NetmapKey(key) => {
-                    if resume_key.is_some_and(|held_key| held_key != key) {
-                        *held = None;
-                        return Err(ControlError::Protocol(
-                            "the coordinator signs with another netmap key than the view this node resumed from; reconnecting for a full netmap",
-                        ));
-                    }
-                    if let Some(Err(e)) = cache.as_ref().map(|cache| cache.save_key(key)) {
-                        tracing::warn!("cannot keep the coordinator's netmap key; a restart during an outage will start without peers: {e}");
-                    }
-                    continue;
-                }
-                ServerMessage::Signed(_) => {
-                    return Err(ControlError::Protocol("a signed record was not opened"));
-                }
-                ServerMessage::RelayAdmissions { .. } => {
-                    return Err(ControlError::Protocol(
-                        "the coordinator sent relay admissions, which only relays ask for",
-                    ));
-                }
-            };
-            if emitter.emit(event).await.is_err() {
-                return Ok(Ended::DaemonGone);
-            }
-        }
-        let read = tokio::select! {
-            read = recv.read(&mut buf) => read,
-            changed = config.posture.changed(), if posture_open && *registered => {
-                match changed {
-                    Ok(()) => send_attributes(config, send).await?,
-                    Err(_) => posture_open = false,
-                }
-                continue;
-            }
-            changed = config.advertisement.changed(), if advertisement_open && *registered => {
-                match changed {
-                    Ok(()) => send_advertisement(config, send).await?,
-                    Err(_) => advertisement_open = false,
-                }
-                continue;
-            }
-            _ = refresh.tick(), if *registered => {
-                send_attributes(config, send).await?;
-                if let Some(cache) = cache.as_ref() {
-                    cache.touch();
-                }
-                continue;
-            }
-        };
-        match read {
-            Ok(0) => {
-                decoder.finish()?;
-                return Err(ControlError::Lost(transport.ended().into()));
-            }
-            Ok(n) => decoder.push(&buf[..n]),
-            Err(e) => return Err(ControlError::Lost(describe_io_error(&e))),
-        }
-    }
-}
-
-/// The verified view the control task holds, which a reconnect resumes
-/// from ([`weft_proto::resume`]): the fold of every record since the last
-/// full netmap, across sessions.
-#[derive(Debug, Clone)]
-struct Held {
-    netmap: NetMap,
-    /// The digest of the last record folded in.
-    last_record: Digest,
-    /// The key the records verified with: a coordinator signing with
-    /// another is not resumed from them.
-    key: NetmapKey,
-    /// Read from the cache, not yet reported to the daemon by this task,
-    /// which may hold something else: the first record is reported folded,
-    /// as a full netmap.
-    from_cache: bool,
-}
-
-impl Held {
-    /// The cache's view, when it verifies and is fresh ([`CacheWriter::reopen`]).
-    fn from_cache(cache: &mut CacheWriter, node_key: PublicKey) -> Option<Self> {
-        match cache.reopen(node_key, std::time::SystemTime::now()) {
-            Ok(restored) => {
-                tracing::debug!(
-                    revision = restored.netmap.revision,
-                    peers = restored.netmap.peers.len(),
-                    "the first session resumes from the cached netmap"
-                );
-                Some(Self {
-                    netmap: restored.netmap,
-                    last_record: restored.last_record,
-                    key: restored.key,
-                    from_cache: true,
-                })
-            }
-            Err(CacheError::Missing) => None,
             Err(e) => {
-                tracing::debug!("not resuming from the cached netmap: {e}");
-                None
+                tracing::warn!("cannot resolve coordinator address {address}: {e}");
+                failed = Some(e);
             }
         }
     }
-
-    /// Folds a verified record into `held` and returns the message to
-    /// report for it: the record's own, except a delta onto a view the
-    /// daemon was not given by this task, reported as the folded netmap.
-    fn advance(
-        held: &mut Option<Held>,
-        message: ServerMessage,
-        signed: &weft_proto::SignedRecord,
-        key: NetmapKey,
-    ) -> ServerMessage {
-        let last_record = signed.digest();
-        match message {
-            ServerMessage::NetMap(netmap) => {
-                *held = Some(Held {
-                    netmap: netmap.clone(),
-                    last_record,
-                    key,
-                    from_cache: false,
-                });
-                ServerMessage::NetMap(netmap)
-            }
-            ServerMessage::Delta(delta) => {
-                let Some(view) = held.as_mut() else {
-                    return ServerMessage::Delta(delta);
-                };
-                view.netmap.apply(delta.clone());
-                view.last_record = last_record;
-                view.key = key;
-                if std::mem::take(&mut view.from_cache) {
-                    ServerMessage::NetMap(view.netmap.clone())
-                } else {
-                    ServerMessage::Delta(delta)
-                }
-            }
-            other => other,
-        }
-    }
+    (targets, failed)
 }
-
-/// Stores a verified record before the daemon applies it. A cache that
-/// cannot keep up is dropped (the writer removes it), never left behind.
-fn keep(cache: &mut CacheWriter, message: &ServerMessage, signed: &weft_proto::SignedRecord) {
-    let result = match message {
-        ServerMessage::NetMap(netmap) => cache.netmap(netmap.self_node.id, signed),
-        _ => cache.delta(signed),
-    };
-    if let Err(e) = result {
-        tracing::warn!(
-            "not caching the netmap; a restart during an outage will start without peers: {e}"
-        );
-    }
-}
-
-/// Reports the node's current attributes after a posture change.
-async fn send_attributes(
-    config: &mut ControlConfig,
-    send: &mut Writer,
-) -> Result<(), ControlError> {
-    let custom = config.posture.borrow_and_update().clone();
-    let message = ClientMessage::UpdateAttributes(posture::report(
-        config.system_attributes,
-        &config.hostname,
-        &custom,
-    ));
-    let frame = weft_proto::encode_frame(&message)
-        .map_err(|_| ControlError::Protocol("attributes too large to send"))?;
-    write(send, &frame).await?;
-    tracing::debug!("sent updated attributes");
-    Ok(())
-}
-
-/// Reports where the node can be reached after it changed.
-async fn send_advertisement(
-    config: &mut ControlConfig,
-    send: &mut Writer,
-) -> Result<(), ControlError> {
-    let advertisement = config.advertisement.borrow_and_update().clone();
-    tracing::debug!(endpoints = ?advertisement.endpoints, home_relay = ?advertisement.home_relay, "advertising");
-    let message = ClientMessage::UpdateEndpoints(advertisement);
-    let frame = weft_proto::encode_frame(&message)
-        .map_err(|_| ControlError::Protocol("endpoints too large to send"))?;
-    write(send, &frame).await
-}
-
-/// Writes `bytes` and pushes them out (TLS buffers records until flushed).
-async fn write(send: &mut Writer, bytes: &[u8]) -> Result<(), ControlError> {
-    send.write_all(bytes)
-        .await
-        .map_err(|e| ControlError::Lost(describe_io_error(&e)))?;
-    send.flush()
-        .await
-        .map_err(|e| ControlError::Lost(describe_io_error(&e)))
-}
-
-/// The Noise handshake, bound to the transport's TLS session by `binding`.
-async fn handshake(
-    config: &ControlConfig,
-    binding: &[u8; 32],
-    send: &mut Writer,
-    recv: &mut Reader,
-) -> Result<(), ControlError> {
-    let mut stream = tokio::io::join(recv, send);
-    handshake::initiate(
-        &mut stream,
-        Service::Control,
-        &config.machine_key,
-        &config.coordinator_key,
-        binding,
-    )
-    .await
-    .map_err(|e| match e {
-        InitiateError::Noise(e) => ControlError::Handshake(e),
-        InitiateError::Send(e) => ControlError::Lost(describe_io_error(&e)),
-        InitiateError::Receive(e) => handshake_read_error(&e),
-        // Closed instead of answering: QUIC's stream finished, or TLS's close_notify.
-        InitiateError::Ended => ControlError::Handshake(HandshakeError::Authentication),
-    })
-}
-
-/// A coordinator that cannot authenticate us closes the connection (QUIC
-/// with `CLOSE_HANDSHAKE_FAILED`, TLS with `close_notify`) instead of
-/// answering, so an end of the stream during the handshake means the pinned
-/// key is wrong — except a plain transport failure (a QUIC timeout, a TCP
-/// reset or a TCP close without TLS's), which is reported as such.
-fn handshake_read_error(error: &std::io::Error) -> ControlError {
-    match quic_read_error(error) {
-        Some(ReadError::ConnectionLost(
-            e @ (ConnectionError::TimedOut
-            | ConnectionError::LocallyClosed
-            | ConnectionError::CidsExhausted),
-        )) => ControlError::Lost(e.to_string()),
-        Some(_) => ControlError::Handshake(HandshakeError::Authentication),
-        None => ControlError::Lost(describe_io_error(error)),
-    }
-}
-
-/// The QUIC error under an IO error from a QUIC stream.
-fn quic_read_error(error: &std::io::Error) -> Option<&ReadError> {
-    error.get_ref()?.downcast_ref::<ReadError>()
-}
-
-fn describe_io_error(error: &std::io::Error) -> String {
-    if let Some(quic) = quic_read_error(error) {
-        return describe_read_error(quic);
-    }
-    match error.kind() {
-        std::io::ErrorKind::UnexpectedEof => {
-            "the TCP connection closed without a TLS close from the coordinator".into()
-        }
-        std::io::ErrorKind::TimedOut => {
-            format!("the coordinator stopped answering over TCP ({error})")
-        }
-        _ => error.to_string(),
-    }
-}
-
-fn describe_read_error(error: &ReadError) -> String {
-    match error {
-        ReadError::ConnectionLost(ConnectionError::ApplicationClosed(close))
-            if close.error_code == weft_proto::CLOSE_BY_COORDINATOR.into() =>
-        {
-            format!(
-                "the coordinator ended the session ({})",
-                String::from_utf8_lossy(&close.reason)
-            )
-        }
-        other => other.to_string(),
-    }
-}
-
-fn register_message(config: &ControlConfig, resume: Option<Resume>) -> Register {
-    let Advertisement {
-        endpoints,
-        home_relay,
-    } = config.advertisement.borrow().clone();
-    tracing::debug!(?endpoints, ?home_relay, "registering");
-    Register {
-        credential: config.credential.clone(),
-        hostname: config.hostname.clone(),
-        node_key: config.node_key,
-        endpoints,
-        home_relay,
-        attributes: posture::report(
-            config.system_attributes,
-            &config.hostname,
-            &config.posture.borrow(),
-        ),
-        resume: resume.map(Box::new),
-    }
-}
-
-/// How a control session reaches the coordinator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Transport {
-    Quic,
-    /// TLS on TCP, where UDP is blocked.
-    Tcp,
-}
-
-impl std::fmt::Display for Transport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Transport::Quic => "QUIC",
-            Transport::Tcp => "TLS over TCP",
-        })
-    }
-}
-
-impl Transport {
-    /// What the stream ending cleanly means: QUIC's coordinator finishes
-    /// the stream only as it closes the connection; over TLS a
-    /// `close_notify` is how it ends a session on purpose.
-    fn ended(self) -> &'static str {
-        match self {
-            Transport::Quic => "the coordinator closed the control stream",
-            Transport::Tcp => "the coordinator ended the session (TLS close)",
-        }
-    }
-}
-
-/// Per address, whether QUIC got no answer last time and TCP worked. QUIC
-/// is still tried first there, but only for [`QUIC_RETRY_TIMEOUT`], so a
-/// node behind a network that blocks UDP reconnects quickly while one whose
-/// network unblocked UDP goes back to QUIC.
-#[derive(Debug, Default)]
-pub(crate) struct TransportMemory {
-    over_tcp: HashSet<SocketAddr>,
-}
-
-impl TransportMemory {
-    /// How long QUIC gets at `remote`.
-    pub(crate) fn quic_timeout(&self, remote: SocketAddr) -> Duration {
-        if self.over_tcp.contains(&remote) {
-            QUIC_RETRY_TIMEOUT
-        } else {
-            CONNECT_TIMEOUT
-        }
-    }
-
-    /// Records that `transport` connected to `remote`.
-    pub(crate) fn connected(&mut self, remote: SocketAddr, transport: Transport) {
-        match transport {
-            Transport::Quic => self.over_tcp.remove(&remote),
-            Transport::Tcp => self.over_tcp.insert(remote),
-        };
-    }
-}
-
-type Writer = Box<dyn AsyncWrite + Unpin + Send>;
-type Reader = Box<dyn AsyncRead + Unpin + Send>;
-
-/// A connection to a coordinator, before the Noise handshake: the two
-/// directions of its byte stream and the value that binds the handshake to
-/// its TLS session.
-struct Channel {
-    transport: Transport,
-    send: Writer,
-    recv: Reader,
-    binding: [u8; 32],
-    /// QUIC's connection, closed with the session.
-    quic: Option<(quinn::Endpoint, quinn::Connection)>,
-}
-
-impl Channel {
-    async fn close(mut self) {
-        match self.quic.take() {
-            Some((endpoint, connection)) => {
-                connection.close(0u32.into(), b"node closing");
-                endpoint.close(0u32.into(), b"");
-            }
-            // Tell the coordinator this end was deliberate (TLS close_notify).
-            None => {
-                let _ =
-                    tokio::time::timeout(Duration::from_millis(200), self.send.shutdown()).await;
-            }
-        }
-    }
-}
-
-/// Why QUIC did not connect.
-enum QuicFailure {
-    /// Nothing answered (UDP blocked, or nobody there): worth trying TCP.
-    NoAnswer(String),
-    /// Something answered and refused; TCP would reach the same server.
-    Refused(String),
-}
-
-/// Connects over QUIC, or over TLS on TCP when QUIC gets no answer.
-async fn connect(target: &Target, memory: &mut TransportMemory) -> Result<Channel, ControlError> {
-    let connect_error = |reason: String| ControlError::Connect {
-        address: format!("{} ({})", target.name, target.remote),
-        reason,
-    };
-    let quic = match connect_quic(target.remote, memory.quic_timeout(target.remote)).await {
-        Ok(channel) => {
-            memory.connected(target.remote, Transport::Quic);
-            return Ok(channel);
-        }
-        Err(QuicFailure::Refused(reason)) => return Err(connect_error(reason)),
-        Err(QuicFailure::NoAnswer(reason)) => reason,
-    };
-    tracing::debug!(address = %target.remote, "QUIC failed ({quic}); trying TLS over TCP");
-    match tokio::time::timeout(CONNECT_TIMEOUT, connect_tcp(target.remote)).await {
-        Ok(Ok(channel)) => {
-            memory.connected(target.remote, Transport::Tcp);
-            Ok(channel)
-        }
-        Ok(Err(tcp)) => Err(connect_error(format!("{quic}; over TCP: {tcp}"))),
-        Err(_) => Err(connect_error(format!(
-            "{quic}; over TCP: no answer within {} ms",
-            CONNECT_TIMEOUT.as_millis()
-        ))),
-    }
-}
-
-async fn connect_quic(remote: SocketAddr, wait: Duration) -> Result<Channel, QuicFailure> {
-    let local = |e: &dyn std::fmt::Display| QuicFailure::NoAnswer(format!("QUIC: {e}"));
-    let bind: SocketAddr = if remote.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    let endpoint =
-        weft_net::tls::quic_client(bind, Service::Control, LIVENESS).map_err(|e| local(&e))?;
-    let connecting = endpoint
-        .connect(remote, Service::Control.server_name())
-        .map_err(|e| local(&e))?;
-    let connection = match tokio::time::timeout(wait, connecting).await {
-        Ok(Ok(connection)) => connection,
-        Ok(Err(e @ ConnectionError::TimedOut)) => return Err(local(&e)),
-        Ok(Err(e)) => return Err(QuicFailure::Refused(e.to_string())),
-        Err(_) => {
-            endpoint.close(0u32.into(), b"");
-            return Err(QuicFailure::NoAnswer(format!(
-                "no answer within {} ms",
-                wait.as_millis()
-            )));
-        }
-    };
-    let opened = async {
-        let binding =
-            handshake::binding(&connection, Service::Control).map_err(|e| e.to_string())?;
-        let (send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
-        Ok::<_, String>((binding, send, recv))
-    };
-    match opened.await {
-        Ok((binding, send, recv)) => Ok(Channel {
-            transport: Transport::Quic,
-            send: Box::new(send),
-            recv: Box::new(recv),
-            binding,
-            quic: Some((endpoint, connection)),
-        }),
-        Err(reason) => {
-            connection.close(0u32.into(), b"");
-            endpoint.close(0u32.into(), b"");
-            Err(QuicFailure::Refused(reason))
-        }
-    }
-}
-
-async fn connect_tcp(remote: SocketAddr) -> Result<Channel, String> {
-    let tcp = TcpStream::connect(remote)
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = tcp.set_nodelay(true);
-    if let Err(e) = tcp::keep_alive(&tcp) {
-        tracing::debug!("cannot enable TCP keep-alive on the control connection: {e}");
-    }
-    let stream = handshake::connect_tls(tcp, Service::Control)
-        .await
-        .map_err(|e| format!("TLS: {e}"))?;
-    let binding = handshake::binding(&stream, Service::Control).map_err(|e| e.to_string())?;
-    let (recv, send) = tokio::io::split(stream);
-    Ok(Channel {
-        transport: Transport::Tcp,
-        send: Box::new(send),
-        recv: Box::new(recv),
-        binding,
-        quic: None,
-    })
-}
-
-mod tcp {
-    //! Liveness of a control session on TCP, matching QUIC's keep-alive
-    //! (1 s) and idle timeout (3 s): a coordinator that vanishes without
-    //! closing the connection is noticed within about 3 s whether or not
-    //! the node has data in flight.
-
-    use std::os::fd::AsFd;
-
-    use nix::sys::socket::{setsockopt, sockopt};
-
-    /// Idle time before the first probe, and between probes (seconds).
-    const KEEPALIVE_IDLE_S: u32 = 1;
-    const KEEPALIVE_INTERVAL_S: u32 = 1;
-    const KEEPALIVE_PROBES: u32 = 2;
-    /// Unacknowledged data (or probes) this long ends the connection.
-    const USER_TIMEOUT_MS: u32 = 3_000;
-
-    pub(super) fn keep_alive(stream: &impl AsFd) -> nix::Result<()> {
-        setsockopt(stream, sockopt::KeepAlive, &true)?;
-        setsockopt(stream, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE_S)?;
-        setsockopt(stream, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL_S)?;
-        setsockopt(stream, sockopt::TcpKeepCount, &KEEPALIVE_PROBES)?;
-        setsockopt(stream, sockopt::TcpUserTimeout, &USER_TIMEOUT_MS)
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use weft_proto::{AuthKey, RefusalCode, Register, Resume, ServerMessage};
+
+    use super::fixtures::{empty_netmap, peer, self_node, signed_hello};
     use super::*;
-    use weft_proto::AuthKey;
-
-    #[test]
-    fn backoff_doubles_to_thirty_seconds_with_jitter() {
-        let mut backoff = Backoff::new();
-        let delays: Vec<Duration> = (0..10).map(|_| backoff.next_delay(0.5)).collect();
-        assert_eq!(delays[0], Duration::from_millis(500));
-        assert_eq!(delays[1], Duration::from_secs(1));
-        assert_eq!(delays[6], Duration::from_secs(30));
-        assert_eq!(delays[9], Duration::from_secs(30));
-
-        let mut low = Backoff::new();
-        let mut high = Backoff::new();
-        assert_eq!(low.next_delay(0.0), Duration::from_millis(400));
-        assert_eq!(high.next_delay(0.999_999).as_millis(), 599);
-
-        backoff.reset();
-        assert_eq!(backoff.next_delay(0.5), Duration::from_millis(500));
-    }
 
     #[test]
     fn only_an_unavailable_coordinator_is_retried() {
@@ -1115,71 +552,11 @@ mod tests {
         ] {
             assert!(refused(code).is_final(), "{code:?}");
         }
-        assert!(!ControlEvent::Disconnected(ControlError::Lost("x".into())).is_final());
-    }
-
-    #[test]
-    fn a_quic_close_in_the_handshake_blames_the_pinned_key() {
-        let closed = ReadError::ConnectionLost(ConnectionError::ApplicationClosed(
-            quinn::ApplicationClose {
-                error_code: weft_proto::CLOSE_HANDSHAKE_FAILED.into(),
-                reason: bytes::Bytes::from_static(b"handshake failed"),
-            },
-        ));
-        let err = handshake_read_error(&closed.into());
-        assert!(err.to_string().contains("--coordinator-key"), "{err}");
-        let err =
-            handshake_read_error(&ReadError::ConnectionLost(ConnectionError::TimedOut).into());
-        assert!(matches!(err, ControlError::Lost(_)), "{err}");
-    }
-
-    #[test]
-    fn a_tcp_failure_in_the_handshake_is_a_lost_connection() {
-        // A TCP close without TLS's close_notify, and a reset: the network, not the key.
-        let unclean = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "peer closed");
-        let err = handshake_read_error(&unclean);
-        assert!(
-            matches!(&err, ControlError::Lost(reason) if reason.contains("without a TLS close")),
-            "{err}"
-        );
-        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
-        assert!(matches!(
-            handshake_read_error(&reset),
-            ControlError::Lost(_)
-        ));
-    }
-
-    #[test]
-    fn a_quic_close_mid_session_names_the_coordinator() {
-        let closed = ReadError::ConnectionLost(ConnectionError::ApplicationClosed(
-            quinn::ApplicationClose {
-                error_code: weft_proto::CLOSE_BY_COORDINATOR.into(),
-                reason: bytes::Bytes::from_static(b"replaced by a newer session"),
-            },
-        ));
-        assert_eq!(
-            describe_io_error(&closed.into()),
-            "the coordinator ended the session (replaced by a newer session)"
-        );
-    }
-
-    #[test]
-    fn quic_is_retried_briefly_where_only_tcp_worked() {
-        let remote: SocketAddr = "192.0.2.1:7443".parse().unwrap();
-        let other: SocketAddr = "192.0.2.2:7443".parse().unwrap();
-        let mut memory = TransportMemory::default();
-        assert_eq!(memory.quic_timeout(remote), CONNECT_TIMEOUT);
-        memory.connected(remote, Transport::Tcp);
-        assert_eq!(memory.quic_timeout(remote), QUIC_RETRY_TIMEOUT);
-        assert_eq!(memory.quic_timeout(other), CONNECT_TIMEOUT);
-        // UDP works again: back to the full wait, which only a dead address pays.
-        memory.connected(remote, Transport::Quic);
-        assert_eq!(memory.quic_timeout(remote), CONNECT_TIMEOUT);
-    }
-
-    #[test]
-    fn the_tls_config_builds() {
-        weft_net::tls::quic_client_config(Service::Control, LIVENESS).unwrap();
+        assert!(!ControlEvent::Disconnected(ControlError::Lost {
+            reason: "x".into(),
+            source: None,
+        })
+        .is_final());
     }
 
     /// The coordinator's side of a session, over real QUIC on loopback.
@@ -1259,29 +636,6 @@ mod tests {
             });
             (addr, seen)
         }
-    }
-
-    /// What a coordinator sends after registration: its netmap key and the
-    /// signed netmap, the signature broken when `tamper`.
-    fn signed_hello(
-        key: &PrivateKey,
-        node_key: PublicKey,
-        netmap: &NetMap,
-        tamper: bool,
-    ) -> Vec<ServerMessage> {
-        use weft_proto::signing::{Chain, NetmapSigner, Record};
-        let signer = NetmapSigner::derive(key);
-        let mut signed = Chain::new(netmap.self_node.id, node_key)
-            .sign(&signer, &Record::NetMap(netmap.clone()))
-            .unwrap();
-        if tamper {
-            signed.signature[0] ^= 1;
-        }
-        vec![
-            ServerMessage::Registered(netmap.self_node.clone()),
-            ServerMessage::NetmapKey(signer.public_key()),
-            ServerMessage::Signed(signed),
-        ]
     }
 
     /// A caching control task against a fake coordinator that answers with
@@ -1394,18 +748,6 @@ mod tests {
             true,
         );
         (addr, seen, netmap, delta)
-    }
-
-    fn peer(id: u64) -> weft_proto::Peer {
-        weft_proto::Peer {
-            id: weft_proto::NodeId(id),
-            name: format!("peer-{id}"),
-            node_key: PrivateKey::from_bytes([id as u8; 32]).public_key(),
-            addresses: vec![format!("100.64.0.{id}").parse().unwrap()],
-            endpoints: vec![format!("192.0.2.{id}:41641").parse().unwrap()],
-            home_relay: None,
-            identity: weft_proto::Identity::tagged(vec!["tag:db".into()]),
-        }
     }
 
     /// The next netmap or delta reported.
@@ -1559,7 +901,6 @@ mod tests {
         );
     }
 
-    /// A first netmap with no peers.
     /// The cache in `state`, verified as a restarted node would.
     fn restored(state: &tempfile::TempDir, key: &PrivateKey, node_key: PublicKey) -> NetMap {
         crate::netmap_cache::restore(
@@ -1569,27 +910,6 @@ mod tests {
             std::time::SystemTime::now(),
         )
         .unwrap()
-    }
-
-    fn empty_netmap() -> NetMap {
-        NetMap {
-            revision: 1,
-            self_node: self_node(),
-            peers: vec![],
-            filter: weft_proto::PacketFilter::default(),
-            capabilities: Vec::new(),
-        }
-    }
-
-    fn self_node() -> SelfNode {
-        SelfNode {
-            id: weft_proto::NodeId(4),
-            name: "web-1".into(),
-            ipv4: "100.64.0.4".parse().unwrap(),
-            ipv6: "fd7a:115c:a1e0::4".parse().unwrap(),
-            identity: weft_proto::Identity::tagged(vec!["tag:web".into()]),
-            key_expiry: None,
-        }
     }
 
     /// The host's attributes, as a Linux host would report them.
@@ -1664,66 +984,6 @@ mod tests {
             .unwrap()
     }
 
-    #[test]
-    fn failover_moves_on_after_every_attempt_and_backs_off_after_a_failed_round() {
-        let mut failover = Failover::new();
-        assert!(failover.round_starts(3));
-        assert_eq!(failover.pick(3), 0);
-        // The first address worked, then its session dropped: straight to the next.
-        assert_eq!(failover.finished(true, 3, 0.5), None);
-        assert!(!failover.round_starts(3));
-        assert_eq!(failover.pick(3), 1);
-        assert_eq!(failover.finished(false, 3, 0.5), None);
-        assert_eq!(failover.pick(3), 2);
-        assert_eq!(failover.finished(false, 3, 0.5), None);
-        assert!(failover.round_starts(3));
-        assert_eq!(failover.pick(3), 0);
-        // Three failures in a row, a whole round: wait, doubling each round.
-        assert_eq!(
-            failover.finished(false, 3, 0.5),
-            Some(Duration::from_millis(500))
-        );
-        for _ in 0..2 {
-            failover.pick(3);
-            assert_eq!(failover.finished(false, 3, 0.5), None);
-        }
-        failover.pick(3);
-        assert_eq!(
-            failover.finished(false, 3, 0.5),
-            Some(Duration::from_secs(1))
-        );
-        // Success resets the backoff.
-        failover.pick(3);
-        assert_eq!(failover.finished(true, 3, 0.5), None);
-        for _ in 0..2 {
-            failover.pick(3);
-            assert_eq!(failover.finished(false, 3, 0.5), None);
-        }
-        failover.pick(3);
-        assert_eq!(
-            failover.finished(false, 3, 0.5),
-            Some(Duration::from_millis(500))
-        );
-    }
-
-    #[test]
-    fn a_single_address_backs_off_after_each_failure() {
-        let mut failover = Failover::new();
-        assert_eq!(failover.pick(1), 0);
-        assert_eq!(failover.finished(true, 1, 0.5), None);
-        assert!(failover.round_starts(1));
-        assert_eq!(failover.pick(1), 0);
-        assert_eq!(
-            failover.finished(false, 1, 0.5),
-            Some(Duration::from_millis(500))
-        );
-        // Nothing resolved: still a failed round.
-        assert_eq!(
-            failover.finished(false, 0, 0.5),
-            Some(Duration::from_secs(1))
-        );
-    }
-
     #[tokio::test]
     async fn a_silent_address_is_skipped_within_the_connect_timeout() {
         let key = PrivateKey::generate();
@@ -1739,7 +999,9 @@ mod tests {
         let started = std::time::Instant::now();
         let _task = ControlTask::spawn(config, 1, tx);
         match next(&mut updates).await.event {
-            ControlEvent::Disconnected(ControlError::Connect { address, reason }) => {
+            ControlEvent::Disconnected(ControlError::Connect {
+                address, reason, ..
+            }) => {
                 assert!(address.contains(&dead.to_string()), "{address}");
                 assert!(reason.contains("no answer"), "{reason}");
             }
@@ -1877,7 +1139,7 @@ mod tests {
             ControlEvent::Registered(_)
         ));
         match next(&mut updates).await.event {
-            ControlEvent::Disconnected(ControlError::Lost(reason)) => {
+            ControlEvent::Disconnected(ControlError::Lost { reason, .. }) => {
                 assert!(reason.contains("restarting"), "{reason}");
             }
             other => panic!("expected a lost session, got {other:?}"),
