@@ -256,7 +256,9 @@ async fn a_node_without_udp_registers_over_tcp_beside_http_and_reconnects_quickl
     // The connection drops without a TLS close: reported as lost, not as the coordinator's doing.
     blocked.cut();
     match node.disconnected().await {
-        ControlError::Lost(reason) => assert!(reason.contains("without a TLS close"), "{reason}"),
+        ControlError::Lost { reason, .. } => {
+            assert!(reason.contains("without a TLS close"), "{reason}")
+        }
         other => panic!("expected a lost connection, got {other:?}"),
     }
     // QUIC is retried only briefly where TCP worked, so reconnecting costs less than its timeout.
@@ -340,7 +342,7 @@ async fn the_coordinator_ending_a_tcp_session_is_reported_as_such() {
     node.registered().await;
     lab.coordinator.shutdown().await;
     match node.disconnected().await {
-        ControlError::Lost(reason) => {
+        ControlError::Lost { reason, .. } => {
             assert_eq!(reason, "the coordinator ended the session (TLS close)");
         }
         other => panic!("expected the coordinator's close, got {other:?}"),
