@@ -30,8 +30,8 @@ const CONTROL_UPDATES: usize = 64;
 pub struct Device<T, P> {
     pub(super) core: Node,
     pub(super) node_key: PrivateKey,
-    pub(super) machine_key: PrivateKey,
-    pub(super) state: StateDir,
+    machine_key: PrivateKey,
+    state: StateDir,
     pub(super) packets: T,
     pub(super) platform: P,
     pub(super) underlay: Underlay,
@@ -44,38 +44,38 @@ pub struct Device<T, P> {
     pub(super) pings: std::collections::HashMap<u64, paths::PendingPing>,
     /// The host's endpoints as last handed to the core.
     pub(super) local_endpoints: Option<Vec<std::net::SocketAddr>>,
-    pub(super) updates: mpsc::Sender<ControlUpdate>,
+    updates: mpsc::Sender<ControlUpdate>,
     pub(super) control_updates: mpsc::Receiver<ControlUpdate>,
-    pub(super) control: Option<ControlTask>,
+    control: Option<ControlTask>,
     /// Counts control sessions, so updates from a replaced session are ignored.
-    pub(super) sessions: u64,
+    sessions: u64,
     /// The preferences of the running session.
-    pub(super) prefs: Option<Prefs>,
+    prefs: Option<Prefs>,
     /// Preferences from `weft up`, saved once the coordinator accepts them.
-    pub(super) pending_prefs: Option<Prefs>,
-    pub(super) pending_up: Option<oneshot::Sender<Result<UpReply, CommandError>>>,
-    pub(super) run_state: RunState,
-    pub(super) message: Option<String>,
+    pending_prefs: Option<Prefs>,
+    pending_up: Option<oneshot::Sender<Result<UpReply, CommandError>>>,
+    run_state: RunState,
+    message: Option<String>,
     /// The pending login link (see [`Status::login_url`]).
-    pub(super) login_url: Option<String>,
-    pub(super) self_node: Option<SelfNode>,
-    pub(super) connected: bool,
+    login_url: Option<String>,
+    self_node: Option<SelfNode>,
+    connected: bool,
     /// The replica the control session is connected to.
-    pub(super) connected_to: Option<std::net::SocketAddr>,
+    connected_to: Option<std::net::SocketAddr>,
     /// The posture file's attributes, for every control session.
-    pub(super) posture: watch::Receiver<Attributes>,
+    posture: watch::Receiver<Attributes>,
     /// Application capabilities the netmap grants peers on this node, for `whois`.
     pub(super) capabilities: Vec<weft_proto::AppGrant>,
     /// The next WireGuard key, while a session re-authenticates with it.
-    pub(super) rotation: Option<PrivateKey>,
+    rotation: Option<PrivateKey>,
     /// The identity token the current session registers with.
-    pub(super) presenting: Option<IdentityToken>,
+    presenting: Option<IdentityToken>,
     /// When to renew a workload's identity.
-    pub(super) renewal: identity::Renewal,
+    renewal: identity::Renewal,
     /// The renewal policy's clock starts here.
-    pub(super) started: Instant,
+    started: Instant,
     /// The last problem with the identity token file, logged once.
-    pub(super) token_error: Option<String>,
+    token_error: Option<String>,
 }
 
 impl<T, P> std::fmt::Debug for Device<T, P> {
@@ -194,7 +194,7 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
     }
 
     /// Starts joining the overlay `request` names.
-    pub(super) fn start_up(&mut self, request: UpRequest) -> Result<(), CommandError> {
+    fn start_up(&mut self, request: UpRequest) -> Result<(), CommandError> {
         let hostname = match request.hostname {
             Some(name) => name,
             None => self.platform.host_name(),
@@ -263,7 +263,7 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
 
     /// Starts a control session registering with `credential`, and with the
     /// next node key while a rotation is under way.
-    pub(super) fn start_control(&mut self, prefs: Prefs, credential: Option<Credential>) {
+    fn start_control(&mut self, prefs: Prefs, credential: Option<Credential>) {
         self.sessions += 1;
         self.presenting = match &credential {
             Some(Credential::IdentityToken(token)) => Some(token.clone()),
@@ -352,7 +352,7 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
         }
     }
 
-    pub(super) fn on_registered(&mut self, node: SelfNode) {
+    fn on_registered(&mut self, node: SelfNode) {
         tracing::info!(id = %node.id, "registered with the coordinator");
         if let Some(next_key) = self.rotation.take() {
             self.core.rotate_key(next_key.clone(), Instant::now());
@@ -380,14 +380,14 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
 
     /// Says why the state is what it is. A pending login link is void once
     /// anything else is said: the login it was for has failed or moved on.
-    pub(super) fn say(&mut self, message: String) {
+    fn say(&mut self, message: String) {
         self.message = Some(message);
         self.login_url = None;
     }
 
     /// Hands the login URL to the waiting `weft up` or `weft login`, which
     /// prints it and follows the status until the person logged in.
-    pub(super) fn on_login_required(&mut self, prompt: LoginPrompt) {
+    fn on_login_required(&mut self, prompt: LoginPrompt) {
         tracing::info!(
             "waiting for a person to log in at the link given to `weft up` or `weft login`"
         );
@@ -405,7 +405,7 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
         }
     }
 
-    pub(super) async fn on_netmap(&mut self, netmap: &NetMap) {
+    async fn on_netmap(&mut self, netmap: &NetMap) {
         tracing::info!(
             revision = netmap.revision,
             peers = netmap.peers.len(),
@@ -416,7 +416,7 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
         self.apply_self(netmap.self_node.clone()).await;
     }
 
-    pub(super) async fn on_delta(&mut self, delta: &NetMapDelta) {
+    async fn on_delta(&mut self, delta: &NetMapDelta) {
         tracing::debug!(
             revision = delta.revision,
             upserts = delta.upsert_peers.len(),
@@ -433,7 +433,7 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
     }
 
     /// Puts the node's own addresses on the overlay interface and answers a waiting `weft up`.
-    pub(super) async fn apply_self(&mut self, node: SelfNode) {
+    async fn apply_self(&mut self, node: SelfNode) {
         let result = self.platform.assign(node.ipv4, node.ipv6).await;
         let me = status::self_status(&node, self.core.public_key());
         self.self_node = Some(node);
@@ -456,7 +456,7 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
         }
     }
 
-    pub(super) async fn on_refused(&mut self, refusal: Refusal) {
+    async fn on_refused(&mut self, refusal: Refusal) {
         if let Some(pending) = self.pending_up.take() {
             let _ = pending.send(Err(CommandError::Refused(refusal.message.clone())));
         }
@@ -529,7 +529,7 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
 
     /// Registers again with `token` and a fresh node key, which the data
     /// plane switches to once the coordinator accepted it.
-    pub(super) fn rotate_with(&mut self, token: IdentityToken) {
+    fn rotate_with(&mut self, token: IdentityToken) {
         let Some(prefs) = self.prefs.clone() else {
             return;
         };
@@ -544,7 +544,7 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
     /// A refused renewal leaves the node on its current key while that is
     /// valid: it rejoins without the token and tries again later. `true`
     /// when handled.
-    pub(super) fn renewal_refused(&mut self, refusal: &Refusal) -> bool {
+    fn renewal_refused(&mut self, refusal: &Refusal) -> bool {
         if self.rotation.take().is_none() {
             return false;
         }
@@ -573,7 +573,7 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
 
     /// A workload whose key expired (it was offline too long) renews it
     /// with the token file's token at once. `true` when handled.
-    pub(super) fn renew_expired_key(&mut self, refusal: &Refusal) -> bool {
+    fn renew_expired_key(&mut self, refusal: &Refusal) -> bool {
         if refusal.code != RefusalCode::KeyExpired {
             return false;
         }
@@ -593,14 +593,14 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
     }
 
     /// The identity token file of the overlay this node is in, if it is a workload.
-    pub(super) fn token_file(&self) -> Option<PathBuf> {
+    fn token_file(&self) -> Option<PathBuf> {
         self.prefs
             .as_ref()
             .filter(|p| p.want_running)
             .and_then(|p| p.identity_token_file.clone())
     }
 
-    pub(super) async fn on_disconnected(&mut self, error: ControlError) {
+    async fn on_disconnected(&mut self, error: ControlError) {
         self.connected = false;
         self.connected_to = None;
         self.say(error.to_string());

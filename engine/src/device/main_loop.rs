@@ -168,3 +168,124 @@ async fn sleep_until(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use std::os::fd::BorrowedFd;
+    use std::sync::{Arc, Mutex};
+
+    use tokio::sync::{oneshot, watch};
+
+    use super::*;
+    use crate::device::{CommandError, LoginRequest, RunState, Underlay};
+    use crate::posture::Attributes;
+    use crate::state::StateDir;
+
+    /// An overlay interface the host never writes to.
+    struct Silent;
+
+    impl PacketIo for Silent {
+        const FRAME_LEN: usize = 1500;
+
+        async fn recv(&self, _buf: &mut [u8]) -> io::Result<usize> {
+            std::future::pending().await
+        }
+
+        fn try_recv(&self, _buf: &mut [u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+
+        fn packets(&mut self, frame: &mut [u8], mut emit: impl FnMut(&[u8])) {
+            emit(frame);
+        }
+
+        async fn send(&mut self, _packet: &[u8]) -> io::Result<()> {
+            Ok(())
+        }
+
+        async fn flush(&mut self) {}
+
+        fn malformed_frames(&self) -> u64 {
+            0
+        }
+    }
+
+    /// A platform that records what the device asked of it.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<String>>>);
+
+    impl Recorder {
+        fn record(&self, call: impl Into<String>) {
+            self.0.lock().unwrap().push(call.into());
+        }
+    }
+
+    impl Platform for Recorder {
+        type Error = io::Error;
+
+        async fn assign(&mut self, ipv4: Ipv4Addr, _ipv6: Ipv6Addr) -> io::Result<()> {
+            self.record(format!("assign {ipv4}"));
+            Ok(())
+        }
+
+        async fn unassign(&mut self) -> io::Result<()> {
+            self.record("unassign");
+            Ok(())
+        }
+
+        fn local_addresses(&self) -> io::Result<Vec<IpAddr>> {
+            Ok(vec![IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))])
+        }
+
+        fn protect(&self, _socket: BorrowedFd<'_>) -> io::Result<()> {
+            self.record("protect");
+            Ok(())
+        }
+
+        fn system_attributes(hostname: &str) -> Attributes {
+            Attributes::from([("node:hostname".to_owned(), hostname.to_owned())])
+        }
+
+        fn host_name(&self) -> String {
+            "test-host".into()
+        }
+    }
+
+    /// The seams a shell relies on: the underlay socket is protected once
+    /// bound, commands are answered, and the shutdown the shell passes in
+    /// stops the loop and withdraws the overlay. Spawned on a
+    /// multi-threaded runtime, so a shell may run the device on any thread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_device_answers_commands_until_its_shell_shuts_it_down() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::open(&tmp.path().join("state")).unwrap();
+        let platform = Recorder::default();
+        let (_posture, posture) = watch::channel(Attributes::new());
+        let underlay = Underlay::bind(0).unwrap();
+        let device = Device::new(state, Silent, platform.clone(), underlay, posture).unwrap();
+        let (commands, requests) = mpsc::channel(4);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let running = tokio::spawn(device.run(requests, async {
+            let _ = stopped.await;
+        }));
+
+        let (reply, answer) = oneshot::channel();
+        commands.send(Command::Status(reply)).await.unwrap();
+        let status = answer.await.unwrap();
+        assert_eq!(status.state, RunState::Stopped);
+        assert!(status.self_node.is_none() && status.peers.is_empty());
+
+        let (reply, answer) = oneshot::channel();
+        let login = Command::Login(LoginRequest::default(), reply);
+        commands.send(login).await.unwrap();
+        let refused = answer.await.unwrap().unwrap_err();
+        assert!(matches!(refused, CommandError::Invalid(_)), "{refused:?}");
+        assert!(refused.to_string().contains("weft up"), "{refused}");
+
+        stop.send(()).unwrap();
+        running.await.unwrap().unwrap();
+        assert_eq!(*platform.0.lock().unwrap(), ["protect", "unassign"]);
+    }
+}
