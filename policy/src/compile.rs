@@ -572,7 +572,14 @@ impl<'n> Index<'n> {
                 .collect(),
             Target::Member => self.members.clone(),
             Target::Tagged => self.tagged.clone(),
-            Target::SelfUser => Vec::new(),
+            Target::Role { users, groups, .. } => users
+                .iter()
+                .filter_map(|u| self.by_user.get(u.as_str()))
+                .chain(groups.iter().filter_map(|g| self.by_group.get(g.as_str())))
+                .flatten()
+                .copied()
+                .collect(),
+            Target::SelfUser | Target::Unenforced(_) => Vec::new(),
             Target::Prefix(net) => self
                 .by_addr
                 .range(net.network()..=net.broadcast())

@@ -211,82 +211,6 @@ fn protocols(policies: &[&Policy]) -> Vec<Protocol> {
 /// Every identity the policies name, by display name.
 fn identities(policies: &[&Policy]) -> BTreeMap<String, Subject> {
     let mut found = BTreeMap::new();
-    let node = || Some(BTreeMap::new());
-    let add_target = |found: &mut BTreeMap<String, Subject>, target: &Target, policy: &Policy| {
-        let (name, subject) = match target {
-            Target::User(user) => (
-                user.clone(),
-                Subject {
-                    user: Some(user.clone()),
-                    attributes: node(),
-                    ..Subject::default()
-                },
-            ),
-            Target::Group { members, .. } => {
-                for m in members {
-                    found.insert(
-                        m.clone(),
-                        Subject {
-                            user: Some(m.clone()),
-                            attributes: node(),
-                            ..Subject::default()
-                        },
-                    );
-                }
-                return;
-            }
-            Target::External(group) => (
-                format!("(a member of {group})"),
-                Subject {
-                    groups: vec![group.clone()],
-                    attributes: node(),
-                    ..Subject::default()
-                },
-            ),
-            Target::Tag(tag) => (
-                tag.clone(),
-                Subject {
-                    tags: vec![tag.clone()],
-                    attributes: node(),
-                    ..Subject::default()
-                },
-            ),
-            Target::Workload(id) => (
-                id.clone(),
-                Subject {
-                    workload: Some(id.clone()),
-                    attributes: node(),
-                    ..Subject::default()
-                },
-            ),
-            Target::Prefix(net) => (
-                prefix_name(policy, *net),
-                Subject {
-                    addr: Some(*net),
-                    ..Subject::default()
-                },
-            ),
-            Target::Any | Target::Member | Target::SelfUser => (
-                "(another user)".into(),
-                Subject {
-                    user: Some("(another user)".into()),
-                    attributes: node(),
-                    ..Subject::default()
-                },
-            ),
-            Target::Tagged => return,
-        };
-        found.insert(name, subject);
-        if *target == Target::Any {
-            found.insert(
-                "(any address)".into(),
-                Subject {
-                    addr: Some(IpNet::V4(ipnet::Ipv4Net::default())),
-                    ..Subject::default()
-                },
-            );
-        }
-    };
     for policy in policies {
         for rule in &policy.rules.rules {
             for target in rule.src.iter().chain(rule.dst.iter().map(|d| &d.target)) {
@@ -311,6 +235,94 @@ fn identities(policies: &[&Policy]) -> BTreeMap<String, Subject> {
         }
     }
     found
+}
+
+/// Adds a user's user node to `found`.
+fn add_user(found: &mut BTreeMap<String, Subject>, login: &str) {
+    found.insert(
+        login.to_owned(),
+        Subject {
+            user: Some(login.to_owned()),
+            attributes: Some(BTreeMap::new()),
+            ..Subject::default()
+        },
+    );
+}
+
+/// Adds the identities `target` names to `found`.
+fn add_target(found: &mut BTreeMap<String, Subject>, target: &Target, policy: &Policy) {
+    let node = || Some(BTreeMap::new());
+    let (name, subject) = match target {
+        Target::User(user) => {
+            add_user(found, user);
+            return;
+        }
+        Target::Group { members, .. } => {
+            for m in members {
+                add_user(found, m);
+            }
+            return;
+        }
+        Target::External(group) => (
+            format!("(a member of {group})"),
+            Subject {
+                groups: vec![group.clone()],
+                attributes: node(),
+                ..Subject::default()
+            },
+        ),
+        Target::Tag(tag) => (
+            tag.clone(),
+            Subject {
+                tags: vec![tag.clone()],
+                attributes: node(),
+                ..Subject::default()
+            },
+        ),
+        Target::Workload(id) => (
+            id.clone(),
+            Subject {
+                workload: Some(id.clone()),
+                attributes: node(),
+                ..Subject::default()
+            },
+        ),
+        Target::Prefix(net) => (
+            prefix_name(policy, *net),
+            Subject {
+                addr: Some(*net),
+                ..Subject::default()
+            },
+        ),
+        Target::Any | Target::Member | Target::SelfUser => (
+            "(another user)".into(),
+            Subject {
+                user: Some("(another user)".into()),
+                attributes: node(),
+                ..Subject::default()
+            },
+        ),
+        Target::Role { users, groups, .. } => {
+            for u in users {
+                add_user(found, u);
+            }
+            for g in groups {
+                add_target(found, &Target::External(g.clone()), policy);
+            }
+            return;
+        }
+        Target::Tagged | Target::Unenforced(_) => return,
+    };
+    found.insert(name, subject);
+    if *target == Target::Any {
+        found.insert(
+            "(any address)".into(),
+            Subject {
+                addr: Some(IpNet::V4(ipnet::Ipv4Net::default())),
+                ..Subject::default()
+            },
+        );
+    }
 }
 
 /// A host's name when the policy defines one for `net`, else the CIDR (or IP).

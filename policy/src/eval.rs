@@ -118,6 +118,11 @@ impl Target {
             Target::Tagged => !s.tags.is_empty(),
             Target::SelfUser => false,
             Target::Prefix(net) => s.addr.is_some_and(|a| net.contains(&a)),
+            Target::Role { users, groups, .. } => {
+                s.user.as_ref().is_some_and(|u| users.contains(u))
+                    || s.groups.iter().any(|g| groups.contains(g))
+            }
+            Target::Unenforced(_) => false,
         }
     }
 }

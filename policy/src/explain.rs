@@ -9,8 +9,8 @@ use crate::compile::canonical_nodes;
 use crate::diagnostic::{Diagnostic, Diagnostics, Severity};
 use crate::eval::{decide, Subject, Verdict};
 use crate::resolve::{host_hint, Names};
-use crate::rules::{Rule, Rules, Target};
-use crate::selector::{self, is_external_group, Selector};
+use crate::rules::{Rule, Rules, Target, Unenforced};
+use crate::selector::{self, is_external_group, Autogroup, Selector};
 use crate::tests_block::principals;
 use crate::{NodeInfo, Policy};
 
@@ -21,6 +21,20 @@ pub struct Explanation {
     pub verdict: Verdict,
     /// The rules that decide it; empty when nothing matches and the default decides.
     pub rules: Vec<RuleRef>,
+    /// Rules that would concern the flow but name a construct weft does
+    /// not enforce, so they match nothing there.
+    pub unenforced: Vec<UnenforcedNote>,
+}
+
+/// A rule that matches nothing for a flow because of a construct weft does not enforce.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnenforcedNote {
+    /// The rule.
+    pub rule: RuleRef,
+    /// The construct as written: `autogroup:internet`, `svc:NAME`, `"via"`, …
+    pub construct: String,
+    /// Why weft matches nothing there.
+    pub reason: String,
 }
 
 /// A rule of the policy file, by line and text.
@@ -51,6 +65,7 @@ impl Policy {
         Ok(Explanation {
             verdict,
             rules: rule_refs(&deciding),
+            unenforced: unenforced_notes(&self.rules, &src, &dst),
         })
     }
 
@@ -133,10 +148,23 @@ impl Policy {
                     host_hint(names, &name),
                 )),
             },
-            Selector::Any | Selector::Autogroup(_) => Err(self.usage_error(
-                format!("{what} \"{text}\" is not one principal"),
-                "name a user, group:idp:NAME, tag:NAME, SPIFFE ID, host name or IP".into(),
-            )),
+            Selector::Autogroup(Autogroup::Role(role)) => match names.roles.get(role) {
+                Some(members) => Ok(Target::Role {
+                    role,
+                    users: members.users.clone(),
+                    groups: members.groups.clone(),
+                }),
+                None => Err(self.usage_error(
+                    format!("{what}: {} has no members configured", role.autogroup()),
+                    "give the policy the role's members (Policy::parse_with_roles)".into(),
+                )),
+            },
+            Selector::Any | Selector::Autogroup(_) | Selector::Ipset(_) | Selector::Service(_) => {
+                Err(self.usage_error(
+                    format!("{what} \"{text}\" is not one principal"),
+                    "name a user, group:idp:NAME, tag:NAME, SPIFFE ID, host name or IP".into(),
+                ))
+            }
         }
     }
 
@@ -163,6 +191,47 @@ pub(crate) fn rule_refs(rules: &[&Rule]) -> Vec<RuleRef> {
             text: r.text.clone(),
         })
         .collect()
+}
+
+/// The rules naming an unenforced construct whose other parts cover the flow.
+fn unenforced_notes(rules: &Rules, src: &Subject, dst: &Subject) -> Vec<UnenforcedNote> {
+    let mut notes: Vec<UnenforcedNote> = Vec::new();
+    for rule in &rules.rules {
+        let dsts = || rule.dst.iter().map(|d| &d.target);
+        let constructs: Vec<&Unenforced> = rule
+            .src
+            .iter()
+            .chain(dsts())
+            .filter_map(|t| match t {
+                Target::Unenforced(what) => Some(what),
+                _ => None,
+            })
+            .collect();
+        let open = |t: &Target| matches!(t, Target::Unenforced(_));
+        let src_ok = rule.src.iter().any(open) || rule.covers_src(src);
+        let dst_ok = dsts().any(|t| open(t) || t.covers(dst) || *t == Target::SelfUser);
+        if !src_ok || !dst_ok {
+            continue;
+        }
+        for what in constructs {
+            let construct = what.construct();
+            if notes
+                .iter()
+                .any(|n| n.rule.line == rule.line && n.construct == construct)
+            {
+                continue;
+            }
+            notes.push(UnenforcedNote {
+                rule: RuleRef {
+                    line: rule.line,
+                    text: rule.text.clone(),
+                },
+                construct,
+                reason: what.reason(),
+            });
+        }
+    }
+    notes
 }
 
 /// Whether any protocol and port passes from `src` to `dst`.
@@ -264,7 +333,8 @@ mod tests {
             e,
             Explanation {
                 verdict: Verdict::Deny,
-                rules: vec![]
+                rules: vec![],
+                unenforced: vec![],
             }
         );
         let e = p

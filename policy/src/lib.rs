@@ -97,11 +97,13 @@ mod engine;
 mod eval;
 mod explain;
 mod hujson;
+mod ipsets;
 mod parse;
 mod ports;
 mod posture;
 mod print;
 mod resolve;
+mod roles;
 mod rules;
 mod selector;
 mod tests_block;
@@ -114,7 +116,8 @@ pub use diagnostic::{Diagnostic, Diagnostics, Severity};
 pub use diff::{diff, Flow, PolicyDiff};
 pub use engine::Engine;
 pub use eval::Verdict;
-pub use explain::{Explanation, RuleRef};
+pub use explain::{Explanation, RuleRef, UnenforcedNote};
+pub use roles::{Role, Roles, RolesError};
 
 pub use tests_block::TestReport;
 pub use weft_proto::Protocol;
@@ -136,11 +139,24 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Parses and validates. `file_name` is used in diagnostics.
+    /// Parses and validates, without role members: role autogroups match
+    /// nothing (in deny rules: every source). `file_name` is used in
+    /// diagnostics.
     ///
     /// On failure the diagnostics hold every error found, and the warnings,
     /// in file order.
     pub fn parse(source: &str, file_name: &str) -> Result<Policy, Diagnostics> {
+        Policy::parse_with_roles(source, file_name, &Roles::default())
+    }
+
+    /// Parses and validates with the members of the role autogroups
+    /// (`autogroup:admin`, …), from the coordinator's roles setting or
+    /// `weft policy check --roles FILE` (see [`Roles`]).
+    pub fn parse_with_roles(
+        source: &str,
+        file_name: &str,
+        roles: &Roles,
+    ) -> Result<Policy, Diagnostics> {
         let map = SourceMap::new(file_name, source);
         let root = hujson::parse(source).map_err(|err| {
             Diagnostics(vec![map.error(
@@ -154,7 +170,7 @@ impl Policy {
         })?;
         let mut diags = Vec::new();
         let file = parse::file(&root, &map, &mut diags);
-        let resolved = resolve::resolve(&file, &map, &mut diags);
+        let resolved = resolve::resolve(&file, roles, &map, &mut diags);
         diags.sort_by_key(|d| (d.line, d.column));
         if diags.iter().any(|d| d.severity == Severity::Error) {
             return Err(Diagnostics(diags));
@@ -169,12 +185,30 @@ impl Policy {
         })
     }
 
-    /// Runs the file's `tests`. Err lists each failing test.
+    /// Runs the file's `tests` without nodes. Err lists each failing test.
+    ///
+    /// Tests that need the nodes (a role autogroup, an overlay address no
+    /// `hosts` entry covers) are not evaluated: they are counted in
+    /// [`TestReport::not_evaluated`], and [`Policy::warnings`] names each.
     pub fn run_tests(&self) -> Result<TestReport, Diagnostics> {
-        tests_block::run(&self.tests, &self.rules, &self.file)
+        tests_block::run(&self.tests, &self.rules, &self.file, None)
     }
 
-    /// Warnings found while parsing (unsupported keys).
+    /// Runs every `tests` entry, those that need the nodes against `nodes`
+    /// (the nodes the policy compiles for: `weft policy check --devices
+    /// FILE`, or the coordinator's registered nodes on every load).
+    ///
+    /// An overlay address stands for the node holding it (or for the bare
+    /// address when no node does), and a role autogroup for the user nodes
+    /// of its members; a source node's attributes are its own unless the
+    /// test gives `srcPostureAttrs`. Err lists each failing test.
+    pub fn run_tests_on_nodes(&self, nodes: &[NodeInfo]) -> Result<TestReport, Diagnostics> {
+        let nodes = compile::canonical_nodes(nodes);
+        tests_block::run(&self.tests, &self.rules, &self.file, Some(&nodes))
+    }
+
+    /// Warnings found while parsing: keys and constructs weft does not
+    /// enforce, and tests that need the nodes.
     pub fn warnings(&self) -> &[Diagnostic] {
         &self.warnings
     }
@@ -214,6 +248,16 @@ pub struct Checked {
 ///
 /// On a failing test the error holds the failures followed by the parse warnings.
 pub fn check_file(path: &Path) -> Result<Checked, Diagnostics> {
+    check_file_with(path, &Roles::default(), None)
+}
+
+/// [`check_file`] with role members (`--roles FILE`) and, when given, the
+/// nodes to evaluate the tests that need them against (`--devices FILE`).
+pub fn check_file_with(
+    path: &Path,
+    roles: &Roles,
+    nodes: Option<&[NodeInfo]>,
+) -> Result<Checked, Diagnostics> {
     let file_name = path.display().to_string();
     let source = std::fs::read_to_string(path).map_err(|err| {
         Diagnostics(vec![Diagnostic {
@@ -225,8 +269,12 @@ pub fn check_file(path: &Path) -> Result<Checked, Diagnostics> {
             hint: Some("check the path and that the file is readable UTF-8 text".into()),
         }])
     })?;
-    let policy = Policy::parse(&source, &file_name)?;
-    let tests = policy.run_tests().map_err(|Diagnostics(mut failures)| {
+    let policy = Policy::parse_with_roles(&source, &file_name, roles)?;
+    let tests = match nodes {
+        Some(nodes) => policy.run_tests_on_nodes(nodes),
+        None => policy.run_tests(),
+    };
+    let tests = tests.map_err(|Diagnostics(mut failures)| {
         failures.extend(policy.warnings.iter().cloned());
         Diagnostics(failures)
     })?;

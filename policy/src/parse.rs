@@ -8,14 +8,16 @@ use std::collections::BTreeMap;
 use weft_proto::{canonical, PortRange, Protocol};
 
 use crate::ast::{
-    Acl, Action, Dst, File, Grant, GroupDef, HostDef, PostureDef, Spanned, TagOwnerDef, TestDst,
-    TestEntry,
+    Acl, Action, Dst, File, Grant, GroupDef, HostDef, IpsetDef, IpsetEntry, PostureDef, Spanned,
+    TagOwnerDef, TestDst, TestEntry,
 };
 use crate::diagnostic::{suggest, Diagnostic, SourceMap, Span};
 use crate::hujson::{Kind, Member, Value};
 use crate::ports;
 use crate::posture;
-use crate::selector::{self, Selector, SelectorError};
+use crate::selector::{self, Autogroup, Selector, SelectorError};
+
+mod sections;
 
 /// Top-level keys weft understands.
 const SUPPORTED_KEYS: &[&str] = &[
@@ -29,6 +31,7 @@ const SUPPORTED_KEYS: &[&str] = &[
     "defaultSrcPosture",
     "mode",
     "tests",
+    "ipsets",
 ];
 
 /// Top-level keys of Tailscale policy files that weft ignores with a warning.
@@ -39,7 +42,6 @@ const IGNORED_KEYS: &[&str] = &[
     "nodeAttrs",
     "autoApprovers",
     "derpMap",
-    "ipsets",
     "randomizeClientPort",
     "disableIPv4",
     "OneCSIDRoutes",
@@ -72,11 +74,15 @@ pub(crate) fn file(root: &Value, map: &SourceMap<'_>, diags: &mut Vec<Diagnostic
             }
             "mode" => file.audit = walker.mode(&member.value).unwrap_or(false),
             "tests" => file.tests = walker.tests(&member.value),
-            _ if IGNORED_KEYS.contains(&key) => walker.diags.push(map.warning(
-                member.key_span,
-                format!("\"{key}\" is not supported by weft and is ignored"),
-                Some("the rest of the policy still applies; remove the key to silence this warning".into()),
-            )),
+            "ipsets" => file.ipsets = walker.ipsets(&member.value),
+            _ if IGNORED_KEYS.contains(&key) => {
+                walker.diags.push(map.warning(
+                    member.key_span,
+                    format!("\"{key}\" is not supported by weft and is ignored"),
+                    Some("the rest of the policy still applies; remove the key to silence this warning".into()),
+                ));
+                walker.unenforced_section(key, &member.value, &mut file.references);
+            }
             _ => {
                 let hint = suggest(key, SUPPORTED_KEYS.iter().copied())
                     .or_else(|| suggest(key, IGNORED_KEYS.iter().copied()))
@@ -84,7 +90,11 @@ pub(crate) fn file(root: &Value, map: &SourceMap<'_>, diags: &mut Vec<Diagnostic
                         || format!("top-level keys are {}", SUPPORTED_KEYS.join(", ")),
                         |near| format!("did you mean \"{near}\"?"),
                     );
-                walker.error(member.key_span, format!("unknown top-level key \"{key}\""), hint);
+                walker.error(
+                    member.key_span,
+                    format!("unknown top-level key \"{key}\""),
+                    hint,
+                );
             }
         }
     }
@@ -175,9 +185,6 @@ impl Walker<'_, '_> {
                 ) else {
                     continue;
                 };
-                if text.starts_with("autogroup:") {
-                    continue;
-                }
                 match self.selector(text, item.span) {
                     Ok(owner @ (Selector::User(_) | Selector::Group(_) | Selector::Tag(_))) => {
                         owners.push(Spanned {
@@ -185,10 +192,14 @@ impl Walker<'_, '_> {
                             span: item.span,
                         });
                     }
+                    // Who may tag is the coordinator's business, not the
+                    // filter's: the role and member autogroups are accepted
+                    // as written and need no definition.
+                    Ok(Selector::Autogroup(Autogroup::Role(_) | Autogroup::Member)) => {}
                     Ok(_) => self.error(
                         item.span,
                         format!("\"{text}\" cannot own a tag"),
-                        "tag owners are users, group:NAME or tag:NAME".into(),
+                        "tag owners are users, group:NAME, tag:NAME, autogroup:member or a role autogroup such as autogroup:admin".into(),
                     ),
                     Err(err) => self.selector_error(item.span, err),
                 }
@@ -268,22 +279,36 @@ impl Walker<'_, '_> {
         )?;
         let (mut action, mut src, mut dst, mut proto) = (None, None, None, None);
         let (mut src_posture, mut mode) = (None, None);
+        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
         for member in members {
-            match member.key.as_str() {
+            // Early Tailscale files wrote `Action`, and `users`/`ports` (or
+            // `Users`/`Ports`) for `src`/`dst`; Tailscale still accepts them.
+            let field = match member.key.as_str() {
+                "action" | "Action" => "action",
+                "src" | "users" | "Users" => "src",
+                "dst" | "ports" | "Ports" => "dst",
+                other => other,
+            };
+            if FIELDS.contains(&field) {
+                if let Some(first) = seen.insert(field, &member.key) {
+                    self.error(
+                        member.key_span,
+                        format!("{entry} has both \"{first}\" and \"{}\"", member.key),
+                        format!(
+                            "\"{first}\" and \"{}\" are two spellings of \"{field}\"; keep one",
+                            member.key
+                        ),
+                    );
+                    continue;
+                }
+            }
+            match field {
                 "action" => action = Some(&member.value),
                 "src" => src = Some(&member.value),
                 "dst" => dst = Some(&member.value),
                 "proto" => proto = Some(&member.value),
                 "srcPosture" => src_posture = Some(member),
                 "mode" => mode = Some(&member.value),
-                "users" | "ports" => self.error(
-                    member.key_span,
-                    format!(
-                        "\"{}\" is the old acl syntax, which weft does not accept",
-                        member.key
-                    ),
-                    "write sources in \"src\" and destinations with ports in \"dst\"".into(),
-                ),
                 other => self.unknown_field(member, other, entry, FIELDS),
             }
         }
@@ -424,6 +449,7 @@ impl Walker<'_, '_> {
             return Vec::new();
         };
         let mut defs = Vec::new();
+        let mut uncollected = Vec::new();
         for member in members {
             let Some(name) = self.prefixed_name(member, "posture") else {
                 continue;
@@ -438,7 +464,17 @@ impl Walker<'_, '_> {
                     continue;
                 };
                 match posture::parse_condition(text) {
-                    Ok(condition) => conditions.push(condition),
+                    Ok(condition) => {
+                        if !condition.collected() && !uncollected.contains(&condition.attribute) {
+                            uncollected.push(condition.attribute.clone());
+                            self.diags.push(self.map.warning(
+                                item.span,
+                                format!("posture attribute \"{}\" is not collected by weft: it is absent on every node, so conditions on it never hold", condition.attribute),
+                                Some("rules needing this posture admit no node; remove the condition, or use an attribute weft nodes report (node:os, node:osVersion, node:clientVersion, node:hostname, node:diskEncrypted, custom:KEY)".into()),
+                            ));
+                        }
+                        conditions.push(condition);
+                    }
                     Err(err) => self.error(item.span, err.message, err.hint),
                 }
             }
@@ -457,13 +493,14 @@ impl Walker<'_, '_> {
     }
 
     fn grant(&mut self, value: &Value) -> Option<Grant> {
-        const FIELDS: &[&str] = &["src", "dst", "ip", "app", "srcPosture"];
+        const FIELDS: &[&str] = &["src", "dst", "ip", "app", "srcPosture", "via"];
         let members = self.object(
             value,
             "a grants entry",
             "a grants entry is { \"src\": [ … ], \"dst\": [ … ], \"ip\": [ … ], \"app\": { … } }",
         )?;
         let (mut src, mut dst, mut ip, mut app, mut src_posture) = (None, None, None, None, None);
+        let mut via = Vec::new();
         for member in members {
             match member.key.as_str() {
                 "src" => src = Some(&member.value),
@@ -471,11 +508,7 @@ impl Walker<'_, '_> {
                 "ip" => ip = Some(&member.value),
                 "app" => app = Some(&member.value),
                 "srcPosture" => src_posture = self.posture_names(&member.value),
-                "via" => self.error(
-                    member.key_span,
-                    "\"via\" is not supported by weft".into(),
-                    "weft refuses a grant it cannot restrict as written; remove \"via\" or the grant".into(),
-                ),
+                "via" => via = self.via(&member.value),
                 other => self.unknown_field(member, other, "grants entry", FIELDS),
             }
         }
@@ -518,7 +551,108 @@ impl Walker<'_, '_> {
             ip,
             app,
             src_posture,
+            via,
         })
+    }
+
+    /// `via`: the tags of the subnet routers or exit nodes to route through.
+    fn via(&mut self, value: &Value) -> Vec<Spanned<Selector>> {
+        const HINT: &str = "write \"via\": [\"tag:NAME\", …] naming subnet routers or exit nodes";
+        let Some(items) = self.array(value, "\"via\"", HINT) else {
+            return Vec::new();
+        };
+        if items.is_empty() {
+            self.error(value.span, "\"via\" is empty".into(), HINT.into());
+        }
+        let mut routers = Vec::new();
+        for item in items {
+            let Some(text) = self.string(item, "a \"via\" entry", HINT) else {
+                continue;
+            };
+            match self.selector(text, item.span) {
+                Ok(tag @ Selector::Tag(_)) => routers.push(Spanned {
+                    value: tag,
+                    span: item.span,
+                }),
+                Ok(_) => self.error(
+                    item.span,
+                    format!("\"via\" entry \"{text}\" is not a tag"),
+                    HINT.into(),
+                ),
+                Err(err) => self.selector_error(item.span, err),
+            }
+        }
+        routers
+    }
+
+    fn ipsets(&mut self, value: &Value) -> Vec<IpsetDef> {
+        const SHAPE: &str = "write \"ipsets\": { \"ipset:NAME\": [\"10.0.0.0/8\", \"add HOST\", \"remove 10.0.5.0/24\", \"add ipset:OTHER\"] }";
+        let Some(members) = self.object(value, "\"ipsets\"", SHAPE) else {
+            return Vec::new();
+        };
+        let mut defs = Vec::new();
+        for member in members {
+            let Some(name) = self.prefixed_name(member, "ipset") else {
+                continue;
+            };
+            let what = format!("ipset \"{}\"", member.key);
+            let Some(items) = self.array(&member.value, &what, SHAPE) else {
+                continue;
+            };
+            let mut entries = Vec::new();
+            for item in items {
+                let Some(text) = self.string(item, &format!("an entry of {what}"), SHAPE) else {
+                    continue;
+                };
+                if let Some(entry) = self.ipset_entry(text, item.span) {
+                    entries.push(Spanned {
+                        value: entry,
+                        span: item.span,
+                    });
+                }
+            }
+            defs.push(IpsetDef { name, entries });
+        }
+        defs
+    }
+
+    /// `ITEM`, `add ITEM` or `remove ITEM`, where ITEM is an IP, CIDR, host
+    /// (also written `host:NAME`), `ipset:NAME` or `autogroup:internet`.
+    fn ipset_entry(&mut self, text: &str, span: Span) -> Option<IpsetEntry> {
+        let (remove, item) = match text.split_once(' ') {
+            Some(("add", item)) => (false, item.trim()),
+            Some(("remove", item)) => (true, item.trim()),
+            Some((op, _)) => {
+                self.error(
+                    span,
+                    format!("invalid ipset operation \"{op}\" in \"{text}\""),
+                    "ipset entries are ITEM, \"add ITEM\" or \"remove ITEM\"".into(),
+                );
+                return None;
+            }
+            None => (false, text),
+        };
+        let item = item.strip_prefix("host:").unwrap_or(item);
+        match self.selector(item, span) {
+            Ok(
+                selector @ (Selector::Prefix(_)
+                | Selector::Host(_)
+                | Selector::Ipset(_)
+                | Selector::Autogroup(Autogroup::Internet)),
+            ) => Some(IpsetEntry { remove, selector }),
+            Ok(_) => {
+                self.error(
+                    span,
+                    format!("ipset entry \"{text}\" is not an address"),
+                    "ipsets hold IPs, CIDRs, hosts, other ipsets and autogroup:internet, not users, groups or tags".into(),
+                );
+                None
+            }
+            Err(err) => {
+                self.selector_error(span, err);
+                None
+            }
+        }
     }
 
     fn text_of<'v>(&self, value: &'v Value) -> &'v str {
@@ -697,6 +831,7 @@ impl Walker<'_, '_> {
 
     fn test(&mut self, value: &Value) -> Option<TestEntry> {
         const FIELDS: &[&str] = &["src", "accept", "deny", "proto", "srcPostureAttrs"];
+        const ALLOW: &str = "allow";
         let members = self.object(
             value,
             "a tests entry",
@@ -707,7 +842,13 @@ impl Walker<'_, '_> {
         for member in members {
             match member.key.as_str() {
                 "src" => src = Some(&member.value),
-                "accept" => accept = Some(&member.value),
+                // `allow` is Tailscale's older name for `accept`.
+                "accept" | ALLOW if accept.is_some() => self.error(
+                    member.key_span,
+                    "tests entry has both \"accept\" and \"allow\"".into(),
+                    "\"allow\" is the older name of \"accept\"; keep one".into(),
+                ),
+                "accept" | ALLOW => accept = Some(&member.value),
                 "deny" => deny = Some(&member.value),
                 "proto" => proto = Some(&member.value),
                 "srcPostureAttrs" => src_posture_attrs = self.attributes(&member.value),
@@ -825,10 +966,19 @@ impl Walker<'_, '_> {
                 );
                 None
             }
+            Ok(role @ Selector::Autogroup(Autogroup::Role(_))) => Some(role),
             Ok(Selector::Autogroup(group)) => {
                 self.error(
                     span,
                     format!("tests need a concrete principal, not \"{}\"", group.name()),
+                    "name a user, group, tag, SPIFFE ID, host or IP".into(),
+                );
+                None
+            }
+            Ok(Selector::Ipset(name) | Selector::Service(name)) => {
+                self.error(
+                    span,
+                    format!("tests need a concrete principal, not \"{name}\""),
                     "name a user, group, tag, SPIFFE ID, host or IP".into(),
                 );
                 None
@@ -1016,7 +1166,7 @@ mod tests {
         let (_, _, _, hint) = error("{\"whatever\": {}}");
         assert_eq!(
             hint,
-            "top-level keys are groups, tagOwners, hosts, acls, deny, grants, postures, defaultSrcPosture, mode, tests"
+            "top-level keys are groups, tagOwners, hosts, acls, deny, grants, postures, defaultSrcPosture, mode, tests, ipsets"
         );
     }
 
@@ -1273,10 +1423,23 @@ mod tests {
             r#"{"src": ["*"], "dst": ["tag:db"], "ip": ["tcpp:1"]}"#,
         ));
         assert_eq!(message, "invalid proto \"tcpp\"");
+        let via = Policy::parse(
+            &grant(r#"{"src": ["*"], "dst": ["tag:db"], "ip": ["*"], "via": ["tag:db"]}"#),
+            "p",
+        )
+        .unwrap();
+        assert_eq!(
+            via.warnings()[0].message,
+            "grants with \"via\" match nothing: weft has no subnet routers or exit nodes to route through, so routing is not enforced"
+        );
         let (_, _, message, _) = error(&grant(
-            r#"{"src": ["*"], "dst": ["tag:db"], "ip": ["*"], "via": ["tag:db"]}"#,
+            r#"{"src": ["*"], "dst": ["tag:db"], "ip": ["*"], "via": ["tag:exit"]}"#,
         ));
-        assert_eq!(message, "\"via\" is not supported by weft");
+        assert_eq!(message, "tag \"tag:exit\" has no \"tagOwners\" entry");
+        let (_, _, message, _) = error(&grant(
+            r#"{"src": ["*"], "dst": ["tag:db"], "ip": ["*"], "via": ["10.0.0.1"]}"#,
+        ));
+        assert_eq!(message, "\"via\" entry \"10.0.0.1\" is not a tag");
         let (_, _, message, hint) = error("{\"postures\": {\"posture:a\": [\"node:oss == 'x'\"]}}");
         assert_eq!(message, "unknown posture attribute \"node:oss\"");
         assert_eq!(hint, "did you mean \"node:os\"?");
@@ -1373,13 +1536,19 @@ mod tests {
         );
         let (_, _, message, _) = error(&acl("{\"action\": \"deny\", \"src\": [\"*\"], \"dst\": [\"*:*\"], \"srcPosture\": [\"posture:x\"]}"));
         assert_eq!(message, "\"srcPosture\" on a deny rule");
-        let (_, _, message, _) = error(&acl(
+        let (line, col, message, hint) = error(&acl(
             "{\"action\": \"accept\", \"users\": [\"*\"], \"src\": [\"*\"], \"dst\": [\"*:*\"]}",
         ));
+        assert_eq!((line, col), (4, 42));
+        assert_eq!(message, "acls entry has both \"users\" and \"src\"");
         assert_eq!(
-            message,
-            "\"users\" is the old acl syntax, which weft does not accept"
+            hint,
+            "\"users\" and \"src\" are two spellings of \"src\"; keep one"
         );
+        let (_, _, message, _) = error(&acl(
+            "{\"Action\": \"accept\", \"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"]}",
+        ));
+        assert_eq!(message, "acls entry has both \"Action\" and \"action\"");
         let (_, _, message, _) = error(&acl(
             "{\"action\": \"accept\", \"src\": [], \"dst\": [\"*:*\"]}",
         ));

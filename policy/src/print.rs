@@ -42,6 +42,16 @@ pub(crate) fn print(file: &File) -> String {
         });
         sections.push(object("hosts", entries));
     }
+    if !file.ipsets.is_empty() {
+        let entries = file.ipsets.iter().map(|set| {
+            let items = set.entries.iter().map(|e| {
+                let op = if e.value.remove { "remove" } else { "add" };
+                format!("{op} {}", e.value.selector)
+            });
+            format!("{}: {}", quote(&set.name.value), list(items))
+        });
+        sections.push(object("ipsets", entries));
+    }
     if !file.postures.is_empty() {
         let entries = file.postures.iter().map(|p| {
             format!(
@@ -123,6 +133,9 @@ fn grant(grant: &Grant) -> String {
     }
     if let Some(postures) = &grant.src_posture {
         let _ = write!(text, ", \"srcPosture\": {}", names(postures));
+    }
+    if !grant.via.is_empty() {
+        let _ = write!(text, ", \"via\": {}", selectors(&grant.via));
     }
     format!("{{{text}}}")
 }

@@ -7,8 +7,10 @@ use weft_proto::RuleAction;
 
 use crate::ast::{Action, File, Spanned};
 use crate::diagnostic::{known_list, suggest, Diagnostic, SourceMap, Span};
+use crate::ipsets::{self, Ipset};
 use crate::posture::Posture;
-use crate::rules::{AppRule, Check, DstTarget, Expect, Rule, Rules, Target, TestCase};
+use crate::roles::Roles;
+use crate::rules::{AppRule, Check, DstTarget, Expect, Rule, Rules, Target, TestCase, Unenforced};
 use crate::selector::{is_external_group, Autogroup, Selector};
 
 /// The checked rules and tests of a file, and its definitions.
@@ -25,6 +27,9 @@ pub(crate) struct Names {
     pub(crate) groups: BTreeMap<String, Vec<String>>,
     pub(crate) tags: BTreeSet<String>,
     pub(crate) hosts: BTreeMap<String, IpNet>,
+    pub(crate) ipsets: BTreeMap<String, Ipset>,
+    /// The role members the policy was resolved with.
+    pub(crate) roles: Roles,
 }
 
 /// Where a selector appears, for the checks that depend on it.
@@ -35,8 +40,13 @@ enum Side {
 }
 
 /// Resolves every name, appending problems to `diags`.
-pub(crate) fn resolve(file: &File, map: &SourceMap<'_>, diags: &mut Vec<Diagnostic>) -> Resolved {
-    let names = Names {
+pub(crate) fn resolve(
+    file: &File,
+    roles: &Roles,
+    map: &SourceMap<'_>,
+    diags: &mut Vec<Diagnostic>,
+) -> Resolved {
+    let mut names = Names {
         groups: file
             .groups
             .iter()
@@ -57,7 +67,10 @@ pub(crate) fn resolve(file: &File, map: &SourceMap<'_>, diags: &mut Vec<Diagnost
             .iter()
             .map(|h| (h.name.value.clone(), h.prefix))
             .collect(),
+        ipsets: BTreeMap::new(),
+        roles: roles.clone(),
     };
+    names.ipsets = ipsets::resolve(&file.ipsets, &names, map, diags);
     let postures: BTreeMap<&str, Posture> = file
         .postures
         .iter()
@@ -76,11 +89,16 @@ pub(crate) fn resolve(file: &File, map: &SourceMap<'_>, diags: &mut Vec<Diagnost
         postures: &postures,
         map,
         diags,
+        deny: false,
+        warned: BTreeSet::new(),
     };
     for def in &file.tag_owners {
         for owner in &def.owners {
             resolver.target(owner, Side::Src);
         }
+    }
+    for reference in &file.references {
+        resolver.reference(reference);
     }
     let default_posture = if file.default_src_posture.is_empty() {
         None
@@ -99,28 +117,34 @@ pub(crate) fn resolve(file: &File, map: &SourceMap<'_>, diags: &mut Vec<Diagnost
             Action::Deny if acl.audit || file.audit => RuleAction::AuditDeny,
             Action::Deny => RuleAction::Deny,
         };
-        rules.push(Rule {
-            line: map.location(acl.span.start).line,
-            text: map.snippet(acl.span),
-            action,
-            src: resolver.targets(&acl.src, Side::Src),
-            dst: acl
-                .dst
-                .iter()
-                .filter_map(|d| {
-                    let target = resolver.target(
+        resolver.deny = acl.action == Action::Deny;
+        let src = resolver.targets(&acl.src, Side::Src);
+        let dst = acl
+            .dst
+            .iter()
+            .flat_map(|d| {
+                resolver
+                    .expand(
                         &Spanned {
                             value: d.value.selector.clone(),
                             span: d.span,
                         },
                         Side::Dst,
-                    )?;
-                    Some(DstTarget {
+                    )
+                    .into_iter()
+                    .map(|target| DstTarget {
                         target,
                         ports: d.value.ports.clone(),
                     })
-                })
-                .collect(),
+            })
+            .collect();
+        resolver.deny = false;
+        rules.push(Rule {
+            line: map.location(acl.span.start).line,
+            text: map.snippet(acl.span),
+            action,
+            src,
+            dst,
             protocols: acl.proto.into_iter().collect(),
             posture,
         });
@@ -134,7 +158,15 @@ pub(crate) fn resolve(file: &File, map: &SourceMap<'_>, diags: &mut Vec<Diagnost
         let line = map.location(grant.span.start).line;
         let text = map.snippet(grant.span);
         let src = resolver.targets(&grant.src, Side::Src);
-        let dst = resolver.targets(&grant.dst, Side::Dst);
+        let mut dst = resolver.targets(&grant.dst, Side::Dst);
+        if let Some(first) = grant.via.first() {
+            for router in &grant.via {
+                resolver.target(router, Side::Dst);
+            }
+            // Traffic a grant routes through chosen routers cannot be
+            // restricted that way, so the grant opens nothing.
+            dst = vec![resolver.unenforced(Unenforced::Via, first.span)];
+        }
         for (protocol, ports) in &grant.ip {
             rules.push(Rule {
                 line,
@@ -167,6 +199,19 @@ pub(crate) fn resolve(file: &File, map: &SourceMap<'_>, diags: &mut Vec<Diagnost
         .iter()
         .filter_map(|entry| {
             let src = resolver.target(&entry.src, Side::Src)?;
+            let needs_devices = std::iter::once(&entry.src.value)
+                .chain(entry.accept.iter().chain(&entry.deny).map(|d| &d.value.selector))
+                .find_map(|selector| needs_devices(selector, &names));
+            if let Some(reason) = &needs_devices {
+                resolver.diags.push(map.warning(
+                    entry.span,
+                    format!(
+                        "test src {} is not evaluated offline — needs the device list",
+                        entry.src_text
+                    ),
+                    Some(format!("{reason}; it is evaluated against the nodes (Policy::run_tests_on_nodes), as the coordinator does on every load")),
+                ));
+            }
             let accept = entry.accept.iter().map(|d| (Expect::Accept, d));
             let deny = entry.deny.iter().map(|d| (Expect::Deny, d));
             let checks = accept
@@ -194,6 +239,7 @@ pub(crate) fn resolve(file: &File, map: &SourceMap<'_>, diags: &mut Vec<Diagnost
                 proto: entry.proto,
                 attributes: entry.src_posture_attrs.clone(),
                 checks,
+                needs_devices,
             })
         })
         .collect();
@@ -208,19 +254,106 @@ pub(crate) fn resolve(file: &File, map: &SourceMap<'_>, diags: &mut Vec<Diagnost
     }
 }
 
+/// Why a test naming `selector` needs the nodes: a role stands for its
+/// members' devices, and an overlay address outside `hosts` for whichever
+/// device holds it.
+fn needs_devices(selector: &Selector, names: &Names) -> Option<String> {
+    match selector {
+        Selector::Autogroup(Autogroup::Role(role)) => Some(format!(
+            "{} stands for the devices of the {} role's members",
+            role.autogroup(),
+            role.name()
+        )),
+        Selector::Prefix(net)
+            if net.prefix_len() == net.max_prefix_len()
+                && OVERLAY
+                    .iter()
+                    .any(|o| o.parse::<IpNet>().is_ok_and(|o| o.contains(net)))
+                && !names.hosts.values().any(|h| h.contains(net)) =>
+        {
+            Some(format!(
+                "{} is an overlay address, which stands for the device holding it",
+                net.addr()
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// The overlay's address ranges.
+const OVERLAY: [&str; 2] = ["100.64.0.0/10", "fd7a:115c:a1e0::/48"];
+
 struct Resolver<'f, 'm, 'd> {
     names: &'f Names,
     postures: &'f BTreeMap<&'f str, Posture>,
     map: &'m SourceMap<'m>,
     diags: &'d mut Vec<Diagnostic>,
+    /// Resolving a deny rule: a role without members then stands for everyone.
+    deny: bool,
+    /// Constructs already warned about, to warn once each.
+    warned: BTreeSet<String>,
 }
 
 impl Resolver<'_, '_, '_> {
     fn targets(&mut self, selectors: &[Spanned<Selector>], side: Side) -> Vec<Target> {
         selectors
             .iter()
-            .filter_map(|s| self.target(s, side))
+            .flat_map(|s| self.expand(s, side))
             .collect()
+    }
+
+    /// Resolves a selector to its targets: one, except for an ipset's prefixes.
+    fn expand(&mut self, selector: &Spanned<Selector>, side: Side) -> Vec<Target> {
+        let Selector::Ipset(name) = &selector.value else {
+            return self.target(selector, side).into_iter().collect();
+        };
+        let Some(set) = self.names.ipsets.get(name) else {
+            self.undefined_ipset(name, selector.span);
+            return Vec::new();
+        };
+        let mut targets: Vec<Target> = set.nets.iter().map(|n| Target::Prefix(*n)).collect();
+        if set.internet {
+            targets.push(self.unenforced(Unenforced::Internet, selector.span));
+        }
+        targets
+    }
+
+    fn undefined_ipset(&mut self, name: &str, span: Span) {
+        let hint = self
+            .did_you_mean(name, self.names.ipsets.keys().map(String::as_str))
+            .unwrap_or_else(|| {
+                format!(
+                    "define it under \"ipsets\" ({})",
+                    known_list("ipsets", self.names.ipsets.keys().map(String::as_str))
+                )
+            });
+        self.error(span, format!("undefined ipset \"{name}\""), hint);
+    }
+
+    /// Checks a name used in a section weft does not enforce.
+    fn reference(&mut self, selector: &Spanned<Selector>) {
+        match &selector.value {
+            Selector::Group(_) | Selector::Tag(_) | Selector::Host(_) => {
+                self.target(selector, Side::Dst);
+            }
+            Selector::Ipset(name) if !self.names.ipsets.contains_key(name) => {
+                self.undefined_ipset(name, selector.span);
+            }
+            _ => {}
+        }
+    }
+
+    /// The target of a construct weft does not enforce, warning once per construct.
+    pub(crate) fn unenforced(&mut self, what: Unenforced, span: Span) -> Target {
+        if self.warned.insert(what.construct()) {
+            let hint = match what {
+                Unenforced::Role(_) => "give weft the role's members (the coordinator's roles setting, or a roles file for `weft policy check`); the rest of the policy still applies",
+                _ => "weft loads the rule but never matches this part of it, so it grants nothing the file does not; the rest of the policy still applies",
+            };
+            self.diags
+                .push(self.map.warning(span, what.message(), Some(hint.into())));
+        }
+        Target::Unenforced(what)
     }
 
     /// Resolves `srcPosture` names; `None` (with diagnostics) if any is undefined.
@@ -259,6 +392,42 @@ impl Resolver<'_, '_, '_> {
             Selector::Workload(pattern) => Some(Target::Workload(pattern.clone())),
             Selector::Autogroup(Autogroup::Member) => Some(Target::Member),
             Selector::Autogroup(Autogroup::Tagged) => Some(Target::Tagged),
+            Selector::Autogroup(Autogroup::Internet) => {
+                Some(self.unenforced(Unenforced::Internet, span))
+            }
+            Selector::Autogroup(Autogroup::Shared) => {
+                Some(self.unenforced(Unenforced::Shared, span))
+            }
+            Selector::Service(name) => {
+                Some(self.unenforced(Unenforced::Service(name.clone()), span))
+            }
+            Selector::Autogroup(Autogroup::Role(role)) => match self.names.roles.get(*role) {
+                Some(members) => Some(Target::Role {
+                    role: *role,
+                    users: members.users.clone(),
+                    groups: members.groups.clone(),
+                }),
+                None if self.deny => {
+                    // Not knowing who holds the role, a deny against it
+                    // denies everyone rather than no one.
+                    if self.warned.insert(format!("deny {}", role.autogroup())) {
+                        self.diags.push(self.map.warning(
+                            span,
+                            format!("{} has no members configured, so deny rules naming it deny every source", role.autogroup()),
+                            Some("give weft the role's members (the coordinator's roles setting, or a roles file for `weft policy check`)".into()),
+                        ));
+                    }
+                    Some(Target::Any)
+                }
+                None => Some(self.unenforced(Unenforced::Role(*role), span)),
+            },
+            Selector::Ipset(name) => {
+                // Only reached for single principals; rules use `expand`.
+                if !self.names.ipsets.contains_key(name) {
+                    self.undefined_ipset(name, span);
+                }
+                None
+            }
             Selector::Autogroup(Autogroup::SelfUser) => {
                 if side == Side::Dst {
                     return Some(Target::SelfUser);
