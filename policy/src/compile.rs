@@ -21,7 +21,13 @@ use crate::rules::{DstTarget, Rule, Rules, Target};
 use crate::selector::spiffe_matches;
 
 /// A node as policy sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Its JSON form, for a device list (`weft policy check --devices FILE`
+/// reads an array of these):
+/// `{"id": 7, "name": "web1", "addresses": ["100.64.0.7"], "identity":
+/// {"user": null, "groups": [], "workload": null, "tags": ["tag:web"]},
+/// "attributes": {"node:os": "linux"}}`; `attributes` may be left out.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeInfo {
     /// Stable id; expected to be unique among the nodes compiled together.
     pub id: NodeId,
@@ -33,6 +39,7 @@ pub struct NodeInfo {
     pub identity: Identity,
     /// What the node reports about itself (`node:os`, `node:osVersion`,
     /// `node:clientVersion`, `custom:KEY`), for `srcPosture` conditions.
+    #[serde(default)]
     pub attributes: BTreeMap<String, String>,
 }
 

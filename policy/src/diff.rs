@@ -98,6 +98,7 @@ pub fn diff(old: &Policy, new: &Policy) -> PolicyDiff {
                 .cloned()
                 .collect(),
             apps: Vec::new(),
+            inert: Vec::new(),
             audit: rules.audit,
         };
         let (old_src, new_src) = (from_src(&old.rules), from_src(&new.rules));
@@ -120,6 +121,7 @@ pub fn diff(old: &Policy, new: &Policy) -> PolicyDiff {
                     .cloned()
                     .collect(),
                 apps: Vec::new(),
+                inert: Vec::new(),
                 audit: rules.audit,
             };
             let (old_rules, new_rules) = (to_dst(&old_src), to_dst(&new_src));

@@ -13,6 +13,7 @@ use crate::rules::{Rule, Rules, Target, Unenforced};
 use crate::selector::{self, is_external_group, Autogroup, Selector};
 use crate::tests_block::principals;
 use crate::{NodeInfo, Policy};
+use ipnet::IpNet;
 
 /// What the policy does with one flow, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -107,6 +108,12 @@ impl Policy {
         let target = self
             .principal_target(text, flag)
             .map_err(|d| Diagnostics(vec![d]))?;
+        if let Target::Unenforced(construct) = target {
+            return Ok(Subject {
+                construct: Some(construct),
+                ..Subject::default()
+            });
+        }
         match principals(&target, None).into_iter().next() {
             Some(subject) => Ok(subject),
             None => Err(Diagnostics(vec![self.usage_error(
@@ -148,23 +155,23 @@ impl Policy {
                     host_hint(names, &name),
                 )),
             },
-            Selector::Autogroup(Autogroup::Role(role)) => match names.roles.get(role) {
-                Some(members) => Ok(Target::Role {
+            Selector::Autogroup(Autogroup::Role(role)) => Ok(match names.roles.get(role) {
+                Some(members) => Target::Role {
                     role,
                     users: members.users.clone(),
                     groups: members.groups.clone(),
-                }),
-                None => Err(self.usage_error(
-                    format!("{what}: {} has no members configured", role.autogroup()),
-                    "give the policy the role's members (Policy::parse_with_roles)".into(),
-                )),
-            },
-            Selector::Any | Selector::Autogroup(_) | Selector::Ipset(_) | Selector::Service(_) => {
-                Err(self.usage_error(
-                    format!("{what} \"{text}\" is not one principal"),
-                    "name a user, group:idp:NAME, tag:NAME, SPIFFE ID, host name or IP".into(),
-                ))
+                },
+                None => Target::Unenforced(Unenforced::Role(role)),
+            }),
+            Selector::Autogroup(Autogroup::Internet) => {
+                Ok(Target::Unenforced(Unenforced::Internet))
             }
+            Selector::Autogroup(Autogroup::Shared) => Ok(Target::Unenforced(Unenforced::Shared)),
+            Selector::Service(name) => Ok(Target::Unenforced(Unenforced::Service(name))),
+            Selector::Any | Selector::Autogroup(_) | Selector::Ipset(_) => Err(self.usage_error(
+                format!("{what} \"{text}\" is not one principal"),
+                "name a user, group:idp:NAME, tag:NAME, SPIFFE ID, host name or IP".into(),
+            )),
         }
     }
 
@@ -193,34 +200,19 @@ pub(crate) fn rule_refs(rules: &[&Rule]) -> Vec<RuleRef> {
         .collect()
 }
 
-/// The rules naming an unenforced construct whose other parts cover the flow.
+/// The rules that would concern the flow but for a construct weft does not
+/// enforce: the construct stands where the flow's src or dst could be (it
+/// is named as the principal, a role could hold the user, the internet
+/// holds the address) and the rest of the rule covers the other end; and
+/// grants with `via` whose src and dst cover the flow.
 fn unenforced_notes(rules: &Rules, src: &Subject, dst: &Subject) -> Vec<UnenforcedNote> {
     let mut notes: Vec<UnenforcedNote> = Vec::new();
-    for rule in &rules.rules {
-        let dsts = || rule.dst.iter().map(|d| &d.target);
-        let constructs: Vec<&Unenforced> = rule
-            .src
+    let mut note = |rule: &Rule, what: &Unenforced| {
+        let construct = what.construct();
+        if !notes
             .iter()
-            .chain(dsts())
-            .filter_map(|t| match t {
-                Target::Unenforced(what) => Some(what),
-                _ => None,
-            })
-            .collect();
-        let open = |t: &Target| matches!(t, Target::Unenforced(_));
-        let src_ok = rule.src.iter().any(open) || rule.covers_src(src);
-        let dst_ok = dsts().any(|t| open(t) || t.covers(dst) || *t == Target::SelfUser);
-        if !src_ok || !dst_ok {
-            continue;
-        }
-        for what in constructs {
-            let construct = what.construct();
-            if notes
-                .iter()
-                .any(|n| n.rule.line == rule.line && n.construct == construct)
-            {
-                continue;
-            }
+            .any(|n| n.rule.line == rule.line && n.construct == construct)
+        {
             notes.push(UnenforcedNote {
                 rule: RuleRef {
                     line: rule.line,
@@ -230,8 +222,50 @@ fn unenforced_notes(rules: &Rules, src: &Subject, dst: &Subject) -> Vec<Unenforc
                 reason: what.reason(),
             });
         }
+    };
+    let covers_dst = |rule: &Rule| {
+        rule.dst
+            .iter()
+            .any(|d| d.target == Target::SelfUser || d.target.covers(dst))
+    };
+    for rule in &rules.rules {
+        for target in &rule.src {
+            if let Target::Unenforced(what) = target {
+                if could_be(what, src) && covers_dst(rule) {
+                    note(rule, what);
+                }
+            }
+        }
+        for d in &rule.dst {
+            if let Target::Unenforced(what) = &d.target {
+                if could_be(what, dst) && rule.covers_src(src) {
+                    note(rule, what);
+                }
+            }
+        }
+    }
+    for rule in &rules.inert {
+        if rule.covers_src(src) && covers_dst(rule) {
+            note(rule, &Unenforced::Via);
+        }
     }
     notes
+}
+
+/// Whether `subject` could be what the unenforced construct stands for.
+fn could_be(what: &Unenforced, subject: &Subject) -> bool {
+    if subject.construct.as_ref() == Some(what) {
+        return true;
+    }
+    match what {
+        Unenforced::Role(_) => subject.is_member(),
+        Unenforced::Internet => subject.addr.is_some_and(|net| {
+            !crate::ipsets::NOT_INTERNET
+                .iter()
+                .any(|private| private.parse::<IpNet>().is_ok_and(|p| p.contains(&net)))
+        }),
+        Unenforced::Shared | Unenforced::Service(_) | Unenforced::Via => false,
+    }
 }
 
 /// Whether any protocol and port passes from `src` to `dst`.
@@ -341,6 +375,76 @@ mod tests {
             .explain("group:idp:sre", "tag:web", 80, Protocol::Tcp)
             .unwrap();
         assert_eq!(e.verdict, Verdict::Accept);
+    }
+
+    #[test]
+    fn rules_matching_nothing_because_of_unenforced_constructs_are_named() {
+        let p = Policy::parse(
+            r#"{"tagOwners": {"tag:exit": [], "tag:db": []}, "acls": [
+                {"action": "accept", "src": ["alice@example.com"], "dst": ["autogroup:internet:*"]},
+                {"action": "accept", "src": ["autogroup:shared"], "dst": ["tag:db:5432"]}],
+              "grants": [{"src": ["alice@example.com"], "dst": ["tag:db"], "ip": ["*"], "via": ["tag:exit"]}]}"#,
+            "p",
+        )
+        .unwrap();
+        let e = p
+            .explain("alice@example.com", "tag:db", 5432, Protocol::Tcp)
+            .unwrap();
+        assert_eq!(e.verdict, Verdict::Deny);
+        let named = |e: &Explanation| -> Vec<(u32, String)> {
+            e.unenforced
+                .iter()
+                .map(|n| (n.rule.line, n.construct.clone()))
+                .collect()
+        };
+        assert_eq!(named(&e), [(4, "\"via\"".to_owned())]);
+        let e = p
+            .explain("autogroup:shared", "tag:db", 5432, Protocol::Tcp)
+            .unwrap();
+        assert_eq!(e.verdict, Verdict::Deny);
+        assert_eq!(named(&e), [(3, "autogroup:shared".to_owned())]);
+        assert_eq!(
+            e.unenforced[0].reason,
+            "weft has no sharing between networks, so users shared in are not enforced"
+        );
+        let e = p
+            .explain("alice@example.com", "8.8.8.8", 443, Protocol::Tcp)
+            .unwrap();
+        assert_eq!(e.unenforced[0].construct, "autogroup:internet");
+        let e = p.explain("tag:db", "tag:exit", 1, Protocol::Tcp).unwrap();
+        assert!(e.unenforced.is_empty(), "{e:?}");
+    }
+
+    #[test]
+    fn the_lockout_guard_takes_the_admin_role() {
+        let source = r#"{"tagOwners": {"tag:db": []}, "acls": [
+            {"action": "accept", "src": ["autogroup:admin"], "dst": ["tag:db:22"]}]}"#;
+        let nodes = [
+            node(1, Identity::tagged(vec!["tag:db".into()])),
+            node(
+                2,
+                Identity {
+                    user: Some("olga@example.com".into()),
+                    ..Identity::default()
+                },
+            ),
+        ];
+        let mut roles = crate::Roles::default();
+        roles.add(crate::Role::Admin, "olga@example.com").unwrap();
+        let p = Policy::parse_with_roles(source, "p", &roles).unwrap();
+        assert!(p.reaches_anything("autogroup:admin", &nodes));
+        assert!(p.reaches_anything("olga@example.com", &nodes));
+        let without = Policy::parse(source, "p").unwrap();
+        assert!(!without.reaches_anything("autogroup:admin", &nodes));
+        let e = without
+            .explain("olga@example.com", "tag:db", 22, Protocol::Tcp)
+            .unwrap();
+        assert_eq!(e.verdict, Verdict::Deny);
+        assert_eq!(e.unenforced[0].construct, "autogroup:admin");
+        assert_eq!(
+            e.unenforced[0].reason,
+            "the admin role has no members configured"
+        );
     }
 
     #[test]

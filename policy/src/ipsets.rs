@@ -28,7 +28,7 @@ pub(crate) struct Ipset {
 }
 
 /// Addresses that are never the internet: private, overlay and unique-local ranges.
-const NOT_INTERNET: [&str; 5] = [
+pub(crate) const NOT_INTERNET: [&str; 5] = [
     "10.0.0.0/8",
     "172.16.0.0/12",
     "192.168.0.0/16",

@@ -34,6 +34,34 @@ const SUPPORTED_KEYS: &[&str] = &[
     "ipsets",
 ];
 
+/// The capitalised top-level keys of early Tailscale policy files.
+const TOP_LEVEL_ALIASES: &[(&str, &str)] = &[
+    ("ACLs", "acls"),
+    ("Groups", "groups"),
+    ("Hosts", "hosts"),
+    ("TagOwners", "tagOwners"),
+    ("Tests", "tests"),
+];
+
+/// Early spellings of acls entry fields: `users`/`ports` for `src`/`dst`, capitalised.
+const ACL_ALIASES: &[(&str, &str)] = &[
+    ("Action", "action"),
+    ("users", "src"),
+    ("Users", "src"),
+    ("ports", "dst"),
+    ("Ports", "dst"),
+];
+
+/// Early spellings of tests entry fields: `user` for `src`, `allow` for `accept`.
+const TEST_ALIASES: &[(&str, &str)] = &[
+    ("user", "src"),
+    ("User", "src"),
+    ("allow", "accept"),
+    ("Allow", "accept"),
+    ("Accept", "accept"),
+    ("Deny", "deny"),
+];
+
 /// Top-level keys of Tailscale policy files that weft ignores with a warning.
 /// None of them grants access on its own, so ignoring one never widens access.
 const IGNORED_KEYS: &[&str] = &[
@@ -59,8 +87,11 @@ pub(crate) fn file(root: &Value, map: &SourceMap<'_>, diags: &mut Vec<Diagnostic
     ) else {
         return file;
     };
+    let mut seen = BTreeMap::new();
     for member in members {
-        let key = member.key.as_str();
+        let Some(key) = walker.field(member, TOP_LEVEL_ALIASES, &mut seen, "the policy") else {
+            continue;
+        };
         match key {
             "groups" => file.groups = walker.groups(&member.value),
             "tagOwners" => file.tag_owners = walker.tag_owners(&member.value),
@@ -279,29 +310,11 @@ impl Walker<'_, '_> {
         )?;
         let (mut action, mut src, mut dst, mut proto) = (None, None, None, None);
         let (mut src_posture, mut mode) = (None, None);
-        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut seen = BTreeMap::new();
         for member in members {
-            // Early Tailscale files wrote `Action`, and `users`/`ports` (or
-            // `Users`/`Ports`) for `src`/`dst`; Tailscale still accepts them.
-            let field = match member.key.as_str() {
-                "action" | "Action" => "action",
-                "src" | "users" | "Users" => "src",
-                "dst" | "ports" | "Ports" => "dst",
-                other => other,
+            let Some(field) = self.field(member, ACL_ALIASES, &mut seen, entry) else {
+                continue;
             };
-            if FIELDS.contains(&field) {
-                if let Some(first) = seen.insert(field, &member.key) {
-                    self.error(
-                        member.key_span,
-                        format!("{entry} has both \"{first}\" and \"{}\"", member.key),
-                        format!(
-                            "\"{first}\" and \"{}\" are two spellings of \"{field}\"; keep one",
-                            member.key
-                        ),
-                    );
-                    continue;
-                }
-            }
             match field {
                 "action" => action = Some(&member.value),
                 "src" => src = Some(&member.value),
@@ -831,7 +844,6 @@ impl Walker<'_, '_> {
 
     fn test(&mut self, value: &Value) -> Option<TestEntry> {
         const FIELDS: &[&str] = &["src", "accept", "deny", "proto", "srcPostureAttrs"];
-        const ALLOW: &str = "allow";
         let members = self.object(
             value,
             "a tests entry",
@@ -839,16 +851,14 @@ impl Walker<'_, '_> {
         )?;
         let (mut src, mut accept, mut deny, mut proto) = (None, None, None, None);
         let mut src_posture_attrs = None;
+        let mut seen = BTreeMap::new();
         for member in members {
-            match member.key.as_str() {
+            let Some(field) = self.field(member, TEST_ALIASES, &mut seen, "tests entry") else {
+                continue;
+            };
+            match field {
                 "src" => src = Some(&member.value),
-                // `allow` is Tailscale's older name for `accept`.
-                "accept" | ALLOW if accept.is_some() => self.error(
-                    member.key_span,
-                    "tests entry has both \"accept\" and \"allow\"".into(),
-                    "\"allow\" is the older name of \"accept\"; keep one".into(),
-                ),
-                "accept" | ALLOW => accept = Some(&member.value),
+                "accept" => accept = Some(&member.value),
                 "deny" => deny = Some(&member.value),
                 "proto" => proto = Some(&member.value),
                 "srcPostureAttrs" => src_posture_attrs = self.attributes(&member.value),
@@ -1066,6 +1076,32 @@ impl Walker<'_, '_> {
             value,
             span: member.key_span,
         })
+    }
+
+    /// The field `member` sets, with early Tailscale spellings (`aliases`)
+    /// mapped to the current one; `None`, with an error, when `seen` shows
+    /// the object already set that field under another spelling.
+    fn field<'k>(
+        &mut self,
+        member: &'k Member,
+        aliases: &[(&str, &'k str)],
+        seen: &mut BTreeMap<&'k str, &'k str>,
+        entry: &str,
+    ) -> Option<&'k str> {
+        let written = member.key.as_str();
+        let field = aliases
+            .iter()
+            .find(|(alias, _)| *alias == written)
+            .map_or(written, |(_, field)| *field);
+        if let Some(first) = seen.insert(field, written) {
+            self.error(
+                member.key_span,
+                format!("{entry} has both \"{first}\" and \"{written}\""),
+                format!("\"{first}\" and \"{written}\" are two spellings of \"{field}\"; keep one"),
+            );
+            return None;
+        }
+        Some(field)
     }
 
     fn unknown_field(&mut self, member: &Member, key: &str, entry: &str, fields: &[&str]) {
@@ -1590,6 +1626,44 @@ mod tests {
         let diags = Policy::parse(source, "p.hujson").unwrap_err();
         let lines: Vec<u32> = diags.0.iter().map(|d| d.line).collect();
         assert_eq!(lines, [2, 3, 4]);
+    }
+
+    #[test]
+    fn early_tailscale_spellings_load() {
+        let early = r#"{
+  "Groups": {"group:eng": ["alice@example.com"]},
+  "Hosts": {"nas": "192.168.1.10"},
+  "ACLs": [
+    {"Action": "accept", "Users": ["group:eng"], "Ports": ["nas:445"]},
+    {"action": "accept", "users": ["*"], "ports": ["nas:80"]},
+  ],
+  "Tests": [
+    {"User": "alice@example.com", "Allow": ["nas:445", "nas:80"], "Deny": ["nas:22"]},
+    {"src": "bob@example.com", "allow": ["nas:80"], "deny": ["nas:445"]},
+  ],
+}"#;
+        let policy = Policy::parse(early, "p").unwrap();
+        assert!(policy.warnings().is_empty(), "{:?}", policy.warnings());
+        assert_eq!(policy.run_tests().unwrap().passed, 5);
+        let current = policy.to_hujson();
+        assert!(
+            current.contains("\"src\": [\"group:eng\"], \"dst\": [\"nas:445\"]"),
+            "{current}"
+        );
+        let (_, _, message, hint) = error("{\"acls\": [], \"ACLs\": []}");
+        assert_eq!(message, "the policy has both \"acls\" and \"ACLs\"");
+        assert_eq!(
+            hint,
+            "\"acls\" and \"ACLs\" are two spellings of \"acls\"; keep one"
+        );
+        let (_, _, message, _) = error(
+            "{\"hosts\": {\"h\": \"10.0.0.1\"}, \"tests\": [{\"src\": \"a@x\", \"accept\": [\"h:1\"], \"allow\": [\"h:2\"]}]}",
+        );
+        assert_eq!(message, "tests entry has both \"accept\" and \"allow\"");
+        let (_, _, message, _) = error(&acl(
+            "{\"action\": \"accept\", \"src\": [\"*\"], \"ports\": [\"*:*\"], \"dst\": [\"*:*\"]}",
+        ));
+        assert_eq!(message, "acls entry has both \"ports\" and \"dst\"");
     }
 
     #[test]

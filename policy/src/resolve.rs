@@ -150,6 +150,7 @@ pub(crate) fn resolve(
         });
     }
     let mut apps = Vec::new();
+    let mut inert = Vec::new();
     for grant in &file.grants {
         let posture = match &grant.src_posture {
             Some(names) => resolver.postures(names),
@@ -158,16 +159,18 @@ pub(crate) fn resolve(
         let line = map.location(grant.span.start).line;
         let text = map.snippet(grant.span);
         let src = resolver.targets(&grant.src, Side::Src);
-        let mut dst = resolver.targets(&grant.dst, Side::Dst);
+        let dst = resolver.targets(&grant.dst, Side::Dst);
+        // Traffic a grant routes through chosen routers cannot be restricted
+        // that way, so such a grant opens nothing and hands out nothing.
+        let routed = !grant.via.is_empty();
         if let Some(first) = grant.via.first() {
             for router in &grant.via {
                 resolver.target(router, Side::Dst);
             }
-            // Traffic a grant routes through chosen routers cannot be
-            // restricted that way, so the grant opens nothing.
-            dst = vec![resolver.unenforced(Unenforced::Via, first.span)];
+            resolver.unenforced(Unenforced::Via, first.span);
         }
         for (protocol, ports) in &grant.ip {
+            let rules = if routed { &mut inert } else { &mut rules };
             rules.push(Rule {
                 line,
                 text: text.clone(),
@@ -184,7 +187,7 @@ pub(crate) fn resolve(
                 posture: posture.clone(),
             });
         }
-        if !grant.app.is_empty() {
+        if !grant.app.is_empty() && !routed {
             apps.push(AppRule {
                 line,
                 src,
@@ -247,6 +250,7 @@ pub(crate) fn resolve(
         rules: Rules {
             rules,
             apps,
+            inert,
             audit: file.audit,
         },
         tests,
@@ -615,5 +619,243 @@ mod tests {
         assert_eq!(message, "undefined group \"group:nobody\"");
         let (_, _, message, _) = error(r#"{"tagOwners": {"tag:web": ["tag:ci"]}}"#);
         assert_eq!(message, "tag \"tag:ci\" has no \"tagOwners\" entry");
+    }
+
+    fn warnings(policy: &Policy) -> Vec<String> {
+        policy
+            .warnings()
+            .iter()
+            .map(|w| format!("{}:{}: {}", w.line, w.column, w.message))
+            .collect()
+    }
+
+    fn verdict(policy: &Policy, src: &str, dst: &str, port: u16) -> crate::Verdict {
+        policy
+            .explain(src, dst, port, crate::Protocol::Tcp)
+            .unwrap()
+            .verdict
+    }
+
+    #[test]
+    fn exit_node_sharing_and_services_match_nothing_and_warn_once() {
+        let policy = Policy::parse(
+            &with_rule(
+                r#"{"action": "accept", "src": ["group:ops", "autogroup:shared"], "dst": ["autogroup:internet:*", "tag:web:443"]},
+    {"action": "accept", "src": ["*"], "dst": ["autogroup:internet:*"]}],
+  "grants": [{"src": ["autogroup:shared"], "dst": ["svc:wiki", "svc:git"], "ip": ["tcp:443"]}"#,
+            ),
+            "policy.hujson",
+        )
+        .unwrap();
+        assert_eq!(
+            warnings(&policy),
+            [
+                "6:47: autogroup:shared matches nothing: weft has no sharing between networks, so users shared in are not enforced",
+                "6:76: autogroup:internet matches nothing: weft has no exit nodes, so exit-node access is not enforced",
+                "8:52: svc:wiki matches nothing: weft has no Tailscale Services, so access to them is not enforced",
+                "8:64: svc:git matches nothing: weft has no Tailscale Services, so access to them is not enforced",
+            ]
+        );
+        assert!(policy.warnings()[1]
+            .hint
+            .as_deref()
+            .unwrap()
+            .contains("grants nothing the file does not"));
+        // The enforced parts of the rule still apply.
+        assert_eq!(
+            verdict(&policy, "olga@example.com", "tag:web", 443),
+            crate::Verdict::Accept
+        );
+        assert_eq!(
+            verdict(&policy, "olga@example.com", "8.8.8.8", 443),
+            crate::Verdict::Deny
+        );
+    }
+
+    #[test]
+    fn role_autogroups_resolve_to_configured_members() {
+        let source = with_rule(
+            r#"{"action": "accept", "src": ["autogroup:admin"], "dst": ["tag:web:22"]},
+    {"action": "deny", "src": ["autogroup:auditor"], "dst": ["tag:web:*"]},
+    {"action": "accept", "src": ["*"], "dst": ["tag:web:80"]}"#,
+        );
+        let policy = Policy::parse(&source, "policy.hujson").unwrap();
+        assert_eq!(
+            warnings(&policy),
+            [
+                "6:34: autogroup:admin matches nothing: the admin role has no members configured",
+                "7:32: autogroup:auditor has no members configured, so deny rules naming it deny every source",
+            ]
+        );
+        assert_eq!(
+            verdict(&policy, "alice@example.com", "tag:web", 22),
+            crate::Verdict::Deny
+        );
+        assert_eq!(
+            verdict(&policy, "alice@example.com", "tag:web", 80),
+            crate::Verdict::Deny,
+            "not knowing the auditors, the deny covers everyone"
+        );
+        let mut roles = crate::Roles::default();
+        roles.add(crate::Role::Admin, "alice@example.com").unwrap();
+        roles.add(crate::Role::Admin, "group:idp:secops").unwrap();
+        roles
+            .add(crate::Role::Auditor, "carol@example.com")
+            .unwrap();
+        let policy = Policy::parse_with_roles(&source, "policy.hujson", &roles).unwrap();
+        assert!(policy.warnings().is_empty(), "{:?}", warnings(&policy));
+        assert_eq!(
+            verdict(&policy, "alice@example.com", "tag:web", 22),
+            crate::Verdict::Accept
+        );
+        assert_eq!(
+            verdict(&policy, "group:idp:secops", "tag:web", 22),
+            crate::Verdict::Accept
+        );
+        assert_eq!(
+            verdict(&policy, "bob@example.com", "tag:web", 22),
+            crate::Verdict::Deny
+        );
+        assert_eq!(
+            verdict(&policy, "bob@example.com", "tag:web", 80),
+            crate::Verdict::Accept
+        );
+        assert_eq!(
+            verdict(&policy, "carol@example.com", "tag:web", 80),
+            crate::Verdict::Deny
+        );
+        assert_eq!(
+            verdict(&policy, "autogroup:admin", "tag:web", 22),
+            crate::Verdict::Accept
+        );
+    }
+
+    #[test]
+    fn tag_owners_take_role_autogroups() {
+        let policy = Policy::parse(
+            r#"{"groups": {"group:ops": []}, "tagOwners": {"tag:a": ["autogroup:admin", "autogroup:it-admin", "autogroup:member", "group:ops"]}}"#,
+            "p",
+        );
+        assert!(policy.is_ok(), "{policy:?}");
+        let (_, _, message, hint) = error(r#"{"tagOwners": {"tag:a": ["autogroup:internet"]}}"#);
+        assert_eq!(message, "\"autogroup:internet\" cannot own a tag");
+        assert!(hint.contains("role autogroup"), "{hint}");
+        let (_, _, message, _) = error(r#"{"tagOwners": {"tag:a": ["autogroup:admins"]}}"#);
+        assert_eq!(message, "unknown autogroup \"autogroup:admins\"");
+    }
+
+    #[test]
+    fn ipsets_work_wherever_a_cidr_does() {
+        let policy = Policy::parse(
+            r#"{
+  "hosts": {"lab": "10.1.5.0/24"},
+  "ipsets": {
+    "ipset:corp": ["add 10.1.0.0/16", "remove host:lab", "add ipset:vpn"],
+    "ipset:vpn": ["192.0.2.0/24"],
+    "ipset:out": ["add autogroup:internet", "remove 8.8.8.8"],
+    "ipset:tailnet-only": ["0.0.0.0/0", "remove autogroup:internet"],
+  },
+  "acls": [
+    {"action": "accept", "src": ["ipset:corp"], "dst": ["ipset:corp:22"]},
+    {"action": "accept", "src": ["*"], "dst": ["ipset:out:*", "ipset:tailnet-only:443"]},
+  ],
+}"#,
+            "p",
+        )
+        .unwrap();
+        assert_eq!(
+            warnings(&policy),
+            ["11:48: autogroup:internet matches nothing: weft has no exit nodes, so exit-node access is not enforced"]
+        );
+        let v = |src: &str, dst: &str, port: u16| verdict(&policy, src, dst, port);
+        assert_eq!(v("10.1.2.3", "192.0.2.9", 22), crate::Verdict::Accept);
+        assert_eq!(
+            v("10.1.5.3", "10.1.2.3", 22),
+            crate::Verdict::Deny,
+            "lab is removed"
+        );
+        assert_eq!(v("10.1.2.3", "10.1.5.3", 22), crate::Verdict::Deny);
+        assert_eq!(
+            v("10.1.2.3", "1.1.1.1", 80),
+            crate::Verdict::Deny,
+            "internet matches nothing"
+        );
+        assert_eq!(v("10.1.2.3", "100.64.0.9", 443), crate::Verdict::Accept);
+        assert_eq!(
+            v("10.1.2.3", "1.1.1.1", 443),
+            crate::Verdict::Deny,
+            "removing the internet removes at least the internet"
+        );
+        let printed = policy.to_hujson();
+        assert!(
+            printed.contains(
+                "\"ipset:corp\": [\"add 10.1.0.0/16\", \"remove lab\", \"add ipset:vpn\"]"
+            ),
+            "{printed}"
+        );
+        let targets = |p: &Policy| {
+            p.rules
+                .rules
+                .iter()
+                .map(|r| (r.src.clone(), r.dst.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            targets(&Policy::parse(&printed, "p").unwrap()),
+            targets(&policy)
+        );
+    }
+
+    #[test]
+    fn tests_that_need_the_nodes_are_warned_about() {
+        let policy = Policy::parse(
+            r#"{"hosts": {"router": "100.64.0.1"}, "tests": [
+  {"src": "100.64.0.1", "deny": ["100.64.0.2:22"]},
+  {"src": "100.64.0.1", "deny": ["198.51.100.1:22"]},
+]}"#,
+            "p",
+        )
+        .unwrap();
+        assert_eq!(
+            warnings(&policy),
+            ["2:3: test src 100.64.0.1 is not evaluated offline — needs the device list"]
+        );
+        assert!(policy.warnings()[0]
+            .hint
+            .as_deref()
+            .unwrap()
+            .starts_with("100.64.0.2 is an overlay address"));
+        let report = policy.run_tests().unwrap();
+        assert_eq!((report.passed, report.not_evaluated), (1, 1));
+    }
+
+    #[test]
+    fn names_in_unenforced_sections_are_checked() {
+        let diags = Policy::parse(
+            &format!("{HEAD}],\n  \"ssh\": [{{\"action\": \"accept\", \"src\": [\"group:opz\"], \"dst\": [\"tag:web\"], \"users\": [\"root\"]}}]\n}}"),
+            "p",
+        )
+        .unwrap_err();
+        let errors: Vec<(u32, u32, &str)> = diags
+            .0
+            .iter()
+            .filter(|d| d.severity == crate::Severity::Error)
+            .map(|d| (d.line, d.column, d.message.as_str()))
+            .collect();
+        assert_eq!(errors, [(6, 40, "undefined group \"group:opz\"")]);
+        let mut diags = Policy::parse(
+            &format!("{HEAD}],\n  \"autoApprovers\": {{\"routes\": {{\"10.0.0.0/8\": [\"tag:router\"]}}, \"exitNode\": [\"ipset:x\"]}}\n}}"),
+            "p",
+        )
+        .unwrap_err()
+        .0
+        .into_iter()
+        .filter(|d| d.severity == crate::Severity::Error)
+        .map(|d| d.message);
+        assert_eq!(
+            diags.next().unwrap(),
+            "tag \"tag:router\" has no \"tagOwners\" entry"
+        );
+        assert_eq!(diags.next().unwrap(), "undefined ipset \"ipset:x\"");
     }
 }

@@ -111,6 +111,9 @@ pub(crate) struct Rules {
     pub(crate) rules: Vec<Rule>,
     /// The `app` capabilities of `grants`.
     pub(crate) apps: Vec<AppRule>,
+    /// Grants with `via`, as the network rules they would be: never
+    /// enforced, kept so `explain` can name them.
+    pub(crate) inert: Vec<Rule>,
     /// Whole-file audit mode: nothing is enforced, would-be denials are logged.
     pub(crate) audit: bool,
 }

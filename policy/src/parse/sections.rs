@@ -267,3 +267,106 @@ impl Walker<'_, '_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{Policy, Severity};
+
+    fn errors(section: &str) -> Vec<(String, String)> {
+        let source = format!(
+            "{{\"groups\": {{\"group:eng\": []}}, \"tagOwners\": {{\"tag:prod\": []}},\n{section}}}"
+        );
+        match Policy::parse(&source, "p") {
+            Ok(_) => Vec::new(),
+            Err(diags) => diags
+                .0
+                .into_iter()
+                .filter(|d| d.severity == Severity::Error)
+                .map(|d| (d.message, d.hint.unwrap_or_default()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn well_formed_sections_load() {
+        let sections = r#""ssh": [
+    {"action": "check", "src": ["group:eng"], "dst": ["autogroup:self"], "users": ["autogroup:nonroot", "root"], "checkPeriod": "12h"},
+    {"action": "accept", "src": ["tag:prod"], "dst": ["tag:prod"], "users": ["deploy"], "acceptEnv": ["GIT_*"], "recorder": ["tag:prod"], "enforceRecorder": false},
+  ],
+  "sshTests": [{"src": "group:eng", "dst": ["tag:prod"], "accept": ["root"], "check": ["ubuntu"], "deny": ["admin"]}],
+  "nodeAttrs": [{"target": ["autogroup:member", "group:eng"], "attr": ["funnel"]}, {"target": ["*"], "app": {"tailscale.com/app-connectors": []}}],
+  "autoApprovers": {"routes": {"10.0.0.0/8": ["tag:prod"], "fd00::/8": ["group:eng"]}, "exitNode": ["tag:prod", "autogroup:admin"], "services": {"svc:wiki": ["tag:prod"]}},"#;
+        assert_eq!(errors(sections), []);
+    }
+
+    #[test]
+    fn typos_and_wrong_types_are_errors() {
+        assert_eq!(
+            errors(
+                r#""ssh": [{"action": "acept", "src": ["group:eng"], "dst": ["tag:prod"], "users": ["root"]}]"#
+            ),
+            [(
+                "invalid ssh action \"acept\"".into(),
+                "ssh actions are \"accept\" and \"check\"".into()
+            )]
+        );
+        assert_eq!(
+            errors(
+                r#""ssh": [{"action": "accept", "src": ["group:eng"], "dts": ["tag:prod"], "users": ["root"]}]"#
+            ),
+            [
+                (
+                    "ssh rule has no \"dst\"".into(),
+                    "an ssh rule needs action, src, dst, users".into()
+                ),
+                (
+                    "unknown key \"dts\" in ssh rule".into(),
+                    "did you mean \"dst\"?".into()
+                ),
+            ]
+        );
+        assert_eq!(
+            errors(
+                r#""ssh": [{"action": "accept", "src": "group:eng", "dst": ["tag:prod"], "users": ["root"], "enforceRecorder": "yes"}]"#
+            ),
+            [
+                (
+                    "\"src\" of an ssh rule must be an array, found a string".into(),
+                    "write a list of strings".into()
+                ),
+                (
+                    "\"enforceRecorder\" of an ssh rule must be true or false, found a string"
+                        .into(),
+                    "write true or false".into()
+                ),
+            ]
+        );
+        assert_eq!(
+            errors(r#""nodeAttrs": [{"target": ["tag:prd"], "attrs": ["funnel"]}]"#),
+            [
+                (
+                    "tag \"tag:prd\" has no \"tagOwners\" entry".into(),
+                    "did you mean \"tag:prod\"?".into()
+                ),
+                (
+                    "unknown key \"attrs\" in nodeAttrs entry".into(),
+                    "did you mean \"attr\"?".into()
+                ),
+            ]
+        );
+        assert_eq!(
+            errors(r#""autoApprovers": {"routes": {"10.0.0.0/33": ["tag:prod"]}, "exitNodes": []}"#),
+            [
+                ("auto-approved routes \"10.0.0.0/33\" is not a CIDR".into(), "write \"autoApprovers\": { \"routes\": { \"CIDR\": [\"tag:NAME\", …] }, \"exitNode\": [ … ] }".into()),
+                ("unknown key \"exitNodes\" in autoApprovers".into(), "did you mean \"exitNode\"?".into()),
+            ]
+        );
+        assert_eq!(
+            errors(
+                r#""sshTests": [{"src": "group:nope", "dst": ["tag:prod"], "accept": ["root"]}]"#
+            )[0]
+            .0,
+            "undefined group \"group:nope\""
+        );
+    }
+}
