@@ -78,7 +78,11 @@ const IGNORED_KEYS: &[&str] = &[
 
 /// Parses the policy structure, appending problems to `diags`.
 pub(crate) fn file(root: &Value, map: &SourceMap<'_>, diags: &mut Vec<Diagnostic>) -> File {
-    let mut walker = Walker { map, diags };
+    let mut walker = Walker {
+        map,
+        diags,
+        member_spelling: None,
+    };
     let mut file = File::default();
     let Some(members) = walker.object(
         root,
@@ -135,6 +139,8 @@ pub(crate) fn file(root: &Value, map: &SourceMap<'_>, diags: &mut Vec<Diagnostic
 struct Walker<'m, 'd> {
     map: &'m SourceMap<'m>,
     diags: &'d mut Vec<Diagnostic>,
+    /// The first spelling of `autogroup:member(s)` the file uses.
+    member_spelling: Option<String>,
 }
 
 impl Walker<'_, '_> {
@@ -1036,6 +1042,19 @@ impl Walker<'_, '_> {
         if let Some(canonical) = selector::canonical_spelling(text, &selector) {
             self.non_canonical(span, text, canonical);
         }
+        if selector == Selector::Autogroup(Autogroup::Member) {
+            match &self.member_spelling {
+                None => self.member_spelling = Some(text.to_owned()),
+                Some(first) if first != text => {
+                    // Tailscale refuses a file that mixes the two.
+                    return Err(SelectorError {
+                        message: format!("\"{text}\" in a file that also writes \"{first}\""),
+                        hint: Some("autogroup:members is the older spelling of autogroup:member; write autogroup:member everywhere".into()),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
         Ok(selector)
     }
 
@@ -1664,6 +1683,38 @@ mod tests {
             "{\"action\": \"accept\", \"src\": [\"*\"], \"ports\": [\"*:*\"], \"dst\": [\"*:*\"]}",
         ));
         assert_eq!(message, "acls entry has both \"ports\" and \"dst\"");
+    }
+
+    #[test]
+    fn member_spellings_do_not_mix() {
+        let policy = Policy::parse(
+            "{\"acls\": [{\"action\": \"accept\", \"src\": [\"autogroup:members\"], \"dst\": [\"autogroup:self:*\"]}]}",
+            "p",
+        );
+        assert!(policy.is_ok(), "{policy:?}");
+        let (line, col, message, hint) = error(
+            "{\"acls\": [{\"action\": \"accept\", \"src\": [\"autogroup:members\"], \"dst\": [\"autogroup:self:*\"]},\n{\"action\": \"accept\", \"src\": [\"autogroup:member\"], \"dst\": [\"*:22\"]}]}",
+        );
+        assert_eq!((line, col), (2, 30));
+        assert_eq!(
+            message,
+            "\"autogroup:member\" in a file that also writes \"autogroup:members\""
+        );
+        assert!(hint.contains("older spelling"), "{hint}");
+    }
+
+    #[test]
+    fn danger_all_is_every_source() {
+        let policy = Policy::parse(
+            "{\"tagOwners\": {\"tag:web\": []}, \"grants\": [{\"src\": [\"autogroup:danger-all\"], \"dst\": [\"tag:web\"], \"ip\": [\"tcp:443\"]}]}",
+            "p",
+        )
+        .unwrap();
+        assert_eq!(policy.rules.rules[0].src, [crate::rules::Target::Any]);
+        let (_, _, message, _) = error(&acl(
+            "{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"autogroup:danger-all:*\"]}",
+        ));
+        assert_eq!(message, "autogroup:danger-all is only valid as a source");
     }
 
     #[test]

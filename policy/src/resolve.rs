@@ -396,6 +396,17 @@ impl Resolver<'_, '_, '_> {
             Selector::Workload(pattern) => Some(Target::Workload(pattern.clone())),
             Selector::Autogroup(Autogroup::Member) => Some(Target::Member),
             Selector::Autogroup(Autogroup::Tagged) => Some(Target::Tagged),
+            Selector::Autogroup(Autogroup::DangerAll) => {
+                if side == Side::Src {
+                    return Some(Target::Any);
+                }
+                self.error(
+                    span,
+                    "autogroup:danger-all is only valid as a source".into(),
+                    "name the destinations, or use * for every node".into(),
+                );
+                None
+            }
             Selector::Autogroup(Autogroup::Internet) => {
                 Some(self.unenforced(Unenforced::Internet, span))
             }

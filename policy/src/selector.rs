@@ -53,6 +53,8 @@ pub(crate) enum Autogroup {
     SelfUser,
     /// The internet through an exit node: weft has no exit nodes.
     Internet,
+    /// As a source: every address, inside the network or not (`*` in weft).
+    DangerAll,
     /// Users shared in from another tailnet: weft has no sharing.
     Shared,
     /// The user nodes of the people holding a role.
@@ -66,6 +68,7 @@ impl Autogroup {
             Autogroup::Tagged => "autogroup:tagged".into(),
             Autogroup::SelfUser => "autogroup:self".into(),
             Autogroup::Internet => "autogroup:internet".into(),
+            Autogroup::DangerAll => "autogroup:danger-all".into(),
             Autogroup::Shared => "autogroup:shared".into(),
             Autogroup::Role(role) => role.autogroup(),
         }
@@ -80,6 +83,7 @@ impl Autogroup {
             "tagged" => Autogroup::Tagged,
             "self" => Autogroup::SelfUser,
             "internet" => Autogroup::Internet,
+            "danger-all" => Autogroup::DangerAll,
             "shared" => Autogroup::Shared,
             _ => Autogroup::Role(Role::from_name(name)?),
         })
@@ -87,7 +91,7 @@ impl Autogroup {
 }
 
 /// Every autogroup name, for hints.
-const AUTOGROUPS: &str = "autogroup:member (or :members), autogroup:tagged, autogroup:self, autogroup:internet, autogroup:shared and the roles autogroup:owner, autogroup:admin, autogroup:it-admin, autogroup:network-admin, autogroup:billing-admin, autogroup:auditor";
+const AUTOGROUPS: &str = "autogroup:member (or :members), autogroup:tagged, autogroup:self, autogroup:internet, autogroup:shared, autogroup:danger-all and the roles autogroup:owner, autogroup:admin, autogroup:it-admin, autogroup:network-admin, autogroup:billing-admin, autogroup:auditor";
 
 /// Whether a `group:` name is an external (identity-provider) group.
 pub(crate) fn is_external_group(full: &str) -> bool {

@@ -203,7 +203,7 @@ impl Walker<'_, '_> {
         span: crate::diagnostic::Span,
         references: &mut Vec<Spanned<Selector>>,
     ) {
-        match selector::parse(text) {
+        match self.selector(text, span) {
             Ok(value) => references.push(Spanned { value, span }),
             // SSH rules may name login names in `dst` positions of tests and
             // `localpart:` patterns; only selector-shaped strings are checked.
