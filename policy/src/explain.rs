@@ -51,7 +51,9 @@ impl Policy {
     /// Explains the verdict on traffic from `src` to `dst` on `port` over `proto`.
     ///
     /// `src` and `dst` are one principal each: a user login, `group:idp:NAME`,
-    /// `tag:NAME`, a SPIFFE ID, a `hosts` name or an IP. Sources are evaluated
+    /// `tag:NAME`, a SPIFFE ID, a `hosts` name or an IP; or a construct weft
+    /// does not enforce (`autogroup:internet`, `autogroup:shared`,
+    /// `svc:NAME`, a role autogroup), which no rule matches. Sources are evaluated
     /// without device attributes, so rules with a `srcPosture` do not match.
     pub fn explain(
         &self,
@@ -75,7 +77,9 @@ impl Policy {
     ///
     /// The principal's own registered nodes are evaluated with their real
     /// identities and attributes, and the principal as written besides; a
-    /// node reaching itself does not count.
+    /// node reaching itself does not count. `autogroup:admin` (or another
+    /// role autogroup) stands for the role's members as given to
+    /// [`Policy::parse_with_roles`]; without members it reaches nothing.
     pub fn reaches_anything(&self, principal: &str, nodes: &[NodeInfo]) -> bool {
         let nodes = &*canonical_nodes(nodes);
         let Ok(target) = self.principal_target(principal, "the principal") else {

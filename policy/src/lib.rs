@@ -33,9 +33,15 @@
 //!   and needs no definition; `tag:NAME` (listed under `tagOwners`); a
 //!   workload's SPIFFE ID `spiffe://DOMAIN/ns/NS/sa/SA`, where a `*` segment
 //!   matches one segment and a final `/**` the rest; a `hosts` name, an IP or
-//!   a CIDR; `autogroup:member` (user nodes), `autogroup:tagged` (tagged
-//!   nodes) and, as a destination only, `autogroup:self` (the source user's
-//!   own user nodes).
+//!   a CIDR; `ipset:NAME` (defined under `ipsets`); `autogroup:member` (user
+//!   nodes; `autogroup:members` is its older spelling, and a file may not
+//!   mix the two), `autogroup:tagged` (tagged nodes), as a destination only
+//!   `autogroup:self` (the source user's own user nodes), as a source only
+//!   `autogroup:danger-all` (the same as `*`), and the role autogroups
+//!   `autogroup:owner`, `autogroup:admin`, `autogroup:it-admin`,
+//!   `autogroup:network-admin`, `autogroup:billing-admin` and
+//!   `autogroup:auditor`: the user nodes of the role's members, given as
+//!   [`Roles`] ([`Policy::parse_with_roles`]).
 //! - **Who a node is**: a workload node is matched by its SPIFFE ID and its
 //!   tags; a tagged node by its tags only; a user node by its user, the file
 //!   groups listing that user, and its identity-provider groups.
@@ -69,20 +75,68 @@
 //!   accepts and grants) admits only source nodes satisfying every condition
 //!   of at least one listed posture. Missing attributes and non-numeric
 //!   versions fail; addresses that are not nodes never satisfy a posture.
-//!   Deny rules take no posture.
+//!   A bare attribute (`node:tsAutoUpdate`) holds when it is `true`. Other
+//!   `NAMESPACE:KEY` attributes Tailscale documents (`node:tsReleaseTrack`,
+//!   `ip:country`, …) are not collected by weft: absent on every node, so a
+//!   condition on them never holds (a warning names each). Deny rules take
+//!   no posture.
 //! - **Grants**: `ip` opens the network like an accept; `app` hands
 //!   capabilities (JSON values) to applications on the destination through
 //!   the node's local API, and is not enforced in the tunnel. A grant with
 //!   only `app` opens no traffic and makes no peers.
+//! - **`ipsets`**: `"ipset:NAME": ["10.0.0.0/8", "add HOST", "remove
+//!   10.0.5.0/24", "add ipset:OTHER", "add autogroup:internet"]`, applied in
+//!   order (`host:NAME` names a host too). Cycles and undefined names are
+//!   errors.
 //! - **`tests`** check the rules at the level of principals, without any
 //!   nodes; `srcPostureAttrs` gives the source's attributes. An `accept`
 //!   holds when the verdict is accept; a `deny` holds when it is deny or
-//!   audit-deny. A failing test rejects the policy.
-//! - Top-level keys that Tailscale has but weft does not enforce (`ssh`,
-//!   `nodeAttrs`, `autoApprovers`, …) are ignored with a warning naming the
-//!   key; none of them grants access, so ignoring one never widens it.
-//!   Unknown keys, and restrictions weft cannot apply (`via`, unknown posture
-//!   attributes), are errors.
+//!   audit-deny. A failing test rejects the policy. A test naming a role
+//!   autogroup, or an overlay address no `hosts` entry covers, stands for
+//!   devices: offline it is not evaluated (a warning, and
+//!   [`TestReport::not_evaluated`]); [`Policy::run_tests_on_nodes`]
+//!   evaluates it against the nodes.
+//! - **Early Tailscale spellings** load as their current names: `ACLs`,
+//!   `Groups`, `Hosts`, `TagOwners`, `Tests` at the top level; `Action`,
+//!   `users`/`Users` (= `src`) and `ports`/`Ports` (= `dst`) in acls;
+//!   `user`/`User` (= `src`) and `allow`/`Allow` (= `accept`) in tests. One
+//!   object setting a field under two spellings is an error naming both.
+//!
+//! ## What weft does not enforce
+//!
+//! weft never grants more than the file says: what it cannot enforce
+//! matches nothing, loads, and is named by one warning per construct, and
+//! [`Policy::explain`] lists the rules that match nothing because of it
+//! ([`Explanation::unenforced`]).
+//!
+//! - `autogroup:internet` (exit-node access): weft has no exit nodes.
+//! - `autogroup:shared` (users shared in from another tailnet): weft has no
+//!   sharing.
+//! - `svc:NAME` (Tailscale Services) and grants with `via` (routing through
+//!   chosen subnet routers or exit nodes): weft has neither.
+//! - Role autogroups without configured members. In a deny rule, not
+//!   knowing who holds the role, weft denies every source instead.
+//! - Posture attributes weft does not collect (above).
+//! - The sections `ssh`, `sshTests`, `nodeAttrs` and `autoApprovers` are
+//!   ignored with a warning naming the key, but checked like Tailscale
+//!   checks them: unknown fields, wrong value types and undefined groups,
+//!   tags, hosts and ipsets are errors, so a typo still fails in CI. Other
+//!   Tailscale settings (`derpMap`, `randomizeClientPort`, …) are ignored
+//!   with a warning. Unknown keys are errors.
+//!
+//! ## Entry points
+//!
+//! - `weft policy check FILE [--roles FILE] [--devices FILE]`:
+//!   [`check_file_with`]`(path, &roles, devices)`, where `roles` is the
+//!   roles file deserialized into [`Roles`] (see its JSON form) and
+//!   `devices` a JSON array of [`NodeInfo`]. Warnings are in
+//!   [`Checked::warnings`]; errors and failing tests are the `Err`.
+//! - The coordinator: deserialize its roles setting into [`Roles`], parse
+//!   with [`Policy::parse_with_roles`], and on every load run
+//!   [`Policy::run_tests_on_nodes`] with the registered nodes, refusing the
+//!   policy when it returns `Err`. The lockout guard can take the `admin`
+//!   role itself: `reaches_anything("autogroup:admin", nodes)`, or each of
+//!   [`Roles::members`]`(Role::Admin)`.
 //!
 //! The pipeline is `hujson` (values with spans) → `parse` (the `ast`) →
 //! `resolve` (checked `rules`) → `eval` (tests, [`Policy::explain`],

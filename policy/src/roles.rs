@@ -81,8 +81,17 @@ impl fmt::Display for Role {
 
 /// The members of each role: user logins and identity-provider groups.
 ///
-/// Deserializes from the JSON form in the [module docs](self); members are
-/// checked and put in canonical form (logins lower-cased).
+/// The coordinator's roles setting and `weft policy check --roles FILE`
+/// deserialize into this from one JSON object mapping a role (`owner`,
+/// `admin`, `it-admin`, `network-admin`, `billing-admin`, `auditor`) to its
+/// members:
+///
+/// ```json
+/// { "admin": ["alice@example.com", "group:idp:secops"], "auditor": ["carol@example.com"] }
+/// ```
+///
+/// Members are checked ([`RolesError`]) and put in canonical form (logins
+/// lower-cased). A role stands only for the members listed for it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(
     try_from = "BTreeMap<Role, Vec<String>>",
