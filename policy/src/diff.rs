@@ -425,4 +425,54 @@ mod tests {
         assert_eq!(d.newly_allowed.len(), 1);
         assert_eq!(d.newly_allowed[0].ports, "2000-3000");
     }
+
+    fn shown(flows: &[Flow]) -> Vec<String> {
+        flows
+            .iter()
+            .map(|f| format!("{} {} {}:{}", f.src, f.dst, f.proto, f.ports))
+            .collect()
+    }
+
+    #[test]
+    fn roles_ipsets_and_unenforced_constructs() {
+        let role = r#"{"action": "accept", "src": ["autogroup:admin"], "dst": ["tag:db:22"], "proto": "tcp"}"#;
+        let unenforced = r#"{"action": "accept", "src": ["autogroup:shared"], "dst": ["tag:db:*", "autogroup:internet:*"]}"#;
+        // Constructs that match nothing change no access.
+        assert!(diff(
+            &policy(BASE),
+            &policy(&format!("{BASE}, {role}, {unenforced}"))
+        )
+        .is_empty());
+        let mut roles = crate::Roles::default();
+        roles.add(crate::Role::Admin, "ada@x.com").unwrap();
+        let source = |acls: &str| {
+            format!(
+                r#"{{"tagOwners": {{"tag:db": []}}, "ipsets": {{"ipset:lab": ["10.9.0.0/16", "remove 10.9.9.0/24"]}}, "acls": [{acls}]}}"#
+            )
+        };
+        let old = Policy::parse_with_roles(&source(""), "p", &roles).unwrap();
+        let new = Policy::parse_with_roles(
+            &source(&format!(
+                r#"{role}, {{"action": "accept", "src": ["ipset:lab"], "dst": ["tag:db:443"], "proto": "tcp"}}"#
+            )),
+            "p",
+            &roles,
+        )
+        .unwrap();
+        let d = diff(&old, &new);
+        assert!(d.newly_denied.is_empty());
+        let allowed = shown(&d.newly_allowed);
+        assert!(
+            allowed.contains(&"ada@x.com tag:db tcp:22".to_owned()),
+            "{allowed:?}"
+        );
+        assert!(
+            allowed.contains(&"10.9.0.0/21 tag:db tcp:443".to_owned()),
+            "{allowed:?}"
+        );
+        assert!(
+            !allowed.iter().any(|f| f.starts_with("10.9.9.")),
+            "{allowed:?}"
+        );
+    }
 }

@@ -222,7 +222,7 @@ mod tests {
     /// The rules with positions blanked, to compare policies printed differently.
     fn shape(policy: &Policy) -> String {
         let mut rules = policy.rules.clone();
-        for rule in &mut rules.rules {
+        for rule in rules.rules.iter_mut().chain(&mut rules.inert) {
             rule.line = 0;
             rule.text.clear();
         }
@@ -257,6 +257,9 @@ mod tests {
         "spiffe://td/ns/*/sa/api",
         "autogroup:member",
         "autogroup:tagged",
+        "autogroup:shared",
+        "autogroup:admin",
+        "ipset:office",
     ];
     const DST: &[&str] = &[
         "*:*",
@@ -267,6 +270,9 @@ mod tests {
         "autogroup:self:*",
         "spiffe://td/ns/a/sa/b:8443",
         "group:idp:sre:22",
+        "autogroup:internet:*",
+        "ipset:office:443",
+        "svc:wiki:443",
     ];
 
     fn arb_acl() -> impl Strategy<Value = String> {
@@ -305,6 +311,7 @@ mod tests {
                 "\"ip\": [\"tcp:443\", \"icmp:*\", \"53\"]",
                 "\"app\": {\"x.com/cap/a\": [{\"b\": [1, 2.5, null], \"a\": \"é\\\"\"}, true]}",
                 "\"ip\": [\"udp:1-2,5\"], \"srcPosture\": [\"posture:ok\"]",
+                "\"ip\": [\"*\"], \"via\": [\"tag:db\", \"tag:web\"]",
             ]),
         )
             .prop_map(|(src, dst, body)| {
@@ -330,6 +337,7 @@ mod tests {
   {}"groups": {{"group:eng": ["alice@x.com", "bob@x.com",],}},
   "tagOwners": {{"tag:web": ["group:eng", "autogroup:admin"], "tag:db": ["tag:web"]}},
   "hosts": {{"lan": "100.64.0.0/24", "one": "fd7a::5"}},
+  "ipsets": {{"ipset:office": ["add 10.1.0.0/16", "remove 10.1.2.0/24", "host:lan", "add ipset:inet"], "ipset:inet": ["autogroup:internet"]}},
   "postures": {{"posture:ok": ["node:os IN ['linux', \"mac os\"]", "node:tsVersion >= '1.40'", "custom:tier != gold"]}},
   {}"acls": [{}],
   "grants": [{}],

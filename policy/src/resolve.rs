@@ -349,9 +349,15 @@ impl Resolver<'_, '_, '_> {
 
     /// The target of a construct weft does not enforce, warning once per construct.
     pub(crate) fn unenforced(&mut self, what: Unenforced, span: Span) -> Target {
-        if self.warned.insert(what.construct()) {
+        // One warning per construct; every service is the same construct.
+        let key = match &what {
+            Unenforced::Service(_) => "svc:".to_owned(),
+            other => other.construct(),
+        };
+        if self.warned.insert(key) {
             let hint = match what {
                 Unenforced::Role(_) => "give weft the role's members (the coordinator's roles setting, or a roles file for `weft policy check`); the rest of the policy still applies",
+                Unenforced::Service(_) => "the same holds for every svc: name in the file; weft loads those rules but never matches them there, so they grant nothing the file does not",
                 _ => "weft loads the rule but never matches this part of it, so it grants nothing the file does not; the rest of the policy still applies",
             };
             self.diags
@@ -664,7 +670,6 @@ mod tests {
                 "6:47: autogroup:shared matches nothing: weft has no sharing between networks, so users shared in are not enforced",
                 "6:76: autogroup:internet matches nothing: weft has no exit nodes, so exit-node access is not enforced",
                 "8:52: svc:wiki matches nothing: weft has no Tailscale Services, so access to them is not enforced",
-                "8:64: svc:git matches nothing: weft has no Tailscale Services, so access to them is not enforced",
             ]
         );
         assert!(policy.warnings()[1]

@@ -170,3 +170,28 @@ fn tailscale_policy_files_load_with_the_expected_verdicts() {
     let problems: Vec<String> = files.iter().flat_map(|f| check(f)).collect();
     assert!(problems.is_empty(), "\n{}", problems.join("\n\n"));
 }
+
+#[test]
+fn check_file_with_takes_roles_and_devices() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tailscale/roles_and_devices.hujson");
+    let expect: Expect =
+        serde_json::from_str(&fs::read_to_string(path.with_extension("expect.json")).unwrap())
+            .unwrap();
+    let offline = weft_policy::check_file_with(&path, &expect.roles, None).unwrap();
+    assert_eq!((offline.tests.passed, offline.tests.not_evaluated), (2, 7));
+    assert_eq!(offline.warnings.len(), 3);
+    let devices = expect.devices.unwrap();
+    let online = weft_policy::check_file_with(&path, &expect.roles, Some(&devices)).unwrap();
+    assert_eq!((online.tests.passed, online.tests.not_evaluated), (9, 0));
+    // The router at 100.70.0.31 retagged as a billing server fails its test.
+    let mut retagged = devices.clone();
+    retagged[3].identity.tags = vec!["tag:billing".into()];
+    let failures = weft_policy::check_file_with(&path, &expect.roles, Some(&retagged)).unwrap_err();
+    assert!(
+        failures.0[0]
+            .message
+            .starts_with("test src 100.70.0.31 → tag:logs:514: expected accept"),
+        "{failures}"
+    );
+}
