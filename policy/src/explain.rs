@@ -423,16 +423,7 @@ mod tests {
     fn the_lockout_guard_takes_the_admin_role() {
         let source = r#"{"tagOwners": {"tag:db": []}, "acls": [
             {"action": "accept", "src": ["autogroup:admin"], "dst": ["tag:db:22"]}]}"#;
-        let nodes = [
-            node(1, Identity::tagged(vec!["tag:db".into()])),
-            node(
-                2,
-                Identity {
-                    user: Some("olga@example.com".into()),
-                    ..Identity::default()
-                },
-            ),
-        ];
+        let nodes = db_and_olga();
         let mut roles = crate::Roles::default();
         roles.add(crate::Role::Admin, "olga@example.com").unwrap();
         let p = Policy::parse_with_roles(source, "p", &roles).unwrap();
@@ -480,10 +471,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn lockout_guard() {
-        let p = policy();
-        let nodes = [
+    /// A database node and olga's laptop.
+    fn db_and_olga() -> [NodeInfo; 2] {
+        [
             node(1, Identity::tagged(vec!["tag:db".into()])),
             node(
                 2,
@@ -492,7 +482,13 @@ mod tests {
                     ..Identity::default()
                 },
             ),
-        ];
+        ]
+    }
+
+    #[test]
+    fn lockout_guard() {
+        let p = policy();
+        let nodes = db_and_olga();
         assert!(p.reaches_anything("olga@example.com", &nodes));
         assert!(p.reaches_anything("group:ops", &nodes));
         assert!(!p.reaches_anything("mallory@example.com", &nodes));

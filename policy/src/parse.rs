@@ -201,18 +201,10 @@ impl Walker<'_, '_> {
     fn tag_owners(&mut self, value: &Value) -> Vec<TagOwnerDef> {
         const SHAPE: &str =
             "write \"tagOwners\": { \"tag:NAME\": [\"group:NAME\", \"user@example.com\", …] }";
-        let Some(members) = self.object(value, "\"tagOwners\"", SHAPE) else {
-            return Vec::new();
-        };
         let mut defs = Vec::new();
-        for member in members {
-            let Some(tag) = self.prefixed_name(member, "tag") else {
-                continue;
-            };
-            let what = format!("the owners of \"{}\"", member.key);
-            let Some(items) = self.array(&member.value, &what, SHAPE) else {
-                continue;
-            };
+        for (tag, what, items) in
+            self.prefixed_lists(value, "tagOwners", "tag", "the owners of", SHAPE)
+        {
             let mut owners = Vec::new();
             for item in items {
                 let Some(text) = self.string(
@@ -464,19 +456,11 @@ impl Walker<'_, '_> {
     fn postures(&mut self, value: &Value) -> Vec<PostureDef> {
         const SHAPE: &str =
             "write \"postures\": { \"posture:NAME\": [\"node:os IN ['linux']\", …] }";
-        let Some(members) = self.object(value, "\"postures\"", SHAPE) else {
-            return Vec::new();
-        };
         let mut defs = Vec::new();
         let mut uncollected = Vec::new();
-        for member in members {
-            let Some(name) = self.prefixed_name(member, "posture") else {
-                continue;
-            };
-            let what = format!("posture \"{}\"", member.key);
-            let Some(items) = self.array(&member.value, &what, SHAPE) else {
-                continue;
-            };
+        for (name, what, items) in
+            self.prefixed_lists(value, "postures", "posture", "posture", SHAPE)
+        {
             let mut conditions = Vec::new();
             for item in items {
                 let Some(text) = self.string(item, &format!("a condition of {what}"), SHAPE) else {
@@ -606,18 +590,8 @@ impl Walker<'_, '_> {
 
     fn ipsets(&mut self, value: &Value) -> Vec<IpsetDef> {
         const SHAPE: &str = "write \"ipsets\": { \"ipset:NAME\": [\"10.0.0.0/8\", \"add HOST\", \"remove 10.0.5.0/24\", \"add ipset:OTHER\"] }";
-        let Some(members) = self.object(value, "\"ipsets\"", SHAPE) else {
-            return Vec::new();
-        };
         let mut defs = Vec::new();
-        for member in members {
-            let Some(name) = self.prefixed_name(member, "ipset") else {
-                continue;
-            };
-            let what = format!("ipset \"{}\"", member.key);
-            let Some(items) = self.array(&member.value, &what, SHAPE) else {
-                continue;
-            };
+        for (name, what, items) in self.prefixed_lists(value, "ipsets", "ipset", "ipset", SHAPE) {
             let mut entries = Vec::new();
             for item in items {
                 let Some(text) = self.string(item, &format!("an entry of {what}"), SHAPE) else {
@@ -1064,6 +1038,34 @@ impl Walker<'_, '_> {
             format!("\"{text}\" is compared as \"{canonical}\": emails, tags and SPIFFE trust domains are case-insensitive"),
             Some(format!("write \"{canonical}\"")),
         ));
+    }
+
+    /// The entries of a `{ "KIND:NAME": [ … ] }` section (`tagOwners`,
+    /// `postures`, `ipsets`) whose names carry their prefix and whose values
+    /// are lists: the checked name, how to name the entry in messages
+    /// (`LABEL "KEY"`) and the list.
+    fn prefixed_lists<'v>(
+        &mut self,
+        value: &'v Value,
+        section: &str,
+        kind: &str,
+        label: &str,
+        shape: &str,
+    ) -> Vec<(Spanned<String>, String, &'v [Value])> {
+        let Some(members) = self.object(value, &format!("\"{section}\""), shape) else {
+            return Vec::new();
+        };
+        let mut lists = Vec::new();
+        for member in members {
+            let Some(name) = self.prefixed_name(member, kind) else {
+                continue;
+            };
+            let what = format!("{label} \"{}\"", member.key);
+            if let Some(items) = self.array(&member.value, &what, shape) {
+                lists.push((name, what, items));
+            }
+        }
+        lists
     }
 
     /// Checks that a `groups`/`tagOwners` key carries its prefix.

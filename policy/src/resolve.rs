@@ -720,30 +720,20 @@ mod tests {
             .unwrap();
         let policy = Policy::parse_with_roles(&source, "policy.hujson", &roles).unwrap();
         assert!(policy.warnings().is_empty(), "{:?}", warnings(&policy));
-        assert_eq!(
-            verdict(&policy, "alice@example.com", "tag:web", 22),
-            crate::Verdict::Accept
-        );
-        assert_eq!(
-            verdict(&policy, "group:idp:secops", "tag:web", 22),
-            crate::Verdict::Accept
-        );
-        assert_eq!(
-            verdict(&policy, "bob@example.com", "tag:web", 22),
-            crate::Verdict::Deny
-        );
-        assert_eq!(
-            verdict(&policy, "bob@example.com", "tag:web", 80),
-            crate::Verdict::Accept
-        );
-        assert_eq!(
-            verdict(&policy, "carol@example.com", "tag:web", 80),
-            crate::Verdict::Deny
-        );
-        assert_eq!(
-            verdict(&policy, "autogroup:admin", "tag:web", 22),
-            crate::Verdict::Accept
-        );
+        for (src, port, expected) in [
+            ("alice@example.com", 22, crate::Verdict::Accept),
+            ("group:idp:secops", 22, crate::Verdict::Accept),
+            ("bob@example.com", 22, crate::Verdict::Deny),
+            ("bob@example.com", 80, crate::Verdict::Accept),
+            ("carol@example.com", 80, crate::Verdict::Deny),
+            ("autogroup:admin", 22, crate::Verdict::Accept),
+        ] {
+            assert_eq!(
+                verdict(&policy, src, "tag:web", port),
+                expected,
+                "{src} :{port}"
+            );
+        }
     }
 
     #[test]
