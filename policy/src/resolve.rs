@@ -212,7 +212,7 @@ pub(crate) fn resolve(
                         "test src {} is not evaluated offline — needs the device list",
                         entry.src_text
                     ),
-                    Some(format!("{reason}; it is evaluated against the nodes (Policy::run_tests_on_nodes), as the coordinator does on every load")),
+                    Some(format!("{reason}; give the device list to evaluate it (the coordinator evaluates it against its nodes on every load)")),
                 ));
             }
             let accept = entry.accept.iter().map(|d| (Expect::Accept, d));
@@ -348,7 +348,7 @@ impl Resolver<'_, '_, '_> {
     }
 
     /// The target of a construct weft does not enforce, warning once per construct.
-    pub(crate) fn unenforced(&mut self, what: Unenforced, span: Span) -> Target {
+    fn unenforced(&mut self, what: Unenforced, span: Span) -> Target {
         // One warning per construct; every service is the same construct.
         let key = match &what {
             Unenforced::Service(_) => "svc:".to_owned(),
