@@ -57,6 +57,17 @@ impl Walker<'_, '_> {
                     _ => None,
                 });
                 walker.required(members, "ssh rule", &["action", "src", "dst", "users"]);
+                if let Some(period) = members.iter().find(|m| m.key == "checkPeriod") {
+                    if let Kind::String(text) = &period.value.kind {
+                        if !is_check_period(text) {
+                            walker.error(
+                                period.value.span,
+                                format!("invalid checkPeriod \"{text}\""),
+                                "write \"always\" or a duration such as \"12h\" or \"90m\"".into(),
+                            );
+                        }
+                    }
+                }
                 if let Some(action) = members.iter().find(|m| m.key == "action") {
                     if let Kind::String(text) = &action.value.kind {
                         if text != "accept" && text != "check" {
@@ -268,6 +279,26 @@ impl Walker<'_, '_> {
     }
 }
 
+/// `always`, or a duration in Go's form: numbers with `h`, `m` or `s`, e.g. `1h30m`.
+fn is_check_period(text: &str) -> bool {
+    if text == "always" {
+        return true;
+    }
+    let mut digits = false;
+    let mut units = 0;
+    for c in text.chars() {
+        match c {
+            '0'..='9' | '.' => digits = true,
+            'h' | 'm' | 's' if digits => {
+                digits = false;
+                units += 1;
+            }
+            _ => return false,
+        }
+    }
+    !digits && units > 0
+}
+
 #[cfg(test)]
 mod tests {
     use crate::{Policy, Severity};
@@ -368,5 +399,11 @@ mod tests {
             .0,
             "undefined group \"group:nope\""
         );
+        assert_eq!(
+            errors(r#""ssh": [{"action": "check", "src": ["group:eng"], "dst": ["tag:prod"], "users": ["root"], "checkPeriod": "12 hours"}]"#)[0].0,
+            "invalid checkPeriod \"12 hours\""
+        );
+        assert!(super::is_check_period("1h30m") && super::is_check_period("always"));
+        assert!(!super::is_check_period("h") && !super::is_check_period("12"));
     }
 }
