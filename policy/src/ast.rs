@@ -33,6 +33,26 @@ pub(crate) struct File {
     /// `"mode": "audit"` for the whole file.
     pub(crate) audit: bool,
     pub(crate) tests: Vec<TestEntry>,
+    pub(crate) ipsets: Vec<IpsetDef>,
+    /// Names used in the sections weft checks but does not enforce (`ssh`,
+    /// `sshTests`, `nodeAttrs`, `autoApprovers`), so undefined ones are caught.
+    pub(crate) references: Vec<Spanned<Selector>>,
+}
+
+/// `"ipset:NAME": ["add 10.0.0.0/8", "remove host:lab", …]`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct IpsetDef {
+    pub(crate) name: Spanned<String>,
+    /// In order: later entries add to or remove from what the earlier built.
+    pub(crate) entries: Vec<Spanned<IpsetEntry>>,
+}
+
+/// One `add`/`remove` operation of an ipset.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct IpsetEntry {
+    pub(crate) remove: bool,
+    /// An IP or CIDR, a host, another ipset or `autogroup:internet`.
+    pub(crate) selector: Selector,
 }
 
 /// `"posture:NAME": ["CONDITION", …]`.
@@ -62,6 +82,8 @@ pub(crate) struct Grant {
     /// `app` capabilities: name and values as compact JSON.
     pub(crate) app: Vec<(String, Vec<String>)>,
     pub(crate) src_posture: Option<Vec<Spanned<String>>>,
+    /// `via`: the routers traffic must pass (not enforced by weft).
+    pub(crate) via: Vec<Spanned<Selector>>,
 }
 
 /// `"group:eng": ["alice@example.com"]`.

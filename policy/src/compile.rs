@@ -21,7 +21,13 @@ use crate::rules::{DstTarget, Rule, Rules, Target};
 use crate::selector::spiffe_matches;
 
 /// A node as policy sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Its JSON form, for a device list (`weft policy check --devices FILE`
+/// reads an array of these):
+/// `{"id": 7, "name": "web1", "addresses": ["100.64.0.7"], "identity":
+/// {"user": null, "groups": [], "workload": null, "tags": ["tag:web"]},
+/// "attributes": {"node:os": "linux"}}`; `attributes` may be left out.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeInfo {
     /// Stable id; expected to be unique among the nodes compiled together.
     pub id: NodeId,
@@ -33,6 +39,7 @@ pub struct NodeInfo {
     pub identity: Identity,
     /// What the node reports about itself (`node:os`, `node:osVersion`,
     /// `node:clientVersion`, `custom:KEY`), for `srcPosture` conditions.
+    #[serde(default)]
     pub attributes: BTreeMap<String, String>,
 }
 
@@ -572,7 +579,14 @@ impl<'n> Index<'n> {
                 .collect(),
             Target::Member => self.members.clone(),
             Target::Tagged => self.tagged.clone(),
-            Target::SelfUser => Vec::new(),
+            Target::Role { users, groups, .. } => users
+                .iter()
+                .filter_map(|u| self.by_user.get(u.as_str()))
+                .chain(groups.iter().filter_map(|g| self.by_group.get(g.as_str())))
+                .flatten()
+                .copied()
+                .collect(),
+            Target::SelfUser | Target::Unenforced(_) => Vec::new(),
             Target::Prefix(net) => self
                 .by_addr
                 .range(net.network()..=net.broadcast())
@@ -1475,6 +1489,203 @@ mod tests {
                                 }
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One selector of a generated rule, and whether weft does not enforce it.
+    type Part = (&'static str, bool);
+
+    const FAIL_CLOSED_SRCS: &[Part] = &[
+        ("*", false),
+        ("alice@x.com", false),
+        ("group:eng", false),
+        ("group:idp:sre", false),
+        ("tag:web", false),
+        ("autogroup:member", false),
+        ("100.64.0.0/30", false),
+        ("autogroup:shared", true),
+        ("autogroup:admin", true),
+    ];
+    const FAIL_CLOSED_DSTS: &[Part] = &[
+        ("*", false),
+        ("tag:web", false),
+        ("tag:db", false),
+        ("alice@x.com", false),
+        ("lan", false),
+        ("100.64.0.2/31", false),
+        ("autogroup:internet", true),
+        ("svc:wiki", true),
+        ("ipset:out", false),
+    ];
+
+    /// A generated rule: `kind` is accept, deny, audit, grant or via (a grant with `via`).
+    #[derive(Debug, Clone)]
+    struct MixedRule {
+        kind: &'static str,
+        src: Vec<Part>,
+        dst: Vec<Part>,
+        port: &'static str,
+        proto: &'static str,
+        /// `posture:track` checks an attribute weft does not collect.
+        posture: Option<&'static str>,
+    }
+
+    impl MixedRule {
+        /// The rule as written, or with the unenforced parts removed (`None`
+        /// when nothing of it is left).
+        fn text(&self, strip: bool) -> Option<String> {
+            if strip && self.kind == "via" {
+                return None;
+            }
+            let keep = |parts: &[Part]| -> Vec<String> {
+                parts
+                    .iter()
+                    .filter(|(_, unenforced)| !strip || !unenforced)
+                    .map(|(s, _)| (*s).to_owned())
+                    .collect()
+            };
+            let (src, dst) = (keep(&self.src), keep(&self.dst));
+            if src.is_empty() || dst.is_empty() {
+                return None;
+            }
+            let quoted = |items: Vec<String>| {
+                items
+                    .iter()
+                    .map(|s| format!("\"{s}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let posture = self
+                .posture
+                .map(|p| format!(", \"srcPosture\": [\"{p}\"]"))
+                .unwrap_or_default();
+            let port = if self.proto == "icmp" { "*" } else { self.port };
+            Some(match self.kind {
+                "grant" | "via" => {
+                    let ip = if self.proto.is_empty() {
+                        port.to_owned()
+                    } else {
+                        format!("{}:{port}", self.proto)
+                    };
+                    let via = if self.kind == "via" {
+                        ", \"via\": [\"tag:db\"]"
+                    } else {
+                        ""
+                    };
+                    format!(
+                        "{{\"grants\": [{{\"src\": [{}], \"dst\": [{}], \"ip\": [\"{ip}\"]{posture}{via}}}]}}",
+                        quoted(src),
+                        quoted(dst)
+                    )
+                }
+                kind => {
+                    let dst = dst.into_iter().map(|d| format!("{d}:{port}")).collect();
+                    let proto = if self.proto.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", \"proto\": \"{}\"", self.proto)
+                    };
+                    let (action, posture) = match kind {
+                        "deny" => ("\"action\": \"deny\"", String::new()),
+                        "audit" => ("\"action\": \"deny\", \"mode\": \"audit\"", String::new()),
+                        _ => ("\"action\": \"accept\"", posture),
+                    };
+                    format!(
+                        "{{\"acls\": [{{{action}, \"src\": [{}], \"dst\": [{}]{proto}{posture}}}]}}",
+                        quoted(src),
+                        quoted(dst)
+                    )
+                }
+            })
+        }
+    }
+
+    fn arb_mixed_rule() -> impl Strategy<Value = MixedRule> {
+        (
+            prop::sample::select(vec!["accept", "accept", "deny", "audit", "grant", "via"]),
+            prop::sample::subsequence(FAIL_CLOSED_SRCS, 1..3),
+            prop::sample::subsequence(FAIL_CLOSED_DSTS, 1..3),
+            prop::sample::select(vec!["*", "22", "80,443"]),
+            prop::sample::select(vec!["", "tcp", "udp", "icmp"]),
+            prop::sample::select(vec![None, Some("posture:linux"), Some("posture:track")]),
+        )
+            .prop_map(|(kind, src, dst, port, proto, posture)| MixedRule {
+                kind,
+                src,
+                dst,
+                port,
+                proto,
+                posture,
+            })
+    }
+
+    /// The policy of `rules`; `strip` removes what weft does not enforce.
+    fn mixed_policy(rules: &[MixedRule], strip: bool) -> Policy {
+        let (mut acls, mut grants) = (Vec::new(), Vec::new());
+        for rule in rules {
+            let Some(text) = rule.text(strip) else {
+                continue;
+            };
+            // Each rule renders as a one-entry section; keep the entry.
+            let entry = &text[text.find('[').unwrap_or(0) + 1..text.rfind(']').unwrap_or(0)];
+            if rule.kind == "grant" || rule.kind == "via" {
+                grants.push(entry.to_owned());
+            } else {
+                acls.push(entry.to_owned());
+            }
+        }
+        let track = if strip {
+            "[\"node:os == 'linux'\"]"
+        } else {
+            "[\"node:os == 'linux'\", \"node:tsReleaseTrack == 'stable'\"]"
+        };
+        let out = if strip {
+            "[\"add 100.64.0.4/31\"]"
+        } else {
+            "[\"add autogroup:internet\", \"add 100.64.0.4/31\", \"remove 8.8.8.8\"]"
+        };
+        let source = format!(
+            "{{\"groups\": {{\"group:eng\": [\"alice@x.com\", \"carol@x.com\"]}}, \"tagOwners\": {{\"tag:web\": [], \"tag:db\": []}},\n\"hosts\": {{\"lan\": \"100.64.0.4/30\"}},\n\"ipsets\": {{\"ipset:out\": {out}}},\n\"postures\": {{\"posture:linux\": [\"node:os == 'linux'\"], \"posture:track\": {track}}},\n\"acls\": [{}],\n\"grants\": [{}]}}",
+            acls.join(",\n"),
+            grants.join(",\n"),
+        );
+        match Policy::parse(&source, "p") {
+            Ok(policy) => policy,
+            Err(err) => panic!("{err}\n{source}"),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// What weft cannot enforce matches nothing, so the policy as
+        /// written never allows a flow that the policy without those parts
+        /// (which a reviewer reads as the narrower one) does not.
+        #[test]
+        fn unenforced_constructs_fail_closed(
+            rules in prop::collection::vec(arb_mixed_rule(), 1..6),
+            nodes in arb_nodes(),
+        ) {
+            let nodes: Vec<NodeInfo> = nodes
+                .into_iter()
+                .map(|mut n| {
+                    n.attributes.insert("node:tsReleaseTrack".into(), "stable".into());
+                    n
+                })
+                .collect();
+            let written = mixed_policy(&rules, false).compile(&nodes);
+            let stripped = mixed_policy(&rules, true).compile(&nodes);
+            never_more(&stripped, &written, &nodes)?;
+            let outside: IpAddr = "8.8.4.4".parse().unwrap();
+            for node in &nodes {
+                prop_assert!(written.nodes[&node.id].peers.is_subset(&stripped.nodes[&node.id].peers));
+                for &src in &node.addresses {
+                    for protocol in [Protocol::Tcp, Protocol::Udp, Protocol::Icmp] {
+                        // No rule reaches the internet: weft has no exit nodes.
+                        prop_assert!(!allows(&written.nodes[&node.id].filter, src, outside, protocol, 443));
                     }
                 }
             }

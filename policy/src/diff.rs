@@ -98,6 +98,7 @@ pub fn diff(old: &Policy, new: &Policy) -> PolicyDiff {
                 .cloned()
                 .collect(),
             apps: Vec::new(),
+            inert: Vec::new(),
             audit: rules.audit,
         };
         let (old_src, new_src) = (from_src(&old.rules), from_src(&new.rules));
@@ -120,6 +121,7 @@ pub fn diff(old: &Policy, new: &Policy) -> PolicyDiff {
                     .cloned()
                     .collect(),
                 apps: Vec::new(),
+                inert: Vec::new(),
                 audit: rules.audit,
             };
             let (old_rules, new_rules) = (to_dst(&old_src), to_dst(&new_src));
@@ -211,82 +213,6 @@ fn protocols(policies: &[&Policy]) -> Vec<Protocol> {
 /// Every identity the policies name, by display name.
 fn identities(policies: &[&Policy]) -> BTreeMap<String, Subject> {
     let mut found = BTreeMap::new();
-    let node = || Some(BTreeMap::new());
-    let add_target = |found: &mut BTreeMap<String, Subject>, target: &Target, policy: &Policy| {
-        let (name, subject) = match target {
-            Target::User(user) => (
-                user.clone(),
-                Subject {
-                    user: Some(user.clone()),
-                    attributes: node(),
-                    ..Subject::default()
-                },
-            ),
-            Target::Group { members, .. } => {
-                for m in members {
-                    found.insert(
-                        m.clone(),
-                        Subject {
-                            user: Some(m.clone()),
-                            attributes: node(),
-                            ..Subject::default()
-                        },
-                    );
-                }
-                return;
-            }
-            Target::External(group) => (
-                format!("(a member of {group})"),
-                Subject {
-                    groups: vec![group.clone()],
-                    attributes: node(),
-                    ..Subject::default()
-                },
-            ),
-            Target::Tag(tag) => (
-                tag.clone(),
-                Subject {
-                    tags: vec![tag.clone()],
-                    attributes: node(),
-                    ..Subject::default()
-                },
-            ),
-            Target::Workload(id) => (
-                id.clone(),
-                Subject {
-                    workload: Some(id.clone()),
-                    attributes: node(),
-                    ..Subject::default()
-                },
-            ),
-            Target::Prefix(net) => (
-                prefix_name(policy, *net),
-                Subject {
-                    addr: Some(*net),
-                    ..Subject::default()
-                },
-            ),
-            Target::Any | Target::Member | Target::SelfUser => (
-                "(another user)".into(),
-                Subject {
-                    user: Some("(another user)".into()),
-                    attributes: node(),
-                    ..Subject::default()
-                },
-            ),
-            Target::Tagged => return,
-        };
-        found.insert(name, subject);
-        if *target == Target::Any {
-            found.insert(
-                "(any address)".into(),
-                Subject {
-                    addr: Some(IpNet::V4(ipnet::Ipv4Net::default())),
-                    ..Subject::default()
-                },
-            );
-        }
-    };
     for policy in policies {
         for rule in &policy.rules.rules {
             for target in rule.src.iter().chain(rule.dst.iter().map(|d| &d.target)) {
@@ -311,6 +237,94 @@ fn identities(policies: &[&Policy]) -> BTreeMap<String, Subject> {
         }
     }
     found
+}
+
+/// Adds a user's user node to `found`.
+fn add_user(found: &mut BTreeMap<String, Subject>, login: &str) {
+    found.insert(
+        login.to_owned(),
+        Subject {
+            user: Some(login.to_owned()),
+            attributes: Some(BTreeMap::new()),
+            ..Subject::default()
+        },
+    );
+}
+
+/// Adds the identities `target` names to `found`.
+fn add_target(found: &mut BTreeMap<String, Subject>, target: &Target, policy: &Policy) {
+    let node = || Some(BTreeMap::new());
+    let (name, subject) = match target {
+        Target::User(user) => {
+            add_user(found, user);
+            return;
+        }
+        Target::Group { members, .. } => {
+            for m in members {
+                add_user(found, m);
+            }
+            return;
+        }
+        Target::External(group) => (
+            format!("(a member of {group})"),
+            Subject {
+                groups: vec![group.clone()],
+                attributes: node(),
+                ..Subject::default()
+            },
+        ),
+        Target::Tag(tag) => (
+            tag.clone(),
+            Subject {
+                tags: vec![tag.clone()],
+                attributes: node(),
+                ..Subject::default()
+            },
+        ),
+        Target::Workload(id) => (
+            id.clone(),
+            Subject {
+                workload: Some(id.clone()),
+                attributes: node(),
+                ..Subject::default()
+            },
+        ),
+        Target::Prefix(net) => (
+            prefix_name(policy, *net),
+            Subject {
+                addr: Some(*net),
+                ..Subject::default()
+            },
+        ),
+        Target::Any | Target::Member | Target::SelfUser => (
+            "(another user)".into(),
+            Subject {
+                user: Some("(another user)".into()),
+                attributes: node(),
+                ..Subject::default()
+            },
+        ),
+        Target::Role { users, groups, .. } => {
+            for u in users {
+                add_user(found, u);
+            }
+            for g in groups {
+                add_target(found, &Target::External(g.clone()), policy);
+            }
+            return;
+        }
+        Target::Tagged | Target::Unenforced(_) => return,
+    };
+    found.insert(name, subject);
+    if *target == Target::Any {
+        found.insert(
+            "(any address)".into(),
+            Subject {
+                addr: Some(IpNet::V4(ipnet::Ipv4Net::default())),
+                ..Subject::default()
+            },
+        );
+    }
 }
 
 /// A host's name when the policy defines one for `net`, else the CIDR (or IP).
@@ -410,5 +424,55 @@ mod tests {
         let d = diff(&a, &b);
         assert_eq!(d.newly_allowed.len(), 1);
         assert_eq!(d.newly_allowed[0].ports, "2000-3000");
+    }
+
+    fn shown(flows: &[Flow]) -> Vec<String> {
+        flows
+            .iter()
+            .map(|f| format!("{} {} {}:{}", f.src, f.dst, f.proto, f.ports))
+            .collect()
+    }
+
+    #[test]
+    fn roles_ipsets_and_unenforced_constructs() {
+        let role = r#"{"action": "accept", "src": ["autogroup:admin"], "dst": ["tag:db:22"], "proto": "tcp"}"#;
+        let unenforced = r#"{"action": "accept", "src": ["autogroup:shared"], "dst": ["tag:db:*", "autogroup:internet:*"]}"#;
+        // Constructs that match nothing change no access.
+        assert!(diff(
+            &policy(BASE),
+            &policy(&format!("{BASE}, {role}, {unenforced}"))
+        )
+        .is_empty());
+        let mut roles = crate::Roles::default();
+        roles.add(crate::Role::Admin, "ada@x.com").unwrap();
+        let source = |acls: &str| {
+            format!(
+                r#"{{"tagOwners": {{"tag:db": []}}, "ipsets": {{"ipset:lab": ["10.9.0.0/16", "remove 10.9.9.0/24"]}}, "acls": [{acls}]}}"#
+            )
+        };
+        let old = Policy::parse_with_roles(&source(""), "p", &roles).unwrap();
+        let new = Policy::parse_with_roles(
+            &source(&format!(
+                r#"{role}, {{"action": "accept", "src": ["ipset:lab"], "dst": ["tag:db:443"], "proto": "tcp"}}"#
+            )),
+            "p",
+            &roles,
+        )
+        .unwrap();
+        let d = diff(&old, &new);
+        assert!(d.newly_denied.is_empty());
+        let allowed = shown(&d.newly_allowed);
+        assert!(
+            allowed.contains(&"ada@x.com tag:db tcp:22".to_owned()),
+            "{allowed:?}"
+        );
+        assert!(
+            allowed.contains(&"10.9.0.0/21 tag:db tcp:443".to_owned()),
+            "{allowed:?}"
+        );
+        assert!(
+            !allowed.iter().any(|f| f.starts_with("10.9.9.")),
+            "{allowed:?}"
+        );
     }
 }

@@ -410,6 +410,7 @@ impl Engine {
                 .filter_map(|i| all.apps.get(i))
                 .cloned()
                 .collect(),
+            inert: Vec::new(),
             audit: all.audit,
         };
         let list: Vec<NodeInfo> = around

@@ -16,7 +16,7 @@ use weft_proto::{Protocol, RuleAction};
 use crate::compile::NodeInfo;
 use crate::ports::has_ports;
 use crate::posture;
-use crate::rules::{Rule, Rules, Target};
+use crate::rules::{Rule, Rules, Target, Unenforced};
 use crate::selector::spiffe_matches;
 
 /// What the policy does with a flow.
@@ -68,6 +68,9 @@ pub(crate) struct Subject {
     pub(crate) addr: Option<IpNet>,
     /// Node attributes; `None` for sources that are not nodes, which no posture admits.
     pub(crate) attributes: Option<BTreeMap<String, String>>,
+    /// For `explain` only: a construct weft does not enforce, named as a
+    /// principal (`autogroup:internet`, `svc:NAME`, …); no rule covers it.
+    pub(crate) construct: Option<Unenforced>,
 }
 
 impl Subject {
@@ -118,6 +121,11 @@ impl Target {
             Target::Tagged => !s.tags.is_empty(),
             Target::SelfUser => false,
             Target::Prefix(net) => s.addr.is_some_and(|a| net.contains(&a)),
+            Target::Role { users, groups, .. } => {
+                s.user.as_ref().is_some_and(|u| users.contains(u))
+                    || s.groups.iter().any(|g| groups.contains(g))
+            }
+            Target::Unenforced(_) => false,
         }
     }
 }
@@ -257,6 +265,7 @@ mod tests {
         let rules = Rules {
             rules: rules.to_vec(),
             apps: Vec::new(),
+            inert: Vec::new(),
             audit,
         };
         decide(&rules, src, dst, p, n).0

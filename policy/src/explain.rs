@@ -9,10 +9,11 @@ use crate::compile::canonical_nodes;
 use crate::diagnostic::{Diagnostic, Diagnostics, Severity};
 use crate::eval::{decide, Subject, Verdict};
 use crate::resolve::{host_hint, Names};
-use crate::rules::{Rule, Rules, Target};
-use crate::selector::{self, is_external_group, Selector};
+use crate::rules::{Rule, Rules, Target, Unenforced};
+use crate::selector::{self, is_external_group, Autogroup, Selector};
 use crate::tests_block::principals;
 use crate::{NodeInfo, Policy};
+use ipnet::IpNet;
 
 /// What the policy does with one flow, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -21,6 +22,20 @@ pub struct Explanation {
     pub verdict: Verdict,
     /// The rules that decide it; empty when nothing matches and the default decides.
     pub rules: Vec<RuleRef>,
+    /// Rules that would concern the flow but name a construct weft does
+    /// not enforce, so they match nothing there.
+    pub unenforced: Vec<UnenforcedNote>,
+}
+
+/// A rule that matches nothing for a flow because of a construct weft does not enforce.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnenforcedNote {
+    /// The rule.
+    pub rule: RuleRef,
+    /// The construct as written: `autogroup:internet`, `svc:NAME`, `"via"`, …
+    pub construct: String,
+    /// Why weft matches nothing there.
+    pub reason: String,
 }
 
 /// A rule of the policy file, by line and text.
@@ -36,7 +51,9 @@ impl Policy {
     /// Explains the verdict on traffic from `src` to `dst` on `port` over `proto`.
     ///
     /// `src` and `dst` are one principal each: a user login, `group:idp:NAME`,
-    /// `tag:NAME`, a SPIFFE ID, a `hosts` name or an IP. Sources are evaluated
+    /// `tag:NAME`, a SPIFFE ID, a `hosts` name or an IP; or a construct weft
+    /// does not enforce (`autogroup:internet`, `autogroup:shared`,
+    /// `svc:NAME`, a role autogroup), which no rule matches. Sources are evaluated
     /// without device attributes, so rules with a `srcPosture` do not match.
     pub fn explain(
         &self,
@@ -51,6 +68,7 @@ impl Policy {
         Ok(Explanation {
             verdict,
             rules: rule_refs(&deciding),
+            unenforced: unenforced_notes(&self.rules, &src, &dst),
         })
     }
 
@@ -59,7 +77,9 @@ impl Policy {
     ///
     /// The principal's own registered nodes are evaluated with their real
     /// identities and attributes, and the principal as written besides; a
-    /// node reaching itself does not count.
+    /// node reaching itself does not count. `autogroup:admin` (or another
+    /// role autogroup) stands for the role's members as given to
+    /// [`Policy::parse_with_roles`]; without members it reaches nothing.
     pub fn reaches_anything(&self, principal: &str, nodes: &[NodeInfo]) -> bool {
         let nodes = &*canonical_nodes(nodes);
         let Ok(target) = self.principal_target(principal, "the principal") else {
@@ -92,6 +112,12 @@ impl Policy {
         let target = self
             .principal_target(text, flag)
             .map_err(|d| Diagnostics(vec![d]))?;
+        if let Target::Unenforced(construct) = target {
+            return Ok(Subject {
+                construct: Some(construct),
+                ..Subject::default()
+            });
+        }
         match principals(&target, None).into_iter().next() {
             Some(subject) => Ok(subject),
             None => Err(Diagnostics(vec![self.usage_error(
@@ -133,7 +159,20 @@ impl Policy {
                     host_hint(names, &name),
                 )),
             },
-            Selector::Any | Selector::Autogroup(_) => Err(self.usage_error(
+            Selector::Autogroup(Autogroup::Role(role)) => Ok(match names.roles.get(role) {
+                Some(members) => Target::Role {
+                    role,
+                    users: members.users.clone(),
+                    groups: members.groups.clone(),
+                },
+                None => Target::Unenforced(Unenforced::Role(role)),
+            }),
+            Selector::Autogroup(Autogroup::Internet) => {
+                Ok(Target::Unenforced(Unenforced::Internet))
+            }
+            Selector::Autogroup(Autogroup::Shared) => Ok(Target::Unenforced(Unenforced::Shared)),
+            Selector::Service(name) => Ok(Target::Unenforced(Unenforced::Service(name))),
+            Selector::Any | Selector::Autogroup(_) | Selector::Ipset(_) => Err(self.usage_error(
                 format!("{what} \"{text}\" is not one principal"),
                 "name a user, group:idp:NAME, tag:NAME, SPIFFE ID, host name or IP".into(),
             )),
@@ -163,6 +202,74 @@ pub(crate) fn rule_refs(rules: &[&Rule]) -> Vec<RuleRef> {
             text: r.text.clone(),
         })
         .collect()
+}
+
+/// The rules that would concern the flow but for a construct weft does not
+/// enforce: the construct stands where the flow's src or dst could be (it
+/// is named as the principal, a role could hold the user, the internet
+/// holds the address) and the rest of the rule covers the other end; and
+/// grants with `via` whose src and dst cover the flow.
+fn unenforced_notes(rules: &Rules, src: &Subject, dst: &Subject) -> Vec<UnenforcedNote> {
+    let mut notes: Vec<UnenforcedNote> = Vec::new();
+    let mut note = |rule: &Rule, what: &Unenforced| {
+        let construct = what.construct();
+        if !notes
+            .iter()
+            .any(|n| n.rule.line == rule.line && n.construct == construct)
+        {
+            notes.push(UnenforcedNote {
+                rule: RuleRef {
+                    line: rule.line,
+                    text: rule.text.clone(),
+                },
+                construct,
+                reason: what.reason(),
+            });
+        }
+    };
+    let covers_dst = |rule: &Rule| {
+        rule.dst
+            .iter()
+            .any(|d| d.target == Target::SelfUser || d.target.covers(dst))
+    };
+    for rule in &rules.rules {
+        for target in &rule.src {
+            if let Target::Unenforced(what) = target {
+                if could_be(what, src) && covers_dst(rule) {
+                    note(rule, what);
+                }
+            }
+        }
+        for d in &rule.dst {
+            if let Target::Unenforced(what) = &d.target {
+                if could_be(what, dst) && rule.covers_src(src) {
+                    note(rule, what);
+                }
+            }
+        }
+    }
+    for rule in &rules.inert {
+        if rule.covers_src(src) && covers_dst(rule) {
+            note(rule, &Unenforced::Via);
+        }
+    }
+    notes
+}
+
+/// Whether `subject` could be what the unenforced construct stands for.
+fn could_be(what: &Unenforced, subject: &Subject) -> bool {
+    if subject.construct.as_ref() == Some(what) {
+        return true;
+    }
+    match what {
+        Unenforced::Role(_) => subject.is_member(),
+        Unenforced::Internet => subject.addr.is_some_and(|net| {
+            !crate::ipsets::NOT_INTERNET
+                .iter()
+                .any(|private| private.parse::<IpNet>().is_ok_and(|p| p.contains(&net)))
+        }),
+        Unenforced::Shared | Unenforced::Service(_) | Unenforced::Via => false,
+    }
 }
 
 /// Whether any protocol and port passes from `src` to `dst`.
@@ -264,13 +371,75 @@ mod tests {
             e,
             Explanation {
                 verdict: Verdict::Deny,
-                rules: vec![]
+                rules: vec![],
+                unenforced: vec![],
             }
         );
         let e = p
             .explain("group:idp:sre", "tag:web", 80, Protocol::Tcp)
             .unwrap();
         assert_eq!(e.verdict, Verdict::Accept);
+    }
+
+    #[test]
+    fn rules_matching_nothing_because_of_unenforced_constructs_are_named() {
+        let p = Policy::parse(
+            r#"{"tagOwners": {"tag:exit": [], "tag:db": []}, "acls": [
+                {"action": "accept", "src": ["alice@example.com"], "dst": ["autogroup:internet:*"]},
+                {"action": "accept", "src": ["autogroup:shared"], "dst": ["tag:db:5432"]}],
+              "grants": [{"src": ["alice@example.com"], "dst": ["tag:db"], "ip": ["*"], "via": ["tag:exit"]}]}"#,
+            "p",
+        )
+        .unwrap();
+        let e = p
+            .explain("alice@example.com", "tag:db", 5432, Protocol::Tcp)
+            .unwrap();
+        assert_eq!(e.verdict, Verdict::Deny);
+        let named = |e: &Explanation| -> Vec<(u32, String)> {
+            e.unenforced
+                .iter()
+                .map(|n| (n.rule.line, n.construct.clone()))
+                .collect()
+        };
+        assert_eq!(named(&e), [(4, "\"via\"".to_owned())]);
+        let e = p
+            .explain("autogroup:shared", "tag:db", 5432, Protocol::Tcp)
+            .unwrap();
+        assert_eq!(e.verdict, Verdict::Deny);
+        assert_eq!(named(&e), [(3, "autogroup:shared".to_owned())]);
+        assert_eq!(
+            e.unenforced[0].reason,
+            "weft has no sharing between networks, so users shared in are not enforced"
+        );
+        let e = p
+            .explain("alice@example.com", "8.8.8.8", 443, Protocol::Tcp)
+            .unwrap();
+        assert_eq!(e.unenforced[0].construct, "autogroup:internet");
+        let e = p.explain("tag:db", "tag:exit", 1, Protocol::Tcp).unwrap();
+        assert!(e.unenforced.is_empty(), "{e:?}");
+    }
+
+    #[test]
+    fn the_lockout_guard_takes_the_admin_role() {
+        let source = r#"{"tagOwners": {"tag:db": []}, "acls": [
+            {"action": "accept", "src": ["autogroup:admin"], "dst": ["tag:db:22"]}]}"#;
+        let nodes = db_and_olga();
+        let mut roles = crate::Roles::default();
+        roles.add(crate::Role::Admin, "olga@example.com").unwrap();
+        let p = Policy::parse_with_roles(source, "p", &roles).unwrap();
+        assert!(p.reaches_anything("autogroup:admin", &nodes));
+        assert!(p.reaches_anything("olga@example.com", &nodes));
+        let without = Policy::parse(source, "p").unwrap();
+        assert!(!without.reaches_anything("autogroup:admin", &nodes));
+        let e = without
+            .explain("olga@example.com", "tag:db", 22, Protocol::Tcp)
+            .unwrap();
+        assert_eq!(e.verdict, Verdict::Deny);
+        assert_eq!(e.unenforced[0].construct, "autogroup:admin");
+        assert_eq!(
+            e.unenforced[0].reason,
+            "the admin role has no members configured"
+        );
     }
 
     #[test]
@@ -302,10 +471,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn lockout_guard() {
-        let p = policy();
-        let nodes = [
+    /// A database node and olga's laptop.
+    fn db_and_olga() -> [NodeInfo; 2] {
+        [
             node(1, Identity::tagged(vec!["tag:db".into()])),
             node(
                 2,
@@ -314,7 +482,13 @@ mod tests {
                     ..Identity::default()
                 },
             ),
-        ];
+        ]
+    }
+
+    #[test]
+    fn lockout_guard() {
+        let p = policy();
+        let nodes = db_and_olga();
         assert!(p.reaches_anything("olga@example.com", &nodes));
         assert!(p.reaches_anything("group:ops", &nodes));
         assert!(!p.reaches_anything("mallory@example.com", &nodes));

@@ -33,9 +33,15 @@
 //!   and needs no definition; `tag:NAME` (listed under `tagOwners`); a
 //!   workload's SPIFFE ID `spiffe://DOMAIN/ns/NS/sa/SA`, where a `*` segment
 //!   matches one segment and a final `/**` the rest; a `hosts` name, an IP or
-//!   a CIDR; `autogroup:member` (user nodes), `autogroup:tagged` (tagged
-//!   nodes) and, as a destination only, `autogroup:self` (the source user's
-//!   own user nodes).
+//!   a CIDR; `ipset:NAME` (defined under `ipsets`); `autogroup:member` (user
+//!   nodes; `autogroup:members` is its older spelling, and a file may not
+//!   mix the two), `autogroup:tagged` (tagged nodes), as a destination only
+//!   `autogroup:self` (the source user's own user nodes), as a source only
+//!   `autogroup:danger-all` (the same as `*`), and the role autogroups
+//!   `autogroup:owner`, `autogroup:admin`, `autogroup:it-admin`,
+//!   `autogroup:network-admin`, `autogroup:billing-admin` and
+//!   `autogroup:auditor`: the user nodes of the role's members, given as
+//!   [`Roles`] ([`Policy::parse_with_roles`]).
 //! - **Who a node is**: a workload node is matched by its SPIFFE ID and its
 //!   tags; a tagged node by its tags only; a user node by its user, the file
 //!   groups listing that user, and its identity-provider groups.
@@ -69,20 +75,68 @@
 //!   accepts and grants) admits only source nodes satisfying every condition
 //!   of at least one listed posture. Missing attributes and non-numeric
 //!   versions fail; addresses that are not nodes never satisfy a posture.
-//!   Deny rules take no posture.
+//!   A bare attribute (`node:tsAutoUpdate`) holds when it is `true`. Other
+//!   `NAMESPACE:KEY` attributes Tailscale documents (`node:tsReleaseTrack`,
+//!   `ip:country`, …) are not collected by weft: absent on every node, so a
+//!   condition on them never holds (a warning names each). Deny rules take
+//!   no posture.
 //! - **Grants**: `ip` opens the network like an accept; `app` hands
 //!   capabilities (JSON values) to applications on the destination through
 //!   the node's local API, and is not enforced in the tunnel. A grant with
 //!   only `app` opens no traffic and makes no peers.
+//! - **`ipsets`**: `"ipset:NAME": ["10.0.0.0/8", "add HOST", "remove
+//!   10.0.5.0/24", "add ipset:OTHER", "add autogroup:internet"]`, applied in
+//!   order (`host:NAME` names a host too). Cycles and undefined names are
+//!   errors.
 //! - **`tests`** check the rules at the level of principals, without any
 //!   nodes; `srcPostureAttrs` gives the source's attributes. An `accept`
 //!   holds when the verdict is accept; a `deny` holds when it is deny or
-//!   audit-deny. A failing test rejects the policy.
-//! - Top-level keys that Tailscale has but weft does not enforce (`ssh`,
-//!   `nodeAttrs`, `autoApprovers`, …) are ignored with a warning naming the
-//!   key; none of them grants access, so ignoring one never widens it.
-//!   Unknown keys, and restrictions weft cannot apply (`via`, unknown posture
-//!   attributes), are errors.
+//!   audit-deny. A failing test rejects the policy. A test naming a role
+//!   autogroup, or an overlay address no `hosts` entry covers, stands for
+//!   devices: offline it is not evaluated (a warning, and
+//!   [`TestReport::not_evaluated`]); [`Policy::run_tests_on_nodes`]
+//!   evaluates it against the nodes.
+//! - **Early Tailscale spellings** load as their current names: `ACLs`,
+//!   `Groups`, `Hosts`, `TagOwners`, `Tests` at the top level; `Action`,
+//!   `users`/`Users` (= `src`) and `ports`/`Ports` (= `dst`) in acls;
+//!   `user`/`User` (= `src`) and `allow`/`Allow` (= `accept`) in tests. One
+//!   object setting a field under two spellings is an error naming both.
+//!
+//! ## What weft does not enforce
+//!
+//! weft never grants more than the file says: what it cannot enforce
+//! matches nothing, loads, and is named by one warning per construct, and
+//! [`Policy::explain`] lists the rules that match nothing because of it
+//! ([`Explanation::unenforced`]).
+//!
+//! - `autogroup:internet` (exit-node access): weft has no exit nodes.
+//! - `autogroup:shared` (users shared in from another tailnet): weft has no
+//!   sharing.
+//! - `svc:NAME` (Tailscale Services) and grants with `via` (routing through
+//!   chosen subnet routers or exit nodes): weft has neither.
+//! - Role autogroups without configured members. In a deny rule, not
+//!   knowing who holds the role, weft denies every source instead.
+//! - Posture attributes weft does not collect (above).
+//! - The sections `ssh`, `sshTests`, `nodeAttrs` and `autoApprovers` are
+//!   ignored with a warning naming the key, but checked like Tailscale
+//!   checks them: unknown fields, wrong value types and undefined groups,
+//!   tags, hosts and ipsets are errors, so a typo still fails in CI. Other
+//!   Tailscale settings (`derpMap`, `randomizeClientPort`, …) are ignored
+//!   with a warning. Unknown keys are errors.
+//!
+//! ## Entry points
+//!
+//! - `weft policy check FILE [--roles FILE] [--devices FILE]`:
+//!   [`check_file_with`]`(path, &roles, devices)`, where `roles` is the
+//!   roles file deserialized into [`Roles`] (see its JSON form) and
+//!   `devices` a JSON array of [`NodeInfo`]. Warnings are in
+//!   [`Checked::warnings`]; errors and failing tests are the `Err`.
+//! - The coordinator: deserialize its roles setting into [`Roles`], parse
+//!   with [`Policy::parse_with_roles`], and on every load run
+//!   [`Policy::run_tests_on_nodes`] with the registered nodes, refusing the
+//!   policy when it returns `Err`. The lockout guard can take the `admin`
+//!   role itself: `reaches_anything("autogroup:admin", nodes)`, or each of
+//!   [`Roles::members`]`(Role::Admin)`.
 //!
 //! The pipeline is `hujson` (values with spans) → `parse` (the `ast`) →
 //! `resolve` (checked `rules`) → `eval` (tests, [`Policy::explain`],
@@ -97,11 +151,13 @@ mod engine;
 mod eval;
 mod explain;
 mod hujson;
+mod ipsets;
 mod parse;
 mod ports;
 mod posture;
 mod print;
 mod resolve;
+mod roles;
 mod rules;
 mod selector;
 mod tests_block;
@@ -114,7 +170,8 @@ pub use diagnostic::{Diagnostic, Diagnostics, Severity};
 pub use diff::{diff, Flow, PolicyDiff};
 pub use engine::Engine;
 pub use eval::Verdict;
-pub use explain::{Explanation, RuleRef};
+pub use explain::{Explanation, RuleRef, UnenforcedNote};
+pub use roles::{Role, Roles, RolesError};
 
 pub use tests_block::TestReport;
 pub use weft_proto::Protocol;
@@ -136,11 +193,24 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Parses and validates. `file_name` is used in diagnostics.
+    /// Parses and validates, without role members: role autogroups match
+    /// nothing (in deny rules: every source). `file_name` is used in
+    /// diagnostics.
     ///
     /// On failure the diagnostics hold every error found, and the warnings,
     /// in file order.
     pub fn parse(source: &str, file_name: &str) -> Result<Policy, Diagnostics> {
+        Policy::parse_with_roles(source, file_name, &Roles::default())
+    }
+
+    /// Parses and validates with the members of the role autogroups
+    /// (`autogroup:admin`, …), from the coordinator's roles setting or
+    /// `weft policy check --roles FILE` (see [`Roles`]).
+    pub fn parse_with_roles(
+        source: &str,
+        file_name: &str,
+        roles: &Roles,
+    ) -> Result<Policy, Diagnostics> {
         let map = SourceMap::new(file_name, source);
         let root = hujson::parse(source).map_err(|err| {
             Diagnostics(vec![map.error(
@@ -154,7 +224,7 @@ impl Policy {
         })?;
         let mut diags = Vec::new();
         let file = parse::file(&root, &map, &mut diags);
-        let resolved = resolve::resolve(&file, &map, &mut diags);
+        let resolved = resolve::resolve(&file, roles, &map, &mut diags);
         diags.sort_by_key(|d| (d.line, d.column));
         if diags.iter().any(|d| d.severity == Severity::Error) {
             return Err(Diagnostics(diags));
@@ -169,12 +239,30 @@ impl Policy {
         })
     }
 
-    /// Runs the file's `tests`. Err lists each failing test.
+    /// Runs the file's `tests` without nodes. Err lists each failing test.
+    ///
+    /// Tests that need the nodes (a role autogroup, an overlay address no
+    /// `hosts` entry covers) are not evaluated: they are counted in
+    /// [`TestReport::not_evaluated`], and [`Policy::warnings`] names each.
     pub fn run_tests(&self) -> Result<TestReport, Diagnostics> {
-        tests_block::run(&self.tests, &self.rules, &self.file)
+        tests_block::run(&self.tests, &self.rules, &self.file, None)
     }
 
-    /// Warnings found while parsing (unsupported keys).
+    /// Runs every `tests` entry, those that need the nodes against `nodes`
+    /// (the nodes the policy compiles for: `weft policy check --devices
+    /// FILE`, or the coordinator's registered nodes on every load).
+    ///
+    /// An overlay address stands for the node holding it (or for the bare
+    /// address when no node does), and a role autogroup for the user nodes
+    /// of its members; a source node's attributes are its own unless the
+    /// test gives `srcPostureAttrs`. Err lists each failing test.
+    pub fn run_tests_on_nodes(&self, nodes: &[NodeInfo]) -> Result<TestReport, Diagnostics> {
+        let nodes = compile::canonical_nodes(nodes);
+        tests_block::run(&self.tests, &self.rules, &self.file, Some(&nodes))
+    }
+
+    /// Warnings found while parsing: keys and constructs weft does not
+    /// enforce, and tests that need the nodes.
     pub fn warnings(&self) -> &[Diagnostic] {
         &self.warnings
     }
@@ -214,6 +302,16 @@ pub struct Checked {
 ///
 /// On a failing test the error holds the failures followed by the parse warnings.
 pub fn check_file(path: &Path) -> Result<Checked, Diagnostics> {
+    check_file_with(path, &Roles::default(), None)
+}
+
+/// [`check_file`] with role members (`--roles FILE`) and, when given, the
+/// nodes to evaluate the tests that need them against (`--devices FILE`).
+pub fn check_file_with(
+    path: &Path,
+    roles: &Roles,
+    nodes: Option<&[NodeInfo]>,
+) -> Result<Checked, Diagnostics> {
     let file_name = path.display().to_string();
     let source = std::fs::read_to_string(path).map_err(|err| {
         Diagnostics(vec![Diagnostic {
@@ -225,8 +323,12 @@ pub fn check_file(path: &Path) -> Result<Checked, Diagnostics> {
             hint: Some("check the path and that the file is readable UTF-8 text".into()),
         }])
     })?;
-    let policy = Policy::parse(&source, &file_name)?;
-    let tests = policy.run_tests().map_err(|Diagnostics(mut failures)| {
+    let policy = Policy::parse_with_roles(&source, &file_name, roles)?;
+    let tests = match nodes {
+        Some(nodes) => policy.run_tests_on_nodes(nodes),
+        None => policy.run_tests(),
+    };
+    let tests = tests.map_err(|Diagnostics(mut failures)| {
         failures.extend(policy.warnings.iter().cloned());
         Diagnostics(failures)
     })?;

@@ -8,14 +8,16 @@ use std::collections::BTreeMap;
 use weft_proto::{canonical, PortRange, Protocol};
 
 use crate::ast::{
-    Acl, Action, Dst, File, Grant, GroupDef, HostDef, PostureDef, Spanned, TagOwnerDef, TestDst,
-    TestEntry,
+    Acl, Action, Dst, File, Grant, GroupDef, HostDef, IpsetDef, IpsetEntry, PostureDef, Spanned,
+    TagOwnerDef, TestDst, TestEntry,
 };
 use crate::diagnostic::{suggest, Diagnostic, SourceMap, Span};
 use crate::hujson::{Kind, Member, Value};
 use crate::ports;
 use crate::posture;
-use crate::selector::{self, Selector, SelectorError};
+use crate::selector::{self, Autogroup, Selector, SelectorError};
+
+mod sections;
 
 /// Top-level keys weft understands.
 const SUPPORTED_KEYS: &[&str] = &[
@@ -29,6 +31,35 @@ const SUPPORTED_KEYS: &[&str] = &[
     "defaultSrcPosture",
     "mode",
     "tests",
+    "ipsets",
+];
+
+/// The capitalised top-level keys of early Tailscale policy files.
+const TOP_LEVEL_ALIASES: &[(&str, &str)] = &[
+    ("ACLs", "acls"),
+    ("Groups", "groups"),
+    ("Hosts", "hosts"),
+    ("TagOwners", "tagOwners"),
+    ("Tests", "tests"),
+];
+
+/// Early spellings of acls entry fields: `users`/`ports` for `src`/`dst`, capitalised.
+const ACL_ALIASES: &[(&str, &str)] = &[
+    ("Action", "action"),
+    ("users", "src"),
+    ("Users", "src"),
+    ("ports", "dst"),
+    ("Ports", "dst"),
+];
+
+/// Early spellings of tests entry fields: `user` for `src`, `allow` for `accept`.
+const TEST_ALIASES: &[(&str, &str)] = &[
+    ("user", "src"),
+    ("User", "src"),
+    ("allow", "accept"),
+    ("Allow", "accept"),
+    ("Accept", "accept"),
+    ("Deny", "deny"),
 ];
 
 /// Top-level keys of Tailscale policy files that weft ignores with a warning.
@@ -39,7 +70,6 @@ const IGNORED_KEYS: &[&str] = &[
     "nodeAttrs",
     "autoApprovers",
     "derpMap",
-    "ipsets",
     "randomizeClientPort",
     "disableIPv4",
     "OneCSIDRoutes",
@@ -48,7 +78,11 @@ const IGNORED_KEYS: &[&str] = &[
 
 /// Parses the policy structure, appending problems to `diags`.
 pub(crate) fn file(root: &Value, map: &SourceMap<'_>, diags: &mut Vec<Diagnostic>) -> File {
-    let mut walker = Walker { map, diags };
+    let mut walker = Walker {
+        map,
+        diags,
+        member_spelling: None,
+    };
     let mut file = File::default();
     let Some(members) = walker.object(
         root,
@@ -57,8 +91,11 @@ pub(crate) fn file(root: &Value, map: &SourceMap<'_>, diags: &mut Vec<Diagnostic
     ) else {
         return file;
     };
+    let mut seen = BTreeMap::new();
     for member in members {
-        let key = member.key.as_str();
+        let Some(key) = walker.field(member, TOP_LEVEL_ALIASES, &mut seen, "the policy") else {
+            continue;
+        };
         match key {
             "groups" => file.groups = walker.groups(&member.value),
             "tagOwners" => file.tag_owners = walker.tag_owners(&member.value),
@@ -72,11 +109,15 @@ pub(crate) fn file(root: &Value, map: &SourceMap<'_>, diags: &mut Vec<Diagnostic
             }
             "mode" => file.audit = walker.mode(&member.value).unwrap_or(false),
             "tests" => file.tests = walker.tests(&member.value),
-            _ if IGNORED_KEYS.contains(&key) => walker.diags.push(map.warning(
-                member.key_span,
-                format!("\"{key}\" is not supported by weft and is ignored"),
-                Some("the rest of the policy still applies; remove the key to silence this warning".into()),
-            )),
+            "ipsets" => file.ipsets = walker.ipsets(&member.value),
+            _ if IGNORED_KEYS.contains(&key) => {
+                walker.diags.push(map.warning(
+                    member.key_span,
+                    format!("\"{key}\" is not supported by weft and is ignored"),
+                    Some("the rest of the policy still applies; remove the key to silence this warning".into()),
+                ));
+                walker.unenforced_section(key, &member.value, &mut file.references);
+            }
             _ => {
                 let hint = suggest(key, SUPPORTED_KEYS.iter().copied())
                     .or_else(|| suggest(key, IGNORED_KEYS.iter().copied()))
@@ -84,7 +125,11 @@ pub(crate) fn file(root: &Value, map: &SourceMap<'_>, diags: &mut Vec<Diagnostic
                         || format!("top-level keys are {}", SUPPORTED_KEYS.join(", ")),
                         |near| format!("did you mean \"{near}\"?"),
                     );
-                walker.error(member.key_span, format!("unknown top-level key \"{key}\""), hint);
+                walker.error(
+                    member.key_span,
+                    format!("unknown top-level key \"{key}\""),
+                    hint,
+                );
             }
         }
     }
@@ -94,6 +139,8 @@ pub(crate) fn file(root: &Value, map: &SourceMap<'_>, diags: &mut Vec<Diagnostic
 struct Walker<'m, 'd> {
     map: &'m SourceMap<'m>,
     diags: &'d mut Vec<Diagnostic>,
+    /// The first spelling of `autogroup:member(s)` the file uses.
+    member_spelling: Option<String>,
 }
 
 impl Walker<'_, '_> {
@@ -154,18 +201,10 @@ impl Walker<'_, '_> {
     fn tag_owners(&mut self, value: &Value) -> Vec<TagOwnerDef> {
         const SHAPE: &str =
             "write \"tagOwners\": { \"tag:NAME\": [\"group:NAME\", \"user@example.com\", …] }";
-        let Some(members) = self.object(value, "\"tagOwners\"", SHAPE) else {
-            return Vec::new();
-        };
         let mut defs = Vec::new();
-        for member in members {
-            let Some(tag) = self.prefixed_name(member, "tag") else {
-                continue;
-            };
-            let what = format!("the owners of \"{}\"", member.key);
-            let Some(items) = self.array(&member.value, &what, SHAPE) else {
-                continue;
-            };
+        for (tag, what, items) in
+            self.prefixed_lists(value, "tagOwners", "tag", "the owners of", SHAPE)
+        {
             let mut owners = Vec::new();
             for item in items {
                 let Some(text) = self.string(
@@ -175,9 +214,6 @@ impl Walker<'_, '_> {
                 ) else {
                     continue;
                 };
-                if text.starts_with("autogroup:") {
-                    continue;
-                }
                 match self.selector(text, item.span) {
                     Ok(owner @ (Selector::User(_) | Selector::Group(_) | Selector::Tag(_))) => {
                         owners.push(Spanned {
@@ -185,10 +221,14 @@ impl Walker<'_, '_> {
                             span: item.span,
                         });
                     }
+                    // Who may tag is the coordinator's business, not the
+                    // filter's: the role and member autogroups are accepted
+                    // as written and need no definition.
+                    Ok(Selector::Autogroup(Autogroup::Role(_) | Autogroup::Member)) => {}
                     Ok(_) => self.error(
                         item.span,
                         format!("\"{text}\" cannot own a tag"),
-                        "tag owners are users, group:NAME or tag:NAME".into(),
+                        "tag owners are users, group:NAME, tag:NAME, autogroup:member or a role autogroup such as autogroup:admin".into(),
                     ),
                     Err(err) => self.selector_error(item.span, err),
                 }
@@ -268,22 +308,18 @@ impl Walker<'_, '_> {
         )?;
         let (mut action, mut src, mut dst, mut proto) = (None, None, None, None);
         let (mut src_posture, mut mode) = (None, None);
+        let mut seen = BTreeMap::new();
         for member in members {
-            match member.key.as_str() {
+            let Some(field) = self.field(member, ACL_ALIASES, &mut seen, entry) else {
+                continue;
+            };
+            match field {
                 "action" => action = Some(&member.value),
                 "src" => src = Some(&member.value),
                 "dst" => dst = Some(&member.value),
                 "proto" => proto = Some(&member.value),
                 "srcPosture" => src_posture = Some(member),
                 "mode" => mode = Some(&member.value),
-                "users" | "ports" => self.error(
-                    member.key_span,
-                    format!(
-                        "\"{}\" is the old acl syntax, which weft does not accept",
-                        member.key
-                    ),
-                    "write sources in \"src\" and destinations with ports in \"dst\"".into(),
-                ),
                 other => self.unknown_field(member, other, entry, FIELDS),
             }
         }
@@ -420,25 +456,28 @@ impl Walker<'_, '_> {
     fn postures(&mut self, value: &Value) -> Vec<PostureDef> {
         const SHAPE: &str =
             "write \"postures\": { \"posture:NAME\": [\"node:os IN ['linux']\", …] }";
-        let Some(members) = self.object(value, "\"postures\"", SHAPE) else {
-            return Vec::new();
-        };
         let mut defs = Vec::new();
-        for member in members {
-            let Some(name) = self.prefixed_name(member, "posture") else {
-                continue;
-            };
-            let what = format!("posture \"{}\"", member.key);
-            let Some(items) = self.array(&member.value, &what, SHAPE) else {
-                continue;
-            };
+        let mut uncollected = Vec::new();
+        for (name, what, items) in
+            self.prefixed_lists(value, "postures", "posture", "posture", SHAPE)
+        {
             let mut conditions = Vec::new();
             for item in items {
                 let Some(text) = self.string(item, &format!("a condition of {what}"), SHAPE) else {
                     continue;
                 };
                 match posture::parse_condition(text) {
-                    Ok(condition) => conditions.push(condition),
+                    Ok(condition) => {
+                        if !condition.collected() && !uncollected.contains(&condition.attribute) {
+                            uncollected.push(condition.attribute.clone());
+                            self.diags.push(self.map.warning(
+                                item.span,
+                                format!("posture attribute \"{}\" is not collected by weft: it is absent on every node, so conditions on it never hold", condition.attribute),
+                                Some("rules needing this posture admit no node; remove the condition, or use an attribute weft nodes report (node:os, node:osVersion, node:clientVersion, node:hostname, node:diskEncrypted, custom:KEY)".into()),
+                            ));
+                        }
+                        conditions.push(condition);
+                    }
                     Err(err) => self.error(item.span, err.message, err.hint),
                 }
             }
@@ -457,13 +496,14 @@ impl Walker<'_, '_> {
     }
 
     fn grant(&mut self, value: &Value) -> Option<Grant> {
-        const FIELDS: &[&str] = &["src", "dst", "ip", "app", "srcPosture"];
+        const FIELDS: &[&str] = &["src", "dst", "ip", "app", "srcPosture", "via"];
         let members = self.object(
             value,
             "a grants entry",
             "a grants entry is { \"src\": [ … ], \"dst\": [ … ], \"ip\": [ … ], \"app\": { … } }",
         )?;
         let (mut src, mut dst, mut ip, mut app, mut src_posture) = (None, None, None, None, None);
+        let mut via = Vec::new();
         for member in members {
             match member.key.as_str() {
                 "src" => src = Some(&member.value),
@@ -471,11 +511,7 @@ impl Walker<'_, '_> {
                 "ip" => ip = Some(&member.value),
                 "app" => app = Some(&member.value),
                 "srcPosture" => src_posture = self.posture_names(&member.value),
-                "via" => self.error(
-                    member.key_span,
-                    "\"via\" is not supported by weft".into(),
-                    "weft refuses a grant it cannot restrict as written; remove \"via\" or the grant".into(),
-                ),
+                "via" => via = self.via(&member.value),
                 other => self.unknown_field(member, other, "grants entry", FIELDS),
             }
         }
@@ -518,7 +554,98 @@ impl Walker<'_, '_> {
             ip,
             app,
             src_posture,
+            via,
         })
+    }
+
+    /// `via`: the tags of the subnet routers or exit nodes to route through.
+    fn via(&mut self, value: &Value) -> Vec<Spanned<Selector>> {
+        const HINT: &str = "write \"via\": [\"tag:NAME\", …] naming subnet routers or exit nodes";
+        let Some(items) = self.array(value, "\"via\"", HINT) else {
+            return Vec::new();
+        };
+        if items.is_empty() {
+            self.error(value.span, "\"via\" is empty".into(), HINT.into());
+        }
+        let mut routers = Vec::new();
+        for item in items {
+            let Some(text) = self.string(item, "a \"via\" entry", HINT) else {
+                continue;
+            };
+            match self.selector(text, item.span) {
+                Ok(tag @ Selector::Tag(_)) => routers.push(Spanned {
+                    value: tag,
+                    span: item.span,
+                }),
+                Ok(_) => self.error(
+                    item.span,
+                    format!("\"via\" entry \"{text}\" is not a tag"),
+                    HINT.into(),
+                ),
+                Err(err) => self.selector_error(item.span, err),
+            }
+        }
+        routers
+    }
+
+    fn ipsets(&mut self, value: &Value) -> Vec<IpsetDef> {
+        const SHAPE: &str = "write \"ipsets\": { \"ipset:NAME\": [\"10.0.0.0/8\", \"add HOST\", \"remove 10.0.5.0/24\", \"add ipset:OTHER\"] }";
+        let mut defs = Vec::new();
+        for (name, what, items) in self.prefixed_lists(value, "ipsets", "ipset", "ipset", SHAPE) {
+            let mut entries = Vec::new();
+            for item in items {
+                let Some(text) = self.string(item, &format!("an entry of {what}"), SHAPE) else {
+                    continue;
+                };
+                if let Some(entry) = self.ipset_entry(text, item.span) {
+                    entries.push(Spanned {
+                        value: entry,
+                        span: item.span,
+                    });
+                }
+            }
+            defs.push(IpsetDef { name, entries });
+        }
+        defs
+    }
+
+    /// `ITEM`, `add ITEM` or `remove ITEM`, where ITEM is an IP, CIDR, host
+    /// (also written `host:NAME`), `ipset:NAME` or `autogroup:internet`.
+    fn ipset_entry(&mut self, text: &str, span: Span) -> Option<IpsetEntry> {
+        let (remove, item) = match text.split_once(' ') {
+            Some(("add", item)) => (false, item.trim()),
+            Some(("remove", item)) => (true, item.trim()),
+            Some((op, _)) => {
+                self.error(
+                    span,
+                    format!("invalid ipset operation \"{op}\" in \"{text}\""),
+                    "ipset entries are ITEM, \"add ITEM\" or \"remove ITEM\"".into(),
+                );
+                return None;
+            }
+            None => (false, text),
+        };
+        let item = item.strip_prefix("host:").unwrap_or(item);
+        match self.selector(item, span) {
+            Ok(
+                selector @ (Selector::Prefix(_)
+                | Selector::Host(_)
+                | Selector::Ipset(_)
+                | Selector::Autogroup(Autogroup::Internet)),
+            ) => Some(IpsetEntry { remove, selector }),
+            Ok(_) => {
+                self.error(
+                    span,
+                    format!("ipset entry \"{text}\" is not an address"),
+                    "ipsets hold IPs, CIDRs, hosts, other ipsets and autogroup:internet, not users, groups or tags".into(),
+                );
+                None
+            }
+            Err(err) => {
+                self.selector_error(span, err);
+                None
+            }
+        }
     }
 
     fn text_of<'v>(&self, value: &'v Value) -> &'v str {
@@ -704,8 +831,12 @@ impl Walker<'_, '_> {
         )?;
         let (mut src, mut accept, mut deny, mut proto) = (None, None, None, None);
         let mut src_posture_attrs = None;
+        let mut seen = BTreeMap::new();
         for member in members {
-            match member.key.as_str() {
+            let Some(field) = self.field(member, TEST_ALIASES, &mut seen, "tests entry") else {
+                continue;
+            };
+            match field {
                 "src" => src = Some(&member.value),
                 "accept" => accept = Some(&member.value),
                 "deny" => deny = Some(&member.value),
@@ -825,10 +956,19 @@ impl Walker<'_, '_> {
                 );
                 None
             }
+            Ok(role @ Selector::Autogroup(Autogroup::Role(_))) => Some(role),
             Ok(Selector::Autogroup(group)) => {
                 self.error(
                     span,
                     format!("tests need a concrete principal, not \"{}\"", group.name()),
+                    "name a user, group, tag, SPIFFE ID, host or IP".into(),
+                );
+                None
+            }
+            Ok(Selector::Ipset(name) | Selector::Service(name)) => {
+                self.error(
+                    span,
+                    format!("tests need a concrete principal, not \"{name}\""),
                     "name a user, group, tag, SPIFFE ID, host or IP".into(),
                 );
                 None
@@ -876,6 +1016,19 @@ impl Walker<'_, '_> {
         if let Some(canonical) = selector::canonical_spelling(text, &selector) {
             self.non_canonical(span, text, canonical);
         }
+        if selector == Selector::Autogroup(Autogroup::Member) {
+            match &self.member_spelling {
+                None => self.member_spelling = Some(text.to_owned()),
+                Some(first) if first != text => {
+                    // Tailscale refuses a file that mixes the two.
+                    return Err(SelectorError {
+                        message: format!("\"{text}\" in a file that also writes \"{first}\""),
+                        hint: Some("autogroup:members is the older spelling of autogroup:member; write autogroup:member everywhere".into()),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
         Ok(selector)
     }
 
@@ -885,6 +1038,34 @@ impl Walker<'_, '_> {
             format!("\"{text}\" is compared as \"{canonical}\": emails, tags and SPIFFE trust domains are case-insensitive"),
             Some(format!("write \"{canonical}\"")),
         ));
+    }
+
+    /// The entries of a `{ "KIND:NAME": [ … ] }` section (`tagOwners`,
+    /// `postures`, `ipsets`) whose names carry their prefix and whose values
+    /// are lists: the checked name, how to name the entry in messages
+    /// (`LABEL "KEY"`) and the list.
+    fn prefixed_lists<'v>(
+        &mut self,
+        value: &'v Value,
+        section: &str,
+        kind: &str,
+        label: &str,
+        shape: &str,
+    ) -> Vec<(Spanned<String>, String, &'v [Value])> {
+        let Some(members) = self.object(value, &format!("\"{section}\""), shape) else {
+            return Vec::new();
+        };
+        let mut lists = Vec::new();
+        for member in members {
+            let Some(name) = self.prefixed_name(member, kind) else {
+                continue;
+            };
+            let what = format!("{label} \"{}\"", member.key);
+            if let Some(items) = self.array(&member.value, &what, shape) {
+                lists.push((name, what, items));
+            }
+        }
+        lists
     }
 
     /// Checks that a `groups`/`tagOwners` key carries its prefix.
@@ -916,6 +1097,32 @@ impl Walker<'_, '_> {
             value,
             span: member.key_span,
         })
+    }
+
+    /// The field `member` sets, with early Tailscale spellings (`aliases`)
+    /// mapped to the current one; `None`, with an error, when `seen` shows
+    /// the object already set that field under another spelling.
+    fn field<'k>(
+        &mut self,
+        member: &'k Member,
+        aliases: &[(&str, &'k str)],
+        seen: &mut BTreeMap<&'k str, &'k str>,
+        entry: &str,
+    ) -> Option<&'k str> {
+        let written = member.key.as_str();
+        let field = aliases
+            .iter()
+            .find(|(alias, _)| *alias == written)
+            .map_or(written, |(_, field)| *field);
+        if let Some(first) = seen.insert(field, written) {
+            self.error(
+                member.key_span,
+                format!("{entry} has both \"{first}\" and \"{written}\""),
+                format!("\"{first}\" and \"{written}\" are two spellings of \"{field}\"; keep one"),
+            );
+            return None;
+        }
+        Some(field)
     }
 
     fn unknown_field(&mut self, member: &Member, key: &str, entry: &str, fields: &[&str]) {
@@ -1016,7 +1223,7 @@ mod tests {
         let (_, _, _, hint) = error("{\"whatever\": {}}");
         assert_eq!(
             hint,
-            "top-level keys are groups, tagOwners, hosts, acls, deny, grants, postures, defaultSrcPosture, mode, tests"
+            "top-level keys are groups, tagOwners, hosts, acls, deny, grants, postures, defaultSrcPosture, mode, tests, ipsets"
         );
     }
 
@@ -1273,10 +1480,23 @@ mod tests {
             r#"{"src": ["*"], "dst": ["tag:db"], "ip": ["tcpp:1"]}"#,
         ));
         assert_eq!(message, "invalid proto \"tcpp\"");
+        let via = Policy::parse(
+            &grant(r#"{"src": ["*"], "dst": ["tag:db"], "ip": ["*"], "via": ["tag:db"]}"#),
+            "p",
+        )
+        .unwrap();
+        assert_eq!(
+            via.warnings()[0].message,
+            "grants with \"via\" match nothing: weft has no subnet routers or exit nodes to route through, so routing is not enforced"
+        );
         let (_, _, message, _) = error(&grant(
-            r#"{"src": ["*"], "dst": ["tag:db"], "ip": ["*"], "via": ["tag:db"]}"#,
+            r#"{"src": ["*"], "dst": ["tag:db"], "ip": ["*"], "via": ["tag:exit"]}"#,
         ));
-        assert_eq!(message, "\"via\" is not supported by weft");
+        assert_eq!(message, "tag \"tag:exit\" has no \"tagOwners\" entry");
+        let (_, _, message, _) = error(&grant(
+            r#"{"src": ["*"], "dst": ["tag:db"], "ip": ["*"], "via": ["10.0.0.1"]}"#,
+        ));
+        assert_eq!(message, "\"via\" entry \"10.0.0.1\" is not a tag");
         let (_, _, message, hint) = error("{\"postures\": {\"posture:a\": [\"node:oss == 'x'\"]}}");
         assert_eq!(message, "unknown posture attribute \"node:oss\"");
         assert_eq!(hint, "did you mean \"node:os\"?");
@@ -1373,13 +1593,19 @@ mod tests {
         );
         let (_, _, message, _) = error(&acl("{\"action\": \"deny\", \"src\": [\"*\"], \"dst\": [\"*:*\"], \"srcPosture\": [\"posture:x\"]}"));
         assert_eq!(message, "\"srcPosture\" on a deny rule");
-        let (_, _, message, _) = error(&acl(
+        let (line, col, message, hint) = error(&acl(
             "{\"action\": \"accept\", \"users\": [\"*\"], \"src\": [\"*\"], \"dst\": [\"*:*\"]}",
         ));
+        assert_eq!((line, col), (4, 42));
+        assert_eq!(message, "acls entry has both \"users\" and \"src\"");
         assert_eq!(
-            message,
-            "\"users\" is the old acl syntax, which weft does not accept"
+            hint,
+            "\"users\" and \"src\" are two spellings of \"src\"; keep one"
         );
+        let (_, _, message, _) = error(&acl(
+            "{\"Action\": \"accept\", \"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"]}",
+        ));
+        assert_eq!(message, "acls entry has both \"Action\" and \"action\"");
         let (_, _, message, _) = error(&acl(
             "{\"action\": \"accept\", \"src\": [], \"dst\": [\"*:*\"]}",
         ));
@@ -1421,6 +1647,76 @@ mod tests {
         let diags = Policy::parse(source, "p.hujson").unwrap_err();
         let lines: Vec<u32> = diags.0.iter().map(|d| d.line).collect();
         assert_eq!(lines, [2, 3, 4]);
+    }
+
+    #[test]
+    fn early_tailscale_spellings_load() {
+        let early = r#"{
+  "Groups": {"group:eng": ["alice@example.com"]},
+  "Hosts": {"nas": "192.168.1.10"},
+  "ACLs": [
+    {"Action": "accept", "Users": ["group:eng"], "Ports": ["nas:445"]},
+    {"action": "accept", "users": ["*"], "ports": ["nas:80"]},
+  ],
+  "Tests": [
+    {"User": "alice@example.com", "Allow": ["nas:445", "nas:80"], "Deny": ["nas:22"]},
+    {"src": "bob@example.com", "allow": ["nas:80"], "deny": ["nas:445"]},
+  ],
+}"#;
+        let policy = Policy::parse(early, "p").unwrap();
+        assert!(policy.warnings().is_empty(), "{:?}", policy.warnings());
+        assert_eq!(policy.run_tests().unwrap().passed, 5);
+        let current = policy.to_hujson();
+        assert!(
+            current.contains("\"src\": [\"group:eng\"], \"dst\": [\"nas:445\"]"),
+            "{current}"
+        );
+        let (_, _, message, hint) = error("{\"acls\": [], \"ACLs\": []}");
+        assert_eq!(message, "the policy has both \"acls\" and \"ACLs\"");
+        assert_eq!(
+            hint,
+            "\"acls\" and \"ACLs\" are two spellings of \"acls\"; keep one"
+        );
+        let (_, _, message, _) = error(
+            "{\"hosts\": {\"h\": \"10.0.0.1\"}, \"tests\": [{\"src\": \"a@x\", \"accept\": [\"h:1\"], \"allow\": [\"h:2\"]}]}",
+        );
+        assert_eq!(message, "tests entry has both \"accept\" and \"allow\"");
+        let (_, _, message, _) = error(&acl(
+            "{\"action\": \"accept\", \"src\": [\"*\"], \"ports\": [\"*:*\"], \"dst\": [\"*:*\"]}",
+        ));
+        assert_eq!(message, "acls entry has both \"ports\" and \"dst\"");
+    }
+
+    #[test]
+    fn member_spellings_do_not_mix() {
+        let policy = Policy::parse(
+            "{\"acls\": [{\"action\": \"accept\", \"src\": [\"autogroup:members\"], \"dst\": [\"autogroup:self:*\"]}]}",
+            "p",
+        );
+        assert!(policy.is_ok(), "{policy:?}");
+        let (line, col, message, hint) = error(
+            "{\"acls\": [{\"action\": \"accept\", \"src\": [\"autogroup:members\"], \"dst\": [\"autogroup:self:*\"]},\n{\"action\": \"accept\", \"src\": [\"autogroup:member\"], \"dst\": [\"*:22\"]}]}",
+        );
+        assert_eq!((line, col), (2, 30));
+        assert_eq!(
+            message,
+            "\"autogroup:member\" in a file that also writes \"autogroup:members\""
+        );
+        assert!(hint.contains("older spelling"), "{hint}");
+    }
+
+    #[test]
+    fn danger_all_is_every_source() {
+        let policy = Policy::parse(
+            "{\"tagOwners\": {\"tag:web\": []}, \"grants\": [{\"src\": [\"autogroup:danger-all\"], \"dst\": [\"tag:web\"], \"ip\": [\"tcp:443\"]}]}",
+            "p",
+        )
+        .unwrap();
+        assert_eq!(policy.rules.rules[0].src, [crate::rules::Target::Any]);
+        let (_, _, message, _) = error(&acl(
+            "{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"autogroup:danger-all:*\"]}",
+        ));
+        assert_eq!(message, "autogroup:danger-all is only valid as a source");
     }
 
     #[test]

@@ -4,7 +4,13 @@
 //! or `node:clientVersion >= '1.40'`. A posture holds when all its conditions
 //! do; a `srcPosture` list holds when any of its postures does. A missing
 //! attribute, or a version that is not dotted numbers, fails the condition:
-//! posture only ever narrows access.
+//! posture only ever narrows access. A bare attribute (`node:tsAutoUpdate`)
+//! holds when the attribute is `true`.
+//!
+//! Attributes Tailscale documents but weft does not collect
+//! (`node:tsReleaseTrack`, `ip:country`, device-management integrations'
+//! `PROVIDER:KEY`) are absent on every node, so conditions on them never
+//! hold; the checker warns about each.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -64,6 +70,8 @@ pub(crate) enum Op {
     Le,
     Gt,
     Ge,
+    /// A bare attribute: it is `true`.
+    IsTrue,
 }
 
 impl Op {
@@ -77,12 +85,16 @@ impl Op {
             Op::Le => "<=",
             Op::Gt => ">",
             Op::Ge => ">=",
+            Op::IsTrue => "",
         }
     }
 }
 
 impl Condition {
     pub(crate) fn holds(&self, attributes: &BTreeMap<String, String>) -> bool {
+        if !self.collected() {
+            return false;
+        }
         let Some(actual) = attributes.get(&self.attribute) else {
             return false;
         };
@@ -97,11 +109,20 @@ impl Condition {
             Op::Le => matches!(ordering(), Some(Ordering::Less | Ordering::Equal)),
             Op::Gt => ordering() == Some(Ordering::Greater),
             Op::Ge => matches!(ordering(), Some(Ordering::Greater | Ordering::Equal)),
+            Op::IsTrue => actual == "true",
         }
+    }
+
+    /// Whether weft nodes report the attribute at all.
+    pub(crate) fn collected(&self) -> bool {
+        is_collected(&self.attribute)
     }
 
     /// The condition as a policy file writes it.
     pub(crate) fn text(&self) -> String {
+        if self.op == Op::IsTrue {
+            return self.attribute.clone();
+        }
         let quoted: Vec<String> = self.values.iter().map(|v| format!("'{v}'")).collect();
         let value = match self.op {
             Op::In | Op::NotIn => format!("[{}]", quoted.join(", ")),
@@ -127,9 +148,25 @@ pub(crate) fn parse_condition(text: &str) -> Result<Condition, ConditionError> {
         hint: CONDITION_FORM.to_owned(),
     };
     let trimmed = text.trim();
-    let (attribute, rest) = trimmed
-        .split_once(char::is_whitespace)
-        .ok_or_else(|| error(format!("invalid posture condition \"{text}\"")))?;
+    let Some((attribute, rest)) = trimmed.split_once(char::is_whitespace) else {
+        if trimmed.contains(':') && !trimmed.contains(['=', '<', '>', '!', '\'', '"']) {
+            let attribute = canonical_attribute(trimmed)?;
+            if matches!(
+                attribute.as_str(),
+                "node:os" | "node:osVersion" | "node:clientVersion" | "node:hostname"
+            ) {
+                return Err(error(format!(
+                    "posture condition \"{text}\" has no operator"
+                )));
+            }
+            return Ok(Condition {
+                attribute,
+                op: Op::IsTrue,
+                values: Vec::new(),
+            });
+        }
+        return Err(error(format!("invalid posture condition \"{text}\"")));
+    };
     let attribute = canonical_attribute(attribute)?;
     let rest = rest.trim_start();
     let ops: [(&str, Op); 8] = [
@@ -204,21 +241,39 @@ pub(crate) fn canonical_key(name: &str) -> &str {
     }
 }
 
+/// Whether weft nodes report `attribute` (canonical name).
+fn is_collected(attribute: &str) -> bool {
+    NODE_ATTRIBUTES.contains(&attribute)
+        || attribute
+            .strip_prefix("custom:")
+            .is_some_and(|key| !key.is_empty())
+}
+
 /// Checks an attribute name and returns its canonical form.
+///
+/// A near miss of an attribute weft collects is a typo and an error; any
+/// other `NAMESPACE:KEY` is an attribute weft does not collect.
 fn canonical_attribute(name: &str) -> Result<String, ConditionError> {
     let name = canonical_key(name);
-    if NODE_ATTRIBUTES.contains(&name) {
+    if is_collected(name) {
         return Ok(name.to_owned());
     }
-    if let Some(key) = name.strip_prefix("custom:") {
-        if !key.is_empty() {
-            return Ok(name.to_owned());
-        }
+    let near = suggest(name, NODE_ATTRIBUTES.iter().copied());
+    let well_formed = name.split_once(':').is_some_and(|(namespace, key)| {
+        let word = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        word(namespace) && word(key)
+    });
+    if near.is_none() && well_formed {
+        return Ok(name.to_owned());
     }
-    let hint = suggest(name, NODE_ATTRIBUTES.iter().copied()).map_or_else(
+    let hint = near.map_or_else(
         || {
             format!(
-                "weft knows {} and custom:KEY; weft refuses a posture it cannot check rather than ignore it",
+                "attributes are NAMESPACE:KEY; weft collects {} and custom:KEY",
                 NODE_ATTRIBUTES.join(", ")
             )
         },
@@ -335,8 +390,8 @@ mod tests {
         let err = parse_condition("node:oss == 'linux'").unwrap_err();
         assert_eq!(err.message, "unknown posture attribute \"node:oss\"");
         assert_eq!(err.hint, "did you mean \"node:os\"?");
-        let err = parse_condition("ip:country == 'CH'").unwrap_err();
-        assert!(err.hint.contains("refuses a posture"), "{err:?}");
+        let err = parse_condition("country == 'CH'").unwrap_err();
+        assert!(err.hint.contains("NAMESPACE:KEY"), "{err:?}");
         assert!(parse_condition("node:os ~ 'x'")
             .unwrap_err()
             .message
@@ -351,6 +406,25 @@ mod tests {
             .contains("not a version"));
         assert!(parse_condition("node:os").is_err());
         assert!(parse_condition("node:os == 'a b' c").is_err());
+    }
+
+    #[test]
+    fn attributes_weft_does_not_collect_never_hold() {
+        let track = parse_condition("node:tsReleaseTrack == 'stable'").unwrap();
+        assert!(!track.collected());
+        assert!(!track.holds(&attrs(&[("node:tsReleaseTrack", "stable")])));
+        let not_in = parse_condition("ip:country NOT IN ['XX']").unwrap();
+        assert!(!not_in.holds(&attrs(&[])), "absent, so even NOT IN fails");
+        let bare = parse_condition("node:tsAutoUpdate").unwrap();
+        assert_eq!(
+            (bare.op, bare.text()),
+            (Op::IsTrue, "node:tsAutoUpdate".into())
+        );
+        assert!(!bare.holds(&attrs(&[("node:tsAutoUpdate", "true")])));
+        let encrypted = parse_condition("node:diskEncrypted").unwrap();
+        assert!(encrypted.holds(&attrs(&[("node:diskEncrypted", "true")])));
+        assert!(!encrypted.holds(&attrs(&[("node:diskEncrypted", "false")])));
+        assert!(parse_condition("node:").is_err());
     }
 
     #[test]

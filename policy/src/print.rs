@@ -42,6 +42,16 @@ pub(crate) fn print(file: &File) -> String {
         });
         sections.push(object("hosts", entries));
     }
+    if !file.ipsets.is_empty() {
+        let entries = file.ipsets.iter().map(|set| {
+            let items = set.entries.iter().map(|e| {
+                let op = if e.value.remove { "remove" } else { "add" };
+                format!("{op} {}", e.value.selector)
+            });
+            format!("{}: {}", quote(&set.name.value), list(items))
+        });
+        sections.push(object("ipsets", entries));
+    }
     if !file.postures.is_empty() {
         let entries = file.postures.iter().map(|p| {
             format!(
@@ -123,6 +133,9 @@ fn grant(grant: &Grant) -> String {
     }
     if let Some(postures) = &grant.src_posture {
         let _ = write!(text, ", \"srcPosture\": {}", names(postures));
+    }
+    if !grant.via.is_empty() {
+        let _ = write!(text, ", \"via\": {}", selectors(&grant.via));
     }
     format!("{{{text}}}")
 }
@@ -209,7 +222,7 @@ mod tests {
     /// The rules with positions blanked, to compare policies printed differently.
     fn shape(policy: &Policy) -> String {
         let mut rules = policy.rules.clone();
-        for rule in &mut rules.rules {
+        for rule in rules.rules.iter_mut().chain(&mut rules.inert) {
             rule.line = 0;
             rule.text.clear();
         }
@@ -244,6 +257,9 @@ mod tests {
         "spiffe://td/ns/*/sa/api",
         "autogroup:member",
         "autogroup:tagged",
+        "autogroup:shared",
+        "autogroup:admin",
+        "ipset:office",
     ];
     const DST: &[&str] = &[
         "*:*",
@@ -254,6 +270,9 @@ mod tests {
         "autogroup:self:*",
         "spiffe://td/ns/a/sa/b:8443",
         "group:idp:sre:22",
+        "autogroup:internet:*",
+        "ipset:office:443",
+        "svc:wiki:443",
     ];
 
     fn arb_acl() -> impl Strategy<Value = String> {
@@ -292,6 +311,7 @@ mod tests {
                 "\"ip\": [\"tcp:443\", \"icmp:*\", \"53\"]",
                 "\"app\": {\"x.com/cap/a\": [{\"b\": [1, 2.5, null], \"a\": \"é\\\"\"}, true]}",
                 "\"ip\": [\"udp:1-2,5\"], \"srcPosture\": [\"posture:ok\"]",
+                "\"ip\": [\"*\"], \"via\": [\"tag:db\", \"tag:web\"]",
             ]),
         )
             .prop_map(|(src, dst, body)| {
@@ -317,6 +337,7 @@ mod tests {
   {}"groups": {{"group:eng": ["alice@x.com", "bob@x.com",],}},
   "tagOwners": {{"tag:web": ["group:eng", "autogroup:admin"], "tag:db": ["tag:web"]}},
   "hosts": {{"lan": "100.64.0.0/24", "one": "fd7a::5"}},
+  "ipsets": {{"ipset:office": ["add 10.1.0.0/16", "remove 10.1.2.0/24", "host:lan", "add ipset:inet"], "ipset:inet": ["autogroup:internet"]}},
   "postures": {{"posture:ok": ["node:os IN ['linux', \"mac os\"]", "node:tsVersion >= '1.40'", "custom:tier != gold"]}},
   {}"acls": [{}],
   "grants": [{}],

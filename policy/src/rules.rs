@@ -10,6 +10,7 @@ use weft_proto::{PortRange, Protocol, RuleAction};
 
 use crate::diagnostic::Location;
 use crate::posture::Posture;
+use crate::roles::Role;
 
 /// Whom a `src` or `dst` selector covers, with every name resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,8 +33,75 @@ pub(crate) enum Target {
     Tagged,
     /// `autogroup:self` (dst only): the user nodes of the source's user.
     SelfUser,
-    /// Addresses in this prefix (a host, IP or CIDR).
+    /// Addresses in this prefix (a host, IP, CIDR or part of an `ipset`).
     Prefix(IpNet),
+    /// A role autogroup: the user nodes of its members' logins and
+    /// identity-provider groups.
+    Role {
+        role: Role,
+        users: Vec<String>,
+        groups: Vec<String>,
+    },
+    /// A construct weft loads but does not enforce: it matches nothing.
+    Unenforced(Unenforced),
+}
+
+/// What a rule names that weft cannot enforce, so it matches nothing there.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Unenforced {
+    /// `autogroup:internet`: weft has no exit nodes.
+    Internet,
+    /// `autogroup:shared`: weft has no sharing between networks.
+    Shared,
+    /// `svc:NAME`: weft has no Tailscale Services.
+    Service(String),
+    /// A grant's `via`: weft cannot route through chosen routers.
+    Via,
+    /// A role autogroup without configured members.
+    Role(Role),
+}
+
+impl Unenforced {
+    /// The construct as the file writes it.
+    pub(crate) fn construct(&self) -> String {
+        match self {
+            Unenforced::Internet => "autogroup:internet".into(),
+            Unenforced::Shared => "autogroup:shared".into(),
+            Unenforced::Service(name) => name.clone(),
+            Unenforced::Via => "\"via\"".into(),
+            Unenforced::Role(role) => role.autogroup(),
+        }
+    }
+
+    /// The checker's warning: what matches nothing and why.
+    pub(crate) fn message(&self) -> String {
+        match self {
+            Unenforced::Via => format!("grants with \"via\" match nothing: {}", self.reason()),
+            _ => format!("{} matches nothing: {}", self.construct(), self.reason()),
+        }
+    }
+
+    /// Why weft matches nothing there.
+    pub(crate) fn reason(&self) -> String {
+        match self {
+            Unenforced::Internet => {
+                "weft has no exit nodes, so exit-node access is not enforced".into()
+            }
+            Unenforced::Shared => {
+                "weft has no sharing between networks, so users shared in are not enforced".into()
+            }
+            Unenforced::Service(_) => {
+                "weft has no Tailscale Services, so access to them is not enforced".into()
+            }
+            Unenforced::Via => {
+                "weft has no subnet routers or exit nodes to route through, so routing is not enforced".into()
+            }
+            Unenforced::Role(role) => format!(
+                "the {} role has no members configured",
+                role.name()
+            ),
+        }
+    }
 }
 
 /// Everything a policy decides, resolved.
@@ -43,6 +111,9 @@ pub(crate) struct Rules {
     pub(crate) rules: Vec<Rule>,
     /// The `app` capabilities of `grants`.
     pub(crate) apps: Vec<AppRule>,
+    /// Grants with `via`, as the network rules they would be: never
+    /// enforced, kept so `explain` can name them.
+    pub(crate) inert: Vec<Rule>,
     /// Whole-file audit mode: nothing is enforced, would-be denials are logged.
     pub(crate) audit: bool,
 }
@@ -93,6 +164,9 @@ pub(crate) struct TestCase {
     /// `srcPostureAttrs`.
     pub(crate) attributes: Option<BTreeMap<String, String>>,
     pub(crate) checks: Vec<Check>,
+    /// Why the test cannot be evaluated without the nodes (a role autogroup,
+    /// or an overlay address no `hosts` entry covers); `None` when it can.
+    pub(crate) needs_devices: Option<String>,
 }
 
 /// One `accept` or `deny` destination of a test.

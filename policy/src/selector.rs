@@ -12,6 +12,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use weft_proto::canonical;
 
+use crate::roles::Role;
+
 /// What a selector string names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Selector {
@@ -26,8 +28,12 @@ pub(crate) enum Selector {
     /// A SPIFFE ID pattern: `spiffe://TRUST_DOMAIN/PATH`, where a `*` segment
     /// matches one segment and a trailing `/**` the rest.
     Workload(String),
-    /// `autogroup:member`, `autogroup:tagged` or `autogroup:self`.
+    /// `autogroup:NAME`.
     Autogroup(Autogroup),
+    /// `ipset:NAME`, defined under `ipsets`.
+    Ipset(String),
+    /// `svc:NAME`, a Tailscale Service (the full string).
+    Service(String),
     /// `tag:NAME` (the full string, prefix included).
     Tag(String),
     /// A name from the `hosts` section.
@@ -39,23 +45,53 @@ pub(crate) enum Selector {
 /// The autogroups weft knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Autogroup {
-    /// Nodes of a user, without tags.
+    /// Nodes of a user, without tags (also written `autogroup:members`).
     Member,
     /// Nodes with tags.
     Tagged,
     /// In a `dst`: the nodes of the source node's own user.
     SelfUser,
+    /// The internet through an exit node: weft has no exit nodes.
+    Internet,
+    /// As a source: every address, inside the network or not (`*` in weft).
+    DangerAll,
+    /// Users shared in from another tailnet: weft has no sharing.
+    Shared,
+    /// The user nodes of the people holding a role.
+    Role(Role),
 }
 
 impl Autogroup {
-    pub(crate) fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> String {
         match self {
-            Autogroup::Member => "autogroup:member",
-            Autogroup::Tagged => "autogroup:tagged",
-            Autogroup::SelfUser => "autogroup:self",
+            Autogroup::Member => "autogroup:member".into(),
+            Autogroup::Tagged => "autogroup:tagged".into(),
+            Autogroup::SelfUser => "autogroup:self".into(),
+            Autogroup::Internet => "autogroup:internet".into(),
+            Autogroup::DangerAll => "autogroup:danger-all".into(),
+            Autogroup::Shared => "autogroup:shared".into(),
+            Autogroup::Role(role) => role.autogroup(),
         }
     }
+
+    /// The autogroup named `text`; `autogroup:members` is Tailscale's older
+    /// spelling of `autogroup:member`.
+    fn from_name(text: &str) -> Option<Autogroup> {
+        let name = text.strip_prefix("autogroup:")?;
+        Some(match name {
+            "member" | "members" => Autogroup::Member,
+            "tagged" => Autogroup::Tagged,
+            "self" => Autogroup::SelfUser,
+            "internet" => Autogroup::Internet,
+            "danger-all" => Autogroup::DangerAll,
+            "shared" => Autogroup::Shared,
+            _ => Autogroup::Role(Role::from_name(name)?),
+        })
+    }
 }
+
+/// Every autogroup name, for hints.
+const AUTOGROUPS: &str = "autogroup:member (or :members), autogroup:tagged, autogroup:self, autogroup:internet, autogroup:shared, autogroup:danger-all and the roles autogroup:owner, autogroup:admin, autogroup:it-admin, autogroup:network-admin, autogroup:billing-admin, autogroup:auditor";
 
 /// Whether a `group:` name is an external (identity-provider) group.
 pub(crate) fn is_external_group(full: &str) -> bool {
@@ -73,7 +109,8 @@ impl std::fmt::Display for Selector {
             | Selector::Tag(name)
             | Selector::Host(name)
             | Selector::Workload(name) => f.write_str(name),
-            Selector::Autogroup(group) => f.write_str(group.name()),
+            Selector::Ipset(name) | Selector::Service(name) => f.write_str(name),
+            Selector::Autogroup(group) => f.write_str(&group.name()),
             Selector::Prefix(net) if net.prefix_len() == net.max_prefix_len() => {
                 write!(f, "{}", net.addr())
             }
@@ -100,7 +137,7 @@ impl SelectorError {
 
 const SPIFFE_SCHEME: &str = "spiffe://";
 
-const SELECTOR_FORMS: &str = "a selector is *, user@domain, group:NAME, group:idp:NAME, tag:NAME, spiffe://DOMAIN/PATH, autogroup:member|tagged|self, a name from \"hosts\", an IP or a CIDR";
+const SELECTOR_FORMS: &str = "a selector is *, user@domain, group:NAME, group:idp:NAME, tag:NAME, spiffe://DOMAIN/PATH, autogroup:NAME, ipset:NAME, svc:NAME, a name from \"hosts\", an IP or a CIDR";
 
 /// Parses a `src` selector (or the part of a `dst` before the ports).
 pub(crate) fn parse(text: &str) -> Result<Selector, SelectorError> {
@@ -140,15 +177,22 @@ pub(crate) fn parse(text: &str) -> Result<Selector, SelectorError> {
         return Ok(Selector::Tag(canonical::tag(text).into_owned()));
     }
     if text.starts_with("autogroup:") {
-        return match text {
-            "autogroup:member" => Ok(Selector::Autogroup(Autogroup::Member)),
-            "autogroup:tagged" => Ok(Selector::Autogroup(Autogroup::Tagged)),
-            "autogroup:self" => Ok(Selector::Autogroup(Autogroup::SelfUser)),
-            _ => Err(SelectorError::new(
-                format!("unsupported autogroup \"{text}\""),
-                "weft knows autogroup:member, autogroup:tagged and autogroup:self".to_owned(),
-            )),
-        };
+        return Autogroup::from_name(text)
+            .map(Selector::Autogroup)
+            .ok_or_else(|| {
+                SelectorError::new(
+                    format!("unknown autogroup \"{text}\""),
+                    format!("autogroups are {AUTOGROUPS}"),
+                )
+            });
+    }
+    if let Some(name) = text.strip_prefix("ipset:") {
+        check_name("ipset", name, text)?;
+        return Ok(Selector::Ipset(text.to_owned()));
+    }
+    if let Some(name) = text.strip_prefix("svc:") {
+        check_name("svc", name, text)?;
+        return Ok(Selector::Service(text.to_owned()));
     }
     if text.contains('@') {
         if text.starts_with('@') {
@@ -291,7 +335,7 @@ pub(crate) fn split_dst(text: &str) -> Result<(&str, &str), SelectorError> {
     let Some((selector, ports)) = text.rsplit_once(':') else {
         return Err(no_port());
     };
-    if matches!(selector, "tag" | "group" | "autogroup") {
+    if matches!(selector, "tag" | "group" | "autogroup" | "ipset" | "svc") {
         return Err(no_port());
     }
     Ok((selector, ports))
@@ -375,6 +419,27 @@ mod tests {
             Ok(Selector::Autogroup(Autogroup::SelfUser))
         );
         assert_eq!(
+            parse("autogroup:members"),
+            Ok(Selector::Autogroup(Autogroup::Member))
+        );
+        assert_eq!(
+            parse("autogroup:network-admin"),
+            Ok(Selector::Autogroup(Autogroup::Role(Role::NetworkAdmin)))
+        );
+        assert_eq!(
+            parse("autogroup:internet"),
+            Ok(Selector::Autogroup(Autogroup::Internet))
+        );
+        assert_eq!(
+            parse("ipset:office"),
+            Ok(Selector::Ipset("ipset:office".into()))
+        );
+        assert_eq!(parse("svc:wiki"), Ok(Selector::Service("svc:wiki".into())));
+        assert_eq!(
+            split_dst("autogroup:internet:*"),
+            Ok(("autogroup:internet", "*"))
+        );
+        assert_eq!(
             split_dst("spiffe://td/ns/a/sa/b:443"),
             Ok(("spiffe://td/ns/a/sa/b", "443"))
         );
@@ -414,10 +479,11 @@ mod tests {
             .unwrap_err()
             .message
             .contains("invalid IP"));
-        assert!(parse("autogroup:admin")
-            .unwrap_err()
-            .message
-            .contains("unsupported autogroup"));
+        let err = parse("autogroup:admn").unwrap_err();
+        assert_eq!(err.message, "unknown autogroup \"autogroup:admn\"");
+        assert!(err.hint.unwrap().contains("autogroup:admin"));
+        assert!(parse("ipset:").unwrap_err().message.contains("empty"));
+        assert!(parse("svc:a b").unwrap_err().message.contains("whitespace"));
         assert!(parse("spiffe://")
             .unwrap_err()
             .message

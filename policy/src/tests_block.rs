@@ -9,12 +9,18 @@
 //! `srcPostureAttrs` gives the source's attributes for `srcPosture`; a user,
 //! tag or workload source without it has no attributes, and an address
 //! source never satisfies a posture.
+//!
+//! A test naming a role autogroup or an overlay address outside `hosts`
+//! needs the nodes: without them it is not evaluated (and not passed);
+//! with them the role stands for its members' user nodes and the address
+//! for the node holding it.
 
 use serde::Serialize;
 use weft_proto::Protocol;
 
 use std::collections::BTreeMap;
 
+use crate::compile::NodeInfo;
 use crate::diagnostic::{Diagnostic, Diagnostics, Severity};
 use crate::eval::{decide, Subject, Verdict};
 use crate::ports::proto_name;
@@ -25,19 +31,34 @@ use crate::rules::{Check, Expect, Rules, Target, TestCase};
 pub struct TestReport {
     /// How many `accept` and `deny` destinations were checked and held.
     pub passed: usize,
+    /// How many were not evaluated because they need the nodes (see
+    /// [`crate::Policy::run_tests_on_nodes`]).
+    pub not_evaluated: usize,
 }
 
 /// Runs every test; the error lists each failing `accept`/`deny` destination.
+///
+/// Without `nodes`, tests that need them are counted as not evaluated.
 pub(crate) fn run(
     tests: &[TestCase],
     rules: &Rules,
     file: &str,
+    nodes: Option<&[NodeInfo]>,
 ) -> Result<TestReport, Diagnostics> {
     let mut passed = 0;
+    let mut not_evaluated = 0;
     let mut failures = Vec::new();
     for test in tests {
+        let nodes = match (test.needs_devices.is_some(), nodes) {
+            (false, _) => None,
+            (true, Some(nodes)) => Some(nodes),
+            (true, None) => {
+                not_evaluated += test.checks.len();
+                continue;
+            }
+        };
         for check in &test.checks {
-            match failure(test, check, rules) {
+            match failure(test, check, rules, nodes) {
                 None => passed += 1,
                 Some((message, hint)) => failures.push(Diagnostic {
                     severity: Severity::Error,
@@ -51,24 +72,40 @@ pub(crate) fn run(
         }
     }
     if failures.is_empty() {
-        Ok(TestReport { passed })
+        Ok(TestReport {
+            passed,
+            not_evaluated,
+        })
     } else {
         Err(Diagnostics(failures))
     }
 }
 
 /// Why one check fails (message and hint), or `None` when it holds.
-fn failure(test: &TestCase, check: &Check, rules: &Rules) -> Option<(String, String)> {
+fn failure(
+    test: &TestCase,
+    check: &Check,
+    rules: &Rules,
+    nodes: Option<&[NodeInfo]>,
+) -> Option<(String, String)> {
     let protocols: &[Protocol] = match (test.proto.as_ref(), check.expect) {
         (Some(protocol), _) => std::slice::from_ref(protocol),
         (None, Expect::Accept) => &[Protocol::Tcp],
         (None, Expect::Deny) => &[Protocol::Tcp, Protocol::Udp],
     };
-    let srcs = principals(&test.src, test.attributes.as_ref());
-    let dsts = principals(&check.dst, None);
+    let subjects = |target: &Target, attributes| match (target, nodes) {
+        (Target::Prefix(_) | Target::Role { .. }, Some(nodes)) => {
+            node_principals(target, attributes, nodes)
+        }
+        _ => principals(target, attributes),
+    };
+    let srcs = subjects(&test.src, test.attributes.as_ref());
+    let dsts = subjects(&check.dst, None);
     let title = |src: Option<&Subject>, protocol: Option<Protocol>| {
         let member = match (&test.src, src.and_then(|s| s.user.as_ref())) {
-            (Target::Group { .. }, Some(user)) => format!(" (member {user})"),
+            (Target::Group { .. } | Target::Role { .. }, Some(user)) => {
+                format!(" (member {user})")
+            }
             _ => String::new(),
         };
         let over = match (test.proto, protocol) {
@@ -177,12 +214,62 @@ pub(crate) fn principals(
             addr: Some(*net),
             ..Subject::default()
         }],
-        Target::Any | Target::Member | Target::Tagged | Target::SelfUser => Vec::new(),
+        Target::Role { users, groups, .. } => users
+            .iter()
+            .map(|m| user(m))
+            .chain(groups.iter().map(|group| Subject {
+                groups: vec![group.clone()],
+                attributes: node_attributes.clone(),
+                ..Subject::default()
+            }))
+            .collect(),
+        Target::Any
+        | Target::Member
+        | Target::Tagged
+        | Target::SelfUser
+        | Target::Unenforced(_) => Vec::new(),
     }
+}
+
+/// The subjects a test's src or dst stands for among `nodes`: the node
+/// holding an address (else the bare address), or every node a role or
+/// other target covers. `attributes`, when given, replace the nodes' own.
+fn node_principals(
+    target: &Target,
+    attributes: Option<&BTreeMap<String, String>>,
+    nodes: &[NodeInfo],
+) -> Vec<Subject> {
+    let with_attributes = |mut subject: Subject| {
+        if let Some(attributes) = attributes {
+            subject.attributes = Some(attributes.clone());
+        }
+        subject
+    };
+    if let Target::Prefix(net) = target {
+        let addr = net.addr();
+        let holders: Vec<Subject> = nodes
+            .iter()
+            .filter(|n| n.addresses.contains(&addr))
+            .map(|n| with_attributes(Subject::node(n, Some(addr))))
+            .collect();
+        return if holders.is_empty() {
+            principals(target, attributes)
+        } else {
+            holders
+        };
+    }
+    nodes
+        .iter()
+        .map(|n| Subject::node(n, n.addresses.first().copied()))
+        .filter(|s| target.covers(s))
+        .map(with_attributes)
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use crate::{Policy, Severity};
 
     const POLICY: &str = r#"{
@@ -221,7 +308,80 @@ mod tests {
     {"src": "100.64.1.1", "accept": ["tag:web:8080"], "deny": ["tag:web:80", "tag:db:5432"]},
     {"src": "tag:db", "deny": ["tag:web:80", "db-net:1500"]},
 "#;
-        assert_eq!(run(tests), Ok(14));
+        assert_eq!(
+            run(tests),
+            Ok(11),
+            "the overlay-address test needs the nodes"
+        );
+    }
+
+    #[test]
+    fn overlay_addresses_and_roles_need_the_nodes() {
+        use std::net::IpAddr;
+
+        use weft_proto::{Identity, NodeId};
+
+        use crate::{NodeInfo, Role, Roles};
+
+        let tests = r#"{"src": "100.64.1.1", "accept": ["tag:web:8080"], "deny": ["tag:web:80", "tag:db:5432"]},
+    {"src": "autogroup:admin", "accept": ["tag:db:22"], "deny": ["printer:631"]}"#;
+        let mut roles = Roles::default();
+        roles.add(Role::Admin, "group:idp:ops").unwrap();
+        let source = POLICY.replace("TESTS", tests).replace(
+            "\"group:eng\", \"tag:admin\"",
+            "\"group:eng\", \"tag:admin\", \"autogroup:admin\"",
+        );
+        let policy = Policy::parse_with_roles(&source, "p.hujson", &roles).unwrap();
+        let warned: Vec<&str> = policy
+            .warnings()
+            .iter()
+            .map(|w| w.message.as_str())
+            .collect();
+        assert_eq!(
+            warned,
+            [
+                "test src 100.64.1.1 is not evaluated offline — needs the device list",
+                "test src autogroup:admin is not evaluated offline — needs the device list",
+            ]
+        );
+        let offline = policy.run_tests().unwrap();
+        assert_eq!((offline.passed, offline.not_evaluated), (0, 5));
+        let node = |n: u8, identity: Identity| NodeInfo {
+            id: NodeId(u64::from(n)),
+            name: format!("n{n}"),
+            addresses: vec![IpAddr::from([100, 64, 1, n])],
+            identity,
+            attributes: BTreeMap::new(),
+        };
+        let fred = node(
+            1,
+            Identity {
+                user: Some("fred@example.com".into()),
+                ..Identity::default()
+            },
+        );
+        let ops = node(
+            3,
+            Identity {
+                user: Some("olga@example.com".into()),
+                groups: vec!["group:idp:ops".into()],
+                ..Identity::default()
+            },
+        );
+        let report = policy.run_tests_on_nodes(&[fred, ops]).unwrap();
+        assert_eq!((report.passed, report.not_evaluated), (5, 0));
+        // 100.64.1.1 as a web node: the web tier reaches itself on port 80.
+        let web = node(1, Identity::tagged(vec!["tag:web".into()]));
+        let failures = policy.run_tests_on_nodes(&[web]).unwrap_err();
+        assert_eq!(
+            failures.0[0].message,
+            "test src 100.64.1.1 → tag:web:80: expected deny, but the rule at line 8 accepts it"
+        );
+        assert!(
+            failures.0.iter().any(|f| f.message
+                == "test src autogroup:admin → tag:db:22: expected accept, but autogroup:admin has no members"),
+            "{failures}"
+        );
     }
 
     #[test]
