@@ -80,6 +80,163 @@ fn check_refuses_a_failing_test() {
     );
 }
 
+fn tailscale_fixture(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../policy/tests/tailscale")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// Tests that stand for devices wait for a device list offline; with the
+/// roles and a device list (the coordinator's `nodes list --json`) they run.
+#[test]
+fn check_evaluates_device_tests_with_roles_and_a_device_list() {
+    let policy = tailscale_fixture("roles_and_devices.hujson");
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tailscale_fixture("roles_and_devices.expect.json")).unwrap(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let roles = dir.path().join("roles.json");
+    std::fs::write(&roles, expected["roles"].to_string()).unwrap();
+    // The coordinator's listing: ipv4/ipv6 instead of addresses, and
+    // fields a device list does not need.
+    let listing: Vec<serde_json::Value> = expected["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|device| {
+            let mut node = device.clone();
+            let address = node["addresses"][0].clone();
+            let object = node.as_object_mut().unwrap();
+            object.remove("addresses");
+            object.insert("ipv4".into(), address);
+            object.insert("online".into(), true.into());
+            node
+        })
+        .collect();
+    let devices = dir.path().join("devices.json");
+    std::fs::write(&devices, serde_json::to_string(&listing).unwrap()).unwrap();
+    let (roles, devices) = (roles.display().to_string(), devices.display().to_string());
+
+    let out = weft(&["policy", "check", &policy]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "ok: 2 tests passed, 7 not evaluated offline (they need the device list: pass --devices FILE)"
+    );
+
+    let out = weft(&[
+        "policy",
+        "check",
+        "--json",
+        "--roles",
+        &roles,
+        "--devices",
+        &devices,
+        &policy,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report = json(&out);
+    assert_eq!(report["tests_passed"], 9);
+    assert_eq!(report["tests_not_evaluated"], 0);
+    assert!(
+        !report["warnings"].to_string().contains("not evaluated offline"),
+        "{report}"
+    );
+
+    // Without the roles, the role tests fail against the devices: nobody holds a role.
+    let out = weft(&["policy", "check", "--devices", &devices, &policy]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+
+    let bad = dir.path().join("bad-roles.json");
+    std::fs::write(&bad, r#"{"admins": ["ada@example.org"]}"#).unwrap();
+    let out = weft(&[
+        "policy",
+        "check",
+        "--roles",
+        &bad.display().to_string(),
+        &policy,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("cannot read the roles: unknown variant `admins`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .trim_end()
+            .ends_with(&format!("error: {} has errors", bad.display())),
+        "{stderr}"
+    );
+
+    let out = weft(&["policy", "check", "--devices", &policy, &policy]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("nodes list --json"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// `explain` names the rules that match nothing because weft does not
+/// enforce what they name, and takes the roles.
+#[test]
+fn explain_names_unenforced_rules_and_takes_roles() {
+    let policy = tailscale_fixture("startup_acls.hujson");
+    let out = weft(&[
+        "policy",
+        "explain",
+        &policy,
+        "--src",
+        "alice@example.com",
+        "--dst",
+        "autogroup:internet:443",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with(
+            "deny
+"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("not enforced, matches nothing: "),
+        "{stdout}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let roles = dir.path().join("roles.json");
+    std::fs::write(&roles, r#"{"admin": ["ada@example.org"]}"#).unwrap();
+    let policy = tailscale_fixture("roles_and_devices.hujson");
+    let explain = |extra: &[&str]| {
+        let mut args = vec![
+            "policy",
+            "explain",
+            &policy,
+            "--src",
+            "ada@example.org",
+            "--dst",
+            "tag:prod:22",
+        ];
+        args.extend_from_slice(extra);
+        weft(&args)
+    };
+    assert!(text(&explain(&[]).stdout).starts_with(
+        "deny
+"
+    ));
+    let roles = roles.display().to_string();
+    assert!(text(&explain(&["--roles", &roles]).stdout).starts_with(
+        "accept
+"
+    ));
+}
+
 #[test]
 fn explain_gives_the_verdict_and_the_deciding_rule() {
     let file = fixture("weft_extensions.hujson");

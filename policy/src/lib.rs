@@ -129,7 +129,8 @@
 //! - `weft policy check FILE [--roles FILE] [--devices FILE]`:
 //!   [`check_file_with`]`(path, &roles, devices)`, where `roles` is the
 //!   roles file deserialized into [`Roles`] (see its JSON form) and
-//!   `devices` a JSON array of [`NodeInfo`]. Warnings are in
+//!   `devices` the device list read by [`parse_devices`] (the JSON of
+//!   `weft-coordinator nodes list --json`). Warnings are in
 //!   [`Checked::warnings`]; errors and failing tests are the `Err`.
 //! - The coordinator: deserialize its roles setting into [`Roles`], parse
 //!   with [`Policy::parse_with_roles`], and on every load run
@@ -145,6 +146,7 @@
 
 mod ast;
 mod compile;
+mod devices;
 mod diagnostic;
 mod diff;
 mod engine;
@@ -165,6 +167,7 @@ mod tests_block;
 use std::path::Path;
 
 pub use compile::{Compiled, NodeAccess, NodeInfo};
+pub use devices::{parse_devices, DevicesError};
 pub use diagnostic::{Diagnostic, Diagnostics, Severity};
 
 pub use diff::{diff, Flow, PolicyDiff};
@@ -328,11 +331,18 @@ pub fn check_file_with(
         Some(nodes) => policy.run_tests_on_nodes(nodes),
         None => policy.run_tests(),
     };
+    // Given the devices, the tests that needed them ran: the warnings that
+    // they would not are void.
+    let warnings: Vec<Diagnostic> = policy
+        .warnings
+        .iter()
+        .filter(|w| nodes.is_none() || !w.message.ends_with(resolve::NOT_EVALUATED_OFFLINE))
+        .cloned()
+        .collect();
     let tests = tests.map_err(|Diagnostics(mut failures)| {
-        failures.extend(policy.warnings.iter().cloned());
+        failures.extend(warnings.iter().cloned());
         Diagnostics(failures)
     })?;
-    let warnings = policy.warnings.clone();
     Ok(Checked {
         policy,
         tests,

@@ -13,6 +13,10 @@ use crate::roles::Roles;
 use crate::rules::{AppRule, Check, DstTarget, Expect, Rule, Rules, Target, TestCase, Unenforced};
 use crate::selector::{is_external_group, Autogroup, Selector};
 
+/// How the warning about a test that needs the device list ends; with a
+/// device list the test is evaluated and the warning is void.
+pub(crate) const NOT_EVALUATED_OFFLINE: &str = "is not evaluated offline — needs the device list";
+
 /// The checked rules and tests of a file, and its definitions.
 #[derive(Debug, Default)]
 pub(crate) struct Resolved {
@@ -208,10 +212,7 @@ pub(crate) fn resolve(
             if let Some(reason) = &needs_devices {
                 resolver.diags.push(map.warning(
                     entry.span,
-                    format!(
-                        "test src {} is not evaluated offline — needs the device list",
-                        entry.src_text
-                    ),
+                    format!("test src {} {NOT_EVALUATED_OFFLINE}", entry.src_text),
                     Some(format!("{reason}; give the device list to evaluate it (the coordinator evaluates it against its nodes on every load)")),
                 ));
             }

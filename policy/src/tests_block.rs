@@ -125,12 +125,17 @@ fn failure(
                 } else {
                     &check.dst_text
                 };
+                let hint = if empty.starts_with("autogroup:") {
+                    "give the role its members (the coordinator's roles setting, or `weft policy check --roles FILE`), or fix the test"
+                } else {
+                    "add members to the group, or fix the test"
+                };
                 return Some((
                     format!(
                         "{}: expected accept, but {empty} has no members",
                         title(None, None)
                     ),
-                    "add members to the group, or fix the test".into(),
+                    hint.into(),
                 ));
             }
             for src in &srcs {

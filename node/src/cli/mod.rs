@@ -133,6 +133,14 @@ pub enum PolicyCommand {
     Check {
         /// The policy file.
         file: PathBuf,
+        #[command(flatten)]
+        roles: policy::RolesArg,
+        /// Evaluate the tests that need devices (overlay addresses, role
+        /// autogroups) against this device list: the JSON of
+        /// `weft-coordinator nodes list --json`. Without it they are
+        /// reported as not evaluated.
+        #[arg(long, value_name = "FILE")]
+        devices: Option<PathBuf>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -151,6 +159,8 @@ pub enum PolicyCommand {
         /// The protocol.
         #[arg(long, value_enum, default_value_t = policy::ProtoArg::Tcp)]
         proto: policy::ProtoArg,
+        #[command(flatten)]
+        roles: policy::RolesArg,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -162,6 +172,8 @@ pub enum PolicyCommand {
         old: PathBuf,
         /// The proposed policy.
         new: PathBuf,
+        #[command(flatten)]
+        roles: policy::RolesArg,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -207,17 +219,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return paths::ping(&client, &peer, count, json).await
         }
         Command::Netcheck { json } => return paths::netcheck(&client, json).await,
-        Command::Policy(PolicyCommand::Check { file, json }) => return policy::check(&file, json),
+        Command::Policy(PolicyCommand::Check {
+            file,
+            roles,
+            devices,
+            json,
+        }) => return policy::check(&file, &roles, devices.as_deref(), json),
         Command::Policy(PolicyCommand::Explain {
             file,
             src,
             dst,
             proto,
+            roles,
             json,
-        }) => return policy::explain(&file, &src, &dst, proto, json),
-        Command::Policy(PolicyCommand::Diff { old, new, json }) => {
-            return policy::diff(&old, &new, json)
-        }
+        }) => return policy::explain(&file, &src, &dst, proto, &roles, json),
+        Command::Policy(PolicyCommand::Diff {
+            old,
+            new,
+            roles,
+            json,
+        }) => return policy::diff(&old, &new, &roles, json),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -428,7 +449,7 @@ mod tests {
         let cli = Cli::try_parse_from(["weft", "policy", "check", "p.hujson"]).unwrap();
         assert!(matches!(
             cli.command,
-            Command::Policy(PolicyCommand::Check { ref file, json: false }) if file == Path::new("p.hujson")
+            Command::Policy(PolicyCommand::Check { ref file, json: false, .. }) if file == Path::new("p.hujson")
         ));
         assert!(Cli::try_parse_from(["weft", "up"]).is_err());
         let cli = Cli::try_parse_from(["weft", "ping", "web-1", "-c", "2", "--json"]).unwrap();

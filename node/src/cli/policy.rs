@@ -4,17 +4,61 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use serde_json::json;
-use weft_policy::{Diagnostic, Diagnostics, Policy, Protocol, Severity, Verdict};
+use weft_policy::{
+    Diagnostic, Diagnostics, NodeInfo, Policy, Protocol, Roles, Severity, TestReport, Verdict,
+};
+
+/// `--roles FILE`: who holds the roles the role autogroups stand for.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RolesArg {
+    /// The members of the roles `autogroup:admin`, `autogroup:owner`, … stand
+    /// for, as the coordinator's `roles` setting gives them: a JSON object
+    /// mapping a role (owner, admin, it-admin, network-admin,
+    /// billing-admin, auditor) to user logins and group:idp:NAME groups.
+    /// Without it, role autogroups have no members.
+    #[arg(long = "roles", value_name = "FILE")]
+    roles_file: Option<std::path::PathBuf>,
+}
+
+impl RolesArg {
+    fn load(&self) -> Result<Roles, Diagnostics> {
+        let Some(path) = &self.roles_file else {
+            return Ok(Roles::default());
+        };
+        let text = read(path, "roles file")?;
+        serde_json::from_str(&text).map_err(|err| {
+            file_error(
+                path,
+                format!("cannot read the roles: {err}"),
+                r#"write one JSON object mapping roles to members, e.g. {"admin": ["alice@example.com", "group:idp:secops"]}"#,
+            )
+        })
+    }
+}
 
 /// Checks `file`. Warnings and errors go to stderr in `file:line:col:` form
 /// (or everything to stdout as JSON); exits 1 when the policy has errors.
-pub(super) fn check(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    match weft_policy::check_file(file) {
+pub(super) fn check(
+    file: &Path,
+    roles: &RolesArg,
+    devices: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let inputs = roles.load().and_then(|roles| {
+        let nodes = devices.map(load_devices).transpose()?;
+        Ok((roles, nodes))
+    });
+    let (roles, nodes) = match inputs {
+        Ok(inputs) => inputs,
+        Err(diagnostics) => return failed(file, &diagnostics, json),
+    };
+    match weft_policy::check_file_with(file, &roles, nodes.as_deref()) {
         Ok(checked) => {
             if json {
                 let report = json!({
                     "ok": true,
                     "tests_passed": checked.tests.passed,
+                    "tests_not_evaluated": checked.tests.not_evaluated,
                     "warnings": checked.warnings,
                     "errors": [],
                 });
@@ -23,7 +67,7 @@ pub(super) fn check(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
                 for warning in &checked.warnings {
                     eprintln!("{warning}");
                 }
-                println!("ok: {} tests passed", checked.tests.passed);
+                println!("ok: {}", tests_summary(&checked.tests));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -32,6 +76,7 @@ pub(super) fn check(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
                 let report = json!({
                     "ok": false,
                     "tests_passed": 0,
+                    "tests_not_evaluated": 0,
                     "warnings": [],
                     "errors": diagnostics,
                 });
@@ -73,9 +118,10 @@ pub(super) fn explain(
     src: &str,
     dst: &str,
     proto: ProtoArg,
+    roles: &RolesArg,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let result = load(file).and_then(|policy| {
+    let result = load(file, roles).and_then(|policy| {
         let (dst_name, port) = split_port(dst, proto).map_err(|d| Diagnostics(vec![d]))?;
         policy
             .explain(src, dst_name, port, proto.into())
@@ -93,6 +139,7 @@ pub(super) fn explain(
             "port": port,
             "verdict": explanation.verdict,
             "rules": explanation.rules,
+            "unenforced": explanation.unenforced,
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
@@ -109,16 +156,31 @@ pub(super) fn explain(
     for rule in &explanation.rules {
         println!("  {}:{}: {}", file.display(), rule.line, rule.text);
     }
+    for note in &explanation.unenforced {
+        println!(
+            "  not enforced, matches nothing: {}:{}: {} ({}: {})",
+            file.display(),
+            note.rule.line,
+            note.rule.text,
+            note.construct,
+            note.reason
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Prints what changes between two policy files. Exits 0, or 1 when either file has errors.
-pub(super) fn diff(old: &Path, new: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let old_policy = match load(old) {
+pub(super) fn diff(
+    old: &Path,
+    new: &Path,
+    roles: &RolesArg,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let old_policy = match load(old, roles) {
         Ok(policy) => policy,
         Err(diagnostics) => return failed(old, &diagnostics, json),
     };
-    let new_policy = match load(new) {
+    let new_policy = match load(new, roles) {
         Ok(policy) => policy,
         Err(diagnostics) => return failed(new, &diagnostics, json),
     };
@@ -133,23 +195,60 @@ pub(super) fn diff(old: &Path, new: &Path, json: bool) -> anyhow::Result<ExitCod
 
 /// Reads and parses a policy file (its tests are not run: explain and diff
 /// work on drafts too). Warnings go to stderr.
-fn load(file: &Path) -> Result<Policy, Diagnostics> {
-    let name = file.display().to_string();
-    let source = std::fs::read_to_string(file).map_err(|err| {
-        Diagnostics(vec![Diagnostic {
-            severity: Severity::Error,
-            file: name.clone(),
-            line: 0,
-            column: 0,
-            message: format!("cannot read the policy file: {err}"),
-            hint: Some("check the path and that the file is readable UTF-8 text".into()),
-        }])
-    })?;
-    let policy = Policy::parse(&source, &name)?;
+fn load(file: &Path, roles: &RolesArg) -> Result<Policy, Diagnostics> {
+    let roles = roles.load()?;
+    let source = read(file, "policy file")?;
+    let policy = Policy::parse_with_roles(&source, &file.display().to_string(), &roles)?;
     for warning in policy.warnings() {
         eprintln!("{warning}");
     }
     Ok(policy)
+}
+
+/// Reads the device list `--devices` names.
+fn load_devices(path: &Path) -> Result<Vec<NodeInfo>, Diagnostics> {
+    let text = read(path, "device list")?;
+    weft_policy::parse_devices(&text).map_err(|err| {
+        file_error(
+            path,
+            err.to_string(),
+            "save the device list with `weft-coordinator nodes list --json > FILE`",
+        )
+    })
+}
+
+/// "N tests passed", and how many wait for a device list.
+fn tests_summary(tests: &TestReport) -> String {
+    match tests.not_evaluated {
+        0 => format!("{} tests passed", tests.passed),
+        n => format!(
+            "{} tests passed, {n} not evaluated offline (they need the device list: pass --devices FILE)",
+            tests.passed
+        ),
+    }
+}
+
+/// Reads a UTF-8 input file; `what` names it in the error.
+fn read(path: &Path, what: &str) -> Result<String, Diagnostics> {
+    std::fs::read_to_string(path).map_err(|err| {
+        file_error(
+            path,
+            format!("cannot read the {what}: {err}"),
+            "check the path and that the file is readable UTF-8 text",
+        )
+    })
+}
+
+/// One error about a whole input file.
+fn file_error(path: &Path, message: String, hint: &str) -> Diagnostics {
+    Diagnostics(vec![Diagnostic {
+        severity: Severity::Error,
+        file: path.display().to_string(),
+        line: 0,
+        column: 0,
+        message,
+        hint: Some(hint.into()),
+    }])
 }
 
 /// Splits `DST:PORT` (`[IPv6]:PORT` for IPv6 addresses); ICMP needs no port.
@@ -193,14 +292,22 @@ fn proto_name(proto: ProtoArg) -> &'static str {
     }
 }
 
-/// Reports diagnostics (stderr, or stdout as JSON) and exits 1.
+/// Reports diagnostics (stderr, or stdout as JSON) and exits 1. The
+/// closing line names the file the errors are in: `file`, or the roles file
+/// or device list when one of those is what failed.
 fn failed(file: &Path, diagnostics: &Diagnostics, json: bool) -> anyhow::Result<ExitCode> {
     if json {
         let report = json!({ "ok": false, "errors": diagnostics });
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
+        let named = file.display().to_string();
+        let culprit = diagnostics
+            .0
+            .iter()
+            .find(|d| d.severity == Severity::Error)
+            .map_or(named.as_str(), |d| d.file.as_str());
         eprintln!("{}", diagnostics.to_string().trim_end());
-        eprintln!("error: {} has errors", file.display());
+        eprintln!("error: {culprit} has errors");
     }
     Ok(ExitCode::from(1))
 }
