@@ -278,6 +278,10 @@ pub struct FilterStatus {
     /// authentication, or come from a key the netmap does not have.
     #[serde(default)]
     pub invalid_datagrams: u64,
+    /// Frames from the TUN device that could not be split into packets
+    /// (a bad offload header or checksum request): dropped, never sent.
+    #[serde(default)]
+    pub malformed_frames: u64,
 }
 
 #[cfg(test)]
@@ -365,7 +369,8 @@ mod tests {
                     "too_big_sent": 0,
                     "too_big_suppressed": 0,
                     "spoofed": 0,
-                    "invalid_datagrams": 0
+                    "invalid_datagrams": 0,
+                    "malformed_frames": 0
                 }
             })
         );

@@ -638,7 +638,10 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
                 .iter()
                 .map(|peer| status::peer_summary(peer, now))
                 .collect(),
-            filter: status::filter_status(&self.core.filter_stats()),
+            filter: status::filter_status(
+                &self.core.filter_stats(),
+                self.packets.malformed_frames(),
+            ),
         }
     }
 }

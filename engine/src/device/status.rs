@@ -35,7 +35,7 @@ pub(crate) fn peer_summary(peer: &PeerStatus, now: SystemTime) -> PeerSummary {
     }
 }
 
-pub(crate) fn filter_status(stats: &FilterStats) -> FilterStatus {
+pub(crate) fn filter_status(stats: &FilterStats, malformed_frames: u64) -> FilterStatus {
     FilterStatus {
         accepted: stats.accepted,
         dropped: stats.dropped,
@@ -45,6 +45,7 @@ pub(crate) fn filter_status(stats: &FilterStats) -> FilterStatus {
         too_big_suppressed: stats.too_big_suppressed,
         spoofed: stats.dropped_spoofed,
         invalid_datagrams: stats.dropped_invalid_datagram + stats.dropped_unknown_peer,
+        malformed_frames,
     }
 }
 

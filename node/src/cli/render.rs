@@ -68,6 +68,9 @@ pub(super) fn status(status: &Status, now: SystemTime) -> String {
     if filter.invalid_datagrams > 0 {
         let _ = write!(out, ", {} invalid datagrams", filter.invalid_datagrams);
     }
+    if filter.malformed_frames > 0 {
+        let _ = write!(out, ", {} malformed TUN frames", filter.malformed_frames);
+    }
     out.push('\n');
     if status.peers.is_empty() {
         let _ = writeln!(out, "no peers");
@@ -216,12 +219,13 @@ mod tests {
                 accepted: 1,
                 dropped: 2,
                 spoofed: 3,
+                malformed_frames: 4,
                 ..FilterStatus::default()
             },
         };
         let text = super::status(&status, now);
         assert!(
-            text.contains("filter:      1 accepted, 2 dropped, 3 with a spoofed source\n"),
+            text.contains("filter:      1 accepted, 2 dropped, 3 with a spoofed source, 4 malformed TUN frames\n"),
             "{text}"
         );
         assert!(
