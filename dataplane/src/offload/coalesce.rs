@@ -42,7 +42,7 @@ const ICMPV6: u8 = 58;
 /// its IPv4 id is the next one, its checksum is present and verified, and
 /// its payload is the first's size; a shorter one joins and ends the
 /// frame, as the kernel's segmentation can only make the last one shorter.
-/// At most [`MAX_UDP_SEGMENTS`] datagrams share a frame.
+/// At most `MAX_UDP_SEGMENTS` (64) datagrams share a frame.
 ///
 /// Anything else — other protocols, SYN/FIN/RST, out-of-order or corrupt
 /// segments, IPv4 options, fragments, IPv6 extension headers — passes

@@ -6,21 +6,21 @@
 //! (networks that block UDP) the same session runs over TLS on TCP to the
 //! same address and port, with the same handshake (bound to that TLS
 //! session) and the same frames; QUIC is tried first again on every later
-//! attempt ([`connect`]), so a network that unblocks UDP goes back to it.
+//! attempt (`connect`), so a network that unblocks UDP goes back to it.
 //! The node may know several replicas of the coordinator ([`Coordinators`]):
 //! the task tries their addresses in order (every address a name resolves
 //! to), gives each [`CONNECT_TIMEOUT`] to answer, stays with the first that
 //! works, and when that session drops moves straight on to the next
 //! address. Only after a whole round of addresses failed does it wait, with
-//! jittered exponential backoff ([`failover`]). The daemon keeps the last
+//! jittered exponential backoff (`failover`). The daemon keeps the last
 //! netmap in force meanwhile, so tunnels keep working while the coordinator
 //! is away. A refusal that retrying cannot fix (deleted node, missing or
 //! spent auth key) ends the task.
 //!
-//! The protocol's rules live in a sans-IO [`session::Session`]; this task
+//! The protocol's rules live in a sans-IO `session::Session`; this task
 //! only connects, moves bytes and timeouts to it and carries out what it
 //! asks: frames to write, events for the daemon, cache writes. It folds
-//! every verified netmap and delta into the view it holds ([`held::Held`]),
+//! every verified netmap and delta into the view it holds (`held::Held`),
 //! and a reconnect resumes from it ([`weft_proto::resume`]): the
 //! coordinator answers with a delta against that view, chained after its
 //! last record, instead of a full netmap. A task started on a verified cache

@@ -1,5 +1,9 @@
 //! The `weft` command line: drives weftd over its local API, and checks
 //! policy files offline.
+#![allow(
+    rustdoc::broken_intra_doc_links,
+    reason = "the argument docs are --help text, where [IPv6]:PORT is literal"
+)]
 
 mod paths;
 mod policy;
