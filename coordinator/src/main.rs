@@ -200,25 +200,10 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", report(&e));
+            eprintln!("error: {}", weft_coordinator::error_chain(&*e));
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// `error`'s message followed by each cause the message does not already
-/// say: weft's errors name their cause in their own message and also keep
-/// it as `source()`, so anyhow's `{:#}` would print it twice.
-fn report(error: &anyhow::Error) -> String {
-    let mut message = error.to_string();
-    for cause in error.chain().skip(1) {
-        let cause = cause.to_string();
-        if !message.contains(&cause) {
-            message.push_str(": ");
-            message.push_str(&cause);
-        }
-    }
-    message
 }
 
 /// Admin commands piped into `head` end quietly, like any Unix tool, rather
@@ -511,26 +496,4 @@ async fn wait_for_signal() -> Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_cause_the_message_already_names_is_printed_once() {
-        let error = anyhow::Error::from(weft_coordinator::ConfigError::Read {
-            path: "/etc/weft/coordinator.toml".into(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "gone"),
-        });
-        assert_eq!(
-            report(&error),
-            "cannot read the configuration file /etc/weft/coordinator.toml: gone"
-        );
-        let error = error.context("cannot start");
-        assert_eq!(
-            report(&error),
-            "cannot start: cannot read the configuration file /etc/weft/coordinator.toml: gone"
-        );
-    }
 }
