@@ -41,8 +41,13 @@ pub(crate) struct FeedConfig {
 /// Why a feed session ended.
 #[derive(Debug, thiserror::Error)]
 enum FeedError {
-    #[error("cannot resolve the coordinator address {0:?}; pass --coordinator HOST:PORT")]
-    Resolve(String),
+    /// `source` is the resolver's error, unless it found no address.
+    #[error("cannot resolve the coordinator address {address:?}; pass --coordinator HOST:PORT")]
+    Resolve {
+        address: String,
+        #[source]
+        source: Option<std::io::Error>,
+    },
     /// quinn refused to start the connection.
     #[error("cannot reach the coordinator: {0}")]
     Connect(#[source] quinn::ConnectError),
@@ -113,11 +118,15 @@ async fn run(
     config: &FeedConfig,
     shared: &Shared,
 ) -> Result<std::convert::Infallible, FeedError> {
+    let unresolved = |source| FeedError::Resolve {
+        address: config.coordinator.clone(),
+        source,
+    };
     let addr = tokio::net::lookup_host(&config.coordinator)
         .await
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| FeedError::Resolve(config.coordinator.clone()))?;
+        .map_err(|e| unresolved(Some(e)))?
+        .next()
+        .ok_or_else(|| unresolved(None))?;
     let conn = endpoint
         .connect(addr, Service::Control.server_name())
         .map_err(FeedError::Connect)?
