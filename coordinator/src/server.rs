@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use weft_net::tls::TlsError;
 use weft_proto::{PrivateKey, PublicKey, RelayInfo, CLOSE_BY_COORDINATOR};
 
 use crate::admin::{self, AdminState};
@@ -87,9 +88,12 @@ pub enum StartError {
     #[error("cannot connect to etcd: {0}")]
     EtcdTask(#[source] tokio::task::JoinError),
     /// The control listener could not start; the cause is the crate's
-    /// listener error or the TLS configuration's.
+    /// listener error.
     #[error("{0}")]
     Listen(#[source] BoxError),
+    /// The control listener's TLS on TCP could not be configured.
+    #[error("{0}")]
+    ListenTls(#[source] TlsError),
     /// The control listener's address could not be read back.
     #[error("cannot read the control listener's address: {0}")]
     ListenAddress(#[source] std::io::Error),
@@ -297,7 +301,7 @@ impl Coordinator {
                 tracing::error!("admin API stopped: {e}");
             }
         });
-        let acceptor = control::tls_acceptor().map_err(|e| StartError::Listen(Box::new(e)))?;
+        let acceptor = control::tls_acceptor().map_err(StartError::ListenTls)?;
         let http_elsewhere = options
             .http_listen
             .filter(|addr| !is_control_address(*addr, options.listen, local_addr));
