@@ -515,6 +515,16 @@ pub fn check_public_url(raw: &str) -> Result<String, ConfigError> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_missing_configuration_file_keeps_the_io_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load(&dir.path().join("coordinator.toml")).unwrap_err();
+        let io = std::error::Error::source(&err)
+            .and_then(|e| e.downcast_ref::<std::io::Error>())
+            .unwrap();
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+    }
+
     const EXAMPLE: &str = r#"
         public_url = "https://weft.example.com/"
         listen = "0.0.0.0:7443"

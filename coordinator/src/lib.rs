@@ -9,6 +9,7 @@ mod admin;
 mod authkey;
 mod config;
 mod control;
+mod error_chain;
 mod http;
 mod keyfile;
 mod limits;
@@ -36,6 +37,7 @@ pub use config::{
     EtcdSettings, EtcdTls, EtcdTlsFileConfig, StoreFileConfig, StoreKind, StoreSettings,
 };
 pub use control::QuicThread;
+pub use error_chain::error_chain;
 pub use keyfile::{ensure_data_dir, load_or_create_key, KeyFileError};
 pub use limits::Limits;
 pub use server::{Coordinator, ServeOptions, StartError};

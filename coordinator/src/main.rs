@@ -200,7 +200,7 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", weft_coordinator::error_chain(&*e));
             std::process::ExitCode::FAILURE
         }
     }

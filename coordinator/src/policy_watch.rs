@@ -165,7 +165,7 @@ pub(crate) enum LoadError {
     #[error("{0}")]
     Invalid(#[from] Diagnostics),
     #[error("cannot record the policy in force: {0}")]
-    Store(StoreError),
+    Store(#[source] StoreError),
 }
 
 /// Parses `source` and runs the policy's tests.

@@ -5,16 +5,17 @@
 //! [`crate::limits`]).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use weft_net::tls::TlsError;
 use weft_proto::{PrivateKey, PublicKey, RelayInfo, CLOSE_BY_COORDINATOR};
 
 use crate::admin::{self, AdminState};
-use crate::config::{check_public_url, OidcSettings, StoreSettings, WorkloadIssuer};
+use crate::config::{check_public_url, ConfigError, OidcSettings, StoreSettings, WorkloadIssuer};
 use crate::control::{self, ListenError};
 use crate::http;
 use crate::keyfile::{self, KeyFileError};
@@ -69,15 +70,33 @@ pub enum StartError {
     /// The data directory or key file is unusable.
     #[error(transparent)]
     KeyFile(#[from] KeyFileError),
-    /// The policy file is unreadable or invalid.
+    /// The policy file is unreadable or invalid; the cause is the
+    /// crate's policy loading error.
     #[error("refusing to start: {0}")]
-    Policy(String),
-    /// The database could not be opened or read.
+    Policy(#[source] BoxError),
+    /// The database could not be opened or read; the cause is the
+    /// crate's store error.
     #[error("{0}")]
-    Store(String),
-    /// The control listener could not start.
+    Store(#[source] BoxError),
+    /// The database is held by another coordinator, or unusable.
+    #[error("{source} (is another coordinator already serving this data directory?)")]
+    StoreInUse {
+        /// The crate's store error.
+        source: BoxError,
+    },
+    /// The etcd client's start-up task failed.
+    #[error("cannot connect to etcd: {0}")]
+    EtcdTask(#[source] tokio::task::JoinError),
+    /// The control listener could not start; the cause is the crate's
+    /// listener error.
     #[error("{0}")]
-    Listen(String),
+    Listen(#[source] BoxError),
+    /// The control listener's TLS on TCP could not be configured.
+    #[error("{0}")]
+    ListenTls(#[source] TlsError),
+    /// The control listener's address could not be read back.
+    #[error("cannot read the control listener's address: {0}")]
+    ListenAddress(#[source] std::io::Error),
     /// The control listener's TCP side could not start.
     #[error("cannot listen for control sessions on TCP {addr}: {source} (nodes whose network blocks UDP connect there, on the same port as QUIC; free the port or choose another --listen)")]
     ControlTcp {
@@ -97,6 +116,25 @@ pub enum StartError {
     /// The configuration is unusable.
     #[error("{0}")]
     Config(String),
+    /// A configured value is unusable.
+    #[error(transparent)]
+    InvalidConfig(#[from] ConfigError),
+    /// The public URL does not make a callback URL.
+    #[error("public_url {public_url:?} gives no valid callback URL: {source}")]
+    CallbackUrl {
+        /// The public URL.
+        public_url: String,
+        /// Why.
+        source: url::ParseError,
+    },
+    /// An HTTP client could not be built.
+    #[error("cannot build the HTTP client for {what}: {source}")]
+    HttpClient {
+        /// Whom the client talks to.
+        what: &'static str,
+        /// The underlying error.
+        source: reqwest::Error,
+    },
     /// The admin socket could not be created.
     #[error("cannot create the admin socket {path}: {source}")]
     AdminSocket {
@@ -107,21 +145,24 @@ pub enum StartError {
     },
 }
 
+/// A cause whose type is private to this crate.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 impl From<LoadError> for StartError {
     fn from(e: LoadError) -> Self {
-        StartError::Policy(e.to_string())
+        StartError::Policy(Box::new(e))
     }
 }
 
 impl From<StoreError> for StartError {
     fn from(e: StoreError) -> Self {
-        StartError::Store(e.to_string())
+        StartError::Store(Box::new(e))
     }
 }
 
 impl From<ListenError> for StartError {
     fn from(e: ListenError) -> Self {
-        StartError::Listen(e.to_string())
+        StartError::Listen(Box::new(e))
     }
 }
 
@@ -188,7 +229,7 @@ impl Coordinator {
     /// Starts serving: fails before listening if anything is misconfigured.
     pub async fn start(options: ServeOptions) -> Result<Self, StartError> {
         let key = keyfile::load_or_create_key(&options.data_dir)?;
-        let store = open_store(&options).await?;
+        let store = open_store(&options.store, &options.data_dir).await?;
         let registry = Registry::open(store)?;
         let policy = match &options.policy {
             Some(path) => {
@@ -228,9 +269,7 @@ impl Coordinator {
         let admins: Arc<[String]> = options.admins.clone().into();
 
         let (endpoint, control_tcp) = bind_control(options.listen, &key).await?;
-        let local_addr = endpoint.local_addr().map_err(|e| {
-            StartError::Listen(format!("cannot read the control listener's address: {e}"))
-        })?;
+        let local_addr = endpoint.local_addr().map_err(StartError::ListenAddress)?;
         let socket = admin::socket_path(&options.data_dir);
         let listener = admin::bind(&socket).map_err(|source| StartError::AdminSocket {
             path: socket.clone(),
@@ -262,7 +301,7 @@ impl Coordinator {
                 tracing::error!("admin API stopped: {e}");
             }
         });
-        let acceptor = control::tls_acceptor().map_err(|e| StartError::Listen(e.to_string()))?;
+        let acceptor = control::tls_acceptor().map_err(StartError::ListenTls)?;
         let http_elsewhere = options
             .http_listen
             .filter(|addr| !is_control_address(*addr, options.listen, local_addr));
@@ -284,10 +323,11 @@ impl Coordinator {
             options.oidc.is_some(),
         )?;
         let logins = match options.oidc {
-            Some(settings) => Some(
-                Logins::new(settings, &public_url, options.limits.pending_logins)
-                    .map_err(StartError::Config)?,
-            ),
+            Some(settings) => Some(Logins::new(
+                settings,
+                &public_url,
+                options.limits.pending_logins,
+            )?),
             None => None,
         };
         let discovery = logins
@@ -318,7 +358,12 @@ impl Coordinator {
         let workloads = if options.workload_issuers.is_empty() {
             None
         } else {
-            let workloads = Workloads::new(options.workload_issuers).map_err(StartError::Config)?;
+            let workloads = Workloads::new(options.workload_issuers).map_err(|source| {
+                StartError::HttpClient {
+                    what: "workload issuers",
+                    source,
+                }
+            })?;
             Some(Arc::new(workloads))
         };
         let prefetch = workloads
@@ -423,20 +468,21 @@ fn is_control_address(http: SocketAddr, listen: SocketAddr, bound: SocketAddr) -
 
 /// Opens the configured backend. Connecting to etcd blocks for up to its
 /// dial and request timeouts, so it runs off the async workers.
-async fn open_store(options: &ServeOptions) -> Result<Arc<dyn Store>, StartError> {
-    match &options.store {
-        StoreSettings::Embedded => RedbStore::open(&options.data_dir.join("weft.redb"))
+async fn open_store(
+    settings: &StoreSettings,
+    data_dir: &Path,
+) -> Result<Arc<dyn Store>, StartError> {
+    match settings {
+        StoreSettings::Embedded => RedbStore::open(&data_dir.join("weft.redb"))
             .map(|store| Arc::new(store) as Arc<dyn Store>)
-            .map_err(|e| {
-                StartError::Store(format!(
-                    "{e} (is another coordinator already serving this data directory?)"
-                ))
+            .map_err(|e| StartError::StoreInUse {
+                source: Box::new(e),
             }),
         StoreSettings::Etcd(settings) => {
             let settings = settings.clone();
             tokio::task::spawn_blocking(move || EtcdStore::connect(&settings))
                 .await
-                .map_err(|e| StartError::Store(format!("cannot connect to etcd: {e}")))?
+                .map_err(StartError::EtcdTask)?
                 .map(|store| Arc::new(store) as Arc<dyn Store>)
                 .map_err(StartError::from)
         }
@@ -451,7 +497,7 @@ fn public_url(
     needed: bool,
 ) -> Result<String, StartError> {
     match configured {
-        Some(url) => check_public_url(url).map_err(|e| StartError::Config(e.to_string())),
+        Some(url) => check_public_url(url).map_err(StartError::from),
         None if needed && http_addr.ip().is_unspecified() => Err(StartError::Config(format!(
             "the HTTP endpoints listen on {http_addr}, which browsers cannot be sent to; set public_url in the configuration file (or --public-url) to the address people reach the coordinator at"
         ))),
@@ -477,5 +523,28 @@ mod tests {
             any,
             addr("127.0.0.1:40000")
         ));
+    }
+
+    #[tokio::test]
+    async fn a_store_in_use_keeps_the_store_error_and_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let _serving = open_store(&StoreSettings::Embedded, dir.path())
+            .await
+            .unwrap();
+        let Err(err) = open_store(&StoreSettings::Embedded, dir.path()).await else {
+            panic!("opened a data directory another store holds");
+        };
+        assert!(
+            err.to_string()
+                .ends_with("(is another coordinator already serving this data directory?)"),
+            "{err}"
+        );
+        let store = std::error::Error::source(&err)
+            .and_then(|e| e.downcast_ref::<StoreError>())
+            .unwrap();
+        assert!(
+            std::error::Error::source(store).is_some_and(|e| e.is::<redb::DatabaseError>()),
+            "{store:?}"
+        );
     }
 }

@@ -19,8 +19,8 @@ use weft_proto::handshake::HandshakeError;
 use weft_proto::relay::{self, Message, MessageError, StreamDecoder, StreamError};
 use weft_proto::{PrivateKey, PublicKey, CLOSE_HANDSHAKE_FAILED};
 
-use crate::handshake::{self, InitiateError, QuicInitiateError};
-use crate::tls::{self, Liveness};
+use crate::handshake::{self, BindingError, InitiateError, QuicInitiateError};
+use crate::tls::{self, ClientEndpointError, Liveness};
 use crate::Service;
 
 /// How a relay session notices a relay that went away, unless the node
@@ -35,7 +35,7 @@ const LIVENESS: Liveness = Liveness {
 pub enum ClientError {
     /// The transport could not be set up.
     #[error("cannot reach the relay: {0}")]
-    Connect(String),
+    Connect(#[source] Cause),
     /// The relay's key is not the pinned one, or the connection was intercepted.
     #[error("relay handshake failed: the relay's key does not match the one the coordinator lists, or the connection was intercepted")]
     Handshake(#[from] HandshakeError),
@@ -49,10 +49,10 @@ pub enum ClientError {
     },
     /// The connection broke.
     #[error("relay connection lost: {0}")]
-    Lost(String),
+    Lost(#[source] Cause),
     /// The relay sent something that is not the relay protocol.
     #[error("relay protocol error: {0}")]
-    Protocol(String),
+    Protocol(#[source] Cause),
     /// The packet is larger than a datagram of this connection and the
     /// queue of such packets for its stream is full; it was dropped, as a
     /// congested path would.
@@ -65,13 +65,65 @@ pub enum ClientError {
 
 impl From<MessageError> for ClientError {
     fn from(e: MessageError) -> Self {
-        ClientError::Protocol(e.to_string())
+        ClientError::Protocol(Cause::Message(e))
     }
 }
 
 impl From<StreamError> for ClientError {
     fn from(e: StreamError) -> Self {
-        ClientError::Protocol(e.to_string())
+        ClientError::Protocol(Cause::Stream(e))
+    }
+}
+
+/// What kept a relay session from starting or ended it: another layer's
+/// error, kept for callers to match on, or a sentence when none is behind
+/// it. Its message is the cause's own.
+#[derive(Debug, thiserror::Error)]
+pub enum Cause {
+    /// No error of another layer is behind it.
+    #[error("{0}")]
+    Described(String),
+    /// The TCP connection or TLS session.
+    #[error("{0}")]
+    Io(#[source] std::io::Error),
+    /// The QUIC client endpoint could not be made.
+    #[error("{0}")]
+    Endpoint(#[source] ClientEndpointError),
+    /// quinn refused to start the connection.
+    #[error("{0}")]
+    QuicConnect(#[source] quinn::ConnectError),
+    /// The QUIC connection failed or was closed.
+    #[error("{0}")]
+    QuicConnection(#[source] quinn::ConnectionError),
+    /// A datagram could not be sent.
+    #[error("{0}")]
+    Datagram(#[source] quinn::SendDatagramError),
+    /// The QUIC stream could not be read.
+    #[error("{0}")]
+    Read(#[source] quinn::ReadError),
+    /// The TLS session cannot bind the handshake.
+    #[error("{0}")]
+    Binding(#[source] BindingError),
+    /// The handshake could not be sent or its answer read.
+    #[error("{0}")]
+    Initiate(#[source] InitiateError),
+    /// A relay message does not decode.
+    #[error("{0}")]
+    Message(#[source] MessageError),
+    /// The relay's stream of frames does not decode.
+    #[error("{0}")]
+    Stream(#[source] StreamError),
+}
+
+impl From<String> for Cause {
+    fn from(sentence: String) -> Self {
+        Cause::Described(sentence)
+    }
+}
+
+impl From<&str> for Cause {
+    fn from(sentence: &str) -> Self {
+        Cause::Described(sentence.to_owned())
     }
 }
 
@@ -94,7 +146,7 @@ pub fn endpoint_with_timers(
         idle_timeout,
     };
     tls::quic_client(bind, Service::Relay, liveness)
-        .map_err(|e| ClientError::Connect(e.to_string()))
+        .map_err(|e| ClientError::Connect(Cause::Endpoint(e)))
 }
 
 /// Oversized messages queued for the handshake stream before further ones
@@ -135,18 +187,18 @@ impl RelayClient {
     ) -> Result<Self, ClientError> {
         let conn = endpoint
             .connect(addr, Service::Relay.server_name())
-            .map_err(|e| ClientError::Connect(e.to_string()))?
+            .map_err(|e| ClientError::Connect(Cause::QuicConnect(e)))?
             .await
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
+            .map_err(|e| ClientError::Connect(Cause::QuicConnection(e)))?;
         let (send, mut recv) = handshake::initiate_quic(&conn, Service::Relay, node_key, relay_key)
             .await
             .map_err(|e| match e {
                 QuicInitiateError::Stream(e) => closed(e),
-                QuicInitiateError::Binding(e) => ClientError::Connect(e.to_string()),
+                QuicInitiateError::Binding(e) => ClientError::Connect(Cause::Binding(e)),
                 QuicInitiateError::Handshake(InitiateError::Noise(e)) => ClientError::Handshake(e),
                 QuicInitiateError::Handshake(e) => match conn.close_reason() {
                     Some(reason) => closed(reason),
-                    None => ClientError::Lost(e.to_string()),
+                    None => ClientError::Lost(Cause::Initiate(e)),
                 },
             })?;
         let mut decoder = StreamDecoder::new();
@@ -172,9 +224,9 @@ impl RelayClient {
                         code,
                         reason: reason_of(code),
                     }),
-                    other => Err(ClientError::Protocol(format!(
-                        "expected an admission answer, got {other:?}"
-                    ))),
+                    other => Err(ClientError::Protocol(
+                        format!("expected an admission answer, got {other:?}").into(),
+                    )),
                 };
             }
             match recv.read(&mut buf).await {
@@ -183,7 +235,7 @@ impl RelayClient {
                 Err(e) => {
                     return Err(match conn.close_reason() {
                         Some(reason) => closed(reason),
-                        None => ClientError::Lost(e.to_string()),
+                        None => ClientError::Lost(Cause::Read(e)),
                     })
                 }
             }
@@ -206,7 +258,7 @@ impl RelayClient {
             .send_datagram(Bytes::from(message))
             .map_err(|e| match self.conn.close_reason() {
                 Some(reason) => closed(reason),
-                None => ClientError::Lost(e.to_string()),
+                None => ClientError::Lost(Cause::Datagram(e)),
             })
     }
 
@@ -237,7 +289,7 @@ impl RelayClient {
                     Err(e) => {
                         return Err(match self.conn.close_reason() {
                             Some(reason) => closed(reason),
-                            None => ClientError::Lost(e.to_string()),
+                            None => ClientError::Lost(Cause::Read(e)),
                         })
                     }
                 },
@@ -297,19 +349,19 @@ impl TcpRelayClient {
     ) -> Result<Self, ClientError> {
         let tcp = TcpStream::connect(addr)
             .await
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
+            .map_err(|e| ClientError::Connect(Cause::Io(e)))?;
         let _ = tcp.set_nodelay(true);
         let mut stream = handshake::connect_tls(tcp, Service::Relay)
             .await
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
+            .map_err(|e| ClientError::Connect(Cause::Io(e)))?;
         let binding = handshake::binding(&stream, Service::Relay)
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
+            .map_err(|e| ClientError::Connect(Cause::Binding(e)))?;
         let sent = Instant::now();
         handshake::initiate(&mut stream, Service::Relay, node_key, relay_key, &binding)
             .await
             .map_err(|e| match e {
                 InitiateError::Noise(e) => ClientError::Handshake(e),
-                InitiateError::Send(e) => ClientError::Lost(e.to_string()),
+                InitiateError::Send(e) => ClientError::Lost(Cause::Io(e)),
                 InitiateError::Receive(_) | InitiateError::Ended => ClientError::Closed {
                     code: CLOSE_HANDSHAKE_FAILED,
                     reason: "the relay ended the connection during the handshake".into(),
@@ -325,9 +377,9 @@ impl TcpRelayClient {
         };
         match client.next_message().await? {
             Admission::Admitted => Ok(client),
-            Admission::Other(kind) => Err(ClientError::Protocol(format!(
-                "expected an admission answer, got {kind}"
-            ))),
+            Admission::Other(kind) => Err(ClientError::Protocol(
+                format!("expected an admission answer, got {kind}").into(),
+            )),
         }
     }
 
@@ -414,7 +466,7 @@ async fn send_frame<W: AsyncWrite + Unpin>(
     let message = Message::Send { to: *to, payload }.to_vec()?;
     write_frame(stream, &message)
         .await
-        .map_err(|e| ClientError::Lost(e.to_string()))
+        .map_err(|e| ClientError::Lost(Cause::Io(e)))
 }
 
 /// Reads until a whole `Recv` arrives. Cancel-safe: bytes read stay in
@@ -463,7 +515,7 @@ async fn fill<R: AsyncRead + Unpin>(
             decoder.push(&buf[..n]);
             Ok(())
         }
-        Err(e) => Err(ClientError::Lost(e.to_string())),
+        Err(e) => Err(ClientError::Lost(Cause::Io(e))),
     }
 }
 
@@ -494,7 +546,7 @@ fn closed(e: quinn::ConnectionError) -> ClientError {
                 reason: String::from_utf8_lossy(&close.reason).into_owned(),
             }
         }
-        other => ClientError::Lost(other.to_string()),
+        other => ClientError::Lost(Cause::QuicConnection(other)),
     }
 }
 
@@ -527,4 +579,36 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     frame.extend_from_slice(&len.to_be_bytes());
     frame.extend_from_slice(message);
     writer.write_all(&frame).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_tcp_connection_keeps_the_io_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let key = PrivateKey::generate();
+        let err = TcpRelayClient::connect(addr, &key.public_key(), &key)
+            .await
+            .unwrap_err();
+        let ClientError::Connect(Cause::Io(io)) = &err else {
+            panic!("expected a connect error, got {err:?}");
+        };
+        assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(err.to_string(), format!("cannot reach the relay: {io}"));
+        let cause = std::error::Error::source(&err).unwrap();
+        assert!(std::error::Error::source(cause).is_some_and(|e| e.is::<std::io::Error>()));
+    }
+
+    #[test]
+    fn a_relay_message_that_does_not_decode_is_a_protocol_error_with_its_cause() {
+        let err = packet_of(&[]).unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Protocol(Cause::Message(_))),
+            "{err:?}"
+        );
+    }
 }

@@ -43,10 +43,10 @@ pub enum DecodeError {
         got: u16,
     },
     /// The body is not a valid message.
-    #[error("malformed control message: {reason}")]
+    #[error("malformed control message: {source}")]
     Malformed {
         /// What the decoder found wrong.
-        reason: String,
+        source: postcard::Error,
     },
     /// The stream ended inside a frame.
     #[error("control stream ended in the middle of a frame ({have} of {want} bytes)")]
@@ -71,10 +71,10 @@ pub enum EncodeError {
         max: usize,
     },
     /// The message does not serialize.
-    #[error("cannot encode control message: {reason}")]
+    #[error("cannot encode control message: {source}")]
     Serialize {
         /// What the serializer found wrong.
-        reason: String,
+        source: postcard::Error,
     },
 }
 
@@ -82,9 +82,8 @@ pub enum EncodeError {
 pub fn encode_frame<M: Serialize>(message: &M) -> Result<Vec<u8>, EncodeError> {
     let mut out = vec![0u8; LEN_BYTES];
     out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
-    let mut out = postcard::to_extend(message, out).map_err(|e| EncodeError::Serialize {
-        reason: e.to_string(),
-    })?;
+    let mut out =
+        postcard::to_extend(message, out).map_err(|source| EncodeError::Serialize { source })?;
     let len = out.len() - LEN_BYTES;
     if len > MAX_FRAME_LEN {
         return Err(EncodeError::TooLarge {
@@ -169,10 +168,8 @@ impl FrameDecoder {
         if version != PROTOCOL_VERSION {
             return Err(DecodeError::Version { got: version });
         }
-        let message =
-            postcard::from_bytes(&frame[VERSION_BYTES..]).map_err(|e| DecodeError::Malformed {
-                reason: e.to_string(),
-            });
+        let message = postcard::from_bytes(&frame[VERSION_BYTES..])
+            .map_err(|source| DecodeError::Malformed { source });
         self.buf.drain(..LEN_BYTES + len);
         message.map(Some)
     }
@@ -537,10 +534,17 @@ mod tests {
         cut[..4].copy_from_slice(&len.to_be_bytes());
         let mut decoder = FrameDecoder::new();
         decoder.push(&cut);
-        assert!(matches!(
-            decoder.next_message::<ClientMessage>(),
-            Err(DecodeError::Malformed { .. })
-        ));
+        let err = decoder.next_message::<ClientMessage>().unwrap_err();
+        let DecodeError::Malformed { source } = &err else {
+            panic!("expected a malformed message, got {err:?}");
+        };
+        let cause =
+            std::error::Error::source(&err).and_then(|s| s.downcast_ref::<postcard::Error>());
+        assert_eq!(cause, Some(source));
+        assert_eq!(
+            err.to_string(),
+            format!("malformed control message: {source}")
+        );
     }
 
     /// Peers with ids from a handful, so upserts and removals meet.

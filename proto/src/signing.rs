@@ -173,7 +173,7 @@ pub enum SignatureError {
     BadSignature,
     /// The body is not a record.
     #[error("a signed netmap record is malformed: {0}")]
-    Malformed(String),
+    Malformed(#[source] postcard::Error),
     /// A delta came before any netmap.
     #[error("a netmap delta arrived before the netmap it changes")]
     DeltaFirst,
@@ -190,7 +190,7 @@ pub enum SignatureError {
     Unsigned(&'static str),
     /// The record cannot be encoded.
     #[error("cannot encode a netmap record: {0}")]
-    Encode(String),
+    Encode(#[source] postcard::Error),
 }
 
 /// One session's chain of records for one node: signs on the coordinator,
@@ -235,8 +235,7 @@ impl Chain {
         record: &Record,
     ) -> Result<SignedRecord, SignatureError> {
         let prev = self.prev_for(record)?;
-        let body =
-            postcard::to_allocvec(record).map_err(|e| SignatureError::Encode(e.to_string()))?;
+        let body = postcard::to_allocvec(record).map_err(SignatureError::Encode)?;
         let signature = signer
             .pair
             .sign(&self.message(&prev, &body))
@@ -254,8 +253,8 @@ impl Chain {
         key: &NetmapKey,
         signed: &SignedRecord,
     ) -> Result<Record, SignatureError> {
-        let record: Record = postcard::from_bytes(&signed.body)
-            .map_err(|e| SignatureError::Malformed(e.to_string()))?;
+        let record: Record =
+            postcard::from_bytes(&signed.body).map_err(SignatureError::Malformed)?;
         let prev = self.prev_for(&record)?;
         UnparsedPublicKey::new(&ED25519, key.0)
             .verify(&self.message(&prev, &signed.body), &signed.signature)
@@ -464,6 +463,29 @@ mod tests {
         assert_eq!(
             verify_all(&signer.public_key(), node_key, &signed),
             Ok(records)
+        );
+    }
+
+    #[test]
+    fn a_body_that_is_not_a_record_keeps_the_decoders_error() {
+        let signer = NetmapSigner::derive(&PrivateKey::generate());
+        let node_key = PrivateKey::generate().public_key();
+        let signed = SignedRecord {
+            body: vec![0xff; 3],
+            signature: Vec::new(),
+        };
+        let err = Chain::new(NodeId(4), node_key)
+            .verify(&signer.public_key(), &signed)
+            .unwrap_err();
+        let SignatureError::Malformed(cause) = &err else {
+            panic!("expected a malformed record, got {err:?}");
+        };
+        let source =
+            std::error::Error::source(&err).and_then(|s| s.downcast_ref::<postcard::Error>());
+        assert_eq!(source, Some(cause));
+        assert_eq!(
+            err.to_string(),
+            format!("a signed netmap record is malformed: {cause}")
         );
     }
 

@@ -11,7 +11,9 @@ use std::time::Duration;
 use weft_net::handshake::{self, InitiateError, QuicInitiateError};
 use weft_net::tls::{self, Liveness};
 use weft_net::Service;
-use weft_proto::{encode_frame, ClientMessage, FrameDecoder, PublicKey, ServerMessage};
+use weft_proto::{
+    encode_frame, ClientMessage, DecodeError, EncodeError, FrameDecoder, PublicKey, ServerMessage,
+};
 
 use crate::server::Shared;
 
@@ -39,18 +41,37 @@ pub(crate) struct FeedConfig {
 /// Why a feed session ended.
 #[derive(Debug, thiserror::Error)]
 enum FeedError {
-    #[error("cannot resolve the coordinator address {0:?}; pass --coordinator HOST:PORT")]
-    Resolve(String),
+    /// `source` is the resolver's error, unless it found no address.
+    #[error("cannot resolve the coordinator address {address:?}; pass --coordinator HOST:PORT")]
+    Resolve {
+        address: String,
+        #[source]
+        source: Option<std::io::Error>,
+    },
+    /// quinn refused to start the connection.
     #[error("cannot reach the coordinator: {0}")]
-    Connect(String),
+    Connect(#[source] quinn::ConnectError),
+    /// The connection failed before it was established.
+    #[error("cannot reach the coordinator: {0}")]
+    Unreachable(#[source] quinn::ConnectionError),
     #[error("control handshake with the coordinator failed: {0} (check --coordinator-key against `weft-coordinator key`)")]
-    Handshake(String),
+    Handshake(#[source] QuicInitiateError),
+    /// The coordinator's own sentence.
     #[error("the coordinator refused this relay: {0}")]
     Refused(String),
+    /// The connection or its stream broke; quinn's error is inside the
+    /// `io::Error`, whose kind says reset, timed out or not connected.
     #[error("coordinator session lost: {0}")]
-    Lost(String),
+    Lost(#[source] std::io::Error),
+    #[error("coordinator session lost: the coordinator ended the session")]
+    Ended,
+    /// A message out of place, described.
     #[error("the coordinator sent something a relay does not expect: {0}")]
     Protocol(String),
+    #[error("the coordinator sent something a relay does not expect: {0}")]
+    Decode(#[source] DecodeError),
+    #[error("the coordinator sent something a relay does not expect: {0}")]
+    Encode(#[source] EncodeError),
 }
 
 /// Follows the coordinator forever.
@@ -97,17 +118,20 @@ async fn run(
     config: &FeedConfig,
     shared: &Shared,
 ) -> Result<std::convert::Infallible, FeedError> {
+    let unresolved = |source| FeedError::Resolve {
+        address: config.coordinator.clone(),
+        source,
+    };
     let addr = tokio::net::lookup_host(&config.coordinator)
         .await
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| FeedError::Resolve(config.coordinator.clone()))?;
-    let lost = |e: &dyn std::fmt::Display| FeedError::Lost(e.to_string());
+        .map_err(|e| unresolved(Some(e)))?
+        .next()
+        .ok_or_else(|| unresolved(None))?;
     let conn = endpoint
         .connect(addr, Service::Control.server_name())
-        .map_err(|e| FeedError::Connect(e.to_string()))?
+        .map_err(FeedError::Connect)?
         .await
-        .map_err(|e| FeedError::Connect(e.to_string()))?;
+        .map_err(FeedError::Unreachable)?;
     let (mut send, mut recv) = handshake::initiate_quic(
         &conn,
         Service::Control,
@@ -116,22 +140,24 @@ async fn run(
     )
     .await
     .map_err(|e| match e {
-        QuicInitiateError::Stream(e) => lost(&e),
-        QuicInitiateError::Handshake(InitiateError::Send(e)) => lost(&e),
-        e => FeedError::Handshake(e.to_string()),
+        QuicInitiateError::Stream(e) => FeedError::Lost(e.into()),
+        QuicInitiateError::Handshake(InitiateError::Send(e)) => FeedError::Lost(e),
+        e => FeedError::Handshake(e),
     })?;
     let hello = encode_frame(&ClientMessage::RelayFeed {
         name: config.name.clone(),
     })
-    .map_err(|e| FeedError::Protocol(e.to_string()))?;
-    send.write_all(&hello).await.map_err(|e| lost(&e))?;
+    .map_err(FeedError::Encode)?;
+    send.write_all(&hello)
+        .await
+        .map_err(|e| FeedError::Lost(e.into()))?;
     tracing::info!(coordinator = %addr, "relay following the coordinator's admissions");
     let mut decoder = FrameDecoder::with_limit(MAX_FRAME);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         while let Some(message) = decoder
             .next_message::<ServerMessage>()
-            .map_err(|e| FeedError::Protocol(e.to_string()))?
+            .map_err(FeedError::Decode)?
         {
             match message {
                 ServerMessage::RelayAdmissions { full, add, remove } => {
@@ -148,8 +174,8 @@ async fn run(
         }
         match recv.read(&mut buf).await {
             Ok(Some(n)) => decoder.push(&buf[..n]),
-            Ok(None) => return Err(FeedError::Lost("the coordinator ended the session".into())),
-            Err(e) => return Err(lost(&e)),
+            Ok(None) => return Err(FeedError::Ended),
+            Err(e) => return Err(FeedError::Lost(e.into())),
         }
     }
 }

@@ -43,7 +43,13 @@ pub enum ClientError {
     },
     /// The connection failed mid-request.
     #[error("admin request to the coordinator failed: {0}")]
-    Http(String),
+    Http(#[source] hyper::Error),
+    /// The request could not be encoded.
+    #[error("admin request to the coordinator failed: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// The request could not be built.
+    #[error("admin request to the coordinator failed: {0}")]
+    Request(#[source] hyper::http::Error),
     /// The coordinator refused the request.
     #[error("{message}")]
     Api {
@@ -54,7 +60,7 @@ pub enum ClientError {
     },
     /// The coordinator's answer was not what this client expects.
     #[error("unexpected answer from the coordinator (is it the same weft version?): {0}")]
-    Decode(String),
+    Decode(#[source] serde_json::Error),
 }
 
 impl AdminClient {
@@ -134,10 +140,10 @@ impl AdminClient {
             })?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
+            .map_err(ClientError::Http)?;
         let driver = tokio::spawn(connection);
         let body = match body {
-            Some(body) => serde_json::to_vec(body).map_err(|e| ClientError::Http(e.to_string()))?,
+            Some(body) => serde_json::to_vec(body).map_err(ClientError::Encode)?,
             None => Vec::new(),
         };
         let request = Request::builder()
@@ -146,21 +152,21 @@ impl AdminClient {
             .header(header::HOST, "weft-coordinator")
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| ClientError::Http(e.to_string()))?;
+            .map_err(ClientError::Request)?;
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
+            .map_err(ClientError::Http)?;
         let status = response.status();
         let bytes = response
             .into_body()
             .collect()
             .await
-            .map_err(|e| ClientError::Http(e.to_string()))?
+            .map_err(ClientError::Http)?
             .to_bytes();
         driver.abort();
         if status.is_success() {
-            return serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()));
+            return serde_json::from_slice(&bytes).map_err(ClientError::Decode);
         }
         Err(api_error(status, &bytes))
     }

@@ -22,8 +22,9 @@ pub(crate) enum ApiError {
     /// The request body is over the size the endpoint takes.
     #[error("{0}")]
     TooLarge(String),
+    /// The store failed; the request may be retried.
     #[error("{0}")]
-    Internal(String),
+    Internal(#[from] StoreError),
 }
 
 impl IntoResponse for ApiError {
@@ -45,12 +46,6 @@ impl IntoResponse for ApiError {
             }),
         )
             .into_response()
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        ApiError::Internal(e.to_string())
     }
 }
 

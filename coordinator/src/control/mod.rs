@@ -63,7 +63,7 @@ pub(crate) enum ListenError {
         source: std::io::Error,
     },
     #[error("cannot start the QUIC thread: {0}")]
-    QuicThread(std::io::Error),
+    QuicThread(#[source] std::io::Error),
 }
 
 /// Nodes keep their session alive; a node silent this long is gone.

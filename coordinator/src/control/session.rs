@@ -23,7 +23,7 @@ use tokio_rustls::server::TlsStream;
 use weft_net::handshake::{respond_quic, respond_tls};
 use weft_net::Service;
 use weft_proto::resume;
-use weft_proto::signing::{Chain, NetmapSigner, Record};
+use weft_proto::signing::{Chain, NetmapSigner, Record, SignatureError};
 use weft_proto::{
     encode_frame, ClientMessage, Credential, DecodeError, EncodeError, FrameDecoder, LoginFlow,
     NodeId, PublicKey, Refusal, RefusalCode, ServerMessage, CLOSE_BY_COORDINATOR,
@@ -264,10 +264,24 @@ struct Session {
 enum End {
     #[error("the node closed the session")]
     Closed,
+    /// The connection broke.
     #[error("connection lost: {0}")]
-    Lost(String),
+    Lost(#[source] std::io::Error),
+    /// The node stopped reading, or the coordinator is shutting down.
+    #[error("connection lost: {0}")]
+    Stalled(String),
+    /// A message out of place, described.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The node sent bytes that are not a control message.
+    #[error("protocol error: {0}")]
+    Decode(#[source] DecodeError),
+    /// A message could not be encoded.
+    #[error("protocol error: {0}")]
+    Encode(#[source] EncodeError),
+    /// A netmap or delta could not be signed.
+    #[error("protocol error: {0}")]
+    Sign(#[source] SignatureError),
     /// A netmap or delta too large for one frame: the node is refused (a
     /// refusal it retries after a backoff) instead of losing the connection.
     #[error("netmap too large: {len} bytes exceeds the {max}-byte control frame limit")]
@@ -620,11 +634,11 @@ impl Session {
     async fn write(&mut self, message: &ServerMessage) -> Result<(), End> {
         let frame = encode_frame(message).map_err(|e| match e {
             EncodeError::TooLarge { len, max } => End::TooLarge { len, max },
-            e => End::Protocol(e.to_string()),
+            e => End::Encode(e),
         })?;
         match timeout(WRITE_TIMEOUT, self.link.write_all(&frame)).await {
-            Ok(written) => written.map_err(|e| End::Lost(e.to_string())),
-            Err(_) => Err(End::Lost(format!(
+            Ok(written) => written.map_err(End::Lost),
+            Err(_) => Err(End::Stalled(format!(
                 "the node did not read a message within {WRITE_TIMEOUT:?}"
             ))),
         }
@@ -668,11 +682,11 @@ impl Session {
                 };
                 self.refuse(refusal).await;
             }
-            End::Protocol(_) => {
+            End::Protocol(_) | End::Decode(_) | End::Encode(_) | End::Sign(_) => {
                 tracing::info!(remote = %self.remote, "closing control session: {end}");
                 self.close(CLOSE_PROTOCOL_ERROR, b"protocol error").await;
             }
-            End::Closed | End::Lost(_) => {
+            End::Closed | End::Lost(_) | End::Stalled(_) => {
                 match self.link.close_reason() {
                     Some(why) => {
                         tracing::debug!(remote = %self.remote, "control session ended: {end} ({why})")
@@ -704,7 +718,7 @@ fn seal(
     chain
         .sign(signer, &record)
         .map(ServerMessage::Signed)
-        .map_err(|e| End::Protocol(e.to_string()))
+        .map_err(End::Sign)
 }
 
 fn unix_now() -> u64 {
@@ -778,7 +792,7 @@ impl FrameReader {
                     return Ok(Some(message));
                 }
                 Ok(None) => {}
-                Err(e) => return Err(decode_end(e)),
+                Err(e) => return Err(End::Decode(e)),
             }
             if let (None, Some(len)) = (&self.held, self.decoder.pending_len()) {
                 if len > SMALL_FRAME {
@@ -787,14 +801,14 @@ impl FrameReader {
                     let permit = budget
                         .acquire_many_owned(share)
                         .await
-                        .map_err(|_| End::Lost("the coordinator is shutting down".into()))?;
+                        .map_err(|_| End::Stalled("the coordinator is shutting down".into()))?;
                     self.held = Some(permit);
                 }
             }
             match self.recv.read(&mut self.buf).await {
-                Ok(0) => return self.decoder.finish().map(|()| None).map_err(decode_end),
+                Ok(0) => return self.decoder.finish().map(|()| None).map_err(End::Decode),
                 Ok(n) => self.decoder.push(&self.buf[..n]),
-                Err(e) => return Err(End::Lost(e.to_string())),
+                Err(e) => return Err(End::Lost(e)),
             }
         }
     }
@@ -803,10 +817,6 @@ impl FrameReader {
     async fn drain(&mut self) {
         while let Ok(1..) = self.recv.read(&mut self.buf).await {}
     }
-}
-
-fn decode_end(e: DecodeError) -> End {
-    End::Protocol(e.to_string())
 }
 
 #[cfg(test)]
@@ -872,6 +882,9 @@ mod tests {
         let (mut reader, mut node) = reader(&budget);
         reader.registered();
         node.write_all(&large_message().1).await.unwrap();
-        assert!(matches!(reader.next().await, Err(End::Protocol(_))));
+        assert!(matches!(
+            reader.next().await,
+            Err(End::Decode(DecodeError::BadLength { .. }))
+        ));
     }
 }

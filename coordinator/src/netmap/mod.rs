@@ -566,7 +566,7 @@ pub(crate) enum FullReason {
     #[error("the node did not ask to resume")]
     NotAsked,
     #[error("the node's resume is malformed: {0}")]
-    Malformed(ResumeError),
+    Malformed(#[source] ResumeError),
     #[error("the node's resume is for another node id")]
     OtherNode,
     /// More than half of the peers changed: a delta would save little and

@@ -44,6 +44,7 @@ use self::pending::{PendingError, PendingLogins};
 use self::provider::{Authorization, DeviceLogin, Provider, ProviderError, REQUEST_TIMEOUT};
 use crate::config::OidcSettings;
 use crate::limits::Report;
+use crate::server::StartError;
 
 /// The name of the cookie that binds a login to the browser that opened its link.
 pub(crate) const BROWSER_COOKIE: &str = "weft_login";
@@ -148,15 +149,23 @@ impl Logins {
         settings: OidcSettings,
         public_url: &str,
         max_waiting: usize,
-    ) -> Result<Arc<Self>, String> {
-        let redirect = RedirectUrl::new(format!("{public_url}{CALLBACK_PATH}"))
-            .map_err(|e| format!("public_url {public_url:?} gives no valid callback URL: {e}"))?;
+    ) -> Result<Arc<Self>, StartError> {
+        let redirect =
+            RedirectUrl::new(format!("{public_url}{CALLBACK_PATH}")).map_err(|source| {
+                StartError::CallbackUrl {
+                    public_url: public_url.to_owned(),
+                    source,
+                }
+            })?;
         let http = reqwest::Client::builder()
             // Following redirects would let the IdP's endpoints bounce requests elsewhere.
             .redirect(reqwest::redirect::Policy::none())
             .timeout(REQUEST_TIMEOUT)
             .build()
-            .map_err(|e| format!("cannot build the HTTP client for the identity provider: {e}"))?;
+            .map_err(|source| StartError::HttpClient {
+                what: "the identity provider",
+                source,
+            })?;
         Ok(Arc::new(Self {
             settings,
             public_url: public_url.to_owned(),

@@ -20,6 +20,7 @@ use openidconnect::{
 };
 
 use crate::config::OidcSettings;
+use crate::error_chain;
 
 /// Tolerated difference between the coordinator's and the IdP's clocks.
 pub(crate) const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
@@ -339,21 +340,6 @@ fn chrono_utc(now: SystemTime) -> chrono::DateTime<chrono::Utc> {
 
 fn chrono_duration(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or_else(|_| chrono::Duration::zero())
-}
-
-/// An error with its causes, which is where the useful detail sits.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

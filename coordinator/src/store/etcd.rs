@@ -14,7 +14,8 @@
 //! moves the worker's other tasks elsewhere while it waits). A caller never
 //! drives the client on its own thread, so no runtime is ever nested, and
 //! every request is bounded by the configured request timeout: a cluster that
-//! is down is a clear [`StoreError::Backend`], never a hang.
+//! is down is a clear [`StoreError::Backend`] (or [`StoreError::Io`], with
+//! etcd's error as the cause), never a hang.
 //!
 //! Transactions submitted while another is being committed are committed
 //! together as one request when it returns (see `group`), so concurrent
@@ -123,7 +124,10 @@ impl EtcdStore {
             }
         }
         if members.is_empty() {
-            let failure = failure.unwrap_or(Failure::Unreachable("no endpoints".into()));
+            let failure = failure.unwrap_or(Failure::Unreachable {
+                detail: "no endpoints".into(),
+                cause: None,
+            });
             return Err(failure.into_error(&cluster));
         }
         let (events, _) = broadcast::channel(WATCH_CAPACITY);
@@ -181,7 +185,10 @@ impl EtcdStore {
         let count = self.members.len();
         let first = self.preferred.load(Ordering::Relaxed);
         let deadline = Instant::now() + self.request_timeout;
-        let mut last = Failure::Unreachable("no endpoints".into());
+        let mut last = Failure::Unreachable {
+            detail: "no endpoints".into(),
+            cause: None,
+        };
         for step in 0..count {
             let index = (first + step) % count;
             let left = deadline.saturating_duration_since(Instant::now());
@@ -194,10 +201,10 @@ impl EtcdStore {
                     self.preferred.store(index, Ordering::Relaxed);
                     return Ok(value);
                 }
-                Err(Failure::Unreachable(detail)) => {
+                Err(Failure::Unreachable { detail, cause }) => {
                     let endpoint = &self.members[index].endpoint;
                     tracing::debug!(%endpoint, %detail, "etcd member unreachable; trying the next");
-                    last = Failure::Unreachable(detail);
+                    last = Failure::Unreachable { detail, cause };
                 }
                 Err(other) => return Err(other),
             }
@@ -317,7 +324,7 @@ impl Store for EtcdStore {
         });
         match renewed {
             Ok(()) => Ok(true),
-            Err(Failure::Refused(message)) if message.contains("lease not found") => Ok(false),
+            Err(Failure::Refused { detail, .. }) if detail.contains("lease not found") => Ok(false),
             Err(f) => Err(f.into_error(&self.cluster)),
         }
     }
@@ -330,7 +337,7 @@ impl Store for EtcdStore {
         match revoked {
             Ok(_) => Ok(()),
             // Expired already: its keys are gone, which is what revoking wants.
-            Err(Failure::Refused(message)) if message.contains("lease not found") => Ok(()),
+            Err(Failure::Refused { detail, .. }) if detail.contains("lease not found") => Ok(()),
             Err(f) => Err(f.into_error(&self.cluster)),
         }
     }
@@ -385,7 +392,7 @@ impl EtcdStore {
                     })
                     .collect()
             }
-            Err(Failure::Refused(reason)) => {
+            Err(Failure::Refused { detail: reason, .. }) => {
                 tracing::debug!(%reason, transactions = batch.len(), "etcd refused a batch; committing its transactions one by one");
                 batch
                     .iter()
@@ -412,17 +419,21 @@ impl EtcdStore {
                 async move { c.txn(txn).await }
             })
             .map_err(|f| match f {
-                Failure::Refused(message) if message.contains("lease not found") => {
+                Failure::Refused { detail, .. } if detail.contains("lease not found") => {
                     StoreError::LeaseExpired
                 }
-                Failure::Refused(message) => StoreError::Backend(format!(
-                    "etcd at {} refused a transaction of {} compares, {} operations and {size} \
-                     bytes: {message} (etcd accepts 128 operations and 1.5 MiB per transaction \
-                     unless started with larger --max-txn-ops and --max-request-bytes)",
-                    self.cluster,
-                    compares.len(),
-                    ops.len()
-                )),
+                Failure::Refused { detail, cause } => caused(
+                    format!(
+                        "etcd at {} refused a transaction of {} compares, {} operations and \
+                         {size} bytes: {detail} (etcd accepts 128 operations and 1.5 MiB per \
+                         transaction unless started with larger --max-txn-ops and \
+                         --max-request-bytes)",
+                        self.cluster,
+                        compares.len(),
+                        ops.len()
+                    ),
+                    cause,
+                ),
                 other => other.into_error(&self.cluster),
             })?;
         if !response.succeeded() {
@@ -520,9 +531,10 @@ where
     match wait(|| rx.recv()) {
         Ok(Ok(Ok(value))) => Ok(value),
         Ok(Ok(Err(e))) => Err(Failure::from(e)),
-        Ok(Err(_)) => Err(Failure::Unreachable(format!(
-            "no answer within {timeout:?}"
-        ))),
+        Ok(Err(_)) => Err(Failure::Unreachable {
+            detail: format!("no answer within {timeout:?}"),
+            cause: None,
+        }),
         Err(_) => Err(Failure::Stopped),
     }
 }
@@ -583,13 +595,20 @@ fn header_revision(revision: Option<i64>) -> Result<u64, StoreError> {
 /// Why an etcd request failed.
 #[derive(Debug, Clone)]
 enum Failure {
-    /// No member answered: down, partitioned, or without a leader.
-    Unreachable(String),
+    /// No member answered: down, partitioned, or without a leader. `cause`
+    /// is etcd's error unless no member was tried or none answered in time.
+    Unreachable {
+        detail: String,
+        cause: Option<Cause>,
+    },
     /// etcd answered and refused (limits, permissions, authentication).
-    Refused(String),
+    Refused { detail: String, cause: Cause },
     /// The store's runtime is gone.
     Stopped,
 }
+
+/// etcd's error, shared: one failed batch answers each of its transactions.
+type Cause = Arc<etcd_client::Error>;
 
 impl From<etcd_client::Error> for Failure {
     fn from(e: etcd_client::Error) -> Self {
@@ -601,13 +620,25 @@ impl From<etcd_client::Error> for Failure {
                     Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
                 ) =>
             {
-                Failure::Unreachable(status.message().to_owned())
+                Failure::Unreachable {
+                    detail: status.message().to_owned(),
+                    cause: Some(Arc::new(e)),
+                }
             }
             etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
-                Failure::Unreachable(e.to_string())
+                Failure::Unreachable {
+                    detail: e.to_string(),
+                    cause: Some(Arc::new(e)),
+                }
             }
-            etcd_client::Error::GRpcStatus(status) => Failure::Refused(status.message().to_owned()),
-            other => Failure::Refused(other.to_string()),
+            etcd_client::Error::GRpcStatus(status) => Failure::Refused {
+                detail: status.message().to_owned(),
+                cause: Arc::new(e),
+            },
+            other => Failure::Refused {
+                detail: other.to_string(),
+                cause: Arc::new(e),
+            },
         }
     }
 }
@@ -615,14 +646,33 @@ impl From<etcd_client::Error> for Failure {
 impl Failure {
     fn into_error(self, cluster: &str) -> StoreError {
         match self {
-            Failure::Unreachable(detail) => StoreError::Backend(format!(
-                "etcd at {cluster} is unreachable: {detail}; the coordinator accepts no changes until it returns"
-            )),
-            Failure::Refused(detail) => {
-                StoreError::Backend(format!("etcd at {cluster} refused the request: {detail}"))
+            Failure::Unreachable { detail, cause } => {
+                let message = format!(
+                    "etcd at {cluster} is unreachable: {detail}; the coordinator accepts no changes until it returns"
+                );
+                match cause {
+                    Some(cause) => caused(message, cause),
+                    None => StoreError::Backend(message),
+                }
             }
+            Failure::Refused { detail, cause } => caused(
+                format!("etcd at {cluster} refused the request: {detail}"),
+                cause,
+            ),
             Failure::Stopped => StoreError::Backend("the etcd client has stopped".into()),
         }
+    }
+}
+
+/// A store error saying `message`, with etcd's error as its cause: the
+/// error itself when this failure was its only holder.
+fn caused(message: String, cause: Cause) -> StoreError {
+    StoreError::Io {
+        message,
+        source: match Arc::try_unwrap(cause) {
+            Ok(cause) => Box::new(cause),
+            Err(shared) => Box::new(shared),
+        },
     }
 }
 
@@ -791,15 +841,26 @@ mod tests {
 
     conformance_suite!(Etcd::single());
 
+    /// An unreachable cluster is named, with etcd's error as the cause
+    /// when the client reported one rather than timing out.
     fn assert_unreachable(result: Result<impl std::fmt::Debug, StoreError>) {
-        match result {
-            Err(StoreError::Backend(message)) => assert!(
-                message.contains("is unreachable")
-                    && message.contains("accepts no changes until it returns"),
-                "{message}"
-            ),
+        let message = match result {
+            Err(StoreError::Backend(message)) => message,
+            Err(StoreError::Io { message, source }) => {
+                assert!(is_etcd_error(&*source), "{source:?}");
+                message
+            }
             other => panic!("expected an unreachable-etcd error, got {other:?}"),
-        }
+        };
+        assert!(
+            message.contains("is unreachable")
+                && message.contains("accepts no changes until it returns"),
+            "{message}"
+        );
+    }
+
+    fn is_etcd_error(error: &(dyn std::error::Error + 'static)) -> bool {
+        error.is::<etcd_client::Error>() || error.is::<Cause>()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1027,9 +1088,16 @@ mod tests {
         let store = etcd.connect(etcd.cluster.endpoints());
         let ops: Vec<Op> = (0..200).map(|i| put(&format!("k/{i}"), "v")).collect();
         match store.txn(&[], &ops) {
-            Err(StoreError::Backend(message)) => {
+            Err(StoreError::Io { message, source }) => {
                 assert!(message.contains("200 operations"), "{message}");
                 assert!(message.contains("--max-txn-ops"), "{message}");
+                assert!(
+                    matches!(
+                        source.downcast_ref::<etcd_client::Error>(),
+                        Some(etcd_client::Error::GRpcStatus(_))
+                    ),
+                    "{source:?}"
+                );
             }
             other => panic!("expected a refusal, got {other:?}"),
         }

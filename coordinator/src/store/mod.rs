@@ -123,7 +123,7 @@ pub(crate) enum StoreError {
     #[error("coordinator database error: {0}")]
     Backend(String),
     /// The backend failed with an error of its own (redb, the file system,
-    /// the JSON encoder), kept as the cause; `message` already says it.
+    /// the JSON encoder, etcd), kept as the cause; `message` already says it.
     #[error("coordinator database error: {message}")]
     Io {
         message: String,

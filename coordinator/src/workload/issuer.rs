@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::keys::KeySet;
+use crate::error_chain;
 
 /// The longest a fetch of one issuer's keys may take.
 pub(crate) const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -94,7 +95,7 @@ async fn get(url: &url::Url, http: &reqwest::Client) -> Result<Vec<u8>, String> 
         .get(url.clone())
         .send()
         .await
-        .map_err(|e| format!("{url}: {}", chain(&e)))?;
+        .map_err(|e| format!("{url}: {}", error_chain(&e)))?;
     if !response.status().is_success() {
         return Err(format!("{url} answered {}", response.status()));
     }
@@ -102,7 +103,7 @@ async fn get(url: &url::Url, http: &reqwest::Client) -> Result<Vec<u8>, String> 
     while let Some(chunk) = response
         .chunk()
         .await
-        .map_err(|e| format!("{url}: {}", chain(&e)))?
+        .map_err(|e| format!("{url}: {}", error_chain(&e)))?
     {
         if body.len() + chunk.len() > MAX_DOCUMENT {
             return Err(format!("{url} sent more than {MAX_DOCUMENT} bytes"));
@@ -110,19 +111,4 @@ async fn get(url: &url::Url, http: &reqwest::Client) -> Result<Vec<u8>, String> 
         body.extend_from_slice(&chunk);
     }
     Ok(body)
-}
-
-/// An error with its causes, where reqwest keeps the useful detail.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let words = cause.to_string();
-        if !text.contains(&words) {
-            text.push_str(": ");
-            text.push_str(&words);
-        }
-        source = cause.source();
-    }
-    text
 }

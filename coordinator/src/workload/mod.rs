@@ -65,13 +65,12 @@ struct Issuer {
 
 impl Workloads {
     /// Trusts `issuers`.
-    pub(crate) fn new(issuers: Vec<WorkloadIssuer>) -> Result<Self, String> {
+    pub(crate) fn new(issuers: Vec<WorkloadIssuer>) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             // A redirect could send the coordinator anywhere; key sets are fetched where configured.
             .redirect(reqwest::redirect::Policy::none())
             .timeout(FETCH_TIMEOUT)
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client for workload issuers: {e}"))?;
+            .build()?;
         let issuers = issuers
             .into_iter()
             .map(|settings| Issuer {

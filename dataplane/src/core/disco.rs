@@ -56,7 +56,7 @@ pub(crate) enum Message {
 }
 
 /// Why a datagram is not a valid disco message.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, PartialEq, thiserror::Error)]
 pub(crate) enum DiscoError {
     #[error("not a disco message: the magic prefix is missing")]
     NotDisco,
@@ -67,7 +67,7 @@ pub(crate) enum DiscoError {
     #[error("disco payload malformed: {0}")]
     Malformed(&'static str),
     #[error("cannot seal a disco message: {0}")]
-    Seal(String),
+    Seal(#[source] snow::Error),
 }
 
 /// Whether `datagram` is disco (rather than WireGuard or STUN).
@@ -98,22 +98,20 @@ pub(crate) fn seal(
     rng_seed: u64,
 ) -> Result<Vec<u8>, DiscoError> {
     let payload = encode(message);
-    let params = PATTERN
-        .parse()
-        .map_err(|e: snow::Error| DiscoError::Seal(e.to_string()))?;
+    let params = PATTERN.parse().map_err(DiscoError::Seal)?;
     let resolver = FallbackResolver::new(Box::new(SeededRng(rng_seed)), Box::new(DefaultResolver));
     let mut noise = snow::Builder::with_resolver(params, Box::new(resolver))
         .local_private_key(private)
         .and_then(|b| b.remote_public_key(to.as_bytes()))
         .and_then(|b| b.prologue(PROLOGUE))
         .and_then(|b| b.build_initiator())
-        .map_err(|e| DiscoError::Seal(e.to_string()))?;
+        .map_err(DiscoError::Seal)?;
     let mut out = vec![0u8; HEADER + NOISE_OVERHEAD + payload.len()];
     out[..MAGIC.len()].copy_from_slice(&MAGIC);
     out[MAGIC.len()..HEADER].copy_from_slice(from.as_bytes());
     let written = noise
         .write_message(&payload, &mut out[HEADER..])
-        .map_err(|e| DiscoError::Seal(e.to_string()))?;
+        .map_err(DiscoError::Seal)?;
     out.truncate(HEADER + written);
     Ok(out)
 }

@@ -482,7 +482,9 @@ async fn connect(
                     .await
                     .map(|c| Connected::Tcp(Box::new(c)))
             }
-            _ => Err(ClientError::Connect(format!("no {transport:?} transport"))),
+            _ => Err(ClientError::Connect(
+                format!("no {transport:?} transport").into(),
+            )),
         };
         (transport, connected)
     };
@@ -514,10 +516,9 @@ async fn within<T>(
     tokio::time::timeout(limit, attempt)
         .await
         .unwrap_or_else(|_| {
-            Err(ClientError::Connect(format!(
-                "no answer within {} ms",
-                limit.as_millis()
-            )))
+            Err(ClientError::Connect(
+                format!("no answer within {} ms", limit.as_millis()).into(),
+            ))
         })
 }
 
