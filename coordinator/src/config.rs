@@ -59,6 +59,8 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     /// TCP address of the HTTP endpoints; defaults to `listen`'s address and port.
     pub http_listen: Option<SocketAddr>,
+    /// TCP address of the Prometheus metrics endpoint (`GET /metrics`); none by default.
+    pub metrics_listen: Option<SocketAddr>,
     /// The policy file.
     pub policy: Option<PathBuf>,
     /// The identity provider people log in with.
@@ -529,6 +531,7 @@ mod tests {
         public_url = "https://weft.example.com/"
         listen = "0.0.0.0:7443"
         http_listen = "127.0.0.1:8080"
+        metrics_listen = "127.0.0.1:9460"
         policy = "/etc/weft/policy.hujson"
 
         [oidc]
@@ -554,6 +557,10 @@ mod tests {
         std::fs::write(&secret, "s3cret\n").unwrap();
         let config = example(&secret);
         assert_eq!(config.http_listen, Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:9460".parse().unwrap())
+        );
         let oidc = config.oidc.unwrap().resolve().unwrap();
         assert_eq!(oidc.issuer, "https://login.example.com");
         assert_eq!(oidc.client_secret, "s3cret");

@@ -13,6 +13,7 @@ mod error_chain;
 mod http;
 mod keyfile;
 mod limits;
+pub mod metrics;
 mod netmap;
 mod nodes;
 mod oidc;

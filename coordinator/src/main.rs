@@ -29,51 +29,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the coordinator.
-    Serve {
-        #[command(flatten)]
-        dir: DataDir,
-        /// The policy file. It is followed: a valid new version is installed within a second,
-        /// an invalid one is logged and ignored. Without it every node is denied all traffic.
-        #[arg(long, value_name = "FILE")]
-        policy: Option<PathBuf>,
-        /// Control address: QUIC on UDP, and TLS over TCP on the same port for nodes without UDP [default: 0.0.0.0:7443].
-        #[arg(long, value_name = "ADDR:PORT")]
-        listen: Option<SocketAddr>,
-        /// TCP address of the HTTP endpoints (login, callback) [default: the --listen address].
-        #[arg(long, value_name = "ADDR:PORT")]
-        http_listen: Option<SocketAddr>,
-        /// The configuration file (TOML); flags override its values.
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// The base URL browsers reach the HTTP endpoints at (overrides `public_url`).
-        #[arg(long, value_name = "URL")]
-        public_url: Option<String>,
-        /// An administrator principal (e.g. `tag:admin`, `alice@example.com`); repeatable.
-        /// A new policy under which an administrator who reached other nodes reaches none
-        /// is refused (override with `policy set --force`).
-        #[arg(long = "admin", value_name = "PRINCIPAL")]
-        admins: Vec<String>,
-        /// How long an ephemeral node may stay offline before it is deleted, freeing its
-        /// name and addresses (e.g. `30s`, `10m`) [default: `ephemeral_timeout` or 10m].
-        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-        ephemeral_timeout: Option<Duration>,
-        /// TCP connections (control sessions over TLS and HTTP together) one source address
-        /// may hold, IPv6 addresses counting per /64; more are closed at once [default: 256].
-        /// Raise it when many nodes without UDP share one NAT address.
-        #[arg(long, value_name = "N")]
-        max_connections_per_address: Option<usize>,
-        /// Interactive logins that may wait at once for someone to finish them; more are
-        /// refused with a message to retry [default: 1024].
-        #[arg(long, value_name = "N")]
-        max_pending_logins: Option<usize>,
-        /// Time an HTTP client has to send a request's head, and that a kept-alive
-        /// connection may wait for its next request [default: 10s].
-        #[arg(long, hide = true, value_name = "DURATION", value_parser = humantime::parse_duration)]
-        http_header_timeout: Option<Duration>,
-        /// An HTTP connection on which nothing moves for this long is closed [default: 60s].
-        #[arg(long, hide = true, value_name = "DURATION", value_parser = humantime::parse_duration)]
-        http_idle_timeout: Option<Duration>,
-    },
+    Serve(Box<ServeArgs>),
     /// Print the coordinator's public key (nodes pin it); creates the key if absent.
     Key {
         #[command(flatten)]
@@ -99,6 +55,57 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    dir: DataDir,
+    /// The policy file. It is followed: a valid new version is installed within a second,
+    /// an invalid one is logged and ignored. Without it every node is denied all traffic.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
+    /// Control address: QUIC on UDP, and TLS over TCP on the same port for nodes without UDP [default: 0.0.0.0:7443].
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    /// TCP address of the HTTP endpoints (login, callback) [default: the --listen address].
+    #[arg(long, value_name = "ADDR:PORT")]
+    http_listen: Option<SocketAddr>,
+    /// The configuration file (TOML); flags override its values.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// TCP address of the Prometheus metrics endpoint (`GET /metrics`) [default: none].
+    /// The metrics name no nodes or users; bind it to a private or loopback address.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<SocketAddr>,
+    /// The base URL browsers reach the HTTP endpoints at (overrides `public_url`).
+    #[arg(long, value_name = "URL")]
+    public_url: Option<String>,
+    /// An administrator principal (e.g. `tag:admin`, `alice@example.com`); repeatable.
+    /// A new policy under which an administrator who reached other nodes reaches none
+    /// is refused (override with `policy set --force`).
+    #[arg(long = "admin", value_name = "PRINCIPAL")]
+    admins: Vec<String>,
+    /// How long an ephemeral node may stay offline before it is deleted, freeing its
+    /// name and addresses (e.g. `30s`, `10m`) [default: `ephemeral_timeout` or 10m].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    ephemeral_timeout: Option<Duration>,
+    /// TCP connections (control sessions over TLS and HTTP together) one source address
+    /// may hold, IPv6 addresses counting per /64; more are closed at once [default: 256].
+    /// Raise it when many nodes without UDP share one NAT address.
+    #[arg(long, value_name = "N")]
+    max_connections_per_address: Option<usize>,
+    /// Interactive logins that may wait at once for someone to finish them; more are
+    /// refused with a message to retry [default: 1024].
+    #[arg(long, value_name = "N")]
+    max_pending_logins: Option<usize>,
+    /// Time an HTTP client has to send a request's head, and that a kept-alive
+    /// connection may wait for its next request [default: 10s].
+    #[arg(long, hide = true, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    http_header_timeout: Option<Duration>,
+    /// An HTTP connection on which nothing moves for this long is closed [default: 60s].
+    #[arg(long, hide = true, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    http_idle_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -219,20 +226,22 @@ fn exit_quietly_on_broken_pipe() {
 
 async fn run(command: Command) -> Result<()> {
     match command {
-        Command::Serve {
-            dir,
-            policy,
-            listen,
-            http_listen,
-            config,
-            public_url,
-            admins,
-            ephemeral_timeout,
-            max_connections_per_address,
-            max_pending_logins,
-            http_header_timeout,
-            http_idle_timeout,
-        } => {
+        Command::Serve(args) => {
+            let ServeArgs {
+                dir,
+                policy,
+                listen,
+                http_listen,
+                config,
+                metrics_listen,
+                public_url,
+                admins,
+                ephemeral_timeout,
+                max_connections_per_address,
+                max_pending_logins,
+                http_header_timeout,
+                http_idle_timeout,
+            } = *args;
             let limits = limits(
                 max_connections_per_address,
                 max_pending_logins,
@@ -259,6 +268,9 @@ async fn run(command: Command) -> Result<()> {
                 Some(timeout) => timeout,
                 None => file.resolve_ephemeral_timeout()?,
             };
+            if let Some(addr) = metrics_listen.or(file.metrics_listen) {
+                serve_metrics(addr).await?;
+            }
             serve(ServeOptions {
                 data_dir: dir.data_dir,
                 policy: policy.or(file.policy),
@@ -495,5 +507,17 @@ async fn wait_for_signal() -> Result<()> {
         result = tokio::signal::ctrl_c() => result.context("cannot handle Ctrl-C")?,
         _ = term.recv() => {}
     }
+    Ok(())
+}
+
+/// Serves `/metrics` on `addr` for as long as the process runs.
+async fn serve_metrics(addr: SocketAddr) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (check --metrics-listen)"))?;
+    tracing::info!(%addr, "metrics listening");
+    tokio::spawn(weft_net::metrics_http::serve(listener, || async {
+        weft_coordinator::metrics::render()
+    }));
     Ok(())
 }

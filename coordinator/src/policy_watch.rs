@@ -21,6 +21,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use weft_policy::{Diagnostics, Policy};
 
+use crate::metrics::{self, PolicyResult};
 use crate::netmap::{NetmapHandle, OverBudget};
 use crate::store::{self, Op, Store, StoreError};
 
@@ -170,6 +171,16 @@ pub(crate) enum LoadError {
 
 /// Parses `source` and runs the policy's tests.
 pub(crate) fn validate(source: &str, file_name: &str) -> Result<Validated, Diagnostics> {
+    let started = std::time::Instant::now();
+    let validated = parse_and_test(source, file_name);
+    metrics::policy_validated(started.elapsed());
+    if validated.is_err() {
+        metrics::policy_load(PolicyResult::Invalid);
+    }
+    validated
+}
+
+fn parse_and_test(source: &str, file_name: &str) -> Result<Validated, Diagnostics> {
     let policy = Policy::parse(source, file_name)?;
     let report = policy.run_tests()?;
     let warnings = policy.warnings().iter().map(ToString::to_string).collect();

@@ -25,7 +25,7 @@ use crate::nodes::Registry;
 use crate::oidc::Logins;
 use crate::policy_follow;
 use crate::policy_watch::{self, LoadError};
-use crate::store::{EtcdStore, RedbStore, Store, StoreError};
+use crate::store::{Counted, EtcdStore, RedbStore, Store, StoreError};
 use crate::workload::Workloads;
 
 /// How long shutdown waits for sessions to end.
@@ -474,7 +474,7 @@ async fn open_store(
 ) -> Result<Arc<dyn Store>, StartError> {
     match settings {
         StoreSettings::Embedded => RedbStore::open(&data_dir.join("weft.redb"))
-            .map(|store| Arc::new(store) as Arc<dyn Store>)
+            .map(|store| Arc::new(Counted(store)) as Arc<dyn Store>)
             .map_err(|e| StartError::StoreInUse {
                 source: Box::new(e),
             }),
@@ -483,7 +483,7 @@ async fn open_store(
             tokio::task::spawn_blocking(move || EtcdStore::connect(&settings))
                 .await
                 .map_err(StartError::EtcdTask)?
-                .map(|store| Arc::new(store) as Arc<dyn Store>)
+                .map(|store| Arc::new(Counted(store)) as Arc<dyn Store>)
                 .map_err(StartError::from)
         }
     }

@@ -19,6 +19,7 @@ TOP_LEVEL_KEYS = {
     "public_url",
     "listen",
     "http_listen",
+    "metrics_listen",
     "policy",
     "oidc",
     "ephemeral_timeout",

@@ -5,7 +5,8 @@
 //! It owns the device ([`device`]): the loop around the data-plane core
 //! (`weft-dataplane`), the WireGuard UDP socket, relay sessions, path
 //! selection, identity renewal and the commands and status reports a shell
-//! drives it with. It owns the control client ([`control`]) and what it
+//! drives it with, and the Prometheus metrics a scrape renders from it
+//! ([`metrics`]). It owns the control client ([`control`]) and what it
 //! keeps between runs: the coordinator's replicas ([`coordinators`]), the
 //! state directory and preferences ([`state`]) and the verified netmap cache
 //! ([`netmap_cache`]). The operating system comes in through the
@@ -19,6 +20,7 @@ pub mod control;
 pub mod coordinators;
 pub mod device;
 pub mod key_text;
+pub mod metrics;
 pub mod netmap_cache;
 pub mod posture;
 pub mod state;

@@ -2,8 +2,9 @@
 //! and TLS-over-TCP with the Noise `IK` handshake bound to the TLS session
 //! ([`handshake`]), the TLS configurations under them ([`tls`]), the static
 //! key files of coordinators and relays ([`keyfile`]), the private local
-//! sockets of the admin and local APIs ([`unix`]), and the node side of the
-//! relay protocol ([`relay`]).
+//! sockets of the admin and local APIs ([`unix`]), the node side of the
+//! relay protocol ([`relay`]), and the `/metrics` endpoint of every
+//! component's `--metrics-listen` ([`metrics_http`]).
 //!
 //! The wire contract — the handshake's state machine, frames, relay
 //! messages — is [`weft_proto`]'s; this crate only moves its bytes. The node
@@ -12,6 +13,7 @@
 
 pub mod handshake;
 pub mod keyfile;
+pub mod metrics_http;
 pub mod relay;
 pub mod tls;
 pub mod unix;

@@ -42,6 +42,9 @@ pub struct DaemonConfig {
     /// Join this overlay at start without waiting for `weft up` (pods, VMs
     /// and CI runners).
     pub join: Option<JoinConfig>,
+    /// Also serve `GET /metrics` on this TCP address, for a Prometheus
+    /// that cannot reach the local API socket.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// An unattended join, as `weftd --coordinator … --identity-token-file …` asks.
@@ -88,6 +91,10 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         )
     })?;
     let (commands_tx, commands) = mpsc::channel(16);
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(serve_metrics(addr, commands_tx.clone()).await?),
+        None => None,
+    };
     let server = tokio::spawn(api::serve(listener, commands_tx));
     tracing::info!(socket = %config.socket.display(), "local API listening");
 
@@ -111,8 +118,29 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     };
     let result = device.run(commands, shutdown).await;
     server.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     if let Err(e) = std::fs::remove_file(&config.socket) {
         tracing::warn!("cannot remove {}: {e}", config.socket.display());
     }
     Ok(result?)
+}
+
+/// Binds `--metrics-listen` and serves the device's metrics there.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    commands: mpsc::Sender<weft_engine::device::Command>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (pass another --metrics-listen)"))?;
+    tracing::info!(%addr, "metrics listening");
+    Ok(tokio::spawn(weft_net::metrics_http::serve(
+        listener,
+        move || {
+            let commands = commands.clone();
+            async move { api::metrics_text(&commands).await.unwrap_or_default() }
+        },
+    )))
 }

@@ -47,6 +47,10 @@ impl Default for RateLimit {
 pub struct Counters {
     /// Packets forwarded.
     pub forwarded: u64,
+    /// Payload bytes forwarded.
+    pub forwarded_bytes: u64,
+    /// Sessions that exceeded their rate at least once.
+    pub rate_limited_sessions: u64,
     /// Dropped: the destination key is not admitted.
     pub dropped_not_admitted: u64,
     /// Dropped: the destination is admitted but not connected here.
@@ -104,6 +108,8 @@ pub struct Core {
 struct Client {
     conn: ConnId,
     bucket: Bucket,
+    /// Whether the session was ever over its rate, so it counts once.
+    throttled: bool,
 }
 
 impl Core {
@@ -170,6 +176,7 @@ impl Core {
         let client = Client {
             conn,
             bucket: Bucket::full(self.rate, now),
+            throttled: false,
         };
         if let Some(old) = self.clients.insert(key, client) {
             self.disconnects.push_back(Disconnect {
@@ -209,8 +216,12 @@ impl Core {
         };
         if !sender.bucket.take(payload.len() as u64, self.rate, now) {
             self.counters.dropped_rate_limited += 1;
+            if !std::mem::replace(&mut sender.throttled, true) {
+                self.counters.rate_limited_sessions += 1;
+            }
             return None;
         }
+        let size = payload.len() as u64;
         if !self.admitted.contains(&to) {
             self.counters.dropped_not_admitted += 1;
             return None;
@@ -224,6 +235,7 @@ impl Core {
             return None;
         };
         self.counters.forwarded += 1;
+        self.counters.forwarded_bytes += size;
         Some(Forward {
             to: destination.conn,
             message,
@@ -318,6 +330,7 @@ mod tests {
             .handle_message(key(1), ConnId(1), &send(2, b"wg packet"), now)
             .unwrap();
         assert_eq!(forward.to, ConnId(2));
+        assert_eq!(core.counters().forwarded_bytes, 9);
         assert_eq!(
             relay::decode(&forward.message).unwrap(),
             Message::Recv {
@@ -433,6 +446,7 @@ mod tests {
             .handle_message(key(1), ConnId(1), &packet, now)
             .is_none());
         assert_eq!(core.counters().dropped_rate_limited, 1);
+        assert_eq!(core.counters().rate_limited_sessions, 1);
         // Other clients have their own bucket.
         assert!(core
             .handle_message(key(2), ConnId(2), &send(1, &[0u8; 400]), now)

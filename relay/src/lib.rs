@@ -6,11 +6,12 @@
 //! forwarding [`core`] and the server around it ([`Relay`]: QUIC,
 //! TLS-over-TCP fallback, STUN responder, coordinator feed) on the
 //! connection layer of [`weft_net`], where the node side of the protocol
-//! lives too ([`weft_net::relay`]).
+//! lives too ([`weft_net::relay`]), and its Prometheus [`metrics`].
 
 pub mod core;
 mod feed;
 mod keyfile;
+pub mod metrics;
 mod quic;
 mod server;
 mod stun;

@@ -28,35 +28,42 @@ enum Command {
         data_dir: PathBuf,
     },
     /// Runs the relay.
-    Serve {
-        /// Holds the relay's key.
-        #[arg(long, default_value = "/var/lib/weft-relay")]
-        data_dir: PathBuf,
-        /// The relay's name, as in the coordinator's `[[relays]]` entry.
-        #[arg(long)]
-        name: String,
-        /// The coordinator's control address (HOST:PORT).
-        #[arg(long)]
-        coordinator: String,
-        /// The coordinator's key, as `weft-coordinator key` prints it.
-        #[arg(long)]
-        coordinator_key: PublicKey,
-        /// UDP address of the QUIC listener.
-        #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_RELAY_PORT)))]
-        listen: SocketAddr,
-        /// TCP address of the TLS fallback listener, for nodes whose network blocks UDP.
-        #[arg(long)]
-        tcp_listen: Option<SocketAddr>,
-        /// UDP address of the STUN responder.
-        #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_STUN_PORT)))]
-        stun_listen: SocketAddr,
-        /// Run no STUN responder.
-        #[arg(long)]
-        no_stun: bool,
-        /// Sustained bytes per second each client may send.
-        #[arg(long, default_value_t = RateLimit::default().bytes_per_sec)]
-        rate_limit: u64,
-    },
+    Serve(Box<ServeArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Holds the relay's key.
+    #[arg(long, default_value = "/var/lib/weft-relay")]
+    data_dir: PathBuf,
+    /// The relay's name, as in the coordinator's `[[relays]]` entry.
+    #[arg(long)]
+    name: String,
+    /// The coordinator's control address (HOST:PORT).
+    #[arg(long)]
+    coordinator: String,
+    /// The coordinator's key, as `weft-coordinator key` prints it.
+    #[arg(long)]
+    coordinator_key: PublicKey,
+    /// UDP address of the QUIC listener.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_RELAY_PORT)))]
+    listen: SocketAddr,
+    /// TCP address of the TLS fallback listener, for nodes whose network blocks UDP.
+    #[arg(long)]
+    tcp_listen: Option<SocketAddr>,
+    /// UDP address of the STUN responder.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_STUN_PORT)))]
+    stun_listen: SocketAddr,
+    /// Run no STUN responder.
+    #[arg(long)]
+    no_stun: bool,
+    /// Sustained bytes per second each client may send.
+    #[arg(long, default_value_t = RateLimit::default().bytes_per_sec)]
+    rate_limit: u64,
+    /// Serve Prometheus metrics (`GET /metrics`) on this TCP address.
+    /// They name no clients; bind it to a private or loopback address.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -74,17 +81,19 @@ async fn main() -> Result<()> {
             println!("{}", key.public_key());
             Ok(())
         }
-        Command::Serve {
-            data_dir,
-            name,
-            coordinator,
-            coordinator_key,
-            listen,
-            tcp_listen,
-            stun_listen,
-            no_stun,
-            rate_limit,
-        } => {
+        Command::Serve(args) => {
+            let ServeArgs {
+                data_dir,
+                name,
+                coordinator,
+                coordinator_key,
+                listen,
+                tcp_listen,
+                stun_listen,
+                no_stun,
+                rate_limit,
+                metrics_listen,
+            } = *args;
             anyhow::ensure!(
                 rate_limit > 0,
                 "--rate-limit must be at least 1 byte per second"
@@ -104,6 +113,17 @@ async fn main() -> Result<()> {
                 },
             })
             .await?;
+            if let Some(addr) = metrics_listen {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
+                tracing::info!(%addr, "metrics listening");
+                let metrics = relay.metrics();
+                tokio::spawn(weft_net::metrics_http::serve(listener, move || {
+                    let metrics = metrics.clone();
+                    async move { metrics.render() }
+                }));
+            }
             shutdown_signal()
                 .await
                 .context("cannot wait for a signal")?;

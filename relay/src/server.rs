@@ -149,6 +149,11 @@ impl Relay {
         self.shared.lock().core.counters()
     }
 
+    /// The relay's Prometheus metrics, for a scrape handler.
+    pub fn metrics(&self) -> crate::metrics::Metrics {
+        crate::metrics::Metrics::new(Arc::clone(&self.shared))
+    }
+
     /// Runs until the process is asked to stop.
     pub async fn shutdown(mut self) {
         self.endpoint.close(0u32.into(), b"relay shutting down");
@@ -213,7 +218,33 @@ impl Link {
     }
 }
 
+/// What the relay's metrics report, read under the state's lock.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Snapshot {
+    pub(crate) counters: Counters,
+    pub(crate) dropped_transport: u64,
+    pub(crate) admitted: usize,
+    pub(crate) quic_sessions: usize,
+    pub(crate) tcp_sessions: usize,
+}
+
 impl Shared {
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let state = self.lock();
+        let quic_sessions = state
+            .links
+            .values()
+            .filter(|link| matches!(link, Link::Quic { .. }))
+            .count();
+        Snapshot {
+            counters: state.core.counters(),
+            dropped_transport: self.dropped_transport.load(Ordering::Relaxed),
+            admitted: state.core.admitted_len(),
+            quic_sessions,
+            tcp_sessions: state.links.len() - quic_sessions,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the core half-updated in
         // a way that widens access: every method is a single decision.

@@ -486,6 +486,8 @@ impl Session {
                 return Some(end);
             }
         }
+        crate::metrics::registered();
+        let _online = crate::metrics::Online::new();
         if !self.ctx.relays.is_empty() {
             let relays = ServerMessage::Relays(self.ctx.relays.clone());
             if let Err(end) = self.write(&relays).await {
@@ -658,6 +660,7 @@ impl Session {
 
     /// Sends `refusal`, waits briefly for it to arrive, and closes.
     async fn refuse(&mut self, refusal: Refusal) {
+        crate::metrics::refused(refusal.code);
         if refusal.code == RefusalCode::MachineKeyInUse {
             // Logged once a minute per key by the caller, not per attempt.
             tracing::debug!(remote = %self.remote, "refusing node: {}", refusal.message);

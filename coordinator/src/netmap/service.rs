@@ -16,6 +16,7 @@ use weft_proto::{NodeId, PrivateKey, Refusal, RefusalCode, Resume, ServerMessage
 
 use super::replica::{self, Fence, Presence, PRESENCE_PREFIX};
 use super::{Lockout, Netmaps, NodeUpdate, Opening, Output, OverBudget, SessionId};
+use crate::metrics::{self, PolicyResult};
 use crate::nodes::{self, NodeRecord, Registry};
 use crate::store::{self, StoreError, Watch, WatchError};
 
@@ -178,6 +179,9 @@ impl NetmapHandle {
 
     /// Installs a policy and waits until every session was sent its update.
     pub(crate) async fn set_policy(&self, policy: Option<Arc<Policy>>) {
+        if policy.is_some() {
+            metrics::policy_load(PolicyResult::Installed);
+        }
         let (reply, rx) = oneshot::channel();
         self.send(Command::SetPolicy(policy, reply));
         // An error means the task is gone, and with it every session.
@@ -189,7 +193,11 @@ impl NetmapHandle {
         let (reply, rx) = oneshot::channel();
         self.send(Command::CheckBudget(policy, reply));
         // The task is gone only at shutdown, when nothing is installed anyway.
-        rx.await.unwrap_or(Ok(()))
+        let checked = rx.await.unwrap_or(Ok(()));
+        if checked.is_err() {
+            metrics::policy_load(PolicyResult::Refused);
+        }
+        checked
     }
 
     /// Refuses `policy` when it would lock out one of `admins`.
@@ -204,7 +212,11 @@ impl NetmapHandle {
         let (reply, rx) = oneshot::channel();
         self.send(Command::CheckLockout(policy, admins, reply));
         // The task is gone only at shutdown, when nothing is installed anyway.
-        rx.await.unwrap_or(Ok(()))
+        let checked = rx.await.unwrap_or(Ok(()));
+        if checked.is_err() {
+            metrics::policy_load(PolicyResult::Refused);
+        }
+        checked
     }
 
     /// The nodes with a connected session.
@@ -438,6 +450,7 @@ impl Task {
                 "netmap views recomputed"
             );
         }
+        let fanned_out = !outputs.is_empty();
         for output in outputs {
             let (session, event) = match output {
                 Output::Send(session, message) => (session, SessionEvent::Message(message)),
@@ -461,6 +474,9 @@ impl Task {
             if ends || !delivered {
                 self.end_session(session);
             }
+        }
+        if fanned_out {
+            metrics::fanned_out(started.elapsed());
         }
     }
 

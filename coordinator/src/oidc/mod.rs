@@ -44,6 +44,7 @@ use self::pending::{PendingError, PendingLogins};
 use self::provider::{Authorization, DeviceLogin, Provider, ProviderError, REQUEST_TIMEOUT};
 use crate::config::OidcSettings;
 use crate::limits::Report;
+use crate::metrics::{self, IdpFetch};
 use crate::server::StartError;
 
 /// The name of the cookie that binds a login to the browser that opened its link.
@@ -430,8 +431,10 @@ impl Logins {
     }
 
     async fn discover(&self) -> Result<Arc<Provider>, ProviderError> {
-        let provider =
-            Arc::new(Provider::discover(&self.settings, &self.redirect, &self.http).await?);
+        let provider = Provider::discover(&self.settings, &self.redirect, &self.http)
+            .await
+            .inspect_err(|_| metrics::idp_fetch_failed(IdpFetch::OidcDiscovery))?;
+        let provider = Arc::new(provider);
         *self.provider.lock().unwrap_or_else(PoisonError::into_inner) =
             Some((Arc::clone(&provider), Instant::now()));
         Ok(provider)

@@ -10,6 +10,7 @@
 
 #[cfg(test)]
 mod conformance;
+mod counted;
 mod etcd;
 mod redb;
 
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
+pub(crate) use self::counted::Counted;
 pub(crate) use self::etcd::EtcdStore;
 pub(crate) use self::redb::RedbStore;
 

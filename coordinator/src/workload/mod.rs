@@ -162,6 +162,7 @@ impl Workloads {
                 tracing::info!(issuer = %settings.issuer, "fetched the workload issuer's keys")
             }
             Err(e) => {
+                crate::metrics::idp_fetch_failed(crate::metrics::IdpFetch::WorkloadJwks);
                 tracing::warn!(issuer = %settings.issuer, "cannot fetch the workload issuer's keys: {e}")
             }
         }

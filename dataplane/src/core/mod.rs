@@ -26,6 +26,7 @@ use weft_proto::{
 };
 
 use crate::filter::{self, Firewall, Verdict};
+use crate::wireguard::errors::WireGuardError;
 use crate::wireguard::handshake::parse_handshake_anon;
 use crate::wireguard::rate_limiter::RateLimiter;
 use crate::wireguard::{Packet, Tunn, TunnResult};
@@ -329,8 +330,43 @@ pub struct FilterStats {
     /// answer: rate-limited, ICMP errors themselves, or not from this node.
     #[serde(default)]
     pub too_big_suppressed: u64,
+    /// Handshakes abandoned after WireGuard's retries went unanswered
+    /// (REKEY_ATTEMPT_TIME): the peer is unreachable on every path tried.
+    #[serde(default)]
+    pub handshake_failures: u64,
+    /// Data packets decrypted from peers, by the path they came over.
+    #[serde(default)]
+    pub received: PathTraffic,
+    /// Data packets encrypted for peers, by the path they went on.
+    #[serde(default)]
+    pub sent: PathTraffic,
     /// Flows currently tracked.
     pub flows: u64,
+}
+
+/// Tunnel traffic split by path: plain counters the packet path adds to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathTraffic {
+    /// Packets straight over the underlay.
+    pub direct_packets: u64,
+    /// Their IP packets' bytes (before encryption).
+    pub direct_bytes: u64,
+    /// Packets through a relay.
+    pub relay_packets: u64,
+    /// Their IP packets' bytes (before encryption).
+    pub relay_bytes: u64,
+}
+
+impl PathTraffic {
+    fn count(&mut self, relayed: bool, len: usize) {
+        if relayed {
+            self.relay_packets += 1;
+            self.relay_bytes += len as u64;
+        } else {
+            self.direct_packets += 1;
+            self.direct_bytes += len as u64;
+        }
+    }
 }
 
 /// The interval of the WireGuard timer tick, as in boringtun's device.
@@ -589,6 +625,9 @@ impl Node {
         match written {
             Some(len) => {
                 out.truncate(len);
+                self.stats
+                    .sent
+                    .count(matches!(dst, Dst::Relay(_)), packet.len());
                 let to = peer.key();
                 push(&mut self.transmits, &mut self.relay_transmits, dst, to, out);
             }
@@ -834,6 +873,9 @@ impl Node {
         if peer.paths.touch(now) {
             *wake = Some(now);
         }
+        stats
+            .received
+            .count(matches!(source, Source::Relay { .. }), packet.len());
         if !peer.owns(src) {
             stats.dropped_spoofed += 1;
             tracing::trace!(peer = %id, %src, "dropping packet: source is not the peer's address");
@@ -903,6 +945,10 @@ impl Node {
                                 tracing::trace!(peer = %peer.peer.id, "no path for timer message")
                             }
                         }
+                    }
+                    TunnResult::Err(WireGuardError::HandshakeTimedOut) => {
+                        self.stats.handshake_failures += 1;
+                        tracing::debug!(peer = %peer.peer.id, "handshake timed out");
                     }
                     TunnResult::Err(error) => {
                         tracing::trace!(peer = %peer.peer.id, ?error, "WireGuard timer");

@@ -385,6 +385,11 @@ fn a_ping_arrives_after_the_handshake_and_its_reply_returns() {
     assert_eq!(sim.take_tun(A), vec![pong]);
     assert_eq!(sim.stats(A).accepted, 1);
     assert_eq!(sim.stats(B).accepted, 1);
+    let (a, b) = (sim.stats(A), sim.stats(B));
+    let direct = |t: PathTraffic| (t.direct_packets, t.direct_bytes, t.relay_packets);
+    assert_eq!(direct(a.sent), (1, ping.len() as u64, 0));
+    assert_eq!(direct(b.received), (1, ping.len() as u64, 0));
+    assert_eq!((b.sent.direct_packets, b.sent.relay_packets), (1, 0));
 
     let status = sim.nodes[A].node.peers();
     assert_eq!(status.len(), 1);

@@ -17,5 +17,7 @@ pub(crate) enum WireGuardError {
     InvalidPacket,
     NoCurrentSession,
     ConnectionExpired,
+    /// The handshake was retried for REKEY_ATTEMPT_TIME without an answer.
+    HandshakeTimedOut,
     UnderLoad,
 }

@@ -216,7 +216,7 @@ impl Tunn {
                     tracing::error!("CONNECTION_EXPIRED(REKEY_ATTEMPT_TIME)");
                     self.handshake.set_expired();
                     self.clear_all();
-                    return TunnResult::Err(WireGuardError::ConnectionExpired);
+                    return TunnResult::Err(WireGuardError::HandshakeTimedOut);
                 }
 
                 if time.saturating_duration_since(time_init_sent) >= REKEY_TIMEOUT {

@@ -22,6 +22,8 @@ pub enum Command {
     Down(oneshot::Sender<Status>),
     /// Report the current status.
     Status(oneshot::Sender<Status>),
+    /// Report the counters a metrics scrape renders.
+    Metrics(oneshot::Sender<crate::metrics::NodeMetrics>),
     /// Say who owns an overlay address, and their capabilities here.
     WhoIs(IpAddr, oneshot::Sender<Result<WhoIs, CommandError>>),
     /// Send one disco ping; answer with its pong or timeout.

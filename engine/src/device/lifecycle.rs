@@ -18,6 +18,7 @@ use super::control_surface::{
 use super::{endpoints, identity, paths, relays, status};
 use super::{CommandError, DeviceError, PacketIo, Platform, Underlay};
 use crate::control::{ControlConfig, ControlError, ControlEvent, ControlTask, ControlUpdate};
+use crate::metrics::{NodeMetrics, PeerMetrics};
 use crate::netmap_cache;
 use crate::posture::Attributes;
 use crate::state::{Prefs, StateDir};
@@ -59,6 +60,10 @@ pub struct Device<T, P> {
     /// The pending login link (see [`Status::login_url`]).
     login_url: Option<String>,
     self_node: Option<SelfNode>,
+    /// When the self node's key expiry was last granted (Unix seconds).
+    key_granted: Option<u64>,
+    /// When the last netmap or delta arrived.
+    netmap_at: Option<Instant>,
     connected: bool,
     /// The replica the control session is connected to.
     connected_to: Option<std::net::SocketAddr>,
@@ -144,6 +149,8 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
             message: None,
             login_url: None,
             self_node: None,
+            key_granted: None,
+            netmap_at: None,
             connected: false,
             connected_to: None,
             rotation: None,
@@ -412,6 +419,7 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
             "netmap received"
         );
         self.core.set_netmap(netmap, Instant::now());
+        self.netmap_at = Some(Instant::now());
         self.capabilities.clone_from(&netmap.capabilities);
         self.apply_self(netmap.self_node.clone()).await;
     }
@@ -424,6 +432,7 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
             "netmap delta received"
         );
         self.core.apply_delta(delta, Instant::now());
+        self.netmap_at = Some(Instant::now());
         if let Some(capabilities) = &delta.capabilities {
             self.capabilities.clone_from(capabilities);
         }
@@ -436,6 +445,10 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
     async fn apply_self(&mut self, node: SelfNode) {
         let result = self.platform.assign(node.ipv4, node.ipv6).await;
         let me = status::self_status(&node, self.core.public_key());
+        let previous = self.self_node.as_ref().and_then(|n| n.key_expiry);
+        if node.key_expiry != previous || self.key_granted.is_none() {
+            self.key_granted = Some(unix_now());
+        }
         self.self_node = Some(node);
         match result {
             Ok(()) => {
@@ -642,6 +655,31 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
                 &self.core.filter_stats(),
                 self.packets.malformed_frames(),
             ),
+        }
+    }
+}
+
+impl<T: PacketIo, P: Platform> Device<T, P> {
+    pub(super) fn metrics(&self) -> NodeMetrics {
+        NodeMetrics {
+            clock: SystemTime::now(),
+            state: self.run_state,
+            coordinator_connected: self.connected,
+            netmap_age: self.netmap_at.map(|at| at.elapsed()),
+            key_expiry: self.self_node.as_ref().and_then(|n| n.key_expiry),
+            key_granted: self.key_granted,
+            peers: self
+                .core
+                .peers()
+                .iter()
+                .map(|peer| PeerMetrics {
+                    path: peer.path,
+                    last_handshake: peer.last_handshake,
+                })
+                .collect(),
+            filter: self.core.filter_stats(),
+            malformed_frames: self.packets.malformed_frames(),
+            relay_dropped: self.relays.states().iter().map(|s| s.dropped).sum(),
         }
     }
 }

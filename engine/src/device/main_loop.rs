@@ -93,6 +93,9 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
             Command::Status(reply) => {
                 let _ = reply.send(self.status());
             }
+            Command::Metrics(reply) => {
+                let _ = reply.send(self.metrics());
+            }
             Command::Ping(request, reply) => self.on_ping(&request, reply),
             Command::Netcheck(reply) => {
                 let _ = reply.send(self.netcheck());

@@ -250,6 +250,7 @@ mod tests {
                     };
                     let _ = reply.send(answer);
                 }
+                Command::Metrics(_) => {}
                 Command::Netcheck(reply) => {
                     let _ = reply.send(NetcheckReport {
                         udp: false,

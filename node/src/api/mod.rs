@@ -9,6 +9,7 @@
 //! | `GET /v1/status`  | none                                                       | [`Status`]                       |
 //! | `POST /v1/ping`   | [`PingRequest`]: `peer` (name or overlay address)           | [`PingReply`] for one disco ping over the peer's current path: `pong`, `path`, `relay` or `endpoint`, `rtt_ms`; `pong: false` after 2 s; 404 for an unknown peer |
 //! | `GET /v1/netcheck`| none                                                       | [`NetcheckReport`]: `udp`, `mapping`, `reflexive` endpoints, `local` endpoints, and each relay's `transport`, `rtt_ms`, `home`, `max_payload` and drop counters |
+//! | `GET /metrics`   | none                                                       | The Prometheus exposition (OpenMetrics text) of [`weft_engine::metrics`]: peers by path, handshakes, bytes, drops by reason, filter verdicts, key expiry, netmap age, coordinator connection; no identities |
 //! | `GET /v1/whois?addr=IP[:PORT]` | none                                          | [`WhoIs`]: the peer owning that overlay address (`node`: `id`, `name`, `addresses`), its `identity` (`user`, `groups`, `workload`, `tags`) and the `capabilities` the policy's grants give it on this node (`{"NAME": [JSON values…]}`); 404 for an address no peer has |
 //!
 //! Errors are `{"error": "<sentence naming the problem and the fix>", "kind": "<kind>"}`
@@ -22,7 +23,7 @@ mod whois;
 
 pub use client::{ApiClient, ClientError};
 pub use error::{ApiError, ErrorBody};
-pub use server::{bind, serve, UP_TIMEOUT};
+pub use server::{bind, metrics_text, serve, UP_TIMEOUT};
 pub use weft_engine::device::{
     whois_lookup, Command, CommandError, CoordinatorStatus, FilterStatus, LoginPending,
     LoginRequest, NetcheckReport, PathKind, PeerSummary, PingReply, PingRequest, ReflexiveEndpoint,

@@ -100,6 +100,7 @@ fn router(commands: mpsc::Sender<Command>) -> Router {
         .route("/v1/whois", get(whois))
         .route("/v1/ping", post(ping))
         .route("/v1/netcheck", get(netcheck))
+        .route("/metrics", get(metrics))
         .with_state(commands)
 }
 
@@ -234,6 +235,31 @@ async fn netcheck(
     answer.await.map(Json).map_err(|_| ApiError::ShuttingDown)
 }
 
+async fn metrics(
+    State(commands): State<mpsc::Sender<Command>>,
+) -> Result<impl axum::response::IntoResponse, ApiError> {
+    let text = metrics_text(&commands).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            weft_net::metrics_http::CONTENT_TYPE,
+        )],
+        text,
+    ))
+}
+
+/// The Prometheus exposition of the device's counters
+/// ([`weft_engine::metrics`]): what `GET /metrics` and `--metrics-listen` serve.
+pub async fn metrics_text(commands: &mpsc::Sender<Command>) -> Result<String, ApiError> {
+    let (reply, answer) = oneshot::channel();
+    commands
+        .send(Command::Metrics(reply))
+        .await
+        .map_err(|_| ApiError::ShuttingDown)?;
+    let snapshot = answer.await.map_err(|_| ApiError::ShuttingDown)?;
+    Ok(weft_engine::metrics::render(&snapshot))
+}
+
 async fn ask(
     commands: &mpsc::Sender<Command>,
     command: fn(oneshot::Sender<Status>) -> Command,
@@ -328,5 +354,37 @@ mod tests {
         assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, group.as_raw()));
         let dir = std::fs::metadata(shared.parent().unwrap()).unwrap();
         assert_eq!((dir.mode() & 0o777, dir.gid()), (0o750, group.as_raw()));
+    }
+
+    #[tokio::test]
+    async fn metrics_render_the_loops_snapshot() {
+        let (commands, mut requests) = mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Some(Command::Metrics(reply)) = requests.recv().await {
+                let _ = reply.send(weft_engine::metrics::NodeMetrics {
+                    clock: std::time::SystemTime::now(),
+                    state: crate::api::RunState::Running,
+                    coordinator_connected: true,
+                    netmap_age: None,
+                    key_expiry: None,
+                    key_granted: None,
+                    peers: Vec::new(),
+                    filter: weft_dataplane::core::FilterStats {
+                        dropped: 3,
+                        denied_by_rule: 3,
+                        ..Default::default()
+                    },
+                    malformed_frames: 0,
+                    relay_dropped: 0,
+                });
+            }
+        });
+        let text = metrics_text(&commands).await.unwrap();
+        assert!(
+            text.contains("weft_filter_verdicts_total{verdict=\"drop\",rule=\"deny\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("weft_coordinator_connected 1"), "{text}");
+        drop(commands);
     }
 }

@@ -82,6 +82,12 @@ struct Args {
         requires = "coordinator"
     )]
     hostname: Option<String>,
+    /// Also serve Prometheus metrics (`GET /metrics`, as on the local API)
+    /// on this TCP address. The metrics carry no peer names or identities;
+    /// still, bind it to the overlay or a loopback address rather than the
+    /// internet.
+    #[arg(long, value_name = "ADDR:PORT", env = "WEFT_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 // One thread: the data path is one loop anyway, and a multi-threaded
@@ -104,6 +110,7 @@ async fn main() -> ExitCode {
         port: args.port,
         tun_name: args.tun,
         posture_file: args.posture_file,
+        metrics_listen: args.metrics_listen,
         join: Coordinators::new(args.coordinator)
             .ok()
             .zip(args.coordinator_key)
