@@ -583,6 +583,11 @@ impl NodeHandle {
         &self.state_dir
     }
 
+    /// weftd's local API socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
     /// The host this node runs on.
     pub fn host(&self) -> &Host {
         &self.host

@@ -17,10 +17,12 @@ use crate::process::Process;
 const RELAY_PORT: u16 = 7444;
 /// The relay's STUN responder (UDP).
 const STUN_PORT: u16 = 3478;
+/// The relay's Prometheus metrics (TCP).
+const METRICS_PORT: u16 = 9462;
 const LOG_FILTER: &str = "info,weft_relay=debug";
 
 /// A `weft-relay serve` on a lab host: QUIC on 7444/udp, TLS over TCP on
-/// 7444/tcp, STUN on 3478/udp, all on the host's address.
+/// 7444/tcp, STUN on 3478/udp, metrics on 9462/tcp, all on the host's address.
 #[derive(Debug)]
 pub struct Relay {
     name: String,
@@ -94,6 +96,11 @@ impl Relay {
         SocketAddr::from((self.host.addr, STUN_PORT))
     }
 
+    /// Its Prometheus metrics endpoint (TCP).
+    pub fn metrics_address(&self) -> SocketAddr {
+        SocketAddr::from((self.host.addr, METRICS_PORT))
+    }
+
     /// Its `[[relays]]` entry for the coordinator's configuration file.
     pub fn config_entry(&self) -> String {
         format!(
@@ -123,6 +130,7 @@ impl Relay {
         let listen = self.address().to_string();
         let tcp_listen = self.tcp_address().to_string();
         let stun_listen = self.stun_address().to_string();
+        let metrics_listen = self.metrics_address().to_string();
         let log = self
             .data_dir
             .join(format!("relay-{}.log", self.logs.len() + 1));
@@ -147,6 +155,8 @@ impl Relay {
                 &tcp_listen,
                 "--stun-listen",
                 &stun_listen,
+                "--metrics-listen",
+                &metrics_listen,
             ],
             log,
             &[("RUST_LOG", LOG_FILTER)],
