@@ -3,10 +3,10 @@
 //! OpenMetrics text format by the shell's scrape handler, so a scrape costs
 //! the loop one copy of its counters and nothing on the packet path changes.
 //!
-//! Label values come only from bounded enums (path, verdict, drop reason,
-//! run state): peers' names and identities belong in flow records, never in
-//! metric labels, so the series count stays fixed however large the
-//! overlay grows.
+//! Label values come only from bounded sets (path, verdict, drop reason,
+//! run state, and the policy lines of the rules in this node's filter):
+//! peers' names and identities belong in flow records, never in metric
+//! labels, so the series count does not grow with the overlay.
 
 use std::time::{Duration, SystemTime};
 
@@ -15,7 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use weft_dataplane::core::{FilterStats, PathKind, PathTraffic};
+use weft_dataplane::core::{FilterStats, PathKind, PathTraffic, RuleVerdicts};
 
 use crate::device::RunState;
 
@@ -41,6 +41,8 @@ pub struct NodeMetrics {
     pub peers: Vec<PeerMetrics>,
     /// The data plane's counters.
     pub filter: FilterStats,
+    /// Verdicts by the policy rule (line) that decided them.
+    pub rules: Vec<RuleVerdicts>,
     /// Frames from the TUN device that could not be split into packets.
     pub malformed_frames: u64,
     /// Packets dropped because a relay session was down or congested.
@@ -89,6 +91,12 @@ struct TrafficLabels {
 struct VerdictLabels {
     verdict: &'static str,
     rule: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    line: u32,
+    verdict: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -171,6 +179,31 @@ fn register(registry: &mut Registry, m: &NodeMetrics) {
     register_peers(registry, &m.peers);
     register_traffic(registry, &m.filter);
     register_filter(registry, &m.filter, m.malformed_frames, m.relay_dropped);
+    register_rules(registry, &m.rules);
+}
+
+fn register_rules(registry: &mut Registry, rules: &[RuleVerdicts]) {
+    let verdicts = Family::<RuleLabels, Counter>::default();
+    for rule in rules {
+        for (verdict, value) in [
+            ("accept", rule.accepted),
+            ("audit", rule.audit_passed),
+            ("drop", rule.denied),
+        ] {
+            verdicts
+                .get_or_create(&RuleLabels {
+                    line: rule.line,
+                    verdict,
+                })
+                .inc_by(value);
+        }
+    }
+    registry.register(
+        "filter_rule_verdicts",
+        "Inbound packets each policy rule decided, by its line in the policy file: \
+         accept (a flow's first packet), audit (a deny in audit mode let it pass), drop",
+        verdicts,
+    );
 }
 
 fn register_peers(registry: &mut Registry, peers: &[PeerMetrics]) {
@@ -360,6 +393,12 @@ mod tests {
                 },
                 ..FilterStats::default()
             },
+            rules: vec![RuleVerdicts {
+                line: 12,
+                accepted: 0,
+                audit_passed: 1,
+                denied: 2,
+            }],
             malformed_frames: 1,
             relay_dropped: 5,
         }
@@ -395,6 +434,9 @@ mod tests {
             "weft_drops_total{reason=\"malformed_frame\"} 1",
             "weft_drops_total{reason=\"relay_unavailable\"} 5",
             "weft_handshake_failures_total 4",
+            "weft_filter_rule_verdicts_total{line=\"12\",verdict=\"drop\"} 2",
+            "weft_filter_rule_verdicts_total{line=\"12\",verdict=\"audit\"} 1",
+            "weft_filter_rule_verdicts_total{line=\"12\",verdict=\"accept\"} 0",
             "weft_flows 0",
         ] {
             assert!(

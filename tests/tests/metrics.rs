@@ -147,7 +147,29 @@ fn scenario(
         counted.is_some(),
         "the server's deny counter did not rise in Prometheus within {PROMETHEUS_WAIT:?}"
     );
-    // The same scrape counted the packets that came over the direct path.
+    // The same scrape counted the deny rule's line, and the packets that
+    // came over the direct path.
+    let by_rule = format!(
+        "weft_filter_rule_verdicts_total{{instance=\"{server_metrics}\",verdict=\"drop\"}} > 0"
+    );
+    let rules = query(&prom, api, &by_rule)?;
+    let lines: Vec<&str> = rules
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter_map(|s| s["metric"]["line"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    let deny_line = std::fs::read_to_string(&policy)?
+        .lines()
+        .position(|l| l.contains(r#""dst": ["tag:server:7001"]"#))
+        .map(|i| (i + 1).to_string())
+        .context("the policy has no deny rule for port 7001")?;
+    ensure!(
+        lines == [deny_line.as_str()],
+        "the drops must count for the deny rule's line {deny_line}, not {lines:?}"
+    );
     let received = format!(
         "weft_tunnel_packets_total{{instance=\"{server_metrics}\",path=\"direct\",direction=\"rx\"}}"
     );

@@ -7,6 +7,7 @@ mod discovery;
 mod paths;
 mod peer;
 mod probe;
+mod rule_stats;
 #[cfg(test)]
 mod sim;
 #[cfg(test)]
@@ -33,6 +34,8 @@ use crate::wireguard::{Packet, Tunn, TunnResult};
 use discovery::Discovery;
 use peer::{Maker, PeerTunnel, Slot};
 use probe::Pending;
+use rule_stats::RuleStats;
+pub use rule_stats::RuleVerdicts;
 use too_big::TokenBucket;
 
 /// A weft node's data plane: WireGuard sessions to the netmap's peers and
@@ -132,6 +135,8 @@ pub struct Node {
     spare: Vec<Vec<u8>>,
     next_tick: Option<Instant>,
     stats: FilterStats,
+    /// Verdicts by the policy rule that decided them.
+    rule_stats: RuleStats,
     /// Scratch space for WireGuard's output, large enough for any IP packet plus overhead.
     buf: Box<[u8]>,
     relay_transmits: VecDeque<RelayTransmit>,
@@ -449,6 +454,7 @@ impl Node {
             spare: Vec::new(),
             next_tick: None,
             stats: FilterStats::default(),
+            rule_stats: RuleStats::default(),
             buf: vec![0; MAX_PACKET + WIREGUARD_OVERHEAD].into_boxed_slice(),
             relay_transmits: VecDeque::new(),
             discovery,
@@ -493,6 +499,7 @@ impl Node {
             self.upsert_peer(peer, now);
         }
         self.firewall.set_filter(&netmap.filter);
+        self.rule_stats.set_rules(&netmap.filter);
         self.reindex(now);
     }
 
@@ -512,6 +519,7 @@ impl Node {
         }
         if let Some(filter) = &delta.filter {
             self.firewall.set_filter(filter);
+            self.rule_stats.set_rules(filter);
         }
         self.reindex(now);
     }
@@ -809,6 +817,7 @@ impl Node {
             tun_packets,
             spare,
             stats,
+            rule_stats,
             buf,
             wake,
             maker,
@@ -889,7 +898,9 @@ impl Node {
                 return;
             }
         };
-        match firewall.inbound(&headers, now) {
+        let verdict = firewall.inbound(&headers, now);
+        rule_stats.count(&verdict);
+        match verdict {
             Verdict::Accept(admission) => {
                 stats.accepted += 1;
                 if let filter::Admission::Audit { .. } = admission {
@@ -1044,6 +1055,11 @@ impl Node {
                 }
             })
             .collect()
+    }
+
+    /// Inbound verdicts by the policy rule that decided them, by line.
+    pub fn rule_verdicts(&self) -> Vec<RuleVerdicts> {
+        self.rule_stats.snapshot()
     }
 
     /// Packet counters.

@@ -678,6 +678,7 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
                 })
                 .collect(),
             filter: self.core.filter_stats(),
+            rules: self.core.rule_verdicts(),
             malformed_frames: self.packets.malformed_frames(),
             relay_dropped: self.relays.states().iter().map(|s| s.dropped).sum(),
         }

@@ -374,6 +374,7 @@ mod tests {
                         denied_by_rule: 3,
                         ..Default::default()
                     },
+                    rules: Vec::new(),
                     malformed_frames: 0,
                     relay_dropped: 0,
                 });
