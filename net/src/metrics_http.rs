@@ -3,8 +3,8 @@
 //! so none of them needs an HTTP framework for it.
 //!
 //! Each connection carries one request and is closed after the answer; a
-//! client gets [`REQUEST_TIMEOUT`] and [`MAX_REQUEST`] bytes to send its
-//! request head, so a slow or hostile client costs one small task.
+//! client gets 10 s and 8 KiB to send its request head, so a slow or
+//! hostile client costs one small task.
 
 use std::future::Future;
 use std::time::Duration;
