@@ -8,6 +8,9 @@
 //! client_id = "weft"
 //! client_secret_file = "/etc/weft/oidc-secret"
 //!
+//! [roles]
+//! admin = ["alice@example.com", "group:idp:secops"]
+//!
 //! [[workload_issuers]]
 //! issuer = "https://kubernetes.default.svc.cluster.local"
 //! jwks_file = "/etc/weft/cluster-jwks.json"
@@ -77,6 +80,12 @@ pub struct FileConfig {
     /// The relays nodes may use, and that may ask for the admitted node keys.
     #[serde(default)]
     pub relays: Vec<RelayConfig>,
+    /// Who holds the roles the policy's role autogroups (`autogroup:admin`,
+    /// `autogroup:auditor`, …) stand for: each role maps to user logins and
+    /// `group:idp:NAME` groups. The `admin` role's members are also
+    /// administrators the lockout guard protects.
+    #[serde(default)]
+    pub roles: weft_policy::Roles,
 }
 
 /// One `[[workload_issuers]]` entry as written.
@@ -580,6 +589,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn roles_name_their_members_and_refuse_what_cannot_be_one() {
+        let config =
+            parse("[roles]\nadmin = [\"Ada@Example.org\", \"group:idp:secops\"]\nauditor = []\n")
+                .unwrap();
+        assert_eq!(
+            config.roles.members(weft_policy::Role::Admin),
+            ["ada@example.org", "group:idp:secops"]
+        );
+        let err = parse("[roles]\nadmins = [\"ada@example.org\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admins") && err.contains("it-admin"), "{err}");
+        let err = parse("[roles]\nadmin = [\"tag:ops\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not a user login or an identity-provider group"),
+            "{err}"
+        );
     }
 
     #[test]

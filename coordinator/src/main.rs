@@ -279,6 +279,7 @@ async fn run(command: Command) -> Result<()> {
                 public_url: public_url.or(file.public_url),
                 oidc,
                 admins,
+                roles: file.roles,
                 store,
                 workload_issuers,
                 ephemeral_timeout,

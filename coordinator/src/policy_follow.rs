@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use weft_policy::Roles;
+
 use crate::netmap::NetmapHandle;
 use crate::policy_watch::{self, InForce, CURRENT_KEY};
 use crate::store::{Store, Watch, WatchError};
@@ -23,6 +25,7 @@ pub(crate) async fn follow(
     mut watch: Watch,
     netmaps: NetmapHandle,
     in_force: InForce,
+    roles: Arc<Roles>,
 ) {
     loop {
         match watch.next().await {
@@ -47,7 +50,7 @@ pub(crate) async fn follow(
                 continue;
             }
         };
-        match policy_watch::validate(&stored.source, &stored.file_name) {
+        match policy_watch::validate(&stored.source, &stored.file_name, &roles) {
             Ok(validated) => {
                 if in_force.claim(&stored.source) {
                     tracing::info!(file = %stored.file_name, "installing the policy another coordinator put in force");
@@ -123,7 +126,13 @@ mod tests {
             policy_watch::remember(&*store, &stored(version)).unwrap();
             assert!(in_force.claim(&stored(version).source));
         }
-        let follower = tokio::spawn(follow(store.clone(), watch, netmaps, in_force.clone()));
+        let follower = tokio::spawn(follow(
+            store.clone(),
+            watch,
+            netmaps,
+            in_force.clone(),
+            Arc::default(),
+        ));
         let logged = || {
             let text = log.0.lock().unwrap_or_else(PoisonError::into_inner);
             String::from_utf8_lossy(&text)

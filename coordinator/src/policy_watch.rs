@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use weft_policy::{Diagnostics, Policy};
+use weft_policy::{Diagnostics, Policy, Role, Roles, TestReport};
 
 use crate::metrics::{self, PolicyResult};
 use crate::netmap::{NetmapHandle, OverBudget};
@@ -32,6 +32,32 @@ pub(crate) const MAX_POLICY_BYTES: usize = 8 << 20;
 
 /// Where the policy in force is kept.
 pub(crate) const CURRENT_KEY: &str = "policy/current";
+
+/// What every path that installs a policy judges it by.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Context {
+    /// Who the role autogroups (`autogroup:admin`, …) stand for: the
+    /// `[roles]` setting.
+    pub(crate) roles: Arc<Roles>,
+    /// Principals a new policy must not cut off (see
+    /// [`crate::netmap::Lockout`]): the `--admin` principals and the
+    /// members of the `admin` role.
+    pub(crate) admins: Arc<[String]>,
+}
+
+impl Context {
+    pub(crate) fn new(roles: Roles, mut admins: Vec<String>) -> Self {
+        for member in roles.members(Role::Admin) {
+            if !admins.contains(&member) {
+                admins.push(member);
+            }
+        }
+        Self {
+            roles: Arc::new(roles),
+            admins: admins.into(),
+        }
+    }
+}
 
 /// The policy in force, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,14 +111,17 @@ pub(crate) fn last_good(store: &dyn Store) -> Result<Option<StoredPolicy>, Store
 
 /// Without a policy file: the policy last installed with `policy set`, or
 /// deny-all when there never was one.
-pub(crate) fn installed(store: &dyn Store) -> Result<Option<Arc<Policy>>, LoadError> {
+pub(crate) fn installed(
+    store: &dyn Store,
+    roles: &Roles,
+) -> Result<Option<Arc<Policy>>, LoadError> {
     let Some(stored) = last_good(store).map_err(LoadError::Store)? else {
         tracing::warn!(
             "no --policy given and none installed: every node is denied all traffic and sees no peers until `weft-coordinator policy set`"
         );
         return Ok(None);
     };
-    let validated = validate(&stored.source, &stored.file_name)?;
+    let validated = validate(&stored.source, &stored.file_name, roles)?;
     tracing::info!(
         "no --policy given: serving the policy installed earlier from {}",
         stored.file_name
@@ -100,17 +129,19 @@ pub(crate) fn installed(store: &dyn Store) -> Result<Option<Arc<Policy>>, LoadEr
     Ok(Some(Arc::new(validated.policy)))
 }
 
-/// Reads the policy file at start. When the file is invalid but a policy was
-/// in force before, that one stays in force (loudly); only a coordinator that
-/// never had a valid policy refuses to start.
+/// Reads the policy file at start and holds it to `checks` (its tests on
+/// the registered nodes, the netmap budget). When the file is invalid but a
+/// policy was in force before, that one stays in force (loudly); only a
+/// coordinator that never had a valid policy refuses to start.
 pub(crate) fn load_at_start(
     path: &Path,
     store: &dyn Store,
-    budget: impl FnOnce(&Policy) -> Result<(), OverBudget>,
+    roles: &Roles,
+    checks: impl FnOnce(&Policy) -> Result<TestReport, LoadError>,
 ) -> Result<(Validated, Vec<u8>), LoadError> {
-    let loaded = load(path).and_then(|(validated, content)| {
-        budget(&validated.policy)?;
-        Ok((validated, content))
+    let loaded = load(path, roles).and_then(|(validated, content)| {
+        let report = checks(&validated.policy)?;
+        Ok((validated.tested_on_nodes(report), content))
     });
     let error = match loaded {
         Ok((validated, content)) => {
@@ -126,7 +157,7 @@ pub(crate) fn load_at_start(
     let Some(stored) = last_good(store).map_err(LoadError::Store)? else {
         return Err(error);
     };
-    let validated = validate(&stored.source, &stored.file_name)?;
+    let validated = validate(&stored.source, &stored.file_name, roles)?;
     tracing::error!(
         "{error}\nkeeping the policy that was in force before the restart until {} is fixed",
         path.display()
@@ -169,10 +200,30 @@ pub(crate) enum LoadError {
     Store(#[source] StoreError),
 }
 
-/// Parses `source` and runs the policy's tests.
-pub(crate) fn validate(source: &str, file_name: &str) -> Result<Validated, Diagnostics> {
+impl Validated {
+    /// The policy's tests ran again, against the registered nodes
+    /// (`report`): its count stands, and the warnings that tests were not
+    /// evaluated offline are void.
+    pub(crate) fn tested_on_nodes(mut self, report: TestReport) -> Self {
+        self.tests_passed = report.passed;
+        self.warnings = self
+            .policy
+            .warnings_with_nodes()
+            .map(ToString::to_string)
+            .collect();
+        self
+    }
+}
+
+/// Parses `source` with the role members and runs the policy's tests
+/// without nodes; [`Validated::tested_on_nodes`] follows on every install.
+pub(crate) fn validate(
+    source: &str,
+    file_name: &str,
+    roles: &Roles,
+) -> Result<Validated, Diagnostics> {
     let started = std::time::Instant::now();
-    let validated = parse_and_test(source, file_name);
+    let validated = parse_and_test(source, file_name, roles);
     metrics::policy_validated(started.elapsed());
     if validated.is_err() {
         metrics::policy_load(PolicyResult::Invalid);
@@ -180,8 +231,8 @@ pub(crate) fn validate(source: &str, file_name: &str) -> Result<Validated, Diagn
     validated
 }
 
-fn parse_and_test(source: &str, file_name: &str) -> Result<Validated, Diagnostics> {
-    let policy = Policy::parse(source, file_name)?;
+fn parse_and_test(source: &str, file_name: &str, roles: &Roles) -> Result<Validated, Diagnostics> {
+    let policy = Policy::parse_with_roles(source, file_name, roles)?;
     let report = policy.run_tests()?;
     let warnings = policy.warnings().iter().map(ToString::to_string).collect();
     Ok(Validated {
@@ -201,9 +252,9 @@ pub(crate) fn too_large(origin: &str, len: u64) -> String {
 }
 
 /// Reads and validates the policy file; also returns the bytes read.
-pub(crate) fn load(path: &Path) -> Result<(Validated, Vec<u8>), LoadError> {
+pub(crate) fn load(path: &Path, roles: &Roles) -> Result<(Validated, Vec<u8>), LoadError> {
     let content = read_bounded(path)?;
-    let validated = validate_bytes(path, &content)?;
+    let validated = validate_bytes(path, &content, roles)?;
     Ok((validated, content))
 }
 
@@ -237,7 +288,7 @@ pub(crate) async fn follow(
     mut last: Vec<u8>,
     netmaps: NetmapHandle,
     store: Arc<dyn Store>,
-    admins: Arc<[String]>,
+    context: Context,
     in_force: InForce,
 ) {
     let mut interval = tokio::time::interval(POLL);
@@ -277,13 +328,28 @@ pub(crate) async fn follow(
         if content == last {
             continue;
         }
-        match validate_bytes(&path, &content) {
+        match validate_bytes(&path, &content, &context.roles) {
             Ok(validated) => {
-                for warning in &validated.warnings {
-                    tracing::warn!("{warning}");
-                }
                 let policy = Arc::new(validated.policy);
-                if let Err(lockout) = netmaps.check_lockout(policy.clone(), admins.clone()).await {
+                match netmaps.check_tests(policy.clone()).await {
+                    Ok(_) => {
+                        for warning in policy.warnings_with_nodes() {
+                            tracing::warn!("{warning}");
+                        }
+                    }
+                    Err(failures) => {
+                        tracing::error!(
+                            "the changed policy file {} is refused: its tests fail on the registered nodes; keeping the policy in force:\n{failures}",
+                            path.display()
+                        );
+                        last = content;
+                        continue;
+                    }
+                }
+                if let Err(lockout) = netmaps
+                    .check_lockout(policy.clone(), context.admins.clone())
+                    .await
+                {
                     tracing::error!(
                         "the changed policy file {} is refused; keeping the policy in force: {lockout}",
                         path.display()
@@ -321,16 +387,32 @@ pub(crate) async fn follow(
     }
 }
 
-fn validate_bytes(path: &Path, content: &[u8]) -> Result<Validated, LoadError> {
+fn validate_bytes(path: &Path, content: &[u8], roles: &Roles) -> Result<Validated, LoadError> {
     let source = std::str::from_utf8(content).map_err(|_| LoadError::NotUtf8 {
         path: path.to_owned(),
     })?;
-    Ok(validate(source, &path.display().to_string())?)
+    Ok(validate(source, &path.display().to_string(), roles)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Checks at start without registered nodes: the offline tests.
+    fn offline_tests(policy: &Policy) -> Result<TestReport, LoadError> {
+        Ok(policy.run_tests()?)
+    }
+
+    #[test]
+    fn the_admin_roles_members_are_administrators_too() {
+        let roles: Roles =
+            serde_json::from_str(r#"{"admin": ["ada@example.org", "group:idp:secops"]}"#).unwrap();
+        let context = Context::new(roles, vec!["tag:admin".into(), "ada@example.org".into()]);
+        assert_eq!(
+            &*context.admins,
+            ["tag:admin", "ada@example.org", "group:idp:secops"]
+        );
+    }
 
     #[test]
     fn a_policy_is_claimed_once() {
@@ -353,11 +435,11 @@ mod tests {
         let file = dir.path().join("policy.hujson");
 
         std::fs::write(&file, GOOD).unwrap();
-        load_at_start(&file, &store, |_| Ok(())).unwrap();
+        load_at_start(&file, &store, &Roles::default(), offline_tests).unwrap();
         assert_eq!(last_good(&store).unwrap().unwrap().source, GOOD);
 
         std::fs::write(&file, BROKEN).unwrap();
-        let (_, content) = load_at_start(&file, &store, |_| Ok(())).unwrap();
+        let (_, content) = load_at_start(&file, &store, &Roles::default(), offline_tests).unwrap();
         assert_eq!(
             content,
             BROKEN.as_bytes(),
@@ -371,7 +453,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(&dir.path().join("weft.redb")).unwrap();
         assert!(
-            installed(&store).unwrap().is_none(),
+            installed(&store, &Roles::default()).unwrap().is_none(),
             "nothing installed: deny all"
         );
         let stored = StoredPolicy {
@@ -379,7 +461,7 @@ mod tests {
             source: GOOD.into(),
         };
         remember(&store, &stored).unwrap();
-        assert!(installed(&store).unwrap().is_some());
+        assert!(installed(&store, &Roles::default()).unwrap().is_some());
     }
 
     #[test]
@@ -388,7 +470,7 @@ mod tests {
         let store = RedbStore::open(&dir.path().join("weft.redb")).unwrap();
         let file = dir.path().join("policy.hujson");
         std::fs::write(&file, BROKEN).unwrap();
-        let error = load_at_start(&file, &store, |_| Ok(()))
+        let error = load_at_start(&file, &store, &Roles::default(), offline_tests)
             .unwrap_err()
             .to_string();
         assert!(error.contains("group:nobody"), "{error}");

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use weft_net::tls::TlsError;
+use weft_policy::Roles;
 use weft_proto::{PrivateKey, PublicKey, RelayInfo, CLOSE_BY_COORDINATOR};
 
 use crate::admin::{self, AdminState};
@@ -50,8 +51,12 @@ pub struct ServeOptions {
     /// The identity provider people log in with.
     pub oidc: Option<OidcSettings>,
     /// Administrator principals (`tag:admin`, `alice@example.com`) that a
-    /// new policy must not cut off; see `netmap::Lockout`.
+    /// new policy must not cut off; see `netmap::Lockout`. The `admin`
+    /// role's members are administrators too.
     pub admins: Vec<String>,
+    /// Who holds the roles the policy's role autogroups (`autogroup:admin`,
+    /// …) stand for.
+    pub roles: Roles,
     /// Where the state lives: redb in `data_dir`, or etcd.
     pub store: StoreSettings,
     /// The issuers whose workload tokens admit nodes.
@@ -231,16 +236,24 @@ impl Coordinator {
         let key = keyfile::load_or_create_key(&options.data_dir)?;
         let store = open_store(&options.store, &options.data_dir).await?;
         let registry = Registry::open(store)?;
+        let context = policy_watch::Context::new(options.roles.clone(), options.admins.clone());
         let policy = match &options.policy {
             Some(path) => {
                 let nodes = registry.nodes()?;
                 let now = crate::authkey::unix_secs(std::time::SystemTime::now());
-                let live = nodes.iter().map(|(n, _)| n).filter(|n| !n.is_expired(now));
-                let budget = |policy: &weft_policy::Policy| {
-                    netmap::budget_check(policy, live, netmap::NETMAP_BUDGET)
+                let live: Vec<_> = nodes
+                    .iter()
+                    .map(|(n, _)| n)
+                    .filter(|n| !n.is_expired(now))
+                    .collect();
+                let checks = |policy: &weft_policy::Policy| {
+                    let infos: Vec<_> = live.iter().map(|n| n.info()).collect();
+                    let report = policy.run_tests_on_nodes(&infos)?;
+                    netmap::budget_check(policy, live.iter().copied(), netmap::NETMAP_BUDGET)?;
+                    Ok(report)
                 };
                 let (validated, content) =
-                    policy_watch::load_at_start(path, &**registry.store(), budget)?;
+                    policy_watch::load_at_start(path, &**registry.store(), &context.roles, checks)?;
                 for warning in &validated.warnings {
                     tracing::warn!("{warning}");
                 }
@@ -250,7 +263,10 @@ impl Coordinator {
         };
         let (initial, follow) = match policy {
             Some((path, policy, content)) => (Some(Arc::new(policy)), Some((path, content))),
-            None => (policy_watch::installed(&**registry.store())?, None),
+            None => (
+                policy_watch::installed(&**registry.store(), &context.roles)?,
+                None,
+            ),
         };
         let policy_changes = registry.store().watch(policy_watch::CURRENT_KEY);
         let in_force = policy_watch::InForce::new(
@@ -265,8 +281,8 @@ impl Coordinator {
             policy_changes,
             netmaps.clone(),
             in_force.clone(),
+            context.roles.clone(),
         ));
-        let admins: Arc<[String]> = options.admins.clone().into();
 
         let (endpoint, control_tcp) = bind_control(options.listen, &key).await?;
         let local_addr = endpoint.local_addr().map_err(StartError::ListenAddress)?;
@@ -282,7 +298,7 @@ impl Coordinator {
                 content,
                 netmaps.clone(),
                 registry.store().clone(),
-                admins.clone(),
+                context.clone(),
                 in_force.clone(),
             ))
         });
@@ -290,7 +306,7 @@ impl Coordinator {
         let router = admin::router(AdminState {
             registry: registry.clone(),
             netmaps: netmaps.clone(),
-            admins,
+            policy: context,
             in_force,
         });
         let admin = tokio::spawn(async move {

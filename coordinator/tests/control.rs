@@ -95,6 +95,7 @@ impl Harness {
             public_url: None,
             oidc: None,
             admins: Vec::new(),
+            roles: Default::default(),
             store: Default::default(),
             workload_issuers: self.workload_issuers.clone(),
             ephemeral_timeout: self.ephemeral_timeout,

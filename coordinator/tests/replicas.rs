@@ -56,6 +56,7 @@ async fn start(data_dir: &Path, etcd: &EtcdCluster, ephemeral_timeout: Duration)
         public_url: None,
         oidc: None,
         admins: Vec::new(),
+        roles: Default::default(),
         store: StoreSettings::Etcd(EtcdSettings {
             prefix: "/weft-replicas/".into(),
             ..EtcdSettings::new(etcd.endpoints())

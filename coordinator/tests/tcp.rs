@@ -53,6 +53,7 @@ impl Lab {
             public_url: None,
             oidc: None,
             admins: Vec::new(),
+            roles: Default::default(),
             store: Default::default(),
             workload_issuers: Vec::new(),
             ephemeral_timeout: weft_coordinator::DEFAULT_EPHEMERAL_TIMEOUT,

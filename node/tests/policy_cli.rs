@@ -142,7 +142,9 @@ fn check_evaluates_device_tests_with_roles_and_a_device_list() {
     assert_eq!(report["tests_passed"], 9);
     assert_eq!(report["tests_not_evaluated"], 0);
     assert!(
-        !report["warnings"].to_string().contains("not evaluated offline"),
+        !report["warnings"]
+            .to_string()
+            .contains("not evaluated offline"),
         "{report}"
     );
 

@@ -270,6 +270,15 @@ impl Policy {
         &self.warnings
     }
 
+    /// The [`Policy::warnings`] that still hold once the tests ran against
+    /// nodes ([`Policy::run_tests_on_nodes`]): all but those saying a test
+    /// was not evaluated offline.
+    pub fn warnings_with_nodes(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.warnings
+            .iter()
+            .filter(|w| !w.message.ends_with(resolve::NOT_EVALUATED_OFFLINE))
+    }
+
     /// Compiles what each node may do: peers, inbound filter and capabilities.
     /// Nodes that no rule concerns get no peers and a default-deny filter
     /// (in whole-file audit mode: every node as a peer and a default that
@@ -331,14 +340,10 @@ pub fn check_file_with(
         Some(nodes) => policy.run_tests_on_nodes(nodes),
         None => policy.run_tests(),
     };
-    // Given the devices, the tests that needed them ran: the warnings that
-    // they would not are void.
-    let warnings: Vec<Diagnostic> = policy
-        .warnings
-        .iter()
-        .filter(|w| nodes.is_none() || !w.message.ends_with(resolve::NOT_EVALUATED_OFFLINE))
-        .cloned()
-        .collect();
+    let warnings: Vec<Diagnostic> = match nodes {
+        Some(_) => policy.warnings_with_nodes().cloned().collect(),
+        None => policy.warnings.clone(),
+    };
     let tests = tests.map_err(|Diagnostics(mut failures)| {
         failures.extend(warnings.iter().cloned());
         Diagnostics(failures)

@@ -201,6 +201,7 @@ async fn the_relay_forwards_between_admitted_nodes_only() {
         public_url: None,
         oidc: None,
         admins: Vec::new(),
+        roles: Default::default(),
         store: Default::default(),
         workload_issuers: Vec::new(),
         ephemeral_timeout: weft_coordinator::DEFAULT_EPHEMERAL_TIMEOUT,

@@ -21,8 +21,9 @@ use crate::policy_watch;
 pub(crate) struct AdminState {
     pub(crate) registry: Registry,
     pub(crate) netmaps: NetmapHandle,
-    /// Principals a new policy must not cut off, unless forced.
-    pub(crate) admins: Arc<[String]>,
+    /// The role members and the administrators a new policy must not cut
+    /// off (unless forced).
+    pub(crate) policy: policy_watch::Context,
     pub(crate) in_force: policy_watch::InForce,
 }
 
@@ -142,9 +143,19 @@ async fn set_policy(
             request.source.len() as u64,
         )));
     }
-    let validated = policy_watch::validate(&request.source, &request.file_name)
-        .map_err(|diagnostics| ApiError::PolicyRejected(diagnostics.to_string()))?;
+    let validated =
+        policy_watch::validate(&request.source, &request.file_name, &state.policy.roles)
+            .map_err(|diagnostics| ApiError::PolicyRejected(diagnostics.to_string()))?;
     let policy = Arc::new(validated.policy);
+    let report = state
+        .netmaps
+        .check_tests(policy.clone())
+        .await
+        .map_err(|failures| {
+            ApiError::PolicyRejected(format!(
+                "the policy's tests fail on the registered nodes:\n{failures}"
+            ))
+        })?;
     if request.force {
         tracing::warn!(
             "installing a policy with --force: the administrator lockout guard is skipped"
@@ -152,7 +163,7 @@ async fn set_policy(
     } else {
         state
             .netmaps
-            .check_lockout(policy.clone(), state.admins.clone())
+            .check_lockout(policy.clone(), state.policy.admins.clone())
             .await
             .map_err(|lockout| ApiError::PolicyRejected(lockout.to_string()))?;
     }
@@ -166,13 +177,17 @@ async fn set_policy(
         source: request.source,
     };
     policy_watch::remember(&**state.registry.store(), &stored)?;
+    let warnings = policy
+        .warnings_with_nodes()
+        .map(ToString::to_string)
+        .collect();
     if state.in_force.claim(&stored.source) {
         state.netmaps.set_policy(Some(policy)).await;
     }
     tracing::info!("installed a policy through the admin API");
     Ok(Json(PolicyInstalled {
-        tests_passed: validated.tests_passed,
-        warnings: validated.warnings,
+        tests_passed: report.passed,
+        warnings,
     }))
 }
 
@@ -184,6 +199,7 @@ fn view(record: NodeRecord, online: bool) -> NodeView {
         ipv6: record.ipv6,
         identity: record.identity,
         endpoints: record.endpoints,
+        attributes: record.attributes,
         online,
         created: rfc3339(record.created),
         ephemeral: record.ephemeral,

@@ -7,6 +7,7 @@ mod api;
 mod client;
 mod error;
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -55,6 +56,10 @@ pub struct NodeView {
     pub ipv6: Ipv6Addr,
     pub identity: Identity,
     pub endpoints: Vec<SocketAddr>,
+    /// What the node reports about itself (`node:os`, `custom:KEY`, …),
+    /// which posture conditions and `weft policy check --devices` read.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
     /// Whether the node has a control session right now.
     pub online: bool,
     /// RFC 3339 registration time.

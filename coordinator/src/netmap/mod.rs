@@ -27,7 +27,7 @@ mod service;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
-use weft_policy::{Engine, Policy};
+use weft_policy::{Diagnostics, Engine, NodeInfo, Policy, TestReport};
 use weft_proto::resume::{self, ResumeError};
 use weft_proto::signing::Digest;
 use weft_proto::{
@@ -182,13 +182,22 @@ impl Netmaps {
     /// Whether installing `policy` would cut one of `admins` off (see
     /// [`Lockout`]), judged over the nodes registered and not expired now.
     pub(crate) fn check_lockout(&self, policy: &Policy, admins: &[String]) -> Result<(), Lockout> {
-        let infos: Vec<_> = self
-            .nodes
+        lockout::check(admins, self.policy.as_deref(), policy, &self.live_infos())
+    }
+
+    /// Runs `policy`'s tests against the nodes registered and not expired
+    /// now, as Tailscale runs them against the device list: those naming
+    /// an overlay address or a role stand for real devices.
+    pub(crate) fn check_tests(&self, policy: &Policy) -> Result<TestReport, Diagnostics> {
+        policy.run_tests_on_nodes(&self.live_infos())
+    }
+
+    fn live_infos(&self) -> Vec<NodeInfo> {
+        self.nodes
             .values()
             .filter(|(n, _)| !n.is_expired(self.now))
             .map(|(n, _)| n.info())
-            .collect();
-        lockout::check(admins, self.policy.as_deref(), policy, &infos)
+            .collect()
     }
 
     /// Whether installing `policy` would give a node that is registered and

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use weft_policy::Policy;
+use weft_policy::{Diagnostics, Policy, TestReport};
 use weft_proto::signing::NetmapSigner;
 use weft_proto::{NodeId, PrivateKey, Refusal, RefusalCode, Resume, ServerMessage};
 
@@ -77,6 +77,10 @@ enum Command {
         oneshot::Sender<Result<(), Lockout>>,
     ),
     CheckBudget(Arc<Policy>, oneshot::Sender<Result<(), OverBudget>>),
+    CheckTests(
+        Arc<Policy>,
+        oneshot::Sender<Result<TestReport, Diagnostics>>,
+    ),
     Online(oneshot::Sender<BTreeSet<NodeId>>),
     ReapIfOffline(NodeId),
     /// This replica won or lost leadership of the singleton jobs.
@@ -194,6 +198,22 @@ impl NetmapHandle {
         self.send(Command::CheckBudget(policy, reply));
         // The task is gone only at shutdown, when nothing is installed anyway.
         let checked = rx.await.unwrap_or(Ok(()));
+        if checked.is_err() {
+            metrics::policy_load(PolicyResult::Refused);
+        }
+        checked
+    }
+
+    /// Runs `policy`'s tests against the registered nodes.
+    pub(crate) async fn check_tests(&self, policy: Arc<Policy>) -> Result<TestReport, Diagnostics> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::CheckTests(policy.clone(), reply));
+        // The task is gone only at shutdown, when nothing is installed
+        // anyway; the tests without nodes have passed.
+        let checked = match rx.await {
+            Ok(result) => result,
+            Err(_) => policy.run_tests(),
+        };
         if checked.is_err() {
             metrics::policy_load(PolicyResult::Refused);
         }
@@ -369,6 +389,9 @@ impl Task {
             }
             Command::CheckBudget(policy, reply) => {
                 let _ = reply.send(self.core.check_budget(&policy));
+            }
+            Command::CheckTests(policy, reply) => {
+                let _ = reply.send(self.core.check_tests(&policy));
             }
             Command::Online(reply) => {
                 let _ = reply.send(self.core.online());

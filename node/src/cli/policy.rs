@@ -219,11 +219,14 @@ fn load_devices(path: &Path) -> Result<Vec<NodeInfo>, Diagnostics> {
 
 /// "N tests passed", and how many wait for a device list.
 fn tests_summary(tests: &TestReport) -> String {
+    let passed = match tests.passed {
+        1 => "1 test passed".to_owned(),
+        n => format!("{n} tests passed"),
+    };
     match tests.not_evaluated {
-        0 => format!("{} tests passed", tests.passed),
+        0 => passed,
         n => format!(
-            "{} tests passed, {n} not evaluated offline (they need the device list: pass --devices FILE)",
-            tests.passed
+            "{passed}, {n} not evaluated offline (they need the device list: pass --devices FILE)"
         ),
     }
 }
@@ -315,6 +318,20 @@ fn failed(file: &Path, diagnostics: &Diagnostics, json: bool) -> anyhow::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_counts_read_as_sentences() {
+        let report = |passed, not_evaluated| TestReport {
+            passed,
+            not_evaluated,
+        };
+        assert_eq!(tests_summary(&report(1, 0)), "1 test passed");
+        assert_eq!(tests_summary(&report(0, 0)), "0 tests passed");
+        assert_eq!(
+            tests_summary(&report(3, 2)),
+            "3 tests passed, 2 not evaluated offline (they need the device list: pass --devices FILE)"
+        );
+    }
 
     #[test]
     fn destinations_and_ports() {

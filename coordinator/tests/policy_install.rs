@@ -1,7 +1,8 @@
-//! Large policies against a real `weft-coordinator serve` and weftd's real
-//! control client: a policy whose netmaps would not fit is refused by every
-//! path alike while sessions stay up, and a node whose netmap outgrew a
-//! frame anyway is told so and backs off.
+//! Installing policies on a real `weft-coordinator serve` with weftd's real
+//! control client: a policy whose netmaps would not fit, or whose tests fail
+//! on the registered nodes, is refused by every path alike while sessions
+//! stay up, and a node whose netmap outgrew a frame anyway is told so and
+//! backs off.
 #![expect(
     clippy::unwrap_used,
     reason = "test harness: a failed step fails the test"
@@ -334,6 +335,63 @@ async fn a_policy_too_large_for_a_netmap_is_refused_naming_nodes_and_sessions_st
             .count(),
         1
     );
+}
+
+/// A policy whose `tests` name a device by its overlay address.
+fn device_tested(address: &str, expect: &str) -> String {
+    format!(
+        r#"{{
+  "tagOwners": {{"tag:web": [], "tag:c": [], "tag:d": []}},
+  "acls": [{{"action": "accept", "src": ["tag:web"], "dst": ["tag:web:443"], "proto": "tcp"}}],
+  "tests": [{{"src": "{address}", "{expect}": ["tag:web:443"]}}],
+}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tests_naming_devices_run_against_the_registered_nodes_on_every_install() {
+    let server = Server::start();
+    let web = server.node("tag:web", "web-1").await;
+    web.wait_for("web-1's netmap", |e| matches!(e, Event::NetMap { .. }))
+        .await;
+    let nodes = server.admin().nodes().await.unwrap();
+    let address = nodes[0].ipv4.to_string();
+
+    // web-1 is tag:web, which reaches tag:web:443: the test passes on it.
+    let file = server.dir.path().join("devices.hujson");
+    std::fs::write(&file, device_tested(&address, "accept")).unwrap();
+    let source = std::fs::read_to_string(&file).unwrap();
+    let installed = server
+        .admin()
+        .set_policy("devices.hujson", &source, false)
+        .await
+        .unwrap();
+    assert_eq!(installed.tests_passed, 1);
+    assert!(
+        !installed
+            .warnings
+            .iter()
+            .any(|w| w.contains("not evaluated offline")),
+        "{:?}",
+        installed.warnings
+    );
+
+    // Expecting the opposite of what the device gets is refused, by both paths.
+    std::fs::write(&file, device_tested(&address, "deny")).unwrap();
+    let (status, message) = policy_set(&server.admin(), &file).await.unwrap_err();
+    assert_eq!(status, 422, "{message}");
+    assert!(
+        message.contains("tests fail on the registered nodes") && message.contains(&address),
+        "{message}"
+    );
+    server.write_policy(&device_tested(&address, "deny"));
+    let refusal = server.wait_for_log("is refused", |_| true);
+    assert!(
+        refusal.contains("tests fail on the registered nodes")
+            && refusal.contains("keeping the policy in force"),
+        "{refusal}"
+    );
+    assert_eq!(web.session_ends(), [], "{:?}", web.events());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
