@@ -1,25 +1,34 @@
-//! The `/metrics` endpoint of `--metrics-listen`: the smallest HTTP/1.1
-//! server Prometheus scrapes, shared by weftd, the coordinator and the relay
-//! so none of them needs an HTTP framework for it.
+//! The `/metrics` endpoint of `--metrics-listen`, shared by weftd, the
+//! coordinator and the relay: HTTP/1.1 from hyper, answering `GET /metrics`
+//! only.
 //!
-//! Each connection carries one request and is closed after the answer; a
-//! client gets 10 s and 8 KiB to send its request head, so a slow or
-//! hostile client costs one small task.
+//! Each connection carries one request and is closed after the answer. A
+//! client gets 10 s to send its request head, and at most
+//! [`MAX_CONNECTIONS`] are served at once (further ones wait in the
+//! listener's backlog), so slow or hostile clients cost a few small tasks.
 
+use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE as CONTENT_TYPE_HEADER};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 /// The exposition's media type: OpenMetrics text, which Prometheus
 /// negotiates and parses like its own text format.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// How long a client has to send its request head.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest request head read; a scrape's is a few hundred bytes.
-const MAX_REQUEST: usize = 8 * 1024;
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; a scraper needs one.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// Answers `GET /metrics` on `listener` with what `render` returns, until
 /// the task is dropped. Other paths get 404, other methods 405.
@@ -28,7 +37,11 @@ where
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = String> + Send,
 {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(error) => {
@@ -39,109 +52,111 @@ where
         };
         let render = render.clone();
         tokio::spawn(async move {
-            if let Err(error) = answer(stream, render).await {
+            let service = hyper::service::service_fn(move |request| {
+                let render = render.clone();
+                async move { Ok::<_, Infallible>(answer(&request, render).await) }
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(error) = served {
                 tracing::debug!(%error, "metrics request failed");
             }
+            drop(slot);
         });
     }
 }
 
-async fn answer<F, Fut>(mut stream: TcpStream, render: F) -> std::io::Result<()>
+async fn answer<F, Fut>(request: &Request<Incoming>, render: F) -> Response<Full<Bytes>>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = String>,
 {
-    let head = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream))
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    let response = match route(&head) {
-        Route::Metrics => {
-            let body = render().await;
-            format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: {CONTENT_TYPE}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            )
-        }
-        Route::NotFound => plain("404 Not Found", "only /metrics is served here\n"),
-        Route::BadMethod => plain("405 Method Not Allowed", "use GET\n"),
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => (StatusCode::OK, CONTENT_TYPE, render().await),
+        (&Method::GET, _) => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "only /metrics is served here\n".to_owned(),
+        ),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use GET\n".to_owned(),
+        ),
     };
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
-}
-
-fn plain(status: &str, body: &str) -> String {
-    format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )
-}
-
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() > MAX_REQUEST {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "request head too large",
-            ));
-        }
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE_HEADER, HeaderValue::from_static(content_type));
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        headers.insert(ALLOW, HeaderValue::from_static("GET"));
     }
-    Ok(head)
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Route {
-    Metrics,
-    NotFound,
-    BadMethod,
-}
-
-fn route(head: &[u8]) -> Route {
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let mut parts = line.split(|&b| b == b' ');
-    let (method, target) = (parts.next(), parts.next().unwrap_or_default());
-    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
-    match (method, path) {
-        (Some(b"GET"), b"/metrics") => Route::Metrics,
-        (Some(b"GET"), _) => Route::NotFound,
-        _ => Route::BadMethod,
-    }
+    response
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
     use super::*;
 
-    #[test]
-    fn only_get_metrics_is_served() {
-        assert_eq!(route(b"GET /metrics HTTP/1.1\r\n\r\n"), Route::Metrics);
-        assert_eq!(route(b"GET /metrics?x=1 HTTP/1.1\r\n\r\n"), Route::Metrics);
-        assert_eq!(route(b"GET / HTTP/1.1\r\n\r\n"), Route::NotFound);
-        assert_eq!(route(b"POST /metrics HTTP/1.1\r\n\r\n"), Route::BadMethod);
-        assert_eq!(route(b""), Route::BadMethod);
+    async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
     }
 
     #[tokio::test]
-    async fn a_scrape_gets_the_rendered_text() {
+    async fn a_scrape_gets_the_rendered_text_and_nothing_else_is_served() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(serve(listener, || async { "up 1\n# EOF\n".to_string() }));
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
+
+        let response = exchange(addr, b"GET /metrics?x=1 HTTP/1.1\r\nhost: x\r\n\r\n").await;
         assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
-        assert!(response.contains(CONTENT_TYPE));
+        assert!(response.contains(CONTENT_TYPE), "{response}");
         assert!(response.ends_with("\r\n\r\nup 1\n# EOF\n"), "{response}");
+
+        let response = exchange(addr, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+        let response = exchange(
+            addr,
+            b"POST /metrics HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n",
+        )
+        .await;
+        assert!(response.starts_with("HTTP/1.1 405"), "{response}");
+        assert!(
+            response.to_ascii_lowercase().contains("allow: get"),
+            "{response}"
+        );
+        let response = exchange(addr, b"garbage\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+        server.abort();
+    }
+
+    /// Idle connections hold at most [`MAX_CONNECTIONS`] slots; a scrape
+    /// still gets through once the header timeout frees them.
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_are_closed_after_the_header_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, || async { "up 1\n".to_string() }));
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"GET /metr").await.unwrap();
+        tokio::time::sleep(HEADER_TIMEOUT + Duration::from_secs(1)).await;
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(read, Ok(Ok(_))),
+            "the idle connection was not closed: {read:?}"
+        );
         server.abort();
     }
 }
