@@ -8,7 +8,6 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use weft_proto::{canonical, AuthKey, NodeId, Refusal, RefusalCode};
 
@@ -217,10 +216,7 @@ fn key_path(id: &str) -> String {
 }
 
 fn hash(key: &AuthKey) -> String {
-    Sha256::digest(key.expose_secret().as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::audit::sha256_hex(key.expose_secret().as_bytes())
 }
 
 fn invalid(id: &str) -> AdmitError {

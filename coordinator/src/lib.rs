@@ -6,6 +6,7 @@
 //! server) and [`AdminClient`] (the admin commands).
 
 mod admin;
+mod audit;
 mod authkey;
 mod config;
 mod control;
@@ -26,9 +27,10 @@ mod users;
 mod workload;
 
 pub use admin::{
-    AdminClient, AuthKeyRequest, ClientError, CreatedAuthKey, NodeView, PolicyInstalled,
+    AdminClient, AuditLog, AuthKeyRequest, ClientError, CreatedAuthKey, NodeView, PolicyInstalled,
     PolicyRequest,
 };
+pub use audit::{Actor, AuditEntry, Event, Outcome, Pin, Tamper, Verification, GENESIS_HASH};
 pub use config::RelayConfig;
 pub use config::{
     check_public_url, load as load_config, ConfigError, FileConfig, OidcFileConfig, OidcSettings,

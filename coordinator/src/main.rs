@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use weft_coordinator::{
-    AdminClient, AuthKeyRequest, Coordinator, FileConfig, Limits, NodeView, ServeOptions,
+    AdminClient, AuthKeyRequest, Coordinator, FileConfig, Limits, NodeView, Pin, ServeOptions,
 };
 
 /// The control listener's address unless flags or the configuration file say otherwise.
@@ -55,6 +55,34 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// List the audit trail (policy installs, auth keys, nodes, users, logins), or verify it.
+    ///
+    /// `audit` lists the entries; `audit verify` checks that none was edited, removed or
+    /// reordered, exits 1 naming the first that was, and prints the head to pin elsewhere.
+    Audit {
+        /// `verify` to check the chain instead of listing it.
+        #[arg(value_enum)]
+        action: Option<AuditAction>,
+        #[command(flatten)]
+        dir: DataDir,
+        /// List only entries from this time on: RFC 3339 (`2026-01-31T09:00:00Z`) or a
+        /// duration before now (`1h`, `7d`).
+        #[arg(long, value_name = "TIME|DURATION")]
+        since: Option<String>,
+        /// With `verify`: fail unless the chain still holds this entry, as an earlier
+        /// `audit verify` printed it (`SEQ:HASH`).
+        #[arg(long, value_name = "SEQ:HASH")]
+        pin: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum AuditAction {
+    /// Check the chain.
+    Verify,
 }
 
 #[derive(Debug, Args)]
@@ -375,7 +403,118 @@ async fn run(command: Command) -> Result<()> {
         Command::Policy {
             command: PolicyCommand::Set { dir, file, force },
         } => set_policy(&dir.data_dir, &file, force).await,
+        Command::Audit {
+            action: None,
+            dir,
+            since,
+            pin,
+            json,
+        } => {
+            if pin.is_some() {
+                bail!("--pin goes with `audit verify`");
+            }
+            let since = since.as_deref().map(parse_since).transpose()?;
+            list_audit(&dir.data_dir, since, json).await
+        }
+        Command::Audit {
+            action: Some(AuditAction::Verify),
+            dir,
+            since,
+            pin,
+            json,
+        } => {
+            if since.is_some() {
+                bail!("`audit verify` checks the whole chain; --since goes with `audit`");
+            }
+            let pin = pin.as_deref().map(parse_pin).transpose()?;
+            verify_audit(&dir.data_dir, pin.as_ref(), json).await
+        }
     }
+}
+
+/// `--since`: a time, or a duration before now; Unix seconds.
+fn parse_since(text: &str) -> Result<u64> {
+    let time = match humantime::parse_rfc3339_weak(text) {
+        Ok(time) => time,
+        Err(_) => {
+            let ago = humantime::parse_duration(text).with_context(|| {
+                format!("--since {text:?} is neither an RFC 3339 time (`2026-01-31T09:00:00Z`) nor a duration (`1h`)")
+            })?;
+            std::time::SystemTime::now()
+                .checked_sub(ago)
+                .unwrap_or(std::time::UNIX_EPOCH)
+        }
+    };
+    Ok(time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()))
+}
+
+/// `--pin SEQ:HASH`.
+fn parse_pin(text: &str) -> Result<Pin> {
+    let parsed = text.split_once(':').and_then(|(seq, hash)| {
+        let hash = hash.to_ascii_lowercase();
+        let hex = hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit());
+        Some(Pin {
+            seq: seq.parse().ok()?,
+            hash,
+        })
+        .filter(|_| hex)
+    });
+    parsed.with_context(|| {
+        format!("--pin {text:?} is not SEQ:HASH, an entry's number and its 64-digit hex hash as `audit verify` prints them")
+    })
+}
+
+async fn list_audit(data_dir: &Path, since: Option<u64>, json: bool) -> Result<()> {
+    let log = AdminClient::new(data_dir).audit(since).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&log.entries)?);
+    } else {
+        let rows = log
+            .entries
+            .iter()
+            .map(|e| {
+                vec![
+                    e.seq.to_string(),
+                    e.time_rfc3339(),
+                    e.actor.to_string(),
+                    e.event.to_string(),
+                ]
+            })
+            .collect();
+        print_rows(&["SEQ", "TIME", "ACTOR", "EVENT"], rows);
+    }
+    if log.failed_appends > 0 {
+        eprintln!(
+            "warning: the coordinator failed to record {} event(s) since it started; its log names them",
+            log.failed_appends
+        );
+    }
+    Ok(())
+}
+
+async fn verify_audit(data_dir: &Path, pin: Option<&Pin>, json: bool) -> Result<()> {
+    let verification = AdminClient::new(data_dir).verify_audit(pin).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&verification)?);
+    }
+    if let Some(problem) = &verification.problem {
+        bail!(
+            "the audit trail fails verification: {problem} ({} entries before it are intact)",
+            verification.entries
+        );
+    }
+    if !json {
+        match &verification.head {
+            Some(head) => println!(
+                "audit trail intact: {} entries; head {}:{} (keep it elsewhere and check later with `audit verify --pin`)",
+                verification.entries, head.seq, head.hash
+            ),
+            None => println!("audit trail intact: no entries yet"),
+        }
+    }
+    Ok(())
 }
 
 /// The defaults, with what the flags override.
@@ -447,10 +586,10 @@ async fn set_policy(data_dir: &Path, file: &Path, force: bool) -> Result<()> {
 }
 
 fn print_table(nodes: &[NodeView]) {
-    let rows: Vec<[String; 7]> = nodes
+    let rows = nodes
         .iter()
         .map(|n| {
-            [
+            vec![
                 n.id.to_string(),
                 n.name.clone(),
                 n.ipv4.to_string(),
@@ -465,17 +604,24 @@ fn print_table(nodes: &[NodeView]) {
             ]
         })
         .collect();
-    let header = [
-        "ID",
-        "NAME",
-        "IPV4",
-        "IPV6",
-        "IDENTITY",
-        "STATUS",
-        "ENDPOINTS",
-    ]
-    .map(String::from);
-    let mut widths = header.clone().map(|h| h.len());
+    print_rows(
+        &[
+            "ID",
+            "NAME",
+            "IPV4",
+            "IPV6",
+            "IDENTITY",
+            "STATUS",
+            "ENDPOINTS",
+        ],
+        rows,
+    );
+}
+
+/// Prints `rows` under `header` in left-aligned columns.
+fn print_rows(header: &[&str], rows: Vec<Vec<String>>) {
+    let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
+    let mut widths: Vec<usize> = header.iter().map(String::len).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
@@ -484,7 +630,7 @@ fn print_table(nodes: &[NodeView]) {
     for row in std::iter::once(&header).chain(&rows) {
         let line: Vec<String> = row
             .iter()
-            .zip(widths)
+            .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
         println!("{}", line.join("  ").trim_end());

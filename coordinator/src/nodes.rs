@@ -22,6 +22,7 @@ use weft_proto::{
     Register, SelfNode,
 };
 
+use crate::audit::{self, Actor, Event};
 use crate::authkey::{self, AdmitError};
 use crate::store::{self, Compare, Op, Store, StoreError};
 use crate::users;
@@ -672,6 +673,18 @@ impl Registry {
             Op::Put(node_path(id), store::encode(&record)?),
         ]);
         let rev = self.store.txn(&compares, &ops)?;
+        audit::record(
+            &*self.store,
+            now,
+            Actor::Node { node: id },
+            Event::NodeRegistered {
+                node: id,
+                name: record.name.clone(),
+                identity: record.identity.to_string(),
+                auth_key: admission.map(|a| a.record.id),
+                ephemeral: record.ephemeral,
+            },
+        );
         Ok((record, rev))
     }
 }

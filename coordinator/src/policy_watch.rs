@@ -16,14 +16,15 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use weft_policy::{Diagnostics, Policy, Role, Roles, TestReport};
 
+use crate::audit::{self, Actor, Event};
 use crate::metrics::{self, PolicyResult};
 use crate::netmap::{NetmapHandle, OverBudget};
-use crate::store::{self, Op, Store, StoreError};
+use crate::store::{self, Compare, Op, Store, StoreError};
 
 /// The largest policy accepted, from a file or through `policy set`: room
 /// for some 100,000 rules, while parsing one stays within a few hundred
@@ -101,6 +102,60 @@ pub(crate) fn remember(store: &dyn Store, policy: &StoredPolicy) -> Result<(), S
         .map(drop)
 }
 
+/// Puts `stored`, which compiled to `policy`, in force. Unless it is the
+/// policy in force already, its audit entry (by `actor`, with the policy's
+/// hash and what it changes in access) is written in the same transaction:
+/// no policy is ever in force without its entry.
+pub(crate) fn install(
+    store: &dyn Store,
+    stored: &StoredPolicy,
+    policy: &Policy,
+    roles: &Roles,
+    actor: &Actor,
+    forced: bool,
+    now: SystemTime,
+) -> Result<(), StoreError> {
+    if last_good(store)?.is_some_and(|old| old.source == stored.source) {
+        return remember(store, stored);
+    }
+    let value = store::encode(stored)?;
+    let sha256 = audit::sha256_hex(stored.source.as_bytes());
+    audit::append_with(store, now, || {
+        let (old, guard) = match store.get(CURRENT_KEY)? {
+            Some(v) => (
+                Some(store::decode::<StoredPolicy>(CURRENT_KEY, &v.value)?),
+                Compare::ModRevision(CURRENT_KEY.into(), v.mod_revision),
+            ),
+            None => (None, Compare::Absent(CURRENT_KEY.into())),
+        };
+        // Without a policy before, every node was denied everything.
+        let old = match old {
+            Some(old) => Policy::parse_with_roles(&old.source, &old.file_name, roles),
+            None => Policy::parse("{}", "(no policy)"),
+        };
+        let (newly_allowed, newly_denied) = match old {
+            Ok(old) => {
+                let change = weft_policy::diff(&old, policy);
+                (change.newly_allowed.len(), change.newly_denied.len())
+            }
+            Err(_) => (0, 0),
+        };
+        Ok(audit::Staged {
+            compares: vec![guard],
+            ops: vec![Op::Put(CURRENT_KEY.into(), value.clone())],
+            actor: actor.clone(),
+            event: Event::PolicyInstalled {
+                file_name: stored.file_name.clone(),
+                sha256: sha256.clone(),
+                newly_allowed,
+                newly_denied,
+                forced,
+            },
+        })
+    })
+    .map(drop)
+}
+
 /// The policy last put in force, if any.
 pub(crate) fn last_good(store: &dyn Store) -> Result<Option<StoredPolicy>, StoreError> {
     store
@@ -149,7 +204,16 @@ pub(crate) fn load_at_start(
                 file_name: path.display().to_string(),
                 source: String::from_utf8_lossy(&content).into_owned(),
             };
-            remember(store, &stored).map_err(LoadError::Store)?;
+            install(
+                store,
+                &stored,
+                &validated.policy,
+                roles,
+                &Actor::PolicyFileWatcher,
+                false,
+                SystemTime::now(),
+            )
+            .map_err(LoadError::Store)?;
             return Ok((validated, content));
         }
         Err(error) => error,
@@ -369,7 +433,16 @@ pub(crate) async fn follow(
                     file_name: path.display().to_string(),
                     source: String::from_utf8_lossy(&content).into_owned(),
                 };
-                if let Err(e) = remember(&*store, &stored) {
+                let installed = install(
+                    &*store,
+                    &stored,
+                    &policy,
+                    &context.roles,
+                    &Actor::PolicyFileWatcher,
+                    false,
+                    SystemTime::now(),
+                );
+                if let Err(e) = installed {
                     tracing::error!("{e}; the changed policy is not installed, retrying");
                     continue;
                 }
@@ -437,6 +510,7 @@ mod tests {
         std::fs::write(&file, GOOD).unwrap();
         load_at_start(&file, &store, &Roles::default(), offline_tests).unwrap();
         assert_eq!(last_good(&store).unwrap().unwrap().source, GOOD);
+        load_at_start(&file, &store, &Roles::default(), offline_tests).unwrap();
 
         std::fs::write(&file, BROKEN).unwrap();
         let (_, content) = load_at_start(&file, &store, &Roles::default(), offline_tests).unwrap();
@@ -446,6 +520,25 @@ mod tests {
             "follows from the broken bytes on disk"
         );
         assert_eq!(last_good(&store).unwrap().unwrap().source, GOOD);
+
+        let audited = crate::audit::list(&store, None).unwrap();
+        assert_eq!(audited.len(), 1, "one install: {audited:?}");
+        assert_eq!(audited[0].actor, Actor::PolicyFileWatcher);
+        let Event::PolicyInstalled {
+            sha256,
+            newly_allowed,
+            newly_denied,
+            ..
+        } = &audited[0].event
+        else {
+            panic!("{audited:?}");
+        };
+        assert_eq!(*sha256, audit::sha256_hex(GOOD.as_bytes()));
+        assert_eq!(
+            (*newly_allowed, *newly_denied),
+            (3, 0),
+            "tag:a to tag:a is new, on every protocol"
+        );
     }
 
     #[test]

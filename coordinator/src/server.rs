@@ -310,7 +310,8 @@ impl Coordinator {
             in_force,
         });
         let admin = tokio::spawn(async move {
-            let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+            let service = router.into_make_service_with_connect_info::<admin::Peer>();
+            let serve = axum::serve(listener, service).with_graceful_shutdown(async move {
                 let _ = stopped.await;
             });
             if let Err(e) = serve.await {

@@ -3,7 +3,9 @@
 //! the data directory but the key; and with two replicas on one
 //! three-member cluster, changes made through either replica reach the
 //! nodes connected to the other, and the ephemeral reap runs once, under
-//! whichever replica holds the leader lease.
+//! whichever replica holds the leader lease. The audit trail records what
+//! administrators and nodes did, on the embedded store and as one chain
+//! that replicas on one etcd cluster write together.
 #![expect(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -16,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use weft_coordinator::{
-    AdminClient, AuthKeyRequest, Coordinator, EtcdSettings, ServeOptions, StoreSettings,
+    Actor, AdminClient, AuditEntry, AuthKeyRequest, Coordinator, EtcdSettings, Event, ServeOptions,
+    StoreSettings,
 };
 use weft_engine::control::{ControlConfig, ControlEvent, ControlTask, ControlUpdate};
 use weft_proto::{AuthKey, Credential, NodeId, PrivateKey, SelfNode};
@@ -48,6 +51,18 @@ fn data_dir(root: &Path, name: &str, key_from: Option<&Path>) -> PathBuf {
 }
 
 async fn start(data_dir: &Path, etcd: &EtcdCluster, ephemeral_timeout: Duration) -> Coordinator {
+    let store = StoreSettings::Etcd(EtcdSettings {
+        prefix: "/weft-replicas/".into(),
+        ..EtcdSettings::new(etcd.endpoints())
+    });
+    start_on(data_dir, store, ephemeral_timeout).await
+}
+
+async fn start_on(
+    data_dir: &Path,
+    store: StoreSettings,
+    ephemeral_timeout: Duration,
+) -> Coordinator {
     Coordinator::start(ServeOptions {
         data_dir: data_dir.to_owned(),
         policy: None,
@@ -57,10 +72,7 @@ async fn start(data_dir: &Path, etcd: &EtcdCluster, ephemeral_timeout: Duration)
         oidc: None,
         admins: Vec::new(),
         roles: Default::default(),
-        store: StoreSettings::Etcd(EtcdSettings {
-            prefix: "/weft-replicas/".into(),
-            ..EtcdSettings::new(etcd.endpoints())
-        }),
+        store,
         workload_issuers: Vec::new(),
         ephemeral_timeout,
         relays: Vec::new(),
@@ -331,4 +343,155 @@ async fn nodes_registered_on_etcd_survive_a_coordinator_restart() {
     let rejoined = register(&coordinator, &keys, None).await;
     assert_eq!(rejoined, joined);
     coordinator.shutdown().await;
+}
+
+/// Runs `weft-coordinator audit ARGS --data-dir DIR`.
+async fn audit_command(data_dir: &Path, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_weft-coordinator"))
+        .arg("audit")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .await
+        .unwrap()
+}
+
+/// The audit trail as `weft-coordinator audit --json` prints it.
+async fn audit_json(data_dir: &Path) -> Vec<AuditEntry> {
+    let out = audit_command(data_dir, &["--json"]).await;
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `weft-coordinator audit verify`'s report of an intact chain.
+async fn audit_verified(data_dir: &Path) -> String {
+    let out = audit_command(data_dir, &["verify"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{out:?}");
+    stdout
+}
+
+fn kinds(entries: &[AuditEntry]) -> Vec<&'static str> {
+    entries.iter().map(|e| e.event.kind()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_trail_records_who_changed_what() {
+    use std::os::unix::fs::MetadataExt as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let coordinator = start_on(
+        &data_dir,
+        StoreSettings::Embedded,
+        weft_coordinator::DEFAULT_EPHEMERAL_TIMEOUT,
+    )
+    .await;
+    let admin = AdminClient::new(&data_dir);
+    admin
+        .set_policy("web-to-db", WEB_TO_DB, false)
+        .await
+        .unwrap();
+    let credential = auth_key(&admin, "tag:db", false).await;
+    let Some(Credential::AuthKey(secret)) = &credential else {
+        unreachable!()
+    };
+    let secret = secret.expose_secret().to_owned();
+    let keys = (PrivateKey::generate(), PrivateKey::generate());
+    let joined = register(&coordinator, &keys, credential).await;
+    admin.delete_node(&joined.name).await.unwrap();
+
+    let entries = audit_json(&data_dir).await;
+    assert_eq!(
+        kinds(&entries),
+        [
+            "policy_installed",
+            "auth_key_created",
+            "node_registered",
+            "node_deleted"
+        ]
+    );
+    let me = Actor::Admin {
+        uid: Some(std::fs::metadata(&data_dir).unwrap().uid()),
+    };
+    assert_eq!(entries[0].actor, me, "the admin socket's peer");
+    let Event::PolicyInstalled {
+        sha256,
+        newly_allowed,
+        ..
+    } = &entries[0].event
+    else {
+        unreachable!()
+    };
+    assert_eq!(sha256.len(), 64);
+    assert_eq!(*newly_allowed, 1, "web to db on 5432");
+    assert_eq!(entries[1].actor, me);
+    assert_eq!(entries[2].actor, Actor::Node { node: joined.id });
+    assert_eq!(
+        entries[3].event,
+        Event::NodeDeleted {
+            node: joined.id,
+            name: joined.name.clone()
+        }
+    );
+    assert_eq!(entries[3].actor, me);
+    let printed = String::from_utf8(audit_command(&data_dir, &[]).await.stdout).unwrap();
+    assert!(!printed.contains(&secret), "no secret in the trail");
+    let deletion = format!("node {} ({}) deleted", joined.id, joined.name);
+    assert!(printed.contains(&deletion), "{printed}");
+
+    let verified = audit_verified(&data_dir).await;
+    assert!(verified.contains("intact: 4 entries"), "{verified}");
+    assert!(
+        verified.contains(&format!("4:{}", entries[3].hash)),
+        "{verified}"
+    );
+    coordinator.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_one_etcd_write_one_audit_chain() {
+    let etcd = EtcdCluster::single().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let dir_a = data_dir(root.path(), "a", None);
+    let a = start(&dir_a, &etcd, Duration::from_secs(600)).await;
+    let dir_b = data_dir(root.path(), "b", Some(&dir_a));
+    let b = start(&dir_b, &etcd, Duration::from_secs(600)).await;
+    let (admin_a, admin_b) = (AdminClient::new(&dir_a), AdminClient::new(&dir_b));
+    admin_a
+        .set_policy("web-to-db", WEB_TO_DB, false)
+        .await
+        .unwrap();
+    // Both replicas write at once.
+    let (_web_key, db_key) = tokio::join!(
+        auth_key(&admin_a, "tag:web", false),
+        auth_key(&admin_b, "tag:db", false)
+    );
+    let keys = (PrivateKey::generate(), PrivateKey::generate());
+    let joined = register(&b, &keys, db_key).await;
+    admin_a.delete_node(&joined.name).await.unwrap();
+
+    let from_a = audit_json(&dir_a).await;
+    let from_b = audit_json(&dir_b).await;
+    assert_eq!(from_a, from_b, "one chain");
+    let mut listed = kinds(&from_a);
+    listed[1..3].sort_unstable();
+    assert_eq!(
+        listed,
+        [
+            "policy_installed",
+            "auth_key_created",
+            "auth_key_created",
+            "node_registered",
+            "node_deleted"
+        ],
+        "B follows A's policy without a second entry"
+    );
+    let verified_a = audit_verified(&dir_a).await;
+    assert!(verified_a.contains("intact: 5 entries"), "{verified_a}");
+    assert_eq!(verified_a, audit_verified(&dir_b).await);
+
+    a.shutdown().await;
+    b.shutdown().await;
 }

@@ -3,14 +3,20 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post, put};
+use axum::serve::IncomingStream;
 use axum::{Json, Router};
 
+use serde::Deserialize;
+use tokio::net::UnixListener;
+
 use super::error::ApiError;
-use super::{AuthKeyRequest, CreatedAuthKey, NodeView, PolicyInstalled, PolicyRequest};
+use super::{AuditLog, AuthKeyRequest, CreatedAuthKey, NodeView, PolicyInstalled, PolicyRequest};
+use crate::audit::{self, Actor, Event, Pin, Verification};
 use crate::authkey::{self, AuthKeySpec};
 use crate::netmap::NetmapHandle;
 use crate::nodes::{NodeRecord, Registry};
@@ -27,9 +33,34 @@ pub(crate) struct AdminState {
     pub(crate) in_force: policy_watch::InForce,
 }
 
-/// The admin API's routes.
+/// Who is calling, from the socket's peer credentials: the actor of the
+/// audit entries its commands write.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer {
+    uid: Option<u32>,
+}
+
+impl Connected<IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        Self {
+            uid: stream.io().peer_cred().ok().map(|cred| cred.uid()),
+        }
+    }
+}
+
+impl Peer {
+    fn actor(self) -> Actor {
+        Actor::Admin { uid: self.uid }
+    }
+}
+
+type Caller = ConnectInfo<Peer>;
+
+/// The admin API's routes; serve them with [`Peer`] as the connect info.
 pub(crate) fn router(state: AdminState) -> Router {
     Router::new()
+        .route("/v1/audit", get(list_audit))
+        .route("/v1/audit/verify", get(verify_audit))
         .route("/v1/authkeys", post(create_auth_key))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{node}", delete(delete_node))
@@ -45,6 +76,7 @@ pub(crate) fn router(state: AdminState) -> Router {
 type Shared = State<Arc<AdminState>>;
 
 async fn create_auth_key(
+    ConnectInfo(peer): Caller,
     State(state): Shared,
     Json(request): Json<AuthKeyRequest>,
 ) -> Result<(StatusCode, Json<CreatedAuthKey>), ApiError> {
@@ -63,6 +95,18 @@ async fn create_auth_key(
     };
     let (key, record) = authkey::create(&**state.registry.store(), &spec, SystemTime::now())?;
     tracing::info!(id = %record.id, tags = ?record.tags, reusable = record.reusable, "auth key created");
+    audit::record(
+        &**state.registry.store(),
+        SystemTime::now(),
+        peer.actor(),
+        Event::AuthKeyCreated {
+            id: record.id.clone(),
+            tags: record.tags.clone(),
+            reusable: record.reusable,
+            ephemeral: record.ephemeral,
+            expires: record.expires,
+        },
+    );
     Ok((
         StatusCode::CREATED,
         Json(CreatedAuthKey {
@@ -92,29 +136,61 @@ async fn list_nodes(State(state): Shared) -> Result<Json<Vec<NodeView>>, ApiErro
 
 /// `node` is an id, a name, `id:ID` or `name:NAME` (see `Registry::find`).
 async fn delete_node(
+    ConnectInfo(peer): Caller,
     State(state): Shared,
     Path(node): Path<String>,
 ) -> Result<Json<NodeView>, ApiError> {
     let record = state.registry.delete_by(&node)?;
     tracing::info!(node = %record.id, name = %record.name, "node deleted by an administrator");
+    audit::record(
+        &**state.registry.store(),
+        SystemTime::now(),
+        peer.actor(),
+        Event::NodeDeleted {
+            node: record.id,
+            name: record.name.clone(),
+        },
+    );
     Ok(Json(view(record, false)))
 }
 
 async fn expire_node(
+    ConnectInfo(peer): Caller,
     State(state): Shared,
     Path(node): Path<String>,
 ) -> Result<Json<NodeView>, ApiError> {
-    let record = state.registry.expire_by(&node, SystemTime::now())?;
+    let now = SystemTime::now();
+    let record = state.registry.expire_by(&node, now)?;
     tracing::info!(node = %record.id, name = %record.name, "node's login expired by an administrator");
+    audit::record(
+        &**state.registry.store(),
+        now,
+        peer.actor(),
+        Event::NodeExpired {
+            node: record.id,
+            name: record.name.clone(),
+        },
+    );
     Ok(Json(view(record, false)))
 }
 
 async fn disable_user(
+    ConnectInfo(peer): Caller,
     State(state): Shared,
     Path(email): Path<String>,
 ) -> Result<Json<Vec<NodeView>>, ApiError> {
-    let cut = state.registry.disable_user(&email, SystemTime::now())?;
+    let now = SystemTime::now();
+    let cut = state.registry.disable_user(&email, now)?;
     tracing::info!(nodes = cut.len(), "user disabled by an administrator");
+    audit::record(
+        &**state.registry.store(),
+        now,
+        peer.actor(),
+        Event::UserDisabled {
+            email: weft_proto::canonical::email(email.trim()).into_owned(),
+            nodes: cut.len(),
+        },
+    );
     Ok(Json(cut.into_iter().map(|r| view(r, false)).collect()))
 }
 
@@ -123,6 +199,7 @@ async fn disable_user(
 const POLICY_BODY_LIMIT: usize = 2 * policy_watch::MAX_POLICY_BYTES + 64 * 1024;
 
 async fn set_policy(
+    ConnectInfo(peer): Caller,
     State(state): Shared,
     request: Result<Json<PolicyRequest>, JsonRejection>,
 ) -> Result<Json<PolicyInstalled>, ApiError> {
@@ -176,7 +253,15 @@ async fn set_policy(
         file_name: request.file_name,
         source: request.source,
     };
-    policy_watch::remember(&**state.registry.store(), &stored)?;
+    policy_watch::install(
+        &**state.registry.store(),
+        &stored,
+        &policy,
+        &state.policy.roles,
+        &peer.actor(),
+        request.force,
+        SystemTime::now(),
+    )?;
     let warnings = policy
         .warnings_with_nodes()
         .map(ToString::to_string)
@@ -189,6 +274,48 @@ async fn set_policy(
         tests_passed: report.passed,
         warnings,
     }))
+}
+
+/// `since`: Unix seconds.
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    since: Option<u64>,
+}
+
+async fn list_audit(
+    State(state): Shared,
+    Query(query): Query<AuditQuery>,
+) -> Result<Json<AuditLog>, ApiError> {
+    Ok(Json(AuditLog {
+        entries: audit::list(&**state.registry.store(), query.since)?,
+        failed_appends: audit::failed_appends(),
+    }))
+}
+
+/// An entry the chain must still hold: `seq` and `hash` together.
+#[derive(Debug, Deserialize)]
+struct VerifyQuery {
+    seq: Option<u64>,
+    hash: Option<String>,
+}
+
+async fn verify_audit(
+    State(state): Shared,
+    Query(query): Query<VerifyQuery>,
+) -> Result<Json<Verification>, ApiError> {
+    let pin = match (query.seq, query.hash) {
+        (Some(seq), Some(hash)) => Some(Pin { seq, hash }),
+        (None, None) => None,
+        _ => {
+            return Err(ApiError::BadRequest(
+                "a pinned entry needs both its sequence number and its hash".into(),
+            ))
+        }
+    };
+    Ok(Json(audit::verify(
+        &**state.registry.store(),
+        pin.as_ref(),
+    )?))
 }
 
 fn view(record: NodeRecord, online: bool) -> NodeView {

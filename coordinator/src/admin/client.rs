@@ -9,7 +9,10 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{AuthKeyRequest, CreatedAuthKey, ErrorBody, NodeView, PolicyInstalled, PolicyRequest};
+use super::{
+    AuditLog, AuthKeyRequest, CreatedAuthKey, ErrorBody, NodeView, PolicyInstalled, PolicyRequest,
+};
+use crate::audit::{Pin, Verification};
 
 /// Talks to a running coordinator over its admin socket.
 #[derive(Debug, Clone)]
@@ -117,6 +120,28 @@ impl AdminClient {
             force,
         };
         self.call(Method::PUT, "/v1/policy", Some(&request)).await
+    }
+
+    /// The audit trail's entries recorded at or after `since` (Unix seconds).
+    pub async fn audit(&self, since: Option<u64>) -> Result<AuditLog, ClientError> {
+        let path = match since {
+            Some(since) => format!("/v1/audit?since={since}"),
+            None => "/v1/audit".to_owned(),
+        };
+        self.call(Method::GET, &path, None::<&()>).await
+    }
+
+    /// Verifies the audit trail's chain, and that it still holds `pin`.
+    pub async fn verify_audit(&self, pin: Option<&Pin>) -> Result<Verification, ClientError> {
+        let path = match pin {
+            Some(pin) => format!(
+                "/v1/audit/verify?seq={}&hash={}",
+                pin.seq,
+                percent_encode(&pin.hash)
+            ),
+            None => "/v1/audit/verify".to_owned(),
+        };
+        self.call(Method::GET, &path, None::<&()>).await
     }
 
     async fn call<B: Serialize, T: DeserializeOwned>(

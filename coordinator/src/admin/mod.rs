@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use weft_proto::{Identity, NodeId};
 
-pub(crate) use self::api::{router, AdminState};
+use crate::audit::AuditEntry;
+
+pub(crate) use self::api::{router, AdminState, Peer};
 pub use self::client::{AdminClient, ClientError};
 
 /// The admin socket's file name inside the data directory.
@@ -85,6 +87,16 @@ pub struct PolicyInstalled {
     pub tests_passed: usize,
     /// Non-fatal diagnostics.
     pub warnings: Vec<String>,
+}
+
+/// The audit trail, as `weft-coordinator audit` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditLog {
+    /// The entries asked for, in chain order.
+    pub entries: Vec<AuditEntry>,
+    /// Entries this coordinator failed to append since it started (each
+    /// one logged): events that happened but are missing from the trail.
+    pub failed_appends: u64,
 }
 
 /// The body of every error response.

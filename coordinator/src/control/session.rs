@@ -32,6 +32,7 @@ use weft_proto::{
 
 use super::claims::Claim;
 use super::{stopping, Context};
+use crate::audit::{self, Actor, Event, Outcome};
 use crate::authkey::AdmitError;
 use crate::netmap::{Attached, Opening, SessionEvent};
 use crate::nodes;
@@ -336,36 +337,66 @@ impl Session {
             }
         };
         let resume = register.resume.take();
+        let stranger = Actor::Machine {
+            machine: machine_key.short().to_string(),
+        };
         let login = match &register.credential {
             Some(Credential::Interactive(flow)) => match self.login(*flow).await {
                 Ok(login) => Some(Login::User(login)),
-                Err(Some(refusal)) => return self.refuse(refusal).await,
+                Err(Some(refusal)) => {
+                    let event = Event::Login {
+                        email: None,
+                        node: None,
+                        result: Outcome::Refused,
+                        reason: Some(refusal.message.clone()),
+                    };
+                    self.audit(stranger, event);
+                    return self.refuse(refusal).await;
+                }
                 Err(None) => return,
             },
             Some(Credential::IdentityToken(token)) => {
                 match self.verify_token(token.expose_secret()).await {
                     Ok(workload) => Some(Login::Workload(workload)),
-                    Err(refusal) => return self.refuse(refusal).await,
+                    Err(refusal) => {
+                        let event = Event::WorkloadJoin {
+                            spiffe_id: None,
+                            node: None,
+                            result: Outcome::Refused,
+                            reason: Some(refusal.message.clone()),
+                        };
+                        self.audit(stranger, event);
+                        return self.refuse(refusal).await;
+                    }
                 }
             }
             Some(Credential::AuthKey(_)) | None => None,
         };
+        let audited = login.clone();
         let registry = self.ctx.registry.clone();
         let registered = tokio::task::spawn_blocking(move || {
             registry.register_as(machine_key, &register, login.as_ref(), SystemTime::now())
         })
         .await;
-        let (record, revision) = match registered {
-            Ok(Ok(done)) => done,
-            Ok(Err(AdmitError::Refused(refusal))) => return self.refuse(refusal).await,
+        let registered = match registered {
+            Ok(Ok(done)) => Ok(done),
+            Ok(Err(AdmitError::Refused(refusal))) => Err(refusal),
             Ok(Err(AdmitError::Store(e))) => {
                 tracing::error!("cannot register a node: {e}");
-                return self.refuse(unavailable()).await;
+                Err(unavailable())
             }
             Err(e) => {
                 tracing::error!("registration task failed: {e}");
-                return self.refuse(unavailable()).await;
+                Err(unavailable())
             }
+        };
+        if let Some(login) = &audited {
+            let (actor, event) = admission(login, registered.as_ref().map(|(r, _)| r.id));
+            self.audit(actor, event);
+        }
+        let (record, revision) = match registered {
+            Ok(done) => done,
+            Err(refusal) => return self.refuse(refusal).await,
         };
         tracing::info!(node = %record.id, name = %record.name, ipv4 = %record.ipv4, machine = %machine_key.short(), "node registered");
         tracing::debug!(node = %record.id, identity = %record.identity, "node details");
@@ -384,6 +415,14 @@ impl Session {
         if let Some(end) = end {
             self.fail(end).await;
         }
+    }
+
+    /// Appends to the audit trail off the async runtime, without waiting:
+    /// the session goes on whether or not the entry is written.
+    fn audit(&self, actor: Actor, event: Event) {
+        let store = self.ctx.registry.store().clone();
+        let now = SystemTime::now();
+        tokio::task::spawn_blocking(move || audit::record(&*store, now, actor, event));
     }
 
     /// Verifies a workload's platform token against the trusted issuers.
@@ -734,6 +773,46 @@ fn login_expired() -> Refusal {
         message:
             "the login link expired before the login completed; run `weft login` for a new one"
                 .into(),
+    }
+}
+
+/// The audit entry of a person's login or a workload's join that got as
+/// far as registering: admitted as a node, or refused.
+fn admission(login: &Login, admitted: Result<NodeId, &Refusal>) -> (Actor, Event) {
+    let (node, result, reason) = match admitted {
+        Ok(node) => (Some(node), Outcome::Accepted, None),
+        Err(refusal) => (None, Outcome::Refused, Some(refusal.message.clone())),
+    };
+    match login {
+        Login::User(user) => (
+            Actor::User {
+                email: user.user.clone(),
+            },
+            Event::Login {
+                email: Some(user.user.clone()),
+                node,
+                result,
+                reason,
+            },
+        ),
+        Login::Workload(workload) => {
+            let spiffe_id = workload.identity.workload.clone();
+            let actor = match &spiffe_id {
+                Some(spiffe_id) => Actor::Workload {
+                    spiffe_id: spiffe_id.clone(),
+                },
+                None => Actor::Workload {
+                    spiffe_id: workload.identity.to_string(),
+                },
+            };
+            let event = Event::WorkloadJoin {
+                spiffe_id,
+                node,
+                result,
+                reason,
+            };
+            (actor, event)
+        }
     }
 }
 

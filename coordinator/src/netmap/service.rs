@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -16,6 +16,7 @@ use weft_proto::{NodeId, PrivateKey, Refusal, RefusalCode, Resume, ServerMessage
 
 use super::replica::{self, Fence, Presence, PRESENCE_PREFIX};
 use super::{Lockout, Netmaps, NodeUpdate, Opening, Output, OverBudget, SessionId};
+use crate::audit::{self, Actor, Event};
 use crate::metrics::{self, PolicyResult};
 use crate::nodes::{self, NodeRecord, Registry};
 use crate::store::{self, StoreError, Watch, WatchError};
@@ -408,7 +409,16 @@ impl Task {
                 }
                 match self.registry.delete_if(node, &[fence.compare()]) {
                     Ok(Some(record)) => {
-                        tracing::info!(node = %record.id, "deleted ephemeral node after it went offline")
+                        tracing::info!(node = %record.id, "deleted ephemeral node after it went offline");
+                        audit::record(
+                            &**self.registry.store(),
+                            SystemTime::now(),
+                            Actor::Replica,
+                            Event::NodeDeleted {
+                                node: record.id,
+                                name: record.name,
+                            },
+                        );
                     }
                     Ok(None) => {}
                     Err(StoreError::Conflict) => {

@@ -51,6 +51,12 @@ macro_rules! conformance_suite {
         }
 
         #[test]
+        fn concurrent_audit_appends_form_one_chain() {
+            let fixture = $fixture;
+            $crate::store::conformance::concurrent_audit_appends_form_one_chain(&fixture);
+        }
+
+        #[test]
         fn concurrent_compare_and_swap_admits_exactly_one_writer() {
             let fixture = $fixture;
             $crate::store::conformance::concurrent_compare_and_swap_admits_exactly_one_writer(
@@ -239,4 +245,53 @@ pub(crate) fn concurrent_compare_and_swap_admits_exactly_one_writer(fixture: &dy
         .unwrap()
         .value
         .starts_with(b"taken by"));
+}
+
+/// Appends from two threads at once: the compare on the chain head makes
+/// the loser of each race retry, so the chain never forks.
+pub(crate) fn concurrent_audit_appends_form_one_chain(fixture: &dyn Fixture) {
+    let store = fixture.open();
+    let writers = [(1, store.clone()), (2, store.clone())];
+    audit_appends_form_one_chain(&store, writers);
+}
+
+/// Each of `writers` (a uid and a handle on `store`) appends 20 entries at
+/// once; then the chain holds all of them, intact.
+pub(crate) fn audit_appends_form_one_chain(
+    store: &Arc<dyn Store>,
+    writers: [(u32, Arc<dyn Store>); 2],
+) {
+    use crate::audit::{self, Actor, Event};
+    std::thread::scope(|s| {
+        for (uid, writer) in writers {
+            s.spawn(move || {
+                for n in 0..20 {
+                    let appended =
+                        audit::append_with(&*writer, std::time::SystemTime::now(), || {
+                            Ok(audit::Staged {
+                                compares: Vec::new(),
+                                ops: Vec::new(),
+                                actor: Actor::Admin { uid: Some(uid) },
+                                event: Event::UserDisabled {
+                                    email: format!("user{n}@example.org"),
+                                    nodes: 0,
+                                },
+                            })
+                        });
+                    appended.unwrap();
+                }
+            });
+        }
+    });
+    let verification = audit::verify(&**store, None).unwrap();
+    assert_eq!(verification.problem, None);
+    assert_eq!(verification.entries, 40);
+    let entries = audit::list(&**store, None).unwrap();
+    for uid in [1, 2] {
+        let by = entries
+            .iter()
+            .filter(|e| e.actor == Actor::Admin { uid: Some(uid) })
+            .count();
+        assert_eq!(by, 20, "every append of writer {uid} is in the chain");
+    }
 }

@@ -839,6 +839,17 @@ mod tests {
         }
     }
 
+    #[test]
+    fn audit_appends_through_two_connections_form_one_chain() {
+        let etcd = Etcd::single();
+        let first = etcd.open();
+        let second = etcd.open();
+        crate::store::conformance::audit_appends_form_one_chain(
+            &first,
+            [(1, first.clone()), (2, second)],
+        );
+    }
+
     conformance_suite!(Etcd::single());
 
     /// An unreachable cluster is named, with etcd's error as the cause

@@ -1,0 +1,158 @@
+//! The audit trail of the control plane: who installed which policy,
+//! created auth keys, registered, deleted and expired nodes, disabled
+//! users, and every login and workload join with its result.
+//!
+//! Entries form a hash chain in the store (see [`entry`]): each names the
+//! hash of the one before, and a head record names the last. An append is
+//! one transaction guarded by a compare on the head, so coordinator
+//! replicas sharing a store write one chain: of two concurrent appends one
+//! commits and the other re-reads the head and tries again.
+//!
+//! A policy install and its entry are one transaction: no policy is ever in
+//! force without its entry. Every other event is appended after the
+//! operation it records; a failed append is logged and counted (the count
+//! shows in `weft-coordinator audit`), and never fails that operation.
+
+mod chain;
+mod entry;
+#[cfg(test)]
+mod tests;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use self::chain::Head;
+pub use self::chain::{Pin, Tamper, Verification};
+pub(crate) use self::entry::sha256_hex;
+pub use self::entry::{Actor, AuditEntry, Event, Outcome, GENESIS_HASH};
+use crate::authkey::unix_secs;
+use crate::store::{self, Compare, Op, Store, StoreError};
+
+/// Where entries are kept, by zero-padded sequence number so that keys sort
+/// in chain order.
+const ENTRIES_PREFIX: &str = "audit/entries/";
+/// Where the head record is kept.
+const HEAD_KEY: &str = "audit/head";
+
+/// Appends that lost to a concurrent one more often than this give up:
+/// far more replicas than any deployment runs would have to append at once.
+const MAX_APPEND_ATTEMPTS: usize = 64;
+
+/// Best-effort appends that failed since this process started.
+static FAILED_APPENDS: AtomicU64 = AtomicU64::new(0);
+
+fn entry_path(seq: u64) -> String {
+    format!("{ENTRIES_PREFIX}{seq:020}")
+}
+
+/// An operation to commit together with its entry.
+#[derive(Debug)]
+pub(crate) struct Staged {
+    /// What must hold for the operation, besides the chain head.
+    pub(crate) compares: Vec<Compare>,
+    /// The operation's writes.
+    pub(crate) ops: Vec<Op>,
+    pub(crate) actor: Actor,
+    pub(crate) event: Event,
+}
+
+/// Appends the entry `stage` describes, committing its operation in the
+/// same transaction. `stage` runs again whenever the transaction lost to a
+/// concurrent one (a compare of its own, or the chain head, changed).
+pub(crate) fn append_with(
+    store: &dyn Store,
+    now: SystemTime,
+    mut stage: impl FnMut() -> Result<Staged, StoreError>,
+) -> Result<AuditEntry, StoreError> {
+    for _ in 0..MAX_APPEND_ATTEMPTS {
+        let staged = stage()?;
+        let (head, guard) = match store::get_json::<Head>(store, HEAD_KEY)? {
+            Some((head, revision)) => (head, Compare::ModRevision(HEAD_KEY.into(), revision)),
+            None => (Head::genesis(), Compare::Absent(HEAD_KEY.into())),
+        };
+        let entry = AuditEntry::new(
+            head.seq + 1,
+            unix_secs(now),
+            staged.actor,
+            staged.event,
+            head.hash,
+        );
+        let path = entry_path(entry.seq);
+        let mut compares = staged.compares;
+        compares.extend([guard, Compare::Absent(path.clone())]);
+        let new_head = Head {
+            seq: entry.seq,
+            hash: entry.hash.clone(),
+        };
+        let mut ops = staged.ops;
+        ops.extend([
+            Op::Put(path, store::encode(&entry)?),
+            Op::Put(HEAD_KEY.into(), store::encode(&new_head)?),
+        ]);
+        match store.txn(&compares, &ops) {
+            Ok(_) => return Ok(entry),
+            Err(StoreError::Conflict) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::Conflict)
+}
+
+/// Appends an entry for an operation already done. A failure is logged and
+/// counted, never returned: the operation stands either way.
+pub(crate) fn record(store: &dyn Store, now: SystemTime, actor: Actor, event: Event) {
+    let appended = append_with(store, now, || {
+        Ok(Staged {
+            compares: Vec::new(),
+            ops: Vec::new(),
+            actor: actor.clone(),
+            event: event.clone(),
+        })
+    });
+    if let Err(e) = appended {
+        let failed = FAILED_APPENDS.fetch_add(1, Ordering::Relaxed) + 1;
+        // The entry names people; the log says only what kind it was.
+        tracing::error!(
+            failed_appends = failed,
+            "cannot append a {} entry to the audit trail: {e}",
+            event.kind()
+        );
+    }
+}
+
+/// How many best-effort appends failed since this process started.
+pub(crate) fn failed_appends() -> u64 {
+    FAILED_APPENDS.load(Ordering::Relaxed)
+}
+
+/// Every entry recorded at or after `since` (Unix seconds), in chain order.
+pub(crate) fn list(store: &dyn Store, since: Option<u64>) -> Result<Vec<AuditEntry>, StoreError> {
+    let mut entries = Vec::new();
+    for (key, value) in store.list(ENTRIES_PREFIX)? {
+        let entry: AuditEntry = store::decode(&key, &value.value)?;
+        if since.is_none_or(|since| entry.time >= since) {
+            entries.push(entry);
+        }
+    }
+    Ok(entries)
+}
+
+/// Checks the stored chain, and that it still holds `pin` if given.
+pub(crate) fn verify(store: &dyn Store, pin: Option<&Pin>) -> Result<Verification, StoreError> {
+    let entries: Vec<_> = store
+        .list(ENTRIES_PREFIX)?
+        .into_iter()
+        .map(|(key, value)| {
+            let position = key
+                .strip_prefix(ENTRIES_PREFIX)
+                .and_then(|seq| seq.parse().ok());
+            (position, value.value)
+        })
+        .collect();
+    let head = store.get(HEAD_KEY)?;
+    Ok(chain::verify(
+        &entries,
+        head.as_ref().map(|head| &*head.value),
+        pin,
+    ))
+}
