@@ -81,6 +81,7 @@ impl Side {
                     protocols: vec![Protocol::Tcp],
                     action: RuleAction::Accept,
                     policy_line: 1,
+                    rule_id: weft_proto::RuleId::default(),
                 }],
                 default: DefaultAction::Deny,
             },

@@ -39,6 +39,7 @@ fn rules(count: u32) -> PacketFilter {
                     RuleAction::Accept
                 },
                 policy_line: i + 1,
+                rule_id: weft_proto::RuleId::default(),
             }
         })
         .collect();

@@ -315,6 +315,7 @@ impl Builder<'_, '_> {
             protocols: rule.protocols.clone(),
             action: rule.action,
             policy_line: rule.line,
+            rule_id: rule.id,
         };
         if rule.action == RuleAction::AuditDeny && !file_audit {
             self.audits.entry(node).or_default().push(filter_rule);
@@ -430,6 +431,7 @@ fn intersect(audit: &FilterRule, accept: &FilterRule) -> Option<FilterRule> {
         protocols,
         action: RuleAction::AuditDeny,
         policy_line: audit.policy_line,
+        rule_id: audit.rule_id,
     })
 }
 
@@ -671,7 +673,7 @@ mod tests {
     use std::time::Instant;
 
     use proptest::prelude::*;
-    use weft_proto::Protocol;
+    use weft_proto::{Protocol, RuleId};
 
     use super::*;
     use crate::eval::{Subject, Verdict};
@@ -772,6 +774,25 @@ mod tests {
         Policy::parse(source, "p").unwrap().compile(nodes)
     }
 
+    #[test]
+    fn rule_ids_follow_the_entry_not_its_line_or_layout() {
+        let nodes = [tagged(1, &["tag:web"]), tagged(2, &["tag:db"])];
+        let id = |source: &str| compile(source, &nodes).nodes[&NodeId(2)].filter.rules[0].rule_id;
+        let rule = r#"{"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"]}"#;
+        let tags = r#""tagOwners": {"tag:web": [], "tag:db": []}"#;
+        let first = id(&format!("{{{tags}, \"acls\": [{rule}]}}"));
+        let moved = id(&format!(
+            "{{\n  // the team's rules\n  {tags},\n\n  \"acls\": [\n    {}\n  ]\n}}",
+            rule.replace(", ", ",\n      ")
+        ));
+        assert_eq!(first, moved, "moved down and re-indented");
+        let edited = id(&format!(
+            "{{{tags}, \"acls\": [{}]}}",
+            rule.replace("5432", "5433")
+        ));
+        assert_ne!(first, edited, "another port is another rule");
+    }
+
     const THREE: &str = r#"{
   "groups": {"group:eng": ["alice@example.com"]},
   "tagOwners": {"tag:web": [], "tag:db": []},
@@ -815,6 +836,9 @@ mod tests {
                 }],
                 protocols: vec![Protocol::Tcp],
                 policy_line: 5,
+                rule_id: RuleId::of_text(
+                    r#"{"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"], "proto": "tcp"}"#
+                ),
                 action: RuleAction::Accept,
             }]
         );
@@ -839,6 +863,9 @@ mod tests {
                 ],
                 protocols: vec![],
                 policy_line: 6,
+                rule_id: RuleId::of_text(
+                    r#"{"action": "accept", "src": ["group:eng"], "dst": ["tag:web:80,443", "tag:web:8080"]}"#
+                ),
                 action: RuleAction::Accept,
             }]
         );

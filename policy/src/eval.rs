@@ -221,6 +221,7 @@ mod tests {
         Rule {
             line: 1,
             text: String::new(),
+            id: weft_proto::RuleId::default(),
             action,
             src,
             dst: dst

@@ -225,6 +225,7 @@ mod tests {
         for rule in rules.rules.iter_mut().chain(&mut rules.inert) {
             rule.line = 0;
             rule.text.clear();
+            rule.id = weft_proto::RuleId::default();
         }
         for app in &mut rules.apps {
             app.line = 0;

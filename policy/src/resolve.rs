@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
-use weft_proto::RuleAction;
+use weft_proto::{RuleAction, RuleId};
 
 use crate::ast::{Action, File, Spanned};
 use crate::diagnostic::{known_list, suggest, Diagnostic, SourceMap, Span};
@@ -143,9 +143,11 @@ pub(crate) fn resolve(
             })
             .collect();
         resolver.deny = false;
+        let text = map.snippet(acl.span);
         rules.push(Rule {
             line: map.location(acl.span.start).line,
-            text: map.snippet(acl.span),
+            id: RuleId::of_text(&text),
+            text,
             action,
             src,
             dst,
@@ -162,6 +164,7 @@ pub(crate) fn resolve(
         };
         let line = map.location(grant.span.start).line;
         let text = map.snippet(grant.span);
+        let id = RuleId::of_text(&text);
         let src = resolver.targets(&grant.src, Side::Src);
         let dst = resolver.targets(&grant.dst, Side::Dst);
         // Traffic a grant routes through chosen routers cannot be restricted
@@ -178,6 +181,7 @@ pub(crate) fn resolve(
             rules.push(Rule {
                 line,
                 text: text.clone(),
+                id,
                 action: RuleAction::Accept,
                 src: src.clone(),
                 dst: dst

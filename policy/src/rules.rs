@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use ipnet::IpNet;
-use weft_proto::{PortRange, Protocol, RuleAction};
+use weft_proto::{PortRange, Protocol, RuleAction, RuleId};
 
 use crate::diagnostic::Location;
 use crate::posture::Posture;
@@ -125,6 +125,9 @@ pub(crate) struct Rule {
     pub(crate) line: u32,
     /// The entry as written, on one line.
     pub(crate) text: String,
+    /// The entry's stable id: the hash of `text`, so moving or re-indenting
+    /// the entry keeps it and editing the entry changes it.
+    pub(crate) id: RuleId,
     /// Accept, deny, or a deny in audit mode.
     pub(crate) action: RuleAction,
     pub(crate) src: Vec<Target>,

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// The control protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The largest frame accepted, header excluded: 16 MiB holds a netmap of well
 /// over 50,000 peers.
@@ -322,6 +322,7 @@ mod tests {
                 protocols: vec![Protocol::from_number(proto)],
                 action,
                 policy_line: line,
+                rule_id: crate::flows::RuleId(u64::from(line) << 7 ^ u64::from(ip)),
             })
     }
 

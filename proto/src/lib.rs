@@ -26,6 +26,7 @@
 //! relays; [`relay`] is that protocol, and how relays learn whom to admit.
 
 pub mod canonical;
+pub mod flows;
 pub mod frame;
 pub mod handshake;
 pub mod keys;
@@ -35,6 +36,10 @@ pub mod resume;
 pub mod signing;
 pub mod stun;
 
+pub use flows::{
+    FlowBatch, FlowDirection, FlowEndpoint, FlowId, FlowPath, FlowRecord, FlowVerdict, RuleId,
+    RuleRef, Traffic,
+};
 pub use frame::{
     encode_frame, DecodeError, EncodeError, FrameDecoder, MAX_FRAME_LEN, PROTOCOL_VERSION,
 };

@@ -20,6 +20,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::flows::{FlowBatch, RuleId};
 use crate::keys::{AuthKey, PublicKey};
 use crate::relay::RelayInfo;
 use crate::signing::{Digest, NetmapKey, SignedRecord};
@@ -57,6 +58,9 @@ pub enum ClientMessage {
         /// The relay's name, as in the coordinator's `[[relays]]` entry.
         name: String,
     },
+    /// Flow records ([`crate::flows`]); the coordinator acknowledges each
+    /// batch with [`ServerMessage::FlowsAck`] once it has kept it.
+    Flows(FlowBatch),
 }
 
 impl ClientMessage {
@@ -67,6 +71,7 @@ impl ClientMessage {
             ClientMessage::UpdateEndpoints(_) => "UpdateEndpoints",
             ClientMessage::UpdateAttributes(_) => "UpdateAttributes",
             ClientMessage::RelayFeed { .. } => "RelayFeed",
+            ClientMessage::Flows(_) => "Flows",
         }
     }
 }
@@ -237,6 +242,11 @@ pub enum ServerMessage {
     /// A [`NetMap`] or [`NetMapDelta`], signed: the only way a coordinator
     /// sends either ([`crate::signing`]).
     Signed(SignedRecord),
+    /// The coordinator kept the node's [`FlowBatch`] with this id.
+    FlowsAck {
+        /// The batch's id.
+        id: u64,
+    },
 }
 
 impl ServerMessage {
@@ -252,6 +262,7 @@ impl ServerMessage {
             ServerMessage::RelayAdmissions { .. } => "RelayAdmissions",
             ServerMessage::NetmapKey(_) => "NetmapKey",
             ServerMessage::Signed(_) => "Signed",
+            ServerMessage::FlowsAck { .. } => "FlowsAck",
         }
     }
 }
@@ -590,6 +601,8 @@ pub struct FilterRule {
     pub action: RuleAction,
     /// The policy line the rule came from, for audit logs.
     pub policy_line: u32,
+    /// The rule's stable id, for flow records.
+    pub rule_id: RuleId,
 }
 
 /// An inclusive range of ports.

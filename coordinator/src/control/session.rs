@@ -579,6 +579,9 @@ impl Session {
                     Ok(Some(ClientMessage::RelayFeed { .. })) => {
                         return Some(End::Protocol("RelayFeed sent by a registered node".into()));
                     }
+                    Ok(Some(ClientMessage::Flows(_))) => {
+                        return Some(End::Protocol("this coordinator does not take flow records".into()));
+                    }
                     Ok(None) => return Some(End::Closed),
                     Err(end) => return Some(end),
                 },

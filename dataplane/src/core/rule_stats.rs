@@ -84,6 +84,7 @@ mod tests {
             rules: lines
                 .iter()
                 .map(|&policy_line| FilterRule {
+                    rule_id: weft_proto::RuleId::default(),
                     src: Vec::new(),
                     dst: Vec::new(),
                     ports: Vec::new(),

@@ -282,6 +282,7 @@ impl Sim {
             protocols: protocols.to_vec(),
             action: RuleAction::Accept,
             policy_line: 7,
+            rule_id: weft_proto::RuleId::default(),
         }
     }
 

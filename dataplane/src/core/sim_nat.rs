@@ -230,6 +230,7 @@ impl Net {
                 protocols: vec![Protocol::Icmp],
                 action: RuleAction::Accept,
                 policy_line: 1,
+                rule_id: weft_proto::RuleId::default(),
             })
             .collect();
         let IpAddr::V4(ipv4) = self.hosts[me].v4 else {

@@ -300,6 +300,7 @@ mod tests {
                 .collect(),
             protocols: protocols.to_vec(),
             policy_line: 1,
+            rule_id: weft_proto::RuleId::default(),
             action: RuleAction::Accept,
         }
     }
@@ -716,6 +717,7 @@ mod tests {
         )
             .prop_map(
                 |(src, dst, ports, protocols, policy_line, action)| FilterRule {
+                    rule_id: weft_proto::RuleId::default(),
                     src,
                     dst,
                     ports,

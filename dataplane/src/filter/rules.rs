@@ -444,6 +444,7 @@ mod tests {
                 .collect(),
             protocols: protocols.to_vec(),
             policy_line: line,
+            rule_id: weft_proto::RuleId::default(),
             action: RuleAction::Accept,
         }
     }

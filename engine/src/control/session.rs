@@ -312,6 +312,11 @@ impl Session {
                     "the coordinator sent relay admissions, which only relays ask for",
                 ));
             }
+            ServerMessage::FlowsAck { .. } => {
+                return Err(protocol(
+                    "the coordinator acknowledged flow records this node did not send",
+                ));
+            }
         };
         self.events.push_back(SessionEvent::Control(event));
         Ok(())

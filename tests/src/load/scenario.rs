@@ -106,6 +106,7 @@ mod tests {
                 protocols: vec![Protocol::Tcp],
                 action: RuleAction::Accept,
                 policy_line: 1,
+                rule_id: weft_proto::RuleId::default(),
             }],
             default: DefaultAction::Deny,
         };

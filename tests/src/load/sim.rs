@@ -407,6 +407,7 @@ impl View {
             ServerMessage::Relays(_) | ServerMessage::NetmapKey(_) => return Ok(Vec::new()),
             ServerMessage::RelayAdmissions { .. } => bail!("sent relay admissions"),
             ServerMessage::Signed(_) => bail!("a signed record was not opened"),
+            ServerMessage::FlowsAck { .. } => bail!("acknowledged flow records it never sent"),
         };
         let mut reached = Vec::new();
         if !self.synced {
