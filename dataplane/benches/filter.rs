@@ -90,12 +90,12 @@ fn bench(c: &mut Criterion) {
         // Fill the table so lookups are not in a near-empty map.
         for port in 1..5_000u16 {
             if let Ok(h) = parse(&tcp(Ipv4Addr::new(100, 66, 0, 1), port, 1000)) {
-                fw.outbound(&h, now);
+                fw.outbound(&h, 40, now);
             }
         }
-        fw.inbound(&headers, now);
+        fw.inbound(&headers, 40, now);
         established.bench_with_input(BenchmarkId::from_parameter(count), &headers, |b, h| {
-            b.iter(|| fw.inbound(black_box(h), now))
+            b.iter(|| fw.inbound(black_box(h), 40, now))
         });
     }
     established.finish();

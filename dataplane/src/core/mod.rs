@@ -176,6 +176,17 @@ pub struct RelayTransmit {
     pub payload: Vec<u8>,
 }
 
+/// A peer and how it is reached now ([`Node::peer_route`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRoute<'a> {
+    /// The peer as the netmap describes it.
+    pub peer: &'a Peer,
+    /// How it is reached; `None` while there is no way yet.
+    pub path: Option<PathKind>,
+    /// The relay, when `path` is [`PathKind::Relay`].
+    pub relay: Option<String>,
+}
+
 /// How a peer is reached now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -609,7 +620,7 @@ impl Node {
         if peer.paths.touch(now) {
             self.wake = Some(now);
         }
-        self.firewall.outbound(&headers, now);
+        self.firewall.outbound(&headers, packet.len(), now);
         // Encrypted straight into the buffer that goes to the socket.
         let mut out = self.spare.pop().unwrap_or_default();
         out.resize(
@@ -898,7 +909,7 @@ impl Node {
                 return;
             }
         };
-        let verdict = firewall.inbound(&headers, now);
+        let verdict = firewall.inbound(&headers, packet.len(), now);
         rule_stats.count(&verdict);
         match verdict {
             Verdict::Accept(admission) => {
@@ -1060,6 +1071,36 @@ impl Node {
     /// Inbound verdicts by the policy rule that decided them, by line.
     pub fn rule_verdicts(&self) -> Vec<RuleVerdicts> {
         self.rule_stats.snapshot()
+    }
+
+    /// The oldest flow report the shell has not taken yet: flows that
+    /// ended, interim reports of long-lived ones, and denial summaries
+    /// ([`crate::filter::FlowLog`]). Drain it after every input, as the
+    /// other outputs; what is not drained in time is dropped and counted.
+    pub fn poll_flow_report(&mut self) -> Option<filter::FlowReport> {
+        self.firewall.poll_report()
+    }
+
+    /// The flow log's counters.
+    pub fn flow_log_stats(&self) -> filter::FlowLogStats {
+        self.firewall.log_stats()
+    }
+
+    /// The peer that holds overlay address `address`, and how it is
+    /// reached now: for naming the far end of a flow report.
+    pub fn peer_route(&self, address: IpAddr) -> Option<PeerRoute<'_>> {
+        let id = self.by_address.get(&address)?;
+        let tunnel = self.peers.get(id)?;
+        let (path, relay) = match route(tunnel, &self.discovery, self.last_now) {
+            Some(Dst::Udp(_)) => (Some(PathKind::Direct), None),
+            Some(Dst::Relay(relay)) => (Some(PathKind::Relay), Some(relay)),
+            None => (None, None),
+        };
+        Some(PeerRoute {
+            peer: &tunnel.peer,
+            path,
+            relay,
+        })
     }
 
     /// Packet counters.

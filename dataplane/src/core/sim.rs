@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use weft_proto::{
-    DefaultAction, FilterRule, PacketFilter, PortRange, Protocol, RuleAction, SelfNode,
+    DefaultAction, FilterRule, FlowVerdict, PacketFilter, PortRange, Protocol, RuleAction, SelfNode,
 };
 
 use super::*;
@@ -876,3 +876,90 @@ fn both_sides_rotating_at_once_lose_no_packet() {
 
 mod mtu;
 mod timers;
+
+/// Every flow report `node` has queued.
+fn flow_reports(sim: &mut Sim, node: usize) -> Vec<filter::FlowReport> {
+    std::iter::from_fn(|| sim.nodes[node].node.poll_flow_report()).collect()
+}
+
+#[test]
+fn both_ends_report_a_flow_alike_on_the_virtual_clock() {
+    let mut sim = Sim::new();
+    let db = PortRange {
+        first: 5432,
+        last: 5432,
+    };
+    let rule = FilterRule {
+        rule_id: weft_proto::RuleId::of_text("a to b's database"),
+        ..sim.allow(A, B, &[Protocol::Tcp], &[db])
+    };
+    sim.set_netmap(A, &[B], vec![]);
+    sim.set_netmap(B, &[A], vec![rule.clone()]);
+    let (a, b) = (sim.nodes[A].v4, sim.nodes[B].v4);
+    let start = sim.now;
+    sim.send(A, &test_packets::tcp_seq(a, 40000, b, 5432, SYN, 0xabc));
+    sim.send(B, &test_packets::tcp(b, 5432, a, 40000, SYN | ACK));
+    for _ in 0..4 {
+        sim.advance(Duration::from_secs(20));
+        sim.send(A, &test_packets::tcp(a, 40000, b, 5432, ACK));
+    }
+    let last_packet = sim.now;
+    assert_eq!(sim.take_tun(B).len(), 5);
+    assert_eq!(sim.take_tun(A).len(), 1);
+    // B denies what no rule admits, and sums it.
+    sim.send(A, &test_packets::udp(a, 40001, b, 53, b"q"));
+    sim.send(A, &test_packets::udp(a, 40002, b, 53, b"q"));
+
+    let interim: Vec<_> = [A, B].map(|n| flow_reports(&mut sim, n)).into();
+    for reports in &interim {
+        assert!(
+            matches!(reports.as_slice(), [r] if !r.ended && r.start == start),
+            "{reports:?}"
+        );
+    }
+
+    sim.advance(filter::TCP_IDLE + Duration::from_secs(1));
+    let on_a = flow_reports(&mut sim, A);
+    let on_b = flow_reports(&mut sim, B);
+    // A reports the UDP flows it opened, B their summary 10 s in; each end
+    // one more interim report (traffic came after the first), then the end.
+    let kinds = |reports: &[filter::FlowReport]| -> Vec<(Protocol, bool)> {
+        reports.iter().map(|r| (r.key.protocol, r.ended)).collect()
+    };
+    let udp = (Protocol::Udp, true);
+    let tcp = |ended| (Protocol::Tcp, ended);
+    assert_eq!(kinds(&on_a), [tcp(false), udp, udp, tcp(true)]);
+    assert_eq!(kinds(&on_b), [udp, tcp(false), tcp(true)]);
+    let (opened, summary, accepted) = (&on_a[3], &on_b[0], &on_b[2]);
+    for (end, verdict) in [
+        (opened, FlowVerdict::Opened),
+        (accepted, FlowVerdict::Accept),
+    ] {
+        assert_eq!(end.verdict, verdict);
+        assert_eq!((end.key.src, end.key.src_port), (a, 40000));
+        assert_eq!((end.key.dst, end.key.dst_port), (b, 5432));
+        assert_eq!(end.discriminator, 0xabc);
+        assert_eq!((end.start, end.end), (start, last_packet));
+        assert_eq!((end.to_dst.packets, end.to_src.packets), (5, 1));
+        assert!(end.ended);
+    }
+    assert_eq!(opened.to_dst, accepted.to_dst);
+    assert_eq!(opened.to_src, accepted.to_src);
+    assert_eq!(opened.rule, None);
+    assert_eq!(
+        accepted.rule,
+        Some(weft_proto::RuleRef {
+            line: 7,
+            id: rule.rule_id
+        })
+    );
+    assert_eq!(summary.verdict, FlowVerdict::Deny);
+    assert_eq!(summary.key.dst_port, 53);
+    assert_eq!(summary.denied.as_ref().map(|d| d.flows), Some(2));
+    assert_eq!(
+        summary.end.duration_since(last_packet),
+        Duration::ZERO,
+        "denied at the same virtual instant"
+    );
+    assert_eq!(sim.nodes[B].node.flow_log_stats().dropped, 0);
+}

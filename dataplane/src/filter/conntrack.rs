@@ -1,5 +1,6 @@
-//! The connection-tracking table: which flows exist, who opened them, and
-//! when they go idle.
+//! The connection-tracking table: which flows exist, who opened them, when
+//! they go idle, and what passed on them: each flow is reported to the
+//! [`FlowLog`] when it ends and every [`ACTIVE_INTERVAL`] while it lasts.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -7,8 +8,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
-use weft_proto::Protocol;
+use weft_proto::{FlowVerdict, Protocol, RuleRef, Traffic};
 
+use super::flow_log::{FlowLog, FlowReport, ACTIVE_INTERVAL};
 use super::packet::{Headers, Transport};
 
 /// Idle lifetime of a TCP flow.
@@ -118,11 +120,25 @@ impl Direction {
     }
 }
 
+/// What a new flow is tracked with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opening {
+    /// Who opened it.
+    pub origin: Origin,
+    /// What the filter decided ([`FlowVerdict::Opened`] for this node's own).
+    pub verdict: FlowVerdict,
+    /// The rule that decided, if one did.
+    pub rule: Option<RuleRef>,
+    /// The opening SYN's initial sequence number; 0 for other flows.
+    pub discriminator: u32,
+}
+
 /// A bounded table of flows, one entry per flow whichever way its packets
 /// travel, so a packet of either direction costs one hash probe.
 ///
 /// Time comes in as `now`; nothing here reads a clock. When full, inserting
-/// evicts the flow closest to expiry.
+/// evicts the flow closest to expiry. Every flow that leaves the table
+/// (idle, evicted, forgotten, cleared, replaced) is reported ended.
 #[derive(Debug)]
 pub struct ConnTrack {
     /// Keyed with a random seed: keys come from the network, so a fixed
@@ -131,6 +147,10 @@ pub struct ConnTrack {
     /// One entry per flow, holding a deadline no later than the flow's own
     /// (refreshing a flow leaves its entry stale-early; expiry re-queues it).
     deadlines: BinaryHeap<Reverse<(Instant, Slot)>>,
+    /// When each flow's next interim report is due. Entries of flows that
+    /// left the table stay until due or compacted away, so the heap is
+    /// compacted once it outgrows twice the table.
+    reports: BinaryHeap<Reverse<(Instant, Slot)>>,
     capacity: usize,
 }
 
@@ -157,6 +177,25 @@ impl Probe<'_> {
     pub fn refresh(&mut self, now: Instant) {
         self.flow.seen = now;
     }
+
+    /// Counts a packet of `len` bytes that passed on the flow the way it
+    /// travels, and extends the flow's life from `now`.
+    #[inline]
+    pub fn pass(&mut self, len: usize, now: Instant) {
+        self.flow.seen = now;
+        let traffic = if self.direction.opens() {
+            &mut self.flow.to_dst
+        } else {
+            &mut self.flow.to_src
+        };
+        traffic.packets += 1;
+        traffic.bytes += len as u64;
+    }
+
+    /// The flow's discriminator ([`Opening::discriminator`]).
+    pub fn discriminator(&self) -> u32 {
+        self.flow.discriminator
+    }
 }
 
 /// A flow's table key: its protocol and its two ends in a fixed order, so
@@ -179,9 +218,19 @@ struct Flow {
     origin: Origin,
     /// Whether the opener sent from the slot's low end.
     opened_from_low: bool,
+    verdict: FlowVerdict,
+    discriminator: u32,
     /// The last packet that kept the flow alive. Storing the time rather
     /// than a deadline keeps `Instant` arithmetic off the per-packet path.
     seen: Instant,
+    /// The first packet.
+    first: Instant,
+    /// The last report (or the first packet); the next is due
+    /// [`ACTIVE_INTERVAL`] later.
+    reported: Instant,
+    rule: Option<RuleRef>,
+    to_dst: Traffic,
+    to_src: Traffic,
 }
 
 impl ConnTrack {
@@ -190,6 +239,7 @@ impl ConnTrack {
         Self {
             flows: AHashMap::with_capacity(64),
             deadlines: BinaryHeap::new(),
+            reports: BinaryHeap::new(),
             capacity: capacity.max(1),
         }
     }
@@ -220,27 +270,55 @@ impl ConnTrack {
         Some(flow.origin())
     }
 
-    /// Starts tracking flow `key` as opened by its sender (or refreshes it,
-    /// with a new origin and opener).
-    pub fn insert(&mut self, key: FlowKey, origin: Origin, now: Instant) {
+    /// Starts tracking flow `key` as opened by its sender with a first
+    /// packet of `len` bytes. A flow tracked on the same ends is reported
+    /// ended and replaced.
+    pub fn insert(
+        &mut self,
+        key: FlowKey,
+        opening: Opening,
+        len: usize,
+        now: Instant,
+        log: &mut FlowLog,
+    ) {
         let (slot, opened_from_low) = Slot::of(&key);
         let flow = Flow {
-            origin,
+            origin: opening.origin,
             opened_from_low,
+            verdict: opening.verdict,
+            discriminator: opening.discriminator,
             seen: now,
+            first: now,
+            reported: now,
+            rule: opening.rule,
+            to_dst: Traffic {
+                packets: 1,
+                bytes: len as u64,
+            },
+            to_src: Traffic::default(),
         };
         if let Some(tracked) = self.flows.get_mut(&slot) {
+            log.push(slot.report(tracked, true));
             *tracked = flow;
-            return;
-        }
-        while self.flows.len() >= self.capacity {
-            if !self.pop_earliest(None) {
-                break;
+        } else {
+            while self.flows.len() >= self.capacity {
+                if !self.pop_earliest(None, log) {
+                    break;
+                }
             }
+            self.flows.insert(slot, flow);
+            self.deadlines
+                .push(Reverse((now + slot.idle_timeout(), slot)));
         }
-        self.flows.insert(slot, flow);
-        self.deadlines
-            .push(Reverse((now + slot.idle_timeout(), slot)));
+        self.reports.push(Reverse((now + ACTIVE_INTERVAL, slot)));
+        if self.reports.len() > 2 * self.flows.len() + 64 {
+            let flows = &self.flows;
+            self.reports.retain(|Reverse((due, slot))| {
+                flows
+                    .get(slot)
+                    .is_some_and(|flow| flow.reported + ACTIVE_INTERVAL == *due)
+            });
+        }
     }
 
     /// Re-decides every peer-opened flow with `allowed`, given the key of
@@ -255,26 +333,61 @@ impl ConnTrack {
         }
     }
 
-    /// Forgets every flow that has one of `addresses` at either end.
-    pub fn forget_addresses(&mut self, addresses: &[IpAddr]) {
+    /// Forgets every flow that has one of `addresses` at either end,
+    /// reporting each ended.
+    pub fn forget_addresses(&mut self, addresses: &[IpAddr], log: &mut FlowLog) {
         let involved = |slot: &Slot| {
             let (low, high) = slot.addresses();
             addresses.contains(&low) || addresses.contains(&high)
         };
-        self.flows.retain(|slot, _| !involved(slot));
+        self.flows.retain(|slot, flow| {
+            let gone = involved(slot);
+            if gone {
+                log.push(slot.report(flow, true));
+            }
+            !gone
+        });
         self.deadlines.retain(|Reverse((_, slot))| !involved(slot));
+        self.reports.retain(|Reverse((_, slot))| !involved(slot));
     }
 
-    /// Drops flows idle at `now`.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        while self.pop_earliest(Some(now)) {}
+    /// Drops flows idle at `now`, reporting each ended, and reports the
+    /// flows whose interim report is due.
+    pub fn handle_timeout(&mut self, now: Instant, log: &mut FlowLog) {
+        while self.pop_earliest(Some(now), log) {}
+        while let Some(Reverse((due, slot))) = self.reports.peek().copied() {
+            if due > now {
+                break;
+            }
+            self.reports.pop();
+            let Some(flow) = self.flows.get_mut(&slot) else {
+                continue;
+            };
+            if flow.reported + ACTIVE_INTERVAL != due {
+                continue;
+            }
+            // A flow with nothing new since its last report waits for its end.
+            if flow.seen > flow.reported {
+                log.push(slot.report(flow, false));
+            }
+            flow.reported = if due + ACTIVE_INTERVAL > now {
+                due
+            } else {
+                now
+            };
+            self.reports
+                .push(Reverse((flow.reported + ACTIVE_INTERVAL, slot)));
+        }
     }
 
-    /// When the next flow may go idle (possibly early; then nothing happens).
+    /// When the next flow may go idle (possibly early; then nothing
+    /// happens) or is due an interim report.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.deadlines
-            .peek()
-            .map(|Reverse((deadline, _))| *deadline)
+        [self.deadlines.peek(), self.reports.peek()]
+            .into_iter()
+            .flatten()
+            .map(|Reverse((at, _))| *at)
+            .min()
     }
 
     /// Number of tracked flows.
@@ -287,21 +400,25 @@ impl ConnTrack {
         self.flows.is_empty()
     }
 
-    /// Forgets everything.
-    pub fn clear(&mut self) {
-        self.flows.clear();
+    /// Forgets everything, reporting every flow ended.
+    pub fn clear(&mut self, log: &mut FlowLog) {
+        for (slot, flow) in self.flows.drain() {
+            log.push(slot.report(&flow, true));
+        }
         self.deadlines.clear();
+        self.reports.clear();
     }
 
     /// Removes the flow with the earliest deadline, if that deadline is not
-    /// after `until` (no bound: remove it regardless). Returns whether one was removed.
-    fn pop_earliest(&mut self, until: Option<Instant>) -> bool {
+    /// after `until` (no bound: remove it regardless), reporting it ended.
+    /// Returns whether one was removed.
+    fn pop_earliest(&mut self, until: Option<Instant>, log: &mut FlowLog) -> bool {
         while let Some(Reverse((queued, slot))) = self.deadlines.peek().copied() {
             if until.is_some_and(|until| queued > until) {
                 return false;
             }
             self.deadlines.pop();
-            let Some(flow) = self.flows.get(&slot) else {
+            let Some(flow) = self.flows.get(&slot).copied() else {
                 continue;
             };
             let deadline = flow.seen + slot.idle_timeout();
@@ -311,6 +428,7 @@ impl ConnTrack {
                 continue;
             }
             self.flows.remove(&slot);
+            log.push(slot.report(&flow, true));
             return true;
         }
         false
@@ -398,6 +516,22 @@ impl Slot {
     fn idle_timeout(&self) -> Duration {
         self.opener(true).idle_timeout()
     }
+
+    /// What `flow` on this slot amounts to so far.
+    fn report(&self, flow: &Flow, ended: bool) -> FlowReport {
+        FlowReport {
+            key: self.opener(flow.opened_from_low),
+            discriminator: flow.discriminator,
+            verdict: flow.verdict,
+            rule: flow.rule,
+            start: flow.first,
+            end: flow.seen,
+            to_dst: flow.to_dst,
+            to_src: flow.to_src,
+            ended,
+            denied: None,
+        }
+    }
 }
 
 const TCP: u16 = 0x106;
@@ -446,6 +580,18 @@ mod tests {
 
     use super::*;
 
+    fn opened_by(origin: Origin) -> Opening {
+        Opening {
+            origin,
+            verdict: match origin {
+                Origin::Outbound => FlowVerdict::Opened,
+                Origin::Inbound { .. } => FlowVerdict::Accept,
+            },
+            rule: None,
+            discriminator: 0,
+        }
+    }
+
     fn key(src_port: u16) -> FlowKey {
         FlowKey {
             protocol: Protocol::Udp,
@@ -460,17 +606,21 @@ mod tests {
     fn flows_expire_after_their_idle_time_unless_touched() {
         let start = crate::test_clock();
         let mut table = ConnTrack::new(16);
-        table.insert(key(1), Origin::Outbound, start);
-        table.insert(key(2), Origin::Outbound, start);
-        assert_eq!(table.poll_timeout(), Some(start + UDP_IDLE));
+        let mut log = FlowLog::default();
+        table.insert(key(1), opened_by(Origin::Outbound), 0, start, &mut log);
+        table.insert(key(2), opened_by(Origin::Outbound), 0, start, &mut log);
+        assert_eq!(
+            table.poll_timeout(),
+            Some(start + ACTIVE_INTERVAL.min(UDP_IDLE))
+        );
 
         let later = start + UDP_IDLE / 2;
         assert!(table.touch(&key(2), later).is_some());
-        table.handle_timeout(start + UDP_IDLE);
+        table.handle_timeout(start + UDP_IDLE, &mut log);
         assert_eq!(table.origin(&key(1)), None);
         assert_eq!(table.origin(&key(2)), Some(Origin::Outbound));
 
-        table.handle_timeout(later + UDP_IDLE);
+        table.handle_timeout(later + UDP_IDLE, &mut log);
         assert!(table.is_empty());
         assert_eq!(table.poll_timeout(), None);
     }
@@ -489,16 +639,25 @@ mod tests {
     fn a_full_table_evicts_the_flow_closest_to_expiry() {
         let start = crate::test_clock();
         let mut table = ConnTrack::new(3);
+        let mut log = FlowLog::default();
         for port in 1..=3 {
             table.insert(
                 key(port),
-                Origin::Outbound,
+                opened_by(Origin::Outbound),
+                0,
                 start + Duration::from_secs(u64::from(port)),
+                &mut log,
             );
         }
         // Flow 1 was refreshed, so flow 2 is now the closest to expiry.
         table.touch(&key(1), start + Duration::from_secs(10));
-        table.insert(key(4), Origin::Outbound, start + Duration::from_secs(11));
+        table.insert(
+            key(4),
+            opened_by(Origin::Outbound),
+            0,
+            start + Duration::from_secs(11),
+            &mut log,
+        );
         assert_eq!(table.len(), 3);
         assert_eq!(table.origin(&key(2)), None);
         for port in [1, 3, 4] {
@@ -510,9 +669,22 @@ mod tests {
     fn rechecking_marks_only_peer_opened_flows() {
         let now = crate::test_clock();
         let mut table = ConnTrack::new(16);
-        table.insert(key(1), Origin::Outbound, now);
-        table.insert(key(2), Origin::Inbound { allowed: true }, now);
-        table.insert(key(3), Origin::Inbound { allowed: true }, now);
+        let mut log = FlowLog::default();
+        table.insert(key(1), opened_by(Origin::Outbound), 0, now, &mut log);
+        table.insert(
+            key(2),
+            opened_by(Origin::Inbound { allowed: true }),
+            0,
+            now,
+            &mut log,
+        );
+        table.insert(
+            key(3),
+            opened_by(Origin::Inbound { allowed: true }),
+            0,
+            now,
+            &mut log,
+        );
         table.recheck_inbound(|k| k.src_port == 3);
         assert_eq!(table.origin(&key(1)), Some(Origin::Outbound));
         assert_eq!(
@@ -529,11 +701,12 @@ mod tests {
     fn forgetting_an_address_drops_its_flows_and_their_deadlines() {
         let now = crate::test_clock();
         let mut table = ConnTrack::new(16);
-        table.insert(key(1), Origin::Outbound, now);
+        let mut log = FlowLog::default();
+        table.insert(key(1), opened_by(Origin::Outbound), 0, now, &mut log);
         let mut elsewhere = key(2);
         elsewhere.dst = IpAddr::V4(Ipv4Addr::new(100, 64, 0, 9));
-        table.insert(elsewhere, Origin::Outbound, now);
-        table.forget_addresses(&[IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2))]);
+        table.insert(elsewhere, opened_by(Origin::Outbound), 0, now, &mut log);
+        table.forget_addresses(&[IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2))], &mut log);
         assert_eq!(table.len(), 1);
         assert_eq!(table.deadlines.len(), 1);
         assert!(table.origin(&elsewhere).is_some());
@@ -549,6 +722,7 @@ mod tests {
             protocol: Protocol::Icmp,
             transport: Transport::Echo { reply, id: 9 },
             tcp_syn: false,
+            tcp_isn: 0,
         };
         let request = FlowKey::of(&headers(a, b, false)).unwrap();
         let reply = FlowKey::of(&headers(b, a, true)).unwrap();
@@ -561,9 +735,10 @@ mod tests {
     fn both_directions_of_a_flow_share_one_entry() {
         let now = crate::test_clock();
         let mut table = ConnTrack::new(16);
+        let mut log = FlowLog::default();
         let opening = key(1);
         let answering = opening.reversed();
-        table.insert(opening, Origin::Outbound, now);
+        table.insert(opening, opened_by(Origin::Outbound), 0, now, &mut log);
         assert_eq!(table.len(), 1);
         assert_eq!(table.origin(&answering), None, "answers open nothing");
         let flow = table.probe(&answering).unwrap();
@@ -574,7 +749,13 @@ mod tests {
             Direction::Opening
         );
         // Re-opening from the other side replaces the flow, never adds one.
-        table.insert(answering, Origin::Inbound { allowed: true }, now);
+        table.insert(
+            answering,
+            opened_by(Origin::Inbound { allowed: true }),
+            0,
+            now,
+            &mut log,
+        );
         assert_eq!(table.len(), 1);
         assert_eq!(
             table.probe(&opening).unwrap().direction(),
@@ -586,10 +767,11 @@ mod tests {
     fn a_flow_between_identical_ends_reads_the_same_both_ways() {
         let now = crate::test_clock();
         let mut table = ConnTrack::new(16);
+        let mut log = FlowLog::default();
         let mut looped = key(53);
         looped.dst = looped.src;
         assert_eq!(looped.reversed(), looped);
-        table.insert(looped, Origin::Outbound, now);
+        table.insert(looped, opened_by(Origin::Outbound), 0, now, &mut log);
         let flow = table.probe(&looped).unwrap();
         assert!(flow.direction().opens() && flow.direction().answers());
     }
@@ -598,16 +780,100 @@ mod tests {
     fn probing_refreshes_only_when_asked() {
         let start = crate::test_clock();
         let mut table = ConnTrack::new(16);
-        table.insert(key(1), Origin::Outbound, start);
+        let mut log = FlowLog::default();
+        table.insert(key(1), opened_by(Origin::Outbound), 0, start, &mut log);
         let later = start + UDP_IDLE / 2;
         assert!(table.probe(&key(1).reversed()).is_some());
-        table.handle_timeout(start + UDP_IDLE);
+        table.handle_timeout(start + UDP_IDLE, &mut log);
         assert!(table.is_empty(), "a probe alone keeps nothing alive");
 
-        table.insert(key(1), Origin::Outbound, start);
+        table.insert(key(1), opened_by(Origin::Outbound), 0, start, &mut log);
         table.probe(&key(1).reversed()).unwrap().refresh(later);
-        table.handle_timeout(start + UDP_IDLE);
+        table.handle_timeout(start + UDP_IDLE, &mut log);
         assert_eq!(table.origin(&key(1)), Some(Origin::Outbound));
+    }
+
+    fn drain(log: &mut FlowLog) -> Vec<FlowReport> {
+        std::iter::from_fn(|| log.poll()).collect()
+    }
+
+    #[test]
+    fn long_flows_are_reported_every_active_interval_while_they_have_traffic() {
+        let start = crate::test_clock();
+        let mut table = ConnTrack::new(16);
+        let mut log = FlowLog::default();
+        let mut tcp = key(1);
+        tcp.protocol = Protocol::Tcp;
+        table.insert(tcp, opened_by(Origin::Outbound), 100, start, &mut log);
+        let mut now = start;
+        for _ in 0..3 {
+            now += Duration::from_secs(20);
+            table.probe(&tcp.reversed()).unwrap().pass(50, now);
+        }
+        assert_eq!(table.poll_timeout(), Some(start + ACTIVE_INTERVAL));
+        table.handle_timeout(start + ACTIVE_INTERVAL, &mut log);
+        let got = drain(&mut log);
+        let [interim] = got.as_slice() else {
+            panic!("{got:?}")
+        };
+        assert!(!interim.ended);
+        assert_eq!((interim.start, interim.end), (start, now));
+        assert_eq!((interim.to_dst.packets, interim.to_src.packets), (1, 3));
+        assert_eq!(interim.to_src.bytes, 150);
+
+        // Nothing new in the next interval: no report until it ends.
+        table.handle_timeout(start + 2 * ACTIVE_INTERVAL, &mut log);
+        assert!(drain(&mut log).is_empty());
+        table.handle_timeout(now + TCP_IDLE, &mut log);
+        let got = drain(&mut log);
+        assert!(
+            matches!(got.as_slice(), [last] if last.ended && last.to_src.packets == 3),
+            "{got:?}"
+        );
+        assert!(table.is_empty());
+        assert_eq!(table.poll_timeout(), None);
+    }
+
+    #[test]
+    fn evicted_replaced_and_forgotten_flows_are_reported_ended() {
+        let now = crate::test_clock();
+        let mut table = ConnTrack::new(2);
+        let mut log = FlowLog::default();
+        table.insert(key(1), opened_by(Origin::Outbound), 10, now, &mut log);
+        table.insert(key(2), opened_by(Origin::Outbound), 20, now, &mut log);
+        table.insert(key(3), opened_by(Origin::Outbound), 30, now, &mut log);
+        let evicted = drain(&mut log);
+        assert!(
+            matches!(evicted.as_slice(), [r] if r.ended && r.key.src_port <= 2),
+            "{evicted:?}"
+        );
+        table.insert(
+            key(3).reversed(),
+            opened_by(Origin::Inbound { allowed: true }),
+            40,
+            now,
+            &mut log,
+        );
+        let replaced = drain(&mut log);
+        assert!(
+            matches!(replaced.as_slice(), [r] if r.key == key(3) && r.verdict == FlowVerdict::Opened && r.to_dst.bytes == 30),
+            "{replaced:?}"
+        );
+        table.forget_addresses(&[IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2))], &mut log);
+        assert_eq!(drain(&mut log).len(), 2);
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn the_report_heap_stays_bounded_under_churn() {
+        let now = crate::test_clock();
+        let mut table = ConnTrack::new(4);
+        let mut log = FlowLog::default();
+        for port in 0..10_000 {
+            table.insert(key(port), opened_by(Origin::Outbound), 1, now, &mut log);
+        }
+        assert!(table.reports.len() <= 2 * table.len() + 65);
+        assert_eq!(log.stats().recorded + log.stats().dropped, 10_000 - 4);
     }
 
     fn any_key() -> impl Strategy<Value = FlowKey> {
@@ -644,7 +910,8 @@ mod tests {
         ) {
             let now = crate::test_clock();
             let mut table = ConnTrack::new(16);
-            table.insert(opened, Origin::Outbound, now);
+            let mut log = FlowLog::default();
+            table.insert(opened, opened_by(Origin::Outbound), 0, now, &mut log);
             let symmetric = opened == opened.reversed();
             let direction = table.probe(&opened).map(|flow| flow.direction());
             prop_assert_eq!(
@@ -672,7 +939,8 @@ mod tests {
         fn rechecks_see_the_opening_key(opened in any_key()) {
             let now = crate::test_clock();
             let mut table = ConnTrack::new(16);
-            table.insert(opened, Origin::Inbound { allowed: true }, now);
+            let mut log = FlowLog::default();
+            table.insert(opened, opened_by(Origin::Inbound { allowed: true }), 0, now, &mut log);
             let mut seen = Vec::new();
             table.recheck_inbound(|key| {
                 seen.push(*key);

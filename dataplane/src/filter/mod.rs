@@ -16,8 +16,13 @@
 //! Would-be denials are logged at INFO on the `weft::audit` target once per
 //! new flow, with addresses and ports only; enforced denials are counted and
 //! logged at TRACE, never at a per-packet rate above it.
+//!
+//! Every flow the filter admits or this node opens is reported to the flow
+//! log ([`FlowLog`]) with its traffic and deciding rule, and denied packets
+//! are summed into per-interval summaries there.
 
 mod conntrack;
+mod flow_log;
 mod packet;
 mod rules;
 
@@ -27,13 +32,18 @@ pub(crate) mod test_packets;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use weft_proto::{DefaultAction, PacketFilter, Protocol};
+use weft_proto::{DefaultAction, FlowVerdict, PacketFilter, Protocol, RuleRef};
 
 pub use conntrack::{
-    ConnTrack, Direction, FlowKey, Origin, Probe, DEFAULT_CAPACITY, ICMP_IDLE, TCP_IDLE, UDP_IDLE,
+    ConnTrack, Direction, FlowKey, Opening, Origin, Probe, DEFAULT_CAPACITY, ICMP_IDLE, TCP_IDLE,
+    UDP_IDLE,
+};
+pub use flow_log::{
+    DeniedFlows, FlowLog, FlowLogStats, FlowReport, ACTIVE_INTERVAL, MAX_DENIALS, QUEUE_CAPACITY,
+    SUMMARY_INTERVAL,
 };
 pub use packet::{parse, Headers, ParseError, Transport};
-pub use rules::{Decision, Filter, Query};
+pub use rules::{Decided, Decision, Filter, Query};
 
 /// The rules plus the connection-tracking table: one node's filter state.
 ///
@@ -47,6 +57,7 @@ pub use rules::{Decision, Filter, Query};
 pub struct Firewall {
     filter: Filter,
     conntrack: ConnTrack,
+    log: FlowLog,
 }
 
 /// The decision on one inbound packet.
@@ -99,6 +110,7 @@ impl Firewall {
         Self {
             filter: Filter::default(),
             conntrack: ConnTrack::new(capacity),
+            log: FlowLog::default(),
         }
     }
 
@@ -112,17 +124,18 @@ impl Firewall {
             .recheck_inbound(|key| filter.evaluate(&query(key)).admits());
     }
 
-    /// Records a packet this node sends, so its answers are admitted.
+    /// Records a packet of `len` bytes this node sends, so its answers are
+    /// admitted.
     ///
     /// A packet on a tracked flow only keeps that flow alive, whoever opened
     /// it (so answering a peer-opened flow never turns it into one this node
     /// opened); an echo reply opens nothing, and of TCP only a SYN opens a flow.
-    pub fn outbound(&mut self, headers: &Headers, now: Instant) {
+    pub fn outbound(&mut self, headers: &Headers, len: usize, now: Instant) {
         let Some(key) = FlowKey::of(headers) else {
             return;
         };
         if let Some(mut flow) = self.conntrack.probe(&key) {
-            flow.refresh(now);
+            flow.pass(len, now);
             return;
         }
         // Only a request opens a flow: an echo reply or a TCP segment of a
@@ -135,16 +148,29 @@ impl Firewall {
             _ => true,
         };
         if opens {
-            self.conntrack.insert(key, Origin::Outbound, now);
+            let opening = Opening {
+                origin: Origin::Outbound,
+                verdict: FlowVerdict::Opened,
+                rule: None,
+                discriminator: headers.tcp_isn,
+            };
+            self.conntrack.insert(key, opening, len, now, &mut self.log);
         }
     }
 
-    /// Decides on a packet arriving from the tunnel.
-    pub fn inbound(&mut self, headers: &Headers, now: Instant) -> Verdict {
+    /// Decides on a packet of `len` bytes arriving from the tunnel.
+    pub fn inbound(&mut self, headers: &Headers, len: usize, now: Instant) -> Verdict {
         let key = FlowKey::of(headers);
-        if let Some(flow) = key.as_ref().and_then(|key| self.conntrack.probe(key)) {
-            if let Some(verdict) = tracked(flow, now) {
-                return verdict;
+        if let Some((key, flow)) = key.and_then(|key| Some((key, self.conntrack.probe(&key)?))) {
+            match tracked(flow, len, now) {
+                Tracked::Decided(verdict) => return verdict,
+                Tracked::Revoked { discriminator } => {
+                    // The rule that now refuses the flow, or the default.
+                    let rule = self.filter.decide(&query(&key)).rule;
+                    self.log.deny(&key, discriminator, rule, len, now);
+                    return Verdict::Drop(Denial::Revoked);
+                }
+                Tracked::Undecided => {}
             }
         }
         let dst_port = match headers.transport {
@@ -157,41 +183,86 @@ impl Firewall {
             dst: headers.dst,
             dst_port,
         };
-        let admission = match self.filter.evaluate(&query) {
-            Decision::Accept { policy_line } => Admission::Rule { line: policy_line },
-            Decision::AuditDeny { policy_line } => Admission::Audit {
-                line: Some(policy_line),
-            },
-            Decision::Default(DefaultAction::AuditDeny) => Admission::Audit { line: None },
-            Decision::Deny { policy_line } => {
-                return Verdict::Drop(Denial::Denied { line: policy_line })
+        let decided = self.filter.decide(&query);
+        let (admission, verdict) = match decided.decision {
+            Decision::Accept { policy_line } => {
+                (Admission::Rule { line: policy_line }, FlowVerdict::Accept)
             }
-            Decision::Default(DefaultAction::Deny) => return Verdict::Drop(Denial::NoRule),
+            Decision::AuditDeny { policy_line } => (
+                Admission::Audit {
+                    line: Some(policy_line),
+                },
+                FlowVerdict::AuditDeny,
+            ),
+            Decision::Default(DefaultAction::AuditDeny) => {
+                (Admission::Audit { line: None }, FlowVerdict::AuditDeny)
+            }
+            Decision::Deny { policy_line } => {
+                self.deny(headers, key, decided.rule, len, now);
+                return Verdict::Drop(Denial::Denied { line: policy_line });
+            }
+            Decision::Default(DefaultAction::Deny) => {
+                self.deny(headers, key, None, len, now);
+                return Verdict::Drop(Denial::NoRule);
+            }
         };
         if let Admission::Audit { line } = admission {
             log_would_deny(headers, key.is_some(), line);
         }
         if let Some(key) = key {
-            self.conntrack
-                .insert(key, Origin::Inbound { allowed: true }, now);
+            let opening = Opening {
+                origin: Origin::Inbound { allowed: true },
+                verdict,
+                rule: decided.rule,
+                discriminator: headers.tcp_isn,
+            };
+            self.conntrack.insert(key, opening, len, now, &mut self.log);
         }
         Verdict::Accept(admission)
     }
 
-    /// Forgets flows involving `addresses` (a peer left: its addresses may be
-    /// handed to another node, which must not inherit its flows).
-    pub fn forget_addresses(&mut self, addresses: &[IpAddr]) {
-        self.conntrack.forget_addresses(addresses);
+    /// Sums a denied packet into its summary.
+    fn deny(
+        &mut self,
+        headers: &Headers,
+        key: Option<FlowKey>,
+        rule: Option<RuleRef>,
+        len: usize,
+        now: Instant,
+    ) {
+        let key = key.unwrap_or_else(|| portless(headers));
+        self.log.deny(&key, headers.tcp_isn, rule, len, now);
     }
 
-    /// Expires idle flows.
+    /// Forgets flows involving `addresses` (a peer left: its addresses may be
+    /// handed to another node, which must not inherit its flows), reporting
+    /// them ended.
+    pub fn forget_addresses(&mut self, addresses: &[IpAddr]) {
+        self.conntrack.forget_addresses(addresses, &mut self.log);
+    }
+
+    /// Expires idle flows and reports what is due.
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.conntrack.handle_timeout(now);
+        self.conntrack.handle_timeout(now, &mut self.log);
+        self.log.handle_timeout(now);
     }
 
     /// When [`Firewall::handle_timeout`] next has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.conntrack.poll_timeout()
+        [self.conntrack.poll_timeout(), self.log.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The oldest flow report not yet taken.
+    pub fn poll_report(&mut self) -> Option<FlowReport> {
+        self.log.poll()
+    }
+
+    /// The flow log's counters.
+    pub fn log_stats(&self) -> FlowLogStats {
+        self.log.stats()
     }
 
     /// Number of tracked flows.
@@ -199,16 +270,32 @@ impl Firewall {
         self.conntrack.len()
     }
 
-    /// Forgets the filter (deny all) and every flow.
+    /// Forgets the filter (deny all) and every flow, reporting them ended
+    /// along with the denials summed so far.
     pub fn clear(&mut self) {
         self.filter = Filter::default();
-        self.conntrack.clear();
+        self.conntrack.clear(&mut self.log);
+        self.log.flush();
     }
 }
 
-/// The verdict on an inbound packet of the tracked `flow`, refreshing the
-/// flow when it admits the packet, or `None` when the rules must decide.
-fn tracked(mut flow: Probe<'_>, now: Instant) -> Option<Verdict> {
+/// What the tracked flow of an inbound packet says about it.
+enum Tracked {
+    /// Admitted (and counted on the flow).
+    Decided(Verdict),
+    /// The flow's rule was revoked: drop it.
+    Revoked {
+        /// The flow's discriminator, for the denial summary.
+        discriminator: u32,
+    },
+    /// The rules must decide.
+    Undecided,
+}
+
+/// What to do with an inbound packet of `len` bytes on the tracked `flow`,
+/// counting and refreshing the flow when it admits the packet.
+#[inline]
+fn tracked(mut flow: Probe<'_>, len: usize, now: Instant) -> Tracked {
     let direction = flow.direction();
     let verdict = match flow.origin() {
         Origin::Outbound if direction.answers() => Verdict::Accept(Admission::Return),
@@ -216,15 +303,33 @@ fn tracked(mut flow: Probe<'_>, now: Instant) -> Option<Verdict> {
             Verdict::Accept(Admission::Established)
         }
         Origin::Inbound { allowed: false } if direction.opens() => {
-            return Some(Verdict::Drop(Denial::Revoked))
+            return Tracked::Revoked {
+                discriminator: flow.discriminator(),
+            }
         }
         // The peer sends the way this node did (with the peer's addresses
         // and ports), or answers its own flow: nothing to answer, so the
         // rules decide.
-        Origin::Outbound | Origin::Inbound { .. } => return None,
+        Origin::Outbound | Origin::Inbound { .. } => return Tracked::Undecided,
     };
-    flow.refresh(now);
-    Some(verdict)
+    flow.pass(len, now);
+    Tracked::Decided(verdict)
+}
+
+/// The flow key of a packet that has none (a fragment, an ICMP error), for
+/// its denial summary: its addresses and protocol, its destination port
+/// when it shows one.
+fn portless(headers: &Headers) -> FlowKey {
+    FlowKey {
+        protocol: headers.protocol,
+        src: headers.src,
+        src_port: 0,
+        dst: headers.dst,
+        dst_port: match headers.transport {
+            Transport::Ports { dst, .. } => dst,
+            _ => 0,
+        },
+    }
 }
 
 /// Logs a packet that passes only because the policy is in audit mode: once
@@ -338,17 +443,24 @@ mod tests {
         ]));
         let ssh = headers(&test_packets::tcp(PEER, 50000, ME, 22, SYN));
         assert_eq!(
-            fw.inbound(&ssh, now),
+            fw.inbound(&ssh, 100, now),
             Verdict::Drop(Denial::Denied { line: 9 })
         );
         let web = headers(&test_packets::tcp(PEER, 50000, ME, 80, SYN));
         assert_eq!(
-            fw.inbound(&web, now),
+            fw.inbound(&web, 100, now),
             Verdict::Accept(Admission::Rule { line: 1 })
         );
-        fw.outbound(&headers(&test_packets::tcp(ME, 40000, PEER, 22, SYN)), now);
+        fw.outbound(
+            &headers(&test_packets::tcp(ME, 40000, PEER, 22, SYN)),
+            100,
+            now,
+        );
         let answer = headers(&test_packets::tcp(PEER, 22, ME, 40000, SYN | ACK));
-        assert_eq!(fw.inbound(&answer, now), Verdict::Accept(Admission::Return));
+        assert_eq!(
+            fw.inbound(&answer, 100, now),
+            Verdict::Accept(Admission::Return)
+        );
     }
 
     #[test]
@@ -365,12 +477,12 @@ mod tests {
         ]));
         let syn = headers(&test_packets::tcp(PEER, 50000, ME, 22, SYN));
         assert_eq!(
-            fw.inbound(&syn, now),
+            fw.inbound(&syn, 100, now),
             Verdict::Accept(Admission::Audit { line: Some(4) })
         );
         let data = headers(&test_packets::tcp(PEER, 50000, ME, 22, ACK));
         assert_eq!(
-            fw.inbound(&data, now),
+            fw.inbound(&data, 100, now),
             Verdict::Accept(Admission::Established)
         );
 
@@ -380,12 +492,152 @@ mod tests {
         });
         let udp = headers(&test_packets::udp(PEER, 5000, ME, 53, b"q"));
         assert_eq!(
-            fw.inbound(&udp, now),
+            fw.inbound(&udp, 100, now),
             Verdict::Accept(Admission::Audit { line: None })
         );
         assert_eq!(
-            fw.inbound(&data, now),
+            fw.inbound(&data, 100, now),
             Verdict::Accept(Admission::Established)
+        );
+    }
+
+    /// Every report the firewall has queued.
+    fn reports(fw: &mut Firewall) -> Vec<FlowReport> {
+        std::iter::from_fn(|| fw.poll_report()).collect()
+    }
+
+    #[test]
+    fn flows_are_reported_with_their_verdict_rule_traffic_and_syn() {
+        let start = crate::test_clock();
+        let mut fw = Firewall::default();
+        let web = weft_proto::RuleId::of_text("web");
+        fw.set_filter(&enforcing(&[FilterRule {
+            rule_id: web,
+            ..with(
+                RuleAction::Accept,
+                7,
+                allow(PEER, ME, &[(80, 80)], &[Protocol::Tcp]),
+            )
+        }]));
+        let syn = test_packets::tcp_seq(PEER, 50000, ME, 80, SYN, 0xfeed);
+        let answer = test_packets::tcp(ME, 80, PEER, 50000, SYN | ACK);
+        let data = test_packets::udp(PEER, 50000, ME, 80, b"ignored");
+        assert!(admitted(fw.inbound(&headers(&syn), syn.len(), start)));
+        fw.outbound(&headers(&answer), answer.len(), start);
+        let later = start + Duration::from_secs(1);
+        fw.outbound(&headers(&answer), answer.len(), later);
+        assert!(!admitted(fw.inbound(&headers(&data), data.len(), later)));
+        fw.outbound(
+            &headers(&test_packets::tcp_seq(ME, 40000, PEER, 22, SYN, 99)),
+            60,
+            later,
+        );
+        assert!(reports(&mut fw).is_empty(), "nothing ended yet");
+
+        fw.handle_timeout(start + TCP_IDLE + Duration::from_secs(1));
+        let mut got = reports(&mut fw);
+        got.sort_by_key(|r| {
+            (
+                r.verdict == FlowVerdict::Deny,
+                r.verdict == FlowVerdict::Opened,
+            )
+        });
+        let [accepted, opened, denied] = got.as_slice() else {
+            panic!("{got:?}")
+        };
+        assert_eq!(accepted.verdict, FlowVerdict::Accept);
+        assert_eq!(accepted.rule, Some(RuleRef { line: 7, id: web }));
+        assert_eq!((accepted.key.src, accepted.key.src_port), (PEER, 50000));
+        assert_eq!((accepted.key.dst, accepted.key.dst_port), (ME, 80));
+        assert_eq!(accepted.discriminator, 0xfeed);
+        assert_eq!((accepted.start, accepted.end), (start, later));
+        assert_eq!(accepted.to_dst.packets, 1);
+        assert_eq!(accepted.to_dst.bytes, syn.len() as u64);
+        assert_eq!(accepted.to_src.packets, 2);
+        assert_eq!(accepted.to_src.bytes, 2 * answer.len() as u64);
+        assert!(accepted.ended && accepted.denied.is_none());
+
+        assert_eq!(opened.verdict, FlowVerdict::Opened);
+        assert_eq!((opened.key.src, opened.key.dst_port), (ME, 22));
+        assert_eq!((opened.rule, opened.discriminator), (None, 99));
+        assert_eq!(opened.to_dst.bytes, 60);
+
+        assert_eq!(denied.verdict, FlowVerdict::Deny);
+        assert_eq!(denied.rule, None, "the default denied it");
+        assert_eq!(denied.key.protocol, Protocol::Udp);
+        assert_eq!(denied.denied.as_ref().map(|d| d.flows), Some(1));
+        assert_eq!(denied.to_dst.packets, 1);
+    }
+
+    #[test]
+    fn revoked_flows_are_summarised_under_the_rule_that_now_denies_them() {
+        let now = crate::test_clock();
+        let mut fw = Firewall::default();
+        let open = allow(PEER, ME, &[(22, 22)], &[Protocol::Tcp]);
+        let syn = test_packets::tcp_seq(PEER, 50000, ME, 22, SYN, 5);
+        fw.set_filter(&enforcing(std::slice::from_ref(&open)));
+        assert!(admitted(fw.inbound(&headers(&syn), 60, now)));
+        let deny_id = weft_proto::RuleId::of_text("no ssh");
+        let deny = FilterRule {
+            rule_id: deny_id,
+            ..with(RuleAction::Deny, 2, open.clone())
+        };
+        fw.set_filter(&enforcing(&[open, deny]));
+        let data = test_packets::tcp(PEER, 50000, ME, 22, ACK);
+        for _ in 0..3 {
+            assert_eq!(
+                fw.inbound(&headers(&data), 40, now),
+                Verdict::Drop(Denial::Revoked)
+            );
+        }
+        fw.handle_timeout(now + SUMMARY_INTERVAL);
+        let got = reports(&mut fw);
+        let [summary] = got.as_slice() else {
+            panic!("{got:?}")
+        };
+        assert_eq!(
+            summary.rule,
+            Some(RuleRef {
+                line: 2,
+                id: deny_id
+            })
+        );
+        assert_eq!(summary.discriminator, 5, "the flow's own SYN");
+        assert_eq!(summary.to_dst.packets, 3);
+        assert_eq!(summary.to_dst.bytes, 120);
+        let denied = summary.denied.as_ref().unwrap();
+        assert_eq!(
+            (denied.flows, denied.samples.as_slice()),
+            (1, &[(50000, 5)][..])
+        );
+    }
+
+    #[test]
+    fn clearing_the_filter_reports_every_flow_and_summary_at_once() {
+        let now = crate::test_clock();
+        let mut fw = Firewall::default();
+        fw.outbound(
+            &headers(&test_packets::udp(ME, 5000, PEER, 53, b"q")),
+            30,
+            now,
+        );
+        fw.inbound(
+            &headers(&test_packets::udp(PEER, 5000, ME, 53, b"q")),
+            30,
+            now,
+        );
+        fw.clear();
+        let got = reports(&mut fw);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got.iter().all(|r| r.ended));
+        assert_eq!(fw.poll_timeout(), None);
+        assert_eq!(
+            fw.log_stats(),
+            FlowLogStats {
+                recorded: 2,
+                dropped: 0,
+                queued: 0
+            }
         );
     }
 
@@ -396,19 +648,19 @@ mod tests {
         let open = allow(PEER, ME, &[(22, 22)], &[Protocol::Tcp]);
         fw.set_filter(&enforcing(std::slice::from_ref(&open)));
         let data = headers(&test_packets::tcp(PEER, 50000, ME, 22, ACK));
-        assert!(admitted(fw.inbound(&data, now)));
+        assert!(admitted(fw.inbound(&data, 100, now)));
         let deny = with(
             RuleAction::Deny,
             2,
             allow(PEER, ME, &[(22, 22)], &[Protocol::Tcp]),
         );
         fw.set_filter(&enforcing(&[open.clone(), deny.clone()]));
-        assert_eq!(fw.inbound(&data, now), Verdict::Drop(Denial::Revoked));
+        assert_eq!(fw.inbound(&data, 100, now), Verdict::Drop(Denial::Revoked));
         // The same deny in audit mode lets the flow go on.
         let audit = with(RuleAction::AuditDeny, 2, deny);
         fw.set_filter(&enforcing(&[open, audit]));
         assert_eq!(
-            fw.inbound(&data, now),
+            fw.inbound(&data, 100, now),
             Verdict::Accept(Admission::Established)
         );
     }
@@ -417,30 +669,47 @@ mod tests {
     fn return_traffic_of_an_outbound_flow_is_admitted_but_new_flows_are_not() {
         let now = crate::test_clock();
         let mut fw = Firewall::default();
-        fw.outbound(&headers(&test_packets::tcp(ME, 40000, PEER, 22, SYN)), now);
+        fw.outbound(
+            &headers(&test_packets::tcp(ME, 40000, PEER, 22, SYN)),
+            100,
+            now,
+        );
         let answer = headers(&test_packets::tcp(PEER, 22, ME, 40000, SYN | ACK));
-        assert_eq!(fw.inbound(&answer, now), Verdict::Accept(Admission::Return));
+        assert_eq!(
+            fw.inbound(&answer, 100, now),
+            Verdict::Accept(Admission::Return)
+        );
         let fresh = headers(&test_packets::tcp(PEER, 22, ME, 40001, SYN));
-        assert_eq!(fw.inbound(&fresh, now), Verdict::Drop(Denial::NoRule));
+        assert_eq!(fw.inbound(&fresh, 100, now), Verdict::Drop(Denial::NoRule));
         let to_listener = headers(&test_packets::tcp(PEER, 50000, ME, 22, SYN));
-        assert_eq!(fw.inbound(&to_listener, now), Verdict::Drop(Denial::NoRule));
+        assert_eq!(
+            fw.inbound(&to_listener, 100, now),
+            Verdict::Drop(Denial::NoRule)
+        );
     }
 
     #[test]
     fn echo_replies_are_return_traffic_but_echo_requests_are_not() {
         let now = crate::test_clock();
         let mut fw = Firewall::default();
-        fw.outbound(&headers(&test_packets::echo(ME, PEER, false, 5, 1)), now);
+        fw.outbound(
+            &headers(&test_packets::echo(ME, PEER, false, 5, 1)),
+            100,
+            now,
+        );
         assert!(admitted(fw.inbound(
             &headers(&test_packets::echo(PEER, ME, true, 5, 1)),
+            100,
             now
         )));
         assert!(!admitted(fw.inbound(
             &headers(&test_packets::echo(PEER, ME, true, 6, 1)),
+            100,
             now
         )));
         assert!(!admitted(fw.inbound(
             &headers(&test_packets::echo(PEER, ME, false, 5, 2)),
+            100,
             now
         )));
     }
@@ -449,10 +718,15 @@ mod tests {
     fn answering_a_peer_opens_nothing() {
         let now = crate::test_clock();
         let mut fw = Firewall::default();
-        fw.outbound(&headers(&test_packets::echo(ME, PEER, true, 5, 1)), now);
+        fw.outbound(
+            &headers(&test_packets::echo(ME, PEER, true, 5, 1)),
+            100,
+            now,
+        );
         assert_eq!(fw.flows(), 0);
         assert!(!admitted(fw.inbound(
             &headers(&test_packets::echo(PEER, ME, false, 5, 2)),
+            100,
             now
         )));
     }
@@ -469,22 +743,30 @@ mod tests {
         )]));
         let syn = headers(&test_packets::tcp(PEER, 50000, ME, 22, SYN));
         assert_eq!(
-            fw.inbound(&syn, now),
+            fw.inbound(&syn, 100, now),
             Verdict::Accept(Admission::Rule { line: 1 })
         );
         let data = headers(&test_packets::tcp(PEER, 50000, ME, 22, ACK));
         assert_eq!(
-            fw.inbound(&data, now),
+            fw.inbound(&data, 100, now),
             Verdict::Accept(Admission::Established)
         );
         // This node answers; that keeps the flow but does not make it outbound.
-        fw.outbound(&headers(&test_packets::tcp(ME, 22, PEER, 50000, ACK)), now);
+        fw.outbound(
+            &headers(&test_packets::tcp(ME, 22, PEER, 50000, ACK)),
+            100,
+            now,
+        );
 
         fw.set_filter(&enforcing(&[]));
-        assert_eq!(fw.inbound(&data, now), Verdict::Drop(Denial::Revoked));
+        assert_eq!(fw.inbound(&data, 100, now), Verdict::Drop(Denial::Revoked));
         // Further answers cannot turn the flow into return traffic.
-        fw.outbound(&headers(&test_packets::tcp(ME, 22, PEER, 50000, ACK)), now);
-        assert_eq!(fw.inbound(&data, now), Verdict::Drop(Denial::Revoked));
+        fw.outbound(
+            &headers(&test_packets::tcp(ME, 22, PEER, 50000, ACK)),
+            100,
+            now,
+        );
+        assert_eq!(fw.inbound(&data, 100, now), Verdict::Drop(Denial::Revoked));
 
         // Restoring the rule restores the flow.
         fw.set_filter(&enforcing(&[allow(
@@ -494,7 +776,7 @@ mod tests {
             &[Protocol::Tcp],
         )]));
         assert_eq!(
-            fw.inbound(&data, now),
+            fw.inbound(&data, 100, now),
             Verdict::Accept(Admission::Established)
         );
     }
@@ -510,25 +792,27 @@ mod tests {
             &[Protocol::Tcp],
         )]));
         let data = headers(&test_packets::tcp(PEER, 50000, ME, 22, ACK));
-        assert!(admitted(fw.inbound(&data, now)));
+        assert!(admitted(fw.inbound(&data, 100, now)));
         fw.set_filter(&enforcing(&[]));
-        assert_eq!(fw.inbound(&data, now), Verdict::Drop(Denial::Revoked));
+        assert_eq!(fw.inbound(&data, 100, now), Verdict::Drop(Denial::Revoked));
         // Once the revoked entry has expired: an answer is not a SYN.
         let later = now + conntrack::TCP_IDLE + Duration::from_secs(1);
         fw.handle_timeout(later);
         fw.outbound(
             &headers(&test_packets::tcp(ME, 22, PEER, 50000, ACK)),
+            100,
             later,
         );
-        assert_eq!(fw.inbound(&data, later), Verdict::Drop(Denial::NoRule));
+        assert_eq!(fw.inbound(&data, 100, later), Verdict::Drop(Denial::NoRule));
         // A connection this node opens is return traffic, as before.
         fw.outbound(
             &headers(&test_packets::tcp(ME, 41000, PEER, 443, SYN)),
+            100,
             later,
         );
         let answer = headers(&test_packets::tcp(PEER, 443, ME, 41000, SYN | ACK));
         assert_eq!(
-            fw.inbound(&answer, later),
+            fw.inbound(&answer, 100, later),
             Verdict::Accept(Admission::Return)
         );
     }
@@ -539,36 +823,41 @@ mod tests {
         let mut fw = Firewall::default();
         fw.outbound(
             &headers(&test_packets::udp(ME, 5000, PEER, 53, b"q")),
+            100,
             start,
         );
         let answer = headers(&test_packets::udp(PEER, 53, ME, 5000, b"a"));
         let almost = start + UDP_IDLE - Duration::from_secs(1);
         fw.handle_timeout(almost);
-        assert!(admitted(fw.inbound(&answer, almost)));
+        assert!(admitted(fw.inbound(&answer, 100, almost)));
         // The answer refreshed the flow.
         let expired = almost + UDP_IDLE;
         assert!(fw.poll_timeout().is_some_and(|t| t <= expired));
         fw.handle_timeout(expired);
         assert_eq!(fw.flows(), 0);
-        assert!(!admitted(fw.inbound(&answer, expired)));
+        assert!(!admitted(fw.inbound(&answer, 100, expired)));
     }
 
     #[test]
     fn fragments_and_icmp_errors_are_decided_by_rules_alone() {
         let now = crate::test_clock();
         let mut fw = Firewall::default();
-        fw.outbound(&headers(&test_packets::udp(ME, 5000, PEER, 53, b"q")), now);
+        fw.outbound(
+            &headers(&test_packets::udp(ME, 5000, PEER, 53, b"q")),
+            100,
+            now,
+        );
         let fragment = headers(&test_packets::non_first_fragment(test_packets::udp(
             PEER, 53, ME, 5000, b"a",
         )));
-        assert!(!admitted(fw.inbound(&fragment, now)));
+        assert!(!admitted(fw.inbound(&fragment, 100, now)));
         fw.set_filter(&enforcing(&[allow(
             PEER,
             ME,
             &[(0, 65535)],
             &[Protocol::Udp],
         )]));
-        assert!(admitted(fw.inbound(&fragment, now)));
+        assert!(admitted(fw.inbound(&fragment, 100, now)));
         assert_eq!(fw.flows(), 1, "fragments open no flow");
     }
 
@@ -576,10 +865,15 @@ mod tests {
     fn forgotten_addresses_lose_their_return_traffic() {
         let now = crate::test_clock();
         let mut fw = Firewall::default();
-        fw.outbound(&headers(&test_packets::udp(ME, 5000, PEER, 53, b"q")), now);
+        fw.outbound(
+            &headers(&test_packets::udp(ME, 5000, PEER, 53, b"q")),
+            100,
+            now,
+        );
         fw.forget_addresses(&[PEER]);
         assert!(!admitted(fw.inbound(
             &headers(&test_packets::udp(PEER, 53, ME, 5000, b"a")),
+            100,
             now
         )));
     }
@@ -855,11 +1149,11 @@ mod tests {
             for op in ops {
                 match op {
                     Op::Out(spec) => {
-                        fw.outbound(&headers(&spec.packet(false)), now);
+                        fw.outbound(&headers(&spec.packet(false)), 100, now);
                         opened.push(spec);
                     }
                     Op::In(spec) => {
-                        let got = admitted(fw.inbound(&headers(&spec.packet(true)), now));
+                        let got = admitted(fw.inbound(&headers(&spec.packet(true)), 100, now));
                         let want = reference_filter(&filter, &spec) || reference_return(&opened, &spec);
                         prop_assert_eq!(got, want, "{:?}", spec);
                     }
@@ -900,13 +1194,13 @@ mod tests {
             for op in &before {
                 match op {
                     Op::Out(spec) => {
-                        kept.outbound(&headers(&spec.packet(false)), now);
-                        changed.outbound(&headers(&spec.packet(false)), now);
+                        kept.outbound(&headers(&spec.packet(false)), 100, now);
+                        changed.outbound(&headers(&spec.packet(false)), 100, now);
                         opened.push(*spec);
                     }
                     Op::In(spec) => {
                         let packet = headers(&spec.packet(true));
-                        prop_assert_eq!(kept.inbound(&packet, now), changed.inbound(&packet, now));
+                        prop_assert_eq!(kept.inbound(&packet, 100, now), changed.inbound(&packet, 100, now));
                     }
                 }
             }
@@ -914,20 +1208,107 @@ mod tests {
             for op in &after {
                 match op {
                     Op::Out(spec) => {
-                        kept.outbound(&headers(&spec.packet(false)), now);
-                        changed.outbound(&headers(&spec.packet(false)), now);
+                        kept.outbound(&headers(&spec.packet(false)), 100, now);
+                        changed.outbound(&headers(&spec.packet(false)), 100, now);
                         opened.push(*spec);
                     }
                     Op::In(spec) => {
                         let packet = headers(&spec.packet(true));
-                        let with_rule = admitted(kept.inbound(&packet, now));
-                        let without = admitted(changed.inbound(&packet, now));
+                        let with_rule = admitted(kept.inbound(&packet, 100, now));
+                        let without = admitted(changed.inbound(&packet, 100, now));
                         prop_assert!(!without || with_rule, "{:?}", spec);
                         prop_assert!(
                             !without || reference_filter(&narrow, spec) || reference_return(&opened, spec),
                             "{:?}", spec
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Packet(Op),
+        Wait(u64),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => op().prop_map(Step::Packet),
+            1 => (1..200u64).prop_map(Step::Wait),
+        ]
+    }
+
+    proptest! {
+        /// What the ended reports and the denial summaries count adds up to
+        /// exactly the packets and bytes the filter tracked or denied;
+        /// interim reports never count more than their flow's end, and
+        /// summaries stay within their bounds.
+        #[test]
+        fn reports_add_up_to_the_traffic(
+            rules in proptest::collection::vec(rule(), 0..5),
+            default in default_action(),
+            steps in proptest::collection::vec(step(), 1..60),
+        ) {
+            let mut now = crate::test_clock();
+            let mut fw = Firewall::default();
+            fw.set_filter(&PacketFilter { rules, default });
+            let (mut packets, mut bytes) = (0u64, 0u64);
+            let mut seen = Vec::new();
+            for (n, step) in steps.into_iter().enumerate() {
+                match step {
+                    Step::Wait(secs) => {
+                        now += Duration::from_secs(secs);
+                        fw.handle_timeout(now);
+                    }
+                    Step::Packet(op) => {
+                        let (spec, inbound) = match op {
+                            Op::Out(spec) => (spec, false),
+                            Op::In(spec) => (spec, true),
+                        };
+                        let packet = spec.packet(inbound);
+                        let len = packet.len() + n;
+                        let h = headers(&packet);
+                        let key = FlowKey::of(&h);
+                        let counted = if inbound {
+                            match fw.inbound(&h, len, now) {
+                                Verdict::Accept(_) => key.is_some(),
+                                Verdict::Drop(_) => true,
+                            }
+                        } else {
+                            // Counted on a flow that was tracked or opened.
+                            fw.outbound(&h, len, now);
+                            key.is_some_and(|k| fw.conntrack.probe(&k).is_some())
+                        };
+                        if counted {
+                            packets += 1;
+                            bytes += len as u64;
+                        }
+                    }
+                }
+                seen.extend(std::iter::from_fn(|| fw.poll_report()));
+            }
+            fw.clear();
+            seen.extend(std::iter::from_fn(|| fw.poll_report()));
+            prop_assert_eq!(fw.log_stats().dropped, 0);
+            let ended = seen.iter().filter(|r| r.ended);
+            let total = |r: &FlowReport| (r.to_dst.packets + r.to_src.packets, r.to_dst.bytes + r.to_src.bytes);
+            let (got_packets, got_bytes) = ended.map(total).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            prop_assert_eq!((got_packets, got_bytes), (packets, bytes));
+            for report in &seen {
+                prop_assert!(report.start <= report.end);
+                if !report.ended {
+                    let last = seen.iter().rfind(|r| r.key == report.key && r.start == report.start && r.ended);
+                    let last = last.map(total);
+                    prop_assert!(last.is_some_and(|(p, b)| total(report).0 <= p && total(report).1 <= b));
+                }
+                if let Some(denied) = &report.denied {
+                    prop_assert!(denied.samples.len() <= weft_proto::flows::MAX_SUMMARY_IDS);
+                    prop_assert!(!denied.samples.is_empty());
+                    prop_assert!(denied.flows >= denied.samples.len() as u64);
+                    prop_assert!(denied.flows <= report.to_dst.packets);
+                    prop_assert_eq!(report.verdict, FlowVerdict::Deny);
                 }
             }
         }

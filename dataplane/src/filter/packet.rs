@@ -23,6 +23,10 @@ pub struct Headers {
     /// A TCP segment with SYN and without ACK: the first packet of a new
     /// connection, the only TCP packet that may open a flow on its way out.
     pub tcp_syn: bool,
+    /// The sequence number of that SYN, the connection's initial sequence
+    /// number: both ends see it, so it tells apart connections that reuse
+    /// a 5-tuple. 0 for every other packet.
+    pub tcp_isn: u32,
 }
 
 /// The part of the transport header the filter looks at.
@@ -111,23 +115,21 @@ fn parse_v4(packet: &[u8]) -> Result<Headers, ParseError> {
         n => Protocol::from_number(n),
     };
     let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
-    let (transport, tcp_syn) = if fragment_offset != 0 {
-        (Transport::Fragment, false)
+    let (transport, tcp_isn) = if fragment_offset != 0 {
+        (Transport::Fragment, None)
     } else {
         let payload = packet
             .get(header_len..total_len)
             .ok_or(ParseError::Truncated)?;
-        (
-            transport(protocol, payload, 8, 0)?,
-            is_syn(protocol, payload),
-        )
+        (transport(protocol, payload, 8, 0)?, syn(protocol, payload))
     };
     Ok(Headers {
         src,
         dst,
         protocol,
         transport,
-        tcp_syn,
+        tcp_syn: tcp_isn.is_some(),
+        tcp_isn: tcp_isn.unwrap_or(0),
     })
 }
 
@@ -173,17 +175,18 @@ fn parse_v6(packet: &[u8]) -> Result<Headers, ParseError> {
         1 => Protocol::Other(1),
         n => Protocol::from_number(n),
     };
-    let (transport, tcp_syn) = if first_fragment {
-        (transport(protocol, rest, 128, 129)?, is_syn(protocol, rest))
+    let (transport, tcp_isn) = if first_fragment {
+        (transport(protocol, rest, 128, 129)?, syn(protocol, rest))
     } else {
-        (Transport::Fragment, false)
+        (Transport::Fragment, None)
     };
     Ok(Headers {
         src,
         dst,
         protocol,
         transport,
-        tcp_syn,
+        tcp_syn: tcp_isn.is_some(),
+        tcp_isn: tcp_isn.unwrap_or(0),
     })
 }
 
@@ -217,14 +220,19 @@ fn transport(
     }
 }
 
-/// Whether `payload` is a TCP segment with SYN set and ACK clear.
-fn is_syn(protocol: Protocol, payload: &[u8]) -> bool {
+/// The sequence number of `payload` when it is a TCP segment with SYN set
+/// and ACK clear.
+fn syn(protocol: Protocol, payload: &[u8]) -> Option<u32> {
     const SYN: u8 = 0x02;
     const ACK: u8 = 0x10;
-    protocol == Protocol::Tcp
-        && payload
+    if protocol != Protocol::Tcp
+        || payload
             .get(13)
-            .is_some_and(|flags| flags & (SYN | ACK) == SYN)
+            .is_none_or(|flags| flags & (SYN | ACK) != SYN)
+    {
+        return None;
+    }
+    array(payload, 4).ok().map(|seq| u32::from_be_bytes(*seq))
 }
 
 fn byte(data: &[u8], at: usize) -> Result<u8, ParseError> {
@@ -285,6 +293,19 @@ mod tests {
                 (gre.protocol, gre.transport),
                 (Protocol::Other(47), Transport::Opaque)
             );
+        }
+    }
+
+    #[test]
+    fn only_an_opening_syn_carries_its_initial_sequence_number() {
+        for (a, b) in [(A4, B4), (A6, B6)] {
+            let syn = parse(&test_packets::tcp_seq(a, 1, b, 2, SYN, 0xdead_beef)).unwrap();
+            assert!(syn.tcp_syn);
+            assert_eq!(syn.tcp_isn, 0xdead_beef);
+            let syn_ack = parse(&test_packets::tcp_seq(b, 2, a, 1, SYN | ACK, 7)).unwrap();
+            assert_eq!((syn_ack.tcp_syn, syn_ack.tcp_isn), (false, 0));
+            let data = parse(&test_packets::tcp_seq(a, 1, b, 2, ACK, 9)).unwrap();
+            assert_eq!((data.tcp_syn, data.tcp_isn), (false, 0));
         }
     }
 

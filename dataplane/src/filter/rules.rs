@@ -13,7 +13,9 @@ use std::net::IpAddr;
 
 use ahash::AHashMap;
 use ipnet::IpNet;
-use weft_proto::{DefaultAction, FilterRule, PacketFilter, PortRange, Protocol, RuleAction};
+use weft_proto::{
+    DefaultAction, FilterRule, PacketFilter, PortRange, Protocol, RuleAction, RuleId, RuleRef,
+};
 
 /// A compiled, immutable packet filter.
 ///
@@ -28,6 +30,8 @@ pub struct Filter {
     icmp: Vec<DstBucket>,
     other: Vec<(u8, Vec<DstBucket>)>,
     default: DefaultAction,
+    /// Every rule's stable id, by its index in the netmap.
+    ids: Vec<RuleId>,
 }
 
 /// What a query asks: may a packet with these properties come in?
@@ -64,6 +68,15 @@ pub enum Decision {
     },
     /// No rule matches: the filter's default decides.
     Default(DefaultAction),
+}
+
+/// A [`Decision`] and the rule that made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decided {
+    /// What the rules say.
+    pub decision: Decision,
+    /// The deciding rule's line and stable id; `None` when the default decided.
+    pub rule: Option<RuleRef>,
 }
 
 impl Decision {
@@ -103,11 +116,18 @@ impl Filter {
                 }
             }
         }
-        builders.build(filter.default)
+        let mut compiled = builders.build(filter.default);
+        compiled.ids = filter.rules.iter().map(|rule| rule.rule_id).collect();
+        compiled
     }
 
     /// What the rules decide about `query`.
     pub fn evaluate(&self, query: &Query) -> Decision {
+        self.decide(query).decision
+    }
+
+    /// What the rules decide about `query`, and which rule decided.
+    pub fn decide(&self, query: &Query) -> Decided {
         let buckets: &[DstBucket] = match query.protocol {
             Protocol::Tcp => &self.tcp,
             Protocol::Udp => &self.udp,
@@ -125,8 +145,17 @@ impl Filter {
             }
         }
         match best {
-            Some(candidate) => candidate.decision(),
-            None => Decision::Default(self.default),
+            Some(candidate) => Decided {
+                decision: candidate.decision(),
+                rule: self.ids.get(candidate.index as usize).map(|&id| RuleRef {
+                    line: candidate.policy_line,
+                    id,
+                }),
+            },
+            None => Decided {
+                decision: Decision::Default(self.default),
+                rule: None,
+            },
         }
     }
 }
@@ -335,6 +364,7 @@ impl Builders {
                 .map(|(n, list)| (n, buckets(list)))
                 .collect(),
             default,
+            ids: Vec::new(),
         }
     }
 }
@@ -473,6 +503,37 @@ mod tests {
 
     fn accept(policy_line: u32) -> Decision {
         Decision::Accept { policy_line }
+    }
+
+    #[test]
+    fn the_decision_names_the_deciding_rule_by_line_and_id() {
+        let id = |text: &str| RuleId::of_text(text);
+        let web = FilterRule {
+            rule_id: id("web"),
+            ..rule("100.64.0.0/24", "100.64.0.1/32", &[(80, 80)], &[], 3)
+        };
+        let ssh = FilterRule {
+            rule_id: id("no ssh"),
+            ..with(
+                RuleAction::Deny,
+                rule("100.64.0.2/32", "100.64.0.1/32", &[(22, 22)], &[], 9),
+            )
+        };
+        let f = filter(vec![web, ssh]);
+        let decided = f.decide(&query(Protocol::Tcp, PEER, SELF4, Some(80)));
+        assert_eq!(decided.decision, accept(3));
+        assert_eq!(
+            decided.rule,
+            Some(RuleRef {
+                line: 3,
+                id: id("web")
+            })
+        );
+        let decided = f.decide(&query(Protocol::Tcp, PEER, SELF4, Some(22)));
+        assert_eq!(decided.decision, Decision::Deny { policy_line: 9 });
+        assert_eq!(decided.rule.map(|r| r.id), Some(id("no ssh")));
+        let decided = f.decide(&query(Protocol::Udp, PEER, SELF4, Some(53)));
+        assert_eq!((decided.decision, decided.rule), (NONE, None));
     }
 
     #[test]

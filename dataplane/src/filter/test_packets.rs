@@ -41,12 +41,24 @@ pub(crate) fn udp(
     ip(src, dst, 17, segment, 6)
 }
 
-/// A TCP segment with `flags` and no options.
+/// A TCP segment with `flags`, sequence number 1 and no options.
 pub(crate) fn tcp(src: IpAddr, src_port: u16, dst: IpAddr, dst_port: u16, flags: u8) -> Vec<u8> {
+    tcp_seq(src, src_port, dst, dst_port, flags, 1)
+}
+
+/// A TCP segment with `flags`, sequence number `seq` and no options.
+pub(crate) fn tcp_seq(
+    src: IpAddr,
+    src_port: u16,
+    dst: IpAddr,
+    dst_port: u16,
+    flags: u8,
+    seq: u32,
+) -> Vec<u8> {
     let mut segment = Vec::with_capacity(20);
     segment.extend_from_slice(&src_port.to_be_bytes());
     segment.extend_from_slice(&dst_port.to_be_bytes());
-    segment.extend_from_slice(&1u32.to_be_bytes());
+    segment.extend_from_slice(&seq.to_be_bytes());
     segment.extend_from_slice(&0u32.to_be_bytes());
     segment.extend_from_slice(&[5 << 4, flags]);
     segment.extend_from_slice(&64240u16.to_be_bytes());
