@@ -11,7 +11,8 @@
 //! state directory and preferences ([`state`]) and the verified netmap cache
 //! ([`netmap_cache`]). The operating system comes in through the
 //! [`device::PacketIo`] and [`device::Platform`] traits, and the attributes a
-//! node reports ([`posture`]) through a hook. It builds on the wire contract
+//! node reports ([`posture`]) through a hook. The records of the flows the
+//! node filters and opens go to the coordinator through [`flows`]. It builds on the wire contract
 //! (`weft-proto`) and the connection layer (`weft-net`); it holds no TUN
 //! device, netlink, local API, signal handling or command line, which stay
 //! in the shell (`weft-node`).
@@ -19,6 +20,7 @@
 pub mod control;
 pub mod coordinators;
 pub mod device;
+pub mod flows;
 pub mod key_text;
 pub mod metrics;
 pub mod netmap_cache;

@@ -29,11 +29,12 @@
 mod connect;
 mod failover;
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 mod held;
 mod session;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng as _;
@@ -46,6 +47,7 @@ use weft_proto::{
 };
 
 use crate::coordinators::Coordinators;
+use crate::flows::FlowQueue;
 use crate::netmap_cache::{CacheError, CacheWriter};
 use crate::posture::{self, Attributes, SystemAttributes};
 use connect::{Channel, Target, TransportMemory};
@@ -179,20 +181,23 @@ impl ControlTask {
         session: u64,
         updates: mpsc::Sender<ControlUpdate>,
     ) -> Self {
-        let handle = tokio::spawn(Task::new(config, Emitter { session, updates }, None).run());
+        let emitter = Emitter { session, updates };
+        let handle = tokio::spawn(Task::new(config, emitter, None, None).run());
         Self { session, handle }
     }
 
     /// Like [`ControlTask::spawn`], and keeps every verified netmap in
-    /// `cache` ([`crate::netmap_cache`]) before reporting it.
+    /// `cache` ([`crate::netmap_cache`]) before reporting it, and sends the
+    /// flow batches `flows` holds ([`crate::flows`]) once registered.
     pub fn spawn_caching(
         config: ControlConfig,
         cache: CacheWriter,
+        flows: Arc<FlowQueue>,
         session: u64,
         updates: mpsc::Sender<ControlUpdate>,
     ) -> Self {
         let emitter = Emitter { session, updates };
-        let handle = tokio::spawn(Task::new(config, emitter, Some(cache)).run());
+        let handle = tokio::spawn(Task::new(config, emitter, Some(cache), Some(flows)).run());
         Self { session, handle }
     }
 
@@ -246,13 +251,20 @@ struct Task {
     config: ControlConfig,
     emitter: Emitter,
     cache: Option<CacheWriter>,
+    /// Flow batches for the coordinator, kept across sessions.
+    flows: Option<Arc<FlowQueue>>,
     /// The view the next session resumes from.
     held: Option<Held>,
     transports: TransportMemory,
 }
 
 impl Task {
-    fn new(config: ControlConfig, emitter: Emitter, mut cache: Option<CacheWriter>) -> Self {
+    fn new(
+        config: ControlConfig,
+        emitter: Emitter,
+        mut cache: Option<CacheWriter>,
+        flows: Option<Arc<FlowQueue>>,
+    ) -> Self {
         let held = cache
             .as_mut()
             .and_then(|cache| restore(cache, config.node_key));
@@ -260,6 +272,7 @@ impl Task {
             config,
             emitter,
             cache,
+            flows,
             held,
             transports: TransportMemory::default(),
         }
@@ -373,6 +386,9 @@ impl Task {
             .take()
             .filter(|_| self.cache.as_ref().is_none_or(CacheWriter::is_current));
         let mut session = Session::new(hello, resume, now());
+        if let Some(flows) = &self.flows {
+            flows.rewind();
+        }
         let outcome = self.drive(&mut session, channel).await;
         let registered = session.is_registered();
         if registered {
@@ -404,6 +420,11 @@ impl Task {
                     SessionEvent::RefreshAttributes => {
                         session.attributes_changed(report(&mut self.config));
                     }
+                    SessionEvent::FlowsAcked(id) => {
+                        if let Some(flows) = &self.flows {
+                            flows.ack(id);
+                        }
+                    }
                     SessionEvent::Ended(End::Refused(refusal)) => {
                         return Ok(Ended::Refused(refusal))
                     }
@@ -411,11 +432,20 @@ impl Task {
                     SessionEvent::Ended(End::Failed(error)) => return Err(error),
                 }
             }
+            if let Some(flows) = &self.flows {
+                while session.can_send_flows() {
+                    let Some((id, frame)) = flows.next_unsent() else {
+                        break;
+                    };
+                    session.send_flows(id, frame);
+                }
+            }
             while let Some(frame) = session.poll_transmit() {
                 channel.write(&frame).await?;
             }
             let deadline = session.poll_timeout();
             let config = &mut self.config;
+            let flows = self.flows.as_deref();
             tokio::select! {
                 read = channel.read(&mut buf) => match read? {
                     0 => session.handle_eof(),
@@ -430,6 +460,8 @@ impl Task {
                     Err(_) => advertisement_open = false,
                 },
                 () = sleep_until(deadline), if deadline.is_some() => session.handle_timeout(now()),
+                // A batch was sealed: the loop sends it if the session takes it.
+                () = sealed(flows), if session.can_send_flows() => {}
             }
         }
     }
@@ -472,6 +504,14 @@ fn report(config: &mut ControlConfig) -> Attributes {
 /// The session clock: tokio's, so tests with a paused clock can jump it.
 fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
+}
+
+/// Waits until `flows` seals a batch, or forever without flows.
+async fn sealed(flows: Option<&FlowQueue>) {
+    match flows {
+        Some(flows) => flows.wait_sealed().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Sleeps until `deadline`, or forever without one.
@@ -664,7 +704,8 @@ mod tests {
         let state = tempfile::tempdir().unwrap();
         let cache = CacheWriter::new(state.path(), key.public_key());
         let (tx, updates) = mpsc::channel(8);
-        let _task = ControlTask::spawn_caching(config, cache, 9, tx);
+        let _task =
+            ControlTask::spawn_caching(config, cache, Arc::new(FlowQueue::in_memory()), 9, tx);
         CachingSession {
             key,
             node_key,
@@ -770,7 +811,13 @@ mod tests {
         let state = tempfile::tempdir().unwrap();
         let cache = CacheWriter::new(state.path(), key.public_key());
         let (tx, mut updates) = mpsc::channel(8);
-        let task = ControlTask::spawn_caching(config.clone(), cache, 9, tx);
+        let task = ControlTask::spawn_caching(
+            config.clone(),
+            cache,
+            Arc::new(FlowQueue::in_memory()),
+            9,
+            tx,
+        );
 
         assert!(matches!(next_view(&mut updates).await, ControlEvent::NetMap(n) if n == netmap));
         assert_eq!(seen.recv().await.unwrap().resume, None);
@@ -791,7 +838,8 @@ mod tests {
         // reports the folded view whole: the daemon may hold anything.
         let cache = CacheWriter::new(state.path(), key.public_key());
         let (tx, mut updates) = mpsc::channel(8);
-        let _task = ControlTask::spawn_caching(config, cache, 10, tx);
+        let _task =
+            ControlTask::spawn_caching(config, cache, Arc::new(FlowQueue::in_memory()), 10, tx);
         let resume = seen
             .recv()
             .await
@@ -825,7 +873,8 @@ mod tests {
         config.node_key = node_key;
         let cache = CacheWriter::new(state.path(), key.public_key());
         let (tx, mut updates) = mpsc::channel(8);
-        let _task = ControlTask::spawn_caching(config, cache, 9, tx);
+        let _task =
+            ControlTask::spawn_caching(config, cache, Arc::new(FlowQueue::in_memory()), 9, tx);
         assert!(seen.recv().await.unwrap().resume.is_some());
         let mut folded = netmap.clone();
         folded.apply(delta);

@@ -7,6 +7,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use weft_proto::flows::MAX_BATCHES_IN_FLIGHT;
 use weft_proto::signing::NetmapKey;
 use weft_proto::{
     Advertisement, ClientMessage, Credential, FrameDecoder, NodeId, Opener, PublicKey, Refusal,
@@ -50,6 +51,8 @@ pub(crate) enum SessionEvent {
     /// The periodic refresh is due: read the node's attributes afresh and
     /// pass them to [`Session::attributes_changed`].
     RefreshAttributes,
+    /// The coordinator kept the flow batch with this id: release it.
+    FlowsAcked(u64),
     /// The session is over; nothing follows.
     Ended(End),
 }
@@ -90,7 +93,9 @@ pub(crate) enum End {
 ///    [`Session::handle_timeout`] once [`Session::poll_timeout`] passed.
 /// 3. After each of those, write every frame [`Session::poll_transmit`]
 ///    gives, then carry out every [`Session::poll_event`] in order, up to
-///    [`SessionEvent::Ended`].
+///    [`SessionEvent::Ended`]. While [`Session::can_send_flows`], hand it
+///    the flow batches waiting ([`Session::send_flows`]); each comes back
+///    as [`SessionEvent::FlowsAcked`] once the coordinator kept it.
 /// 4. [`Session::into_held`] keeps the view for the next session.
 ///
 /// It reads no clock (`now` comes in) and does no IO: cache writes are
@@ -112,6 +117,8 @@ pub(crate) struct Session {
     /// Changes reported before registration, sent once registered.
     pending_attributes: Option<Attributes>,
     pending_advertisement: Option<Advertisement>,
+    /// Ids of the flow batches sent in this session and not yet acknowledged.
+    flows_in_flight: Vec<u64>,
     transmits: VecDeque<Vec<u8>>,
     events: VecDeque<SessionEvent>,
 }
@@ -136,6 +143,7 @@ impl Session {
             refresh_at: now + ATTRIBUTE_REFRESH,
             pending_attributes: None,
             pending_advertisement: None,
+            flows_in_flight: Vec::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         };
@@ -222,6 +230,24 @@ impl Session {
         } else {
             self.pending_advertisement = Some(advertisement);
         }
+    }
+
+    /// Whether the session takes another flow batch: the node is
+    /// registered and fewer than [`MAX_BATCHES_IN_FLIGHT`] batches wait
+    /// for their acknowledgement.
+    pub(crate) fn can_send_flows(&self) -> bool {
+        self.registered && !self.ended && self.flows_in_flight.len() < MAX_BATCHES_IN_FLIGHT
+    }
+
+    /// Sends flow batch `id`, already encoded as its `Flows` frame; ignored
+    /// unless [`Session::can_send_flows`].
+    pub(crate) fn send_flows(&mut self, id: u64, frame: Vec<u8>) {
+        if !self.can_send_flows() {
+            return;
+        }
+        tracing::trace!(batch = id, "sending flow records");
+        self.flows_in_flight.push(id);
+        self.transmits.push_back(frame);
     }
 
     /// The next frame to write to the coordinator.
@@ -312,10 +338,15 @@ impl Session {
                     "the coordinator sent relay admissions, which only relays ask for",
                 ));
             }
-            ServerMessage::FlowsAck { .. } => {
-                return Err(protocol(
-                    "the coordinator acknowledged flow records this node did not send",
-                ));
+            ServerMessage::FlowsAck { id } => {
+                let Some(at) = self.flows_in_flight.iter().position(|sent| *sent == id) else {
+                    return Err(protocol(
+                        "the coordinator acknowledged flow records this node did not send",
+                    ));
+                };
+                self.flows_in_flight.swap_remove(at);
+                self.events.push_back(SessionEvent::FlowsAcked(id));
+                return Ok(());
             }
         };
         self.events.push_back(SessionEvent::Control(event));
@@ -827,6 +858,89 @@ mod tests {
             [ClientMessage::UpdateAttributes(attributes("linux"))]
         );
         assert_eq!(session.poll_timeout(), Some(due + ATTRIBUTE_REFRESH));
+    }
+
+    /// An outbox holding `batches` sealed batches of one record each.
+    fn outbox_of(batches: usize) -> crate::flows::outbox::Outbox {
+        let mut outbox = crate::flows::outbox::Outbox::new(1 << 20, 1, Vec::new());
+        for _ in 0..batches {
+            outbox.push(crate::flows::outbox::tests::record(1));
+            outbox.seal();
+        }
+        outbox
+    }
+
+    /// Hands `session` every batch it takes; the ids handed.
+    fn offer(session: &mut Session, outbox: &mut crate::flows::outbox::Outbox) -> Vec<u64> {
+        let mut handed = Vec::new();
+        while session.can_send_flows() {
+            let Some((id, frame)) = outbox.next_unsent() else {
+                break;
+            };
+            session.send_flows(id, frame);
+            handed.push(id);
+        }
+        handed
+    }
+
+    fn batch_ids(messages: &[ClientMessage]) -> Vec<u64> {
+        messages
+            .iter()
+            .map(|m| match m {
+                ClientMessage::Flows(batch) => batch.id,
+                other => panic!("expected flow records, got {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn flow_batches_go_out_once_registered_four_at_a_time_until_acknowledged() {
+        let mut outbox = outbox_of(6);
+        let mut session = Session::new(hello(auth_key()), None, Instant::now());
+        register(&mut session);
+        assert!(!session.can_send_flows(), "not before registration");
+        session.send_flows(1, Vec::new());
+        assert!(sent(&mut session).is_empty());
+
+        feed(&mut session, &[ServerMessage::Registered(self_node())]);
+        assert_eq!(offer(&mut session, &mut outbox), [1, 2, 3, 4]);
+        assert_eq!(batch_ids(&sent(&mut session)), [1, 2, 3, 4]);
+        assert!(!session.can_send_flows());
+
+        let events = feed(&mut session, &[ServerMessage::FlowsAck { id: 2 }]);
+        assert!(
+            matches!(events.as_slice(), [SessionEvent::FlowsAcked(2)]),
+            "{events:?}"
+        );
+        assert!(outbox.ack(2));
+        assert_eq!(offer(&mut session, &mut outbox), [5]);
+        assert_eq!(batch_ids(&sent(&mut session)), [5]);
+
+        // The session ends with 1, 3, 4 and 5 unacknowledged: the next one
+        // sends them again, oldest first, then 6.
+        let events = feed(&mut session, &[ServerMessage::FlowsAck { id: 2 }]);
+        assert!(protocol_error(&events).contains("did not send"));
+        outbox.rewind();
+        let mut next = registered(Instant::now());
+        assert_eq!(offer(&mut next, &mut outbox), [1, 3, 4, 5]);
+        for id in [4, 1] {
+            feed(&mut next, &[ServerMessage::FlowsAck { id }]);
+            outbox.ack(id);
+        }
+        assert_eq!(offer(&mut next, &mut outbox), [6]);
+        assert_eq!(outbox.stats().batches, 3);
+        assert_eq!(outbox.stats().last_acked, Some(4));
+    }
+
+    #[test]
+    fn an_acknowledgement_of_a_batch_never_sent_is_a_protocol_error() {
+        let mut session = registered(Instant::now());
+        let events = feed(&mut session, &[ServerMessage::FlowsAck { id: 1 }]);
+        assert!(protocol_error(&events).contains("did not send"));
+        let mut early = Session::new(hello(auth_key()), None, Instant::now());
+        register(&mut early);
+        let events = feed(&mut early, &[ServerMessage::FlowsAck { id: 1 }]);
+        assert!(protocol_error(&events).contains("before registration"));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! and a workload's identity renewal with node-key rotation.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -18,6 +19,7 @@ use super::control_surface::{
 use super::{endpoints, identity, paths, relays, status};
 use super::{CommandError, DeviceError, PacketIo, Platform, Underlay};
 use crate::control::{ControlConfig, ControlError, ControlEvent, ControlTask, ControlUpdate};
+use crate::flows::FlowQueue;
 use crate::metrics::{NodeMetrics, PeerMetrics};
 use crate::netmap_cache;
 use crate::posture::Attributes;
@@ -59,7 +61,7 @@ pub struct Device<T, P> {
     message: Option<String>,
     /// The pending login link (see [`Status::login_url`]).
     login_url: Option<String>,
-    self_node: Option<SelfNode>,
+    pub(super) self_node: Option<SelfNode>,
     /// When the self node's key expiry was last granted (Unix seconds).
     key_granted: Option<u64>,
     /// When the last netmap or delta arrived.
@@ -81,6 +83,10 @@ pub struct Device<T, P> {
     started: Instant,
     /// The last problem with the identity token file, logged once.
     token_error: Option<String>,
+    /// Flow records for the coordinator, spooled in the state directory.
+    pub(super) flows: Arc<FlowQueue>,
+    /// The data plane's flow-log drops already passed on to `flows`.
+    pub(super) flow_drops_seen: u64,
 }
 
 impl<T, P> std::fmt::Debug for Device<T, P> {
@@ -115,7 +121,10 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
         let wireguard_port = underlay.port().map_err(DeviceError::Socket)?;
         let endpoints = endpoints::local_endpoints(&platform, wireguard_port).unwrap_or_default();
         let (updates, control_updates) = mpsc::channel(CONTROL_UPDATES);
+        let flows = Arc::new(FlowQueue::open(&state.path().join("flows")));
         Ok(Self {
+            flows,
+            flow_drops_seen: 0,
             core: Node::new(
                 node_key.clone(),
                 Instant::now(),
@@ -296,6 +305,7 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
         self.control = Some(ControlTask::spawn_caching(
             config,
             cache,
+            Arc::clone(&self.flows),
             self.sessions,
             self.updates.clone(),
         ));

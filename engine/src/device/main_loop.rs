@@ -3,11 +3,13 @@
 //! drain its output.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
 
 use super::{Command, Device, DeviceError, PacketIo, Platform, RecvBatch, SendBatch};
+use crate::flows::convert::{self, Anchor, Ends};
+use crate::flows::SEAL_INTERVAL;
 
 /// Frames read from the overlay interface per wakeup at most, so a busy device
 /// cannot starve the socket, the control session or the timers.
@@ -32,6 +34,9 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
     ) -> Result<(), DeviceError> {
         let result = self.serve(commands, shutdown).await;
         self.stop_control().await;
+        // The flows the overlay's end closed go to the spool for the next run.
+        self.drain_flow_reports();
+        self.flows.seal();
         result
     }
 
@@ -48,6 +53,8 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
         token_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut endpoint_check = tokio::time::interval(ENDPOINT_CHECK);
         endpoint_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flow_seal = tokio::time::interval(SEAL_INTERVAL);
+        flow_seal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let timeout = self.core.poll_timeout();
             tokio::select! {
@@ -71,6 +78,7 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
                 () = sleep_until(timeout) => self.core.handle_timeout(Instant::now()),
                 _ = token_check.tick() => self.check_renewal(),
                 _ = endpoint_check.tick() => self.poll_local_endpoints(),
+                _ = flow_seal.tick() => self.flows.seal(),
             }
             self.flush(&mut outgoing).await;
         }
@@ -137,6 +145,7 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
     /// core for reuse.
     async fn flush(&mut self, batch: &mut SendBatch) {
         self.drain_events();
+        self.drain_flow_reports();
         let max_segments = self.underlay.max_segments();
         while let Some(transmit) = self.core.poll_transmit() {
             if !batch.fits(transmit.dst, transmit.payload.len(), max_segments) {
@@ -153,6 +162,33 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
             self.core.recycle(packet);
         }
         self.packets.flush().await;
+    }
+
+    /// Turns the core's flow reports into records for the coordinator,
+    /// with the data plane's drops since the last time.
+    pub(super) fn drain_flow_reports(&mut self) {
+        let dropped = self.core.flow_log_stats().dropped;
+        let new_drops = dropped.saturating_sub(self.flow_drops_seen);
+        self.flow_drops_seen = dropped;
+        let Some(first) = self.core.poll_flow_report() else {
+            if new_drops > 0 {
+                self.flows.push([], new_drops);
+            }
+            return;
+        };
+        let mut reports = vec![first];
+        reports.extend(std::iter::from_fn(|| self.core.poll_flow_report()));
+        let anchor = Anchor::new(Instant::now(), SystemTime::now());
+        let ends = Ends {
+            me: self.self_node.as_ref(),
+            core: &self.core,
+        };
+        let records: Vec<_> = reports
+            .iter()
+            .map(|report| convert::record(report, &ends, &anchor))
+            .collect();
+        tracing::trace!(records = records.len(), "flow records");
+        self.flows.push(records, new_drops);
     }
 
     async fn send_batch(&self, batch: &mut SendBatch) {
