@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use weft_dataplane::core::{FilterStats, PathKind, PathTraffic, RuleVerdicts};
 
-use crate::device::RunState;
+use crate::device::{FlowLogStatus, RunState};
 
 /// What a scrape reports, copied out of the device loop.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +47,8 @@ pub struct NodeMetrics {
     pub malformed_frames: u64,
     /// Packets dropped because a relay session was down or congested.
     pub relay_dropped: u64,
+    /// The flow log's counters.
+    pub flows: FlowLogStatus,
 }
 
 /// One peer's tunnel, as metrics see it: no name, no identity.
@@ -180,6 +182,30 @@ fn register(registry: &mut Registry, m: &NodeMetrics) {
     register_traffic(registry, &m.filter);
     register_filter(registry, &m.filter, m.malformed_frames, m.relay_dropped);
     register_rules(registry, &m.rules);
+    register_flows(registry, &m.flows);
+}
+
+fn register_flows(registry: &mut Registry, flows: &FlowLogStatus) {
+    registry.register(
+        "flow_records",
+        "Flow records made: flows that ended, interim reports of long ones, denial summaries",
+        counter(flows.recorded),
+    );
+    registry.register(
+        "flow_records_dropped",
+        "Flow records dropped because a queue or the spool was full",
+        counter(flows.dropped),
+    );
+    registry.register(
+        "flow_records_queued",
+        "Flow records not yet acknowledged by the coordinator",
+        gauge(saturate(flows.queued)),
+    );
+    registry.register(
+        "flow_spool_bytes",
+        "Bytes of flow batches held until the coordinator acknowledges them",
+        gauge(saturate(flows.spool_bytes)),
+    );
 }
 
 fn register_rules(registry: &mut Registry, rules: &[RuleVerdicts]) {
@@ -338,6 +364,12 @@ fn gauge(value: i64) -> Gauge {
     g
 }
 
+fn counter(value: u64) -> Counter {
+    let c = Counter::default();
+    c.inc_by(value);
+    c
+}
+
 fn float(value: f64) -> Gauge<f64, std::sync::atomic::AtomicU64> {
     let g = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
     g.set(value);
@@ -401,6 +433,14 @@ mod tests {
             }],
             malformed_frames: 1,
             relay_dropped: 5,
+            flows: FlowLogStatus {
+                recorded: 40,
+                queued: 5,
+                spooled_batches: 2,
+                spool_bytes: 4096,
+                dropped: 2,
+                last_acked_batch: Some(9),
+            },
         }
     }
 
@@ -438,6 +478,10 @@ mod tests {
             "weft_filter_rule_verdicts_total{line=\"12\",verdict=\"audit\"} 1",
             "weft_filter_rule_verdicts_total{line=\"12\",verdict=\"accept\"} 0",
             "weft_flows 0",
+            "weft_flow_records_total 40",
+            "weft_flow_records_dropped_total 2",
+            "weft_flow_records_queued 5",
+            "weft_flow_spool_bytes 4096",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

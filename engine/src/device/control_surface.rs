@@ -106,6 +106,30 @@ pub struct Status {
     pub peers: Vec<PeerSummary>,
     /// Packet-filter counters.
     pub filter: FilterStatus,
+    /// Flow records on their way to the coordinator.
+    #[serde(default)]
+    pub flows: FlowLogStatus,
+}
+
+/// The flow log: records of the flows this node filtered and opened, held
+/// until the coordinator acknowledges them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowLogStatus {
+    /// Records made since weftd started.
+    pub recorded: u64,
+    /// Records not yet acknowledged: queued, being batched, or in batches
+    /// sent or spooled.
+    pub queued: u64,
+    /// Batches held in the spool until acknowledged.
+    pub spooled_batches: u64,
+    /// Their size in bytes.
+    pub spool_bytes: u64,
+    /// Records dropped since weftd started because a queue or the spool
+    /// was full (and denied packets the summary table had no room for).
+    pub dropped: u64,
+    /// The id of the last batch the coordinator acknowledged.
+    #[serde(default)]
+    pub last_acked_batch: Option<u64>,
 }
 
 /// This node as the coordinator registered it.
@@ -327,6 +351,14 @@ mod tests {
                 dropped: 4,
                 ..FilterStatus::default()
             },
+            flows: FlowLogStatus {
+                recorded: 12,
+                queued: 2,
+                spooled_batches: 1,
+                spool_bytes: 900,
+                dropped: 0,
+                last_acked_batch: Some(41),
+            },
         }
     }
 
@@ -371,6 +403,14 @@ mod tests {
                     "spoofed": 0,
                     "invalid_datagrams": 0,
                     "malformed_frames": 0
+                },
+                "flows": {
+                    "recorded": 12,
+                    "queued": 2,
+                    "spooled_batches": 1,
+                    "spool_bytes": 900,
+                    "dropped": 0,
+                    "last_acked_batch": 41
                 }
             })
         );

@@ -665,7 +665,12 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
                 &self.core.filter_stats(),
                 self.packets.malformed_frames(),
             ),
+            flows: self.flow_status(),
         }
+    }
+
+    fn flow_status(&self) -> super::FlowLogStatus {
+        status::flow_status(self.core.flow_log_stats(), self.flows.stats())
     }
 }
 
@@ -691,6 +696,7 @@ impl<T: PacketIo, P: Platform> Device<T, P> {
             rules: self.core.rule_verdicts(),
             malformed_frames: self.packets.malformed_frames(),
             relay_dropped: self.relays.states().iter().map(|s| s.dropped).sum(),
+            flows: self.flow_status(),
         }
     }
 }

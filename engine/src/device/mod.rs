@@ -29,9 +29,9 @@ mod whois;
 
 pub use command::{Command, CommandError};
 pub use control_surface::{
-    CoordinatorStatus, FilterStatus, LoginPending, LoginRequest, NetcheckReport, PathKind,
-    PeerSummary, PingReply, PingRequest, ReflexiveEndpoint, RelayReport, RelayTransport, RunState,
-    SelfStatus, Status, UpReply, UpRequest,
+    CoordinatorStatus, FilterStatus, FlowLogStatus, LoginPending, LoginRequest, NetcheckReport,
+    PathKind, PeerSummary, PingReply, PingRequest, ReflexiveEndpoint, RelayReport, RelayTransport,
+    RunState, SelfStatus, Status, UpReply, UpRequest,
 };
 pub use lifecycle::Device;
 pub use packet_io::PacketIo;

@@ -4,8 +4,10 @@ use std::time::{Duration, SystemTime};
 
 use weft_proto::{PublicKey, SelfNode};
 
-use super::control_surface::{FilterStatus, PeerSummary, SelfStatus};
+use super::control_surface::{FilterStatus, FlowLogStatus, PeerSummary, SelfStatus};
+use crate::flows::outbox::OutboxStats;
 use weft_dataplane::core::{FilterStats, PeerStatus};
+use weft_dataplane::filter::FlowLogStats;
 
 pub(crate) fn self_status(node: &SelfNode, key: PublicKey) -> SelfStatus {
     SelfStatus {
@@ -52,6 +54,19 @@ pub(crate) fn filter_status(stats: &FilterStats, malformed_frames: u64) -> Filte
 fn rfc3339_ago(now: SystemTime, ago: Duration) -> String {
     let at = now.checked_sub(ago).unwrap_or(SystemTime::UNIX_EPOCH);
     humantime::format_rfc3339_seconds(at).to_string()
+}
+
+/// The flow log's state: the data plane's queue and the batches held for
+/// the coordinator.
+pub(crate) fn flow_status(log: FlowLogStats, outbox: OutboxStats) -> FlowLogStatus {
+    FlowLogStatus {
+        recorded: log.recorded,
+        queued: log.queued + outbox.pending + outbox.batched,
+        spooled_batches: outbox.batches,
+        spool_bytes: outbox.bytes,
+        dropped: log.dropped + outbox.dropped,
+        last_acked_batch: outbox.last_acked,
+    }
 }
 
 #[cfg(test)]

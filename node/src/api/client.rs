@@ -185,6 +185,7 @@ mod tests {
             },
             peers: vec![],
             filter: FilterStatus::default(),
+            flows: crate::api::FlowLogStatus::default(),
         }
     }
 

@@ -25,9 +25,9 @@ pub use client::{ApiClient, ClientError};
 pub use error::{ApiError, ErrorBody};
 pub use server::{bind, metrics_text, serve, UP_TIMEOUT};
 pub use weft_engine::device::{
-    whois_lookup, Command, CommandError, CoordinatorStatus, FilterStatus, LoginPending,
-    LoginRequest, NetcheckReport, PathKind, PeerSummary, PingReply, PingRequest, ReflexiveEndpoint,
-    RelayReport, RelayTransport, RunState, SelfStatus, Status, UpReply, UpRequest, WhoIs,
-    WhoIsIdentity, WhoIsNode,
+    whois_lookup, Command, CommandError, CoordinatorStatus, FilterStatus, FlowLogStatus,
+    LoginPending, LoginRequest, NetcheckReport, PathKind, PeerSummary, PingReply, PingRequest,
+    ReflexiveEndpoint, RelayReport, RelayTransport, RunState, SelfStatus, Status, UpReply,
+    UpRequest, WhoIs, WhoIsIdentity, WhoIsNode,
 };
 pub use whois::{parse_address, WhoIsQuery};

@@ -312,6 +312,7 @@ mod tests {
                     },
                     peers: Vec::new(),
                     filter: crate::api::FilterStatus::default(),
+                    flows: crate::api::FlowLogStatus::default(),
                 };
                 let _ = reply.send(status);
             }
@@ -377,6 +378,7 @@ mod tests {
                     rules: Vec::new(),
                     malformed_frames: 0,
                     relay_dropped: 0,
+                    flows: weft_engine::device::FlowLogStatus::default(),
                 });
             }
         });

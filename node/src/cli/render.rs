@@ -72,6 +72,19 @@ pub(super) fn status(status: &Status, now: SystemTime) -> String {
         let _ = write!(out, ", {} malformed TUN frames", filter.malformed_frames);
     }
     out.push('\n');
+    let flows = &status.flows;
+    let _ = write!(
+        out,
+        "flow log:    {} recorded, {} not yet acknowledged ({} batches, {} bytes spooled)",
+        flows.recorded, flows.queued, flows.spooled_batches, flows.spool_bytes
+    );
+    if flows.dropped > 0 {
+        let _ = write!(out, ", {} dropped", flows.dropped);
+    }
+    if let Some(batch) = flows.last_acked_batch {
+        let _ = write!(out, ", last acknowledged batch {batch}");
+    }
+    out.push('\n');
     if status.peers.is_empty() {
         let _ = writeln!(out, "no peers");
         return out;
@@ -169,7 +182,7 @@ fn bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{CoordinatorStatus, FilterStatus, PeerSummary};
+    use crate::api::{CoordinatorStatus, FilterStatus, FlowLogStatus, PeerSummary};
 
     #[test]
     fn the_status_table_shows_each_peer() {
@@ -222,10 +235,32 @@ mod tests {
                 malformed_frames: 4,
                 ..FilterStatus::default()
             },
+            flows: FlowLogStatus::default(),
         };
         let text = super::status(&status, now);
         assert!(
             text.contains("filter:      1 accepted, 2 dropped, 3 with a spoofed source, 4 malformed TUN frames\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "flow log:    0 recorded, 0 not yet acknowledged (0 batches, 0 bytes spooled)\n"
+            ),
+            "{text}"
+        );
+        let mut busy = status.clone();
+        busy.flows = FlowLogStatus {
+            recorded: 9,
+            queued: 3,
+            spooled_batches: 1,
+            spool_bytes: 700,
+            dropped: 2,
+            last_acked_batch: Some(5),
+        };
+        assert!(
+            super::status(&busy, now).contains(
+                "flow log:    9 recorded, 3 not yet acknowledged (1 batches, 700 bytes spooled), 2 dropped, last acknowledged batch 5\n"
+            ),
             "{text}"
         );
         assert!(
