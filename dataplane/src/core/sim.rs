@@ -910,10 +910,15 @@ fn both_ends_report_a_flow_alike_on_the_virtual_clock() {
     sim.send(A, &test_packets::udp(a, 40001, b, 53, b"q"));
     sim.send(A, &test_packets::udp(a, 40002, b, 53, b"q"));
 
+    // Each end reported the flow 1 s after it opened, and again with the
+    // traffic of its first minute.
     let interim: Vec<_> = [A, B].map(|n| flow_reports(&mut sim, n)).into();
     for reports in &interim {
         assert!(
-            matches!(reports.as_slice(), [r] if !r.ended && r.start == start),
+            matches!(reports.as_slice(), [first, minute]
+                if !first.ended && !minute.ended
+                    && first.start == start && first.end == start
+                    && minute.to_dst.packets == 4),
             "{reports:?}"
         );
     }
@@ -921,16 +926,21 @@ fn both_ends_report_a_flow_alike_on_the_virtual_clock() {
     sim.advance(filter::TCP_IDLE + Duration::from_secs(1));
     let on_a = flow_reports(&mut sim, A);
     let on_b = flow_reports(&mut sim, B);
-    // A reports the UDP flows it opened, B their summary 10 s in; each end
-    // one more interim report (traffic came after the first), then the end.
+    // A reports the UDP flows it opened 1 s in and when they end, B their
+    // summary one summary interval in; each end one more interim report of
+    // the TCP flow (traffic came after the last), then its end.
     let kinds = |reports: &[filter::FlowReport]| -> Vec<(Protocol, bool)> {
         reports.iter().map(|r| (r.key.protocol, r.ended)).collect()
     };
     let udp = (Protocol::Udp, true);
     let tcp = |ended| (Protocol::Tcp, ended);
-    assert_eq!(kinds(&on_a), [tcp(false), udp, udp, tcp(true)]);
+    let udp_open = (Protocol::Udp, false);
+    assert_eq!(
+        kinds(&on_a),
+        [udp_open, udp_open, tcp(false), udp, udp, tcp(true)]
+    );
     assert_eq!(kinds(&on_b), [udp, tcp(false), tcp(true)]);
-    let (opened, summary, accepted) = (&on_a[3], &on_b[0], &on_b[2]);
+    let (opened, summary, accepted) = (&on_a[5], &on_b[0], &on_b[2]);
     for (end, verdict) in [
         (opened, FlowVerdict::Opened),
         (accepted, FlowVerdict::Accept),

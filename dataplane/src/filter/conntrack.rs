@@ -1,6 +1,7 @@
 //! The connection-tracking table: which flows exist, who opened them, when
 //! they go idle, and what passed on them: each flow is reported to the
-//! [`FlowLog`] when it ends and every [`ACTIVE_INTERVAL`] while it lasts.
+//! [`FlowLog`] [`FIRST_REPORT`] after it opens, every [`ACTIVE_INTERVAL`]
+//! while it lasts, and when it ends.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use ahash::AHashMap;
 use weft_proto::{FlowVerdict, Protocol, RuleRef, Traffic};
 
-use super::flow_log::{FlowLog, FlowReport, ACTIVE_INTERVAL};
+use super::flow_log::{FlowLog, FlowReport, ACTIVE_INTERVAL, FIRST_REPORT};
 use super::packet::{Headers, Transport};
 
 /// Idle lifetime of a TCP flow.
@@ -225,9 +226,15 @@ struct Flow {
     seen: Instant,
     /// The first packet.
     first: Instant,
-    /// The last report (or the first packet); the next is due
-    /// [`ACTIVE_INTERVAL`] later.
+    /// The last report (or the first packet).
     reported: Instant,
+    /// When the next interim report is due: [`FIRST_REPORT`] after the
+    /// first packet, then every [`ACTIVE_INTERVAL`]. Only the report-heap
+    /// entry with this time is current.
+    next_report: Instant,
+    /// Whether the flow was reported at all: the first report goes out
+    /// even when the flow has had one packet.
+    announced: bool,
     rule: Option<RuleRef>,
     to_dst: Traffic,
     to_src: Traffic,
@@ -290,6 +297,8 @@ impl ConnTrack {
             seen: now,
             first: now,
             reported: now,
+            next_report: now + FIRST_REPORT,
+            announced: false,
             rule: opening.rule,
             to_dst: Traffic {
                 packets: 1,
@@ -310,13 +319,11 @@ impl ConnTrack {
             self.deadlines
                 .push(Reverse((now + slot.idle_timeout(), slot)));
         }
-        self.reports.push(Reverse((now + ACTIVE_INTERVAL, slot)));
+        self.reports.push(Reverse((now + FIRST_REPORT, slot)));
         if self.reports.len() > 2 * self.flows.len() + 64 {
             let flows = &self.flows;
             self.reports.retain(|Reverse((due, slot))| {
-                flows
-                    .get(slot)
-                    .is_some_and(|flow| flow.reported + ACTIVE_INTERVAL == *due)
+                flows.get(slot).is_some_and(|flow| flow.next_report == *due)
             });
         }
     }
@@ -363,20 +370,21 @@ impl ConnTrack {
             let Some(flow) = self.flows.get_mut(&slot) else {
                 continue;
             };
-            if flow.reported + ACTIVE_INTERVAL != due {
+            if flow.next_report != due {
                 continue;
             }
             // A flow with nothing new since its last report waits for its end.
-            if flow.seen > flow.reported {
+            if !flow.announced || flow.seen > flow.reported {
                 log.push(slot.report(flow, false));
             }
+            flow.announced = true;
             flow.reported = if due + ACTIVE_INTERVAL > now {
                 due
             } else {
                 now
             };
-            self.reports
-                .push(Reverse((flow.reported + ACTIVE_INTERVAL, slot)));
+            flow.next_report = flow.reported + ACTIVE_INTERVAL;
+            self.reports.push(Reverse((flow.next_report, slot)));
         }
     }
 
@@ -609,10 +617,7 @@ mod tests {
         let mut log = FlowLog::default();
         table.insert(key(1), opened_by(Origin::Outbound), 0, start, &mut log);
         table.insert(key(2), opened_by(Origin::Outbound), 0, start, &mut log);
-        assert_eq!(
-            table.poll_timeout(),
-            Some(start + ACTIVE_INTERVAL.min(UDP_IDLE))
-        );
+        assert_eq!(table.poll_timeout(), Some(start + FIRST_REPORT));
 
         let later = start + UDP_IDLE / 2;
         assert!(table.touch(&key(2), later).is_some());
@@ -805,13 +810,23 @@ mod tests {
         let mut tcp = key(1);
         tcp.protocol = Protocol::Tcp;
         table.insert(tcp, opened_by(Origin::Outbound), 100, start, &mut log);
-        let mut now = start;
+        // The first report comes soon after the opening packet, whatever
+        // followed it.
+        let first = start + FIRST_REPORT;
+        assert_eq!(table.poll_timeout(), Some(first));
+        table.handle_timeout(first, &mut log);
+        let got = drain(&mut log);
+        assert!(
+            matches!(got.as_slice(), [r] if !r.ended && r.to_dst.packets == 1 && r.to_src.packets == 0),
+            "{got:?}"
+        );
+        let mut now = first;
         for _ in 0..3 {
             now += Duration::from_secs(20);
             table.probe(&tcp.reversed()).unwrap().pass(50, now);
         }
-        assert_eq!(table.poll_timeout(), Some(start + ACTIVE_INTERVAL));
-        table.handle_timeout(start + ACTIVE_INTERVAL, &mut log);
+        assert_eq!(table.poll_timeout(), Some(first + ACTIVE_INTERVAL));
+        table.handle_timeout(first + ACTIVE_INTERVAL, &mut log);
         let got = drain(&mut log);
         let [interim] = got.as_slice() else {
             panic!("{got:?}")
@@ -822,7 +837,7 @@ mod tests {
         assert_eq!(interim.to_src.bytes, 150);
 
         // Nothing new in the next interval: no report until it ends.
-        table.handle_timeout(start + 2 * ACTIVE_INTERVAL, &mut log);
+        table.handle_timeout(first + 2 * ACTIVE_INTERVAL, &mut log);
         assert!(drain(&mut log).is_empty());
         table.handle_timeout(now + TCP_IDLE, &mut log);
         let got = drain(&mut log);

@@ -1,8 +1,9 @@
 //! The flow log: what the filter reports about flows, in a bounded queue
 //! the shell drains ([`crate::core::Node::poll_flow_report`]).
 //!
-//! Tracked flows are reported when they end and, while they last, every
-//! [`ACTIVE_INTERVAL`] ([`super::ConnTrack`] does that). Denied packets
+//! Tracked flows are reported [`FIRST_REPORT`] after they open, every
+//! [`ACTIVE_INTERVAL`] while they last, and when they end
+//! ([`super::ConnTrack`] does that). Denied packets
 //! open no flow: they are summed here per source, destination, protocol,
 //! destination port and deciding rule, and each sum is reported once per
 //! [`SUMMARY_INTERVAL`]. Nothing waits: a full queue or summary table
@@ -18,10 +19,16 @@ use weft_proto::{FlowVerdict, Protocol, RuleRef, Traffic};
 
 use super::conntrack::FlowKey;
 
-/// How often a flow that is still open is reported (`ended: false`).
+/// How soon after its first packet a flow is first reported (`ended:
+/// false`): a connection shows within seconds, not when it ends, with the
+/// packets of its first second (a handshake, usually) counted.
+pub const FIRST_REPORT: Duration = Duration::from_secs(1);
+/// How often a flow that is still open is reported again, when it had
+/// traffic since its last report.
 pub const ACTIVE_INTERVAL: Duration = Duration::from_secs(60);
-/// How long denied packets are summed before their summaries are reported.
-pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
+/// How long denied packets are summed before their summaries are
+/// reported: short enough that a denial shows within seconds.
+pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(5);
 /// Reports the queue holds before it drops new ones.
 pub const QUEUE_CAPACITY: usize = 4096;
 /// Denial summaries one interval holds; denied packets of further

@@ -39,8 +39,8 @@ pub use conntrack::{
     UDP_IDLE,
 };
 pub use flow_log::{
-    DeniedFlows, FlowLog, FlowLogStats, FlowReport, ACTIVE_INTERVAL, MAX_DENIALS, QUEUE_CAPACITY,
-    SUMMARY_INTERVAL,
+    DeniedFlows, FlowLog, FlowLogStats, FlowReport, ACTIVE_INTERVAL, FIRST_REPORT, MAX_DENIALS,
+    QUEUE_CAPACITY, SUMMARY_INTERVAL,
 };
 pub use packet::{parse, Headers, ParseError, Transport};
 pub use rules::{Decided, Decision, Filter, Query};
@@ -592,9 +592,12 @@ mod tests {
         }
         fw.handle_timeout(now + SUMMARY_INTERVAL);
         let got = reports(&mut fw);
-        let [summary] = got.as_slice() else {
+        // The flow's own first report, made while it was admitted, and the
+        // summary of what was denied after.
+        let [first, summary] = got.as_slice() else {
             panic!("{got:?}")
         };
+        assert_eq!((first.verdict, first.ended), (FlowVerdict::Accept, false));
         assert_eq!(
             summary.rule,
             Some(RuleRef {

@@ -32,7 +32,7 @@ pub const SPOOL_BYTES: usize = 16 * 1024 * 1024;
 /// How long records wait to be batched: short enough that the coordinator
 /// sees flows within seconds, long enough that a quiet node sends few
 /// batches.
-pub const SEAL_INTERVAL: Duration = Duration::from_secs(5);
+pub const SEAL_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The records and batches a node holds for the coordinator, shared by the
 /// device (which adds) and the control task (which sends and releases).
