@@ -16,8 +16,11 @@ use weft_policy::Roles;
 use weft_proto::{PrivateKey, PublicKey, RelayInfo, CLOSE_BY_COORDINATOR};
 
 use crate::admin::{self, AdminState};
-use crate::config::{check_public_url, ConfigError, OidcSettings, StoreSettings, WorkloadIssuer};
+use crate::config::{
+    check_public_url, ConfigError, FlowSettings, OidcSettings, StoreSettings, WorkloadIssuer,
+};
 use crate::control::{self, ListenError};
+use crate::flows::{self, FlowReader, FlowWriter};
 use crate::http;
 use crate::keyfile::{self, KeyFileError};
 use crate::limits::{self, ConnectionGate, Limits};
@@ -67,6 +70,8 @@ pub struct ServeOptions {
     pub relays: Vec<RelayInfo>,
     /// Timeouts and caps on what clients may hold.
     pub limits: Limits,
+    /// How long flow records are kept.
+    pub flows: FlowSettings,
 }
 
 /// Why the coordinator could not start.
@@ -140,6 +145,10 @@ pub enum StartError {
         /// The underlying error.
         source: reqwest::Error,
     },
+    /// The flow records directory is unusable; the cause is the crate's
+    /// flow store error.
+    #[error("{0}")]
+    Flows(#[source] BoxError),
     /// The admin socket could not be created.
     #[error("cannot create the admin socket {path}: {source}")]
     AdminSocket {
@@ -162,6 +171,12 @@ impl From<LoadError> for StartError {
 impl From<StoreError> for StartError {
     fn from(e: StoreError) -> Self {
         StartError::Store(Box::new(e))
+    }
+}
+
+impl From<flows::StartError> for StartError {
+    fn from(e: flows::StartError) -> Self {
+        StartError::Flows(Box::new(e))
     }
 }
 
@@ -228,6 +243,7 @@ pub struct Coordinator {
     watcher: Option<JoinHandle<()>>,
     policy_follower: JoinHandle<()>,
     netmap: JoinHandle<()>,
+    flows: JoinHandle<()>,
 }
 
 impl Coordinator {
@@ -276,6 +292,8 @@ impl Coordinator {
         );
         let (netmaps, netmap) =
             NetmapHandle::spawn(registry.clone(), initial, options.ephemeral_timeout)?;
+        let (flow_writer, flows) =
+            FlowWriter::start(&options.data_dir, options.flows, netmaps.clone()).await?;
         let policy_follower = tokio::spawn(policy_follow::follow(
             registry.store().clone(),
             policy_changes,
@@ -308,6 +326,7 @@ impl Coordinator {
             netmaps: netmaps.clone(),
             policy: context,
             in_force,
+            flows: FlowReader::new(&options.data_dir),
         });
         let admin = tokio::spawn(async move {
             let service = router.into_make_service_with_connect_info::<admin::Peer>();
@@ -394,6 +413,7 @@ impl Coordinator {
             logins,
             workloads,
             relays: options.relays,
+            flows: flow_writer,
             shutdown: shutting_down.clone(),
             first_frames: control::first_frame_budget(),
             claims: Arc::default(),
@@ -426,6 +446,7 @@ impl Coordinator {
             watcher,
             policy_follower,
             netmap,
+            flows,
         })
     }
 
@@ -471,6 +492,9 @@ impl Coordinator {
         // The netmap task ends once the last handle (held by sessions, the
         // admin API and the watcher) is gone, and with it the database.
         let _ = tokio::time::timeout(DRAIN, self.netmap).await;
+        // The flow writer ends with the last session, having answered
+        // every batch handed to it.
+        let _ = tokio::time::timeout(DRAIN, self.flows).await;
         let _ = tokio::time::timeout(DRAIN, self.endpoint.wait_idle()).await;
         let _ = std::fs::remove_file(&self.socket);
         tracing::info!("coordinator stopped");
