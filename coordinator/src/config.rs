@@ -34,8 +34,9 @@ mod relays;
 mod store;
 
 pub use self::flows::{
-    FlowSettings, FlowsFileConfig, DEFAULT_FLOW_MAX_AGE, DEFAULT_FLOW_MAX_BYTES,
-    DEFAULT_FLOW_SEGMENT_AGE, DEFAULT_FLOW_SEGMENT_BYTES,
+    FlowSettings, FlowsFileConfig, SinkFileConfig, SinkSettings, SinkTarget, SyslogTransport,
+    DEFAULT_FLOW_MAX_AGE, DEFAULT_FLOW_MAX_BYTES, DEFAULT_FLOW_SEGMENT_AGE,
+    DEFAULT_FLOW_SEGMENT_BYTES,
 };
 pub(crate) use self::relays::is_relay_name;
 pub use self::relays::RelayConfig;
@@ -91,7 +92,8 @@ pub struct FileConfig {
     /// administrators the lockout guard protects.
     #[serde(default)]
     pub roles: weft_policy::Roles,
-    /// How long flow records are kept ([`FlowsFileConfig`]).
+    /// How long flow records are kept, and where they are forwarded
+    /// ([`FlowsFileConfig`]).
     pub flows: Option<FlowsFileConfig>,
 }
 

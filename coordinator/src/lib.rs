@@ -41,8 +41,9 @@ pub use config::{
     EtcdSettings, EtcdTls, EtcdTlsFileConfig, StoreFileConfig, StoreKind, StoreSettings,
 };
 pub use config::{
-    FlowSettings, FlowsFileConfig, DEFAULT_FLOW_MAX_AGE, DEFAULT_FLOW_MAX_BYTES,
-    DEFAULT_FLOW_SEGMENT_AGE, DEFAULT_FLOW_SEGMENT_BYTES,
+    FlowSettings, FlowsFileConfig, SinkFileConfig, SinkSettings, SinkTarget, SyslogTransport,
+    DEFAULT_FLOW_MAX_AGE, DEFAULT_FLOW_MAX_BYTES, DEFAULT_FLOW_SEGMENT_AGE,
+    DEFAULT_FLOW_SEGMENT_BYTES,
 };
 pub use control::QuicThread;
 pub use error_chain::error_chain;

@@ -61,6 +61,24 @@ struct Metrics {
     flow_batches: Family<Outcome, Counter>,
     flow_records: Family<Outcome, Counter>,
     flow_records_dropped_by_nodes: Counter,
+    sink_records: Family<SinkOutcome, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SinkOutcome {
+    /// The sink's configured name: a fixed set, from the configuration.
+    sink: String,
+    result: &'static str,
+}
+
+/// What became of records offered to a sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SinkResult {
+    /// Delivered.
+    Sent,
+    /// Dropped: the sink's queue was full, the sink refused them, or one
+    /// was too large for its transport.
+    Dropped,
 }
 
 /// What became of a policy someone or something tried to put in force.
@@ -129,6 +147,7 @@ impl Metrics {
             flow_batches: Family::default(),
             flow_records: Family::default(),
             flow_records_dropped_by_nodes: Counter::default(),
+            sink_records: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -222,6 +241,12 @@ impl Metrics {
             "flow_records_dropped_by_nodes",
             "Flow records nodes report they dropped before sending (buffer or spool full)",
             metrics.flow_records_dropped_by_nodes.clone(),
+        );
+        registry.register(
+            "sink_records",
+            "Flow records and audit entries offered to each configured sink, by result \
+             (sent, dropped: queue full while the sink was slow or down, or refused)",
+            metrics.sink_records.clone(),
         );
         Self {
             registry,
@@ -333,6 +358,33 @@ pub(crate) fn flow_records(kept: u64, not_an_end: u64, by_node: u64) {
     count("kept").inc_by(kept);
     count("not_an_end").inc_by(not_an_end);
     METRICS.flow_records_dropped_by_nodes.inc_by(by_node);
+}
+
+/// A sink named `sink` exists: both its series show from the start.
+pub(crate) fn sink_registered(sink: &str) {
+    for result in [SinkResult::Sent, SinkResult::Dropped] {
+        let _ = METRICS
+            .sink_records
+            .get_or_create(&sink_outcome(sink, result));
+    }
+}
+
+/// `count` records offered to `sink` ended as `result`.
+pub(crate) fn sink_records(sink: &str, result: SinkResult, count: u64) {
+    METRICS
+        .sink_records
+        .get_or_create(&sink_outcome(sink, result))
+        .inc_by(count);
+}
+
+fn sink_outcome(sink: &str, result: SinkResult) -> SinkOutcome {
+    SinkOutcome {
+        sink: sink.to_owned(),
+        result: match result {
+            SinkResult::Sent => "sent",
+            SinkResult::Dropped => "dropped",
+        },
+    }
 }
 
 /// Fetching an identity provider's documents failed.

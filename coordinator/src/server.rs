@@ -20,7 +20,7 @@ use crate::config::{
     check_public_url, ConfigError, FlowSettings, OidcSettings, StoreSettings, WorkloadIssuer,
 };
 use crate::control::{self, ListenError};
-use crate::flows::{self, FlowReader, FlowWriter};
+use crate::flows::{self, FlowReader, FlowWriter, Sinks};
 use crate::http;
 use crate::keyfile::{self, KeyFileError};
 use crate::limits::{self, ConnectionGate, Limits};
@@ -145,8 +145,8 @@ pub enum StartError {
         /// The underlying error.
         source: reqwest::Error,
     },
-    /// The flow records directory is unusable; the cause is the crate's
-    /// flow store error.
+    /// The flow records directory is unusable, or a sink cannot start; the
+    /// cause is the crate's flow store or sink error.
     #[error("{0}")]
     Flows(#[source] BoxError),
     /// The admin socket could not be created.
@@ -176,6 +176,12 @@ impl From<StoreError> for StartError {
 
 impl From<flows::StartError> for StartError {
     fn from(e: flows::StartError) -> Self {
+        StartError::Flows(Box::new(e))
+    }
+}
+
+impl From<flows::SinkStartError> for StartError {
+    fn from(e: flows::SinkStartError) -> Self {
         StartError::Flows(Box::new(e))
     }
 }
@@ -244,6 +250,10 @@ pub struct Coordinator {
     policy_follower: JoinHandle<()>,
     netmap: JoinHandle<()>,
     flows: JoinHandle<()>,
+    /// Each sink's delivery task.
+    sinks: Vec<JoinHandle<()>>,
+    /// Forwards audit entries to the sinks that take them.
+    audit_forwarder: Option<JoinHandle<()>>,
 }
 
 impl Coordinator {
@@ -292,8 +302,15 @@ impl Coordinator {
         );
         let (netmaps, netmap) =
             NetmapHandle::spawn(registry.clone(), initial, options.ephemeral_timeout)?;
+        let (sinks, sink_tasks) = Sinks::start(&options.flows.sinks)?;
+        let audit_forwarder = sinks.wants_audit().then(|| {
+            tokio::spawn(flows::forward_audit(
+                registry.store().clone(),
+                sinks.clone(),
+            ))
+        });
         let (flow_writer, flows) =
-            FlowWriter::start(&options.data_dir, options.flows, netmaps.clone()).await?;
+            FlowWriter::start(&options.data_dir, options.flows, netmaps.clone(), sinks).await?;
         let policy_follower = tokio::spawn(policy_follow::follow(
             registry.store().clone(),
             policy_changes,
@@ -447,6 +464,8 @@ impl Coordinator {
             policy_follower,
             netmap,
             flows,
+            sinks: sink_tasks,
+            audit_forwarder,
         })
     }
 
@@ -495,6 +514,13 @@ impl Coordinator {
         // The flow writer ends with the last session, having answered
         // every batch handed to it.
         let _ = tokio::time::timeout(DRAIN, self.flows).await;
+        // Records the sinks have not delivered yet are in the segments.
+        if let Some(forwarder) = self.audit_forwarder {
+            forwarder.abort();
+        }
+        for sink in self.sinks {
+            sink.abort();
+        }
         let _ = tokio::time::timeout(DRAIN, self.endpoint.wait_idle()).await;
         let _ = std::fs::remove_file(&self.socket);
         tracing::info!("coordinator stopped");

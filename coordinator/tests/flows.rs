@@ -12,8 +12,18 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use prost::Message as _;
+use syslog_rfc5424::SyslogMessage;
 use weft_coordinator::{
-    AdminClient, AuthKeyRequest, Coordinator, FlowSettings, FlowView, ServeOptions,
+    AdminClient, AuthKeyRequest, Coordinator, FlowSettings, FlowView, ServeOptions, SinkSettings,
+    SinkTarget, SyslogTransport,
 };
 use weft_net::tls::Liveness;
 use weft_net::Service;
@@ -561,4 +571,221 @@ async fn retention_deletes_segments_past_their_age() {
         .unwrap()
         .count();
     assert!(segments <= 3, "{segments} segments left");
+}
+
+/// An OTLP/HTTP logs receiver on 127.0.0.1: every export it decodes, in order.
+async fn otlp_receiver() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<ExportLogsServiceRequest>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let tx = tx.clone();
+            let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+                let tx = tx.clone();
+                async move {
+                    assert_eq!(request.uri().path(), "/v1/logs");
+                    assert_eq!(request.headers()["content-type"], "application/x-protobuf");
+                    assert_eq!(request.headers()["x-tenant"], "ops");
+                    let body = request.into_body().collect().await.unwrap().to_bytes();
+                    tx.send(ExportLogsServiceRequest::decode(body).unwrap())
+                        .unwrap();
+                    let answer = ExportLogsServiceResponse::default().encode_to_vec();
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
+                        answer,
+                    ))))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (address, rx)
+}
+
+/// The messages of an RFC 6587 octet-counted stream: `LEN SP MESSAGE`.
+async fn octet_counted(stream: &mut tokio::net::TcpStream, count: usize) -> Vec<SyslogMessage> {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = Vec::new();
+    let mut messages = Vec::new();
+    while messages.len() < count {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+            .await
+            .expect("syslog over TCP too slow")
+            .unwrap();
+        assert!(n > 0, "the sink closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+        while let Some(space) = buf.iter().position(|b| *b == b' ') {
+            let len: usize = std::str::from_utf8(&buf[..space]).unwrap().parse().unwrap();
+            if buf.len() < space + 1 + len {
+                break;
+            }
+            let message = std::str::from_utf8(&buf[space + 1..space + 1 + len]).unwrap();
+            messages.push(syslog_rfc5424::parse_message(message).unwrap());
+            buf.drain(..space + 1 + len);
+        }
+    }
+    messages
+}
+
+/// The record a syslog message carries as its MSG.
+fn carried(message: &SyslogMessage) -> FlowView {
+    let json = message.msg.strip_prefix('\u{feff}').expect("UTF-8 BOM");
+    serde_json::from_str(json).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_records_reach_every_sink_and_a_sink_that_is_down_holds_up_nothing() {
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let tcp_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let (otlp, mut exports) = otlp_receiver().await;
+    let scratch = tempfile::tempdir().unwrap();
+    let jsonl = scratch.path().join("flows.jsonl");
+    let sink = |name: &str, audit: bool, target: SinkTarget| SinkSettings {
+        name: name.into(),
+        queue: 100,
+        audit,
+        target,
+    };
+    let settings = FlowSettings {
+        sinks: vec![
+            sink(
+                "siem-udp",
+                true,
+                SinkTarget::Syslog {
+                    address: udp.local_addr().unwrap().to_string(),
+                    transport: SyslogTransport::Udp,
+                    facility: 16,
+                },
+            ),
+            sink(
+                "siem-tcp",
+                false,
+                SinkTarget::Syslog {
+                    address: format!("127.0.0.1:{tcp_port}"),
+                    transport: SyslogTransport::Tcp,
+                    facility: 17,
+                },
+            ),
+            sink(
+                "otel",
+                false,
+                SinkTarget::Otlp {
+                    url: format!("http://{otlp}/v1/logs").parse().unwrap(),
+                    headers: vec![("x-tenant".into(), "ops".into())],
+                },
+            ),
+            sink(
+                "file",
+                false,
+                SinkTarget::Jsonl {
+                    path: jsonl.clone(),
+                },
+            ),
+        ],
+        ..FlowSettings::default()
+    };
+    let lab = Lab::start(settings).await;
+    let mut db = lab
+        .join(
+            "db",
+            lab.credential("tag:db").await,
+            &PrivateKey::generate(),
+        )
+        .await;
+    let record = |port, verdict| flow(db.at(port), db.at(5432), FlowDirection::Inbound, verdict);
+    let (denied, audited) = (
+        record(1000, FlowVerdict::Deny),
+        record(1001, FlowVerdict::AuditDeny),
+    );
+    // Nothing listens on the TCP sink's port: the acknowledgement comes anyway.
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        db.report(batch(1, vec![denied.clone(), audited.clone()])),
+    )
+    .await
+    .expect("a sink that is down held up intake");
+
+    let mut datagram = vec![0u8; 65_536];
+    let mut over_udp = Vec::new();
+    // Audit entries (the auth key created above, db's registration) come too.
+    let is_flow = |m: &SyslogMessage| m.msgid.as_deref() == Some("flow");
+    while over_udp.iter().filter(|m| is_flow(m)).count() < 2 {
+        let n = tokio::time::timeout(WAIT, udp.recv(&mut datagram))
+            .await
+            .expect("no syslog datagram")
+            .unwrap();
+        let text = std::str::from_utf8(&datagram[..n]).unwrap();
+        over_udp.push(syslog_rfc5424::parse_message(text).unwrap());
+    }
+    let flows: Vec<&SyslogMessage> = over_udp.iter().filter(|m| is_flow(m)).collect();
+    assert!(over_udp
+        .iter()
+        .any(|m| m.msgid.as_deref() == Some("audit") && m.msg.contains("auth_key_created")));
+    assert_eq!(flows[0].appname.as_deref(), Some("weft-coordinator"));
+    assert_eq!(
+        flows[0].severity,
+        syslog_rfc5424::SyslogSeverity::SEV_WARNING
+    );
+    assert_eq!(
+        flows[1].severity,
+        syslog_rfc5424::SyslogSeverity::SEV_NOTICE
+    );
+    let first = carried(flows[0]);
+    assert_eq!(first.kept.record.id, denied.id);
+    assert_eq!(first.reporter.name, "db");
+    assert_eq!(
+        first.kept.record.dst_identity.identity.tags,
+        ["tag:db"],
+        "sinks get the record as kept, identities filled"
+    );
+
+    let export = tokio::time::timeout(WAIT, exports.recv())
+        .await
+        .expect("no OTLP export")
+        .unwrap();
+    let resource = &export.resource_logs[0];
+    let service = resource.resource.as_ref().unwrap().attributes[0].clone();
+    assert_eq!(service.key, "service.name");
+    let logs = &resource.scope_logs[0].log_records;
+    assert_eq!(logs.len(), 2);
+    assert_eq!(logs[0].event_name, "weft.flow");
+    let verdict = logs[1]
+        .attributes
+        .iter()
+        .find(|kv| kv.key == "weft.flow.verdict")
+        .and_then(|kv| kv.value.as_ref()?.value.as_ref());
+    assert_eq!(verdict, Some(&Value::StringValue("audit-deny".into())));
+
+    let lines = std::fs::read_to_string(&jsonl).unwrap();
+    let in_file: Vec<FlowView> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(in_file, flows_json(&lab.data_dir, &[]).await);
+
+    // The TCP receiver comes up: the sink retries and delivers what it held.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", tcp_port))
+        .await
+        .unwrap();
+    let (mut stream, _) = tokio::time::timeout(Duration::from_secs(40), listener.accept())
+        .await
+        .expect("the TCP sink never reconnected")
+        .unwrap();
+    let over_tcp = octet_counted(&mut stream, 2).await;
+    assert_eq!(
+        over_tcp[0].facility,
+        syslog_rfc5424::SyslogFacility::LOG_LOCAL1
+    );
+    assert_eq!(carried(&over_tcp[1]).kept.record.id, audited.id);
 }

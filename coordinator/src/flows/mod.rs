@@ -12,12 +12,16 @@
 //! acknowledgement is recognised by `(reporter, batch id)` and acknowledged
 //! without being kept twice.
 //!
+//! Kept records then go to the configured sinks ([`sinks`]), never holding
+//! up intake.
+//!
 //! Every replica keeps what the nodes connected to it sent; `flows` on a
 //! replica answers from that replica's segments alone.
 
 mod intake;
 mod query;
 mod segments;
+mod sinks;
 mod writer;
 
 use serde::{Deserialize, Serialize};
@@ -28,6 +32,7 @@ pub(crate) use self::intake::BatchError;
 pub(crate) use self::query::{FilterError, FlowFilter};
 pub use self::query::{FlowList, FlowQuery};
 pub(crate) use self::segments::{FlowReader, SegmentError};
+pub(crate) use self::sinks::{forward_audit, Sinks, StartError as SinkStartError};
 pub(crate) use self::writer::{FlowWriter, Progress, StartError};
 
 /// The node that reported a record, as its control session showed it.

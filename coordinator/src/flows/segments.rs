@@ -562,6 +562,7 @@ mod tests {
             max_bytes: 1 << 20,
             segment_age: Duration::from_secs(60),
             segment_bytes: 64 << 10,
+            sinks: Vec::new(),
         }
     }
 

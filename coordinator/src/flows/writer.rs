@@ -10,7 +10,7 @@
 //! batches and the writer has taken the one before: when storage is slow,
 //! the channel fills, sessions stop reading, and the transport's flow
 //! control holds the nodes back. Nothing waits in memory beyond the
-//! channel and one batch per session.
+//! channel and one batch per session. Kept batches go on to the sinks.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -23,6 +23,7 @@ use weft_proto::flows::{FlowBatch, MAX_BATCHES_IN_FLIGHT};
 
 use super::intake::{self, BatchError};
 use super::segments::{Appended, SegmentError, Segments};
+use super::sinks::Sinks;
 use super::{unix_ms, KeptBatch, Reporter};
 use crate::config::FlowSettings;
 use crate::metrics::{self, FlowBatchResult};
@@ -77,6 +78,7 @@ impl FlowWriter {
         data_dir: &Path,
         settings: FlowSettings,
         netmaps: NetmapHandle,
+        sinks: Sinks,
     ) -> Result<(Self, JoinHandle<()>), StartError> {
         let data_dir = data_dir.to_owned();
         let segments = tokio::task::spawn_blocking(move || {
@@ -85,7 +87,7 @@ impl FlowWriter {
         .await
         .map_err(StartError::Task)??;
         let (tx, rx) = mpsc::channel(QUEUE);
-        let task = tokio::spawn(run(segments, rx));
+        let task = tokio::spawn(run(segments, rx, sinks));
         Ok((Self { tx, netmaps }, task))
     }
 
@@ -105,7 +107,7 @@ impl FlowWriter {
     }
 }
 
-async fn run(mut segments: Segments, mut rx: mpsc::Receiver<Append>) {
+async fn run(mut segments: Segments, mut rx: mpsc::Receiver<Append>, sinks: Sinks) {
     let mut tick = tokio::time::interval(MAINTAIN_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -154,6 +156,13 @@ async fn run(mut segments: Segments, mut rx: mpsc::Receiver<Append>) {
                 return;
             }
         };
+        let kept: Vec<&KeptBatch> = batches
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| **outcome == Appended::Kept)
+            .map(|(batch, _)| batch)
+            .collect();
+        sinks.publish(&kept);
         for ((batch, outcome), (not_an_end, dropped_by_node, reply)) in
             batches.iter().zip(outcomes).zip(answers)
         {
