@@ -146,6 +146,12 @@ impl Lab {
         }
     }
 
+    /// A new machine registered as `db`, tagged `tag:db`.
+    async fn db(&self) -> Node {
+        let credential = self.credential("tag:db").await;
+        self.join("db", credential, &PrivateKey::generate()).await
+    }
+
     /// Registers `machine` as a node named `hostname`.
     async fn join(&self, hostname: &str, credential: Credential, machine: &PrivateKey) -> Node {
         let mut node = self.connect(machine).await;
@@ -549,10 +555,7 @@ async fn retention_deletes_segments_past_their_age() {
         ..FlowSettings::default()
     };
     let lab = Lab::start(settings).await;
-    let machine = PrivateKey::generate();
-    let mut db = lab
-        .join("db", lab.credential("tag:db").await, &machine)
-        .await;
+    let mut db = lab.db().await;
     let record = |port| {
         flow(
             db.at(port),
@@ -696,13 +699,7 @@ async fn kept_records_reach_every_sink_and_a_sink_that_is_down_holds_up_nothing(
         ..FlowSettings::default()
     };
     let lab = Lab::start(settings).await;
-    let mut db = lab
-        .join(
-            "db",
-            lab.credential("tag:db").await,
-            &PrivateKey::generate(),
-        )
-        .await;
+    let mut db = lab.db().await;
     let record = |port, verdict| flow(db.at(port), db.at(5432), FlowDirection::Inbound, verdict);
     let (denied, audited) = (
         record(1000, FlowVerdict::Deny),
@@ -788,4 +785,97 @@ async fn kept_records_reach_every_sink_and_a_sink_that_is_down_holds_up_nothing(
         syslog_rfc5424::SyslogFacility::LOG_LOCAL1
     );
     assert_eq!(carried(&over_tcp[1]).kept.record.id, audited.id);
+}
+
+/// The committed JSON schema `docs/schema/NAME`.
+fn schema(name: &str) -> jsonschema::Validator {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs/schema")
+        .join(name);
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    jsonschema::validator_for(&schema).unwrap()
+}
+
+/// Every element of the JSON array `text` is valid under `validator`.
+fn assert_valid(validator: &jsonschema::Validator, text: &str) -> Vec<serde_json::Value> {
+    let elements: Vec<serde_json::Value> = serde_json::from_str(text).unwrap();
+    for element in &elements {
+        let errors: Vec<String> = validator
+            .iter_errors(element)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{errors:?} in {element:#}");
+    }
+    elements
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_flows_and_audit_print_follows_the_committed_schemas() {
+    let lab = Lab::start(FlowSettings::default()).await;
+    let mut db = lab.db().await;
+    let accepted = flow(
+        db.at(1),
+        db.at(5432),
+        FlowDirection::Inbound,
+        FlowVerdict::Accept,
+    );
+    let mut summary = flow(
+        "[fd7a::99]:0".parse().unwrap(),
+        SocketAddr::new(IpAddr::V6(db.me().ipv6), 22),
+        FlowDirection::Inbound,
+        FlowVerdict::AuditDeny,
+    );
+    summary.path = FlowPath::Relay {
+        name: "fra1".into(),
+    };
+    summary.src_identity.identity.user = Some("ghost@example.com".into());
+    summary.summary = Some(weft_proto::flows::DenialSummary {
+        flows: 3,
+        more_ids: vec![FlowId([7; 16]), FlowId([8; 16])],
+    });
+    let mut opened = flow(
+        db.at(40_000),
+        db.at(80),
+        FlowDirection::Outbound,
+        FlowVerdict::Opened,
+    );
+    opened.path = FlowPath::Unknown;
+    opened.ended = false;
+    db.report(batch(1, vec![accepted, summary, opened])).await;
+
+    let data_dir = lab.data_dir.clone();
+    let (flows, audit) = tokio::task::spawn_blocking(move || {
+        let flows = flows_command(&data_dir, &["--json"]);
+        let out = std::process::Command::new(BIN)
+            .args(["audit", "--json", "--data-dir"])
+            .arg(&data_dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        (flows, String::from_utf8(out.stdout).unwrap())
+    })
+    .await
+    .unwrap();
+    let flow_schema = schema("flow-record.json");
+    let records = assert_valid(&flow_schema, &flows);
+    assert_eq!(records.len(), 3);
+    let audit_schema = schema("audit-entry.json");
+    let entries = assert_valid(&audit_schema, &audit);
+    let kinds: Vec<&str> = entries
+        .iter()
+        .filter_map(|e| e["event"]["kind"].as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"auth_key_created") && kinds.contains(&"node_registered"),
+        "{kinds:?}"
+    );
+
+    // The schemas do tell wrong output from right.
+    let mut wrong = records[0].clone();
+    wrong["verdict"] = "audit-deny".into();
+    assert!(!flow_schema.is_valid(&wrong));
+    let mut wrong = entries[0].clone();
+    wrong["hash"] = "not a hash".into();
+    assert!(!audit_schema.is_valid(&wrong));
 }
