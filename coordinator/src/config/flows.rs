@@ -425,6 +425,13 @@ fn otlp_logs_url(endpoint: &str) -> Result<url::Url, String> {
             "endpoint {endpoint:?} must be an http:// or https:// URL with a host"
         ));
     }
+    if !base.username().is_empty() || base.password().is_some() {
+        // Errors and logs name the URL; credentials belong in `headers`.
+        return Err(
+            "endpoint must not hold credentials; put them in headers, which are never logged"
+                .into(),
+        );
+    }
     let path = format!("{}/v1/logs", base.path().trim_end_matches('/'));
     let mut url = base;
     url.set_path(&path);
@@ -533,6 +540,10 @@ mod tests {
                 "local9",
             ),
             ("[[flows.sinks]]\ntype = \"otlp\"\nendpoint = \"ftp://h\"", "http"),
+            (
+                "[[flows.sinks]]\ntype = \"otlp\"\nendpoint = \"https://u:secret@h\"",
+                "must not hold credentials",
+            ),
             (
                 "[[flows.sinks]]\ntype = \"jsonl\"\npath = \"/a\"\nname = \"x\"\n[[flows.sinks]]\ntype = \"jsonl\"\npath = \"/b\"\nname = \"x\"",
                 "twice",

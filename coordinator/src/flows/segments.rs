@@ -199,11 +199,16 @@ impl Segments {
             path: dir.clone(),
             source,
         })?;
+        // The newest segment's header and lines say it all, unless a crash
+        // tore its header as it was created: then the one before says the rest.
         let mut last = HashMap::new();
-        if let Some(newest) = names.last() {
-            let path = dir.join(newest.file_name());
-            learn_batches(&path, &mut last)
+        for name in names.iter().rev() {
+            let path = dir.join(name.file_name());
+            let had_header = learn_batches(&path, &mut last)
                 .map_err(|source| SegmentError::Read { path, source })?;
+            if had_header {
+                break;
+            }
         }
         let mut sealed = VecDeque::new();
         for name in names {
@@ -429,7 +434,9 @@ fn create(
 
 /// Reads `path`'s header and batches into `last`: the highest batch id of
 /// each reporter. Torn and malformed lines are skipped with a warning.
-fn learn_batches(path: &Path, last: &mut HashMap<NodeId, (u64, u64)>) -> std::io::Result<()> {
+/// Whether the segment had its header.
+fn learn_batches(path: &Path, last: &mut HashMap<NodeId, (u64, u64)>) -> std::io::Result<bool> {
+    let mut had_header = false;
     let mut bump = |node: NodeId, batch: u64, when: u64| {
         let entry = last.entry(node).or_insert((batch, when));
         if batch >= entry.0 {
@@ -438,12 +445,14 @@ fn learn_batches(path: &Path, last: &mut HashMap<NodeId, (u64, u64)>) -> std::io
     };
     for_each_line(path, &mut |line| match line {
         Line::Header(header) => {
+            had_header = true;
             for (node, batch, when) in header.batches {
                 bump(node, batch, when);
             }
         }
         Line::Batch(batch) => bump(batch.reporter.node, batch.batch, batch.received_ms),
-    })
+    })?;
+    Ok(had_header)
 }
 
 /// Calls `each` with every whole, well-formed line of the segment at
@@ -652,6 +661,25 @@ mod tests {
         );
         let batches: Vec<u64> = all(dir.path()).iter().map(|v| v.batch).collect();
         assert_eq!(batches, [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_segment_torn_as_it_was_created_does_not_make_batches_new_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut segments = Segments::open(dir.path(), settings(), NOW_MS).unwrap();
+        segments.append(&[kept(1, 1, NOW_MS)], NOW_MS);
+        let next = SegmentName {
+            seq: segments.active.name.seq + 1,
+            started_ms: NOW_MS + 5,
+        };
+        drop(segments);
+        let torn = dir.path().join(DIR_NAME).join(next.file_name());
+        std::fs::write(&torn, b"{\"header\":{\"vers").unwrap();
+        let mut segments = Segments::open(dir.path(), settings(), NOW_MS + 10).unwrap();
+        assert_eq!(
+            segments.append(&[kept(1, 1, NOW_MS)], NOW_MS + 10),
+            [Appended::Duplicate]
+        );
     }
 
     #[test]

@@ -303,3 +303,80 @@ impl SessionFlows {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use weft_proto::NodeId;
+
+    use super::super::intake::tests::record;
+    use super::*;
+    use crate::nodes::Registry;
+    use crate::store::{RedbStore, Store};
+
+    /// A session of node 2 (100.64.0.2) whose writer queue holds `room`
+    /// batches and is read by the test.
+    fn session(dir: &Path, room: usize) -> (SessionFlows, mpsc::Receiver<Append>) {
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.join("s.redb")).unwrap());
+        let registry = Registry::open(store).unwrap();
+        let (netmaps, _task) =
+            NetmapHandle::spawn(registry, None, Duration::from_secs(60)).unwrap();
+        let (tx, rx) = mpsc::channel(room);
+        let session = SessionFlows {
+            writer: FlowWriter { tx, netmaps },
+            reporter: Reporter {
+                node: NodeId(2),
+                name: "db".into(),
+            },
+            own: ["100.64.0.2".parse().unwrap(), "fd00::2".parse().unwrap()],
+            waiting: None,
+            acks: VecDeque::new(),
+            warned: false,
+        };
+        (session, rx)
+    }
+
+    fn batch(id: u64) -> FlowBatch {
+        FlowBatch {
+            id,
+            records: vec![record("100.64.0.1:40000", "100.64.0.2:5432")],
+            dropped: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_reads_no_further_while_the_writer_has_no_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut session, mut writer) = session(dir.path(), 1);
+        session.offer(batch(1)).await.unwrap();
+        assert!(!session.accepts(), "one batch waits at a time");
+        assert_eq!(session.progress().await, Progress::Submitted);
+        assert!(session.accepts());
+        session.offer(batch(2)).await.unwrap();
+        let stuck = tokio::time::timeout(Duration::from_millis(100), session.progress()).await;
+        assert!(stuck.is_err(), "the writer's queue is full");
+        assert!(!session.accepts());
+        let first = writer.recv().await.unwrap();
+        assert_eq!(first.stamped.batch.batch, 1);
+        first.reply.send(Appended::Kept).unwrap();
+        assert_eq!(session.progress().await, Progress::Ack(1));
+        assert_eq!(session.progress().await, Progress::Submitted);
+        let second = writer.recv().await.unwrap();
+        second.reply.send(Appended::Failed).unwrap();
+        assert_eq!(session.progress().await, Progress::NotKept(2));
+        assert!(!session.busy());
+    }
+
+    #[tokio::test]
+    async fn a_session_holds_at_most_the_nodes_window_with_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut session, _writer) = session(dir.path(), 64);
+        for id in 1..=MAX_BATCHES_IN_FLIGHT as u64 {
+            assert!(session.accepts());
+            session.offer(batch(id)).await.unwrap();
+            assert_eq!(session.progress().await, Progress::Submitted);
+        }
+        assert!(!session.accepts());
+    }
+}
