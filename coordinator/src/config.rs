@@ -29,9 +29,15 @@ use std::time::Duration;
 use serde::Deserialize;
 use weft_proto::canonical;
 
+mod flows;
 mod relays;
 mod store;
 
+pub use self::flows::{
+    FlowSettings, FlowsFileConfig, SinkFileConfig, SinkSettings, SinkTarget, SyslogTransport,
+    DEFAULT_FLOW_MAX_AGE, DEFAULT_FLOW_MAX_BYTES, DEFAULT_FLOW_SEGMENT_AGE,
+    DEFAULT_FLOW_SEGMENT_BYTES,
+};
 pub(crate) use self::relays::is_relay_name;
 pub use self::relays::RelayConfig;
 pub use self::store::{
@@ -86,6 +92,9 @@ pub struct FileConfig {
     /// administrators the lockout guard protects.
     #[serde(default)]
     pub roles: weft_policy::Roles,
+    /// How long flow records are kept, and where they are forwarded
+    /// ([`FlowsFileConfig`]).
+    pub flows: Option<FlowsFileConfig>,
 }
 
 /// One `[[workload_issuers]]` entry as written.

@@ -11,6 +11,7 @@ mod authkey;
 mod config;
 mod control;
 mod error_chain;
+mod flows;
 mod http;
 mod keyfile;
 mod limits;
@@ -39,8 +40,14 @@ pub use config::{
 pub use config::{
     EtcdSettings, EtcdTls, EtcdTlsFileConfig, StoreFileConfig, StoreKind, StoreSettings,
 };
+pub use config::{
+    FlowSettings, FlowsFileConfig, SinkFileConfig, SinkSettings, SinkTarget, SyslogTransport,
+    DEFAULT_FLOW_MAX_AGE, DEFAULT_FLOW_MAX_BYTES, DEFAULT_FLOW_SEGMENT_AGE,
+    DEFAULT_FLOW_SEGMENT_BYTES,
+};
 pub use control::QuicThread;
 pub use error_chain::error_chain;
+pub use flows::{FlowList, FlowQuery, FlowView, KeptRecord, Reporter};
 pub use keyfile::{ensure_data_dir, load_or_create_key, KeyFileError};
 pub use limits::Limits;
 pub use server::{Coordinator, ServeOptions, StartError};

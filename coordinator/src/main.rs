@@ -8,8 +8,10 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use weft_coordinator::{
-    AdminClient, AuthKeyRequest, Coordinator, FileConfig, Limits, NodeView, Pin, ServeOptions,
+    AdminClient, AuthKeyRequest, Coordinator, FileConfig, FlowQuery, FlowView, Limits, NodeView,
+    Pin, ServeOptions,
 };
+use weft_proto::flows::{FlowPath, FlowVerdict};
 
 /// The control listener's address unless flags or the configuration file say otherwise.
 const DEFAULT_LISTEN: SocketAddr =
@@ -77,6 +79,62 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the flow records this coordinator keeps, newest last: what nodes' filters
+    /// accepted, denied or would have denied (audit mode), with both ends' identities.
+    ///
+    /// `--src` and `--dst` take a node name or id (`n7`), a user's email, a `tag:NAME`,
+    /// a `group:idp:NAME`, a SPIFFE ID, an IP address or a CIDR prefix. Each replica
+    /// answers with the records the nodes connected to it sent.
+    Flows {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Who opened the flow.
+        #[arg(long, value_name = "WHO")]
+        src: Option<String>,
+        /// Who the flow was opened to.
+        #[arg(long, value_name = "WHO")]
+        dst: Option<String>,
+        /// What the filter decided.
+        #[arg(long, value_enum)]
+        verdict: Option<VerdictArg>,
+        /// Only flows seen from this time on: RFC 3339 (`2026-01-31T09:00:00Z`) or a
+        /// duration before now (`10m`, `1h`).
+        #[arg(long, value_name = "TIME|DURATION")]
+        since: Option<String>,
+        /// Only the flow with this id (32 hexadecimal digits), as both of its ends report it.
+        #[arg(long, value_name = "FLOWID")]
+        id: Option<String>,
+        /// At most this many records, the newest [default: 100].
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// Print a JSON array instead of text (the format is in docs/schema/flow-record.json).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `--verdict`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum VerdictArg {
+    /// An accept rule admitted it.
+    Accept,
+    /// A deny rule, or the default, dropped it.
+    Deny,
+    /// A deny rule in audit mode would have dropped it; it passed.
+    AuditDeny,
+    /// The reporting node opened it.
+    Opened,
+}
+
+impl VerdictArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            VerdictArg::Accept => "accept",
+            VerdictArg::Deny => "deny",
+            VerdictArg::AuditDeny => "audit-deny",
+            VerdictArg::Opened => "opened",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -289,6 +347,7 @@ async fn run(command: Command) -> Result<()> {
                 .unwrap_or_default();
             let workload_issuers = file.resolve_workload_issuers()?;
             let relays = file.resolve_relays()?;
+            let flows = file.resolve_flows()?;
             let ephemeral_timeout = match ephemeral_timeout {
                 Some(timeout) if timeout.is_zero() => {
                     bail!("--ephemeral-timeout must be at least one second")
@@ -313,6 +372,7 @@ async fn run(command: Command) -> Result<()> {
                 ephemeral_timeout,
                 relays,
                 limits,
+                flows,
             })
             .await
         }
@@ -429,7 +489,111 @@ async fn run(command: Command) -> Result<()> {
             let pin = pin.as_deref().map(parse_pin).transpose()?;
             verify_audit(&dir.data_dir, pin.as_ref(), json).await
         }
+        Command::Flows {
+            dir,
+            src,
+            dst,
+            verdict,
+            since,
+            id,
+            limit,
+            json,
+        } => {
+            let query = FlowQuery {
+                src,
+                dst,
+                verdict: verdict.map(|v| v.as_str().to_owned()),
+                since_ms: since
+                    .as_deref()
+                    .map(parse_since)
+                    .transpose()?
+                    .map(|secs| secs.saturating_mul(1000)),
+                id,
+                limit,
+            };
+            list_flows(&dir.data_dir, &query, json).await
+        }
     }
+}
+
+async fn list_flows(data_dir: &Path, query: &FlowQuery, json: bool) -> Result<()> {
+    let list = AdminClient::new(data_dir).flows(query).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list.records)?);
+    } else {
+        let rows = list.records.iter().map(flow_row).collect();
+        print_rows(
+            &[
+                "TIME", "VERDICT", "RULE", "SRC", "DST", "FLOW", "PATH", "BYTES", "REPORTER", "ID",
+            ],
+            rows,
+        );
+    }
+    if list.more {
+        eprintln!(
+            "note: older records match too; raise --limit (this shows the newest {}) or narrow with --since",
+            list.records.len()
+        );
+    }
+    Ok(())
+}
+
+/// One `flows` line: time, verdict, rule line, both identities, 5-tuple,
+/// path, bytes each way, who reported it, and the flow id.
+fn flow_row(view: &FlowView) -> Vec<String> {
+    let record = &view.kept.record;
+    let time = std::time::UNIX_EPOCH + Duration::from_millis(record.start_ms);
+    let mut verdict = match record.verdict {
+        FlowVerdict::Accept => "accept",
+        FlowVerdict::Deny => "deny",
+        FlowVerdict::AuditDeny => "audit-deny",
+        FlowVerdict::Opened => "opened",
+    }
+    .to_owned();
+    if let Some(summary) = &record.summary {
+        verdict.push_str(&format!(" ({} flows)", summary.flows));
+    }
+    let protocol = match record.protocol {
+        1 => "icmp".to_owned(),
+        6 => "tcp".to_owned(),
+        17 => "udp".to_owned(),
+        58 => "icmpv6".to_owned(),
+        other => format!("proto-{other}"),
+    };
+    let path = match &record.path {
+        FlowPath::Direct => "direct".to_owned(),
+        FlowPath::Relay { name } => format!("relay {name}"),
+        FlowPath::Unknown => "-".to_owned(),
+    };
+    vec![
+        humantime::format_rfc3339_seconds(time).to_string(),
+        verdict,
+        record
+            .rule
+            .map_or_else(|| "-".to_owned(), |rule| format!("line {}", rule.line)),
+        endpoint(&record.src_identity, view.kept.src_verified),
+        endpoint(&record.dst_identity, view.kept.dst_verified),
+        format!("{protocol} {} -> {}", record.src, record.dst),
+        path,
+        format!("{}/{}", record.to_dst.bytes, record.to_src.bytes),
+        view.reporter.name.clone(),
+        record.id.to_string(),
+    ]
+}
+
+/// `name (identity)`; `[claimed]` when the coordinator does not know the
+/// address and shows what the reporting node said.
+fn endpoint(end: &weft_proto::flows::FlowEndpoint, verified: bool) -> String {
+    let identity = end.identity.to_string();
+    let mut text = match &end.name {
+        Some(name) => format!("{name} ({identity})"),
+        None if verified => identity,
+        None => "?".to_owned(),
+    };
+    if !verified {
+        text.push_str(" [claimed]");
+    }
+    text
 }
 
 /// `--since`: a time, or a duration before now; Unix seconds.

@@ -58,6 +58,27 @@ struct Metrics {
     store_errors: Family<Kind, Counter>,
     idp_failures: Family<Fetch, Counter>,
     clock: Gauge<f64, AtomicU64>,
+    flow_batches: Family<Outcome, Counter>,
+    flow_records: Family<Outcome, Counter>,
+    flow_records_dropped_by_nodes: Counter,
+    sink_records: Family<SinkOutcome, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SinkOutcome {
+    /// The sink's configured name: a fixed set, from the configuration.
+    sink: String,
+    result: &'static str,
+}
+
+/// What became of records offered to a sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SinkResult {
+    /// Delivered.
+    Sent,
+    /// Dropped: the sink's queue was full, the sink refused them, or one
+    /// was too large for its transport.
+    Dropped,
 }
 
 /// What became of a policy someone or something tried to put in force.
@@ -70,6 +91,32 @@ pub(crate) enum PolicyResult {
     /// It is valid but was refused: it locks administrators out or is
     /// over the netmap budget.
     Refused,
+}
+
+/// What became of a flow record batch a node sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FlowBatchResult {
+    /// Written and acknowledged.
+    Kept,
+    /// Already kept: acknowledged again, not written again.
+    Duplicate,
+    /// Refused as a protocol error.
+    Invalid,
+    /// Storage failed; not acknowledged, so the node sends it again.
+    NotKept,
+}
+
+impl FlowBatchResult {
+    const ALL: [Self; 4] = [Self::Kept, Self::Duplicate, Self::Invalid, Self::NotKept];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Kept => "kept",
+            Self::Duplicate => "duplicate",
+            Self::Invalid => "invalid",
+            Self::NotKept => "not_kept",
+        }
+    }
 }
 
 /// Where the coordinator fetches an identity provider's documents.
@@ -97,6 +144,10 @@ impl Metrics {
             store_errors: Family::default(),
             idp_failures: Family::default(),
             clock: Gauge::default(),
+            flow_batches: Family::default(),
+            flow_records: Family::default(),
+            flow_records_dropped_by_nodes: Counter::default(),
+            sink_records: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -165,6 +216,37 @@ impl Metrics {
             "The coordinator's wall clock at the scrape, Unix time: against the \
              scrape's own time it shows clock skew",
             metrics.clock.clone(),
+        );
+        for result in FlowBatchResult::ALL {
+            let _ = metrics.flow_batches.get_or_create(&Outcome {
+                result: result.label(),
+            });
+        }
+        registry.register(
+            "flow_batches",
+            "Flow record batches nodes sent, by result (kept, duplicate: sent again after a \
+             lost acknowledgement, invalid: a protocol error, not_kept: storage failed)",
+            metrics.flow_batches.clone(),
+        );
+        for result in ["kept", "not_an_end"] {
+            let _ = metrics.flow_records.get_or_create(&Outcome { result });
+        }
+        registry.register(
+            "flow_records",
+            "Flow records in batches kept, by result (not_an_end: dropped because the \
+             reporting node is not the end of the flow it claims to be)",
+            metrics.flow_records.clone(),
+        );
+        registry.register(
+            "flow_records_dropped_by_nodes",
+            "Flow records nodes report they dropped before sending (buffer or spool full)",
+            metrics.flow_records_dropped_by_nodes.clone(),
+        );
+        registry.register(
+            "sink_records",
+            "Flow records and audit entries offered to each configured sink, by result \
+             (sent, dropped: queue full while the sink was slow or down, or refused)",
+            metrics.sink_records.clone(),
         );
         Self {
             registry,
@@ -259,6 +341,52 @@ pub(crate) fn store_error(error: &StoreError) {
     METRICS.store_errors.get_or_create(&Kind { kind }).inc();
 }
 
+/// A flow record batch ended as `result`.
+pub(crate) fn flow_batch(result: FlowBatchResult) {
+    METRICS
+        .flow_batches
+        .get_or_create(&Outcome {
+            result: result.label(),
+        })
+        .inc();
+}
+
+/// A batch was kept with `kept` records; `not_an_end` more were dropped,
+/// and the node said it dropped `by_node` before sending.
+pub(crate) fn flow_records(kept: u64, not_an_end: u64, by_node: u64) {
+    let count = |result| METRICS.flow_records.get_or_create(&Outcome { result });
+    count("kept").inc_by(kept);
+    count("not_an_end").inc_by(not_an_end);
+    METRICS.flow_records_dropped_by_nodes.inc_by(by_node);
+}
+
+/// A sink named `sink` exists: both its series show from the start.
+pub(crate) fn sink_registered(sink: &str) {
+    for result in [SinkResult::Sent, SinkResult::Dropped] {
+        let _ = METRICS
+            .sink_records
+            .get_or_create(&sink_outcome(sink, result));
+    }
+}
+
+/// `count` records offered to `sink` ended as `result`.
+pub(crate) fn sink_records(sink: &str, result: SinkResult, count: u64) {
+    METRICS
+        .sink_records
+        .get_or_create(&sink_outcome(sink, result))
+        .inc_by(count);
+}
+
+fn sink_outcome(sink: &str, result: SinkResult) -> SinkOutcome {
+    SinkOutcome {
+        sink: sink.to_owned(),
+        result: match result {
+            SinkResult::Sent => "sent",
+            SinkResult::Dropped => "dropped",
+        },
+    }
+}
+
 /// Fetching an identity provider's documents failed.
 pub(crate) fn idp_fetch_failed(fetch: IdpFetch) {
     METRICS
@@ -322,6 +450,8 @@ mod tests {
         store_error(&StoreError::Conflict);
         idp_fetch_failed(IdpFetch::WorkloadJwks);
         fanned_out(Duration::from_millis(3));
+        flow_batch(FlowBatchResult::Duplicate);
+        flow_records(2, 1, 5);
         let online = Online::new();
         let text = render();
         drop(online);
@@ -338,6 +468,10 @@ mod tests {
             "weft_coordinator_store_errors_total{kind=\"lease_expired\"} ",
             "weft_coordinator_idp_fetch_failures_total{fetch=\"workload_jwks\"} ",
             "weft_coordinator_time_seconds ",
+            "weft_coordinator_flow_batches_total{result=\"duplicate\"} ",
+            "weft_coordinator_flow_batches_total{result=\"not_kept\"} ",
+            "weft_coordinator_flow_records_total{result=\"not_an_end\"} ",
+            "weft_coordinator_flow_records_dropped_by_nodes_total ",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
@@ -348,6 +482,7 @@ mod tests {
         };
         assert!(value("weft_coordinator_refusals_total{reason=\"auth_key_invalid\"}") >= 1.0);
         assert!(value("weft_coordinator_store_errors_total{kind=\"lease_expired\"}") >= 1.0);
+        assert!(value("weft_coordinator_flow_records_dropped_by_nodes_total") >= 5.0);
         assert!(text.ends_with("# EOF\n"));
     }
 }

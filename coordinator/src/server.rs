@@ -16,8 +16,11 @@ use weft_policy::Roles;
 use weft_proto::{PrivateKey, PublicKey, RelayInfo, CLOSE_BY_COORDINATOR};
 
 use crate::admin::{self, AdminState};
-use crate::config::{check_public_url, ConfigError, OidcSettings, StoreSettings, WorkloadIssuer};
+use crate::config::{
+    check_public_url, ConfigError, FlowSettings, OidcSettings, StoreSettings, WorkloadIssuer,
+};
 use crate::control::{self, ListenError};
+use crate::flows::{self, FlowReader, FlowWriter, Sinks};
 use crate::http;
 use crate::keyfile::{self, KeyFileError};
 use crate::limits::{self, ConnectionGate, Limits};
@@ -67,6 +70,8 @@ pub struct ServeOptions {
     pub relays: Vec<RelayInfo>,
     /// Timeouts and caps on what clients may hold.
     pub limits: Limits,
+    /// How long flow records are kept.
+    pub flows: FlowSettings,
 }
 
 /// Why the coordinator could not start.
@@ -140,6 +145,10 @@ pub enum StartError {
         /// The underlying error.
         source: reqwest::Error,
     },
+    /// The flow records directory is unusable, or a sink cannot start; the
+    /// cause is the crate's flow store or sink error.
+    #[error("{0}")]
+    Flows(#[source] BoxError),
     /// The admin socket could not be created.
     #[error("cannot create the admin socket {path}: {source}")]
     AdminSocket {
@@ -162,6 +171,18 @@ impl From<LoadError> for StartError {
 impl From<StoreError> for StartError {
     fn from(e: StoreError) -> Self {
         StartError::Store(Box::new(e))
+    }
+}
+
+impl From<flows::StartError> for StartError {
+    fn from(e: flows::StartError) -> Self {
+        StartError::Flows(Box::new(e))
+    }
+}
+
+impl From<flows::SinkStartError> for StartError {
+    fn from(e: flows::SinkStartError) -> Self {
+        StartError::Flows(Box::new(e))
     }
 }
 
@@ -228,6 +249,11 @@ pub struct Coordinator {
     watcher: Option<JoinHandle<()>>,
     policy_follower: JoinHandle<()>,
     netmap: JoinHandle<()>,
+    flows: JoinHandle<()>,
+    /// Each sink's delivery task.
+    sinks: Vec<JoinHandle<()>>,
+    /// Forwards audit entries to the sinks that take them.
+    audit_forwarder: Option<JoinHandle<()>>,
 }
 
 impl Coordinator {
@@ -276,6 +302,15 @@ impl Coordinator {
         );
         let (netmaps, netmap) =
             NetmapHandle::spawn(registry.clone(), initial, options.ephemeral_timeout)?;
+        let (sinks, sink_tasks) = Sinks::start(&options.flows.sinks)?;
+        let audit_forwarder = sinks.wants_audit().then(|| {
+            tokio::spawn(flows::forward_audit(
+                registry.store().clone(),
+                sinks.clone(),
+            ))
+        });
+        let (flow_writer, flows) =
+            FlowWriter::start(&options.data_dir, options.flows, netmaps.clone(), sinks).await?;
         let policy_follower = tokio::spawn(policy_follow::follow(
             registry.store().clone(),
             policy_changes,
@@ -308,6 +343,7 @@ impl Coordinator {
             netmaps: netmaps.clone(),
             policy: context,
             in_force,
+            flows: FlowReader::new(&options.data_dir),
         });
         let admin = tokio::spawn(async move {
             let service = router.into_make_service_with_connect_info::<admin::Peer>();
@@ -394,6 +430,7 @@ impl Coordinator {
             logins,
             workloads,
             relays: options.relays,
+            flows: flow_writer,
             shutdown: shutting_down.clone(),
             first_frames: control::first_frame_budget(),
             claims: Arc::default(),
@@ -426,6 +463,9 @@ impl Coordinator {
             watcher,
             policy_follower,
             netmap,
+            flows,
+            sinks: sink_tasks,
+            audit_forwarder,
         })
     }
 
@@ -471,6 +511,16 @@ impl Coordinator {
         // The netmap task ends once the last handle (held by sessions, the
         // admin API and the watcher) is gone, and with it the database.
         let _ = tokio::time::timeout(DRAIN, self.netmap).await;
+        // The flow writer ends with the last session, having answered
+        // every batch handed to it.
+        let _ = tokio::time::timeout(DRAIN, self.flows).await;
+        // Records the sinks have not delivered yet are in the segments.
+        if let Some(forwarder) = self.audit_forwarder {
+            forwarder.abort();
+        }
+        for sink in self.sinks {
+            sink.abort();
+        }
         let _ = tokio::time::timeout(DRAIN, self.endpoint.wait_idle()).await;
         let _ = std::fs::remove_file(&self.socket);
         tracing::info!("coordinator stopped");

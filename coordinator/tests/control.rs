@@ -101,6 +101,7 @@ impl Harness {
             ephemeral_timeout: self.ephemeral_timeout,
             relays: Vec::new(),
             limits: Default::default(),
+            flows: Default::default(),
         })
         .await
         .unwrap();

@@ -77,6 +77,7 @@ async fn start_on(
         ephemeral_timeout,
         relays: Vec::new(),
         limits: Default::default(),
+        flows: Default::default(),
     })
     .await
     .unwrap()

@@ -59,6 +59,7 @@ impl Lab {
             ephemeral_timeout: weft_coordinator::DEFAULT_EPHEMERAL_TIMEOUT,
             relays: Vec::new(),
             limits: Default::default(),
+            flows: Default::default(),
         })
         .await
         .unwrap();

@@ -207,6 +207,7 @@ async fn the_relay_forwards_between_admitted_nodes_only() {
         ephemeral_timeout: weft_coordinator::DEFAULT_EPHEMERAL_TIMEOUT,
         relays: vec![relay.clone()],
         limits: Default::default(),
+        flows: Default::default(),
     })
     .await
     .unwrap();

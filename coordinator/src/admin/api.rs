@@ -18,6 +18,7 @@ use super::error::ApiError;
 use super::{AuditLog, AuthKeyRequest, CreatedAuthKey, NodeView, PolicyInstalled, PolicyRequest};
 use crate::audit::{self, Actor, Event, Pin, Verification};
 use crate::authkey::{self, AuthKeySpec};
+use crate::flows::{FlowFilter, FlowList, FlowQuery, FlowReader};
 use crate::netmap::NetmapHandle;
 use crate::nodes::{NodeRecord, Registry};
 use crate::policy_watch;
@@ -31,6 +32,8 @@ pub(crate) struct AdminState {
     /// off (unless forced).
     pub(crate) policy: policy_watch::Context,
     pub(crate) in_force: policy_watch::InForce,
+    /// Reads the flow records this replica keeps.
+    pub(crate) flows: FlowReader,
 }
 
 /// Who is calling, from the socket's peer credentials: the actor of the
@@ -62,6 +65,7 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/v1/audit", get(list_audit))
         .route("/v1/audit/verify", get(verify_audit))
         .route("/v1/authkeys", post(create_auth_key))
+        .route("/v1/flows", get(list_flows))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{node}", delete(delete_node))
         .route("/v1/nodes/{node}/expire", post(expire_node))
@@ -290,6 +294,19 @@ async fn list_audit(
         entries: audit::list(&**state.registry.store(), query.since)?,
         failed_appends: audit::failed_appends(),
     }))
+}
+
+/// The flow records this replica keeps that match the query, newest last.
+async fn list_flows(
+    State(state): Shared,
+    Query(query): Query<FlowQuery>,
+) -> Result<Json<FlowList>, ApiError> {
+    let filter = FlowFilter::parse(&query)?;
+    let reader = state.flows.clone();
+    let (records, more) = tokio::task::spawn_blocking(move || reader.query(&filter))
+        .await
+        .map_err(ApiError::Task)??;
+    Ok(Json(FlowList { records, more }))
 }
 
 /// An entry the chain must still hold: `seq` and `hash` together.

@@ -13,6 +13,7 @@ use super::{
     AuditLog, AuthKeyRequest, CreatedAuthKey, ErrorBody, NodeView, PolicyInstalled, PolicyRequest,
 };
 use crate::audit::{Pin, Verification};
+use crate::flows::{FlowList, FlowQuery};
 
 /// Talks to a running coordinator over its admin socket.
 #[derive(Debug, Clone)]
@@ -127,6 +128,34 @@ impl AdminClient {
         let path = match since {
             Some(since) => format!("/v1/audit?since={since}"),
             None => "/v1/audit".to_owned(),
+        };
+        self.call(Method::GET, &path, None::<&()>).await
+    }
+
+    /// The flow records the coordinator keeps that match `query`.
+    pub async fn flows(&self, query: &FlowQuery) -> Result<FlowList, ClientError> {
+        let mut params = Vec::new();
+        let strings = [
+            ("src", &query.src),
+            ("dst", &query.dst),
+            ("verdict", &query.verdict),
+            ("id", &query.id),
+        ];
+        for (name, value) in strings {
+            if let Some(value) = value {
+                params.push(format!("{name}={}", percent_encode(value)));
+            }
+        }
+        if let Some(since) = query.since_ms {
+            params.push(format!("since_ms={since}"));
+        }
+        if let Some(limit) = query.limit {
+            params.push(format!("limit={limit}"));
+        }
+        let path = if params.is_empty() {
+            "/v1/flows".to_owned()
+        } else {
+            format!("/v1/flows?{}", params.join("&"))
         };
         self.call(Method::GET, &path, None::<&()>).await
     }

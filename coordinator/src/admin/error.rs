@@ -6,6 +6,7 @@ use axum::Json;
 
 use super::ErrorBody;
 use crate::authkey::CreateError;
+use crate::flows::{FilterError, SegmentError};
 use crate::nodes::DeleteError;
 use crate::store::StoreError;
 
@@ -25,6 +26,12 @@ pub(crate) enum ApiError {
     /// The store failed; the request may be retried.
     #[error("{0}")]
     Internal(#[from] StoreError),
+    /// The flow records could not be read.
+    #[error("{0}")]
+    Flows(#[from] SegmentError),
+    /// The task answering the request failed.
+    #[error("the coordinator failed to answer: {0}")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 impl IntoResponse for ApiError {
@@ -34,7 +41,9 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PolicyRejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Internal(_) | ApiError::Flows(_) | ApiError::Task(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         if status.is_server_error() {
             tracing::error!("admin request failed: {self}");
@@ -55,6 +64,12 @@ impl From<CreateError> for ApiError {
             CreateError::BadTag(message) => ApiError::BadRequest(message),
             CreateError::Store(e) => e.into(),
         }
+    }
+}
+
+impl From<FilterError> for ApiError {
+    fn from(e: FilterError) -> Self {
+        ApiError::BadRequest(e.to_string())
     }
 }
 

@@ -30,7 +30,7 @@ use crate::store::{self, Compare, Op, Store, StoreError};
 
 /// Where entries are kept, by zero-padded sequence number so that keys sort
 /// in chain order.
-const ENTRIES_PREFIX: &str = "audit/entries/";
+pub(crate) const ENTRIES_PREFIX: &str = "audit/entries/";
 /// Where the head record is kept.
 const HEAD_KEY: &str = "audit/head";
 
@@ -123,6 +123,11 @@ pub(crate) fn record(store: &dyn Store, now: SystemTime, actor: Actor, event: Ev
 /// How many best-effort appends failed since this process started.
 pub(crate) fn failed_appends() -> u64 {
     FAILED_APPENDS.load(Ordering::Relaxed)
+}
+
+/// The number of the last entry (0 while the trail is empty).
+pub(crate) fn head_seq(store: &dyn Store) -> Result<u64, StoreError> {
+    Ok(store::get_json::<Head>(store, HEAD_KEY)?.map_or(0, |(head, _)| head.seq))
 }
 
 /// Every entry recorded at or after `since` (Unix seconds), in chain order.

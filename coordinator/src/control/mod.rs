@@ -21,6 +21,7 @@ pub(crate) use self::claims::Claims;
 pub use self::quic_thread::QuicThread;
 pub(crate) use self::session::first_frame_budget;
 pub(crate) use self::tcp::accept as accept_tcp;
+use crate::flows::FlowWriter;
 use crate::limits::{stopping, Report};
 use crate::netmap::NetmapHandle;
 use crate::nodes::Registry;
@@ -40,6 +41,8 @@ pub(crate) struct Context {
     pub(crate) workloads: Option<Arc<Workloads>>,
     /// The configured relays.
     pub(crate) relays: Vec<RelayInfo>,
+    /// Where nodes' flow records go.
+    pub(crate) flows: FlowWriter,
     /// Becomes `true` when the coordinator shuts down; sessions on TCP end then.
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Bytes that nodes' unregistered sessions may hold in large first

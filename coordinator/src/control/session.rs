@@ -34,6 +34,7 @@ use super::claims::Claim;
 use super::{stopping, Context};
 use crate::audit::{self, Actor, Event, Outcome};
 use crate::authkey::AdmitError;
+use crate::flows::{BatchError, Progress};
 use crate::netmap::{Attached, Opening, SessionEvent};
 use crate::nodes;
 use crate::nodes::{Login, NodeRecord, Registry, UserLogin};
@@ -274,6 +275,9 @@ enum End {
     /// A message out of place, described.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A flow record batch the contract rules out.
+    #[error("protocol error: {0}")]
+    Flows(#[source] BatchError),
     /// The node sent bytes that are not a control message.
     #[error("protocol error: {0}")]
     Decode(#[source] DecodeError),
@@ -527,6 +531,7 @@ impl Session {
         }
         crate::metrics::registered();
         let _online = crate::metrics::Online::new();
+        let mut flows = self.ctx.flows.session(record);
         if !self.ctx.relays.is_empty() {
             let relays = ServerMessage::Relays(self.ctx.relays.clone());
             if let Err(end) = self.write(&relays).await {
@@ -560,7 +565,20 @@ impl Session {
                         return None;
                     }
                 },
-                message = self.reader.next() => match message {
+                progress = flows.progress(), if flows.busy() => match progress {
+                    Progress::Ack(id) => {
+                        if let Err(end) = self.write(&ServerMessage::FlowsAck { id }).await {
+                            return Some(end);
+                        }
+                    }
+                    Progress::NotKept(id) => {
+                        tracing::debug!(node = %record.id, batch = id, "flow batch not kept; the node sends it again on its next session");
+                    }
+                    Progress::Submitted => {}
+                },
+                // Reads only while the node's batches have room on their way
+                // to storage: a slow disk holds the node back, not memory.
+                message = self.reader.next(), if flows.accepts() => match message {
                     Ok(Some(ClientMessage::UpdateEndpoints(advertisement))) => {
                         let update = move |registry: Registry, id| registry.update_endpoints(id, &advertisement);
                         if let Some(end) = self.update_node(record.id, update).await {
@@ -579,8 +597,10 @@ impl Session {
                     Ok(Some(ClientMessage::RelayFeed { .. })) => {
                         return Some(End::Protocol("RelayFeed sent by a registered node".into()));
                     }
-                    Ok(Some(ClientMessage::Flows(_))) => {
-                        return Some(End::Protocol("this coordinator does not take flow records".into()));
+                    Ok(Some(ClientMessage::Flows(batch))) => {
+                        if let Err(e) = flows.offer(batch).await {
+                            return Some(End::Flows(e));
+                        }
                     }
                     Ok(None) => return Some(End::Closed),
                     Err(end) => return Some(end),
@@ -727,7 +747,7 @@ impl Session {
                 };
                 self.refuse(refusal).await;
             }
-            End::Protocol(_) | End::Decode(_) | End::Encode(_) | End::Sign(_) => {
+            End::Protocol(_) | End::Flows(_) | End::Decode(_) | End::Encode(_) | End::Sign(_) => {
                 tracing::info!(remote = %self.remote, "closing control session: {end}");
                 self.close(CLOSE_PROTOCOL_ERROR, b"protocol error").await;
             }

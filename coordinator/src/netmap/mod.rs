@@ -24,10 +24,12 @@ mod lockout;
 mod replica;
 mod service;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use weft_policy::{Diagnostics, Engine, NodeInfo, Policy, TestReport};
+use weft_proto::flows::FlowEndpoint;
 use weft_proto::resume::{self, ResumeError};
 use weft_proto::signing::Digest;
 use weft_proto::{
@@ -404,6 +406,32 @@ impl Netmaps {
         self.nodes.get(&id).map(|(n, _)| n)
     }
 
+    /// The nodes holding `addresses` (compared in canonical form, so an
+    /// IPv4-mapped IPv6 address finds its IPv4 node), by address as given.
+    /// One pass over the nodes, whatever the number of addresses.
+    pub(crate) fn endpoints(&self, addresses: &[IpAddr]) -> HashMap<IpAddr, FlowEndpoint> {
+        let wanted: HashSet<IpAddr> = addresses.iter().map(IpAddr::to_canonical).collect();
+        let mut found: HashMap<IpAddr, FlowEndpoint> = HashMap::new();
+        for (node, _) in self.nodes.values() {
+            for held in [IpAddr::V4(node.ipv4), IpAddr::V6(node.ipv6)] {
+                if wanted.contains(&held) {
+                    found.insert(
+                        held,
+                        FlowEndpoint {
+                            node: Some(node.id),
+                            name: Some(node.name.clone()),
+                            identity: node.identity.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        addresses
+            .iter()
+            .filter_map(|a| Some((*a, found.get(&a.to_canonical())?.clone())))
+            .collect()
+    }
+
     /// Brings every session's view up to date and returns what to send.
     pub(crate) fn flush(&mut self) -> Vec<Output> {
         self.rebuild_if_stale();
@@ -738,6 +766,23 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn flow_ends_are_found_by_either_address_in_any_spelling() {
+        let (netmaps, _) = overlay(POLICY);
+        let v4: IpAddr = "100.64.0.2".parse().unwrap();
+        let mapped: IpAddr = "::ffff:100.64.0.1".parse().unwrap();
+        let v6: IpAddr = "fd00::6440:3".parse().unwrap();
+        let stranger: IpAddr = "100.64.0.99".parse().unwrap();
+        let found = netmaps.endpoints(&[v4, mapped, v6, stranger]);
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert_eq!(found[&v4].node, Some(NodeId(2)));
+        assert_eq!(found[&v4].name.as_deref(), Some("db-2"));
+        assert_eq!(found[&v4].identity.tags, ["tag:db"]);
+        assert_eq!(found[&mapped].name.as_deref(), Some("web-1"));
+        assert_eq!(found[&v6].node, Some(NodeId(3)));
+        assert!(!found.contains_key(&stranger));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! the store's node records, takes commands from sessions and the admin API,
 //! and delivers each session's messages over its own channel.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -11,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use weft_policy::{Diagnostics, Policy, TestReport};
+use weft_proto::flows::FlowEndpoint;
 use weft_proto::signing::NetmapSigner;
 use weft_proto::{NodeId, PrivateKey, Refusal, RefusalCode, Resume, ServerMessage};
 
@@ -83,6 +85,7 @@ enum Command {
         oneshot::Sender<Result<TestReport, Diagnostics>>,
     ),
     Online(oneshot::Sender<BTreeSet<NodeId>>),
+    Endpoints(Vec<IpAddr>, oneshot::Sender<HashMap<IpAddr, FlowEndpoint>>),
     ReapIfOffline(NodeId),
     /// This replica won or lost leadership of the singleton jobs.
     Leader(Option<Fence>),
@@ -247,6 +250,14 @@ impl NetmapHandle {
         rx.await.unwrap_or_default()
     }
 
+    /// The nodes holding `addresses`, by address, as flow records name
+    /// their ends; addresses no node holds are left out.
+    pub(crate) async fn endpoints(&self, addresses: Vec<IpAddr>) -> HashMap<IpAddr, FlowEndpoint> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Endpoints(addresses, reply));
+        rx.await.unwrap_or_default()
+    }
+
     fn send(&self, command: Command) {
         // The task only ends when the runtime shuts down; commands are moot then.
         let _ = self.commands.send(command);
@@ -396,6 +407,9 @@ impl Task {
             }
             Command::Online(reply) => {
                 let _ = reply.send(self.core.online());
+            }
+            Command::Endpoints(addresses, reply) => {
+                let _ = reply.send(self.core.endpoints(&addresses));
             }
             Command::ReapIfOffline(node) => {
                 // Checked first, so that a node deleted meanwhile is forgotten too.
