@@ -4,6 +4,7 @@
     reason = "test harness: a failed step fails the test"
 )]
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -81,21 +82,60 @@ fn admin_commands_without_a_server_say_what_to_run() {
     );
 }
 
+/// `serve ARGS` with its data directory in `dir`, which must fail; its stderr.
+fn serve_fails(args: &[&OsStr], dir: &Path) -> String {
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn an_invalid_policy_prevents_the_start() {
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.hujson");
     std::fs::write(&policy, "{ \"acls\": [ }").unwrap();
-    let out = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--policy"])
-        .arg(&policy)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .output()
-        .unwrap();
+    let stderr = serve_fails(&[OsStr::new("--policy"), policy.as_os_str()], dir.path());
+    assert!(stderr.contains("policy.hujson:1:"), "{stderr}");
+}
+
+#[test]
+fn an_invalid_flows_section_prevents_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &config,
+        "[flows]\nmax_megabytes = 10\nsegment_megabytes = 8\n",
+    )
+    .unwrap();
+    let stderr = serve_fails(&[OsStr::new("--config"), config.as_os_str()], dir.path());
+    assert!(stderr.contains("[flows] max_megabytes (10)"), "{stderr}");
+}
+
+#[test]
+fn flows_lists_nothing_before_nodes_report_and_refuses_a_bad_query() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let policy = dir.path().join("policy.hujson");
+    std::fs::write(&policy, "{}").unwrap();
+    let _server = serve(&data_dir, &policy);
+    let out = run(&["flows", "--since", "1h"], &data_dir);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("TIME "), "{stdout}");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let out = run(&["flows", "--id", "not-a-flow-id"], &data_dir);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("policy.hujson:1:"), "{stderr}");
+    assert!(
+        stderr.contains("a flow id must be 32 hexadecimal digits"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -278,6 +278,9 @@ enum End {
     /// A flow record batch the contract rules out.
     #[error("protocol error: {0}")]
     Flows(#[source] BatchError),
+    /// A flow record batch could not be kept (the writer logged why).
+    #[error("flow batch {0} could not be kept; the node sends it again on its next session")]
+    FlowsNotKept(u64),
     /// The node sent bytes that are not a control message.
     #[error("protocol error: {0}")]
     Decode(#[source] DecodeError),
@@ -571,9 +574,9 @@ impl Session {
                             return Some(end);
                         }
                     }
-                    Progress::NotKept(id) => {
-                        tracing::debug!(node = %record.id, batch = id, "flow batch not kept; the node sends it again on its next session");
-                    }
+                    // Until the node sends this batch again, the writer holds
+                    // back its later ones: a new session makes it do so.
+                    Progress::NotKept(id) => return Some(End::FlowsNotKept(id)),
                     Progress::Submitted => {}
                 },
                 // Reads only while the node's batches have room on their way
@@ -750,6 +753,14 @@ impl Session {
             End::Protocol(_) | End::Flows(_) | End::Decode(_) | End::Encode(_) | End::Sign(_) => {
                 tracing::info!(remote = %self.remote, "closing control session: {end}");
                 self.close(CLOSE_PROTOCOL_ERROR, b"protocol error").await;
+            }
+            End::FlowsNotKept(_) => {
+                tracing::info!(remote = %self.remote, "ending control session: {end}");
+                self.close(
+                    CLOSE_BY_COORDINATOR,
+                    b"cannot keep flow records now; reconnect",
+                )
+                .await;
             }
             End::Closed | End::Lost(_) | End::Stalled(_) => {
                 match self.link.close_reason() {

@@ -243,10 +243,13 @@ impl Segments {
 
     /// Appends `batches` in order, syncing once for all of them.
     pub(crate) fn append(&mut self, batches: &[KeptBatch], now_ms: u64) -> Vec<Appended> {
-        if let Err(e) = self.rotate_if_due(now_ms) {
-            tracing::error!("cannot start a new flow segment: {e}");
-            return vec![Appended::Failed; batches.len()];
-        }
+        let writable = match self.rotate_if_due(now_ms) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("cannot start a new flow segment: {e}");
+                false
+            }
+        };
         let mut outcomes = Vec::with_capacity(batches.len());
         let mut pending: HashMap<NodeId, u64> = HashMap::new();
         let mut bytes = Vec::new();
@@ -260,6 +263,8 @@ impl Segments {
                 Appended::Duplicate
             } else if self.held.get(&node).is_some_and(|held| batch.batch > *held) {
                 Appended::Held
+            } else if !writable {
+                Appended::Failed
             } else {
                 match encode(&Line::Batch(batch.clone())) {
                     Ok(line) => {
@@ -273,6 +278,9 @@ impl Segments {
                     }
                 }
             };
+            if outcome == Appended::Failed {
+                self.hold(node, batch.batch);
+            }
             outcomes.push(outcome);
         }
         if bytes.is_empty() {
@@ -292,13 +300,26 @@ impl Segments {
                 for (batch, outcome) in batches.iter().zip(outcomes.iter_mut()) {
                     if *outcome == Appended::Kept {
                         *outcome = Appended::Failed;
-                        let held = self.held.entry(batch.reporter.node).or_insert(batch.batch);
-                        *held = (*held).min(batch.batch);
+                        self.hold(batch.reporter.node, batch.batch);
                     }
                 }
             }
         }
         outcomes
+    }
+
+    /// Refuses `node`'s batches after `id` until `id` (or an earlier one)
+    /// comes again: kept before it, it would count as a duplicate.
+    fn hold(&mut self, node: NodeId, id: u64) {
+        let held = self.held.entry(node).or_insert(id);
+        *held = (*held).min(id);
+    }
+
+    /// `node` started a new session: it sends its oldest unacknowledged
+    /// batch first, so whatever it sends next is in order again (even when
+    /// it had to drop the batch that failed).
+    pub(crate) fn release(&mut self, node: NodeId) {
+        self.held.remove(&node);
     }
 
     fn write(&mut self, bytes: &[u8], now_ms: u64) -> Result<(), SegmentError> {

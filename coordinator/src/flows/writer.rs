@@ -50,6 +50,10 @@ pub(crate) enum StartError {
 #[derive(Debug)]
 struct Stamped {
     batch: KeptBatch,
+    /// The first batch of its session: the node sends its oldest
+    /// unacknowledged batch first, so what a failed write held back is
+    /// released.
+    first: bool,
     /// Records dropped because the reporter is not their end, counted once
     /// the batch is kept (not again when it comes twice).
     not_an_end: u64,
@@ -103,6 +107,7 @@ impl FlowWriter {
             waiting: None,
             acks: VecDeque::new(),
             warned: false,
+            started: false,
         }
     }
 }
@@ -140,11 +145,18 @@ async fn run(mut segments: Segments, mut rx: mpsc::Receiver<Append>, sinks: Sink
         }
         let mut batches = Vec::with_capacity(group.len());
         let mut answers = Vec::with_capacity(group.len());
+        let mut new_sessions = Vec::new();
         for Append { stamped, reply } in group {
+            if stamped.first {
+                new_sessions.push(stamped.batch.reporter.node);
+            }
             batches.push(stamped.batch);
             answers.push((stamped.not_an_end, stamped.dropped_by_node, reply));
         }
         let written = tokio::task::spawn_blocking(move || {
+            for node in new_sessions {
+                segments.release(node);
+            }
             let outcomes = segments.append(&batches, unix_ms(SystemTime::now()));
             (segments, outcomes, batches)
         });
@@ -187,8 +199,8 @@ pub(crate) enum Progress {
     Submitted,
     /// The batch with this id is kept: acknowledge it.
     Ack(u64),
-    /// The batch with this id was not kept: the node, without an
-    /// acknowledgement, sends it again on its next session.
+    /// The batch with this id was not kept: the session must end, so the
+    /// node, without an acknowledgement, sends it again on its next one.
     NotKept(u64),
 }
 
@@ -205,6 +217,8 @@ pub(crate) struct SessionFlows {
     acks: VecDeque<(u64, oneshot::Receiver<Appended>)>,
     /// Whether this session logged records the node is not an end of.
     warned: bool,
+    /// Whether a batch of this session went to the writer yet.
+    started: bool,
 }
 
 impl SessionFlows {
@@ -245,9 +259,11 @@ impl SessionFlows {
         }
         self.waiting = Some(Stamped {
             batch: stamped.batch,
+            first: !self.started,
             not_an_end: stamped.not_an_end,
             dropped_by_node,
         });
+        self.started = true;
         Ok(())
     }
 
@@ -333,6 +349,7 @@ mod tests {
             waiting: None,
             acks: VecDeque::new(),
             warned: false,
+            started: false,
         };
         (session, rx)
     }
@@ -359,10 +376,12 @@ mod tests {
         assert!(!session.accepts());
         let first = writer.recv().await.unwrap();
         assert_eq!(first.stamped.batch.batch, 1);
+        assert!(first.stamped.first);
         first.reply.send(Appended::Kept).unwrap();
         assert_eq!(session.progress().await, Progress::Ack(1));
         assert_eq!(session.progress().await, Progress::Submitted);
         let second = writer.recv().await.unwrap();
+        assert!(!second.stamped.first);
         second.reply.send(Appended::Failed).unwrap();
         assert_eq!(session.progress().await, Progress::NotKept(2));
         assert!(!session.busy());
