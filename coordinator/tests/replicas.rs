@@ -493,6 +493,30 @@ async fn replicas_on_one_etcd_write_one_audit_chain() {
     assert!(verified_a.contains("intact: 5 entries"), "{verified_a}");
     assert_eq!(verified_a, audit_verified(&dir_b).await);
 
+    // Someone with write access to etcd moves the policy install an hour
+    // back: both replicas' `audit verify` name the edited entry and fail.
+    let mut etcd_client = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .unwrap();
+    let key = "/weft-replicas/audit/entries/00000000000000000001";
+    let stored = etcd_client.get(key, None).await.unwrap();
+    let mut entry: serde_json::Value = serde_json::from_slice(stored.kvs()[0].value()).unwrap();
+    entry["time"] = (entry["time"].as_u64().unwrap() - 3600).into();
+    etcd_client
+        .put(key, serde_json::to_vec(&entry).unwrap(), None)
+        .await
+        .unwrap();
+    for dir in [&dir_a, &dir_b] {
+        let out = audit_command(dir, &["verify"]).await;
+        let report = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{report}");
+        assert!(
+            report.contains("entry 1 was edited"),
+            "the edited entry is named: {report}"
+        );
+    }
+
     a.shutdown().await;
     b.shutdown().await;
 }
