@@ -115,7 +115,10 @@ fn scenario(overlay: &mut Overlay) -> Result<()> {
             })?;
         }
     }
-    eprintln!("all three decisions in `flows`, both ends joined, after {seen:?}");
+    weft_tests::record_metric(&format!(
+        "flows: accept, deny and audit-deny from both ends in `weft-coordinator flows`: {} ms after the last connection",
+        seen.map_or(0, |d| d.as_millis())
+    ));
 
     // The coordinator goes away for a minute; the client opens connections
     // and restarts halfway.
@@ -185,6 +188,10 @@ fn scenario(overlay: &mut Overlay) -> Result<()> {
         let inbound = outage_ids(&last, "inbound");
         outage_ids(&last, "outbound").intersection(&inbound).count() >= OUTAGE_FLOWS
     });
+    weft_tests::record_metric(&format!(
+        "flows: {OUTAGE_FLOWS} connections made during a 60 s coordinator outage: all in `flows` from both ends {} ms after it came back",
+        arrived.map_or(0, |d| d.as_millis())
+    ));
     ensure!(
         arrived.is_some(),
         "the outage's {OUTAGE_FLOWS} connections did not all arrive from both ends: client {:?}, server {:?}",
