@@ -18,7 +18,9 @@ mod entry;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
 use self::chain::Head;
@@ -66,31 +68,13 @@ pub(crate) fn append_with(
 ) -> Result<AuditEntry, StoreError> {
     for _ in 0..MAX_APPEND_ATTEMPTS {
         let staged = stage()?;
-        let (head, guard) = match store::get_json::<Head>(store, HEAD_KEY)? {
-            Some((head, revision)) => (head, Compare::ModRevision(HEAD_KEY.into(), revision)),
-            None => (Head::genesis(), Compare::Absent(HEAD_KEY.into())),
-        };
-        let entry = AuditEntry::new(
-            head.seq + 1,
-            unix_secs(now),
-            staged.actor,
-            staged.event,
-            head.hash,
-        );
-        let path = entry_path(entry.seq);
+        let mut chained = chain_onto_head(store, [(now, staged.actor, staged.event)])?;
         let mut compares = staged.compares;
-        compares.extend([guard, Compare::Absent(path.clone())]);
-        let new_head = Head {
-            seq: entry.seq,
-            hash: entry.hash.clone(),
-        };
+        compares.append(&mut chained.compares);
         let mut ops = staged.ops;
-        ops.extend([
-            Op::Put(path, store::encode(&entry)?),
-            Op::Put(HEAD_KEY.into(), store::encode(&new_head)?),
-        ]);
+        ops.append(&mut chained.ops);
         match store.txn(&compares, &ops) {
-            Ok(_) => return Ok(entry),
+            Ok(_) => return Ok(chained.entries.remove(0)),
             Err(StoreError::Conflict) => continue,
             Err(e) => return Err(e),
         }
@@ -98,26 +82,110 @@ pub(crate) fn append_with(
     Err(StoreError::Conflict)
 }
 
+/// Entries chained onto the stored head, with what their transaction must
+/// compare and write.
+struct Chained {
+    entries: Vec<AuditEntry>,
+    /// The head is unchanged and no entry is stored at the new positions.
+    compares: Vec<Compare>,
+    /// The entries and the new head.
+    ops: Vec<Op>,
+}
+
+/// Numbers and links `events` after the chain's current head.
+fn chain_onto_head(
+    store: &dyn Store,
+    events: impl IntoIterator<Item = (SystemTime, Actor, Event)>,
+) -> Result<Chained, StoreError> {
+    let (mut head, guard) = match store::get_json::<Head>(store, HEAD_KEY)? {
+        Some((head, revision)) => (head, Compare::ModRevision(HEAD_KEY.into(), revision)),
+        None => (Head::genesis(), Compare::Absent(HEAD_KEY.into())),
+    };
+    let mut chained = Chained {
+        entries: Vec::new(),
+        compares: vec![guard],
+        ops: Vec::new(),
+    };
+    for (now, actor, event) in events {
+        let entry = AuditEntry::new(head.seq + 1, unix_secs(now), actor, event, head.hash);
+        let path = entry_path(entry.seq);
+        chained.compares.push(Compare::Absent(path.clone()));
+        chained.ops.push(Op::Put(path, store::encode(&entry)?));
+        head = Head {
+            seq: entry.seq,
+            hash: entry.hash.clone(),
+        };
+        chained.entries.push(entry);
+    }
+    chained
+        .ops
+        .push(Op::Put(HEAD_KEY.into(), store::encode(&head)?));
+    Ok(chained)
+}
+
 /// Appends an entry for an operation already done. A failure is logged and
 /// counted, never returned: the operation stands either way.
+///
+/// Appends that arrive while another is committing are written together,
+/// in one transaction after it (group commit): a burst of registrations
+/// costs a few commits, not one each, and they do not race each other for
+/// the chain head.
 pub(crate) fn record(store: &dyn Store, now: SystemTime, actor: Actor, event: Event) {
-    let appended = append_with(store, now, || {
-        Ok(Staged {
-            compares: Vec::new(),
-            ops: Vec::new(),
-            actor: actor.clone(),
-            event: event.clone(),
-        })
-    });
-    if let Err(e) = appended {
-        let failed = FAILED_APPENDS.fetch_add(1, Ordering::Relaxed) + 1;
-        // The entry names people; the log says only what kind it was.
+    let key = store_key(store);
+    lock(&PENDING)
+        .entry(key)
+        .or_default()
+        .push((now, actor, event));
+    let _writer = lock(&WRITER);
+    let Some(batch) = lock(&PENDING).remove(&key) else {
+        // A writer before this one committed the entry with its own.
+        return;
+    };
+    if let Err(e) = append_batch(store, &batch) {
+        let failed =
+            FAILED_APPENDS.fetch_add(batch.len() as u64, Ordering::Relaxed) + batch.len() as u64;
+        // Entries name people; the log says only what kind they were.
+        let kinds: Vec<&str> = batch.iter().map(|(_, _, event)| event.kind()).collect();
         tracing::error!(
             failed_appends = failed,
-            "cannot append a {} entry to the audit trail: {e}",
-            event.kind()
+            "cannot append {} to the audit trail: {e}",
+            kinds.join(", ")
         );
     }
+}
+
+/// Best-effort entries waiting for a writer, per store.
+type Pending = BTreeMap<usize, Vec<(SystemTime, Actor, Event)>>;
+
+static PENDING: Mutex<Pending> = Mutex::new(BTreeMap::new());
+/// Held while best-effort entries are committed, so one writer at a time
+/// takes what is pending.
+static WRITER: Mutex<()> = Mutex::new(());
+
+/// The store's identity while it is borrowed: a key is in [`PENDING`] only
+/// while a [`record`] call borrowing that store is running, so a dropped
+/// store's address is never mistaken for a live one.
+fn store_key(store: &dyn Store) -> usize {
+    std::ptr::from_ref(store).cast::<()>() as usize
+}
+
+/// A poisoned lock only means another append panicked; the data is a
+/// queue of entries and stays usable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Appends `batch`, in order, in one transaction guarded by the chain head.
+fn append_batch(store: &dyn Store, batch: &[(SystemTime, Actor, Event)]) -> Result<(), StoreError> {
+    for _ in 0..MAX_APPEND_ATTEMPTS {
+        let chained = chain_onto_head(store, batch.iter().cloned())?;
+        match store.txn(&chained.compares, &chained.ops) {
+            Ok(_) => return Ok(()),
+            Err(StoreError::Conflict) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::Conflict)
 }
 
 /// How many best-effort appends failed since this process started.

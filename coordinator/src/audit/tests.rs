@@ -79,6 +79,51 @@ fn appends_link_each_entry_to_the_one_before() {
 }
 
 #[test]
+fn concurrent_appends_make_one_chain_with_every_entry_once() {
+    let (_dir, store) = open();
+    let (other_dir, other) = open();
+    let threads: Vec<_> = (0..16u64)
+        .map(|t| {
+            let store = if t % 4 == 0 {
+                other.clone()
+            } else {
+                store.clone()
+            };
+            std::thread::spawn(move || {
+                for i in 0..20 {
+                    record(
+                        &*store,
+                        at(2_000),
+                        Actor::Admin { uid: None },
+                        deleted(t * 100 + i),
+                    );
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    for (store, want) in [(&store, 240), (&other, 80)] {
+        let verification = verify(&**store, None).unwrap();
+        assert_eq!(verification.problem, None);
+        assert_eq!(verification.entries, want);
+        let mut nodes: Vec<_> = list(&**store, None)
+            .unwrap()
+            .into_iter()
+            .map(|e| match e.event {
+                Event::NodeDeleted { node, .. } => node.0,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        assert_eq!(nodes.len(), want as usize, "each entry once");
+    }
+    drop(other_dir);
+}
+
+#[test]
 fn an_empty_chain_verifies() {
     let (_dir, store) = open();
     let verification = verify(&*store, None).unwrap();
