@@ -24,7 +24,7 @@ mod lockout;
 mod replica;
 mod service;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -74,6 +74,9 @@ pub(crate) enum Output {
 #[derive(Debug, Default)]
 pub(crate) struct Netmaps {
     nodes: BTreeMap<NodeId, (NodeRecord, u64)>,
+    /// Each node's overlay addresses, so naming the ends of flow records
+    /// costs a lookup per address, not a scan of every node.
+    by_address: HashMap<IpAddr, NodeId>,
     /// Each node's peer record, built once per change and shared by every
     /// view that holds it, so that a fan-out neither rebuilds nor copies it
     /// per viewer and an unchanged peer compares by pointer.
@@ -143,6 +146,13 @@ impl Netmaps {
                 if newer_known {
                     return;
                 }
+                if let Some((old, _)) = self.nodes.get(&id) {
+                    let old = addresses(old);
+                    self.forget_addresses(id, old);
+                }
+                for address in addresses(&record) {
+                    self.by_address.insert(address, id);
+                }
                 let old = self.nodes.insert(id, (*record, revision));
                 self.node_changed(id, old.map(|(n, _)| n));
             }
@@ -152,6 +162,7 @@ impl Netmaps {
                 }
                 self.tombstones.insert(id, revision);
                 if let Some((old, _)) = self.nodes.remove(&id) {
+                    self.forget_addresses(id, addresses(&old));
                     self.node_changed(id, Some(old));
                 }
                 self.close_sessions_of(id);
@@ -408,28 +419,30 @@ impl Netmaps {
 
     /// The nodes holding `addresses` (compared in canonical form, so an
     /// IPv4-mapped IPv6 address finds its IPv4 node), by address as given.
-    /// One pass over the nodes, whatever the number of addresses.
     pub(crate) fn endpoints(&self, addresses: &[IpAddr]) -> HashMap<IpAddr, FlowEndpoint> {
-        let wanted: HashSet<IpAddr> = addresses.iter().map(IpAddr::to_canonical).collect();
-        let mut found: HashMap<IpAddr, FlowEndpoint> = HashMap::new();
-        for (node, _) in self.nodes.values() {
-            for held in [IpAddr::V4(node.ipv4), IpAddr::V6(node.ipv6)] {
-                if wanted.contains(&held) {
-                    found.insert(
-                        held,
-                        FlowEndpoint {
-                            node: Some(node.id),
-                            name: Some(node.name.clone()),
-                            identity: node.identity.clone(),
-                        },
-                    );
-                }
-            }
-        }
         addresses
             .iter()
-            .filter_map(|a| Some((*a, found.get(&a.to_canonical())?.clone())))
+            .filter_map(|address| {
+                let id = self.by_address.get(&address.to_canonical())?;
+                let (node, _) = self.nodes.get(id)?;
+                let endpoint = FlowEndpoint {
+                    node: Some(node.id),
+                    name: Some(node.name.clone()),
+                    identity: node.identity.clone(),
+                };
+                Some((*address, endpoint))
+            })
             .collect()
+    }
+
+    /// Drops `id`'s entries for `addresses` from the address index, unless
+    /// another node holds the address by now.
+    fn forget_addresses(&mut self, id: NodeId, addresses: [IpAddr; 2]) {
+        for address in addresses {
+            if self.by_address.get(&address) == Some(&id) {
+                self.by_address.remove(&address);
+            }
+        }
     }
 
     /// Brings every session's view up to date and returns what to send.
@@ -669,6 +682,11 @@ fn node_deleted() -> Refusal {
     }
 }
 
+/// A node's overlay addresses, as the address index holds them.
+fn addresses(node: &NodeRecord) -> [IpAddr; 2] {
+    [IpAddr::V4(node.ipv4), IpAddr::V6(node.ipv6)]
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -766,6 +784,31 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn a_reused_address_names_its_new_holder() {
+        let (mut netmaps, _) = overlay(POLICY);
+        let first: IpAddr = "100.64.0.1".parse().unwrap();
+        let second: IpAddr = "100.64.0.2".parse().unwrap();
+        netmaps.apply(NodeUpdate::Delete {
+            id: NodeId(2),
+            revision: 10,
+        });
+        assert!(netmaps.endpoints(&[second]).is_empty(), "deleted");
+        let mut taker = node(9, "tag:web");
+        taker.ipv4 = Ipv4Addr::new(100, 64, 0, 2);
+        netmaps.apply(put(taker.clone(), 11));
+        assert_eq!(netmaps.endpoints(&[second])[&second].node, Some(NodeId(9)));
+        // The address moves on before its old holder's deletion arrives.
+        taker.ipv4 = Ipv4Addr::new(100, 64, 0, 1);
+        netmaps.apply(put(taker, 12));
+        netmaps.apply(NodeUpdate::Delete {
+            id: NodeId(1),
+            revision: 13,
+        });
+        assert_eq!(netmaps.endpoints(&[first])[&first].node, Some(NodeId(9)));
+        assert!(netmaps.endpoints(&[second]).is_empty(), "9 let it go");
     }
 
     #[test]
