@@ -95,6 +95,12 @@ impl InForce {
     }
 }
 
+/// Policies with more rules than this are installed without the
+/// access-change summary in their audit entry: the comparison goes over
+/// every pair of identities the policies name, which for tens of
+/// thousands of rules would hold the install up for minutes.
+const DIFF_SUMMARY_MAX_RULES: usize = 1_000;
+
 /// Records `policy` as the policy in force.
 pub(crate) fn remember(store: &dyn Store, policy: &StoredPolicy) -> Result<(), StoreError> {
     store
@@ -134,11 +140,17 @@ pub(crate) fn install(
             None => Policy::parse("{}", "(no policy)"),
         };
         let (newly_allowed, newly_denied) = match old {
-            Ok(old) => {
+            Ok(old)
+                if old.rule_count() <= DIFF_SUMMARY_MAX_RULES
+                    && policy.rule_count() <= DIFF_SUMMARY_MAX_RULES =>
+            {
                 let change = weft_policy::diff(&old, policy);
-                (change.newly_allowed.len(), change.newly_denied.len())
+                (
+                    Some(change.newly_allowed.len()),
+                    Some(change.newly_denied.len()),
+                )
             }
-            Err(_) => (0, 0),
+            Ok(_) | Err(_) => (None, None),
         };
         Ok(audit::Staged {
             compares: vec![guard],
@@ -536,9 +548,59 @@ mod tests {
         assert_eq!(*sha256, audit::sha256_hex(GOOD.as_bytes()));
         assert_eq!(
             (*newly_allowed, *newly_denied),
-            (3, 0),
+            (Some(3), Some(0)),
             "tag:a to tag:a is new, on every protocol"
         );
+    }
+
+    #[test]
+    fn a_policy_too_large_to_compare_is_installed_without_a_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("weft.redb")).unwrap();
+        let rules: Vec<String> = (0..=DIFF_SUMMARY_MAX_RULES)
+            .map(|i| {
+                format!(
+                    r#"{{"action": "accept", "src": ["tag:a"], "dst": ["tag:a:{}"]}}"#,
+                    i + 1
+                )
+            })
+            .collect();
+        let source = format!(
+            r#"{{"tagOwners": {{"tag:a": []}}, "acls": [{}]}}"#,
+            rules.join(",")
+        );
+        let policy = Policy::parse(&source, "big.hujson").unwrap();
+        let stored = StoredPolicy {
+            file_name: "big.hujson".into(),
+            source,
+        };
+        let roles = Roles::default();
+        install(
+            &store,
+            &stored,
+            &policy,
+            &roles,
+            &Actor::Replica,
+            false,
+            SystemTime::now(),
+        )
+        .unwrap();
+        let audited = crate::audit::list(&store, None).unwrap();
+        let [entry] = audited.as_slice() else {
+            panic!("{audited:?}")
+        };
+        assert!(
+            matches!(
+                entry.event,
+                Event::PolicyInstalled {
+                    newly_allowed: None,
+                    newly_denied: None,
+                    ..
+                }
+            ),
+            "{entry:?}"
+        );
+        assert!(entry.event.to_string().contains("too large to summarise"));
     }
 
     #[test]

@@ -426,7 +426,7 @@ async fn the_audit_trail_records_who_changed_what() {
         unreachable!()
     };
     assert_eq!(sha256.len(), 64);
-    assert_eq!(*newly_allowed, 1, "web to db on 5432");
+    assert_eq!(*newly_allowed, Some(1), "web to db on 5432");
     assert_eq!(entries[1].actor, me);
     assert_eq!(entries[2].actor, Actor::Node { node: joined.id });
     assert_eq!(

@@ -159,10 +159,12 @@ pub enum Event {
         file_name: String,
         /// The hex SHA-256 of the policy text.
         sha256: String,
-        /// Flows it allows that the policy before did not (`weft policy diff`).
-        newly_allowed: usize,
+        /// Flows it allows that the policy before did not (`weft policy
+        /// diff`); `None` when either policy was too large to compare at
+        /// install time.
+        newly_allowed: Option<usize>,
         /// Flows the policy before allowed that it does not.
-        newly_denied: usize,
+        newly_denied: Option<usize>,
         /// Whether the administrator lockout guard was skipped (`--force`).
         forced: bool,
     },
@@ -265,9 +267,15 @@ impl fmt::Display for Event {
             } => {
                 write!(
                     f,
-                    "policy installed from {file_name} (sha256 {}): {newly_allowed} newly allowed, {newly_denied} newly denied",
+                    "policy installed from {file_name} (sha256 {})",
                     &sha256[..sha256.len().min(12)]
                 )?;
+                match (newly_allowed, newly_denied) {
+                    (Some(allowed), Some(denied)) => {
+                        write!(f, ": {allowed} newly allowed, {denied} newly denied")?;
+                    }
+                    _ => f.write_str(": too large to summarise the access change")?,
+                }
                 if *forced {
                     f.write_str(", forced past the lockout guard")?;
                 }
